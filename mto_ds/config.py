@@ -1,0 +1,256 @@
+"""Typed run configuration: a YAML file plus dotted command-line overrides.
+
+The schema is a tree of dataclasses read by OmegaConf, which gives typed merging and
+`section.key=value` overrides. `load_config` adds what OmegaConf does not: an unknown key
+fails naming the closest valid keys, and every choice and range is checked before any
+work starts (`validate`).
+"""
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+ARCHS = ("vit_tiny_patch16", "vit_small_patch16", "vit_base_patch16",
+         "vit_large_patch16", "vit_huge_patch14")
+METHODS = ("simmim", "mae")
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot be run; the message names the key."""
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/default"
+    seed: int = 0
+    log_every: int = 10          # optimizer steps between metrics.jsonl / TensorBoard rows
+    progress_bar: bool = True
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "vit_base_patch16"
+    method: str = "simmim"
+    img_size: int = 224
+    drop_path: float = 0.0
+    mask_ratio: Optional[float] = None       # null: the method's default (SimMIM 0.6, MAE 0.75)
+    mask_patch_size: Optional[int] = None    # SimMIM block size in pixels; null: 32 (28 for /14)
+    norm_pix_loss: bool = True               # MAE: MSE on per-patch normalised pixels
+    decoder_embed_dim: int = 512             # MAE decoder
+    decoder_depth: int = 8
+    decoder_num_heads: int = 16
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"                # synthetic | folder | ffcv
+    path: Optional[str] = None               # ImageFolder root (folder) or .beton (ffcv)
+    num_workers: int = 2
+    crop_scale_min: Optional[float] = None   # null: the method's recipe (SimMIM 0.67, MAE 0.2)
+    crop_scale_max: float = 1.0
+    synthetic_images: int = 2048
+    synthetic_classes: int = 10
+    order: str = "exact"                     # exact (resumable mid-epoch) | quasi_random (FFCV)
+    os_cache: bool = True                    # FFCV: page cache (True) or process memory
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    steps: Optional[int] = None              # total optimizer steps; wins over epochs
+    global_batch_size: int = 256
+    micro_batch_size: Optional[int] = None   # per rank; null: global / world (no accumulation)
+    blr: float = 1.5e-4                      # base LR; lr = blr * global_batch_size / 256
+    lr: Optional[float] = None               # absolute LR; wins over blr
+    min_lr_ratio: float = 0.0
+    warmup_epochs: float = 0.0
+    warmup_steps: Optional[int] = None       # wins over warmup_epochs
+    weight_decay: float = 0.05
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    clip_grad: Optional[float] = None
+    activation_checkpointing: bool = False
+    max_nonfinite_steps: int = 5             # consecutive non-finite losses before stopping
+
+
+@dataclass
+class DeepSpeedSection:
+    config: str = "ds_configs/zero2_bf16.json"
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0                     # 0: only at the end (and on signal)
+    resume: str = "auto"                     # auto | none | a checkpoint directory
+    keep_last: int = 3
+
+
+@dataclass
+class MTOConfig:
+    enabled: bool = False
+    recalibrate: str = "early"               # none | early | all
+    early_blocks: Optional[int] = None       # null: ceil(L / 3) of the blocks that see mask tokens
+    lambda_spa: float = 0.1
+    lambda_e: float = 0.1
+    lambda_r: float = 0.1
+    delta: float = 0.0
+    warmup_steps: int = 0
+
+
+@dataclass
+class EvalConfig:
+    every_epochs: int = 0                    # 0: no evaluation during pre-training
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    num_train: int = 1024
+    num_val: int = 512
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    mto: MTOConfig = field(default_factory=MTOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _all_keys(node: Any, prefix: str = "") -> List[str]:
+    keys = []
+    for name in node.__dataclass_fields__:
+        value = getattr(node, name)
+        full = f"{prefix}{name}"
+        keys.extend(_all_keys(value, full + ".") if hasattr(value, "__dataclass_fields__") else [full])
+    return keys
+
+
+VALID_KEYS = _all_keys(Config())
+
+
+def _unknown_key_message(key: str) -> str:
+    close = difflib.get_close_matches(key, VALID_KEYS, n=3, cutoff=0.5)
+    if not close:  # a typo in the section name: compare the last part only
+        leaf = key.split(".")[-1]
+        close = [k for k in VALID_KEYS if difflib.SequenceMatcher(None, leaf, k.split(".")[-1]).ratio() > 0.7][:3]
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return f"unknown config key '{key}'{hint}"
+
+
+def _merge(base, other, source: str):
+    try:
+        return OmegaConf.merge(base, other)
+    except ConfigKeyError as err:
+        key = err.full_key or str(err.key)
+        raise ConfigError(f"{source}: {_unknown_key_message(key)}") from None
+    except ValidationError as err:
+        raise ConfigError(f"{source}: bad value for '{err.full_key}': {err.msg}") from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Config:
+    """Schema defaults <- YAML file <- `section.key=value` overrides, then `validate`."""
+    cfg = OmegaConf.structured(Config)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        cfg = _merge(cfg, OmegaConf.load(path), str(path))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form section.key=value")
+        key = item.split("=", 1)[0]
+        if key not in VALID_KEYS:
+            raise ConfigError(f"override '{item}': {_unknown_key_message(key)}")
+        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'")
+    config: Config = OmegaConf.to_object(cfg)
+    validate(config)
+    return config
+
+
+def _check(ok: bool, key: str, expected: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"bad value for '{key}': expected {expected}, got {value!r}")
+
+
+def validate(cfg: Config) -> None:
+    """Choices and ranges OmegaConf's types cannot express."""
+    m, d, t, c, mto = cfg.model, cfg.data, cfg.train, cfg.checkpoint, cfg.mto
+    _check(m.arch in ARCHS, "model.arch", f"one of {list(ARCHS)}", m.arch)
+    _check(m.method in METHODS, "model.method", f"one of {list(METHODS)}", m.method)
+    patch = 14 if m.arch.endswith("patch14") else 16
+    _check(m.img_size > 0 and m.img_size % patch == 0, "model.img_size",
+           f"a positive multiple of the patch size {patch}", m.img_size)
+    _check(0.0 <= m.drop_path < 1.0, "model.drop_path", "a value in [0, 1)", m.drop_path)
+    if m.mask_ratio is not None:
+        _check(0.0 < m.mask_ratio < 1.0, "model.mask_ratio", "a value in (0, 1)", m.mask_ratio)
+    if m.mask_patch_size is not None:
+        _check(m.mask_patch_size % patch == 0 and m.img_size % m.mask_patch_size == 0,
+               "model.mask_patch_size", f"a multiple of {patch} that divides model.img_size={m.img_size}",
+               m.mask_patch_size)
+    for key in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
+        _check(getattr(m, key) > 0, f"model.{key}", "a positive integer", getattr(m, key))
+    _check(m.decoder_embed_dim % m.decoder_num_heads == 0, "model.decoder_embed_dim",
+           f"a multiple of model.decoder_num_heads={m.decoder_num_heads}", m.decoder_embed_dim)
+
+    _check(d.source in ("synthetic", "folder", "ffcv"), "data.source", "one of synthetic, folder, ffcv", d.source)
+    if d.source != "synthetic":
+        _check(bool(d.path), "data.path", f"a path (data.source={d.source} reads from it)", d.path)
+    _check(d.order in ("exact", "quasi_random"), "data.order", "one of exact, quasi_random", d.order)
+    _check(d.num_workers >= 0, "data.num_workers", "an integer >= 0", d.num_workers)
+    _check(d.synthetic_images > 0, "data.synthetic_images", "a positive integer", d.synthetic_images)
+    _check(d.synthetic_classes > 1, "data.synthetic_classes", "an integer >= 2", d.synthetic_classes)
+    if d.crop_scale_min is not None:
+        _check(0.0 < d.crop_scale_min <= d.crop_scale_max <= 1.0, "data.crop_scale_min",
+               "0 < data.crop_scale_min <= data.crop_scale_max <= 1", d.crop_scale_min)
+
+    _check(t.epochs > 0, "train.epochs", "a positive integer", t.epochs)
+    if t.steps is not None:
+        _check(t.steps > 0, "train.steps", "a positive integer or null", t.steps)
+    _check(t.global_batch_size > 0, "train.global_batch_size", "a positive integer", t.global_batch_size)
+    if t.micro_batch_size is not None:
+        _check(t.micro_batch_size > 0, "train.micro_batch_size", "a positive integer or null", t.micro_batch_size)
+    _check(t.blr > 0, "train.blr", "a positive number", t.blr)
+    if t.lr is not None:
+        _check(t.lr > 0, "train.lr", "a positive number or null", t.lr)
+    _check(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", "a value in [0, 1]", t.min_lr_ratio)
+    _check(t.warmup_epochs >= 0, "train.warmup_epochs", "a number >= 0", t.warmup_epochs)
+    if t.warmup_steps is not None:
+        _check(t.warmup_steps >= 0, "train.warmup_steps", "an integer >= 0 or null", t.warmup_steps)
+    _check(t.weight_decay >= 0, "train.weight_decay", "a number >= 0", t.weight_decay)
+    _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas",
+           "two values in [0, 1)", t.betas)
+    if t.clip_grad is not None:
+        _check(t.clip_grad > 0, "train.clip_grad", "a positive number or null", t.clip_grad)
+    _check(t.max_nonfinite_steps > 0, "train.max_nonfinite_steps", "a positive integer", t.max_nonfinite_steps)
+
+    _check(Path(cfg.deepspeed.config).suffix == ".json", "deepspeed.config", "a DeepSpeed .json file",
+           cfg.deepspeed.config)
+    _check(c.every_steps >= 0, "checkpoint.every_steps", "an integer >= 0", c.every_steps)
+    _check(c.keep_last >= 1, "checkpoint.keep_last", "an integer >= 1", c.keep_last)
+    _check(bool(c.resume), "checkpoint.resume", "auto, none or a checkpoint directory", c.resume)
+
+    _check(mto.recalibrate in ("none", "early", "all"), "mto.recalibrate", "one of none, early, all",
+           mto.recalibrate)
+    if mto.early_blocks is not None:
+        _check(mto.early_blocks >= 0, "mto.early_blocks", "an integer >= 0 or null", mto.early_blocks)
+    for key in ("lambda_spa", "lambda_e", "lambda_r", "delta"):
+        _check(getattr(mto, key) >= 0 and math.isfinite(getattr(mto, key)), f"mto.{key}",
+               "a finite number >= 0", getattr(mto, key))
+    _check(mto.warmup_steps >= 0, "mto.warmup_steps", "an integer >= 0", mto.warmup_steps)
+
+    e = cfg.eval
+    _check(e.every_epochs >= 0, "eval.every_epochs", "an integer >= 0", e.every_epochs)
+    _check(e.knn_k > 0, "eval.knn_k", "a positive integer", e.knn_k)
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

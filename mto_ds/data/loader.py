@@ -1,0 +1,106 @@
+"""Pre-training loader for sources that decode in Python (synthetic, ImageFolder with PIL).
+
+Yields micro-batches as dicts: `images` uint8 [B, 3, S, S], `mask` bool [B, L],
+`index` and `label` int64 [B]. Crops, flips and masks are deterministic from
+(seed, epoch, sample index), so a resumed run sees the same pixels as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator, Optional, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from .order import rank_indices, sample_rng
+
+MaskFn = Callable[[np.random.Generator], np.ndarray]
+
+# Random-resized-crop scale ranges of the methods' own recipes.
+CROP_SCALE = {"simmim": (0.67, 1.0), "mae": (0.2, 1.0)}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def crop_box(rng: np.random.Generator, height: int, width: int, scale: Tuple[float, float],
+             ratio: Tuple[float, float] = (3 / 4, 4 / 3)) -> Tuple[int, int, int, int]:
+    """(top, left, h, w) of a random resized crop, as torchvision samples it, from `rng`."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    side = min(height, width)  # fallback: central square crop
+    return (height - side) // 2, (width - side) // 2, side, side
+
+
+class PretrainDataset(Dataset):
+    """Items are (epoch, index) pairs so each sample's randomness is fixed by them."""
+
+    def __init__(self, source, img_size: int, scale: Tuple[float, float], seed: int, mask_fn: MaskFn):
+        self.source, self.img_size, self.scale, self.seed, self.mask_fn = source, img_size, scale, seed, mask_fn
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, item):
+        epoch, index = item
+        image = self.source.image(index)
+        if image is None:  # undecodable: the source has reported it; a black image keeps the batch whole
+            image = np.zeros((self.img_size, self.img_size, 3), np.uint8)
+        pil = Image.fromarray(image)
+        rng = sample_rng(self.seed, epoch, index, 0)
+        top, left, h, w = crop_box(rng, pil.height, pil.width, self.scale)
+        pil = pil.resize((self.img_size, self.img_size), Image.BICUBIC, box=(left, top, left + w, top + h))
+        if rng.uniform() < 0.5:
+            pil = pil.transpose(Image.FLIP_LEFT_RIGHT)
+        pixels = torch.from_numpy(np.asarray(pil, dtype=np.uint8).copy()).permute(2, 0, 1)
+        mask = torch.from_numpy(self.mask_fn(sample_rng(self.seed, epoch, index, 1)))
+        return pixels, mask, index, self.source.label(index)
+
+
+def _collate(items):
+    images, masks, indices, labels = zip(*items)
+    return {"images": torch.stack(images), "mask": torch.stack(masks),
+            "index": torch.as_tensor(indices, dtype=torch.long),
+            "label": torch.as_tensor(labels, dtype=torch.long)}
+
+
+class PretrainLoader:
+    """Micro-batches of one data-parallel rank for an epoch, from any step of it."""
+
+    def __init__(self, source, *, img_size: int, scale: Tuple[float, float], seed: int,
+                 global_batch_size: int, micro_batch_size: int, rank: int, world_size: int,
+                 mask_fn: MaskFn, num_workers: int = 0):
+        self.source = source
+        self.dataset = PretrainDataset(source, img_size, scale, seed, mask_fn)
+        self.seed, self.global_batch_size, self.micro_batch_size = seed, global_batch_size, micro_batch_size
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.source)
+
+    def micro_batches(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
+        indices = rank_indices(len(self.source), self.seed, epoch, self.global_batch_size,
+                               self.rank, self.world_size, start_step)
+        items = [(epoch, int(i)) for i in indices]
+        batches = [items[i:i + self.micro_batch_size] for i in range(0, len(items), self.micro_batch_size)]
+        loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers,
+                            collate_fn=_collate, persistent_workers=False)
+        yield from loader
+
+
+def normalize(images: torch.Tensor, device: Optional[torch.device] = None,
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 [B, 3, H, W] -> normalised float on `device`; the copy is uint8 (4x fewer bytes)."""
+    images = images.to(device, non_blocking=True) if device is not None else images
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255
+    return ((images.float() - mean) / std).to(dtype)
