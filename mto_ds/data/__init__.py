@@ -1,24 +1,53 @@
-"""Data sources behind one interface: `build_pretrain_loader` (engine) and `normalize`."""
+"""Data sources behind one interface: `build_pretrain_loader` (engine) and `normalize`.
+
+`data.source` picks the path: `ffcv` (a .beton made by tools/make_ffcv.py; the fast path),
+`folder` (ImageNet-layout folder decoded with PIL in DataLoader workers; the fallback) or
+`synthetic` (embedded, procedural). FFCV is imported only when it is used, so the package
+works on machines without it.
+"""
 from __future__ import annotations
 
+from typing import Optional
+
+import torch
+
+from .imagefolder import ImageFolderSource, UndecodableImage, list_image_folder, read_rgb
 from .loader import CROP_SCALE, PretrainLoader, normalize
-from .synthetic import SyntheticImages
+from .synthetic import SyntheticImages, write_image_folder
 
 
 def build_pretrain_loader(data_cfg, *, method: str, img_size: int, seed: int, global_batch_size: int,
-                          micro_batch_size: int, rank: int, world_size: int, mask_fn):
-    """A loader whose `micro_batches(epoch, start_step)` yields this rank's micro-batches."""
+                          micro_batch_size: int, rank: int, world_size: int, mask_fn,
+                          device: Optional[torch.device] = None):
+    """A loader whose `micro_batches(epoch, start_step)` yields this rank's micro-batches.
+
+    `device` matters for FFCV only: on CUDA the uint8 crops are copied there inside FFCV's
+    pipeline. None means the current CUDA device when there is one, else the CPU.
+    """
+    per_rank = global_batch_size // world_size
+    if global_batch_size % world_size or per_rank % micro_batch_size:
+        raise ValueError(f"global batch {global_batch_size} must split into {world_size} ranks x "
+                         f"whole micro-batches of {micro_batch_size}")
     scale = (data_cfg.crop_scale_min or CROP_SCALE[method][0], data_cfg.crop_scale_max)
-    if data_cfg.source == "synthetic":
+    common = dict(img_size=img_size, scale=scale, seed=seed, global_batch_size=global_batch_size,
+                  micro_batch_size=micro_batch_size, rank=rank, world_size=world_size, mask_fn=mask_fn,
+                  num_workers=data_cfg.num_workers)
+    if data_cfg.source == "ffcv":
+        from .ffcv_loader import FFCVPretrainLoader
+        if device is None and torch.cuda.is_available():
+            device = torch.device("cuda", torch.cuda.current_device())
+        return FFCVPretrainLoader(data_cfg.path, order=getattr(data_cfg, "order", "exact"),
+                                  os_cache=getattr(data_cfg, "os_cache", True), device=device, **common)
+    if data_cfg.source == "folder":
+        source = ImageFolderSource(data_cfg.path)
+    elif data_cfg.source == "synthetic":
         # Rendered a little larger than the crop so random-resized-crop has room to move.
         source = SyntheticImages(data_cfg.synthetic_images, data_cfg.synthetic_classes,
                                  size=img_size * 5 // 4, seed=seed)
     else:
-        raise NotImplementedError(f"data.source={data_cfg.source} is not built yet")
-    return PretrainLoader(source, img_size=img_size, scale=scale, seed=seed,
-                          global_batch_size=global_batch_size, micro_batch_size=micro_batch_size,
-                          rank=rank, world_size=world_size, mask_fn=mask_fn,
-                          num_workers=data_cfg.num_workers)
+        raise ValueError(f"data.source must be synthetic, folder or ffcv, got {data_cfg.source!r}")
+    return PretrainLoader(source, **common)
 
 
-__all__ = ["build_pretrain_loader", "normalize", "SyntheticImages", "PretrainLoader"]
+__all__ = ["build_pretrain_loader", "normalize", "SyntheticImages", "PretrainLoader", "ImageFolderSource",
+           "write_image_folder", "list_image_folder", "read_rgb", "UndecodableImage", "CROP_SCALE"]

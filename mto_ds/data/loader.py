@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .order import rank_indices, sample_rng
+from .order import rank_indices, sample_rng, steps_per_epoch
 
 MaskFn = Callable[[np.random.Generator], np.ndarray]
 
@@ -40,6 +40,15 @@ def crop_box(rng: np.random.Generator, height: int, width: int, scale: Tuple[flo
     return (height - side) // 2, (width - side) // 2, side, side
 
 
+def sample_mask(mask_fn: MaskFn, seed: int, epoch: int, index: int) -> torch.Tensor:
+    """The MIM mask of one sample: a function of (seed, epoch, index) only, on every path."""
+    return torch.from_numpy(np.asarray(mask_fn(sample_rng(seed, epoch, index, 1)), dtype=bool))
+
+
+def batch_masks(mask_fn: MaskFn, seed: int, epoch: int, indices) -> torch.Tensor:
+    return torch.stack([sample_mask(mask_fn, seed, epoch, int(i)) for i in indices])
+
+
 class PretrainDataset(Dataset):
     """Items are (epoch, index) pairs so each sample's randomness is fixed by them."""
 
@@ -61,8 +70,7 @@ class PretrainDataset(Dataset):
         if rng.uniform() < 0.5:
             pil = pil.transpose(Image.FLIP_LEFT_RIGHT)
         pixels = torch.from_numpy(np.asarray(pil, dtype=np.uint8).copy()).permute(2, 0, 1)
-        mask = torch.from_numpy(self.mask_fn(sample_rng(self.seed, epoch, index, 1)))
-        return pixels, mask, index, self.source.label(index)
+        return pixels, sample_mask(self.mask_fn, self.seed, epoch, index), index, self.source.label(index)
 
 
 def _collate(items):
@@ -87,13 +95,18 @@ class PretrainLoader:
     def num_samples(self) -> int:
         return len(self.source)
 
+    @property
+    def steps_per_epoch(self) -> int:
+        return steps_per_epoch(len(self.source), self.global_batch_size)
+
     def micro_batches(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
         indices = rank_indices(len(self.source), self.seed, epoch, self.global_batch_size,
                                self.rank, self.world_size, start_step)
         items = [(epoch, int(i)) for i in indices]
         batches = [items[i:i + self.micro_batch_size] for i in range(0, len(items), self.micro_batch_size)]
         loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers,
-                            collate_fn=_collate, persistent_workers=False)
+                            collate_fn=_collate, persistent_workers=False,
+                            pin_memory=torch.cuda.is_available())
         yield from loader
 
 

@@ -7,7 +7,11 @@ find) but not by mean colour alone.
 """
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
+from PIL import Image
 
 
 class SyntheticImages:
@@ -43,3 +47,30 @@ class SyntheticImages:
         img = np.where(blob, rng.uniform(0, 1, 3), img)
         img = img + rng.normal(0, 0.04, img.shape)
         return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+def write_image_folder(out_dir, num_images: int, num_classes: int, size: int, seed: int = 0,
+                       quality: int = 90) -> Path:
+    """The synthetic set as an ImageNet-layout folder of JPEGs: OUT/class_<c>/<i>.JPEG.
+
+    Class folders are zero-padded so their sorted order is the label order. Written under a
+    temporary name and renamed at the end; an existing `out_dir` is an error.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir} exists")
+    images = SyntheticImages(num_images, num_classes, size, seed)
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    class_width, image_width = len(str(num_classes - 1)), len(str(num_images - 1))
+    try:
+        for c in range(num_classes):
+            (partial / f"class_{c:0{class_width}d}").mkdir(parents=True)
+        for i in range(num_images):
+            path = partial / f"class_{images.label(i):0{class_width}d}" / f"{i:0{image_width}d}.JPEG"
+            Image.fromarray(images.image(i)).save(path, format="JPEG", quality=quality)
+        partial.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return out_dir

@@ -1,0 +1,74 @@
+"""`mto-ds` console script: pretrain, eval, export."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def _setup_environment() -> None:
+    # DeepSpeed picks its accelerator at import; on a machine without CUDA say CPU explicitly,
+    # else it fails looking for one.
+    import torch
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
+                        format=f"[%(asctime)s rank{rank}] %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("DeepSpeed", "deepspeed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mto-ds", description="MIM pre-training with Masked Token Optimization")
+    sub = p.add_subparsers(dest="command", required=True)
+    pre = sub.add_parser("pretrain", help="pre-train a ViT with SimMIM/MAE (+MTO) under DeepSpeed")
+    pre.add_argument("--config", required=True, help="run YAML (configs/*.yaml)")
+    pre.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    pre.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    ev = sub.add_parser("eval", help="k-NN / linear probe / fine-tune of a checkpoint's encoder")
+    ev.add_argument("--config", required=True)
+    ev.add_argument("--checkpoint", required=True, help="run directory, checkpoint directory or encoder .pt")
+    ev.add_argument("--finetune-epochs", type=int, default=0)
+    ev.add_argument("overrides", nargs="*")
+    ex = sub.add_parser("export", help="write the encoder as a timm state dict")
+    ex.add_argument("run_dir")
+    ex.add_argument("out")
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    from .config import ConfigError, load_config
+
+    if args.command == "export":
+        _setup_environment()
+        from .engine.export import export_encoder
+        print(export_encoder(args.run_dir, args.out))
+        return 0
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"mto-ds: config error: {err}", file=sys.stderr)
+        return 2
+    _setup_environment()
+    if args.command == "pretrain":
+        from .engine.trainer import NonFiniteLossError, Trainer
+        try:
+            Trainer(cfg).train()
+        except ConfigError as err:
+            print(f"mto-ds: config error: {err}", file=sys.stderr)
+            return 2
+        except NonFiniteLossError as err:
+            print(f"mto-ds: {err}", file=sys.stderr)
+            return 1
+        return 0
+    from .eval.run import run_eval
+    result = run_eval(cfg, args.checkpoint, args.finetune_epochs)
+    print(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

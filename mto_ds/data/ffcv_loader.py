@@ -1,0 +1,152 @@
+"""Pre-training loader on an FFCV .beton: decode, random-resized crop and flip run in FFCV's
+compiled pipeline (threads, no GIL); this module decides the order and adds masks.
+
+One FFCV Loader per rank lives for the whole run, because building one costs a numba
+compilation (about 10 s on a small CPU) on its first batch. Each epoch it reads the order
+that a custom FFCV TraversalOrder serves:
+- `exact`: `order.rank_indices(...)`, the world-size independent order, from any step;
+- `quasi_random`: FFCV's own QUASI_RANDOM order (few pages in flight, for data larger
+  than RAM) over this rank's shard of the file: a contiguous 1/W of the samples, a
+  different one each epoch. FFCV 1.0.2 refuses QUASI_RANDOM with distributed=True, so
+  the sharding is done here, with equal step counts on every rank.
+Sample indices come from the order, so masks are computed in the main process from
+(seed, epoch, index), while FFCV decodes the next batches in its own threads.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Optional, Tuple
+
+import numpy as np
+import torch
+from ffcv.fields.decoders import IntDecoder, RandomResizedCropRGBImageDecoder
+from ffcv.loader import Loader
+from ffcv.reader import Reader
+from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+from ffcv.traversal_order import QuasiRandom
+from ffcv.traversal_order.base import TraversalOrder
+
+from .loader import MaskFn, batch_masks
+from .order import rank_indices, steps_per_epoch
+
+ORDERS = ("exact", "quasi_random")
+
+
+class _PlannedOrder(TraversalOrder):
+    """Base of the orders below. FFCV's Loader accepts a custom order as an instance and
+    calls it with itself (`order(loader)`); `start_step` is set before each epoch."""
+
+    def __init__(self, seed: int, global_batch_size: int, rank: int, world_size: int):
+        self.run_seed, self.global_batch_size = seed, global_batch_size
+        self.rank, self.world_size = rank, world_size
+        self.per_rank = global_batch_size // world_size
+        self.start_step = 0
+        self.last: Optional[np.ndarray] = None
+
+    def __call__(self, loader: Loader) -> "_PlannedOrder":
+        super().__init__(loader)
+        self.num_samples = int(loader.reader.num_samples)
+        self.steps = steps_per_epoch(self.num_samples, self.global_batch_size)
+        return self
+
+    def sample_order(self, epoch: int) -> np.ndarray:
+        self.last = self.plan(epoch).astype(np.int64)
+        return self.last
+
+    def plan(self, epoch: int) -> np.ndarray:
+        raise NotImplementedError
+
+
+class ExactOrder(_PlannedOrder):
+    def plan(self, epoch: int) -> np.ndarray:
+        return rank_indices(self.num_samples, self.run_seed, epoch, self.global_batch_size,
+                            self.rank, self.world_size, self.start_step)
+
+
+class ShardedQuasiRandomOrder(_PlannedOrder):
+    def __call__(self, loader: Loader) -> "ShardedQuasiRandomOrder":
+        super().__call__(loader)
+        self.quasi = QuasiRandom(loader)  # raises if the file has no pages to exploit
+        return self
+
+    def shard(self, epoch: int) -> np.ndarray:
+        shards = np.array_split(np.arange(self.num_samples, dtype=np.uint64), self.world_size)
+        return shards[(self.rank + epoch) % self.world_size]
+
+    def plan(self, epoch: int) -> np.ndarray:
+        # QuasiRandom shuffles its page tables in place; rebuilding them for this epoch's
+        # shard makes the order a function of (seed, epoch, shard, batch size) only, which
+        # is what lets a resumed run on the same world size continue exactly.
+        self.quasi.indices = self.shard(epoch)
+        self.quasi.prepare_data_structures()
+        order = np.asarray(self.quasi.sample_order(epoch))[: self.steps * self.per_rank]
+        return order[self.start_step * self.per_rank:]
+
+
+class FFCVPretrainLoader:
+    """Same interface as `PretrainLoader`: `num_samples`, `micro_batches(epoch, start_step)`."""
+
+    def __init__(self, path, *, img_size: int, scale: Tuple[float, float], seed: int,
+                 global_batch_size: int, micro_batch_size: int, rank: int, world_size: int,
+                 mask_fn: MaskFn, num_workers: int = 0, order: str = "exact", os_cache: bool = True,
+                 device: Optional[torch.device] = None, batches_ahead: int = 3):
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"FFCV file not found: {path} (make one with tools/make_ffcv.py)")
+        fields = Reader(str(path)).field_names
+        missing = {"image", "label"} - set(fields)
+        if missing:
+            raise ValueError(f"{path} lacks the field(s) {sorted(missing)}; it has {fields}")
+        self.seed = seed
+        self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
+        self.mask_fn = mask_fn
+        planned = ExactOrder if order == "exact" else ShardedQuasiRandomOrder
+        self.order = planned(seed, global_batch_size, rank, world_size)
+
+        image = [RandomResizedCropRGBImageDecoder((img_size, img_size), scale=scale, ratio=(3 / 4, 4 / 3)),
+                 RandomHorizontalFlip(), ToTensor()]
+        if device is not None and torch.device(device).type == "cuda":
+            image.append(ToDevice(torch.device(device), non_blocking=True))  # uint8 crosses the bus
+        image.append(ToTorchImage())
+        pipelines = {name: None for name in fields}  # fields other than these two are not read
+        pipelines.update(image=image, label=[IntDecoder(), ToTensor(), Squeeze(1)])
+        with _torch_threads_kept():  # FFCV sets torch's thread count to its own worker count
+            self.loader = Loader(str(path), batch_size=micro_batch_size, num_workers=num_workers,
+                                 os_cache=os_cache, order=self.order, seed=seed, pipelines=pipelines,
+                                 drop_last=False, batches_ahead=batches_ahead)
+
+    @property
+    def num_samples(self) -> int:
+        return self.order.num_samples
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.order.steps
+
+    def micro_batches(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
+        self.order.start_step = start_step
+        self.loader.next_epoch = epoch
+        with _torch_threads_kept():
+            batches = iter(self.loader)  # asks the order for this epoch's indices, starts decoding
+        indices = torch.from_numpy(self.order.last)
+        done = 0
+        try:
+            for images, labels in batches:
+                index = indices[done:done + len(labels)]
+                done += len(labels)
+                # FFCV reuses its output buffers a few batches later: hand out owned tensors.
+                yield {"images": images.clone(memory_format=torch.contiguous_format), "mask": batch_masks(self.mask_fn, self.seed, epoch, index),
+                       "index": index, "label": labels.to(torch.int64, copy=True)}
+        finally:
+            if done < len(indices):  # left early: stop FFCV's thread
+                batches.close()
+
+
+class _torch_threads_kept:
+    def __enter__(self):
+        self.threads = torch.get_num_threads()
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.threads)

@@ -1,0 +1,163 @@
+"""ImageNet-layout folder -> FFCV .beton (fields `image`: RGBImageField, `label`: IntField).
+
+Two passes. The first decodes every file (JPEGs at 1/8 scale: cheap, but the whole entropy-
+coded stream is still read, so truncation shows) and decides what is kept; the second is
+FFCV's DatasetWriter over the kept files only. The split matters because the writer fixes
+the sample count up front and waits forever for a worker that died on a bad file.
+The output is written under a temporary name and renamed when complete.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from .imagefolder import UndecodableImage, list_image_folder, read_rgb
+
+WRITE_MODES = ("jpg", "raw", "smart", "proportion")
+_MIN_PAGE_SIZE = 8 << 20  # FFCV's default page; a sample must fit in one page
+
+
+@dataclass
+class ConversionReport:
+    source: str
+    output: str
+    classes: List[str]
+    files_found: int = 0
+    written: int = 0
+    skipped: List[Tuple[str, str]] = field(default_factory=list)       # (relative path, reason)
+    converted: Dict[str, List[str]] = field(default_factory=dict)      # kind -> relative paths
+    options: Dict[str, object] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        lines = [f"{self.source} -> {self.output}",
+                 f"  files found : {self.files_found} in {len(self.classes)} classes",
+                 f"  written     : {self.written}",
+                 f"  skipped     : {len(self.skipped)}"]
+        lines += [f"    {path}: {reason}" for path, reason in self.skipped]
+        counts = ", ".join(f"{kind} {len(paths)}" for kind, paths in sorted(self.converted.items()))
+        lines.append(f"  converted   : {counts or 'none'}")
+        for path in self.converted.get("truncated", []):
+            lines.append(f"    truncated, kept with the missing part filled: {path}")
+        return "\n".join(lines)
+
+
+def _inspect(path: Path):
+    """(None, notes, (width, height)) if decodable, (reason, None, None) if not."""
+    from PIL import Image
+    try:
+        notes = read_rgb(path, max_side=32)[1]
+        with Image.open(path) as image:
+            return None, notes, image.size
+    except UndecodableImage as err:
+        return str(err), None, None
+
+
+class _KeptImages:
+    """What FFCV's writer workers index: (RGB uint8, label). A failure here would hang the
+    writer, so a file that changed since the first pass becomes a black image, loudly."""
+
+    def __init__(self, files: List[Path], labels: List[int], max_side: Optional[int]):
+        self.files, self.labels, self.max_side = files, labels, max_side
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        import numpy as np
+        try:
+            pixels = read_rgb(self.files[index], self.max_side)[0]
+        except Exception as err:  # noqa: BLE001 - see the class docstring
+            print(f"make_ffcv: {self.files[index]} failed on the second read ({err}); "
+                  "written as a black image", file=sys.stderr)
+            pixels = np.zeros((8, 8, 3), np.uint8)
+        return pixels, self.labels[index]
+
+
+def _page_size(max_pixels: int) -> int:
+    """The smallest power-of-two page (>= FFCV's default) that holds the largest raw image."""
+    page = _MIN_PAGE_SIZE
+    while page < 2 * (3 * max_pixels + 4096):
+        page *= 2
+    return page
+
+
+def convert_image_folder(source, output, *, max_side: Optional[int] = 512, jpeg_quality: int = 90,
+                         write_mode: str = "jpg", compress_probability: float = 0.5,
+                         smart_threshold: Optional[int] = None, workers: int = 0,
+                         overwrite: bool = False, progress: bool = True) -> Optional[ConversionReport]:
+    """Write `output` from the ImageFolder `source`; None (and nothing touched) if `output`
+    exists and `overwrite` is False. Raises ValueError if no file is decodable."""
+    from tqdm import tqdm
+
+    if write_mode not in WRITE_MODES:
+        raise ValueError(f"write_mode must be one of {WRITE_MODES}, got {write_mode!r}")
+    if max_side is not None and max_side <= 0:
+        raise ValueError(f"max_side must be positive or None, got {max_side}")
+    output = Path(output)
+    if output.exists() and not overwrite:
+        return None
+    workers = workers if workers > 0 else (os.cpu_count() or 1)
+    listing = list_image_folder(source)
+    report = ConversionReport(str(source), str(output), listing.classes,
+                              files_found=len(listing.files) + len(listing.not_images),
+                              options=dict(max_side=max_side, jpeg_quality=jpeg_quality, write_mode=write_mode,
+                                           compress_probability=compress_probability,
+                                           smart_threshold=smart_threshold, workers=workers))
+    report.skipped += [(listing.relative(p), "not an image file (extension)") for p in listing.not_images]
+
+    bar = tqdm(total=len(listing.files), desc="checking", unit="img", disable=not progress)
+    if workers > 1 and len(listing.files) > 1:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            results = []
+            for result in pool.imap(_inspect, listing.files, chunksize=32):
+                results.append(result)
+                bar.update()
+    else:
+        results = []
+        for path in listing.files:
+            results.append(_inspect(path))
+            bar.update()
+    bar.close()
+
+    kept_files, kept_labels, max_pixels = [], [], 0
+    for path, label, (reason, notes, size) in zip(listing.files, listing.labels, results):
+        rel = listing.relative(path)
+        if reason is not None:
+            report.skipped.append((rel, reason))
+            continue
+        kept_files.append(path)
+        kept_labels.append(label)
+        for kind in notes:
+            report.converted.setdefault(kind, []).append(rel)
+        scale = min(1.0, max_side / max(size)) if max_side else 1.0
+        max_pixels = max(max_pixels, (int(size[0] * scale) + 1) * (int(size[1] * scale) + 1))
+    report.skipped.sort()
+    if not kept_files:
+        raise ValueError(f"no decodable image under {source} ({len(report.skipped)} files skipped)")
+
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    fields = {"image": RGBImageField(write_mode=write_mode, max_resolution=max_side,
+                                     smart_threshold=smart_threshold, jpeg_quality=jpeg_quality,
+                                     compress_probability=compress_probability),
+              "label": IntField()}
+    partial = output.with_name(output.name + ".partial")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        writer = DatasetWriter(str(partial), fields, page_size=_page_size(max_pixels), num_workers=workers)
+        writer.from_indexed_dataset(_KeptImages(kept_files, kept_labels, max_side),
+                                    chunksize=max(1, min(100, len(kept_files) // workers)))
+        report.written = len(kept_files)
+        os.replace(partial, output)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    report_path = output.with_name(output.name + ".report.json")
+    report_path.write_text(json.dumps(asdict(report), indent=1) + "\n")
+    return report

@@ -1,0 +1,169 @@
+"""ImageNet-layout folders (ROOT/<class>/<image>): listing, tolerant decoding, the PIL source.
+
+One decoder serves both the fallback source and `make_ffcv`, so the two agree on what an
+odd file becomes. Real ImageNet holds CMYK JPEGs, a PNG named .JPEG, grayscale and
+truncated files: `read_rgb` turns all of them into RGB uint8 and says what it converted;
+files PIL cannot read at all (empty, not an image) raise `UndecodableImage`.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import numpy as np
+from PIL import Image, ImageFile
+
+log = logging.getLogger(__name__)
+
+# torchvision's ImageFolder extensions; anything else under a class folder is not a sample.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+# What `read_rgb` converts, by the mode PIL decodes to.
+_MODE_NOTE = {"CMYK": "cmyk", "L": "grayscale", "1": "grayscale", "I": "grayscale", "I;16": "grayscale",
+              "F": "grayscale", "P": "palette", "RGBA": "alpha", "LA": "alpha", "PA": "alpha"}
+
+
+class UndecodableImage(Exception):
+    """A file PIL cannot turn into pixels; the message is the reason."""
+
+
+@dataclass
+class ImageFolderListing:
+    root: Path
+    classes: List[str]
+    files: List[Path] = field(default_factory=list)     # sorted by (class, relative path)
+    labels: List[int] = field(default_factory=list)     # index into `classes`
+    not_images: List[Path] = field(default_factory=list)  # under class folders, without an image extension
+
+    def relative(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+
+def list_image_folder(root) -> ImageFolderListing:
+    """Class folders sorted by name give the labels; image files below them, recursively."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise FileNotFoundError(f"{root} has no class folders (expected ROOT/<class>/<image>)")
+    listing = ImageFolderListing(root, classes)
+    for label, name in enumerate(classes):
+        found = []
+        for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            found.extend(Path(dirpath) / f for f in filenames if not f.startswith("."))
+        for path in sorted(found):
+            if path.suffix.lower() in IMAGE_EXTENSIONS:
+                listing.files.append(path)
+                listing.labels.append(label)
+            else:
+                listing.not_images.append(path)
+    return listing
+
+
+@contextlib.contextmanager
+def _truncated_allowed(allowed: bool):
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = allowed
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+def _draft_size(width: int, height: int, max_side: int) -> Optional[Tuple[int, int]]:
+    scale = max_side / max(width, height)
+    return (max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))) if scale < 1 else None
+
+
+def _decode(path: Path, max_side: Optional[int], allow_truncated: bool):
+    with _truncated_allowed(allow_truncated), Image.open(path) as image:
+        fmt, mode = image.format, image.mode
+        if max_side and fmt == "JPEG":
+            # libjpeg decodes at 1/2, 1/4 or 1/8 scale for free; draft keeps the result >= the size asked
+            size = _draft_size(*image.size, max_side)
+            if size:
+                image.draft(image.mode, size)
+        image.load()
+        if mode == "RGB":
+            rgb = image
+        elif _MODE_NOTE.get(mode) == "alpha" or (mode == "P" and "transparency" in image.info):
+            mode = "RGBA"
+            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            rgb = Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+        else:
+            rgb = image.convert("RGB")
+        return np.asarray(rgb, dtype=np.uint8).copy(), fmt, mode
+
+
+def read_rgb(path, max_side: Optional[int] = None) -> Tuple[np.ndarray, List[str]]:
+    """RGB uint8 [H, W, 3] and what was converted (cmyk, grayscale, palette, alpha, truncated,
+    not_<format> for content that is not what the extension says).
+
+    `max_side` lets libjpeg decode a large JPEG at a reduced scale that is still at least
+    that size; the caller resizes the rest of the way. Raises `UndecodableImage`.
+    """
+    path = Path(path)
+    notes = []
+    try:
+        if path.stat().st_size == 0:
+            raise UndecodableImage("empty file")
+        try:
+            pixels, fmt, mode = _decode(path, max_side, allow_truncated=False)
+        except OSError as err:
+            if "truncated" not in str(err):
+                raise
+            # Decodable up to where the file ends; the decoder fills the rest (grey for JPEG).
+            pixels, fmt, mode = _decode(path, max_side, allow_truncated=True)
+            notes.append("truncated")
+    except UndecodableImage:
+        raise
+    except Image.UnidentifiedImageError:
+        raise UndecodableImage("not an image PIL can identify") from None
+    except Exception as err:  # PIL raises many kinds (OSError, SyntaxError, struct.error, ...) on garbage
+        raise UndecodableImage(f"{type(err).__name__}: {err}") from None
+    if pixels.ndim != 3 or pixels.shape[2] != 3 or 0 in pixels.shape:
+        raise UndecodableImage(f"decoded to an unusable array of shape {pixels.shape}")
+    if mode in _MODE_NOTE:
+        notes.append(_MODE_NOTE[mode])
+    elif mode != "RGB":
+        notes.append(f"mode_{mode}")
+    expected = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}.get(path.suffix.lower())
+    if expected and fmt != expected:
+        notes.append(f"not_{expected.lower()}")
+    return pixels, notes
+
+
+class ImageFolderSource:
+    """The PIL fallback source: `image(i)` decodes on every call; a file that cannot be
+    decoded gives None and one warning naming it (per process), never an exception."""
+
+    def __init__(self, root):
+        listing = list_image_folder(root)
+        if not listing.files:
+            raise FileNotFoundError(f"no image files under the class folders of {root}")
+        self.root, self.classes = listing.root, listing.classes
+        self.files, self.labels = listing.files, listing.labels
+        self._reported = set()
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def label(self, index: int) -> int:
+        return self.labels[index]
+
+    def image(self, index: int) -> Optional[np.ndarray]:
+        try:
+            return read_rgb(self.files[index])[0]
+        except UndecodableImage as err:
+            if index not in self._reported:
+                self._reported.add(index)
+                log.warning("skipping undecodable image %s (%s); a black image stands in for it",
+                            self.files[index], err)
+            return None

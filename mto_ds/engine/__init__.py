@@ -1,0 +1,1 @@
+"""DeepSpeed integration: the train step, checkpoints, resume, telemetry (imports deepspeed lazily)."""

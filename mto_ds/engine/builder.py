@@ -1,0 +1,109 @@
+"""Builders: batch geometry, parameter groups, LR schedule and the DeepSpeed config dict."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List
+
+from torch import nn
+
+from ..config import Config, ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    global_batch_size: int
+    micro_batch_size: int     # per rank
+    accumulation: int         # micro-batches per optimizer step
+    world_size: int
+
+
+def plan_batch(global_batch_size: int, micro_batch_size, world_size: int) -> BatchPlan:
+    """The user's global batch is fixed; accumulation follows from it, the micro-batch and ranks."""
+    if global_batch_size % world_size:
+        raise ConfigError(f"train.global_batch_size={global_batch_size} is not divisible by the "
+                          f"{world_size} data-parallel ranks")
+    per_rank = global_batch_size // world_size
+    micro = min(micro_batch_size or per_rank, per_rank)
+    if per_rank % micro:
+        raise ConfigError(f"train.micro_batch_size={micro} does not divide the per-rank batch {per_rank} "
+                          f"(train.global_batch_size={global_batch_size} over {world_size} ranks)")
+    return BatchPlan(global_batch_size, micro, per_rank // micro, world_size)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
+    """AdamW groups: no weight decay on norms, biases, tokens and position embeddings."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        skip = param.ndim <= 1 or name.endswith(("token", "pos_embed"))
+        (no_decay if skip else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def peak_lr(cfg: Config) -> float:
+    """Linear scaling rule of MAE/SimMIM: lr = blr * global batch / 256, unless train.lr is set."""
+    return cfg.train.lr if cfg.train.lr is not None else cfg.train.blr * cfg.train.global_batch_size / 256
+
+
+def schedule_steps(cfg: Config, steps_per_epoch: int):
+    """(total optimizer steps, warm-up steps)."""
+    total = cfg.train.steps if cfg.train.steps is not None else cfg.train.epochs * steps_per_epoch
+    warmup = cfg.train.warmup_steps
+    if warmup is None:
+        warmup = int(round(cfg.train.warmup_epochs * steps_per_epoch))
+    return total, min(warmup, max(total - 1, 0))
+
+
+def resolve_path(path: str) -> Path:
+    """A config-relative path as given, else relative to the repository (ds_configs/ ships there)."""
+    p = Path(path)
+    if p.is_file() or p.is_absolute():
+        return p
+    return REPO_ROOT / p
+
+
+def deepspeed_config(cfg: Config, batch: BatchPlan, total_steps: int, warmup_steps: int) -> dict:
+    """The chosen ds_configs/ JSON with the run's batch, optimizer and schedule filled in."""
+    path = resolve_path(cfg.deepspeed.config)
+    if not path.is_file():
+        raise ConfigError(f"deepspeed.config: file not found: {cfg.deepspeed.config}")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"deepspeed.config: {path} is not valid JSON: {err}") from None
+    ds["train_batch_size"] = batch.global_batch_size
+    ds["train_micro_batch_size_per_gpu"] = batch.micro_batch_size
+    ds["gradient_accumulation_steps"] = batch.accumulation
+    optimizer = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    optimizer.setdefault("params", {}).update(lr=peak_lr(cfg), betas=list(cfg.train.betas),
+                                              weight_decay=cfg.train.weight_decay)
+    ds["scheduler"] = {"type": "WarmupCosineLR", "params": {
+        "total_num_steps": max(total_steps, 1), "warmup_num_steps": warmup_steps, "warmup_type": "linear",
+        "warmup_min_ratio": 0.0, "cos_min_ratio": cfg.train.min_lr_ratio}}
+    if cfg.train.clip_grad is not None:
+        ds["gradient_clipping"] = cfg.train.clip_grad
+    ds.setdefault("steps_per_print", 10 ** 9)  # our telemetry prints; DeepSpeed's would repeat it
+    return ds
+
+
+def zero_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def precision(ds: dict) -> str:
+    if ds.get("bf16", {}).get("enabled"):
+        return "bf16"
+    if ds.get("fp16", {}).get("enabled"):
+        return "fp16"
+    return "fp32"
+
+
+def steps_in(total: int, per_epoch: int) -> int:
+    return math.ceil(total / per_epoch)

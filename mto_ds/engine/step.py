@@ -1,0 +1,51 @@
+"""The train step: one optimizer step of the DeepSpeed engine over its micro-batches."""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+import torch.distributed as dist
+
+from ..data import normalize
+
+LOGGED = ("loss", "loss_mim", "loss_mto", "loss_spa", "loss_e", "loss_r",
+          "heterogeneity", "entropy_masked", "entropy_visible")
+
+
+def _all_finite(loss: torch.Tensor) -> bool:
+    """Agreement across ranks, so every rank skips the same step."""
+    flag = torch.isfinite(loss.detach()).float().reshape(1)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def train_step(engine, micro_batches: List[dict], mto_scale: float, with_stats: bool, dtype: torch.dtype):
+    """Forward (MIM + MTO terms), engine.backward and engine.step for each micro-batch.
+
+    DeepSpeed accumulates gradients and steps the optimizer at the last micro-batch. A
+    non-finite loss on any rank makes the step a no-op for the parameters: that micro-batch's
+    backward runs on zero-weighted clean inputs and the step's learning rate is 0.
+    Returns (mean of the logged outputs over micro-batches, whether the step was skipped).
+    """
+    sums: Dict[str, torch.Tensor] = {}
+    skipped = False
+    for batch in micro_batches:
+        images = normalize(batch["images"], engine.device, dtype)
+        mask = batch["mask"].to(engine.device, non_blocking=True)
+        out = engine(images, mask, mto_scale=mto_scale, with_stats=with_stats)
+        if _all_finite(out["loss"]):
+            engine.backward(out["loss"])
+        else:
+            skipped = True
+            # Keep DeepSpeed's accumulation and gradient reduction in lockstep with zero gradients.
+            engine.backward(engine(torch.zeros_like(images), mask, mto_scale=0.0, with_stats=False)["loss"] * 0.0)
+        if skipped and engine.is_gradient_accumulation_boundary():
+            for group in engine.optimizer.param_groups:
+                group["lr"] = 0.0  # the scheduler sets the next step's LR again after the step
+        engine.step()
+        for key in LOGGED:
+            value = out[key].detach().float()
+            sums[key] = sums[key] + value if key in sums else value
+    means = {k: v / len(micro_batches) for k, v in sums.items()}
+    return means, skipped

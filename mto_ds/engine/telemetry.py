@@ -1,0 +1,84 @@
+"""Telemetry of rank 0: metrics.jsonl, TensorBoard, a progress bar, and the closing summary."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Dict, Optional
+
+from tqdm import tqdm
+
+
+def _jsonable(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN; a block whose statistic was not computed reads null
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+class Telemetry:
+    def __init__(self, run_dir: Path, enabled: bool, total_steps: int, start_step: int, progress_bar: bool):
+        self.enabled = enabled
+        self.metrics_path = Path(run_dir) / "metrics.jsonl"
+        self.tb_dir = Path(run_dir) / "tensorboard"
+        self.first: Optional[dict] = None
+        self.last: Optional[dict] = None
+        self.writer = None
+        self.bar = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(self.tb_dir))
+            self.file = open(self.metrics_path, "a")
+            if progress_bar:
+                self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def tick(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+
+    def log(self, row: Dict) -> None:
+        """One row per logged optimizer step: scalars and per-block lists."""
+        if not self.enabled:
+            return
+        row = {k: _jsonable(v) for k, v in row.items()}
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        step = row["step"]
+        for key, value in row.items():
+            if key in ("step",) or value is None:
+                continue
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(f"train/{key}" if "/" not in key else key, value, step)
+            elif isinstance(value, list):
+                for block, v in enumerate(value):
+                    if v is not None:
+                        self.writer.add_scalar(f"mto/{key}/block_{block:02d}", v, step)
+        if "loss" in row:
+            self.first = self.first or row
+            self.last = row
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{row['loss']:.4f}", ips=f"{row.get('images_per_sec', 0):.0f}")
+
+    def close(self) -> None:
+        if self.enabled:
+            if self.bar is not None:
+                self.bar.close()
+            self.writer.close()
+            self.file.close()
+
+    def summary(self, run_dir: Path, images_per_sec: float, checkpoint: Optional[Path]) -> str:
+        if self.first is None:
+            return f"No steps logged. Run directory: {run_dir}"
+        lines = [
+            "",
+            "mto_ds pre-training finished",
+            f"  loss            {self.first['loss']:.4f} (step {self.first['step']}) -> "
+            f"{self.last['loss']:.4f} (step {self.last['step']})",
+            f"  throughput      {images_per_sec:.1f} images/s (mean over the run)",
+            f"  run directory   {run_dir}",
+            f"  metrics         {self.metrics_path}",
+            f"  checkpoint      {checkpoint if checkpoint else 'none saved'}",
+            f"  TensorBoard     tensorboard --logdir {self.tb_dir}",
+        ]
+        return "\n".join(lines)

@@ -1,0 +1,101 @@
+"""Labelled train/val splits for evaluating frozen features: `build_eval_sets(cfg)`.
+
+Items are (uint8 image [3, S, S], class index), S = model.img_size, center-resized: the
+central square of CROP_PCT of the shorter side, resized to S (the usual ImageNet
+evaluation view, 224 of 256).
+
+- data.source=synthetic: `SyntheticImages` with the pre-training seed (so the same class
+  definitions), rendered at the pre-training size. Train = samples [0, eval.num_train),
+  which are pre-training samples, as ImageNet's train split is for ImageNet models;
+  val = eval.num_val samples from just past the pre-training set, never seen in training.
+- data.source=folder: ImageFolders data.path/train and data.path/val, each reduced to
+  eval.num_train / eval.num_val images by a seeded draw when it holds more (set them to
+  the split sizes or larger for the full protocol).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from mto_ds.data import SyntheticImages
+
+CROP_PCT = 0.875
+
+
+def center_resize(image: Image.Image, size: int) -> torch.Tensor:
+    """PIL image -> uint8 [3, size, size] of its central CROP_PCT square."""
+    image = image.convert("RGB")
+    side = CROP_PCT * min(image.width, image.height)
+    left, top = (image.width - side) / 2, (image.height - side) / 2
+    image = image.resize((size, size), Image.BICUBIC, box=(left, top, left + side, top + side))
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+class SyntheticEvalImages(Dataset):
+    """The samples `indices` of a `SyntheticImages` source, center-resized."""
+
+    def __init__(self, source: SyntheticImages, indices: Sequence[int], img_size: int):
+        self.source, self.indices, self.img_size = source, list(indices), img_size
+        self.num_classes = source.num_classes
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, item: int):
+        index = self.indices[item]
+        return center_resize(Image.fromarray(self.source.image(index)), self.img_size), self.source.label(index)
+
+
+class FolderEvalImages(Dataset):
+    """An ImageFolder split (class = sub-folder), optionally a seeded subset of it, center-resized."""
+
+    def __init__(self, root: Path, img_size: int, max_images: int, seed: int):
+        from torchvision.datasets import ImageFolder  # imported here: only folder sources need it
+        self.folder = ImageFolder(str(root))
+        self.img_size, self.classes = img_size, self.folder.classes
+        self.num_classes = len(self.classes)
+        count = len(self.folder)
+        if max_images < count:  # sorted: a subset read in directory order stays sequential on disk
+            self.positions = np.sort(np.random.default_rng([seed, 4099]).permutation(count)[:max_images]).tolist()
+        else:
+            self.positions = list(range(count))
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, item: int):
+        path, label = self.folder.samples[self.positions[item]]
+        with Image.open(path) as image:
+            return center_resize(image, self.img_size), label
+
+
+def build_eval_sets(cfg) -> Tuple[Dataset, Dataset]:
+    """(train, val) labelled evaluation sets for `cfg` (a mto_ds.config.Config); both have `num_classes`."""
+    data, ev, size, seed = cfg.data, cfg.eval, cfg.model.img_size, cfg.run.seed
+    if ev.num_train <= 0 or ev.num_val <= 0:
+        raise ValueError(f"eval.num_train and eval.num_val must be positive, got {ev.num_train}, {ev.num_val}")
+    if data.source == "synthetic":
+        # Rendered at the pre-training size (data.build_pretrain_loader), so the eval view
+        # has the same pixel statistics as the crops the encoder was trained on.
+        source = SyntheticImages(data.synthetic_images + ev.num_val + ev.num_train, data.synthetic_classes,
+                                 size=size * 5 // 4, seed=seed)
+        val_start = max(data.synthetic_images, ev.num_train)
+        return (SyntheticEvalImages(source, range(ev.num_train), size),
+                SyntheticEvalImages(source, range(val_start, val_start + ev.num_val), size))
+    if data.source == "folder":
+        root = Path(data.path)
+        missing = [str(root / split) for split in ("train", "val") if not (root / split).is_dir()]
+        if missing:
+            raise FileNotFoundError(f"evaluation needs labelled ImageFolder splits; not found: {', '.join(missing)}")
+        train = FolderEvalImages(root / "train", size, ev.num_train, seed)
+        val = FolderEvalImages(root / "val", size, ev.num_val, seed)
+        if train.classes != val.classes:
+            raise ValueError(f"{root}/train and {root}/val have different class folders")
+        return train, val
+    raise NotImplementedError(f"evaluation sets for data.source={data.source} are not built yet; "
+                              "evaluate with data.source=folder and data.path holding train/ and val/")

@@ -1,0 +1,125 @@
+"""Frozen-encoder features, extracted on a shard per data-parallel rank and all-gathered.
+
+Pooling. A MIM encoder's CLS token is not trained by any objective (SimMIM and MAE put
+their loss on patch tokens only), so the mean of the patch tokens is the better summary
+of what pre-training learned; MAE fine-tunes with global average pooling for the same
+reason. 'mean' is therefore the default; 'cls' is there for encoders trained with a CLS
+objective.
+
+Sharding. The set is padded (by wrapping around to its start) to a multiple of the world
+size and rank r takes positions r, r + W, r + 2W, ... . Every rank then runs the same
+number of equally sized batches, which matters because under ZeRO-3 every forward is a
+collective; the gathered shards interleave back into the original order and the padding
+is cut off.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, List, Tuple, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from mto_ds.data import normalize
+
+POOLINGS = ("mean", "cls")
+FeatureFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def rank_and_world() -> Tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def pool_tokens(tokens: torch.Tensor, pooling: str, num_prefix_tokens: int = 1) -> torch.Tensor:
+    """[B, prefix + L, D] encoder output -> [B, D]: CLS token, or mean of the patch tokens."""
+    if pooling == "cls":
+        return tokens[:, 0]
+    if pooling == "mean":
+        return tokens[:, num_prefix_tokens:].mean(dim=1)
+    raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+
+
+def feature_fn(encoder: Union[nn.Module, FeatureFn], pooling: str = "mean") -> FeatureFn:
+    """Normalised images [B, 3, H, W] -> features [B, D].
+
+    `encoder` is a timm ViT (its `forward_features` returns the normed tokens, CLS first)
+    or already such a feature function, which is returned as it is.
+    """
+    if not hasattr(encoder, "forward_features"):
+        return encoder
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    prefix = getattr(encoder, "num_prefix_tokens", 1)
+    return lambda images: pool_tokens(encoder.forward_features(images), pooling, prefix)
+
+
+def shard_positions(num_items: int, rank: int, world_size: int) -> List[int]:
+    """Rank `rank`'s positions in the set padded to a multiple of `world_size` (see module doc)."""
+    if num_items <= 0:
+        raise ValueError("cannot shard an empty set")
+    per_rank = -(-num_items // world_size)
+    return [(rank + world_size * i) % num_items for i in range(per_rank)]
+
+
+def gather_shards(shard: torch.Tensor, num_items: int) -> torch.Tensor:
+    """Inverse of `shard_positions`: every rank's shard, all-gathered, in the set's order."""
+    _, world_size = rank_and_world()
+    if world_size == 1:
+        return shard[:num_items]
+    # gloo moves CPU tensors only; NCCL moves device tensors only.
+    comm = shard.cpu() if dist.get_backend() == "gloo" else shard
+    parts = [torch.empty_like(comm) for _ in range(world_size)]
+    dist.all_gather(parts, comm.contiguous())
+    return torch.stack(parts, dim=1).flatten(0, 1)[:num_items].to(shard.device)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on GPUs (as pre-training runs); full precision on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def sharded_batches(dataset: Dataset, positions: List[int], batch_size: int,
+                    num_workers: int = 0) -> DataLoader:
+    """Batches (uint8 images [B, 3, S, S], labels [B]) of the given positions, in order."""
+    return DataLoader(Subset(dataset, positions), batch_size=batch_size, shuffle=False,
+                      num_workers=num_workers, collate_fn=_collate)
+
+
+def _collate(items):
+    images, labels = zip(*items)
+    return torch.stack(images), torch.as_tensor(labels, dtype=torch.long)
+
+
+@torch.no_grad()
+def extract_features(encoder: Union[nn.Module, FeatureFn], dataset: Dataset, device: torch.device, *,
+                     pooling: str = "mean", batch_size: int = 128,
+                     num_workers: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Features float32 [N, D] and labels [N] of the whole `dataset`, on every rank, on `device`."""
+    device = torch.device(device)
+    rank, world_size = rank_and_world()
+    positions = shard_positions(len(dataset), rank, world_size)
+    fn = feature_fn(encoder, pooling)
+    was_training = getattr(encoder, "training", None)
+    if was_training is not None:
+        encoder.eval()
+    features, labels = [], []
+    try:
+        for images, batch_labels in sharded_batches(dataset, positions, batch_size, num_workers):
+            with autocast(device):
+                features.append(fn(normalize(images, device)).float())
+            labels.append(batch_labels.to(device))
+    finally:
+        if was_training:
+            encoder.train()
+    return gather_shards(torch.cat(features), len(dataset)), gather_shards(torch.cat(labels), len(dataset))
+
+
+def top1_accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> float:
+    """Percentage in [0, 100] of predictions equal to labels."""
+    return 100.0 * (predictions.to(labels.device) == labels).float().mean().item()

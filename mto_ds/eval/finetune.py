@@ -1,0 +1,142 @@
+"""A short end-to-end fine-tune: how well pre-trained weights train, the paper's own metric.
+
+The recipe is MAE's, shortened: a linear head on the pooled tokens, AdamW with layer-wise
+learning-rate decay (block i of L gets lr * decay^(L + 1 - i), so early blocks move
+least), no weight decay on biases, norms and position/class tokens, linear warm-up then
+cosine, label smoothing 0.1, random horizontal flips. It trains a copy, so the encoder
+passed in is left as it was. Across ranks it is data-parallel (DDP over shards of a seeded
+per-epoch permutation); the validation accuracy is gathered over all ranks.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import List
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from mto_ds.data import normalize
+
+from .features import (autocast, gather_shards, pool_tokens, rank_and_world, shard_positions,
+                       sharded_batches, top1_accuracy)
+
+
+class PooledClassifier(nn.Module):
+    """encoder tokens -> pooled features -> linear head."""
+
+    def __init__(self, encoder: nn.Module, num_classes: int, pooling: str = "mean"):
+        super().__init__()
+        self.encoder, self.pooling = encoder, pooling
+        self.head = nn.Linear(encoder.embed_dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=2e-5)  # MAE's head init: starts as a near-zero map
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        tokens = self.encoder.forward_features(images)
+        return self.head(pool_tokens(tokens, self.pooling, getattr(self.encoder, "num_prefix_tokens", 1)))
+
+
+def _layer_id(name: str, num_blocks: int) -> int:
+    """0 for the embeddings, i + 1 for block i, num_blocks + 1 for the final norm and head."""
+    if name.startswith("encoder."):
+        name = name[len("encoder."):]
+        if name.startswith(("cls_token", "reg_token", "pos_embed", "patch_embed")):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+    return num_blocks + 1
+
+
+def layer_decay_groups(model: PooledClassifier, weight_decay: float, layer_decay: float) -> List[dict]:
+    """AdamW parameter groups with `lr_scale` per layer and no decay on 1-d params and tokens."""
+    num_blocks = len(model.encoder.blocks)
+    groups = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        layer = _layer_id(name, num_blocks)
+        no_decay = param.ndim == 1 or name.endswith(("cls_token", "reg_token", "pos_embed"))
+        key = (layer, no_decay)
+        if key not in groups:
+            groups[key] = {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
+                           "lr_scale": layer_decay ** (num_blocks + 1 - layer)}
+        groups[key]["params"].append(param)
+    return list(groups.values())
+
+
+def _flip_some(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    flip = (torch.rand(images.shape[0], generator=generator) < 0.5).to(images.device)
+    return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+
+
+def finetune_top1(encoder: nn.Module, train_set: Dataset, val_set: Dataset, num_classes: int,
+                  device: torch.device, *, epochs: int, pooling: str = "mean", batch_size: int = 64,
+                  lr: float = 1e-3, layer_decay: float = 0.75, weight_decay: float = 0.05,
+                  warmup_fraction: float = 0.1, label_smoothing: float = 0.1, seed: int = 0,
+                  num_workers: int = 0) -> float:
+    """Top-1 accuracy in [0, 100] on `val_set` after fine-tuning a copy of `encoder` on `train_set`.
+
+    `batch_size` is per rank; `encoder` is a plain module (under ZeRO-3, pass a gathered copy).
+    """
+    if epochs <= 0:
+        raise ValueError(f"epochs must be positive, got {epochs}")
+    device = torch.device(device)
+    # Seeded for the head init and anything stochastic inside the encoder (drop path),
+    # without disturbing the caller's random state.
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return _finetune(encoder, train_set, val_set, num_classes, device, epochs=epochs, pooling=pooling,
+                         batch_size=batch_size, lr=lr, layer_decay=layer_decay, weight_decay=weight_decay,
+                         warmup_fraction=warmup_fraction, label_smoothing=label_smoothing, seed=seed,
+                         num_workers=num_workers)
+
+
+def _finetune(encoder, train_set, val_set, num_classes, device, *, epochs, pooling, batch_size, lr,
+              layer_decay, weight_decay, warmup_fraction, label_smoothing, seed, num_workers) -> float:
+    rank, world_size = rank_and_world()
+    model = PooledClassifier(copy.deepcopy(encoder), num_classes, pooling).to(device)
+    groups = layer_decay_groups(model, weight_decay, layer_decay)
+    optimizer = torch.optim.AdamW(groups, lr=lr)
+    trained = model
+    if world_size > 1:
+        trained = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    generator = torch.Generator().manual_seed(seed)
+    per_rank = -(-len(train_set) // world_size)
+    steps_per_epoch = math.ceil(per_rank / batch_size)
+    total_steps, warmup_steps = epochs * steps_per_epoch, int(warmup_fraction * epochs * steps_per_epoch)
+    step = 0
+    model.train()
+    for _ in range(epochs):
+        # The same permutation on every rank (same generator state); each takes its shard of it.
+        order = torch.randperm(len(train_set), generator=generator).tolist()
+        positions = [order[p] for p in shard_positions(len(train_set), rank, world_size)]
+        for images, labels in sharded_batches(train_set, positions, batch_size, num_workers):
+            if step < warmup_steps:
+                scale = (step + 1) / warmup_steps
+            else:
+                scale = 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+            for group in optimizer.param_groups:
+                group["lr"] = lr * scale * group["lr_scale"]
+            images = _flip_some(normalize(images, device), generator)
+            with autocast(device):
+                logits = trained(images)
+            loss = F.cross_entropy(logits.float(), labels.to(device), label_smoothing=label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+
+    model.eval()
+    positions = shard_positions(len(val_set), rank, world_size)
+    predictions, targets = [], []
+    with torch.no_grad():
+        for images, labels in sharded_batches(val_set, positions, batch_size, num_workers):
+            with autocast(device):
+                predictions.append(model(normalize(images, device)).argmax(dim=1))
+            targets.append(labels.to(device))
+    return top1_accuracy(gather_shards(torch.cat(predictions), len(val_set)),
+                         gather_shards(torch.cat(targets), len(val_set)))

@@ -1,0 +1,146 @@
+"""Evaluating an encoder: `evaluate` (the trainer's periodic hook) and `run_eval` (`mto-ds eval`).
+
+Both run on every rank: features are extracted on shards and all-gathered (features.py),
+the k-NN and the linear probe then run on every rank on the same features and rank 0's
+numbers are broadcast, so every rank returns the same dict.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .datasets import build_eval_sets
+from .features import extract_features, rank_and_world
+from .finetune import finetune_top1
+from .knn import knn_top1
+from .linear_probe import linear_probe_top1
+
+
+@dataclass
+class EvalOptions:
+    """Evaluation settings. A field of the same name in the config's `eval` section wins over
+    the default here, so new `eval.*` keys take effect without touching this module."""
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    pooling: str = "mean"
+    batch_size: int = 128              # per rank, feature extraction
+    linear_epochs: int = 100
+    linear_lr: float = 1e-2
+    finetune_batch_size: int = 64      # per rank
+    finetune_lr: float = 1e-3
+    finetune_layer_decay: float = 0.75
+
+    @classmethod
+    def from_config(cls, cfg) -> "EvalOptions":
+        section = cfg.eval
+        return cls(**{f.name: getattr(section, f.name) for f in fields(cls) if hasattr(section, f.name)})
+
+
+def _same_on_all_ranks(results: Dict[str, float]) -> Dict[str, float]:
+    _, world_size = rank_and_world()
+    if world_size == 1:
+        return results
+    box = [results]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def evaluate(encoder: nn.Module, cfg, device: torch.device) -> Dict[str, float]:
+    """{'knn_top1', 'linear_top1'} in [0, 100] of `encoder`'s frozen features on `build_eval_sets(cfg)`.
+
+    Call it on every rank (it all-gathers). The encoder's train/eval mode is restored.
+    """
+    opts = EvalOptions.from_config(cfg)
+    train_set, val_set = build_eval_sets(cfg)
+    extract = dict(pooling=opts.pooling, batch_size=opts.batch_size, num_workers=cfg.data.num_workers)
+    train_x, train_y = extract_features(encoder, train_set, device, **extract)
+    val_x, val_y = extract_features(encoder, val_set, device, **extract)
+    num_classes = train_set.num_classes
+    results = {
+        "knn_top1": knn_top1(train_x, train_y, val_x, val_y, num_classes, k=opts.knn_k,
+                             temperature=opts.knn_temperature),
+        "linear_top1": linear_probe_top1(train_x, train_y, val_x, val_y, num_classes,
+                                         epochs=opts.linear_epochs, lr=opts.linear_lr, seed=cfg.run.seed),
+    }
+    return _same_on_all_ranks(results)
+
+
+def build_encoder(cfg) -> nn.Module:
+    """The pre-training model's encoder (a timm ViT) for `cfg.model`, randomly initialised."""
+    from mto_ds.models import create_mim_model  # lazy: eval needs models only to load checkpoints
+    m = cfg.model
+    return create_mim_model(m.arch, m.method, img_size=m.img_size).encoder
+
+
+def _strip_prefix(state: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
+    if state and all(k.startswith(prefix) for k in state):
+        return {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def load_encoder_state(checkpoint: str) -> Dict[str, torch.Tensor]:
+    """Encoder weights with timm key names from a state-dict file or a run/checkpoint directory."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        # TODO(engine): DeepSpeed checkpoints (a run dir, its checkpoints/ or one checkpoint
+        # directory, ZeRO shards or universal) load through the exporter, which gathers the
+        # partitions and renames the encoder's keys to timm's:
+        #     from mto_ds.engine.export import load_encoder_state
+        #     return load_encoder_state(path)
+        try:
+            from mto_ds.engine.export import load_encoder_state as load_from_engine
+        except ImportError:
+            raise NotImplementedError(f"{path} is a directory; loading DeepSpeed checkpoints needs "
+                                      "mto_ds.engine.export, not built yet. Pass a .pt of "
+                                      "encoder.state_dict() instead") from None
+        return load_from_engine(str(path))
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict"):  # common wrappers around a state dict
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    state = _strip_prefix(_strip_prefix(state, "module."), "encoder.")
+    return {k: v for k, v in state.items() if not k.startswith("head.")}  # a timm classifier's head
+
+
+def load_encoder_weights(encoder: nn.Module, checkpoint: str) -> None:
+    """Loads `checkpoint` into `encoder`, failing with the missing/unexpected keys if they differ."""
+    missing, unexpected = encoder.load_state_dict(load_encoder_state(checkpoint), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{checkpoint} does not match the encoder of this config: "
+                         f"missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}")
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def run_eval(cfg, checkpoint: str, finetune_epochs: int = 0,
+             device: Optional[torch.device] = None) -> Dict[str, float]:
+    """k-NN and linear probe (and, if finetune_epochs > 0, a fine-tune) of a saved encoder.
+
+    Call it on every rank once torch.distributed is initialised (or in one process).
+    """
+    device = device or default_device()
+    encoder = build_encoder(cfg)
+    load_encoder_weights(encoder, checkpoint)
+    encoder.to(device)
+    results = evaluate(encoder, cfg, device)
+    if finetune_epochs > 0:
+        opts = EvalOptions.from_config(cfg)
+        train_set, val_set = build_eval_sets(cfg)
+        results["finetune_top1"] = finetune_top1(
+            encoder, train_set, val_set, train_set.num_classes, device, epochs=finetune_epochs,
+            pooling=opts.pooling, batch_size=opts.finetune_batch_size, lr=opts.finetune_lr,
+            layer_decay=opts.finetune_layer_decay, seed=cfg.run.seed, num_workers=cfg.data.num_workers)
+        results = _same_on_all_ranks(results)
+    return results

@@ -1,0 +1,34 @@
+"""MIM models on timm ViT encoders: `create_mim_model` and the mask generator that goes with it."""
+from __future__ import annotations
+
+from .mae import MAE
+from .masking import build_mask_fn
+from .simmim import SimMIM
+from .vit import TIMM_NAMES, create_encoder
+
+METHODS = ("simmim", "mae")
+
+
+def create_mim_model(arch: str, method: str, *, img_size: int = 224, mto=None, drop_path: float = 0.0,
+                     activation_checkpointing: bool = False, decoder_embed_dim: int = 512,
+                     decoder_depth: int = 8, decoder_num_heads: int = 16, norm_pix_loss: bool = True):
+    """A SimMIM or MAE model; `model(images, mask)` returns the loss dict (see MIMModel).
+
+    mto: None (off), a dict of `mto.*` keys (enabled unless it says otherwise) or a config object.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method '{method}'; expected one of {list(METHODS)}")
+    encoder = create_encoder(arch, img_size=img_size, drop_path=drop_path)
+    if method == "simmim":
+        return SimMIM(encoder, mto=mto, activation_checkpointing=activation_checkpointing)
+    return MAE(encoder, mto=mto, decoder_embed_dim=decoder_embed_dim, decoder_depth=decoder_depth,
+               decoder_num_heads=decoder_num_heads, norm_pix_loss=norm_pix_loss,
+               activation_checkpointing=activation_checkpointing)
+
+
+def mask_fn_for(model, method: str, img_size: int, mask_ratio=None, mask_patch_size=None):
+    """The per-sample mask generator that matches `model`'s patch grid."""
+    return build_mask_fn(method, img_size, model.patch_size, mask_ratio, mask_patch_size)
+
+
+__all__ = ["create_mim_model", "mask_fn_for", "build_mask_fn", "SimMIM", "MAE", "TIMM_NAMES", "create_encoder"]

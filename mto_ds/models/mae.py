@@ -1,0 +1,85 @@
+"""MAE (He et al. 2022): the encoder sees visible patches only; mask tokens enter the decoder,
+whose blocks are where MTO acts; MSE on per-patch normalised pixels of masked patches."""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+from timm.layers import trunc_normal_
+from torch import nn
+
+from .mim import MIMModel
+from .simmim import patchify
+from .vit import mim_block, run_blocks, run_plain_blocks, sincos_pos_embed
+
+
+class MAE(MIMModel):
+    def __init__(self, encoder: nn.Module, mto=None, decoder_embed_dim: int = 512, decoder_depth: int = 8,
+                 decoder_num_heads: int = 16, norm_pix_loss: bool = True, activation_checkpointing: bool = False):
+        super().__init__(mto, activation_checkpointing)
+        self.encoder = encoder
+        dim = encoder.embed_dim
+        self.patch_size = encoder.patch_embed.patch_size[0]
+        self.num_patches = encoder.patch_embed.num_patches
+        grid = encoder.patch_embed.grid_size[0]
+        self.norm_pix_loss = norm_pix_loss
+        # MAE keeps both position embeddings fixed (sin-cos).
+        encoder.pos_embed.data.copy_(sincos_pos_embed(dim, grid))
+        encoder.pos_embed.requires_grad_(False)
+        self.decoder_embed = nn.Linear(dim, decoder_embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.register_buffer("decoder_pos_embed", sincos_pos_embed(decoder_embed_dim, grid), persistent=False)
+        self.decoder_blocks = nn.ModuleList([mim_block(decoder_embed_dim, decoder_num_heads)
+                                             for _ in range(decoder_depth)])
+        self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, self.patch_size ** 2 * 3)
+        self.num_mim_blocks = decoder_depth
+        trunc_normal_(self.mask_token, std=0.02)
+        for module in [self.decoder_embed, self.decoder_pred, *self.decoder_blocks.modules()]:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def forward_encoder(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Encoder tokens of the visible patches [B, 1 + num_visible, D], CLS first.
+
+        Every sample must mask the same number of patches (the MAE mask generator does).
+        """
+        enc = self.encoder
+        x = enc.patch_embed(images) + enc.pos_embed[:, 1:]
+        B, L, D = x.shape
+        # Stable sort puts visible patches first, in their original order.
+        keep = torch.argsort(mask.to(torch.int8), dim=1, stable=True)[:, : L - int(mask[0].sum())]
+        x = torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, D))
+        cls = (enc.cls_token + enc.pos_embed[:, :1]).expand(B, -1, -1)
+        x = enc.norm_pre(torch.cat([cls, x], dim=1))
+        x = run_plain_blocks(enc.blocks, x, self.activation_checkpointing)
+        return enc.norm(x)
+
+    def forward_decoder(self, latent: torch.Tensor, mask: torch.Tensor, with_stats: bool):
+        x = self.decoder_embed(latent)
+        B, L = mask.shape
+        full = self.mask_token.to(x.dtype).expand(B, L, -1).clone()
+        full[~mask] = x[:, 1:].reshape(-1, x.shape[-1])  # row-major: visible patches in order
+        x = torch.cat([x[:, :1], full], dim=1) + self.decoder_pos_embed.to(x.dtype)
+        masked = torch.cat([mask.new_zeros(B, 1), mask], dim=1)
+        num_early, flags = self.block_flags(with_stats)
+        x, summaries = run_blocks(self.decoder_blocks, x, masked, flags, self.activation_checkpointing)
+        pred = self.decoder_pred(self.decoder_norm(x))[:, 1:]
+        return pred, summaries, num_early
+
+    def forward_loss(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        target = patchify(images, self.patch_size).float()
+        if self.norm_pix_loss:
+            mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6) ** 0.5
+        per_patch = ((pred.float() - target) ** 2).mean(-1)
+        m = mask.float()
+        return (per_patch * m).sum() / m.sum().clamp(min=1.0)
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor, mto_scale: float = 1.0,
+                with_stats: bool = True) -> Dict[str, torch.Tensor]:
+        latent = self.forward_encoder(images, mask)
+        pred, summaries, num_early = self.forward_decoder(latent, mask, with_stats)
+        return self.mim_outputs(self.forward_loss(images, pred, mask), summaries, num_early, mto_scale)

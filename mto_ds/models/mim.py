@@ -1,0 +1,46 @@
+"""What SimMIM and MAE share: MTO settings, and the loss dict built from MIM loss and MTO terms."""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from ..mto.losses import mto_terms, weighted_mto_loss
+from ..mto.plan import MTOSettings, block_flags
+from .vit import block_telemetry
+
+
+class MIMModel(nn.Module):
+    """Base of the MIM models. Subclasses define `num_mim_blocks` (blocks that see mask tokens)."""
+
+    num_mim_blocks: int
+
+    def __init__(self, mto, activation_checkpointing: bool = False):
+        super().__init__()
+        self.mto = MTOSettings.from_any(mto)
+        self.activation_checkpointing = activation_checkpointing
+
+    def block_flags(self, with_stats: bool):
+        return block_flags(self.mto, self.num_mim_blocks, with_stats)
+
+    def mim_outputs(self, loss_mim: torch.Tensor, summaries: List[Optional[Dict[str, torch.Tensor]]],
+                    num_early: int, mto_scale: float) -> Dict[str, torch.Tensor]:
+        """{loss, loss_mim, loss_mto, loss_spa, loss_e, loss_r, heterogeneity, entropy_*}."""
+        out = {"loss_mim": loss_mim}
+        zero = loss_mim.new_zeros(())
+        computed = [s for s in summaries if s is not None]
+        if self.mto.enabled and computed:
+            early = [s for s in summaries[:num_early] if s is not None]
+            late = [s for s in summaries[num_early:] if s is not None]
+            terms = mto_terms(early + late, len(early), self.mto.delta)
+            loss_mto = weighted_mto_loss(terms, self.mto.lambda_spa, self.mto.lambda_e, self.mto.lambda_r,
+                                         mto_scale)
+        else:
+            terms = {"loss_spa": zero, "loss_e": zero, "loss_r": zero}
+            loss_mto = zero
+        out.update({k: v.detach() for k, v in terms.items()})
+        out["loss_mto"] = loss_mto
+        out["loss"] = loss_mim + loss_mto if self.mto.enabled else loss_mim
+        out.update(block_telemetry(summaries, loss_mim.device))
+        return out

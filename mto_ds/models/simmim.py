@@ -1,0 +1,62 @@
+"""SimMIM (Xie et al. 2022): mask tokens in the encoder, a linear pixel decoder, L1 on masked pixels."""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+from timm.layers import trunc_normal_
+from torch import nn
+
+from .mim import MIMModel
+from .vit import run_blocks
+
+
+def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """[B, C, H, W] -> [B, L, patch*patch*C], patches in row-major order, pixels (p, q, c)."""
+    B, C, H, W = images.shape
+    x = images.reshape(B, C, H // patch, patch, W // patch, patch)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(B, (H // patch) * (W // patch), patch * patch * C)
+
+
+class SimMIM(MIMModel):
+    def __init__(self, encoder: nn.Module, mto=None, activation_checkpointing: bool = False):
+        super().__init__(mto, activation_checkpointing)
+        self.encoder = encoder
+        dim = encoder.embed_dim
+        self.patch_size = encoder.patch_embed.patch_size[0]
+        self.num_patches = encoder.patch_embed.num_patches
+        self.num_mim_blocks = len(encoder.blocks)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        trunc_normal_(self.mask_token, std=0.02)
+        # SimMIM's decoder: a 1x1 conv to patch*patch*3 values per token (here a Linear).
+        self.decoder = nn.Linear(dim, self.patch_size ** 2 * 3)
+
+    def _encode(self, images: torch.Tensor, mask: torch.Tensor, with_stats: bool):
+        enc = self.encoder
+        x = enc.patch_embed(images)
+        w = mask.unsqueeze(-1).to(x.dtype)
+        x = x * (1.0 - w) + self.mask_token.to(x.dtype) * w
+        x = enc._pos_embed(x)  # prepends CLS, adds position embeddings
+        x = enc.norm_pre(x)
+        # CLS counts as visible.
+        masked = torch.cat([mask.new_zeros(mask.shape[0], 1), mask], dim=1)
+        num_early, flags = self.block_flags(with_stats)
+        x, summaries = run_blocks(enc.blocks, x, masked, flags, self.activation_checkpointing)
+        return enc.norm(x), summaries, num_early
+
+    def forward_encoder(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Encoder output tokens [B, 1 + num_patches, D], CLS first."""
+        return self._encode(images, mask, with_stats=False)[0]
+
+    def forward_loss(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean absolute error over the pixels of masked patches (SimMIM's L1)."""
+        target = patchify(images, self.patch_size)
+        per_patch = (pred.float() - target.float()).abs().mean(-1)
+        m = mask.float()
+        return (per_patch * m).sum() / m.sum().clamp(min=1.0)
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor, mto_scale: float = 1.0,
+                with_stats: bool = True) -> Dict[str, torch.Tensor]:
+        tokens, summaries, num_early = self._encode(images, mask, with_stats)
+        pred = self.decoder(tokens[:, 1:])
+        return self.mim_outputs(self.forward_loss(images, pred, mask), summaries, num_early, mto_scale)

@@ -1,0 +1,105 @@
+"""timm ViT encoders with MTO-capable attention, and the loop over blocks that see mask tokens."""
+from __future__ import annotations
+
+from functools import partial
+from typing import Dict, List, Optional
+
+import numpy as np
+import timm
+import torch
+from timm.models.vision_transformer import Block
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..mto.attention import MTOAttention
+from ..mto.plan import LOSS, TELEMETRY
+from ..mto.stats import block_summary
+
+# Our arch names -> timm model names an exported encoder loads into.
+TIMM_NAMES = {
+    "vit_tiny_patch16": "vit_tiny_patch16_224",
+    "vit_small_patch16": "vit_small_patch16_224",
+    "vit_base_patch16": "vit_base_patch16_224",
+    "vit_large_patch16": "vit_large_patch16_224",
+    "vit_huge_patch14": "vit_huge_patch14_224",
+}
+
+
+def create_encoder(arch: str, img_size: int = 224, drop_path: float = 0.0) -> nn.Module:
+    """A timm VisionTransformer (no head) whose blocks use MTOAttention (same parameter names)."""
+    if arch not in TIMM_NAMES:
+        raise ValueError(f"unknown arch '{arch}'; expected one of {sorted(TIMM_NAMES)}")
+    return timm.create_model(TIMM_NAMES[arch], pretrained=False, num_classes=0, img_size=img_size,
+                             drop_path_rate=drop_path, attn_layer=MTOAttention)
+
+
+def mim_block(dim: int, num_heads: int) -> Block:
+    """A decoder block like MAE's (timm Block, LayerNorm eps 1e-6) with MTO-capable attention."""
+    return Block(dim, num_heads, mlp_ratio=4.0, qkv_bias=True, attn_layer=MTOAttention,
+                 norm_layer=partial(nn.LayerNorm, eps=1e-6))
+
+
+def _block_forward(block: Block, x: torch.Tensor, masked: torch.Tensor, recalibrate: bool, mode: str):
+    """timm Block.forward, with the attention's MTO path; returns (x, row statistics or None)."""
+    if mode == TELEMETRY:
+        # Output through SDPA as in the baseline; statistics beside it, without gradients.
+        y, _ = block.attn.forward_mto(block.norm1(x), masked, recalibrate, with_stats=False)
+        with torch.no_grad():
+            _, stats = block.attn.forward_mto(block.norm1(x), masked, recalibrate, with_stats=True)
+    else:
+        y, stats = block.attn.forward_mto(block.norm1(x), masked, recalibrate, with_stats=mode == LOSS)
+    x = x + block.drop_path1(block.ls1(y))
+    x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    return x, stats
+
+
+def run_blocks(blocks, x: torch.Tensor, masked: Optional[torch.Tensor], flags, activation_checkpointing: bool):
+    """Run blocks that see mask tokens. Returns (x, per-block summaries, None where not computed)."""
+    summaries: List[Optional[Dict[str, torch.Tensor]]] = []
+    for block, (recalibrate, mode) in zip(blocks, flags):
+        if activation_checkpointing and torch.is_grad_enabled():
+            x, stats = checkpoint(_block_forward, block, x, masked, recalibrate, mode, use_reentrant=False)
+        else:
+            x, stats = _block_forward(block, x, masked, recalibrate, mode)
+        summaries.append(None if stats is None else block_summary(stats, masked))
+    return x, summaries
+
+
+def run_plain_blocks(blocks, x: torch.Tensor, activation_checkpointing: bool) -> torch.Tensor:
+    """Blocks that see no mask tokens (the MAE encoder): timm's forward, fused SDPA."""
+    for block in blocks:
+        if activation_checkpointing and torch.is_grad_enabled():
+            x = checkpoint(block, x, use_reentrant=False)
+        else:
+            x = block(x)
+    return x
+
+
+def sincos_pos_embed(dim: int, grid: int, cls_token: bool = True) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embedding [1, (1 +) grid*grid, dim] as MAE uses."""
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs dim divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4.0))
+    ys, xs = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij")
+    parts = []
+    for coord in (ys.reshape(-1), xs.reshape(-1)):  # MAE's order: height half, then width half
+        angles = np.outer(coord, omega)
+        parts += [np.sin(angles), np.cos(angles)]
+    emb = np.concatenate(parts, axis=1)
+    if cls_token:
+        emb = np.concatenate([np.zeros((1, dim)), emb], axis=0)
+    return torch.from_numpy(emb).float().unsqueeze(0)
+
+
+def block_telemetry(summaries, device) -> Dict[str, torch.Tensor]:
+    """Per-block vectors (detached, on device): heterogeneity, entropy_masked, entropy_visible.
+
+    NaN marks a block whose statistics were not computed in this forward pass.
+    """
+    nan = torch.full((), float("nan"), device=device)
+    return {key: torch.stack([s[key].detach().float() if s is not None else nan for s in summaries])
+            for key in ("heterogeneity", "entropy_masked", "entropy_visible")}
+
+
+__all__ = ["create_encoder", "mim_block", "run_blocks", "run_plain_blocks", "sincos_pos_embed",
+           "TIMM_NAMES", "block_telemetry"]

@@ -1,0 +1,40 @@
+"""The attention module of blocks that see mask tokens.
+
+A subclass of timm's `Attention` with the same parameters (qkv, q_norm, k_norm, proj), so
+an encoder built with it saves a state dict that `timm.create_model` loads. Its plain
+`forward` is timm's; `forward_mto` adds recalibration and per-row statistics.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention
+
+from .stats import allowed_keys, attention_with_row_stats
+
+
+class MTOAttention(Attention):
+    def forward_mto(self, x: torch.Tensor, masked: Optional[torch.Tensor], recalibrate: bool,
+                    with_stats: bool) -> Tuple[torch.Tensor, Optional[Dict[str, torch.Tensor]]]:
+        """Attention over x [B, N, C]; `masked` bool [B, N] marks mask tokens.
+
+        recalibrate: visible queries do not attend to masked keys.
+        with_stats: also return per-row statistics (explicit path, see mto/stats.py);
+        without it the fused SDPA kernel runs, with a boolean mask when recalibrating.
+        """
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        dropout_p = self.attn_drop.p if self.training else 0.0
+        stats = None
+        if with_stats:
+            out, stats = attention_with_row_stats(q, k, v, masked, recalibrate, self.scale, dropout_p)
+        else:
+            attn_mask = allowed_keys(masked)[:, None] if recalibrate else None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+        out = out.transpose(1, 2).reshape(B, N, self.attn_dim)
+        out = self.proj_drop(self.proj(self.norm(out)))
+        return out, stats

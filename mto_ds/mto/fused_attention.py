@@ -1,0 +1,363 @@
+"""Fused attention that returns MTO's per-row statistics (docs/MTO_KERNEL.md).
+
+Same contract as `stats.attention_with_row_stats`, the reference, without an N x N tensor
+in memory: the forward pass keeps online-softmax running sums per query row, the backward
+pass recomputes the probabilities block by block from q, k and the saved log-sum-exp.
+Weight recalibration comes from per-token masked flags ([B, N]), never from an N x N mask.
+Attention dropout is not supported here; `attention_with_row_stats_auto` sends calls with
+dropout to the reference.
+
+Importing this module needs neither triton nor CUDA: without triton the kernels are not
+defined and the dispatcher always takes the reference path.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from .stats import attention_with_row_stats
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the reference path serves every call
+    triton = None
+
+MAX_HEAD_DIM = 128
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+if triton is not None:
+    # Excluded logits become this finite value, not -inf, so that no running sum meets inf - inf.
+    _EXCLUDED = tl.constexpr(-1.0e30)
+
+    @triton.jit
+    def _allowed_pairs(row_ok, col_ok, query_masked, key_masked, RECALIBRATE: tl.constexpr):
+        """[BLOCK_M, BLOCK_N] bool: real (query, key) pairs that recalibration keeps."""
+        allowed = row_ok[:, None] & col_ok[None, :]
+        if RECALIBRATE:
+            allowed = allowed & (query_masked[:, None] | (key_masked[None, :] == 0))
+        return allowed
+
+    @triton.jit
+    def _row_stats_fwd_kernel(
+            Q, K, V, MASKED, OUT, LSE, MASS, ENT,
+            sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
+            num_heads, num_tokens, head_dim, scale,
+            RECALIBRATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = (bh // num_heads).to(tl.int64)
+        h = (bh % num_heads).to(tl.int64)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        row_ok = offs_m < num_tokens
+        d_ok = offs_d < head_dim
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        query_masked = tl.load(MASKED + b * num_tokens + offs_m, mask=row_ok, other=0) != 0
+
+        # Running state per row, all relative to the running max m: l = sum p,
+        # acc = sum p v, mass = sum over masked keys of p, t = sum p (s - m).
+        m_i = tl.full([BLOCK_M], _EXCLUDED, tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        mass_i = tl.zeros([BLOCK_M], tl.float32)
+        t_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start_n in range(0, num_tokens, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            col_ok = offs_n < num_tokens
+            kv_mask = col_ok[:, None] & d_ok[None, :]
+            k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                        mask=kv_mask, other=0.0)
+            v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                        mask=kv_mask, other=0.0)
+            key_masked = tl.load(MASKED + b * num_tokens + offs_n, mask=col_ok, other=0)
+            allowed = _allowed_pairs(row_ok, col_ok, query_masked, key_masked, RECALIBRATE)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
+            s = tl.where(allowed, s, _EXCLUDED)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp(m_i - m_new)
+            shifted = s - m_new[:, None]
+            p = tl.where(allowed, tl.exp(shifted), 0.0)
+            # Moving the reference point from m to m_new: p rescales by alpha, (s - m) gains m - m_new.
+            t_i = alpha * (t_i + (m_i - m_new) * l_i) + tl.sum(p * shifted, 1)
+            l_i = alpha * l_i + tl.sum(p, 1)
+            mass_i = alpha * mass_i + tl.sum(tl.where(key_masked[None, :] != 0, p, 0.0), 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # 0 only on padding rows, which are not stored
+        log_l = tl.log(l_safe)
+        out = acc / l_safe[:, None]
+        tl.store(OUT + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
+                 out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        row = bh.to(tl.int64) * num_tokens + offs_m
+        tl.store(LSE + row, m_i + log_l, mask=row_ok)
+        tl.store(MASS + row, mass_i / l_safe, mask=row_ok)
+        # H = -sum p (s - lse) = (lse - m) - sum p (s - m) = log l - t / l
+        tl.store(ENT + row, log_l - t_i / l_safe, mask=row_ok)
+
+    @triton.jit
+    def _row_constant_kernel(OUT, DOUT, MASS, DMASS, ENT, DENT, CONST,
+                             sob, soh, son, sod, sdb, sdh, sdn, sdd,
+                             num_heads, num_tokens, head_dim,
+                             BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        """C_i = dO_i . O_i + dq_i q_i + dH_i H_i, the part of dS_ij shared by the whole row."""
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = (bh // num_heads).to(tl.int64)
+        h = (bh % num_heads).to(tl.int64)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        row_ok = offs_m < num_tokens
+        tile_ok = row_ok[:, None] & (offs_d[None, :] < head_dim)
+        o = tl.load(OUT + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
+                    mask=tile_ok, other=0.0).to(tl.float32)
+        do = tl.load(DOUT + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd,
+                     mask=tile_ok, other=0.0).to(tl.float32)
+        row = bh.to(tl.int64) * num_tokens + offs_m
+        const = tl.sum(o * do, 1)
+        const += tl.load(DMASS + row, mask=row_ok, other=0.0) * tl.load(MASS + row, mask=row_ok, other=0.0)
+        const += tl.load(DENT + row, mask=row_ok, other=0.0) * tl.load(ENT + row, mask=row_ok, other=0.0)
+        tl.store(CONST + row, const, mask=row_ok)
+
+    @triton.jit
+    def _logit_grad_tile(q, k, v, do, key_masked, allowed, lse, dmass, dent, const, scale,
+                         DOT_PRECISION: tl.constexpr):
+        """Recomputed probabilities P and dL/dS for one [BLOCK_M, BLOCK_N] tile.
+
+        dS_ij = P_ij (dO_i . v_j + dq_i m_j - dH_i (s_ij - lse_i) - C_i)
+        """
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
+        log_p = tl.where(allowed, s - lse[:, None], 0.0)
+        p = tl.where(allowed, tl.exp(log_p), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        on_masked = tl.where(key_masked[None, :] != 0, dmass[:, None], 0.0)
+        ds = p * (dp + on_masked - dent[:, None] * log_p - const[:, None])
+        return p, ds
+
+    @triton.jit
+    def _row_stats_bwd_dkdv_kernel(
+            Q, K, V, DOUT, MASKED, LSE, DMASS, DENT, CONST, DK, DV,
+            sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
+            sgb, sgh, sgn, sgd,
+            num_heads, num_tokens, head_dim, scale,
+            RECALIBRATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        """One key block: dV_j = sum_i P_ij dO_i, dK_j = scale sum_i dS_ij q_i, over all query blocks."""
+        pid_n = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = (bh // num_heads).to(tl.int64)
+        h = (bh % num_heads).to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        col_ok = offs_n < num_tokens
+        d_ok = offs_d < head_dim
+        kv_mask = col_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+        v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+        key_masked = tl.load(MASKED + b * num_tokens + offs_n, mask=col_ok, other=0)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        for start_m in range(0, num_tokens, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < num_tokens
+            q_mask = row_ok[:, None] & d_ok[None, :]
+            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
+            do = tl.load(DOUT + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd,
+                         mask=q_mask, other=0.0)
+            query_masked = tl.load(MASKED + b * num_tokens + offs_m, mask=row_ok, other=0) != 0
+            row = bh.to(tl.int64) * num_tokens + offs_m
+            lse = tl.load(LSE + row, mask=row_ok, other=0.0)
+            dmass = tl.load(DMASS + row, mask=row_ok, other=0.0)
+            dent = tl.load(DENT + row, mask=row_ok, other=0.0)
+            const = tl.load(CONST + row, mask=row_ok, other=0.0)
+            allowed = _allowed_pairs(row_ok, col_ok, query_masked, key_masked, RECALIBRATE)
+            p, ds = _logit_grad_tile(q, k, v, do, key_masked, allowed, lse, dmass, dent, const, scale,
+                                     DOT_PRECISION)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+        grad_offs = b * sgb + h * sgh + offs_n[:, None] * sgn + offs_d[None, :] * sgd
+        tl.store(DK + grad_offs, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(DV + grad_offs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+    @triton.jit
+    def _row_stats_bwd_dq_kernel(
+            Q, K, V, DOUT, MASKED, LSE, DMASS, DENT, CONST, DQ,
+            sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
+            sgb, sgh, sgn, sgd,
+            num_heads, num_tokens, head_dim, scale,
+            RECALIBRATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        """One query block: dQ_i = scale sum_j dS_ij k_j, over all key blocks (no atomics)."""
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = (bh // num_heads).to(tl.int64)
+        h = (bh % num_heads).to(tl.int64)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        row_ok = offs_m < num_tokens
+        d_ok = offs_d < head_dim
+        q_mask = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
+        do = tl.load(DOUT + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd, mask=q_mask, other=0.0)
+        query_masked = tl.load(MASKED + b * num_tokens + offs_m, mask=row_ok, other=0) != 0
+        row = bh.to(tl.int64) * num_tokens + offs_m
+        lse = tl.load(LSE + row, mask=row_ok, other=0.0)
+        dmass = tl.load(DMASS + row, mask=row_ok, other=0.0)
+        dent = tl.load(DENT + row, mask=row_ok, other=0.0)
+        const = tl.load(CONST + row, mask=row_ok, other=0.0)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start_n in range(0, num_tokens, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            col_ok = offs_n < num_tokens
+            kv_mask = col_ok[:, None] & d_ok[None, :]
+            k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+            v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+            key_masked = tl.load(MASKED + b * num_tokens + offs_n, mask=col_ok, other=0)
+            allowed = _allowed_pairs(row_ok, col_ok, query_masked, key_masked, RECALIBRATE)
+            _, ds = _logit_grad_tile(q, k, v, do, key_masked, allowed, lse, dmass, dent, const, scale,
+                                     DOT_PRECISION)
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        tl.store(DQ + b * sgb + h * sgh + offs_m[:, None] * sgn + offs_d[None, :] * sgd,
+                 (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+
+def _interpreted() -> bool:
+    """True when triton runs its kernels on the CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    return triton is not None and type(_row_stats_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+def _launch_config(head_dim: int, block_m: Optional[int], block_n: Optional[int]) -> Dict[str, int]:
+    """Tile sizes: 64 x 64 by default (N = 197 or 257 gives 4 or 5 blocks). Not tuned on a GPU yet."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    return {"BLOCK_M": block_m or 64, "BLOCK_N": block_n or 64, "BLOCK_D": block_d,
+            "num_warps": 4 if block_d <= 64 else 8, "num_stages": 2}
+
+
+def _row_stats_forward(q, k, v, masked_i8, recalibrate, scale, config):
+    batch, heads, tokens, head_dim = q.shape
+    out = torch.empty(q.shape, dtype=v.dtype, device=q.device)
+    lse, mass, entropy = (torch.empty((batch, heads, tokens), dtype=torch.float32, device=q.device)
+                          for _ in range(3))
+    grid = (triton.cdiv(tokens, config["BLOCK_M"]), batch * heads)
+    _row_stats_fwd_kernel[grid](
+        q, k, v, masked_i8, out, lse, mass, entropy,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        heads, tokens, head_dim, scale,
+        RECALIBRATE=recalibrate, DOT_PRECISION=_dot_precision(q.dtype), **config)
+    return out, lse, mass, entropy
+
+
+def _row_stats_backward(q, k, v, masked_i8, out, lse, mass, entropy, dout, dmass, dentropy,
+                        recalibrate, scale, config):
+    batch, heads, tokens, head_dim = q.shape
+    dmass = dmass.float().contiguous()
+    dentropy = dentropy.float().contiguous()
+    const = torch.empty_like(lse)
+    _row_constant_kernel[(triton.cdiv(tokens, config["BLOCK_M"]), batch * heads)](
+        out, dout, mass, dmass, entropy, dentropy, const, *out.stride(), *dout.stride(),
+        heads, tokens, head_dim, BLOCK_M=config["BLOCK_M"], BLOCK_D=config["BLOCK_D"])
+    dq, dk, dv = (torch.empty(q.shape, dtype=t.dtype, device=q.device) for t in (q, k, v))
+    common = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
+              heads, tokens, head_dim, scale)
+    flags = dict(RECALIBRATE=recalibrate, DOT_PRECISION=_dot_precision(q.dtype), **config)
+    _row_stats_bwd_dkdv_kernel[(triton.cdiv(tokens, config["BLOCK_N"]), batch * heads)](
+        q, k, v, dout, masked_i8, lse, dmass, dentropy, const, dk, dv, *common, **flags)
+    _row_stats_bwd_dq_kernel[(triton.cdiv(tokens, config["BLOCK_M"]), batch * heads)](
+        q, k, v, dout, masked_i8, lse, dmass, dentropy, const, dq, *common, **flags)
+    return dq, dk, dv
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: exact products like the reference's fp32 matmul (tf32 would cost ~1e-3).
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+class _FusedRowStatsAttention(torch.autograd.Function):
+    """(q, k, v) -> (out, mass_on_masked, entropy H_i in nats); saves only O(B H N) extras."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, masked, recalibrate: bool, scale: float,
+                block_m: Optional[int] = None, block_n: Optional[int] = None):
+        config = _launch_config(q.shape[-1], block_m, block_n)
+        masked_i8 = masked.to(torch.int8).contiguous()
+        with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+            out, lse, mass, entropy = _row_stats_forward(q, k, v, masked_i8, recalibrate, scale, config)
+        ctx.save_for_backward(q, k, v, masked_i8, out, lse, mass, entropy)
+        ctx.recalibrate, ctx.scale, ctx.config = recalibrate, scale, config
+        return out, mass, entropy
+
+    @staticmethod
+    def backward(ctx, dout, dmass, dentropy):
+        q, k, v, masked_i8, out, lse, mass, entropy = ctx.saved_tensors
+        with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+            dq, dk, dv = _row_stats_backward(q, k, v, masked_i8, out, lse, mass, entropy, dout, dmass,
+                                             dentropy, ctx.recalibrate, ctx.scale, ctx.config)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def keys_per_row(masked: torch.Tensor, recalibrate: bool) -> torch.Tensor:
+    """n_i as float [B, 1, N]: N, or under recalibration the visible count for visible rows."""
+    num_tokens = masked.shape[-1]
+    if not recalibrate:
+        return torch.full((masked.shape[0], 1, num_tokens), float(num_tokens), device=masked.device)
+    num_visible = (~masked).sum(-1, keepdim=True, dtype=torch.float32)          # [B, 1]
+    return torch.where(masked, float(num_tokens), num_visible)[:, None]
+
+
+def fused_attention_with_row_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                   masked: torch.Tensor, recalibrate: bool, scale: float,
+                                   ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """`attention_with_row_stats` (no dropout) as Triton kernels; same inputs, same outputs.
+
+    q, k, v [B, H, N, d] of one dtype (fp16, bf16 or fp32, any strides), d <= MAX_HEAD_DIM;
+    masked bool [B, N]. Returns (out [B, H, N, d] in v's dtype, stats) with float32 [B, H, N]
+    `mass_on_masked` and `norm_entropy`, differentiable in q, k, v. Accumulation is fp32.
+    Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (tests).
+    """
+    _check_fused_inputs(q, k, v, masked)
+    out, mass, entropy = _FusedRowStatsAttention.apply(q, k, v, masked, bool(recalibrate), float(scale))
+    n_keys = keys_per_row(masked, recalibrate)
+    return out, {"mass_on_masked": mass, "norm_entropy": entropy / n_keys.clamp(min=2.0).log()}
+
+
+def _check_fused_inputs(q, k, v, masked) -> None:
+    if triton is None:
+        raise RuntimeError("fused_attention_with_row_stats needs triton; use attention_with_row_stats_auto")
+    if not (q.is_cuda or _interpreted()):
+        raise RuntimeError(f"fused attention runs on CUDA tensors (or under TRITON_INTERPRET=1), got {q.device}")
+    if not (q.dim() == 4 and q.shape == k.shape == v.shape):
+        raise ValueError(f"expected q, k, v of one shape [B, H, N, d], got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype and q.dtype in SUPPORTED_DTYPES):
+        raise ValueError(f"expected q, k, v of one dtype in {SUPPORTED_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"expected head_dim <= {MAX_HEAD_DIM}, got {q.shape[-1]}")
+    if masked.dtype != torch.bool or tuple(masked.shape) != (q.shape[0], q.shape[2]):
+        raise ValueError(f"expected masked bool [B, N] = {(q.shape[0], q.shape[2])}, "
+                         f"got {masked.dtype} {tuple(masked.shape)}")
+
+
+def fused_path_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> bool:
+    """Whether `attention_with_row_stats_auto` takes the fused kernel for these inputs."""
+    return (triton is not None and q.is_cuda and dropout_p == 0.0
+            and q.dtype == k.dtype == v.dtype and q.dtype in SUPPORTED_DTYPES
+            and q.dim() == 4 and q.shape == k.shape == v.shape and q.shape[-1] <= MAX_HEAD_DIM)
+
+
+def attention_with_row_stats_auto(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                  masked: torch.Tensor, recalibrate: bool, scale: float,
+                                  dropout_p: float = 0.0):
+    """The fused kernel on CUDA when it applies, otherwise the reference; same contract as both."""
+    if fused_path_applies(q, k, v, dropout_p):
+        return fused_attention_with_row_stats(q, k, v, masked, recalibrate, scale)
+    return attention_with_row_stats(q, k, v, masked, recalibrate, scale, dropout_p)
+
+
+__all__ = ["MAX_HEAD_DIM", "SUPPORTED_DTYPES", "attention_with_row_stats_auto",
+           "fused_attention_with_row_stats", "fused_path_applies", "keys_per_row"]
