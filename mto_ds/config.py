@@ -123,6 +123,18 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def resolve_path(path: str) -> Path:
+    """A path as given if it exists (or is absolute), else relative to the repository, where
+    ds_configs/ and configs/ ship: runs may start from any working directory."""
+    p = Path(path)
+    if p.exists() or p.is_absolute():
+        return p
+    return REPO_ROOT / p
+
+
 def _all_keys(node: Any, prefix: str = "") -> List[str]:
     keys = []
     for name in node.__dataclass_fields__:
@@ -232,7 +244,8 @@ def validate(cfg: Config) -> None:
         _check(t.clip_grad > 0, "train.clip_grad", "a positive number or null", t.clip_grad)
     _check(t.max_nonfinite_steps > 0, "train.max_nonfinite_steps", "a positive integer", t.max_nonfinite_steps)
 
-    _check(Path(cfg.deepspeed.config).suffix == ".json", "deepspeed.config", "a DeepSpeed .json file",
+    _check(Path(cfg.deepspeed.config).suffix == ".json" and resolve_path(cfg.deepspeed.config).is_file(),
+           "deepspeed.config", "an existing DeepSpeed .json file (e.g. ds_configs/cpu_zero2.json)",
            cfg.deepspeed.config)
     _check(c.every_steps >= 0, "checkpoint.every_steps", "an integer >= 0", c.every_steps)
     _check(c.keep_last >= 1, "checkpoint.keep_last", "an integer >= 1", c.keep_last)

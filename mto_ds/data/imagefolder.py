@@ -117,7 +117,7 @@ def read_rgb(path, max_side: Optional[int] = None) -> Tuple[np.ndarray, List[str
         try:
             pixels, fmt, mode = _decode(path, max_side, allow_truncated=False)
         except OSError as err:
-            if "truncated" not in str(err):
+            if "truncated" not in str(err).lower():
                 raise
             # Decodable up to where the file ends; the decoder fills the rest (grey for JPEG).
             pixels, fmt, mode = _decode(path, max_side, allow_truncated=True)

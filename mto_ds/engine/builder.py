@@ -4,15 +4,11 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Dict, List
 
 from torch import nn
 
-from ..config import Config, ConfigError
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
+from ..config import Config, ConfigError, resolve_path
 
 @dataclass(frozen=True)
 class BatchPlan:
@@ -59,14 +55,6 @@ def schedule_steps(cfg: Config, steps_per_epoch: int):
     if warmup is None:
         warmup = int(round(cfg.train.warmup_epochs * steps_per_epoch))
     return total, min(warmup, max(total - 1, 0))
-
-
-def resolve_path(path: str) -> Path:
-    """A config-relative path as given, else relative to the repository (ds_configs/ ships there)."""
-    p = Path(path)
-    if p.is_file() or p.is_absolute():
-        return p
-    return REPO_ROOT / p
 
 
 def deepspeed_config(cfg: Config, batch: BatchPlan, total_steps: int, warmup_steps: int) -> dict:

@@ -72,10 +72,9 @@ def evaluate(encoder: nn.Module, cfg, device: torch.device) -> Dict[str, float]:
 
 
 def build_encoder(cfg) -> nn.Module:
-    """The pre-training model's encoder (a timm ViT) for `cfg.model`, randomly initialised."""
-    from mto_ds.models import create_mim_model  # lazy: eval needs models only to load checkpoints
-    m = cfg.model
-    return create_mim_model(m.arch, m.method, img_size=m.img_size).encoder
+    """The pre-training encoder (a timm ViT without head) for `cfg.model`, randomly initialised."""
+    from mto_ds.models import create_encoder  # lazy: eval needs models only to load checkpoints
+    return create_encoder(cfg.model.arch, img_size=cfg.model.img_size)
 
 
 def _strip_prefix(state: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
@@ -85,29 +84,24 @@ def _strip_prefix(state: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torc
 
 
 def load_encoder_state(checkpoint: str) -> Dict[str, torch.Tensor]:
-    """Encoder weights with timm key names from a state-dict file or a run/checkpoint directory."""
+    """Encoder weights with timm key names from a state-dict file or a run/checkpoint directory.
+
+    A file may hold `encoder.state_dict()`, an exported encoder (tools/export_encoder.py), a
+    timm classifier's weights (the head is dropped) or any of them under 'model'/'state_dict'.
+    """
     path = Path(checkpoint)
     if path.is_dir():
-        # TODO(engine): DeepSpeed checkpoints (a run dir, its checkpoints/ or one checkpoint
-        # directory, ZeRO shards or universal) load through the exporter, which gathers the
-        # partitions and renames the encoder's keys to timm's:
-        #     from mto_ds.engine.export import load_encoder_state
-        #     return load_encoder_state(path)
-        try:
-            from mto_ds.engine.export import load_encoder_state as load_from_engine
-        except ImportError:
-            raise NotImplementedError(f"{path} is a directory; loading DeepSpeed checkpoints needs "
-                                      "mto_ds.engine.export, not built yet. Pass a .pt of "
-                                      "encoder.state_dict() instead") from None
-        return load_from_engine(str(path))
+        # DeepSpeed checkpoints (ZeRO partitions merged into fp32) through the engine's exporter.
+        from mto_ds.engine.export import load_encoder_state as from_deepspeed_checkpoint
+        return from_deepspeed_checkpoint(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("model", "state_dict"):  # common wrappers around a state dict
+    for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     state = _strip_prefix(_strip_prefix(state, "module."), "encoder.")
-    return {k: v for k, v in state.items() if not k.startswith("head.")}  # a timm classifier's head
+    return {k: v for k, v in state.items() if not k.startswith("head.")}
 
 
 def load_encoder_weights(encoder: nn.Module, checkpoint: str) -> None:

@@ -1,0 +1,43 @@
+# Set-up and the two commands of README.md: `make demo` and `make test`.
+# Both install what is missing (apt packages, the virtual environment) and skip what is there.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# FFCV builds from source against libjpeg-turbo and OpenCV (pkg-config finds them);
+# Slurm and munge run the SLURM tests against a real slurmctld/slurmd on loopback.
+APT_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev slurm-wlm munge
+DEMO_DIR ?= runs/demo
+NPROC ?= 2
+
+.PHONY: venv system-deps demo test clean-demo
+
+system-deps:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system packages: $$missing"; \
+	  if [ "$$(id -u)" != 0 ]; then SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(STAMP): requirements.txt pyproject.toml
+	$(MAKE) system-deps
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip wheel setuptools
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# The embedded default: a tiny ViT, SimMIM + MTO, ZeRO-2 across $(NPROC) CPU processes on gloo.
+demo: venv system-deps
+	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) \
+	  -m mto_ds pretrain --config configs/demo.yaml run.output_dir=$(DEMO_DIR) checkpoint.resume=none
+
+test: venv system-deps
+	DS_ACCELERATOR=cpu $(PY) -m pytest -q tests
+
+clean-demo:
+	rm -rf $(DEMO_DIR)

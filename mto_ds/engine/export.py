@@ -1,0 +1,50 @@
+"""Encoder export: a run's newest complete checkpoint -> a state dict with timm's key names.
+
+`timm.create_model(<timm name>, num_classes=0, img_size=<run's>, checkpoint_path=OUT)` loads it
+with no missing or unexpected keys (timm names per arch: mto_ds.models.TIMM_NAMES).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+
+from ..models import TIMM_NAMES
+from .checkpoint import Checkpointer
+
+
+def _newest_complete(path: Path) -> Path:
+    for root in (path / "checkpoints", path):
+        if root.is_dir():
+            found = Checkpointer(root, 1, 0, 1).complete_tags()
+            if found:
+                return found[0]
+    raise FileNotFoundError(f"no complete checkpoint under {path}")
+
+
+def load_encoder_state(path) -> dict:
+    """fp32 encoder weights with timm key names from a run dir, checkpoint dir or exported .pt."""
+    path = Path(path)
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    tag_dir = _newest_complete(path)
+    # Merges ZeRO-1/2/3 partitions into the fp32 master weights (not the bf16 working copy).
+    full = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    return {k[len("encoder."):]: v.float().contiguous() for k, v in full.items() if k.startswith("encoder.")}
+
+
+def export_encoder(run_dir, out) -> str:
+    run_dir = Path(run_dir)
+    state = load_encoder_state(run_dir)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, out)
+    config = run_dir / "config.yaml"
+    if config.is_file():
+        model = yaml.safe_load(config.read_text())["model"]
+        return (f"wrote {out} ({len(state)} tensors); load with timm.create_model('{TIMM_NAMES[model['arch']]}', "
+                f"num_classes=0, img_size={model['img_size']}, checkpoint_path='{out}')")
+    return f"wrote {out} ({len(state)} tensors)"

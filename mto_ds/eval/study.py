@@ -1,0 +1,370 @@
+"""The epoch-efficiency study: baseline and MTO run directories -> curves, numbers, report.
+
+A run is known by what it wrote, not by its directory name: RUN/config.yaml says its method
+(mto.enabled), seed and budget; RUN/metrics.jsonl holds its evaluation rows (`epoch` plus
+`knn_top1`, `linear_top1`, ... ) and its training rows (`step`, `epoch`, `heterogeneity`);
+RUN/final_eval.json, when present, one more evaluation row (written by `final_evaluation`).
+
+Two kinds of curve (docs/STUDY.md):
+- periodic: one run per method and seed, evaluated every E epochs during pre-training;
+- budget: several runs per method and seed with different train.epochs (the SLURM sweep),
+  each contributing its final accuracy at its budget, as the paper's curves are made.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from .rauc import compare_curves
+
+METHODS = ("baseline", "mto")
+METRICS = ("knn_top1", "linear_top1", "finetune_top1")
+FINAL_EVAL = "final_eval.json"
+# What the study itself sets for each run; extra overrides may not touch these.
+CONTROLLED_KEYS = ("mto.enabled", "run.output_dir", "run.seed", "train.epochs", "eval.every_epochs")
+# Keys that may differ between a baseline and its MTO partner without making them incomparable.
+INCIDENTAL = ("run.output_dir", "run.progress_bar", "run.log_every", "data.num_workers", "checkpoint.",
+              "eval.every_epochs", "mto.")
+
+Curve = Tuple[List[float], List[float]]
+
+
+@dataclass
+class Run:
+    path: Path
+    method: str                              # baseline | mto
+    seed: int
+    budget: float                            # epochs trained (last training row), else train.epochs
+    config: Dict[str, object]                # flattened: {"train.epochs": 100, ...}
+    evals: List[dict] = field(default_factory=list)    # by epoch, one row per epoch
+    het_epochs: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    heterogeneity: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # [rows, blocks]
+    finished: Optional[bool] = None
+
+    def curve(self, metric: str) -> Curve:
+        points = [(row["epoch"], row[metric]) for row in self.evals if row.get(metric) is not None]
+        return [float(e) for e, _ in points], [float(v) for _, v in points]
+
+
+# --- reading run directories ---------------------------------------------------------------
+def _flatten(node, prefix: str = "") -> Dict[str, object]:
+    out: Dict[str, object] = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _read_rows(path: Path) -> List[dict]:
+    rows = []
+    if path.is_file():
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:  # a line cut by a kill mid-write: the rest is still good
+                    warnings.warn(f"{path}:{number}: not JSON, skipped")
+    return rows
+
+
+def _eval_row(row: dict) -> Optional[dict]:
+    """{'epoch', metric: value, ...} of a row carrying evaluation results ('eval/' prefixes accepted)."""
+    found = {m: row.get(m, row.get(f"eval/{m}")) for m in METRICS}
+    found = {m: float(v) for m, v in found.items() if v is not None}
+    if not found or row.get("epoch") is None:
+        return None
+    return {"epoch": float(row["epoch"]), **found}
+
+
+def load_run(path: Path) -> Run:
+    path = Path(path)
+    config = _flatten(OmegaConf.to_container(OmegaConf.load(path / "config.yaml"), resolve=True))
+    rows = _read_rows(path / "metrics.jsonl")
+    if (path / FINAL_EVAL).is_file():
+        rows.append(json.loads((path / FINAL_EVAL).read_text()))
+
+    evals: Dict[float, dict] = {}
+    for row in rows:  # a resumed run may log an epoch twice: the later row wins
+        parsed = _eval_row(row)
+        if parsed:
+            evals.setdefault(parsed["epoch"], {}).update(parsed)
+    train = {}
+    for row in rows:
+        if isinstance(row.get("heterogeneity"), list) and "step" in row:
+            train[row["step"]] = row
+    steps = sorted(train)
+    width = max((len(train[s]["heterogeneity"]) for s in steps), default=0)
+    het = np.full((len(steps), width), np.nan)
+    for i, s in enumerate(steps):
+        values = [np.nan if v is None else v for v in train[s]["heterogeneity"]]
+        het[i, :len(values)] = values
+    het_epochs = np.array([float(train[s].get("epoch", s)) for s in steps])
+
+    budget = float(het_epochs[-1]) if len(steps) else float(config.get("train.epochs", 0))
+    state = path / "state.json"
+    finished = json.loads(state.read_text()).get("finished") if state.is_file() else None
+    return Run(path=path, method="mto" if config.get("mto.enabled") else "baseline",
+               seed=int(config.get("run.seed", 0)), budget=budget, config=config,
+               evals=[evals[e] for e in sorted(evals)], het_epochs=het_epochs, heterogeneity=het,
+               finished=finished)
+
+
+def find_run_dirs(paths: Iterable[Path]) -> List[Path]:
+    """Each path that is a run directory (has config.yaml), or the run directories below it."""
+    found = []
+    for path in map(Path, paths):
+        if (path / "config.yaml").is_file():
+            found.append(path)
+        elif path.is_dir():
+            found.extend(sorted(p.parent for p in path.rglob("config.yaml") if "checkpoints" not in p.parts))
+        else:
+            raise FileNotFoundError(f"{path} is neither a run directory nor a directory of runs")
+    if not found:
+        raise FileNotFoundError(f"no run directories (with config.yaml) under {', '.join(map(str, paths))}")
+    return found
+
+
+# --- assembling the study ------------------------------------------------------------------
+@dataclass
+class Study:
+    metric: str
+    mode: str                                   # periodic | budget
+    curves: Dict[int, Dict[str, Curve]]         # seed -> method -> curve
+    numbers: Dict[str, Dict[str, Optional[float]]]   # "seed S" and "mean" -> compare_curves(...)
+    mean_curves: Dict[str, Curve]
+    runs: List[Run]
+    warnings: List[str]
+
+
+def config_differences(a: Dict[str, object], b: Dict[str, object], ignore: Sequence[str] = ()) -> List[str]:
+    """'key: a vs b' for each key whose values differ, except keys starting with an `ignore` entry."""
+    keys = sorted(set(a) | set(b))
+    return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys
+            if a.get(k) != b.get(k) and not any(k.startswith(i) for i in ignore)]
+
+
+def _mean_curve(curves: List[Curve]) -> Optional[Curve]:
+    """Mean over seeds at the epochs every seed evaluated."""
+    common = sorted(set.intersection(*(set(c[0]) for c in curves)))
+    if not common:
+        return None
+    lookups = [dict(zip(*c)) for c in curves]
+    return common, [float(np.mean([lk[e] for lk in lookups])) for e in common]
+
+
+def assemble(runs: List[Run], metric: str = "knn_top1", mode: str = "auto") -> Study:
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    notes: List[str] = []
+    groups: Dict[Tuple[str, int], List[Run]] = {}
+    for run in runs:
+        groups.setdefault((run.method, run.seed), []).append(run)
+    if mode == "auto":
+        mode = "budget" if any(len(g) > 1 for g in groups.values()) else "periodic"
+    if mode not in ("periodic", "budget"):
+        raise ValueError(f"mode must be auto, periodic or budget, got {mode!r}")
+
+    curves: Dict[int, Dict[str, Curve]] = {}
+    partners: Dict[Tuple[int, float], Dict[str, Run]] = {}
+    for (method, seed), group in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        if mode == "periodic":
+            if len(group) > 1:
+                raise ValueError(f"{len(group)} {method} runs with seed {seed} ({', '.join(str(r.path) for r in group)}); "
+                                 "a periodic study has one per method and seed (use mode budget for a budget sweep)")
+            curve = group[0].curve(metric)
+        else:
+            budgets = [r.budget for r in group]
+            if len(set(budgets)) < len(budgets):
+                raise ValueError(f"two {method} runs with seed {seed} share a budget: "
+                                 f"{', '.join(f'{r.path} ({r.budget:g})' for r in group)}")
+            points = []
+            for run in sorted(group, key=lambda r: r.budget):
+                epochs, values = run.curve(metric)
+                if not values:
+                    notes.append(f"{run.path}: no {metric} evaluation; left out of the curve")
+                    continue
+                if not math.isclose(epochs[-1], run.budget):
+                    notes.append(f"{run.path}: last {metric} evaluation at epoch {epochs[-1]:g}, "
+                                 f"not at its budget {run.budget:g}")
+                points.append((run.budget, values[-1]))
+            curve = ([p[0] for p in points], [p[1] for p in points])
+        for run in group:
+            if run.finished is False:
+                notes.append(f"{run.path}: unfinished (state.json)")
+            partners.setdefault((seed, run.budget if mode == "budget" else 0.0), {})[method] = run
+        if curve[0]:
+            curves.setdefault(seed, {})[method] = curve
+        else:
+            notes.append(f"{method} seed {seed}: no {metric} evaluation rows")
+
+    for (seed, _), pair in sorted(partners.items()):
+        if len(pair) == 2:
+            diffs = config_differences(pair["baseline"].config, pair["mto"].config, INCIDENTAL)
+            if diffs:
+                notes.append(f"seed {seed}: baseline and MTO differ beyond MTO: " + "; ".join(diffs))
+
+    numbers: Dict[str, Dict[str, Optional[float]]] = {}
+    for seed, by_method in sorted(curves.items()):
+        if set(by_method) == set(METHODS):
+            numbers[f"seed {seed}"] = compare_curves(*by_method["baseline"], *by_method["mto"])
+        else:
+            notes.append(f"seed {seed}: only {', '.join(by_method)}; not compared")
+    mean_curves: Dict[str, Curve] = {}
+    paired = [s for s, by_method in curves.items() if set(by_method) == set(METHODS)]
+    for method in METHODS:
+        mean = _mean_curve([curves[s][method] for s in paired]) if paired else None
+        if mean:
+            mean_curves[method] = mean
+    if len(mean_curves) == 2:
+        numbers["mean"] = compare_curves(*mean_curves["baseline"], *mean_curves["mto"])
+    return Study(metric=metric, mode=mode, curves=curves, numbers=numbers, mean_curves=mean_curves,
+                 runs=runs, warnings=notes)
+
+
+# --- the report ----------------------------------------------------------------------------
+def _fmt(value, spec: str = ".2f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def summary_markdown(study: Study, curves_png: str, heat_png: str) -> str:
+    metric = study.metric
+    lines = [f"# Epoch-efficiency study: baseline vs MTO ({metric})", "",
+             f"Curve kind: **{study.mode}** "
+             + ("(accuracy evaluated every few epochs within each run)." if study.mode == "periodic"
+                else "(final accuracy of runs with different epoch budgets)."),
+             "Definitions (RAUC, epochs-to-baseline, epoch saving): docs/STUDY.md.", "",
+             "| | RAUC | baseline final | at epoch | MTO final | MTO epochs to baseline final | "
+             "baseline epochs to its final | epoch saving |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, n in study.numbers.items():
+        lines.append(f"| {name} | {_fmt(n['rauc'], '.4f')} | {_fmt(n['baseline_final_top1'])} | "
+                     f"{_fmt(n['baseline_final_epoch'], 'g')} | {_fmt(n['mto_final_top1'])} | "
+                     f"{_fmt(n['mto_epochs_to_baseline'], '.2f')} | {_fmt(n['baseline_epochs_to_final'], '.2f')} | "
+                     f"{_fmt(None if n['epoch_saving'] is None else 100 * n['epoch_saving'], '.1f')}"
+                     f"{'' if n['epoch_saving'] is None else ' %'} |")
+    lines += ["", f"![{metric} vs epoch]({curves_png})", "", f"![per-block heterogeneity]({heat_png})", "",
+              f"## Curves ({metric}, %)", "", "| seed | method | epoch: accuracy |", "|---|---|---|"]
+    for seed, by_method in sorted(study.curves.items()):
+        for method, (epochs, values) in sorted(by_method.items()):
+            points = ", ".join(f"{e:g}: {v:.2f}" for e, v in zip(epochs, values))
+            lines.append(f"| {seed} | {method} | {points} |")
+    lines += ["", "## Runs", "", "| run | method | seed | epochs trained | finished |", "|---|---|---|---|---|"]
+    for run in sorted(study.runs, key=lambda r: (r.seed, r.method, r.budget)):
+        lines.append(f"| {run.path} | {run.method} | {run.seed} | {run.budget:g} | "
+                     f"{'unknown' if run.finished is None else run.finished} |")
+    if study.warnings:
+        lines += ["", "## Warnings", ""] + [f"- {w}" for w in study.warnings]
+    return "\n".join(lines) + "\n"
+
+
+def heat_map_runs(study: Study) -> List[Run]:
+    """One run per method for the heat-map: the lowest seed's longest run with telemetry."""
+    chosen = []
+    for method in METHODS:
+        candidates = [r for r in study.runs if r.method == method and r.heterogeneity.size]
+        if candidates:
+            chosen.append(min(candidates, key=lambda r: (r.seed, -r.budget)))
+    return chosen
+
+
+def write_report(study: Study, out_dir: Path) -> Dict[str, Path]:
+    """curves.png, heterogeneity.png, summary.md and summary.json in `out_dir`."""
+    from .plots import plot_curves, plot_heterogeneity  # matplotlib only when a report is written
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {name: out_dir / name for name in ("curves.png", "heterogeneity.png", "summary.md", "summary.json")}
+    plot_curves(paths["curves.png"], study)
+    plot_heterogeneity(paths["heterogeneity.png"], heat_map_runs(study))
+    paths["summary.md"].write_text(summary_markdown(study, "curves.png", "heterogeneity.png"))
+    paths["summary.json"].write_text(json.dumps({
+        "metric": study.metric, "mode": study.mode, "numbers": study.numbers,
+        "curves": {str(s): {m: {"epochs": c[0], "values": c[1]} for m, c in by.items()}
+                   for s, by in study.curves.items()},
+        "runs": [{"path": str(r.path), "method": r.method, "seed": r.seed, "budget": r.budget}
+                 for r in study.runs],
+        "warnings": study.warnings}, indent=1))
+    return paths
+
+
+# --- launching the runs and evaluating them afterwards -----------------------------------
+@dataclass(frozen=True)
+class PlannedRun:
+    name: str
+    run_dir: Path
+    argv: List[str]
+
+
+def default_eval_every(epochs: int) -> int:
+    """About ten evaluations per run, at a divisor of the budget so the last epoch is one of them."""
+    target = max(1, epochs // 10)
+    return max(d for d in range(1, target + 1) if epochs % d == 0)
+
+
+def plan_runs(config: str, out_dir: Path, *, epochs: Sequence[int], seeds: Sequence[int],
+              eval_every: Optional[int] = None, overrides: Sequence[str] = (),
+              launcher: Optional[str] = None) -> List[PlannedRun]:
+    """The pre-training commands of a study, baseline and MTO neighbours per (seed, budget).
+
+    Run directories are named as slurm/sweep.sbatch names them: <method>-ep<epochs>-s<seed>.
+    `launcher` replaces the Python interpreter, e.g. "torchrun --nproc_per_node 2" or
+    "srun python"; with DeepSpeed's launcher the module flag is --module.
+    """
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        if key in CONTROLLED_KEYS:
+            raise ValueError(f"override '{item}' sets {key}, which the study controls "
+                             f"(use the study's own options for {', '.join(CONTROLLED_KEYS)})")
+    prefix = shlex.split(launcher) if launcher else [sys.executable]
+    module_flag = "--module" if Path(prefix[0]).name == "deepspeed" else "-m"
+    planned = []
+    for seed in seeds:
+        for budget in epochs:
+            every = eval_every or default_eval_every(budget)
+            if budget % every:
+                raise ValueError(f"eval every {every} epochs does not divide the budget {budget}: "
+                                 "its final epoch would not be evaluated")
+            for method in METHODS:
+                name = f"{method}-ep{budget}-s{seed}"
+                run_dir = Path(out_dir) / name
+                argv = [*prefix, module_flag, "mto_ds", "pretrain", "--config", str(config),
+                        f"mto.enabled={'true' if method == 'mto' else 'false'}", f"run.output_dir={run_dir}",
+                        f"run.seed={seed}", f"train.epochs={budget}", f"eval.every_epochs={every}", *overrides]
+                planned.append(PlannedRun(name, run_dir, argv))
+    return planned
+
+
+def final_evaluation(run_dir: Path, finetune_epochs: int = 0, device=None) -> dict:
+    """Evaluates a finished run's last checkpoint (fine-tune too if asked) into RUN/final_eval.json.
+
+    Kept when it already holds what is asked for, so a study can be collected again cheaply.
+    """
+    from mto_ds.config import load_config
+
+    from .run import run_eval
+
+    run_dir = Path(run_dir)
+    cached = run_dir / FINAL_EVAL
+    wanted = {"knn_top1", "linear_top1"} | ({"finetune_top1"} if finetune_epochs > 0 else set())
+    if cached.is_file():
+        row = json.loads(cached.read_text())
+        if wanted <= set(row) and (finetune_epochs == 0 or row.get("finetune_epochs") == finetune_epochs):
+            return row
+    run = load_run(run_dir)
+    if run.finished is False:
+        raise RuntimeError(f"{run_dir} has not finished; its last checkpoint is not its budget")
+    cfg = load_config(run_dir / "config.yaml")
+    result = run_eval(cfg, str(run_dir), finetune_epochs, device=device)
+    row = {"epoch": run.budget, **result, "finetune_epochs": finetune_epochs}
+    cached.write_text(json.dumps(row))
+    return row

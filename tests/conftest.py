@@ -1,0 +1,50 @@
+"""Shared helpers: run the CLI as users do (plain process or torchrun ranks on gloo)."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cpu_env(**extra) -> dict:
+    env = dict(os.environ)
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pretrain(run_dir: Path, *overrides: str, nproc: int = 1, config: str = "configs/demo.yaml",
+             check: bool = True, timeout: int = 600, env_extra=None) -> subprocess.CompletedProcess:
+    """`mto-ds pretrain` on the demo config with overrides; nproc > 1 runs under torchrun."""
+    args = ["-m", "mto_ds", "pretrain", "--config", config, f"run.output_dir={run_dir}",
+            "run.progress_bar=false", *overrides]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(free_port()), *args]
+    else:
+        cmd = [sys.executable, *args]
+    result = subprocess.run(cmd, cwd=REPO, env=cpu_env(**(env_extra or {})), capture_output=True,
+                            text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        pytest.fail(f"pretrain failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def read_metrics(run_dir: Path) -> list:
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r]

@@ -1,0 +1,48 @@
+"""The CLI's errors: bad input fails before any work, with the key named; export for timm."""
+import subprocess
+import sys
+
+import timm
+import torch
+
+from conftest import REPO, cpu_env, pretrain
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "mto_ds", *args], cwd=REPO, env=cpu_env(),
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_unknown_key_fails_before_any_work(tmp_path):
+    run = tmp_path / "run"
+    result = _cli("pretrain", "--config", "configs/demo.yaml", f"run.output_dir={run}", "train.batchsize=8")
+    assert result.returncode == 2
+    assert "unknown config key 'train.batchsize'" in result.stderr and "train.global_batch_size" in result.stderr
+    assert not run.exists()
+
+
+def test_missing_config_file_and_missing_deepspeed_json_are_named(tmp_path):
+    result = _cli("pretrain", "--config", str(tmp_path / "nope.yaml"))
+    assert result.returncode == 2 and "config file not found" in result.stderr
+    result = _cli("pretrain", "--config", "configs/demo.yaml", "deepspeed.config=ds_configs/zero9.json")
+    assert result.returncode == 2 and "deepspeed.config" in result.stderr
+
+
+def test_batch_not_divisible_by_ranks_is_a_config_error(tmp_path):
+    result = pretrain(tmp_path / "run", "train.global_batch_size=30", "train.micro_batch_size=7", check=False)
+    assert result.returncode == 2 and "train.micro_batch_size" in result.stderr
+
+
+def test_exported_encoder_loads_into_timm_without_missing_keys(tmp_path):
+    run = tmp_path / "run"
+    pretrain(run, "train.steps=2")
+    out = tmp_path / "encoder.pt"
+    result = subprocess.run([sys.executable, "tools/export_encoder.py", str(run), str(out)], cwd=REPO,
+                            env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    state = torch.load(out, weights_only=True)
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=64)
+    missing, unexpected = model.load_state_dict(state, strict=True), None
+    assert not missing.missing_keys and not missing.unexpected_keys
+    loaded = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=64, checkpoint_path=str(out))
+    torch.testing.assert_close(loaded.blocks[0].attn.qkv.weight, state["blocks.0.attn.qkv.weight"])

@@ -1,0 +1,213 @@
+"""MTO: statistics against hand-computed values, losses, recalibration and baseline equality."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mto_ds.models import create_mim_model, mask_fn_for
+from mto_ds.models.vit import run_blocks
+from mto_ds.mto.losses import mto_terms, warmup_scale
+from mto_ds.mto.plan import MTOSettings, block_flags
+from mto_ds.mto.state import MTOState
+from mto_ds.mto.stats import attention_with_row_stats, block_summary, num_early_blocks
+
+LN2, LN3 = math.log(2), math.log(3)
+# Logits of 3 tokens (CLS, visible, masked); q = these rows and k = identity, scale 1.
+LOGITS = torch.tensor([[0.0, LN2, 0.0], [0.0, 0.0, 0.0], [LN3, 0.0, 0.0]])
+MASKED = torch.tensor([[False, False, True]])
+
+
+def _stats(recalibrate):
+    q = LOGITS.view(1, 1, 3, 3)
+    k = torch.eye(3).view(1, 1, 3, 3)
+    v = torch.arange(9.0).view(1, 1, 3, 3)
+    return attention_with_row_stats(q, k, v, MASKED, recalibrate, scale=1.0)
+
+
+def _entropy(p):
+    return -sum(x * math.log(x) for x in p if x > 0)
+
+
+def test_row_statistics_match_hand_computed_values_without_recalibration():
+    _, stats = _stats(recalibrate=False)
+    assert stats["mass_on_masked"].flatten().tolist() == pytest.approx([0.25, 1 / 3, 0.2], abs=1e-6)
+    expected_e = [_entropy([.25, .5, .25]) / LN3, 1.0, _entropy([.6, .2, .2]) / LN3]
+    assert stats["norm_entropy"].flatten().tolist() == pytest.approx(expected_e, abs=1e-6)
+    summary = block_summary(stats, MASKED)
+    mean_q = (0.25 + 1 / 3 + 0.2) / 3
+    assert summary["heterogeneity"].item() == pytest.approx(1 - mean_q / (1 / 3), abs=1e-6)
+    assert summary["entropy_masked"].item() == pytest.approx(expected_e[2], abs=1e-6)
+    assert summary["entropy_visible"].item() == pytest.approx((expected_e[0] + 1.0) / 2, abs=1e-6)
+
+
+def test_row_statistics_match_hand_computed_values_with_recalibration():
+    out, stats = _stats(recalibrate=True)
+    # Visible rows renormalise over the two visible keys; the masked row keeps all three.
+    assert stats["mass_on_masked"].flatten().tolist() == pytest.approx([0.0, 0.0, 0.2], abs=1e-6)
+    expected_e = [_entropy([1 / 3, 2 / 3]) / LN2, 1.0, _entropy([.6, .2, .2]) / LN3]
+    assert stats["norm_entropy"].flatten().tolist() == pytest.approx(expected_e, abs=1e-6)
+    assert block_summary(stats, MASKED)["heterogeneity"].item() == pytest.approx(1 - (0.2 / 3) * 3, abs=1e-6)
+    v = torch.arange(9.0).view(3, 3)
+    assert out[0, 0, 0].tolist() == pytest.approx((v[0] / 3 + 2 * v[1] / 3).tolist(), abs=1e-5)
+
+
+def test_explicit_path_output_equals_sdpa_with_and_without_recalibration():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 9, 8) for _ in range(3))
+    masked = torch.rand(2, 9) < 0.5
+    masked[:, 0] = False
+    for recalibrate in (False, True):
+        out, _ = attention_with_row_stats(q, k, v, masked, recalibrate, scale=8 ** -0.5)
+        allowed = ~(~masked[:, :, None] & masked[:, None, :])
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed[:, None] if recalibrate else None)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_losses_match_hand_computed_values():
+    def s(h, em=0.0):
+        return {"heterogeneity": torch.tensor(h), "entropy_masked": torch.tensor(em)}
+    summaries = [s(0.3, 0.8), s(0.9, 0.4), s(0.5), s(0.7), s(0.6)]
+    terms = mto_terms(summaries, num_early=2, delta=0.0)
+    assert terms["loss_spa"].item() == pytest.approx(0.6)
+    assert terms["loss_e"].item() == pytest.approx((0.7 + 0.1) / 2)
+    assert terms["loss_r"].item() == pytest.approx((0.2 + 0.0) / 2)
+    assert mto_terms(summaries, 2, delta=0.15)["loss_r"].item() == pytest.approx((0.35 + 0.05) / 2)
+
+
+def test_early_blocks_default_to_a_third_rounded_up_and_warmup_is_linear():
+    assert num_early_blocks(12, None) == 4 and num_early_blocks(8, None) == 3 and num_early_blocks(12, 2) == 2
+    assert [warmup_scale(s, 4) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert warmup_scale(0, 0) == 1.0
+
+
+def test_block_flags_follow_settings():
+    k, flags = block_flags(MTOSettings(enabled=True, recalibrate="early", lambda_r=0.0), 6, with_stats=False)
+    assert k == 2
+    assert [f[0] for f in flags] == [True, True, False, False, False, False]
+    assert [f[1] for f in flags] == ["loss", "loss", "none", "none", "none", "none"]
+    _, off = block_flags(MTOSettings(enabled=False), 6, with_stats=True)
+    assert off == [(False, "telemetry")] * 6
+
+
+def _inputs(model, method, batch=2, img=64, seed=0):
+    fn = mask_fn_for(model, method, img, None, 32 if method == "simmim" else None)
+    mask = torch.from_numpy(np.stack([fn(np.random.default_rng([seed, i])) for i in range(batch)]))
+    return torch.randn(batch, 3, img, img, generator=torch.Generator().manual_seed(seed)), mask
+
+
+def _model(method, mto, seed=0):
+    torch.manual_seed(seed)
+    return create_mim_model("vit_tiny_patch16", method, img_size=64, mto=mto, decoder_embed_dim=64,
+                            decoder_depth=3, decoder_num_heads=4)
+
+
+@pytest.mark.parametrize("method", ["simmim", "mae"])
+@pytest.mark.parametrize("recalibrate,expect_unchanged", [("all", True), ("none", False)])
+def test_visible_tokens_ignore_mask_token_in_recalibrated_blocks(method, recalibrate, expect_unchanged):
+    model = _model(method, {"recalibrate": recalibrate}).eval()
+    images, mask = _inputs(model, method)
+
+    def visible_hidden():
+        if method == "simmim":
+            tokens = model.forward_encoder(images, mask)
+            return tokens[:, 1:][~mask], tokens[:, 0]
+        latent = model.forward_encoder(images, mask)
+        x = model.decoder_embed(latent)
+        full = model.mask_token.expand(mask.shape[0], mask.shape[1], -1).clone()
+        full[~mask] = x[:, 1:].reshape(-1, x.shape[-1])
+        x = torch.cat([x[:, :1], full], 1) + model.decoder_pos_embed
+        masked = torch.cat([mask.new_zeros(mask.shape[0], 1), mask], 1)
+        _, flags = model.block_flags(False)
+        x, _ = run_blocks(model.decoder_blocks, x, masked, flags, False)
+        return x[:, 1:][~mask], x[:, 0]
+
+    with torch.no_grad():
+        before = visible_hidden()
+        model.mask_token.add_(torch.randn_like(model.mask_token) * 3.0)
+        after = visible_hidden()
+    same = all(torch.allclose(a, b, atol=1e-5) for a, b in zip(before, after))
+    assert same == expect_unchanged
+
+
+def test_visible_tokens_ignore_mask_token_through_early_blocks_only():
+    model = _model("simmim", {"recalibrate": "early", "early_blocks": 3}).eval()
+    images, mask = _inputs(model, "simmim")
+    enc = model.encoder
+    masked = torch.cat([mask.new_zeros(mask.shape[0], 1), mask], 1)
+    _, flags = model.block_flags(False)
+
+    def hidden(depth):
+        x = enc.patch_embed(images)
+        w = mask.unsqueeze(-1).float()
+        x = enc._pos_embed(x * (1 - w) + model.mask_token * w)
+        x, _ = run_blocks(enc.blocks[:depth], x, masked, flags[:depth], False)
+        return x[:, 1:][~mask]
+
+    with torch.no_grad():
+        early_before, late_before = hidden(3), hidden(4)
+        # A random direction: a constant shift would vanish in the LayerNorm before attention.
+        model.mask_token.add_(torch.randn_like(model.mask_token) * 3.0)
+        early_after, late_after = hidden(3), hidden(4)
+    torch.testing.assert_close(early_before, early_after, atol=1e-5, rtol=0)
+    assert not torch.allclose(late_before, late_after, atol=1e-3)  # block 4 is not recalibrated
+
+
+@pytest.mark.parametrize("method", ["simmim", "mae"])
+def test_all_parts_off_equals_the_plain_baseline(method):
+    off = {"enabled": True, "recalibrate": "none", "lambda_spa": 0.0, "lambda_e": 0.0, "lambda_r": 0.0}
+    results = []
+    for mto in (None, off, {"enabled": False, "recalibrate": "all"}):
+        model = _model(method, mto)
+        images, mask = _inputs(model, method)
+        out = model(images, mask, with_stats=False)
+        out["loss"].backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results.append((out["loss"].detach(), grads))
+    for loss, grads in results[1:]:
+        assert torch.equal(loss, results[0][0]) and torch.equal(grads, results[0][1])
+
+
+def test_telemetry_leaves_training_numerics_unchanged():
+    outs = []
+    for with_stats in (False, True):
+        model = _model("simmim", None)
+        images, mask = _inputs(model, "simmim")
+        out = model(images, mask, with_stats=with_stats)
+        out["loss"].backward()
+        outs.append((out, torch.cat([p.grad.flatten() for p in model.parameters()])))
+    assert torch.equal(outs[0][0]["loss"], outs[1][0]["loss"]) and torch.equal(outs[0][1], outs[1][1])
+    assert torch.isnan(outs[0][0]["heterogeneity"]).all()          # not computed without stats
+    assert torch.isfinite(outs[1][0]["heterogeneity"]).all() and outs[1][0]["heterogeneity"].numel() == 12
+
+
+@pytest.mark.parametrize("method,blocks", [("simmim", 12), ("mae", 3)])
+def test_gradients_of_mto_losses_reach_the_mask_token(method, blocks):
+    model = _model(method, {"enabled": True})
+    images, mask = _inputs(model, method)
+    out = model(images, mask)
+    assert out["heterogeneity"].shape == (blocks,)
+    assert out["loss_mto"].item() > 0
+    assert out["loss"].item() == pytest.approx(out["loss_mim"].item() + out["loss_mto"].item(), rel=1e-6)
+    out["loss_mto"].backward()
+    assert model.mask_token.grad is not None and model.mask_token.grad.abs().sum() > 0
+
+
+def test_mto_scale_multiplies_the_weighted_mto_loss():
+    model = _model("simmim", {"enabled": True})
+    images, mask = _inputs(model, "simmim")
+    full = model(images, mask, mto_scale=1.0)["loss_mto"].item()
+    half = model(images, mask, mto_scale=0.5)["loss_mto"].item()
+    assert half == pytest.approx(full / 2, rel=1e-5)
+
+
+def test_mto_state_advances_and_round_trips():
+    state = MTOState(warmup_steps=4)
+    for _ in range(3):
+        state.advance()
+    state.advance([0.5, float("nan")])      # a NaN (not computed) leaves the running value alone
+    state.advance([0.5, 0.2])
+    again = MTOState(warmup_steps=4)
+    again.load_state_dict(state.state_dict())
+    assert again.step == 5 and again.loss_scale == 1.0 and again.ema_heterogeneity == [0.5, 0.2]
