@@ -61,3 +61,11 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     path.write_text(to_yaml(cfg))
     again = load_config(path)
     assert again == cfg
+
+
+@pytest.mark.parametrize("name", ["vit_b_simmim", "vit_l_simmim", "vit_h_simmim", "vit_b_mae", "vit_l_mae", "vit_h_mae"])
+def test_paper_recipe_configs_validate_and_switch_to_baseline_with_one_key(name):
+    cfg = load_config(REPO / "configs" / f"{name}.yaml")
+    assert cfg.mto.enabled
+    assert cfg.model.method in name and cfg.train.weight_decay == 0.05
+    assert not load_config(REPO / "configs" / f"{name}.yaml", ["mto.enabled=false"]).mto.enabled
