@@ -36,8 +36,10 @@ demo: venv system-deps
 	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) \
 	  -m mto_ds pretrain --config configs/demo.yaml run.output_dir=$(DEMO_DIR) checkpoint.resume=none
 
+# One thread per process: the suite runs many small ranks on 2 cores, where torch's default
+# of one thread per core makes them fight (7.7 s vs 0.27 s for 100 tiny AdamW steps).
 test: venv system-deps
-	DS_ACCELERATOR=cpu $(PY) -m pytest -q tests
+	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

@@ -64,9 +64,14 @@ def main(argv=None) -> int:
             print(f"mto-ds: {err}", file=sys.stderr)
             return 1
         return 0
+    import json
+
+    from .engine.distributed import init_distributed
     from .eval.run import run_eval
+    init_distributed()  # eval shards its feature extraction across ranks when launched on several
     result = run_eval(cfg, args.checkpoint, args.finetune_epochs)
-    print(result)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result))
     return 0
 
 

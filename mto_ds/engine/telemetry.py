@@ -49,7 +49,8 @@ class Telemetry:
             if key in ("step",) or value is None:
                 continue
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.writer.add_scalar(f"train/{key}" if "/" not in key else key, value, step)
+                section = "eval" if key.endswith("_top1") else "train"
+                self.writer.add_scalar(f"{section}/{key}" if "/" not in key else key, value, step)
             elif isinstance(value, list):
                 for block, v in enumerate(value):
                     if v is not None:

@@ -105,6 +105,9 @@ def extract_features(encoder: Union[nn.Module, FeatureFn], dataset: Dataset, dev
     rank, world_size = rank_and_world()
     positions = shard_positions(len(dataset), rank, world_size)
     fn = feature_fn(encoder, pooling)
+    # A DeepSpeed bf16/fp16 engine keeps the module's weights in that dtype: feed it the same.
+    params = next(encoder.parameters(), None) if isinstance(encoder, nn.Module) else None
+    dtype = params.dtype if params is not None and params.is_floating_point() else torch.float32
     was_training = getattr(encoder, "training", None)
     if was_training is not None:
         encoder.eval()
@@ -112,7 +115,7 @@ def extract_features(encoder: Union[nn.Module, FeatureFn], dataset: Dataset, dev
     try:
         for images, batch_labels in sharded_batches(dataset, positions, batch_size, num_workers):
             with autocast(device):
-                features.append(fn(normalize(images, device)).float())
+                features.append(fn(normalize(images, device, dtype)).float())
             labels.append(batch_labels.to(device))
     finally:
         if was_training:
@@ -122,4 +125,4 @@ def extract_features(encoder: Union[nn.Module, FeatureFn], dataset: Dataset, dev
 
 def top1_accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> float:
     """Percentage in [0, 100] of predictions equal to labels."""
-    return 100.0 * (predictions.to(labels.device) == labels).float().mean().item()
+    return 100.0 * int((predictions.to(labels.device) == labels).sum()) / labels.numel()

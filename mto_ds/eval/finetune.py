@@ -102,7 +102,9 @@ def _finetune(encoder, train_set, val_set, num_classes, device, *, epochs, pooli
     optimizer = torch.optim.AdamW(groups, lr=lr)
     trained = model
     if world_size > 1:
-        trained = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        device_ids = [device.index if device.index is not None else torch.cuda.current_device()] \
+            if device.type == "cuda" else None
+        trained = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
     generator = torch.Generator().manual_seed(seed)
     per_rank = -(-len(train_set) // world_size)

@@ -52,7 +52,11 @@ def plot_curves(path: Path, study) -> None:
     ax.set_xlabel("pre-training epochs" + (" (budget of each run)" if study.mode == "budget" else ""))
     ax.set_ylabel(f"{study.metric} (%)")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    if study.curves:
+        ax.legend(loc="lower right", fontsize=8)
+    else:
+        ax.text(0.5, 0.5, f"no {study.metric} evaluations in these runs", ha="center", va="center",
+                transform=ax.transAxes)
     _save(fig, path)
 
 

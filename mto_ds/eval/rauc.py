@@ -66,6 +66,7 @@ def compare_curves(baseline_epochs: Sequence[float], baseline_values: Sequence[f
     mx, my = _as_curve(mto_epochs, mto_values)
     target = float(by[-1])
     reach = epochs_to_reach(mx, my, target)
+    baseline_reach = epochs_to_reach(bx, by, target)  # its last epoch, or earlier if it plateaued
     try:
         ratio: Optional[float] = rauc(bx, by, mx, my)
     except ValueError:
@@ -76,7 +77,7 @@ def compare_curves(baseline_epochs: Sequence[float], baseline_values: Sequence[f
         "baseline_final_top1": target,
         "mto_final_epoch": float(mx[-1]),
         "mto_final_top1": float(my[-1]),
-        "baseline_epochs_to_final": epochs_to_reach(bx, by, target),
+        "baseline_epochs_to_final": baseline_reach,
         "mto_epochs_to_baseline": reach,
-        "epoch_saving": None if reach is None else 1.0 - reach / float(bx[-1]),
+        "epoch_saving": None if reach is None or not baseline_reach else 1.0 - reach / baseline_reach,
     }

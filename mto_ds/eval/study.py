@@ -218,6 +218,8 @@ def assemble(runs: List[Run], metric: str = "knn_top1", mode: str = "auto") -> S
     for seed, by_method in sorted(curves.items()):
         if set(by_method) == set(METHODS):
             numbers[f"seed {seed}"] = compare_curves(*by_method["baseline"], *by_method["mto"])
+            if numbers[f"seed {seed}"]["rauc"] is None:
+                notes.append(f"seed {seed}: no RAUC; it needs two evaluation epochs both curves cover")
         else:
             notes.append(f"seed {seed}: only {', '.join(by_method)}; not compared")
     mean_curves: Dict[str, Curve] = {}

@@ -1,0 +1,195 @@
+import importlib.util
+import json
+import shlex
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+from mto_ds.config import Config, to_yaml
+from mto_ds.eval import study as study_module
+from mto_ds.eval.plots import bin_rows
+from mto_ds.eval.study import assemble, final_evaluation, find_run_dirs, load_run, plan_runs
+
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "epoch_study.py"
+BASELINE_KNN = {1: 20.0, 2: 40.0, 3: 50.0, 4: 60.0}
+MTO_KNN = {1: 40.0, 2: 60.0, 3: 65.0, 4: 70.0}
+# Known answers: the baseline ends at 60 (epoch 4); MTO reaches 60 at epoch 2 (50% fewer epochs).
+# Areas over [1, 4]: baseline 30 + 45 + 55 = 130, MTO 50 + 62.5 + 67.5 = 180.
+KNOWN_RAUC = 180 / 130
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("epoch_study_tool", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_run(run_dir: Path, *, mto: bool, seed: int = 0, knn=None, epochs: int = 4, steps_per_epoch: int = 5,
+             blocks: int = 4, blr: float = 1e-3, extra_rows=()):
+    """A run directory as the trainer writes it: config.yaml, metrics.jsonl, state.json."""
+    cfg = Config()
+    cfg.run.output_dir, cfg.run.seed = str(run_dir), seed
+    cfg.mto.enabled, cfg.train.epochs, cfg.train.blr = mto, epochs, blr
+    cfg.deepspeed.config = "ds_configs/cpu_zero2.json"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    rows = []
+    for step in range(1, epochs * steps_per_epoch + 1):
+        progress = step / (epochs * steps_per_epoch)
+        het = [(0.9 if mto else 0.3) * progress * (blocks - b) / blocks for b in range(blocks)]
+        rows.append({"step": step, "epoch": step / steps_per_epoch, "loss": 1.0 - 0.5 * progress,
+                     "heterogeneity": het})
+        if step % steps_per_epoch == 0 and knn and step // steps_per_epoch in knn:
+            epoch = step // steps_per_epoch
+            rows.append({"step": step, "epoch": float(epoch), "knn_top1": knn[epoch],
+                         "linear_top1": knn[epoch] + 5})
+    rows.extend(extra_rows)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run_dir / "state.json").write_text(json.dumps({"finished": True, "step": epochs * steps_per_epoch}))
+    return run_dir
+
+
+def _readable_png(path: Path) -> np.ndarray:
+    assert path.is_file() and path.stat().st_size > 10_000
+    pixels = matplotlib.image.imread(path)
+    assert pixels.ndim == 3 and min(pixels.shape[:2]) > 200
+    assert pixels.std() > 0.05  # not a blank canvas
+    return pixels
+
+
+def test_collect_writes_both_plots_and_a_summary_with_the_known_numbers(tmp_path):
+    fake_run(tmp_path / "study" / "baseline-ep4-s0", mto=False, knn=BASELINE_KNN)
+    fake_run(tmp_path / "study" / "mto-ep4-s0", mto=True, knn=MTO_KNN)
+    out = tmp_path / "report"
+    assert _tool().main(["collect", str(tmp_path / "study"), "--out", str(out)]) == 0
+    _readable_png(out / "curves.png")
+    _readable_png(out / "heterogeneity.png")
+    summary = json.loads((out / "summary.json").read_text())
+    numbers = summary["numbers"]["seed 0"]
+    assert summary["mode"] == "periodic"
+    assert numbers["rauc"] == pytest.approx(KNOWN_RAUC)
+    assert numbers["mto_epochs_to_baseline"] == pytest.approx(2.0)
+    assert numbers["epoch_saving"] == pytest.approx(0.5)
+    assert summary["numbers"]["mean"] == numbers
+    text = (out / "summary.md").read_text()
+    assert f"{KNOWN_RAUC:.4f}" in text and "50.0 %" in text and "![" in text
+    assert "Warnings" not in text
+
+
+def test_runs_are_labelled_from_their_config_not_their_directory_name(tmp_path):
+    fake_run(tmp_path / "job_7", mto=True, knn=MTO_KNN)
+    fake_run(tmp_path / "job_8", mto=False, knn=BASELINE_KNN)
+    study = assemble([load_run(d) for d in find_run_dirs([tmp_path])])
+    assert study.curves[0]["mto"] == ([1.0, 2.0, 3.0, 4.0], [40.0, 60.0, 65.0, 70.0])
+    assert study.numbers["seed 0"]["rauc"] == pytest.approx(KNOWN_RAUC)
+
+
+def test_a_sweep_of_budgets_gives_a_budget_curve_of_final_accuracies(tmp_path):
+    # slurm/sweep.sbatch layout: one run per (method, budget); each contributes its final accuracy.
+    for budget in (2, 4):
+        fake_run(tmp_path / f"baseline-ep{budget}-s0", mto=False, epochs=budget,
+                 knn={budget: BASELINE_KNN[budget]})
+        fake_run(tmp_path / f"mto-ep{budget}-s0", mto=True, epochs=budget, knn={budget: MTO_KNN[budget]})
+    study = assemble([load_run(d) for d in find_run_dirs([tmp_path])])
+    assert study.mode == "budget"
+    assert study.curves[0]["baseline"] == ([2.0, 4.0], [40.0, 60.0])
+    assert study.numbers["seed 0"]["mto_epochs_to_baseline"] == pytest.approx(2.0)
+    assert study.numbers["seed 0"]["rauc"] == pytest.approx((60 + 70) / (40 + 60))
+
+
+def test_seeds_are_paired_and_averaged(tmp_path):
+    for seed, shift in ((0, 0.0), (1, 10.0)):
+        fake_run(tmp_path / f"b{seed}", mto=False, seed=seed, knn={e: v + shift for e, v in BASELINE_KNN.items()})
+        fake_run(tmp_path / f"m{seed}", mto=True, seed=seed, knn={e: v + shift for e, v in MTO_KNN.items()})
+    study = assemble([load_run(d) for d in find_run_dirs([tmp_path])])
+    assert set(study.numbers) == {"seed 0", "seed 1", "mean"}
+    assert study.mean_curves["baseline"][1] == [25.0, 45.0, 55.0, 65.0]
+    assert study.numbers["mean"]["baseline_final_top1"] == 65.0
+
+
+def test_a_pair_that_differs_beyond_mto_is_reported(tmp_path):
+    fake_run(tmp_path / "b", mto=False, knn=BASELINE_KNN, blr=1e-3)
+    fake_run(tmp_path / "m", mto=True, knn=MTO_KNN, blr=2e-3)
+    study = assemble([load_run(tmp_path / "b"), load_run(tmp_path / "m")])
+    assert any("train.blr" in w for w in study.warnings)
+
+
+def test_metric_choice_and_eval_prefixed_keys_and_repeated_epochs(tmp_path):
+    # A resumed run logs epoch 4 again (the later row wins); some writers prefix keys with 'eval/'.
+    extra = [{"step": 20, "epoch": 4.0, "eval/linear_top1": 99.0}]
+    fake_run(tmp_path / "b", mto=False, knn=BASELINE_KNN, extra_rows=extra)
+    run = load_run(tmp_path / "b")
+    assert run.curve("linear_top1") == ([1.0, 2.0, 3.0, 4.0], [25.0, 45.0, 55.0, 99.0])
+    assert run.curve("knn_top1")[1][-1] == 60.0
+
+
+def test_heterogeneity_matrix_has_a_row_per_logged_step_and_nan_for_missing_blocks(tmp_path):
+    extra = [{"step": 21, "epoch": 4.2, "loss": 0.4, "heterogeneity": [0.5, None, 0.1, 0.0]}]
+    run = load_run(fake_run(tmp_path / "m", mto=True, knn=MTO_KNN, extra_rows=extra))
+    assert run.heterogeneity.shape == (21, 4)
+    assert np.isnan(run.heterogeneity[-1, 1]) and run.heterogeneity[-1, 0] == 0.5
+    assert run.het_epochs[-1] == pytest.approx(4.2)
+
+
+def test_bin_rows_averages_consecutive_rows_ignoring_nan():
+    epochs = np.arange(6.0)
+    matrix = np.array([[1.0], [3.0], [np.nan], [5.0], [7.0], [9.0]])
+    binned_epochs, binned = bin_rows(epochs, matrix, 3)
+    assert binned_epochs.tolist() == [0.5, 2.5, 4.5]
+    assert binned[:, 0].tolist() == [2.0, 5.0, 8.0]
+
+
+def test_plan_runs_builds_baseline_and_mto_commands_with_the_same_seed_data_and_budget():
+    planned = plan_runs("configs/demo.yaml", Path("study"), epochs=[20], seeds=[0, 1], eval_every=5,
+                        overrides=["data.synthetic_images=512"], launcher="torchrun --nproc_per_node 2")
+    assert [p.name for p in planned] == ["baseline-ep20-s0", "mto-ep20-s0", "baseline-ep20-s1", "mto-ep20-s1"]
+    assert shlex.join(planned[1].argv) == (
+        "torchrun --nproc_per_node 2 -m mto_ds pretrain --config configs/demo.yaml mto.enabled=true "
+        "run.output_dir=study/mto-ep20-s0 run.seed=0 train.epochs=20 eval.every_epochs=5 "
+        "data.synthetic_images=512")
+    base, mto = (set(p.argv) for p in planned[:2])
+    assert base ^ mto == {"mto.enabled=false", "mto.enabled=true",
+                          "run.output_dir=study/baseline-ep20-s0", "run.output_dir=study/mto-ep20-s0"}
+
+
+def test_plan_runs_refuses_overrides_of_what_the_study_controls_and_uneven_eval_epochs():
+    with pytest.raises(ValueError, match="run.seed"):
+        plan_runs("c.yaml", Path("s"), epochs=[4], seeds=[0], overrides=["run.seed=3"])
+    with pytest.raises(ValueError, match="divide"):
+        plan_runs("c.yaml", Path("s"), epochs=[10], seeds=[0], eval_every=3)
+
+
+def test_plan_runs_defaults_to_about_ten_evaluations_ending_at_the_budget():
+    every = {n: plan_runs("c.yaml", Path("s"), epochs=[n], seeds=[0])[0].argv[-1] for n in (100, 25, 3)}
+    assert every == {100: "eval.every_epochs=10", 25: "eval.every_epochs=1", 3: "eval.every_epochs=1"}
+    deepspeed = plan_runs("c.yaml", Path("s"), epochs=[4], seeds=[0], launcher="deepspeed --num_gpus 8")
+    assert deepspeed[0].argv[:5] == ["deepspeed", "--num_gpus", "8", "--module", "mto_ds"]
+
+
+def test_run_mode_lists_numbered_commands_for_a_slurm_array(tmp_path, capsys):
+    assert _tool().main(["run", "--config", "configs/demo.yaml", "--out", str(tmp_path), "--epochs", "4",
+                         "--seeds", "0", "--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["0", "1"]
+    assert "mto.enabled=false" in lines[0] and "mto.enabled=true" in lines[1]
+
+
+def test_final_evaluation_writes_a_row_at_the_budget_and_reuses_it(tmp_path, monkeypatch):
+    run_dir = fake_run(tmp_path / "m", mto=True, knn=MTO_KNN)
+    calls = []
+
+    def fake_run_eval(cfg, checkpoint, finetune_epochs, device=None):
+        calls.append((checkpoint, finetune_epochs, cfg.mto.enabled))
+        return {"knn_top1": 71.0, "linear_top1": 75.0, "finetune_top1": 80.0}
+
+    monkeypatch.setattr("mto_ds.eval.run.run_eval", fake_run_eval)
+    row = final_evaluation(run_dir, finetune_epochs=3)
+    assert row["epoch"] == 4.0 and row["finetune_top1"] == 80.0
+    assert final_evaluation(run_dir, finetune_epochs=3) == row
+    assert calls == [(str(run_dir), 3, True)]
+    assert load_run(run_dir).curve("finetune_top1") == ([4.0], [80.0])
+    assert load_run(run_dir).curve("knn_top1")[1][-1] == 71.0
+    assert study_module.FINAL_EVAL == "final_eval.json"

@@ -1,0 +1,57 @@
+"""Evaluation on 2 gloo ranks gives what one process gives (features sharded, then all-gathered)."""
+import json
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from mto_ds.config import load_config
+from mto_ds.eval import evaluate, extract_features, finetune_top1
+from mto_ds.eval.datasets import build_eval_sets
+from mto_ds.models import create_encoder
+
+# Sizes that do not divide by 2 ranks: the padding must be cut off again.
+OVERRIDES = ["deepspeed.config=ds_configs/cpu_zero2.json", "model.arch=vit_tiny_patch16", "model.img_size=32",
+             "data.num_workers=0", "data.synthetic_images=64", "data.synthetic_classes=4", "eval.num_train=41",
+             "eval.num_val=23", "eval.knn_k=5"]
+
+
+def _encoder():
+    torch.manual_seed(0)
+    return create_encoder("vit_tiny_patch16", img_size=32)
+
+
+def _everything(cfg):
+    encoder = _encoder()
+    train, val = build_eval_sets(cfg)
+    features, labels = extract_features(encoder, val, torch.device("cpu"), batch_size=4)
+    return {"features": features.tolist(), "labels": labels.tolist(),
+            **evaluate(encoder, cfg, torch.device("cpu")),
+            "finetune_top1": finetune_top1(encoder, train, val, 4, torch.device("cpu"), epochs=1, batch_size=8)}
+
+
+def _rank_main(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        result = _everything(load_config(None, OVERRIDES))
+        with open(f"{out_dir}/rank{rank}.json", "w") as f:
+            json.dump(result, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_gather_features_in_order_and_agree_with_one_process(tmp_path):
+    # fork: the ranks start with everything imported (seconds instead of tens of seconds); forked
+    # before this process computes anything, so no thread pool is copied into them.
+    mp.start_processes(_rank_main, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")
+    single = _everything(load_config(None, OVERRIDES))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1]  # every rank returns the same results
+    assert ranks[0]["labels"] == single["labels"]
+    assert torch.allclose(torch.tensor(ranks[0]["features"]), torch.tensor(single["features"]), atol=1e-5)
+    assert ranks[0]["knn_top1"] == single["knn_top1"]
+    assert ranks[0]["linear_top1"] == pytest.approx(single["linear_top1"], abs=100 / 23 + 1e-6)
+    assert 0.0 <= ranks[0]["finetune_top1"] <= 100.0

@@ -1,0 +1,58 @@
+import torch
+
+from mto_ds.eval.knn import knn_predict, knn_top1
+
+
+def _one_hot_plus_noise(labels: torch.Tensor, num_classes: int, noise: float, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.nn.functional.one_hot(labels, num_classes).float() * 5.0
+    return features + noise * torch.randn(features.shape, generator=generator)
+
+
+def test_knn_is_perfect_on_class_one_hots_plus_small_noise():
+    train_labels = torch.arange(200) % 7
+    val_labels = torch.arange(70) % 7
+    train = _one_hot_plus_noise(train_labels, 7, 0.3, seed=0)
+    val = _one_hot_plus_noise(val_labels, 7, 0.3, seed=1)
+    assert knn_top1(train, train_labels, val, val_labels, 7, k=20, temperature=0.07) == 100.0
+
+
+def test_knn_weights_close_neighbours_over_a_distant_majority():
+    # Two class-0 samples almost on the query, three class-1 samples far from it: an unweighted
+    # vote of the 5 neighbours says 1; weights exp(sim / T) with small T say 0.
+    train = torch.tensor([[1.0, 0.05], [1.0, -0.05], [0.2, 1.0], [0.1, 1.0], [0.15, 1.0]])
+    labels = torch.tensor([0, 0, 1, 1, 1])
+    query = torch.tensor([[1.0, 0.0]])
+    assert knn_predict(train, labels, query, 2, k=5, temperature=0.07).tolist() == [0]
+    assert knn_predict(train, labels, query, 2, k=5, temperature=1000.0).tolist() == [1]
+
+
+def test_knn_uses_cosine_similarity_so_feature_scale_does_not_matter():
+    train_labels = torch.arange(60) % 3
+    train = _one_hot_plus_noise(train_labels, 3, 1.0, seed=2)
+    val = _one_hot_plus_noise(torch.arange(30) % 3, 3, 1.0, seed=3)
+    scales = torch.rand(30, 1, generator=torch.Generator().manual_seed(4)) * 100 + 0.01
+    assert torch.equal(knn_predict(train, train_labels, val, 3, k=10),
+                       knn_predict(train * 7.0, train_labels, val * scales, 3, k=10))
+
+
+def test_knn_chunking_does_not_change_predictions():
+    train_labels = torch.arange(300) % 5
+    train = _one_hot_plus_noise(train_labels, 5, 2.0, seed=5)
+    val = _one_hot_plus_noise(torch.arange(101) % 5, 5, 2.0, seed=6)
+    whole = knn_predict(train, train_labels, val, 5, k=20, chunk_size=1000)
+    assert torch.equal(whole, knn_predict(train, train_labels, val, 5, k=20, chunk_size=7))
+
+
+def test_knn_with_k_larger_than_the_training_set_uses_all_of_it():
+    train = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.1, 1.0]])
+    labels = torch.tensor([0, 1, 1])
+    assert knn_predict(train, labels, torch.tensor([[1.0, 0.02]]), 2, k=50).tolist() == [0]
+
+
+def test_knn_small_temperature_does_not_overflow():
+    train_labels = torch.arange(40) % 4
+    train = _one_hot_plus_noise(train_labels, 4, 0.5, seed=7)
+    val_labels = torch.arange(20) % 4
+    val = _one_hot_plus_noise(val_labels, 4, 0.5, seed=8)
+    assert knn_top1(train, train_labels, val, val_labels, 4, k=10, temperature=1e-4) == 100.0

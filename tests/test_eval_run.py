@@ -1,0 +1,67 @@
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from mto_ds.config import load_config
+from mto_ds.eval import evaluate, load_encoder_weights, run_eval
+from mto_ds.models import create_encoder
+
+
+COMMON = ["deepspeed.config=ds_configs/cpu_zero2.json", "model.arch=vit_tiny_patch16", "model.img_size=32",
+          "data.num_workers=0"]
+
+
+def _solid_colour_folder(root):
+    """Three classes of flat colours with a little jitter: mean colour separates them exactly."""
+    colours = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
+    for split, count in (("train", 8), ("val", 4)):
+        for name, (r, g, b) in colours.items():
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (36, 36), (r + i, g - i, b + 2 * i)).save(root / split / name / f"{i}.png")
+
+
+def test_evaluate_is_perfect_when_features_separate_the_classes(tmp_path):
+    _solid_colour_folder(tmp_path)
+    cfg = load_config(None, COMMON + ["data.source=folder", f"data.path={tmp_path}", "eval.knn_k=5"])
+    mean_colour = lambda images: images.mean(dim=(2, 3))  # noqa: E731
+    assert evaluate(mean_colour, cfg, torch.device("cpu")) == {"knn_top1": 100.0, "linear_top1": 100.0}
+
+
+def test_evaluate_returns_percentages_and_leaves_a_training_encoder_in_train_mode():
+    cfg = load_config(None, COMMON + ["data.synthetic_images=64", "data.synthetic_classes=4",
+                                      "eval.num_train=32", "eval.num_val=16"])
+    torch.manual_seed(0)
+    encoder = create_encoder("vit_tiny_patch16", img_size=32).train()
+    result = evaluate(encoder, cfg, torch.device("cpu"))
+    assert set(result) == {"knn_top1", "linear_top1"}
+    assert all(0.0 <= v <= 100.0 for v in result.values())
+    assert encoder.training
+
+
+def test_load_encoder_weights_accepts_prefixed_state_dicts_and_names_mismatched_keys(tmp_path):
+    torch.manual_seed(1)
+    trained = create_encoder("vit_tiny_patch16", img_size=32)
+    path = tmp_path / "model.pt"
+    torch.save({"model": {f"encoder.{k}": v for k, v in trained.state_dict().items()}}, path)
+    fresh = create_encoder("vit_tiny_patch16", img_size=32)
+    load_encoder_weights(fresh, str(path))
+    assert all(torch.equal(v, trained.state_dict()[k]) for k, v in fresh.state_dict().items())
+
+    broken = {k: v for k, v in trained.state_dict().items() if k != "norm.weight"}
+    torch.save(broken, tmp_path / "broken.pt")
+    with pytest.raises(ValueError, match="norm.weight"):
+        load_encoder_weights(fresh, str(tmp_path / "broken.pt"))
+
+
+def test_run_eval_on_a_saved_encoder_reports_knn_linear_and_finetune(tmp_path):
+    torch.manual_seed(2)
+    torch.save(create_encoder("vit_tiny_patch16", img_size=32).state_dict(), tmp_path / "encoder.pt")
+    cfg = load_config(None, COMMON + ["data.synthetic_images=64", "data.synthetic_classes=4",
+                                      "eval.num_train=32", "eval.num_val=16"])
+    result = run_eval(cfg, str(tmp_path / "encoder.pt"), finetune_epochs=1, device=torch.device("cpu"))
+    assert set(result) == {"knn_top1", "linear_top1", "finetune_top1"}
+    assert all(0.0 <= v <= 100.0 for v in result.values())
+    json.dumps(result)  # what the CLI and final_eval.json write

@@ -1,0 +1,55 @@
+"""Planning and benchmark tools: arithmetic on known inputs, and the bench running on CPU."""
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, cpu_env
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_plan_run_communication_volume_per_zero_stage():
+    plan_run = _load("plan_run")
+    psi = 1_000_000
+    # bf16 (2 bytes), 2 GPUs: a ring moves half the data
+    assert plan_run.comm_bytes_per_step(psi, 1, accumulation=4, gpus=2) == pytest.approx(2 * psi * 2 * 0.5)
+    assert plan_run.comm_bytes_per_step(psi, 2, accumulation=4, gpus=2) == pytest.approx(5 * psi * 2 * 0.5)
+    assert plan_run.comm_bytes_per_step(psi, 3, accumulation=4, gpus=2) == pytest.approx(12 * psi * 2 * 0.5)
+    assert plan_run.comm_bytes_per_step(psi, 3, accumulation=4, gpus=1) == 0.0
+
+
+def test_plan_run_wall_time_and_gpu_hours():
+    plan_run = _load("plan_run")
+    r = plan_run.plan(params=300_000_000, epochs=10, dataset=1_024_000, gpus=8, rate_per_gpu=100.0,
+                      global_batch=1024, micro_batch=64, zero=1, link_gbps=1e9)
+    assert r["steps"] == 10 * 1000 and r["accumulation"] == 2
+    assert r["compute_s_per_step"] == pytest.approx(1024 / 800)
+    assert r["wall_hours"] == pytest.approx(10_000 * 1.28 / 3600, rel=1e-6)  # comm negligible here
+    assert r["gpu_hours"] == pytest.approx(r["wall_hours"] * 8)
+
+
+def test_plan_run_counts_vit_large_parameters():
+    params = _load("plan_run").count_params("vit_large_patch16", "simmim")
+    assert 300e6 < params < 310e6  # ViT-L/16 encoder ~303M plus SimMIM's mask token and decoder
+
+
+def test_bench_step_runs_on_cpu_and_reports_baseline_and_engine_rows(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, "tools/bench_step.py", "--tiny", "--method", "simmim", "--mto", "on",
+                             "--zero", "2", "--workers", "0", "--json", str(out)], cwd=REPO, env=cpu_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    names = [r["config"] for r in report["rows"]]
+    assert names[0].startswith("baseline timm") and names[1] == "simmim ZeRO-2 MTO on"
+    for row in report["rows"]:
+        assert row["images_per_sec"] > 0 and row["tflops"] > 0 and 0 <= row["data_wait"] <= 1
+    assert report["peak_tflops"] > 0

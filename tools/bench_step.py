@@ -1,0 +1,191 @@
+#!/usr/bin/env python
+"""Train-step benchmark: images/s, TFLOP/s, MFU, peak memory and data wait, side by side with a
+plain baseline (the same timm ViT, SDPA, no DeepSpeed, no MTO) in the same run.
+
+    python tools/bench_step.py --arch vit_large_patch16 --method simmim mae --mto on off \
+        --zero 2 3 --batch 128 --steps 20             # on a GPU (bf16)
+    python tools/bench_step.py --tiny                 # on CPU: vit_tiny at 64 px, fp32, a few steps
+
+MFU is achieved FLOP/s over the bf16 matmul peak this tool measures on the same device in the
+same run (an 8192^3 matmul on GPU); FLOPs per step are counted by torch's FlopCounterMode.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    n = 8192 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    reps = 20 if device.type == "cuda" else 5
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e12
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def step_flops(fn) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def _inputs(model, method, batch, img, device, dtype):
+    import numpy as np
+    from mto_ds.models import mask_fn_for
+    fn = mask_fn_for(model, method, img)
+    mask = torch.from_numpy(np.stack([fn(np.random.default_rng(i)) for i in range(batch)])).to(device)
+    return torch.randn(batch, 3, img, img, device=device, dtype=dtype), mask
+
+
+def _time(step, device, warmup, steps):
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
+    return (time.perf_counter() - t) / steps, peak
+
+
+def bench_baseline(arch, img, batch, device, dtype, warmup, steps):
+    """timm ViT classifier-free forward + backward with SDPA and a fused AdamW, no DeepSpeed."""
+    import timm
+    from mto_ds.models import TIMM_NAMES
+    model = timm.create_model(TIMM_NAMES[arch], num_classes=0, img_size=img).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    x = torch.randn(batch, 3, img, img, device=device)
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = model.forward_features(x).float().pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    flops = step_flops(step)
+    return _time(step, device, warmup, steps), flops
+
+
+def bench_engine(arch, method, mto, zero, img, batch, device, dtype, warmup, steps, ckpt):
+    """The project's path: create_mim_model + deepspeed.initialize + the real train_step."""
+    import deepspeed
+    from mto_ds.engine.builder import param_groups
+    from mto_ds.engine.step import train_step
+    from mto_ds.models import create_mim_model
+    model = create_mim_model(arch, method, img_size=img, mto={"enabled": mto}, activation_checkpointing=ckpt)
+    precision = {torch.bfloat16: {"bf16": {"enabled": True}}, torch.float32: {}}[dtype]
+    ds = {"train_batch_size": batch, "train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1,
+          "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": device.type != "cuda"}},
+          "zero_optimization": {"stage": zero}, "steps_per_print": 10 ** 9, **precision}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.05), config=ds)
+    images, mask = _inputs(model, method, batch, img, device, torch.float32)
+    images = (images * 40 + 120).clamp(0, 255).to(torch.uint8)
+    micro = [{"images": images, "mask": mask}]
+
+    def step():
+        train_step(engine, micro, 1.0, False, dtype)
+    flops = step_flops(lambda: engine(images.to(dtype), mask, with_stats=False)["loss"].backward())
+    engine.zero_grad()
+    return _time(step, device, warmup, steps), flops
+
+
+def data_wait_share(method, img, batch, workers, step_sec, steps) -> float:
+    """Share of a step spent blocked on the real loader (synthetic JPEG-free source, `workers`
+    processes) when each step takes `step_sec`: the loader runs while the step would."""
+    from types import SimpleNamespace
+    from mto_ds.data import build_pretrain_loader
+    from mto_ds.models.masking import build_mask_fn
+    cfg = SimpleNamespace(source="synthetic", synthetic_images=batch * (steps + 2), synthetic_classes=10,
+                          crop_scale_min=None, crop_scale_max=1.0, num_workers=workers, path=None)
+    loader = build_pretrain_loader(cfg, method=method, img_size=img, seed=0, global_batch_size=batch,
+                                   micro_batch_size=batch, rank=0, world_size=1,
+                                   mask_fn=build_mask_fn(method, img, 14 if img % 16 else 16))
+    stream = loader.micro_batches(0, 0)
+    next(stream)  # worker start-up is not a per-step cost
+    waited = 0.0
+    for _ in range(steps):
+        t = time.perf_counter()
+        next(stream)
+        waited += time.perf_counter() - t
+        time.sleep(step_sec)  # stands in for the step, during which workers prefetch
+    return waited / (waited + step_sec * steps)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="vit_large_patch16")
+    p.add_argument("--method", nargs="+", default=["simmim", "mae"])
+    p.add_argument("--mto", nargs="+", default=["on", "off"])
+    p.add_argument("--zero", nargs="+", type=int, default=[2])
+    p.add_argument("--img", type=int, default=224)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--tiny", action="store_true", help="CPU smoke run: vit_tiny, 64 px, batch 8, fp32, 2 steps")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="loader workers per GPU")
+    p.add_argument("--json", help="also write the rows here")
+    args = p.parse_args()
+    if args.tiny:
+        args.arch, args.img, args.batch, args.steps, args.warmup = "vit_tiny_patch16", 64, 8, 2, 1
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from mto_ds.engine.distributed import init_distributed
+    init_distributed()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    peak = matmul_peak_tflops(device, dtype)
+    print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, "
+          f"{'bf16' if dtype == torch.bfloat16 else 'fp32'} matmul peak measured {peak:.1f} TFLOP/s", flush=True)
+    rows = []
+
+    def add(name, timing, flops):
+        (sec, mem) = timing
+        tflops = flops / sec / 1e12
+        wait = data_wait_share(method_of(name), args.img, args.batch, args.workers, sec, min(args.steps, 10))
+        rows.append({"config": name, "images_per_sec": args.batch / sec, "step_ms": sec * 1e3,
+                     "tflops": tflops, "mfu": tflops / peak, "peak_mem_gib": mem, "data_wait": wait})
+        r = rows[-1]
+        print(f"| {name} | {r['images_per_sec']:.1f} | {r['step_ms']:.1f} | {r['tflops']:.2f} | "
+              f"{100 * r['mfu']:.1f}% | {mem:.1f} | {100 * wait:.1f}% |", flush=True)
+
+    def method_of(name):
+        return "mae" if name.startswith("mae") else "simmim"
+
+    print("| config | images/s | step ms | TFLOP/s | MFU | peak GiB | data wait |\n|---|---|---|---|---|---|---|")
+    add(f"baseline timm {args.arch} SDPA, no DS, no MTO",
+        *bench_baseline(args.arch, args.img, args.batch, device, dtype, args.warmup, args.steps))
+    for method in args.method:
+        for zero in args.zero:
+            for mto in args.mto:
+                add(f"{method} ZeRO-{zero} MTO {mto}",
+                    *bench_engine(args.arch, method, mto == "on", zero, args.img, args.batch, device, dtype,
+                                  args.warmup, args.steps, args.activation_checkpointing))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": str(device), "peak_tflops": peak, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+#!/usr/bin/env python
+"""Plan a run before queueing it: wall time, GPU-hours and per-step communication.
+
+    python tools/plan_run.py --arch vit_large_patch16 --method simmim --epochs 800 --gpus 64 \
+        --images-per-sec-per-gpu 450 --global-batch 2048 --micro-batch 64 --zero 2 --link-gbps 400
+
+--images-per-sec-per-gpu is a measured rate (tools/bench_step.py on your GPU). --link-gbps is
+the inter-node bandwidth per GPU in Gbit/s (e.g. one 400 Gb/s InfiniBand NIC per GPU).
+
+Communication per optimizer step per GPU, for Psi parameters sent in bf16 (2 bytes), ring
+collectives moving (n-1)/n of the data, A micro-batches of accumulation:
+  ZeRO-1: reduce-scatter of gradients + all-gather of parameters at the step     ~ 2 Psi
+  ZeRO-2: reduce-scatter of gradients every micro-batch + all-gather at the step  ~ (A + 1) Psi
+  ZeRO-3: all-gather in forward and backward + reduce-scatter, every micro-batch  ~ 3 A Psi
+Whether this hides behind compute depends on overlap (`overlap_comm`); the tool reports the
+ratio of communication to compute time so you see which side bounds the step.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+IMAGENET_TRAIN = 1_281_167
+
+
+def count_params(arch: str, method: str) -> int:
+    import torch
+    from mto_ds.models import create_mim_model
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        model = create_mim_model(arch, method)
+    return sum(p.numel() for p in model.parameters())
+
+
+def comm_bytes_per_step(params: int, zero: int, accumulation: int, gpus: int, bytes_per_elem: int = 2) -> float:
+    ring = (gpus - 1) / gpus if gpus > 1 else 0.0
+    factor = {1: 2.0, 2: accumulation + 1.0, 3: 3.0 * accumulation}[zero]
+    return factor * params * bytes_per_elem * ring
+
+
+def plan(params: int, epochs: float, dataset: int, gpus: int, rate_per_gpu: float, global_batch: int,
+         micro_batch: int, zero: int, link_gbps: float) -> dict:
+    accumulation = max(1, global_batch // (micro_batch * gpus))
+    steps_per_epoch = dataset // global_batch
+    steps = int(math.ceil(epochs * steps_per_epoch))
+    compute_s = global_batch / (rate_per_gpu * gpus)
+    comm = comm_bytes_per_step(params, zero, accumulation, gpus)
+    comm_s = comm / (link_gbps * 1e9 / 8)
+    wall_h = steps * max(compute_s, comm_s) / 3600  # assumes full overlap; no overlap adds the two
+    return {"params": params, "accumulation": accumulation, "steps": steps, "compute_s_per_step": compute_s,
+            "comm_gb_per_step": comm / 1e9, "comm_s_per_step": comm_s, "comm_to_compute": comm_s / compute_s,
+            "wall_hours": wall_h, "wall_hours_no_overlap": steps * (compute_s + comm_s) / 3600,
+            "gpu_hours": wall_h * gpus}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="vit_large_patch16")
+    p.add_argument("--method", default="simmim", choices=["simmim", "mae"])
+    p.add_argument("--epochs", type=float, default=800)
+    p.add_argument("--dataset-size", type=int, default=IMAGENET_TRAIN)
+    p.add_argument("--gpus", type=int, default=64)
+    p.add_argument("--images-per-sec-per-gpu", type=float, required=True)
+    p.add_argument("--global-batch", type=int, default=2048)
+    p.add_argument("--micro-batch", type=int, default=64)
+    p.add_argument("--zero", type=int, choices=[1, 2, 3], default=2)
+    p.add_argument("--link-gbps", type=float, default=400.0)
+    args = p.parse_args()
+    r = plan(count_params(args.arch, args.method), args.epochs, args.dataset_size, args.gpus,
+             args.images_per_sec_per_gpu, args.global_batch, args.micro_batch, args.zero, args.link_gbps)
+    print(f"{args.arch} {args.method}: {r['params'] / 1e6:.0f}M parameters, {args.epochs:g} epochs of "
+          f"{args.dataset_size} images on {args.gpus} GPUs")
+    print(f"  optimizer steps        {r['steps']} (global batch {args.global_batch}, accumulation {r['accumulation']})")
+    print(f"  compute per step       {r['compute_s_per_step'] * 1e3:.0f} ms at {args.images_per_sec_per_gpu:g} images/s/GPU")
+    print(f"  ZeRO-{args.zero} traffic per step {r['comm_gb_per_step']:.2f} GB per GPU -> "
+          f"{r['comm_s_per_step'] * 1e3:.0f} ms at {args.link_gbps:g} Gb/s ({100 * r['comm_to_compute']:.0f}% of compute)")
+    print(f"  wall time              {r['wall_hours']:.1f} h with overlap, {r['wall_hours_no_overlap']:.1f} h without")
+    print(f"  GPU-hours              {r['gpu_hours']:.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
