@@ -42,7 +42,7 @@ def test_exported_encoder_loads_into_timm_without_missing_keys(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     state = torch.load(out, weights_only=True)
     model = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=64)
-    missing, unexpected = model.load_state_dict(state, strict=True), None
+    missing = model.load_state_dict(state, strict=True)
     assert not missing.missing_keys and not missing.unexpected_keys
     loaded = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=64, checkpoint_path=str(out))
     torch.testing.assert_close(loaded.blocks[0].attn.qkv.weight, state["blocks.0.attn.qkv.weight"])

@@ -131,16 +131,18 @@ class FFCVPretrainLoader:
         with _torch_threads_kept():
             batches = iter(self.loader)  # asks the order for this epoch's indices, starts decoding
         indices = torch.from_numpy(self.order.last)
-        done = 0
+        done, finished = 0, False
         try:
             for images, labels in batches:
                 index = indices[done:done + len(labels)]
                 done += len(labels)
                 # FFCV reuses its output buffers a few batches later: hand out owned tensors.
-                yield {"images": images.clone(memory_format=torch.contiguous_format), "mask": batch_masks(self.mask_fn, self.seed, epoch, index),
+                yield {"images": images.clone(memory_format=torch.contiguous_format),
+                       "mask": batch_masks(self.mask_fn, self.seed, epoch, index),
                        "index": index, "label": labels.to(torch.int64, copy=True)}
+            finished = True  # FFCV closed the epoch itself
         finally:
-            if done < len(indices):  # left early: stop FFCV's thread
+            if not finished:  # the caller stopped early: stop FFCV's thread, release its pages
                 batches.close()
 
 

@@ -1,0 +1,130 @@
+"""The FFCV pre-training loader on a .beton made from real JPEG files by the converter.
+
+Each FFCV loader compiles its pipeline (numba) on its first batch, about 10 s here, so the
+loaders are built once per module and shared by the tests.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("ffcv")
+
+from mto_ds.data import build_pretrain_loader, write_image_folder  # noqa: E402
+from mto_ds.data.ffcv_writer import convert_image_folder  # noqa: E402
+from mto_ds.data.imagefolder import ImageFolderSource  # noqa: E402
+from mto_ds.data.order import epoch_permutation, rank_indices, sample_rng  # noqa: E402
+
+NUM_IMAGES, GLOBAL_BATCH, MICRO, IMG, SEED = 44, 16, 4, 32, 7
+STEPS = NUM_IMAGES // GLOBAL_BATCH  # 2 whole steps; 12 samples dropped each epoch
+PATCHES = (IMG // 16) ** 2
+
+
+def mask_fn(rng: np.random.Generator) -> np.ndarray:
+    return rng.permutation(PATCHES) < PATCHES // 2
+
+
+@pytest.fixture(scope="module")
+def beton(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ffcv_data")
+    folder = write_image_folder(root / "jpeg", NUM_IMAGES, num_classes=8, size=40, seed=1)
+    convert_image_folder(folder, root / "train.beton", max_side=None, workers=2, progress=False)
+    labels = np.array(ImageFolderSource(folder).labels)
+    return root / "train.beton", labels
+
+
+def make_loader(path, rank, world_size, order="exact", os_cache=True):
+    cfg = SimpleNamespace(source="ffcv", path=str(path), num_workers=1, crop_scale_min=None,
+                          crop_scale_max=1.0, order=order, os_cache=os_cache)
+    return build_pretrain_loader(cfg, method="simmim", img_size=IMG, seed=SEED, global_batch_size=GLOBAL_BATCH,
+                                 micro_batch_size=MICRO, rank=rank, world_size=world_size, mask_fn=mask_fn)
+
+
+@pytest.fixture(scope="module")
+def exact_epoch(beton):
+    """Epoch 3 as ranks 0 and 1 of 2 read it: {rank: list of micro-batches}."""
+    path, _ = beton
+    loaders = {rank: make_loader(path, rank, 2) for rank in (0, 1)}
+    return loaders, {rank: list(loader.micro_batches(3)) for rank, loader in loaders.items()}
+
+
+def cat(batches, key):
+    return torch.cat([b[key] for b in batches]).numpy()
+
+
+def test_two_ranks_read_disjoint_samples_that_cover_the_epoch(beton, exact_epoch):
+    _, labels = beton
+    loaders, epoch = exact_epoch
+    seen = {rank: cat(batches, "index") for rank, batches in epoch.items()}
+    assert len(seen[0]) == len(seen[1]) == STEPS * GLOBAL_BATCH // 2
+    assert not set(seen[0]) & set(seen[1])
+    assert set(seen[0]) | set(seen[1]) == set(epoch_permutation(NUM_IMAGES, SEED, 3)[: STEPS * GLOBAL_BATCH])
+    # Each global batch is the one a single rank would read: order independent of world size.
+    per_step = [np.concatenate([seen[r].reshape(STEPS, -1)[s] for r in (0, 1)]) for s in range(STEPS)]
+    assert np.array_equal(np.concatenate(per_step), rank_indices(NUM_IMAGES, SEED, 3, GLOBAL_BATCH, 0, 1))
+    # The pixels read are those of the sample named: the label stored with them matches.
+    for rank in (0, 1):
+        assert np.array_equal(cat(epoch[rank], "label"), labels[seen[rank]])
+    assert loaders[0].num_samples == NUM_IMAGES and loaders[0].steps_per_epoch == STEPS
+
+
+def test_micro_batches_are_uint8_crops_of_the_model_size(exact_epoch):
+    _, epoch = exact_epoch
+    batch = epoch[0][0]
+    assert batch["images"].shape == (MICRO, 3, IMG, IMG) and batch["images"].dtype == torch.uint8
+    assert batch["images"].is_contiguous()
+    assert batch["mask"].shape == (MICRO, PATCHES) and batch["mask"].dtype == torch.bool
+    assert batch["index"].dtype == batch["label"].dtype == torch.int64
+    assert len(epoch[0]) == STEPS * GLOBAL_BATCH // 2 // MICRO
+    # Owned tensors: holding every batch of the epoch does not see them overwritten.
+    assert len({b["images"].data_ptr() for b in epoch[0]}) == len(epoch[0])
+    assert 40 < batch["images"].float().mean() < 220
+
+
+def test_same_seed_gives_the_same_masks_and_another_epoch_other_masks(exact_epoch):
+    loaders, epoch = exact_epoch
+    first = epoch[0]
+    again = list(loaders[0].micro_batches(3))
+    for a, b in zip(first, again):
+        assert torch.equal(a["index"], b["index"]) and torch.equal(a["mask"], b["mask"])
+    for batch in first:
+        for index, mask in zip(batch["index"].tolist(), batch["mask"]):
+            assert np.array_equal(mask.numpy(), mask_fn(sample_rng(SEED, 3, index, 1)))
+    other = list(loaders[0].micro_batches(4))
+    assert not np.array_equal(cat(other, "index"), cat(first, "index"))
+    masks_by_index = {i: m for b in other for i, m in zip(b["index"].tolist(), b["mask"].numpy())}
+    assert any(not np.array_equal(mask_fn(sample_rng(SEED, 3, i, 1)), m) for i, m in masks_by_index.items())
+
+
+def test_resume_mid_epoch_continues_at_the_next_sample(exact_epoch):
+    loaders, epoch = exact_epoch
+    resumed = list(loaders[1].micro_batches(3, start_step=1))
+    full_index, full_mask = cat(epoch[1], "index"), cat(epoch[1], "mask")
+    per_rank = GLOBAL_BATCH // 2
+    assert np.array_equal(cat(resumed, "index"), full_index[per_rank:])
+    assert np.array_equal(cat(resumed, "mask"), full_mask[per_rank:])
+    # Leaving an epoch early stops FFCV's thread; the next epoch still starts at its start.
+    partial = loaders[1].micro_batches(3)
+    next(partial)
+    partial.close()
+    assert np.array_equal(cat(list(loaders[1].micro_batches(3)), "index"), full_index)
+
+
+def test_quasi_random_shards_ranks_equally_and_resumes_exactly_on_the_same_world_size(beton):
+    path, labels = beton
+    loaders = [make_loader(path, rank, 2, order="quasi_random", os_cache=False) for rank in (0, 1)]
+    plans = [loader.order.plan(0) for loader in loaders]  # no decoding needed to see the orders
+    per_rank = STEPS * GLOBAL_BATCH // 2
+    assert [len(p) for p in plans] == [per_rank, per_rank]
+    assert set(plans[0]) <= set(range(22)) and set(plans[1]) <= set(range(22, 44))  # contiguous shards
+    assert not np.array_equal(plans[0], np.sort(plans[0]))
+    assert set(loaders[0].order.plan(1)) <= set(range(22, 44))  # shards rotate between epochs
+    full = list(loaders[0].micro_batches(0))
+    assert np.array_equal(cat(full, "index"), plans[0])
+    assert np.array_equal(cat(full, "label"), labels[plans[0]])
+    resumed = list(loaders[0].micro_batches(0, start_step=1))
+    assert np.array_equal(cat(resumed, "index"), plans[0][GLOBAL_BATCH // 2:])
+    assert np.array_equal(cat(resumed, "mask"), cat(full, "mask")[GLOBAL_BATCH // 2:])

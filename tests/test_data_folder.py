@@ -1,0 +1,109 @@
+"""The PIL ImageFolder fallback, the synthetic JPEG writer and `data.source` selection."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mto_ds.data import ImageFolderSource, PretrainLoader, SyntheticImages, build_pretrain_loader, write_image_folder
+from mto_ds.data.order import rank_indices, sample_rng
+
+REPO = Path(__file__).resolve().parents[1]
+PATCHES = 4
+
+
+def mask_fn(rng: np.random.Generator) -> np.ndarray:
+    return rng.permutation(PATCHES) < 2
+
+
+def folder_cfg(path, **kw):
+    return SimpleNamespace(source="folder", path=str(path), num_workers=0, crop_scale_min=None,
+                           crop_scale_max=1.0, **kw)
+
+
+@pytest.fixture(scope="module")
+def jpeg_folder(tmp_path_factory):
+    return write_image_folder(tmp_path_factory.mktemp("syn") / "jpeg", 24, num_classes=3, size=40, seed=2)
+
+
+def test_synthetic_set_written_as_jpeg_folder_keeps_labels_and_pixels(jpeg_folder):
+    images = SyntheticImages(24, 3, 40, seed=2)
+    source = ImageFolderSource(jpeg_folder)
+    assert len(source) == 24 and source.classes == ["class_0", "class_1", "class_2"]
+    originals = np.stack([images.image(j) for j in range(24)]).astype(float)
+    for i, path in enumerate(source.files):
+        synthetic_index = int(path.stem)  # files are named by their index in the synthetic set
+        assert source.label(i) == images.label(synthetic_index)
+        distance = np.abs(originals - source.image(i)).mean(axis=(1, 2, 3))
+        assert distance.argmin() == synthetic_index and distance.min() < 15  # JPEG error only
+    with pytest.raises(FileExistsError):
+        write_image_folder(jpeg_folder, 4, 2, 16)
+
+
+def test_folder_labels_follow_sorted_class_names_and_skip_non_image_files(tmp_path):
+    for name in ("zebra", "apple", "mango"):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / name / "x.JPEG")
+    (tmp_path / "apple" / "readme.txt").write_text("not a sample")
+    source = ImageFolderSource(tmp_path)
+    assert source.classes == ["apple", "mango", "zebra"]
+    assert [(p.parent.name, source.label(i)) for i, p in enumerate(source.files)] == \
+        [("apple", 0), ("mango", 1), ("zebra", 2)]
+
+
+def test_undecodable_image_is_skipped_with_one_warning_naming_it(tmp_path, caplog):
+    (tmp_path / "c0").mkdir()
+    Image.new("RGB", (40, 40), (200, 100, 50)).save(tmp_path / "c0" / "good.JPEG")
+    (tmp_path / "c0" / "zz_empty.JPEG").write_bytes(b"")
+    source = ImageFolderSource(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="mto_ds.data.imagefolder"):
+        assert source.image(1) is None and source.image(1) is None
+    assert [r.getMessage().count("zz_empty.JPEG") for r in caplog.records] == [1]
+    loader = PretrainLoader(source, img_size=32, scale=(0.5, 1.0), seed=0, global_batch_size=2,
+                            micro_batch_size=2, rank=0, world_size=1, mask_fn=mask_fn)
+    (batch,) = list(loader.micro_batches(0))
+    by_index = dict(zip(batch["index"].tolist(), batch["images"]))
+    assert by_index[1].sum() == 0 and by_index[0].float().mean() > 50  # black stand-in, batch stays whole
+
+
+def test_folder_source_ranks_are_disjoint_masks_deterministic_and_resume_exact(jpeg_folder):
+    loaders = [build_pretrain_loader(folder_cfg(jpeg_folder), method="mae", img_size=32, seed=5,
+                                     global_batch_size=8, micro_batch_size=2, rank=r, world_size=2,
+                                     mask_fn=mask_fn) for r in (0, 1)]
+    epochs = [list(loader.micro_batches(1)) for loader in loaders]
+    seen = [torch.cat([b["index"] for b in e]).numpy() for e in epochs]
+    assert np.array_equal(seen[0], rank_indices(24, 5, 1, 8, 0, 2))
+    assert not set(seen[0]) & set(seen[1]) and len(set(seen[0]) | set(seen[1])) == 24
+    labels = torch.cat([b["label"] for b in epochs[0]]).numpy()
+    assert np.array_equal(labels, [loaders[0].source.label(i) for i in seen[0]])
+    for batch in epochs[0]:
+        for index, mask in zip(batch["index"].tolist(), batch["mask"]):
+            assert np.array_equal(mask.numpy(), mask_fn(sample_rng(5, 1, index, 1)))
+    resumed = list(loaders[0].micro_batches(1, start_step=2))
+    assert np.array_equal(torch.cat([b["index"] for b in resumed]).numpy(), seen[0][8:])
+    assert torch.equal(resumed[0]["images"], epochs[0][4]["images"])  # PIL path: crops too are resumable
+
+
+def test_build_pretrain_loader_rejects_batches_that_do_not_split(jpeg_folder):
+    with pytest.raises(ValueError, match="micro-batches of 3"):
+        build_pretrain_loader(folder_cfg(jpeg_folder), method="mae", img_size=32, seed=0, global_batch_size=8,
+                              micro_batch_size=3, rank=0, world_size=2, mask_fn=mask_fn)
+
+
+def test_make_synthetic_cli_writes_once_and_leaves_an_existing_folder(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("make_synthetic_cli", REPO / "tools" / "make_synthetic.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    argv = [str(tmp_path / "out"), "--images", "6", "--classes", "2", "--size", "16", "--seed", "3"]
+    assert cli.main(argv) == 0
+    files = sorted(p.relative_to(tmp_path) for p in (tmp_path / "out").rglob("*.JPEG"))
+    assert len(files) == 6
+    assert cli.main(argv[:1] + ["--images", "2"]) == 0
+    assert "left as it is" in capsys.readouterr().out
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "out").rglob("*.JPEG")) == files

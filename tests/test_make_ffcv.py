@@ -1,0 +1,167 @@
+"""tools/make_ffcv.py and mto_ds.data.ffcv_writer on real files with ImageNet's oddities."""
+from __future__ import annotations
+
+import importlib.util
+import io
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("ffcv")
+
+from ffcv.reader import Reader  # noqa: E402
+
+from mto_ds.data.ffcv_writer import convert_image_folder  # noqa: E402
+from mto_ds.data.imagefolder import read_rgb  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_SIDE = 56
+
+
+def _picture(seed: int, height: int = 48, width: int = 64) -> np.ndarray:
+    """A colour ramp plus noise, different for every seed (so images are told apart)."""
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 1, width)[None, :, None] * rng.uniform(40, 200, 3)
+    base = rng.uniform(20, 60, 3) + ramp + rng.normal(0, 8, (height, width, 3))
+    return np.clip(base, 0, 255).astype(np.uint8)
+
+
+def _jpeg_bytes(pixels: np.ndarray, mode: str = "RGB", fmt: str = "JPEG") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(buffer, format=fmt, quality=95)
+    return buffer.getvalue()
+
+
+def make_odd_image_folder(root: Path) -> dict:
+    """Two classes with every odd kind ImageNet has; returns what a conversion must report."""
+    files = {
+        "n01/a0.JPEG": _jpeg_bytes(_picture(0)),
+        "n01/a1.JPEG": _jpeg_bytes(_picture(1, 64, 40)),
+        "n01/a2.JPEG": _jpeg_bytes(_picture(2)),
+        "n01/cmyk.JPEG": _jpeg_bytes(_picture(3), mode="CMYK"),
+        "n01/gray.JPEG": _jpeg_bytes(_picture(4), mode="L"),
+        "n02/b0.JPEG": _jpeg_bytes(_picture(5)),
+        "n02/b1.JPEG": _jpeg_bytes(_picture(6)),
+        "n02/png_named.JPEG": _jpeg_bytes(_picture(7), fmt="PNG"),
+        "n02/truncated.JPEG": _jpeg_bytes(_picture(8))[:1500],
+        "n02/empty.JPEG": b"",
+        "n02/not_an_image.JPEG": b"<html>404 not found</html>\n" * 20,
+        "n02/notes.txt": b"annotator notes\n",
+    }
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    kept = ["n01/a0.JPEG", "n01/a1.JPEG", "n01/a2.JPEG", "n01/cmyk.JPEG", "n01/gray.JPEG",
+            "n02/b0.JPEG", "n02/b1.JPEG", "n02/png_named.JPEG", "n02/truncated.JPEG"]
+    return {"kept": kept, "labels": [0] * 5 + [1] * 4,
+            "skipped": ["n02/empty.JPEG", "n02/not_an_image.JPEG", "n02/notes.txt"]}
+
+
+@pytest.fixture(scope="module")
+def odd_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imagenet_like")
+    return root, make_odd_image_folder(root)
+
+
+@pytest.fixture(scope="module")
+def converted(odd_folder, tmp_path_factory):
+    root, expected = odd_folder
+    out = tmp_path_factory.mktemp("beton") / "odd.beton"
+    report = convert_image_folder(root, out, max_side=MAX_SIDE, workers=2, progress=False)
+    return out, report
+
+
+def test_odd_files_are_converted_and_undecodable_ones_skipped_by_name(odd_folder, converted):
+    _, expected = odd_folder
+    _, report = converted
+    assert report.files_found == 12
+    assert report.written == len(expected["kept"]) == 9
+    assert [path for path, _ in report.skipped] == expected["skipped"]
+    reasons = dict(report.skipped)
+    assert reasons["n02/empty.JPEG"] == "empty file"
+    assert "identify" in reasons["n02/not_an_image.JPEG"]
+    assert report.converted == {"cmyk": ["n01/cmyk.JPEG"], "grayscale": ["n01/gray.JPEG"],
+                                "not_jpeg": ["n02/png_named.JPEG"], "truncated": ["n02/truncated.JPEG"]}
+    summary = report.summary()
+    for name in expected["skipped"] + ["n02/truncated.JPEG"]:
+        assert name in summary
+
+
+def test_beton_round_trip_keeps_every_decodable_image_with_its_label_and_pixels(odd_folder, converted):
+    root, expected = odd_folder
+    out, _ = converted
+    reader = Reader(str(out))
+    assert reader.num_samples == 9
+    assert reader.field_names == ["image", "label"]
+    image, labels = reader.metadata["f0"], reader.metadata["f1"]  # FFCV names metadata columns by position
+    assert labels.tolist() == expected["labels"]
+    sizes = list(zip(image["width"].tolist(), image["height"].tolist()))
+    assert sizes[1] == (35, 56) and sizes[0] == (56, 42)  # 40x64 and 64x48 scaled to max side 56
+    assert all(max(size) <= MAX_SIDE for size in sizes)
+    # Decode the stored JPEG bytes and compare with the source file resized the same way.
+    blob = np.fromfile(out, dtype=np.uint8)
+    by_ptr = dict(zip(reader.alloc_table["ptr"].tolist(), reader.alloc_table["size"].tolist()))
+    stored = []
+    for i, rel in enumerate(expected["kept"]):
+        ptr = int(image["data_ptr"][i])
+        jpeg = io.BytesIO(blob[ptr:ptr + by_ptr[ptr]].tobytes())
+        stored.append(np.asarray(Image.open(jpeg).convert("RGB"), dtype=float))
+        source = cv2.resize(read_rgb(root / rel)[0], sizes[i], interpolation=cv2.INTER_AREA)
+        assert stored[i].shape == source.shape
+        assert np.abs(stored[i] - source).mean() < 6, rel
+    assert np.abs(stored[4][..., 0] - stored[4][..., 2]).mean() < 3  # grayscale became R = G = B
+
+
+def test_existing_output_is_left_alone_unless_overwrite_is_asked(odd_folder, tmp_path):
+    root, _ = odd_folder
+    out = tmp_path / "again.beton"
+    out.write_bytes(b"previous contents")
+    assert convert_image_folder(root, out, workers=1, progress=False) is None
+    assert out.read_bytes() == b"previous contents"
+    report = convert_image_folder(root, out, workers=1, progress=False, overwrite=True)
+    assert report.written == 9 and Reader(str(out)).num_samples == 9
+
+
+def test_interrupted_write_leaves_no_file_named_like_the_output(odd_folder, tmp_path, monkeypatch):
+    root, _ = odd_folder
+    out = tmp_path / "broken.beton"
+
+    def fail_half_way(self, dataset, **kwargs):
+        Path(self.fname).write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    import ffcv.writer
+    monkeypatch.setattr(ffcv.writer.DatasetWriter, "from_indexed_dataset", fail_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        convert_image_folder(root, out, workers=1, progress=False)
+    assert os.listdir(tmp_path) == []
+
+
+def test_folder_without_any_decodable_image_fails_naming_the_count(tmp_path):
+    (tmp_path / "src" / "c0").mkdir(parents=True)
+    (tmp_path / "src" / "c0" / "empty.JPEG").write_bytes(b"")
+    with pytest.raises(ValueError, match="no decodable image.*1 files skipped"):
+        convert_image_folder(tmp_path / "src", tmp_path / "out.beton", workers=1, progress=False)
+    assert not (tmp_path / "out.beton").exists() and not (tmp_path / "out.beton.partial").exists()
+
+
+def test_cli_reports_skipped_files_and_is_idempotent(odd_folder, tmp_path, capsys):
+    root, expected = odd_folder
+    spec = importlib.util.spec_from_file_location("make_ffcv_cli", REPO / "tools" / "make_ffcv.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    out = tmp_path / "cli.beton"
+    argv = [str(root), str(out), "--max-side", "32", "--workers", "1", "--no-progress"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "written     : 9" in printed and "skipped     : 3" in printed
+    for name in expected["skipped"]:
+        assert name in printed
+    assert (tmp_path / "cli.beton.report.json").is_file()
+    before = out.stat().st_mtime_ns
+    assert cli.main(argv) == 0
+    assert "left as it is" in capsys.readouterr().out and out.stat().st_mtime_ns == before
