@@ -8,7 +8,8 @@ import torch
 from mto_ds.models import create_mim_model, mask_fn_for
 from mto_ds.models.vit import run_blocks
 from mto_ds.mto.losses import mto_terms, warmup_scale
-from mto_ds.mto.plan import MTOSettings, block_flags
+from mto_ds.config import MTOConfig
+from mto_ds.mto.plan import block_flags, mto_settings
 from mto_ds.mto.state import MTOState
 from mto_ds.mto.stats import attention_with_row_stats, block_summary, num_early_blocks
 
@@ -83,11 +84,11 @@ def test_early_blocks_default_to_a_third_rounded_up_and_warmup_is_linear():
 
 
 def test_block_flags_follow_settings():
-    k, flags = block_flags(MTOSettings(enabled=True, recalibrate="early", lambda_r=0.0), 6, with_stats=False)
+    k, flags = block_flags(MTOConfig(enabled=True, recalibrate="early", lambda_r=0.0), 6, with_stats=False)
     assert k == 2
     assert [f[0] for f in flags] == [True, True, False, False, False, False]
     assert [f[1] for f in flags] == ["loss", "loss", "none", "none", "none", "none"]
-    _, off = block_flags(MTOSettings(enabled=False), 6, with_stats=True)
+    _, off = block_flags(MTOConfig(enabled=False), 6, with_stats=True)
     assert off == [(False, "telemetry")] * 6
 
 
@@ -211,3 +212,11 @@ def test_mto_state_advances_and_round_trips():
     again = MTOState(warmup_steps=4)
     again.load_state_dict(state.state_dict())
     assert again.step == 5 and again.loss_scale == 1.0 and again.ema_heterogeneity == [0.5, 0.2]
+
+
+def test_mto_argument_accepts_none_dict_and_config_and_rejects_unknown_keys():
+    assert not mto_settings(None).enabled
+    assert mto_settings({"lambda_e": 0.5}).enabled and mto_settings({"lambda_e": 0.5}).lambda_e == 0.5
+    assert not mto_settings({"enabled": False}).enabled
+    with pytest.raises(ValueError, match="lambda_x"):
+        mto_settings({"lambda_x": 1.0})

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..mto.losses import mto_terms, weighted_mto_loss
-from ..mto.plan import MTOSettings, block_flags
+from ..mto.plan import block_flags, mto_settings
 from .vit import block_telemetry
 
 
@@ -18,7 +18,7 @@ class MIMModel(nn.Module):
 
     def __init__(self, mto, activation_checkpointing: bool = False):
         super().__init__()
-        self.mto = MTOSettings.from_any(mto)
+        self.mto = mto_settings(mto)
         self.activation_checkpointing = activation_checkpointing
 
     def block_flags(self, with_stats: bool):

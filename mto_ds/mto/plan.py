@@ -1,8 +1,10 @@
 """Which blocks recalibrate and which compute statistics: MTO settings -> per-block flags."""
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Any, List, Tuple
+from dataclasses import fields
+from typing import List, Tuple
+
+from ..config import MTOConfig
 
 from .stats import num_early_blocks
 
@@ -12,35 +14,22 @@ from .stats import num_early_blocks
 NONE, TELEMETRY, LOSS = "none", "telemetry", "loss"
 
 
-@dataclass(frozen=True)
-class MTOSettings:
-    enabled: bool = False
-    recalibrate: str = "early"
-    early_blocks: Any = None
-    lambda_spa: float = 0.1
-    lambda_e: float = 0.1
-    lambda_r: float = 0.1
-    delta: float = 0.0
-    warmup_steps: int = 0
-
-    @classmethod
-    def from_any(cls, mto) -> "MTOSettings":
-        """From None (off), a dict or a config object with the `mto.*` keys."""
-        if mto is None:
-            return cls(enabled=False)
-        if isinstance(mto, MTOSettings):
-            return mto
-        names = {f.name for f in fields(cls)}
-        values = dict(mto) if isinstance(mto, dict) else {n: getattr(mto, n) for n in names if hasattr(mto, n)}
-        unknown = set(values) - names
+def mto_settings(mto) -> MTOConfig:
+    """The `mto.*` settings from None (off), a dict (MTO on unless it says otherwise) or a config."""
+    if mto is None:
+        return MTOConfig(enabled=False)
+    if isinstance(mto, MTOConfig):
+        return mto
+    names = [f.name for f in fields(MTOConfig)]
+    if isinstance(mto, dict):
+        unknown = set(mto) - set(names)
         if unknown:
-            raise ValueError(f"unknown MTO keys {sorted(unknown)}; valid: {sorted(names)}")
-        if isinstance(mto, dict):
-            values.setdefault("enabled", True)  # a dict asks for MTO unless it says otherwise
-        return cls(**values)
+            raise ValueError(f"unknown MTO keys {sorted(unknown)}; valid: {names}")
+        return MTOConfig(**{"enabled": True, **mto})
+    return MTOConfig(**{n: getattr(mto, n) for n in names if hasattr(mto, n)})
 
 
-def block_flags(settings: MTOSettings, num_blocks: int, with_stats: bool) -> Tuple[int, List[Tuple[bool, str]]]:
+def block_flags(settings: MTOConfig, num_blocks: int, with_stats: bool) -> Tuple[int, List[Tuple[bool, str]]]:
     """(K early blocks, [(recalibrate, stats mode)] per block that sees mask tokens)."""
     k = num_early_blocks(num_blocks, settings.early_blocks)
     flags = []
