@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from timm.layers import Attention
 
-from .stats import allowed_keys, attention_with_row_stats
+from .fused_attention import attention_with_row_stats_auto
+from .stats import allowed_keys
 
 
 class MTOAttention(Attention):
@@ -21,7 +22,7 @@ class MTOAttention(Attention):
         """Attention over x [B, N, C]; `masked` bool [B, N] marks mask tokens.
 
         recalibrate: visible queries do not attend to masked keys.
-        with_stats: also return per-row statistics (explicit path, see mto/stats.py);
+        with_stats: also return per-row statistics (mto/fused_attention.py, mto/stats.py);
         without it the fused SDPA kernel runs, with a boolean mask when recalibrating.
         """
         B, N, C = x.shape
@@ -31,7 +32,8 @@ class MTOAttention(Attention):
         dropout_p = self.attn_drop.p if self.training else 0.0
         stats = None
         if with_stats:
-            out, stats = attention_with_row_stats(q, k, v, masked, recalibrate, self.scale, dropout_p)
+            # Fused Triton kernel on CUDA (no N x N tensors), the explicit reference elsewhere.
+            out, stats = attention_with_row_stats_auto(q, k, v, masked, recalibrate, self.scale, dropout_p)
         else:
             attn_mask = allowed_keys(masked)[:, None] if recalibrate else None
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)

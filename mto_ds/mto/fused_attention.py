@@ -42,21 +42,36 @@ if triton is not None:
         return allowed
 
     @triton.jit
+    def _batch_head(num_heads):
+        """This program's (b * H + h, b, h); b and h in int64 so offsets cannot overflow."""
+        bh = tl.program_id(1)
+        return bh, (bh // num_heads).to(tl.int64), (bh % num_heads).to(tl.int64)
+
+    @triton.jit
+    def _tile(BASE, b, h, stride_b, stride_h, stride_n, offs, offs_d):
+        """Pointers to rows `offs` of the (b, h) slice of a [B, H, N, d] tensor (d contiguous)."""
+        return BASE + b * stride_b + h * stride_h + offs[:, None] * stride_n + offs_d[None, :]
+
+    @triton.jit
+    def _row_grad_inputs(LSE, DMASS, DENT, CONST, row, row_ok):
+        """Per-row lse_i, dL/dq_i, dL/dH_i and C_i for the rows `row` of [B, H, N]."""
+        return (tl.load(LSE + row, mask=row_ok, other=0.0), tl.load(DMASS + row, mask=row_ok, other=0.0),
+                tl.load(DENT + row, mask=row_ok, other=0.0), tl.load(CONST + row, mask=row_ok, other=0.0))
+
+    @triton.jit
     def _row_stats_fwd_kernel(
             Q, K, V, MASKED, OUT, LSE, MASS, ENT,
-            sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
+            sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
             num_heads, num_tokens, head_dim, scale,
             RECALIBRATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
         pid_m = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = (bh // num_heads).to(tl.int64)
-        h = (bh % num_heads).to(tl.int64)
+        bh, b, h = _batch_head(num_heads)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         row_ok = offs_m < num_tokens
         d_ok = offs_d < head_dim
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
+        q = tl.load(_tile(Q, b, h, sqb, sqh, sqn, offs_m, offs_d),
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         query_masked = tl.load(MASKED + b * num_tokens + offs_m, mask=row_ok, other=0) != 0
 
@@ -71,10 +86,8 @@ if triton is not None:
             offs_n = start_n + tl.arange(0, BLOCK_N)
             col_ok = offs_n < num_tokens
             kv_mask = col_ok[:, None] & d_ok[None, :]
-            k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                        mask=kv_mask, other=0.0)
-            v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
-                        mask=kv_mask, other=0.0)
+            k = tl.load(_tile(K, b, h, skb, skh, skn, offs_n, offs_d), mask=kv_mask, other=0.0)
+            v = tl.load(_tile(V, b, h, svb, svh, svn, offs_n, offs_d), mask=kv_mask, other=0.0)
             key_masked = tl.load(MASKED + b * num_tokens + offs_n, mask=col_ok, other=0)
             allowed = _allowed_pairs(row_ok, col_ok, query_masked, key_masked, RECALIBRATE)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
@@ -93,7 +106,7 @@ if triton is not None:
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # 0 only on padding rows, which are not stored
         log_l = tl.log(l_safe)
         out = acc / l_safe[:, None]
-        tl.store(OUT + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
+        tl.store(_tile(OUT, b, h, sob, soh, son, offs_m, offs_d),
                  out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
         row = bh.to(tl.int64) * num_tokens + offs_m
         tl.store(LSE + row, m_i + log_l, mask=row_ok)
@@ -103,21 +116,19 @@ if triton is not None:
 
     @triton.jit
     def _row_constant_kernel(OUT, DOUT, MASS, DMASS, ENT, DENT, CONST,
-                             sob, soh, son, sod, sdb, sdh, sdn, sdd,
+                             sob, soh, son, sdb, sdh, sdn,
                              num_heads, num_tokens, head_dim,
                              BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
         """C_i = dO_i . O_i + dq_i q_i + dH_i H_i, the part of dS_ij shared by the whole row."""
         pid_m = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = (bh // num_heads).to(tl.int64)
-        h = (bh % num_heads).to(tl.int64)
+        bh, b, h = _batch_head(num_heads)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         row_ok = offs_m < num_tokens
         tile_ok = row_ok[:, None] & (offs_d[None, :] < head_dim)
-        o = tl.load(OUT + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
+        o = tl.load(_tile(OUT, b, h, sob, soh, son, offs_m, offs_d),
                     mask=tile_ok, other=0.0).to(tl.float32)
-        do = tl.load(DOUT + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd,
+        do = tl.load(_tile(DOUT, b, h, sdb, sdh, sdn, offs_m, offs_d),
                      mask=tile_ok, other=0.0).to(tl.float32)
         row = bh.to(tl.int64) * num_tokens + offs_m
         const = tl.sum(o * do, 1)
@@ -143,23 +154,20 @@ if triton is not None:
     @triton.jit
     def _row_stats_bwd_dkdv_kernel(
             Q, K, V, DOUT, MASKED, LSE, DMASS, DENT, CONST, DK, DV,
-            sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
-            sgb, sgh, sgn, sgd,
+            sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn,
             num_heads, num_tokens, head_dim, scale,
             RECALIBRATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
         """One key block: dV_j = sum_i P_ij dO_i, dK_j = scale sum_i dS_ij q_i, over all query blocks."""
         pid_n = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = (bh // num_heads).to(tl.int64)
-        h = (bh % num_heads).to(tl.int64)
+        bh, b, h = _batch_head(num_heads)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         col_ok = offs_n < num_tokens
         d_ok = offs_d < head_dim
         kv_mask = col_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
-        v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+        k = tl.load(_tile(K, b, h, skb, skh, skn, offs_n, offs_d), mask=kv_mask, other=0.0)
+        v = tl.load(_tile(V, b, h, svb, svh, svn, offs_n, offs_d), mask=kv_mask, other=0.0)
         key_masked = tl.load(MASKED + b * num_tokens + offs_n, mask=col_ok, other=0)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -167,64 +175,55 @@ if triton is not None:
             offs_m = start_m + tl.arange(0, BLOCK_M)
             row_ok = offs_m < num_tokens
             q_mask = row_ok[:, None] & d_ok[None, :]
-            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
-            do = tl.load(DOUT + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd,
+            q = tl.load(_tile(Q, b, h, sqb, sqh, sqn, offs_m, offs_d), mask=q_mask, other=0.0)
+            do = tl.load(_tile(DOUT, b, h, sdb, sdh, sdn, offs_m, offs_d),
                          mask=q_mask, other=0.0)
             query_masked = tl.load(MASKED + b * num_tokens + offs_m, mask=row_ok, other=0) != 0
             row = bh.to(tl.int64) * num_tokens + offs_m
-            lse = tl.load(LSE + row, mask=row_ok, other=0.0)
-            dmass = tl.load(DMASS + row, mask=row_ok, other=0.0)
-            dent = tl.load(DENT + row, mask=row_ok, other=0.0)
-            const = tl.load(CONST + row, mask=row_ok, other=0.0)
+            lse, dmass, dent, const = _row_grad_inputs(LSE, DMASS, DENT, CONST, row, row_ok)
             allowed = _allowed_pairs(row_ok, col_ok, query_masked, key_masked, RECALIBRATE)
             p, ds = _logit_grad_tile(q, k, v, do, key_masked, allowed, lse, dmass, dent, const, scale,
                                      DOT_PRECISION)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
-        grad_offs = b * sgb + h * sgh + offs_n[:, None] * sgn + offs_d[None, :] * sgd
-        tl.store(DK + grad_offs, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
-        tl.store(DV + grad_offs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+        tl.store(_tile(DK, b, h, sgb, sgh, sgn, offs_n, offs_d), (dk * scale).to(DK.dtype.element_ty),
+                 mask=kv_mask)
+        tl.store(_tile(DV, b, h, sgb, sgh, sgn, offs_n, offs_d), dv.to(DV.dtype.element_ty), mask=kv_mask)
 
     @triton.jit
     def _row_stats_bwd_dq_kernel(
             Q, K, V, DOUT, MASKED, LSE, DMASS, DENT, CONST, DQ,
-            sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
-            sgb, sgh, sgn, sgd,
+            sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn,
             num_heads, num_tokens, head_dim, scale,
             RECALIBRATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
         """One query block: dQ_i = scale sum_j dS_ij k_j, over all key blocks (no atomics)."""
         pid_m = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = (bh // num_heads).to(tl.int64)
-        h = (bh % num_heads).to(tl.int64)
+        bh, b, h = _batch_head(num_heads)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         row_ok = offs_m < num_tokens
         d_ok = offs_d < head_dim
         q_mask = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
-        do = tl.load(DOUT + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd, mask=q_mask, other=0.0)
+        q = tl.load(_tile(Q, b, h, sqb, sqh, sqn, offs_m, offs_d), mask=q_mask, other=0.0)
+        do = tl.load(_tile(DOUT, b, h, sdb, sdh, sdn, offs_m, offs_d), mask=q_mask, other=0.0)
         query_masked = tl.load(MASKED + b * num_tokens + offs_m, mask=row_ok, other=0) != 0
         row = bh.to(tl.int64) * num_tokens + offs_m
-        lse = tl.load(LSE + row, mask=row_ok, other=0.0)
-        dmass = tl.load(DMASS + row, mask=row_ok, other=0.0)
-        dent = tl.load(DENT + row, mask=row_ok, other=0.0)
-        const = tl.load(CONST + row, mask=row_ok, other=0.0)
+        lse, dmass, dent, const = _row_grad_inputs(LSE, DMASS, DENT, CONST, row, row_ok)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for start_n in range(0, num_tokens, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             col_ok = offs_n < num_tokens
             kv_mask = col_ok[:, None] & d_ok[None, :]
-            k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
-            v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+            k = tl.load(_tile(K, b, h, skb, skh, skn, offs_n, offs_d), mask=kv_mask, other=0.0)
+            v = tl.load(_tile(V, b, h, svb, svh, svn, offs_n, offs_d), mask=kv_mask, other=0.0)
             key_masked = tl.load(MASKED + b * num_tokens + offs_n, mask=col_ok, other=0)
             allowed = _allowed_pairs(row_ok, col_ok, query_masked, key_masked, RECALIBRATE)
             _, ds = _logit_grad_tile(q, k, v, do, key_masked, allowed, lse, dmass, dent, const, scale,
                                      DOT_PRECISION)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-        tl.store(DQ + b * sgb + h * sgh + offs_m[:, None] * sgn + offs_d[None, :] * sgd,
-                 (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+        tl.store(_tile(DQ, b, h, sgb, sgh, sgn, offs_m, offs_d), (dq * scale).to(DQ.dtype.element_ty),
+                 mask=q_mask)
 
 
 def _interpreted() -> bool:
@@ -232,11 +231,21 @@ def _interpreted() -> bool:
     return triton is not None and type(_row_stats_fwd_kernel).__name__ == "InterpretedFunction"
 
 
-def _launch_config(head_dim: int, block_m: Optional[int], block_n: Optional[int]) -> Dict[str, int]:
-    """Tile sizes: 64 x 64 by default (N = 197 or 257 gives 4 or 5 blocks). Not tuned on a GPU yet."""
+def _launch_config(head_dim: int, dtype: torch.dtype, tiles: Optional[Tuple[int, ...]]) -> Dict[str, int]:
+    """Tiles and warps. Chosen from ahead-of-time compiles for sm_90 (no spills, vectorised
+    loads; docs/MTO_KERNEL.md), not from timings: `tiles` = (BLOCK_M, BLOCK_N[, num_warps])
+    overrides them, for tests and tools/bench_attention.py."""
     block_d = max(16, triton.next_power_of_2(head_dim))
-    return {"BLOCK_M": block_m or 64, "BLOCK_N": block_n or 64, "BLOCK_D": block_d,
-            "num_warps": 4 if block_d <= 64 else 8, "num_stages": 2}
+    if dtype == torch.float32:  # exact fp32 products run on FMA units; larger tiles spill
+        block_m, block_n, num_warps = 32, 32, 8
+    elif block_d <= 64:
+        block_m, block_n, num_warps = 64, 64, 4
+    else:
+        block_m, block_n, num_warps = 64, 32, 8
+    if tiles:
+        block_m, block_n = tiles[:2]
+        num_warps = tiles[2] if len(tiles) > 2 else num_warps
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "num_warps": num_warps, "num_stages": 2}
 
 
 def _row_stats_forward(q, k, v, masked_i8, recalibrate, scale, config):
@@ -247,7 +256,7 @@ def _row_stats_forward(q, k, v, masked_i8, recalibrate, scale, config):
     grid = (triton.cdiv(tokens, config["BLOCK_M"]), batch * heads)
     _row_stats_fwd_kernel[grid](
         q, k, v, masked_i8, out, lse, mass, entropy,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         heads, tokens, head_dim, scale,
         RECALIBRATE=recalibrate, DOT_PRECISION=_dot_precision(q.dtype), **config)
     return out, lse, mass, entropy
@@ -256,14 +265,15 @@ def _row_stats_forward(q, k, v, masked_i8, recalibrate, scale, config):
 def _row_stats_backward(q, k, v, masked_i8, out, lse, mass, entropy, dout, dmass, dentropy,
                         recalibrate, scale, config):
     batch, heads, tokens, head_dim = q.shape
+    dout = _unit_last_stride(dout)
     dmass = dmass.float().contiguous()
     dentropy = dentropy.float().contiguous()
     const = torch.empty_like(lse)
     _row_constant_kernel[(triton.cdiv(tokens, config["BLOCK_M"]), batch * heads)](
-        out, dout, mass, dmass, entropy, dentropy, const, *out.stride(), *dout.stride(),
+        out, dout, mass, dmass, entropy, dentropy, const, *_strides(out), *_strides(dout),
         heads, tokens, head_dim, BLOCK_M=config["BLOCK_M"], BLOCK_D=config["BLOCK_D"])
     dq, dk, dv = (torch.empty(q.shape, dtype=t.dtype, device=q.device) for t in (q, k, v))
-    common = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
+    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
               heads, tokens, head_dim, scale)
     flags = dict(RECALIBRATE=recalibrate, DOT_PRECISION=_dot_precision(q.dtype), **config)
     _row_stats_bwd_dkdv_kernel[(triton.cdiv(tokens, config["BLOCK_N"]), batch * heads)](
@@ -271,6 +281,16 @@ def _row_stats_backward(q, k, v, masked_i8, out, lse, mass, entropy, dout, dmass
     _row_stats_bwd_dq_kernel[(triton.cdiv(tokens, config["BLOCK_M"]), batch * heads)](
         q, k, v, dout, masked_i8, lse, dmass, dentropy, const, dq, *common, **flags)
     return dq, dk, dv
+
+
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    """The kernels take head_dim as contiguous (vectorised loads); other strides are free."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _strides(t: torch.Tensor) -> Tuple[int, int, int]:
+    assert t.stride(-1) == 1, f"expected a contiguous last dim, got strides {t.stride()}"
+    return t.stride()[:3]
 
 
 def _dot_precision(dtype: torch.dtype) -> Optional[str]:
@@ -283,9 +303,9 @@ class _FusedRowStatsAttention(torch.autograd.Function):
     """(q, k, v) -> (out, mass_on_masked, entropy H_i in nats); saves only O(B H N) extras."""
 
     @staticmethod
-    def forward(ctx, q, k, v, masked, recalibrate: bool, scale: float,
-                block_m: Optional[int] = None, block_n: Optional[int] = None):
-        config = _launch_config(q.shape[-1], block_m, block_n)
+    def forward(ctx, q, k, v, masked, recalibrate: bool, scale: float, tiles: Optional[Tuple[int, ...]] = None):
+        config = _launch_config(q.shape[-1], q.dtype, tiles)
+        q, k, v = (_unit_last_stride(t) for t in (q, k, v))
         masked_i8 = masked.to(torch.int8).contiguous()
         with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
             out, lse, mass, entropy = _row_stats_forward(q, k, v, masked_i8, recalibrate, scale, config)
@@ -299,7 +319,7 @@ class _FusedRowStatsAttention(torch.autograd.Function):
         with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
             dq, dk, dv = _row_stats_backward(q, k, v, masked_i8, out, lse, mass, entropy, dout, dmass,
                                              dentropy, ctx.recalibrate, ctx.scale, ctx.config)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
 def keys_per_row(masked: torch.Tensor, recalibrate: bool) -> torch.Tensor:
@@ -312,17 +332,19 @@ def keys_per_row(masked: torch.Tensor, recalibrate: bool) -> torch.Tensor:
 
 
 def fused_attention_with_row_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                   masked: torch.Tensor, recalibrate: bool, scale: float,
+                                   masked: torch.Tensor, recalibrate: bool, scale: float, *,
+                                   tiles: Optional[Tuple[int, ...]] = None,
                                    ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """`attention_with_row_stats` (no dropout) as Triton kernels; same inputs, same outputs.
 
     q, k, v [B, H, N, d] of one dtype (fp16, bf16 or fp32, any strides), d <= MAX_HEAD_DIM;
     masked bool [B, N]. Returns (out [B, H, N, d] in v's dtype, stats) with float32 [B, H, N]
     `mass_on_masked` and `norm_entropy`, differentiable in q, k, v. Accumulation is fp32.
-    Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (tests).
+    Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (tests). `tiles`
+    (BLOCK_M, BLOCK_N[, num_warps]) overrides the launch configuration (tests, benchmarks).
     """
     _check_fused_inputs(q, k, v, masked)
-    out, mass, entropy = _FusedRowStatsAttention.apply(q, k, v, masked, bool(recalibrate), float(scale))
+    out, mass, entropy = _FusedRowStatsAttention.apply(q, k, v, masked, bool(recalibrate), float(scale), tiles)
     n_keys = keys_per_row(masked, recalibrate)
     return out, {"mass_on_masked": mass, "norm_entropy": entropy / n_keys.clamp(min=2.0).log()}
 
@@ -339,9 +361,9 @@ def _check_fused_inputs(q, k, v, masked) -> None:
         raise ValueError(f"expected q, k, v of one dtype in {SUPPORTED_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.shape[-1] > MAX_HEAD_DIM:
         raise ValueError(f"expected head_dim <= {MAX_HEAD_DIM}, got {q.shape[-1]}")
-    if masked.dtype != torch.bool or tuple(masked.shape) != (q.shape[0], q.shape[2]):
-        raise ValueError(f"expected masked bool [B, N] = {(q.shape[0], q.shape[2])}, "
-                         f"got {masked.dtype} {tuple(masked.shape)}")
+    if masked.dtype != torch.bool or tuple(masked.shape) != (q.shape[0], q.shape[2]) or masked.device != q.device:
+        raise ValueError(f"expected masked bool [B, N] = {(q.shape[0], q.shape[2])} on {q.device}, "
+                         f"got {masked.dtype} {tuple(masked.shape)} on {masked.device}")
 
 
 def fused_path_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> bool:

@@ -32,6 +32,12 @@ def attention_with_row_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
       `norm_entropy`    e_i = H(A_i) / log(n_i), n_i the number of keys row i may attend to
     Statistics are taken from the probabilities before attention dropout.
     """
+    # float32 even under autocast, which would otherwise run this matmul in bf16.
+    with torch.autocast(q.device.type, enabled=False):
+        return _explicit_attention(q, k, v, masked, recalibrate, scale, dropout_p)
+
+
+def _explicit_attention(q, k, v, masked, recalibrate, scale, dropout_p):
     logits = (q.float() @ k.float().transpose(-2, -1)) * scale
     num_tokens = logits.shape[-1]
     if recalibrate:

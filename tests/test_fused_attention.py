@@ -1,0 +1,287 @@
+"""The fused MTO attention kernel against the explicit reference (docs/MTO_KERNEL.md).
+
+CPU: Triton's interpreter (TRITON_INTERPRET=1) runs the kernels on CPU tensors. It must be
+on before the kernels are defined, so the interpreted cases run in one child process (this
+file run as a script) and the tests here assert on the errors it reports. The interpreter
+cannot multiply bf16 (triton-lang/triton#11584), so its low-precision case is fp16; bf16 is
+covered by the CUDA tests, which run the same comparisons at ViT shapes when a GPU is present.
+
+Tolerances. Ground truth is the reference in fp32 on the same (rounded) inputs. For every
+output and gradient: max|fused - truth| <= 2 * max|reference(dtype) - truth| + RTOL[dtype] *
+max|truth|, i.e. the kernel may be at most twice as far from the truth as the reference
+itself run in that dtype. Statistics are fp32 functions of exact logits in both paths, so they
+must agree to STATS_ATOL.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mto_ds.mto.fused_attention import (attention_with_row_stats_auto, fused_attention_with_row_stats,
+                                        fused_path_applies, triton)
+from mto_ds.mto.stats import attention_with_row_stats
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TERMS = ("out", "mass_on_masked", "norm_entropy")
+RTOL = {torch.float32: 2e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+STATS_ATOL = {torch.float32: 1e-4, torch.float16: 1e-3, torch.bfloat16: 1e-3}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# Small shapes for the interpreter. Default tiles are 64 x 64 (32 x 32 for fp32), so N = 70
+# spans two (three) tiles, the last partial; "tiles" overrides them. "edge" masks sample 0's
+# first 20 tokens (CLS included: a visible query then meets a whole excluded key tile) and no
+# token of sample 1.
+INTERPRETER_CASES = {
+    "plain_fp32": dict(shape=(2, 2, 70, 16), dtype="fp32", recalibrate=False),
+    "recalibrated_fp32": dict(shape=(2, 2, 70, 16), dtype="fp32", recalibrate=True),
+    "recalibrated_edge_masks_small_tiles_head_dim_24_fp32": dict(
+        shape=(2, 2, 53, 24), dtype="fp32", recalibrate=True, mask="edge", tiles=(16, 32)),
+    "recalibrated_fp16": dict(shape=(2, 2, 53, 32), dtype="fp16", recalibrate=True, tiles=(16, 16)),
+    "plain_fp16": dict(shape=(2, 2, 70, 32), dtype="fp16", recalibrate=False),
+    "recalibrated_unequal_tiles_fp16": dict(shape=(1, 2, 53, 32), dtype="fp16", recalibrate=True, tiles=(32, 16)),
+}
+CUDA_CASES = {
+    f"vit_{name}_{'recalibrated' if recal else 'plain'}": dict(shape=(2, 16, 197, 64), dtype=name, recalibrate=recal)
+    for name in ("bf16", "fp16", "fp32") for recal in (False, True)
+}
+CUDA_CASES["vit_bf16_recalibrated_n257_edge_masks"] = dict(shape=(2, 16, 257, 64), dtype="bf16",
+                                                           recalibrate=True, mask="edge")
+
+
+def _make_inputs(case, device):
+    """Leaf qkv [B, N, 3, H, d] in the case's dtype (timm's layout) and masked bool [B, N]."""
+    batch, heads, tokens, head_dim = case["shape"]
+    gen = torch.Generator().manual_seed(0)
+    qkv = 1.5 * torch.randn(batch, tokens, 3, heads, head_dim, generator=gen)
+    masked = torch.rand(batch, tokens, generator=gen) < 0.6
+    masked[:, 0] = False
+    if case.get("mask") == "edge":
+        masked[0, :20] = True
+        masked[-1] = False
+    cotangents = {
+        "out": torch.randn(batch, tokens, heads, head_dim, generator=gen),
+        "mass_on_masked": torch.randn(batch, heads, tokens, generator=gen),
+        "norm_entropy": torch.randn(batch, heads, tokens, generator=gen),
+    }
+    qkv = qkv.to(DTYPES[case["dtype"]])
+    return qkv.to(device), masked.to(device), {k: c.to(device) for k, c in cotangents.items()}
+
+
+def _run(attention, qkv, masked, cotangents, recalibrate):
+    """Forward values and, per loss term, the gradient in q, k, v (all as fp32)."""
+    qkv = qkv.detach().requires_grad_()
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)       # strided views, as timm's Attention
+    out, stats = attention(q, k, v, masked, recalibrate, q.shape[-1] ** -0.5)
+    # The out term reads out through a transpose, so the kernel gets a non-contiguous dout.
+    terms = {"out": out.transpose(1, 2), **stats}
+    result = {name: value.detach().float() for name, value in terms.items()}
+    for term, value in terms.items():
+        (grad,) = torch.autograd.grad((value.float() * cotangents[term]).sum(), qkv, retain_graph=True)
+        for i, name in enumerate("qkv"):
+            result[f"d{name}/{term}"] = grad[:, :, i].float()
+    return result
+
+
+def compare_with_reference(case, device):
+    """{quantity: {fused, reference, scale}}: max errors against fp32 truth, max |truth|."""
+    qkv, masked, cotangents = _make_inputs(case, device)
+    recalibrate = case["recalibrate"]
+
+    def fused(q, k, v, masked, recalibrate, scale):
+        return fused_attention_with_row_stats(q, k, v, masked, recalibrate, scale, tiles=case.get("tiles"))
+
+    truth = _run(attention_with_row_stats, qkv.float(), masked, cotangents, recalibrate)
+    reference = _run(attention_with_row_stats, qkv, masked, cotangents, recalibrate)
+    kernel = _run(fused, qkv, masked, cotangents, recalibrate)
+    return {name: {"fused": (kernel[name] - t).abs().max().item(),
+                   "reference": (reference[name] - t).abs().max().item(),
+                   "scale": t.abs().max().item()} for name, t in truth.items()}
+
+
+def visible_rows_under_changed_mask_token(case, device):
+    """Recalibrated fused attention run twice, v at masked keys changed in between.
+
+    Returns the largest change of the output at visible rows and the largest mass that a
+    visible row puts on masked keys; both must be exactly 0.
+    """
+    qkv, masked, _ = _make_inputs(case, device)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    scale = q.shape[-1] ** -0.5
+    out_a, stats = fused_attention_with_row_stats(q, k, v, masked, True, scale)
+    v_changed = torch.where(masked[:, None, :, None], v + 5.0, v)
+    out_b, _ = fused_attention_with_row_stats(q, k, v_changed, masked, True, scale)
+    visible = ~masked[:, None, :]
+    return {"visible_out_change": (out_a - out_b).abs().amax(-1)[visible.expand_as(out_a[..., 0])].max().item(),
+            "visible_mass": stats["mass_on_masked"][visible.expand_as(out_a[..., 0])].abs().max().item()}
+
+
+def _assert_within_tolerance(errors, case, names):
+    dtype = DTYPES[case["dtype"]]
+    for name in names:
+        e = errors[name]
+        if "/" in name or name == "out":
+            bound = 2.0 * e["reference"] + RTOL[dtype] * e["scale"]
+        else:
+            bound = STATS_ATOL[dtype]
+        assert e["fused"] <= bound, f"{name}: fused error {e['fused']:.3g} > bound {bound:.3g} ({e})"
+
+
+FORWARD = TERMS
+GRADIENTS = tuple(f"d{x}/{term}" for term in TERMS for x in "qkv")
+
+
+# ---------------------------------------------------------------- CPU, Triton interpreter
+@pytest.fixture(scope="module")
+def interpreter_report():
+    if triton is None:
+        pytest.skip("triton is not installed")
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, __file__, "--interpreter-report"], env=env, cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"interpreter run failed:\n{proc.stderr[-4000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case_name", INTERPRETER_CASES)
+def test_interpreted_kernel_outputs_and_statistics_match_reference(interpreter_report, case_name):
+    _assert_within_tolerance(interpreter_report[case_name], INTERPRETER_CASES[case_name], FORWARD)
+
+
+@pytest.mark.parametrize("case_name", INTERPRETER_CASES)
+def test_interpreted_kernel_gradients_match_reference_for_each_loss_term(interpreter_report, case_name):
+    _assert_within_tolerance(interpreter_report[case_name], INTERPRETER_CASES[case_name], GRADIENTS)
+
+
+def test_interpreted_kernel_visible_outputs_ignore_mask_token_values_when_recalibrated(interpreter_report):
+    assert interpreter_report["invariance"] == {"visible_out_change": 0.0, "visible_mass": 0.0}
+
+
+# ---------------------------------------------------------------- CPU, no kernel
+def test_dispatcher_takes_reference_path_on_cpu():
+    qkv, masked, _ = _make_inputs(INTERPRETER_CASES["recalibrated_fp32"], "cpu")
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    assert not fused_path_applies(q, k, v, 0.0)
+    out, stats = attention_with_row_stats_auto(q, k, v, masked, True, 0.25)
+    ref_out, ref_stats = attention_with_row_stats(q, k, v, masked, True, 0.25)
+    assert torch.equal(out, ref_out)
+    assert all(torch.equal(stats[name], ref_stats[name]) for name in ref_stats)
+
+
+def test_module_imports_and_dispatches_to_reference_without_triton():
+    script = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch\n"
+        "from mto_ds.mto import fused_attention as fa\n"
+        "from mto_ds.mto.stats import attention_with_row_stats\n"
+        "q, k, v = torch.randn(3, 1, 2, 9, 8).unbind(0); m = torch.rand(1, 9) < 0.5\n"
+        "out, st = fa.attention_with_row_stats_auto(q, k, v, m, True, 0.3)\n"
+        "ref, rst = attention_with_row_stats(q, k, v, m, True, 0.3)\n"
+        "print(fa.triton is None, (out - ref).abs().max().item(),"
+        " (st['norm_entropy'] - rst['norm_entropy']).abs().max().item())\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.split() == ["True", "0.0", "0.0"]
+
+
+# ---------------------------------------------------------------- CPU, compiled for a GPU
+def _compile_for_gpu(kernel, arch, dtype, constexprs, num_warps, num_stages):
+    """triton.compile for a CUDA target without a device (PTX and cubin; nothing runs).
+
+    Argument types follow the kernels' naming: MASKED int8, the [B, H, N] row tensors fp32,
+    other upper-case names tensors of `dtype`, `scale` fp32, the rest int32. Pointers and
+    strides are marked 16-divisible, as triton's launcher marks them for contiguous inputs.
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    signature, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        if name == "MASKED":
+            signature[name] = "*i8"
+        elif name in ("LSE", "MASS", "ENT", "DMASS", "DENT", "CONST"):
+            signature[name] = "*fp32"
+        elif name.isupper():
+            signature[name] = f"*{dtype}"
+        else:
+            signature[name] = "fp32" if name == "scale" else "i32"
+        if signature[name].startswith("*") or (name[0] == "s" and len(name) == 3):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    source = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def test_kernels_compile_for_sm90_with_tensor_core_products_at_vit_head_dim():
+    from mto_ds.mto import fused_attention as fa
+    if triton is None or fa._interpreted() or "nvidia" not in getattr(triton.backends, "backends", {}):
+        pytest.skip("needs triton with its NVIDIA backend, not interpreted")
+    config = fa._launch_config(64, torch.bfloat16, None)
+    tile = {name: config[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_D")}
+    attention = dict(RECALIBRATE=True, DOT_PRECISION=None, **tile)
+    kernels = {fa._row_stats_fwd_kernel: attention, fa._row_stats_bwd_dkdv_kernel: attention,
+               fa._row_stats_bwd_dq_kernel: attention,
+               fa._row_constant_kernel: dict(BLOCK_M=config["BLOCK_M"], BLOCK_D=config["BLOCK_D"])}
+    for kernel, constexprs in kernels.items():
+        compiled = _compile_for_gpu(kernel, 90, "bf16", constexprs, config["num_warps"], config["num_stages"])
+        assert compiled.asm["cubin"], kernel.__name__
+        if kernel is not fa._row_constant_kernel:
+            assert "wgmma" in compiled.asm["ptx"], f"{kernel.__name__} does not use tensor cores on sm_90"
+
+
+# ---------------------------------------------------------------- CUDA
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available() or triton is None,
+                               reason="needs a CUDA device and triton")
+
+
+@pytest.fixture
+def exact_fp32_matmuls():
+    """The fp32 truth must not be TF32-rounded, whatever the process set globally."""
+    saved = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    yield
+    torch.backends.cuda.matmul.fp32_precision = saved
+
+
+@cuda_only
+@pytest.mark.parametrize("case_name", CUDA_CASES)
+def test_cuda_kernel_outputs_statistics_and_gradients_match_reference_at_vit_shapes(case_name, exact_fp32_matmuls):
+    case = CUDA_CASES[case_name]
+    _assert_within_tolerance(compare_with_reference(case, "cuda"), case, FORWARD + GRADIENTS)
+
+
+@cuda_only
+def test_cuda_kernel_visible_outputs_ignore_mask_token_values_when_recalibrated():
+    result = visible_rows_under_changed_mask_token(CUDA_CASES["vit_bf16_recalibrated"], "cuda")
+    assert result == {"visible_out_change": 0.0, "visible_mass": 0.0}
+
+
+@cuda_only
+def test_dispatcher_takes_fused_kernel_on_cuda_only_without_dropout_and_for_supported_head_dims():
+    q = torch.randn(2, 4, 197, 64, device="cuda", dtype=torch.bfloat16)
+    assert fused_path_applies(q, q, q, 0.0)
+    assert not fused_path_applies(q, q, q, 0.1)
+    wide = torch.randn(2, 4, 197, 192, device="cuda", dtype=torch.bfloat16)
+    assert not fused_path_applies(wide, wide, wide, 0.0)
+    assert not fused_path_applies(q.cpu(), q.cpu(), q.cpu(), 0.0)
+
+
+def _interpreter_report() -> dict:
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    report = {name: compare_with_reference(case, "cpu") for name, case in INTERPRETER_CASES.items()}
+    report["invariance"] = visible_rows_under_changed_mask_token(INTERPRETER_CASES["recalibrated_fp32"], "cpu")
+    return report
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--interpreter-report"]:
+    print(json.dumps(_interpreter_report()))
