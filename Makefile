@@ -1,6 +1,8 @@
 # Set-up and the two commands of README.md: `make demo` and `make test`.
 # Both install what is missing (apt packages, the virtual environment) and skip what is there.
 SHELL := /bin/bash
+# DeepSpeed JIT-builds a CPU comm op on first use; keep the build with the venv.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.venv/torch_extensions
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python

@@ -63,8 +63,11 @@ def init_distributed() -> DistInfo:
 
     accelerator = get_accelerator()
     local_rank = int(os.environ["LOCAL_RANK"])
+    device = torch.device("cpu")
     if accelerator.device_name() != "cpu":
-        accelerator.set_device(local_rank)
+        # Modulo: clusters that bind one GPU per task show each task a single device 0.
+        index = local_rank % max(accelerator.device_count(), 1)
+        accelerator.set_device(index)
+        device = torch.device(accelerator.device_name(index))
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
-    device = torch.device(accelerator.device_name(local_rank) if accelerator.device_name() != "cpu" else "cpu")
     return DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank, device)

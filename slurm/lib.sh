@@ -1,0 +1,213 @@
+# shellcheck shell=bash
+# Job mechanics behind slurm/pretrain.sbatch and slurm/sweep.sbatch; sourced by them, not
+# run. The templates set the MTO_* parameters and the cluster environment, then call
+# `mto_main "$@"`. Everything a cluster admin may want to change lives in the templates.
+#
+# Preemption and time limits (docs/SLURM.md has the whole story):
+#   Slurm sends USR1 to the batch shell only (`--signal=B:USR1@T`, or by hand
+#   `scancel --batch --signal=USR1 JOBID`). The trap below forwards it to the training
+#   step; srun delivers it to every process of the step, the engine's ranks finish the
+#   current optimizer step, save a checkpoint together, write RUN_DIR/state.json and exit
+#   0. Then, if state.json says the run is not finished, the job requeues itself
+#   (`scontrol requeue`) up to MTO_MAX_RESTARTS times; the requeued job runs this same
+#   script with SLURM_RESTART_COUNT+1 and the engine resumes from the newest complete
+#   checkpoint (checkpoint.resume=auto).
+#   TERM means cancel (scancel, the hard time limit, preemption by Slurm itself): it is
+#   forwarded too so the ranks can still try to checkpoint, but the job never requeues
+#   itself after it; with PreemptMode=REQUEUE, Slurm requeues preempted jobs on its own.
+
+MTO_STEP_PID=""
+MTO_SIGNALS=""      # signals the batch shell received, in order, e.g. " USR1 TERM"
+MTO_NSIG=0
+# Trap from the moment this file is sourced: a signal that finds no trap kills the shell.
+trap 'mto_on_signal USR1' USR1
+trap 'mto_on_signal TERM' TERM
+
+mto_log() { printf '[mto_ds slurm %(%F %T)T] %s\n' -1 "$*"; }
+mto_die() { mto_log "error: $*"; exit 2; }
+
+mto_on_signal() {
+    MTO_SIGNALS+=" $1"
+    MTO_NSIG=$((MTO_NSIG + 1))
+    if [[ -n $MTO_STEP_PID ]]; then
+        mto_log "batch shell got SIG$1: forwarding it to the training step"
+        kill -s "$1" "$MTO_STEP_PID" 2>/dev/null || true
+    else
+        mto_log "batch shell got SIG$1 before training started"
+    fi
+}
+
+# Run "$@" (an srun command) in the background so the traps fire while it runs (bash
+# defers traps while a foreground command runs), and return its exit status.
+mto_run_step() {
+    local rc=0 r seen first=1
+    "$@" &
+    MTO_STEP_PID=$!
+    while :; do
+        seen=$MTO_NSIG
+        wait "$MTO_STEP_PID"
+        r=$?
+        # A repeated wait on a step that was already reaped answers 127: rc is its status.
+        if ((!first && r == 127)) && ! kill -0 "$MTO_STEP_PID" 2>/dev/null; then break; fi
+        rc=$r
+        first=0
+        # A trapped signal interrupts wait (status > 128) while the step runs on: wait again.
+        ((MTO_NSIG == seen)) && break
+    done
+    MTO_STEP_PID=""
+    return "$rc"
+}
+
+# Rendezvous for torch.distributed: the first node of the allocation, a port derived from
+# the job id (array elements and jobs sharing a node get different ports).
+mto_set_master() {
+    MASTER_ADDR=${MTO_MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
+    MASTER_PORT=${MTO_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+    export MASTER_ADDR MASTER_PORT
+}
+
+# Copy the dataset file to node-local storage once per node (skipped when a copy of the
+# same size is already there, e.g. after a requeue onto the same node). Prints the path
+# the ranks should read.
+mto_stage_data() {
+    local src=$1 dir=$2
+    [[ -f $src ]] || mto_die "MTO_DATA_PATH=$src is not a file (staging needs the .beton on shared storage)"
+    local dst
+    dst="$dir/$(basename "$src")"
+    mto_log "staging $src to $dst on each of $SLURM_JOB_NUM_NODES node(s)" >&2
+    # Copy to a temporary name and rename, so a preempted copy never looks complete.
+    # shellcheck disable=SC2016  # expanded by the remote bash
+    srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 \
+        --kill-on-bad-exit=1 bash -c '
+            set -e; mkdir -p "$2"
+            if [[ $(stat -c %s "$1") != $(stat -c %s "$3" 2>/dev/null) ]]; then
+                cp "$1" "$3.part.$SLURM_JOB_ID" && mv -f "$3.part.$SLURM_JOB_ID" "$3"
+            fi' _ "$src" "$dir" "$dst" >&2 || mto_die "staging $src to $dir failed"
+    printf '%s\n' "$dst"
+}
+
+# The srun command of the training step: one task per GPU (MTO_LAUNCHER=srun), or one
+# torchrun / deepspeed launcher per node that starts SLURM_NTASKS_PER_NODE ranks.
+mto_step_command() {
+    local -n _cmd=$1
+    shift
+    local cpus=() srun_args
+    read -r -a srun_args <<<"$MTO_SRUN_ARGS"
+    # Since Slurm 22.05 srun no longer inherits --cpus-per-task from the allocation.
+    [[ -n ${SLURM_CPUS_PER_TASK:-} ]] && cpus=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+    case $MTO_LAUNCHER in
+        srun)
+            # Ranks come from SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID; stale torchrun
+            # variables from the submitting shell would override them.
+            unset RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE
+            _cmd=(srun --kill-on-bad-exit=1 "${cpus[@]}" --cpu-bind="$MTO_CPU_BIND" "${srun_args[@]}"
+                 "$MTO_PYTHON" -u -m mto_ds "$@")
+            ;;
+        torchrun | deepspeed)
+            local per_node=${SLURM_NTASKS_PER_NODE:-$((SLURM_NTASKS / SLURM_JOB_NUM_NODES))}
+            per_node=${per_node%%(*}   # "8(x2)" in heterogeneous layouts
+            export MTO_LAUNCHER MTO_PYTHON MTO_RANKS_PER_NODE=$per_node
+            # One task per node with all of the node's CPUs; the launcher does not bind.
+            _cmd=(srun --kill-on-bad-exit=1 --nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES"
+                 --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_ON_NODE" --cpu-bind=none "${srun_args[@]}"
+                 bash "$MTO_ROOT/slurm/node_launcher.sh" "$@")
+            ;;
+    esac
+}
+
+# "finished step total_steps reason" from RUN_DIR/state.json, or nothing if it is absent.
+mto_read_state() {
+    [[ -f $1/state.json ]] || return 0
+    "$MTO_PYTHON" - "$1/state.json" <<'EOF'
+import json, sys
+s = json.load(open(sys.argv[1]))
+print(str(bool(s.get("finished"))).lower(), s.get("step"), s.get("total_steps"), s.get("reason"))
+EOF
+}
+
+# One line per start of the job in RUN_DIR/slurm_jobs.log: which job, which restart, where
+# its log is. A run directory outlives its jobs; this is the map back to their logs.
+mto_record_start() {
+    local restart=$1 log
+    mkdir -p "$MTO_RUN_DIR"
+    log=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/^ *StdOut=//p')
+    printf '%(%F %T)T job %s restart %s nodes %s (%s) log %s\n' -1 "$SLURM_JOB_ID" "$restart" \
+        "$SLURM_JOB_NUM_NODES" "$SLURM_JOB_NODELIST" "${log:-?}" >>"$MTO_RUN_DIR/slurm_jobs.log"
+    mto_log "job $SLURM_JOB_ID restart $restart (at most $MTO_MAX_RESTARTS) on $SLURM_JOB_NUM_NODES node(s) $SLURM_JOB_NODELIST"
+    mto_log "run dir $MTO_RUN_DIR; launcher $MTO_LAUNCHER; master $MASTER_ADDR:$MASTER_PORT"
+}
+
+# After the training step: done, requeue (USR1 and not finished), or fail.
+mto_finish() {
+    local rc=$1 restart=$2 finished step total reason
+    read -r finished step total reason < <(mto_read_state "$MTO_RUN_DIR")
+    if [[ $finished == true ]]; then
+        mto_log "run finished: step $step of $total"
+        exit 0
+    fi
+    if [[ $MTO_SIGNALS == *USR1* && $MTO_SIGNALS != *TERM* ]]; then
+        if ((restart >= MTO_MAX_RESTARTS)); then
+            mto_log "not requeueing: restart limit MTO_MAX_RESTARTS=$MTO_MAX_RESTARTS reached at step ${step:-?}"
+            mto_log "to continue, submit again with MTO_RUN_DIR=$MTO_RUN_DIR"
+            exit 3
+        fi
+        # Even if the step failed while saving, the requeued job resumes from the newest
+        # complete checkpoint, so the job is worth another start.
+        mto_log "checkpointed at step ${step:-?} of ${total:-?} (${reason:-no state.json}); requeueing as restart $((restart + 1))"
+        scontrol requeue "$SLURM_JOB_ID" || mto_die "scontrol requeue $SLURM_JOB_ID failed"
+        exit 0
+    fi
+    mto_log "run not finished (step ${step:-?} of ${total:-?}, ${reason:-no state.json}${MTO_SIGNALS:+, signals:$MTO_SIGNALS}); not requeueing"
+    exit $((rc ? rc : 1))
+}
+
+mto_main() {
+    cd "$MTO_ROOT" || mto_die "cannot enter MTO_ROOT=$MTO_ROOT"
+    # Fail here, in one line of the job log, rather than in every rank after start-up.
+    [[ -f $MTO_CONFIG ]] || mto_die "MTO_CONFIG=$MTO_CONFIG: no such file under $MTO_ROOT"
+    [[ -z $MTO_DATA_PATH || -e $MTO_DATA_PATH ]] ||
+        mto_die "MTO_DATA_PATH=$MTO_DATA_PATH does not exist on $(hostname -s): point it at your .beton"
+    [[ -z $MTO_DATA_STAGE_DIR || -n $MTO_DATA_PATH ]] ||
+        mto_die "MTO_DATA_STAGE_DIR needs MTO_DATA_PATH: the .beton to copy"
+    case $MTO_LAUNCHER in
+        srun | torchrun | deepspeed) ;;
+        *) mto_die "MTO_LAUNCHER=$MTO_LAUNCHER: expected srun, torchrun or deepspeed" ;;
+    esac
+    local restart=${SLURM_RESTART_COUNT:-0}
+    # Overrides, later ones win: the template's, MTO_OVERRIDES, then the script's arguments.
+    local -a extra overrides
+    read -r -a extra <<<"$MTO_OVERRIDES"   # split on spaces, no glob expansion
+    extra+=("$@")
+    local arg
+    for arg in "${extra[@]}"; do
+        [[ $arg == *=* ]] || mto_die "argument '$arg' is not a section.key=value override"
+        # A run.output_dir given as an override moves the run: follow it.
+        [[ $arg == run.output_dir=* ]] && MTO_RUN_DIR=${arg#run.output_dir=}
+    done
+    mto_set_master
+    mto_record_start "$restart"
+
+    overrides=("run.output_dir=$MTO_RUN_DIR")
+    if [[ -n $MTO_DATA_PATH ]]; then
+        local data=$MTO_DATA_PATH
+        if [[ -n $MTO_DATA_STAGE_DIR ]]; then
+            data=$(mto_stage_data "$MTO_DATA_PATH" "$MTO_DATA_STAGE_DIR") || exit 2
+        fi
+        overrides+=("data.path=$data")
+    fi
+    [[ -n $MTO_WORKERS_PER_GPU ]] && overrides+=("data.num_workers=$MTO_WORKERS_PER_GPU")
+    overrides+=("${extra[@]}")
+    local -a cmd
+    mto_step_command cmd pretrain --config "$MTO_CONFIG" "${overrides[@]}"
+
+    if [[ -n $MTO_SIGNALS ]]; then
+        # Most often the job's --time is shorter than the --signal lead time, so Slurm
+        # signals at once; requeueing would repeat that up to MTO_MAX_RESTARTS times.
+        mto_die "got SIG${MTO_SIGNALS# } before training started (is --time shorter than the --signal lead time?); not requeueing"
+    fi
+    local rc=0
+    mto_log "step: ${cmd[*]}"
+    mto_run_step "${cmd[@]}" || rc=$?
+    mto_log "training step exited with status $rc"
+    mto_finish "$rc" "$restart"
+}

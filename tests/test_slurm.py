@@ -1,0 +1,258 @@
+"""The Slurm templates, submitted to a real single-host Slurm (tests/slurm_cluster.py).
+
+Each job is slurm/pretrain.sbatch or slurm/sweep.sbatch as users submit it, with the CPU
+overrides that turn the 8-node GPU example into 2 gloo ranks of the demo config: sbatch
+options on the command line (they win over the #SBATCH lines) and MTO_* variables.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+try:
+    from . import slurm_cluster as harness
+except ImportError:
+    import slurm_cluster as harness
+
+slurm_cluster = harness.slurm_cluster  # the fixture
+
+REPO = Path(__file__).resolve().parents[1]
+PRETRAIN = REPO / "slurm" / "pretrain.sbatch"
+SWEEP = REPO / "slurm" / "sweep.sbatch"
+
+# The GPU template's resources, shrunk to CPU tasks on this one node.
+CPU_OPTIONS = ("--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0", "--time=30")
+
+
+def cpu_env(run_dir: Path = None, **extra: str) -> dict:
+    """MTO_* variables for the demo on gloo: what a user would export before sbatch."""
+    env = {
+        "MTO_ROOT": str(REPO),
+        "MTO_CONFIG": "configs/demo.yaml",
+        "MTO_OVERRIDES": "deepspeed.config=ds_configs/cpu_zero2.json run.log_every=1 "
+                         "run.progress_bar=false checkpoint.every_steps=0",
+        "MTO_DATA_PATH": "",
+        "MTO_PYTHON": sys.executable,
+        "DS_ACCELERATOR": "cpu",
+        "PYTHONUNBUFFERED": "1",
+        # DeepSpeed JIT-builds its CPU comm op into a cache keyed by name only; Python
+        # environments sharing one cache rebuild it for each other (minutes each).
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions")),
+    }
+    try:  # the template's MASTER_ADDR is the node's hostname; some CI containers cannot resolve it
+        socket.gethostbyname(socket.gethostname().split(".")[0])
+    except OSError:
+        env["MTO_MASTER_ADDR"] = "127.0.0.1"
+    if run_dir is not None:
+        env["MTO_RUN_DIR"] = str(run_dir)
+    env.update(extra)
+    return env
+
+
+def job_log(job: dict) -> str:
+    path = Path(job.get("StdOut", ""))
+    return path.read_text(errors="replace") if path.is_file() else f"(no job log at {path})"
+
+
+def metrics(run_dir: Path) -> list:
+    """Logged optimizer steps; a line still being written (no newline yet) is left out."""
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().split("\n")[:-1] if path.is_file() else []
+    return [row for row in map(json.loads, filter(None, lines)) if "loss" in row]
+
+
+def metric_steps(run_dir: Path) -> list:
+    return [r["step"] for r in metrics(run_dir)]
+
+
+def state(run_dir: Path) -> dict:
+    return json.loads((run_dir / "state.json").read_text())
+
+
+def zero_shards(checkpoint: Path) -> list:
+    return sorted(p.name for p in checkpoint.glob("zero_pp_rank_*_optim_states.pt"))
+
+
+STEPS = 8  # both pretrain jobs: the signalled one is compared step by step with the other
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_job(slurm_cluster, tmp_path_factory):
+    """pretrain.sbatch on 2 gloo ranks, run to the end, with the .beton staged per node."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    run_dir = tmp / "run"
+    beton = tmp / "shared" / "train.beton"  # stands in for the dataset on shared storage
+    beton.parent.mkdir()
+    beton.write_bytes(b"not a real beton: staging only copies it")
+    env = cpu_env(run_dir, MTO_DATA_PATH=str(beton), MTO_DATA_STAGE_DIR=str(tmp / "node_local"))
+    job_id = slurm_cluster.sbatch(PRETRAIN, f"train.steps={STEPS}", env=env, cwd=REPO,
+                                  options=(*CPU_OPTIONS, f"--output={tmp}/%x-%j.out"))
+    [job] = slurm_cluster.wait_final(job_id, timeout=480)
+    return job, run_dir, beton, tmp / "node_local" / "train.beton"
+
+
+def test_pretrain_template_trains_two_gloo_ranks_to_the_end(uninterrupted_job):
+    job, run_dir, beton, staged = uninterrupted_job
+    log = job_log(job)
+    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "0"), log
+    assert state(run_dir) == {"finished": True, "step": STEPS, "total_steps": STEPS, "reason": "completed"}, log
+    assert metric_steps(run_dir) == list(range(1, STEPS + 1))
+    # Two ranks trained together: ZeRO-2 wrote one optimizer shard per rank.
+    assert zero_shards(run_dir / "checkpoints" / f"step_{STEPS:08d}") == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"], log
+    # The .beton was staged to node-local storage and the run pointed at the copy.
+    assert staged.read_bytes() == beton.read_bytes()
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["data"]["path"] == str(staged)
+    assert config["data"]["num_workers"] == 1  # MTO_WORKERS_PER_GPU defaults to --cpus-per-task
+    assert f"run finished: step {STEPS} of {STEPS}" in log
+    assert len((run_dir / "slurm_jobs.log").read_text().splitlines()) == 1
+
+
+# srun's one task per rank always; the per-node launchers on request (about 2 min each):
+# MTO_DS_SLURM_LAUNCHERS=torchrun,deepspeed
+LAUNCHERS = ["srun"] + [x for x in os.environ.get("MTO_DS_SLURM_LAUNCHERS", "").split(",") if x]
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_signalled_job_checkpoints_requeues_itself_and_resumes_to_the_exact_step_count(
+        slurm_cluster, uninterrupted_job, tmp_path, launcher):
+    """USR1 to the batch shell, as `--signal=B:USR1@600` sends it before the time limit
+    (sent here by hand once training is under way, so the test does not wait for Slurm's
+    30-60 s signal timer)."""
+    run_dir = tmp_path / "run"
+    env = cpu_env(run_dir, MTO_LAUNCHER=launcher)
+    job_id = slurm_cluster.sbatch(PRETRAIN, f"train.steps={STEPS}", env=env, cwd=REPO,
+                                  options=(*CPU_OPTIONS, f"--output={tmp_path}/%x-%j.out"))
+    deadline = time.monotonic() + 480
+    while len(metric_steps(run_dir)) < 2:
+        [job] = slurm_cluster.jobs(job_id)
+        assert job["JobState"] in ("PENDING", "RUNNING"), job_log(job)
+        assert time.monotonic() < deadline, f"no training progress\n{job_log(job)}"
+        time.sleep(0.2)
+    slurm_cluster.run("scancel", "--batch", "--signal=USR1", job_id)
+
+    [job] = slurm_cluster.wait_final(job_id, timeout=480)
+    log = job_log(job)
+    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), log
+    # The first start stopped part-way with a complete checkpoint and requeued itself ...
+    stopped = re.search(r"checkpointed at step (\d+) of (\d+) \(signal SIGUSR1\); requeueing as restart 1", log)
+    assert stopped, log
+    stopped_at = int(stopped.group(1))
+    assert 2 <= stopped_at < STEPS, log
+    assert (run_dir / "checkpoints" / f"step_{stopped_at:08d}" / "complete.json").is_file()
+    assert f"resumed from {run_dir}/checkpoints/step_{stopped_at:08d} at step {stopped_at}" in log
+    # ... and the second start finished the run: every step exactly once, and the same
+    # losses as the job that was never interrupted.
+    assert state(run_dir) == {"finished": True, "step": STEPS, "total_steps": STEPS, "reason": "completed"}, log
+    assert metric_steps(run_dir) == list(range(1, STEPS + 1)), log
+    reference = [r["loss"] for r in metrics(uninterrupted_job[1])]
+    assert [r["loss"] for r in metrics(run_dir)] == pytest.approx(reference, rel=1e-5)
+    starts = (run_dir / "slurm_jobs.log").read_text().splitlines()
+    assert [re.search(r"restart (\d+)", s).group(1) for s in starts] == ["0", "1"]
+
+
+def test_sweep_array_runs_each_element_in_its_own_run_dir(slurm_cluster, tmp_path):
+    sweep_dir, steps = tmp_path / "study", 3
+    # One rank per element so both elements run at once on this node.
+    options = ("--array=0-1", "--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=1", "--gpus-per-node=0",
+               "--time=30", "--oversubscribe", f"--output={tmp_path}/%x-%A_%a.out")
+    job_id = slurm_cluster.sbatch(SWEEP, f"train.steps={steps}", env=cpu_env(MTO_SWEEP_DIR=str(sweep_dir)),
+                                  cwd=REPO, options=options)
+    jobs = slurm_cluster.wait_final(job_id, timeout=480)
+    logs = "\n".join(job_log(j) for j in jobs)
+
+    assert sorted((j["ArrayTaskId"], j["JobState"], j["ExitCode"]) for j in jobs) == [
+        ("0", "COMPLETED", "0:0"), ("1", "COMPLETED", "0:0")], logs
+    assert sorted(p.name for p in sweep_dir.iterdir()) == ["baseline-ep100-s0", "mto-ep100-s0"]
+    for name, mto_enabled in (("baseline-ep100-s0", False), ("mto-ep100-s0", True)):
+        run_dir = sweep_dir / name
+        assert state(run_dir)["step"] == steps and state(run_dir)["finished"], logs
+        assert metric_steps(run_dir) == list(range(1, steps + 1))
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        assert (config["mto"]["enabled"], config["train"]["epochs"], config["run"]["seed"]) == (mto_enabled, 100, 0)
+        assert config["run"]["output_dir"] == str(run_dir)
+
+
+def test_sweep_lists_baseline_and_mto_side_by_side_for_each_budget():
+    out = subprocess.run(["bash", str(SWEEP), "--list"], capture_output=True, text=True, check=True).stdout
+    lines = out.splitlines()
+    assert lines[:2] == ["0 baseline-ep100-s0 mto.enabled=false train.epochs=100 run.seed=0",
+                         "1 mto-ep100-s0 mto.enabled=true train.epochs=100 run.seed=0"]
+    assert lines[-1] == f"submit with --array=0-{len(lines) - 2}"
+    names = [line.split()[1] for line in lines[:-1]]
+    assert len(set(names)) == len(names)  # every element gets its own run directory
+
+
+# ---- The batch shell's decisions, without Slurm (slurm/lib.sh sourced by bash) ----------
+
+def run_lib(script: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    """`script` in bash after sourcing slurm/lib.sh, with `scontrol` recorded, not run."""
+    prelude = (f"source {REPO / 'slurm' / 'lib.sh'}\n"
+               f"scontrol() {{ echo \"scontrol $*\" >>{tmp_path / 'scontrol.calls'}; }}\n")
+    base = {"PATH": os.environ["PATH"], "MTO_PYTHON": sys.executable, "MTO_RUN_DIR": str(tmp_path),
+            "MTO_MAX_RESTARTS": "2", "SLURM_JOB_ID": "42"}
+    return subprocess.run(["bash", "-c", prelude + script], env={**base, **env}, capture_output=True,
+                          text=True, timeout=60)
+
+
+@pytest.mark.parametrize("signals, restart, state_json, exit_code, requeued", [
+    (" USR1", 0, {"finished": False, "step": 3, "total_steps": 8, "reason": "signal SIGUSR1"}, 0, True),
+    (" USR1", 1, None, 0, True),  # ranks died before saving: resume from the checkpoint before
+    (" USR1", 2, {"finished": False, "step": 5, "total_steps": 8, "reason": "signal SIGUSR1"}, 3, False),
+    (" USR1 TERM", 0, {"finished": False, "step": 3, "total_steps": 8, "reason": "signal SIGTERM"}, 1, False),
+    ("", 0, {"finished": False, "step": 3, "total_steps": 8, "reason": "non-finite loss"}, 1, False),
+    (" USR1", 0, {"finished": True, "step": 8, "total_steps": 8, "reason": "completed"}, 0, False),
+])
+def test_job_requeues_only_after_usr1_on_an_unfinished_run_within_the_restart_limit(
+        tmp_path, signals, restart, state_json, exit_code, requeued):
+    if state_json is not None:
+        (tmp_path / "state.json").write_text(json.dumps(state_json))
+    out = run_lib(f'MTO_SIGNALS="{signals}"; mto_finish 0 {restart}', tmp_path)
+    assert out.returncode == exit_code, out.stdout + out.stderr
+    calls = tmp_path / "scontrol.calls"
+    assert (calls.read_text() if calls.exists() else "") == ("scontrol requeue 42\n" if requeued else "")
+
+
+def test_batch_shell_forwards_usr1_to_the_step_and_returns_its_exit_status(tmp_path):
+    # The step stands in for srun: it exits 7 once it has received USR1.
+    step = "trap 'echo step got USR1; exit 7' USR1; echo started; while :; do sleep 0.1; done"
+    script = (f"(sleep 1; kill -USR1 $$) & mto_run_step bash -c \"{step}\"; echo \"status $?\"")
+    out = run_lib(script, tmp_path)
+    assert out.stdout.splitlines()[-2:] == ["step got USR1", "status 7"], out.stdout + out.stderr
+    assert "batch shell got SIGUSR1: forwarding it to the training step" in out.stdout
+
+
+@pytest.mark.parametrize("env, args, message", [
+    ({"MTO_CONFIG": "configs/no_such.yaml"}, [], "MTO_CONFIG=configs/no_such.yaml: no such file"),
+    ({"MTO_DATA_PATH": "/no/such/train.beton"}, [], "MTO_DATA_PATH=/no/such/train.beton does not exist"),
+    ({"MTO_DATA_STAGE_DIR": "/tmp/stage"}, [], "MTO_DATA_STAGE_DIR needs MTO_DATA_PATH"),
+    ({}, ["train.steps"], "argument 'train.steps' is not a section.key=value override"),
+    ({"MTO_LAUNCHER": "mpirun"}, [], "MTO_LAUNCHER=mpirun: expected srun, torchrun or deepspeed"),
+])
+def test_pretrain_template_fails_before_any_rank_starts_naming_the_bad_setting(tmp_path, env, args, message):
+    job_env = {**cpu_env(tmp_path / "run"), "PATH": os.environ["PATH"], "SLURM_JOB_ID": "42",
+               "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "node1", **env}
+    # Run by bash outside any Slurm job: the checks come before the first srun.
+    out = subprocess.run(["bash", str(PRETRAIN), *args], env=job_env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert message in out.stdout, out.stdout + out.stderr
+
+
+def test_slurm_tests_skip_with_the_reason_without_root_or_without_slurm(monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert "needs root" in harness.unavailable_reason()
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(harness.shutil, "which", lambda name, path=None: None if name == "slurmd" else name)
+    assert harness.unavailable_reason() == ("Slurm is not installed (missing slurmd): "
+                                            "apt-get install slurm-wlm munge")
