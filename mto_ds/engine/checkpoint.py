@@ -1,27 +1,41 @@
 """DeepSpeed checkpoints that become the newest only once complete on every rank.
 
 Layout under run_dir/checkpoints/:
-    step_00000120/          engine.save_checkpoint(tag=...) output of all ranks
-    step_00000120/complete.json   written by rank 0 after a barrier: the save finished everywhere
-    latest                  DeepSpeed's pointer file, rewritten atomically after complete.json
-A save killed midway leaves a tag without complete.json, which resume never picks.
+    step_00000120/                 engine.save_checkpoint(tag=...) output of all ranks
+    step_00000120/complete.json    written by rank 0 once every rank has written its part: the
+                                   step, the world size and the size of every file of the save
+    step_00000120_universal/       the same, converted by ds_to_universal for another world size
+    latest                         DeepSpeed's pointer file, rewritten atomically after complete.json
+    step_00000150.damaged/         a complete checkpoint that failed to load, set aside (kept for
+                                   inspection; resume and pruning never look at it again)
+A save killed midway leaves a tag without complete.json: resume never picks it, the next save
+of that step replaces it, and the next pruning removes it.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional, Tuple
 
+import torch
 import torch.distributed as dist
+
+from ..config import ConfigError
+from .faults import Faults
 
 log = logging.getLogger("mto_ds")
 MARKER = "complete.json"
+TAG = re.compile(r"step_\d{8}")
+# What pruning may delete: a tag, its universal conversion, and a conversion cut short.
+PRUNABLE = re.compile(r"(step_\d{8})(_universal(\.tmp)?)?")
 
 
 def _barrier() -> None:
@@ -42,40 +56,100 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def universal_dir(tag_dir: Path) -> Path:
+    return tag_dir.with_name(tag_dir.name + "_universal")
+
+
+def read_marker(tag_dir: Path) -> dict:
+    return json.loads((Path(tag_dir) / MARKER).read_text())
+
+
+def file_sizes(tag_dir: Path) -> dict:
+    return {str(p.relative_to(tag_dir)): p.stat().st_size
+            for p in sorted(Path(tag_dir).rglob("*")) if p.is_file() and p.name != MARKER}
+
+
+def verify(tag_dir: Path) -> Optional[str]:
+    """What is wrong with a complete checkpoint's files (missing, truncated), or None.
+
+    A size check: cheap on a checkpoint of many GB, and it catches what a killed copy or a full
+    disk leaves. Damage that keeps the size shows up as a load error instead.
+    """
+    try:
+        marker = read_marker(tag_dir)
+    except (OSError, ValueError) as err:
+        return f"unreadable {MARKER}: {err}"
+    for name, size in marker.get("files", {}).items():
+        path = Path(tag_dir) / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} when it was saved"
+    return None
+
+
+def _attempt(fn: Callable, *args) -> Tuple[object, Optional[str]]:
+    try:
+        return fn(*args), None
+    except Exception as err:  # a damaged checkpoint: the caller falls back to an older one
+        where = traceback.extract_tb(err.__traceback__)[-1]
+        return None, f"{type(err).__name__}: {err}" if str(err) else \
+            f"{type(err).__name__} in {Path(where.filename).name}:{where.lineno}"
+
+
+def _agree(problem: Optional[str], device) -> Optional[str]:
+    """The same verdict on every rank: a problem on any rank is a problem everywhere."""
+    flag = torch.tensor([0.0 if problem else 1.0], device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return None if flag.item() else (problem or "it failed on another rank")
+
+
 class Checkpointer:
-    def __init__(self, directory: Path, keep_last: int, rank: int, world_size: int):
+    def __init__(self, directory: Path, keep_last: int, rank: int, world_size: int,
+                 faults: Optional[Faults] = None, zero_stage: Optional[int] = None):
         self.dir, self.keep_last, self.rank, self.world_size = Path(directory), keep_last, rank, world_size
+        self.faults = faults or Faults()
+        self.zero_stage = zero_stage  # of this run; a checkpoint of another stage does not load
 
     def complete_tags(self, root: Optional[Path] = None) -> List[Path]:
         """Complete checkpoints, newest first."""
         root = Path(root or self.dir)
         if (root / MARKER).is_file():  # a single checkpoint directory was named
             return [root]
-        tags = [p for p in root.glob("step_*") if (p / MARKER).is_file()]
-        return sorted(tags, key=lambda p: json.loads((p / MARKER).read_text())["step"], reverse=True)
+        tags = [p for p in root.glob("step_*") if TAG.fullmatch(p.name) and (p / MARKER).is_file()]
+        return sorted(tags, key=lambda p: p.name, reverse=True)  # zero-padded: name order is step order
 
+    # --- saving -------------------------------------------------------------------------
     def save(self, engine, step: int, client_state: dict, meta: dict) -> Path:
-        tag = tag_for(step)
-        engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
+        path = self.dir / tag_for(step)
+        if self.rank == 0:  # an earlier, half-written save of this step must not mix with this one
+            for old in (path, universal_dir(path)):
+                shutil.rmtree(old, ignore_errors=True)
         _barrier()
+        engine.save_checkpoint(str(self.dir), tag=path.name, client_state=client_state, save_latest=False)
+        self.faults.stall_in_save(step, path.name)
+        _barrier()  # every rank has written its part
         if self.rank == 0:
-            marker = {"step": step, "world_size": self.world_size, "time": time.time(), **meta}
-            _atomic_write(self.dir / tag / MARKER, json.dumps(marker, indent=1))
-            _atomic_write(self.dir / "latest", tag)
+            marker = {"step": step, "world_size": self.world_size, "time": time.time(), **meta,
+                      "files": file_sizes(path)}
+            _atomic_write(path / MARKER, json.dumps(marker, indent=1))
+            _atomic_write(self.dir / "latest", path.name)
             self._prune()
         _barrier()
-        return self.dir / tag
+        return path
 
     def _prune(self) -> None:
-        complete = self.complete_tags()
-        for old in complete[self.keep_last:]:
-            shutil.rmtree(old, ignore_errors=True)
-            shutil.rmtree(old.with_name(old.name + "_universal"), ignore_errors=True)
-        newest = complete[0].name if complete else ""
-        for partial in self.dir.glob("step_*"):  # saves that never completed, older than the newest
-            if not (partial / MARKER).exists() and partial.name < newest and not partial.name.endswith("_universal"):
-                shutil.rmtree(partial, ignore_errors=True)
+        """Keep the newest `keep_last` complete checkpoints; drop older ones and unfinished saves.
 
+        Runs on rank 0 after every rank finished the save, so no save is in flight."""
+        keep = {p.name for p in self.complete_tags()[:self.keep_last]}
+        for path in self.dir.glob("step_*"):
+            match = PRUNABLE.fullmatch(path.name)
+            if match and (match.group(1) not in keep or match.group(3)):
+                shutil.rmtree(path, ignore_errors=True)
+
+    # --- resuming -----------------------------------------------------------------------
     def candidates(self, resume: str) -> List[Path]:
         if resume == "none":
             return []
@@ -88,17 +162,105 @@ class Checkpointer:
                                     f"(a directory with {MARKER}, or a checkpoints/ folder holding some)")
         return found
 
+    def load_newest(self, engine, candidates: List[Path], device) -> Tuple[Optional[Path], dict]:
+        """Load the first candidate that loads on every rank, warning about each one that does not.
 
-def read_marker(tag_dir: Path) -> dict:
-    return json.loads((Path(tag_dir) / MARKER).read_text())
+        Returns (checkpoint directory, client state), or (None, {}) without candidates. All ranks
+        take each decision together (one all-reduce per stage), so a checkpoint that fails on one
+        rank is skipped on all of them and no rank waits in a collective the others left.
+        """
+        damaged: List[Path] = []
+        for tag_dir in candidates:
+            client, problem = self._try_load(engine, tag_dir, device)
+            if problem is None:
+                self.set_aside_newer_than(int(read_marker(tag_dir)["step"]), damaged)
+                return tag_dir, client
+            damaged.append(tag_dir)
+            if self.rank == 0:
+                log.warning("checkpoint %s is damaged (%s); falling back to the one before it", tag_dir, problem)
+        if candidates:
+            raise RuntimeError(f"none of the {len(candidates)} complete checkpoints under "
+                               f"{candidates[0].parent} could be loaded; see the warnings above")
+        self.set_aside_newer_than(0, [])
+        return None, {}
+
+    def _try_load(self, engine, tag_dir: Path, device) -> Tuple[Optional[dict], Optional[str]]:
+        problem = _agree(verify(tag_dir), device)
+        saved_stage = read_marker(tag_dir).get("zero_stage") if problem is None else None
+        if None not in (saved_stage, self.zero_stage) and saved_stage != self.zero_stage:
+            # A configuration mistake, not damage: every rank reads the same marker and stops here.
+            raise ConfigError(f"checkpoint {tag_dir} was saved with ZeRO-{saved_stage}, this run uses "
+                              f"ZeRO-{self.zero_stage} (deepspeed.config); DeepSpeed loads a checkpoint "
+                              f"only into the stage it was saved with (the universal format does not "
+                              f"bridge stages either); resume with a ZeRO-{saved_stage} config")
+        universal = problem is None and read_marker(tag_dir)["world_size"] != self.world_size
+        if universal:  # saved on another world size: DeepSpeed's universal format re-partitions it
+            if self.rank == 0:
+                log.info("checkpoint %s was saved on %d ranks, this run has %d: loading it as a universal "
+                         "checkpoint (converted once with ds_to_universal)", tag_dir,
+                         read_marker(tag_dir)["world_size"], self.world_size)
+            problem = _agree(_attempt(to_universal, tag_dir)[1] if self.rank == 0 else None, device)
+        if problem is not None:
+            return None, problem
+        source = universal_dir(tag_dir) if universal else tag_dir
+        # DeepSpeed reads this flag at each load_checkpoint; whether a checkpoint needs it depends
+        # on the world size it was saved on, so it is set per checkpoint rather than once.
+        engine._config.load_universal_checkpoint = universal
+        client, problem = _attempt(self._load, engine, source)
+        return client, _agree(problem, device)
+
+    @staticmethod
+    def _load(engine, source: Path) -> dict:
+        configured = [{k: v for k, v in g.items() if k not in ("params", "lr")}
+                      for g in engine.optimizer.param_groups]
+        path, client = engine.load_checkpoint(str(source.parent), tag=source.name)
+        if path is None or client is None:
+            raise RuntimeError("DeepSpeed found nothing to load there")
+        _repair_optimizer(engine.optimizer, configured)
+        return client
+
+    def set_aside_newer_than(self, step: int, damaged: List[Path]) -> None:
+        """Complete checkpoints newer than the step the run continues from belong to a history it no
+        longer follows (they failed to load, or the run was started from an older one). Renamed
+        so that resume and pruning never take them; nothing is deleted."""
+        if self.rank != 0 or not self.dir.is_dir():
+            return
+        for tag_dir in self.complete_tags():
+            if int(tag_dir.name[len("step_"):]) <= step:
+                continue
+            reason = "damaged" if tag_dir in damaged else "superseded"
+            target = tag_dir.with_name(f"{tag_dir.name}.{reason}")
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tag_dir, target)
+            shutil.rmtree(universal_dir(tag_dir), ignore_errors=True)
+            log.warning("set %s aside as %s: the run continues from step %d", tag_dir, target.name, step)
+
+
+def _repair_optimizer(optimizer, configured: List[dict]) -> None:
+    """Undo two things DeepSpeed's ZeRO-3 universal loader (0.19) gets wrong; harmless elsewhere.
+
+    It copies the first parameter group's hyperparameters to every group, which would put weight
+    decay on the no-decay group (norms, biases, tokens): the run's configuration decides them
+    (the checkpoint brings the optimizer's state and the LR schedule's position). And it gives
+    every group the same `step` tensor, which torch's Adam then increments once per group, so
+    the bias correction runs ahead. Without this, a ZeRO-3 run resumed on another world size
+    drifts from the uninterrupted one (1e-3 in the loss after a few steps here); with it, the
+    losses are equal.
+    """
+    for group, hyperparameters in zip(optimizer.param_groups, configured):
+        group.update(hyperparameters)
+    base = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer inside ZeRO's wrapper
+    for state in base.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def to_universal(tag_dir: Path) -> Path:
     """Convert a ZeRO checkpoint to DeepSpeed's universal format (for another world size)."""
-    out = tag_dir.with_name(tag_dir.name + "_universal")
-    if (out / MARKER).is_file():
-        return out
-    tmp = tag_dir.with_name(tag_dir.name + "_universal.tmp")
+    out = universal_dir(tag_dir)
+    if (out / MARKER).is_file() and (out / MARKER).read_bytes() == (tag_dir / MARKER).read_bytes():
+        return out  # converted before, from this very save
+    tmp = tag_dir.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
            "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "1",

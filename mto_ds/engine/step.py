@@ -20,12 +20,15 @@ def _all_finite(loss: torch.Tensor) -> bool:
     return bool(flag.item())
 
 
-def train_step(engine, micro_batches: List[dict], mto_scale: float, with_stats: bool, dtype: torch.dtype):
+def train_step(engine, micro_batches: List[dict], mto_scale: float, with_stats: bool, dtype: torch.dtype,
+               poison: bool = False):
     """Forward (MIM + MTO terms), engine.backward and engine.step for each micro-batch.
 
     DeepSpeed accumulates gradients and steps the optimizer at the last micro-batch. A
     non-finite loss on any rank makes the step a no-op for the parameters: that micro-batch's
-    backward runs on zero-weighted clean inputs and the step's learning rate is 0.
+    backward runs on zero-weighted clean inputs and the step's learning rate is 0 (the
+    optimizer's moment estimates still decay by one step, as for a zero gradient).
+    `poison` (fault injection) makes this rank's loss NaN.
     Returns (mean of the logged outputs over micro-batches, whether the step was skipped).
     """
     sums: Dict[str, torch.Tensor] = {}
@@ -34,6 +37,8 @@ def train_step(engine, micro_batches: List[dict], mto_scale: float, with_stats: 
         images = normalize(batch["images"], engine.device, dtype)
         mask = batch["mask"].to(engine.device, non_blocking=True)
         out = engine(images, mask, mto_scale=mto_scale, with_stats=with_stats)
+        if poison:
+            out["loss"] = out["loss"] * float("nan")
         if _all_finite(out["loss"]):
             engine.backward(out["loss"])
         else:

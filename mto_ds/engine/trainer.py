@@ -17,8 +17,9 @@ from ..models import create_mim_model, mask_fn_for
 from ..mto.state import MTOState
 from .builder import (BatchPlan, deepspeed_config, param_groups, plan_batch, precision, schedule_steps,
                       zero_stage)
-from .checkpoint import Checkpointer, read_marker, to_universal
+from .checkpoint import Checkpointer
 from .distributed import DistInfo, init_distributed
+from .faults import Faults, SampleTrace
 from .signals import StopRequest
 from .step import LOGGED, train_step
 from .telemetry import Telemetry
@@ -47,12 +48,16 @@ class Trainer:
     mto_state: MTOState
     telemetry: Telemetry
     stop: StopRequest
+    faults: Faults              # fault injection, off unless MTO_DS_FAULT_* are set
+    trace: SampleTrace          # per-step sample indices, off unless MTO_DS_TRACE_SAMPLES=1
 
     def __init__(self, cfg: Config):
         import deepspeed
 
+        self.stop = StopRequest()  # first, so a preemption during set-up still ends in a clean stop
         self.cfg = cfg
         self.dist = init_distributed()
+        self.faults = Faults.from_env()
         self.run_dir = Path(cfg.run.output_dir)
         if self.dist.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -72,21 +77,20 @@ class Trainer:
         self.steps_per_epoch = steps_per_epoch(self.loader.num_samples, self.batch.global_batch_size)
         self.total_steps, warmup = schedule_steps(cfg, self.steps_per_epoch)
 
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep_last,
-                                         self.dist.rank, self.dist.world_size)
         self.ds_config = deepspeed_config(cfg, self.batch, self.total_steps, warmup)
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep_last,
+                                         self.dist.rank, self.dist.world_size, self.faults,
+                                         zero_stage(self.ds_config))
         candidates = self.checkpointer.candidates(cfg.checkpoint.resume)
-        self.universal = bool(candidates) and read_marker(candidates[0])["world_size"] != self.dist.world_size
-        if self.universal:
-            self.ds_config["checkpoint"] = {"load_universal": True}
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
                                                config=self.ds_config)
         self.dtype = DTYPES[precision(self.ds_config)]
         self.mto_state = MTOState(warmup_steps=cfg.mto.warmup_steps)
         self.global_step = 0
-        self.nonfinite_total = 0
+        self.nonfinite_total = 0     # optimizer steps skipped for a non-finite loss, in all
+        self.nonfinite_streak = 0    # ... in a row up to now
         self.resumed_from = self._resume(candidates)
-        self.stop = StopRequest()
+        self.trace = SampleTrace(self.run_dir, self.dist.rank, self.dist.world_size)
         self.telemetry = Telemetry(self.run_dir, self.dist.rank == 0, self.total_steps, self.global_step,
                                    cfg.run.progress_bar)
         log.info("world %d, batch %s, %d steps/epoch, %d steps in all, ZeRO-%d, %s",
@@ -96,37 +100,25 @@ class Trainer:
     # --- checkpoints -------------------------------------------------------------------
     def _client_state(self) -> dict:
         return {"global_step": self.global_step, "mto": self.mto_state.state_dict(),
-                "nonfinite_total": self.nonfinite_total, "steps_per_epoch": self.steps_per_epoch}
+                "nonfinite_total": self.nonfinite_total, "nonfinite_streak": self.nonfinite_streak,
+                "steps_per_epoch": self.steps_per_epoch}
 
     def _resume(self, candidates) -> Optional[Path]:
-        """Load the newest complete checkpoint; on failure warn and fall back to the one before."""
-        for tag_dir in candidates:
-            error = None
-            try:
-                if self.universal:
-                    if self.dist.rank == 0:
-                        to_universal(tag_dir)
-                    if dist.is_initialized():
-                        dist.barrier()
-                    tag_dir = tag_dir.with_name(tag_dir.name + "_universal")
-                path, client = self.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-                ok = path is not None and client is not None
-            except Exception as err:  # a damaged checkpoint: try the previous one
-                ok, error = False, err
-            flag = torch.tensor([1.0 if ok else 0.0], device=self.dist.device)
-            if dist.is_initialized():
-                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            if flag.item():
-                self.global_step = int(client["global_step"])
-                self.mto_state.load_state_dict(client["mto"])
-                self.nonfinite_total = int(client.get("nonfinite_total", 0))
-                log.info("resumed from %s at step %d", tag_dir, self.global_step)
-                return tag_dir
-            log.warning("checkpoint %s could not be loaded (%s); falling back to the one before it",
-                        tag_dir, error or "incomplete on some rank")
-        if candidates:
-            raise RuntimeError(f"no checkpoint under {self.checkpointer.dir} could be loaded")
-        return None
+        """Load the newest complete checkpoint that loads (the checkpointer warns about the others)."""
+        tag_dir, client = self.checkpointer.load_newest(self.engine, candidates, self.dist.device)
+        if tag_dir is None:
+            return None
+        self.global_step = int(client["global_step"])
+        self.mto_state.load_state_dict(client["mto"])
+        self.nonfinite_total = int(client.get("nonfinite_total", 0))
+        self.nonfinite_streak = int(client.get("nonfinite_streak", 0))
+        if client.get("steps_per_epoch", self.steps_per_epoch) != self.steps_per_epoch:
+            log.warning("the checkpoint was saved with %d steps per epoch, this run has %d (another global "
+                        "batch or data set): the data position is re-derived from the step and samples of "
+                        "the current epoch may repeat or be skipped", client["steps_per_epoch"],
+                        self.steps_per_epoch)
+        log.info("resumed from %s at step %d", tag_dir, self.global_step)
+        return tag_dir
 
     def save(self) -> Path:
         meta = {"zero_stage": zero_stage(self.ds_config), "epoch": self.global_step / self.steps_per_epoch}
@@ -162,48 +154,26 @@ class Trainer:
                 "nonfinite_steps": self.nonfinite_total}
 
     def train(self) -> dict:
-        cfg = self.cfg
         self.last_saved_step = self.global_step if self.resumed_from else -1
         start_step, start_time = self.global_step, time.time()
-        window_time, window_steps, consecutive_bad, reason = time.time(), 0, 0, "completed"
+        self._window_start, self._window_steps = time.time(), 0  # throughput between logged rows
+        reason = "completed"
         try:
             for micro_batches in self._micro_batches():
-                # Dropout and drop-path draw from a generator fixed by (seed, step, rank): exact resume
-                # needs no saved RNG state.
-                torch.manual_seed(hash((cfg.run.seed, self.global_step, self.dist.rank)) % 2 ** 62)
-                log_now = (self.global_step + 1) % cfg.run.log_every == 0 or self.global_step + 1 == self.total_steps
-                lr = self.engine.optimizer.param_groups[0]["lr"]  # what this step uses
-                means, skipped = train_step(self.engine, micro_batches, self.mto_state.loss_scale, log_now, self.dtype)
-                self.global_step += 1
-                window_steps += 1
-                consecutive_bad = consecutive_bad + 1 if skipped else 0
-                self.nonfinite_total += int(skipped)
-                if consecutive_bad >= cfg.train.max_nonfinite_steps:
-                    raise NonFiniteLossError(
-                        f"{consecutive_bad} optimizer steps in a row had a non-finite loss (last at step "
-                        f"{self.global_step}); stopping. The last good checkpoint is untouched: "
-                        f"{self.checkpointer.complete_tags()[0] if self.checkpointer.complete_tags() else 'none'}")
-                if log_now:
-                    ips = window_steps * self.batch.global_batch_size / max(time.time() - window_time, 1e-9)
-                    row = self._log_row(means, lr, ips)
-                    self.mto_state.advance(row["heterogeneity"])
-                    self.telemetry.log(row)
-                    window_time, window_steps = time.time(), 0
-                else:
-                    self.mto_state.advance()
-                self.telemetry.tick(self.global_step)
-                every = cfg.checkpoint.every_steps
+                self._step(micro_batches)
+                if self.stop.agreed(self.dist.device):
+                    reason = f"signal {self.stop.signal_name}"
+                    break
+                every = self.cfg.checkpoint.every_steps
                 if every and self.global_step % every == 0:
                     self.save()
                 if self.global_step % self.steps_per_epoch == 0:
                     self._maybe_evaluate()
-                if self.stop.agreed():
-                    reason = f"signal {self.stop.signal_name}"
-                    break
             if self.last_saved_step != self.global_step:
                 self.save()
-        except NonFiniteLossError as err:
-            reason = f"non-finite loss: {err}"
+        except BaseException as err:
+            reason = (f"non-finite loss: {err}" if isinstance(err, NonFiniteLossError)
+                      else f"error: {type(err).__name__}: {err}")
             raise
         finally:
             self.telemetry.close()
@@ -214,6 +184,43 @@ class Trainer:
             print(self.telemetry.summary(self.run_dir, ips, self.checkpointer.complete_tags()[:1][0]
                                          if self.checkpointer.complete_tags() else None), flush=True)
         return {"step": self.global_step, "reason": reason, "images_per_sec": ips}
+
+    def _step(self, micro_batches) -> None:
+        """One optimizer step: train, count a non-finite loss, log; the fault hooks act here."""
+        step = self.global_step + 1
+        # Dropout and drop-path draw from a generator fixed by (seed, step, rank): exact resume
+        # needs no saved RNG state.
+        torch.manual_seed(hash((self.cfg.run.seed, self.global_step, self.dist.rank)) % 2 ** 62)
+        log_now = step % self.cfg.run.log_every == 0 or step == self.total_steps
+        lr = self.engine.optimizer.param_groups[0]["lr"]  # what this step uses
+        self.trace.record(step, micro_batches)
+        means, skipped = train_step(self.engine, micro_batches, self.mto_state.loss_scale, log_now, self.dtype,
+                                    poison=self.faults.nan_loss(step, self.dist.rank))
+        self.global_step = step
+        self.nonfinite_streak = self.nonfinite_streak + 1 if skipped else 0
+        self.nonfinite_total += int(skipped)
+        self._log(means if log_now else None, lr)
+        if self.nonfinite_streak >= self.cfg.train.max_nonfinite_steps:
+            newest = self.checkpointer.complete_tags()[:1]
+            raise NonFiniteLossError(
+                f"{self.nonfinite_streak} optimizer steps in a row had a non-finite loss (steps "
+                f"{step - self.nonfinite_streak + 1}-{step}, train.max_nonfinite_steps="
+                f"{self.cfg.train.max_nonfinite_steps}); stopping without saving. The checkpoints are "
+                f"untouched; the newest is {newest[0] if newest else 'none (none was saved)'}")
+        self.faults.exit_after(step, self.dist.rank, self.run_dir)
+
+    def _log(self, means: Optional[dict], lr: float) -> None:
+        """Advance MTO's state (with this step's statistics when logged) and write the row."""
+        self._window_steps += 1
+        if means is None:
+            self.mto_state.advance()
+        else:
+            elapsed = max(time.time() - self._window_start, 1e-9)
+            row = self._log_row(means, lr, self._window_steps * self.batch.global_batch_size / elapsed)
+            self.mto_state.advance(row["heterogeneity"])
+            self.telemetry.log(row)
+            self._window_start, self._window_steps = time.time(), 0
+        self.telemetry.tick(self.global_step)
 
     def _maybe_evaluate(self) -> None:
         every = self.cfg.eval.every_epochs

@@ -1,0 +1,107 @@
+"""Fault injection and a sample trace, off unless switched on by environment variables.
+
+They make failures happen at a chosen point so the tests (and a user checking a cluster) can
+see what the run does then; docs/ROBUSTNESS.md lists them. Steps are numbered as in
+metrics.jsonl: step N is the N-th optimizer step.
+
+    MTO_DS_FAULT_NAN_STEPS=3,4      the loss is NaN at these steps
+    MTO_DS_FAULT_NAN_RANK=1         ... on this rank only (default: on every rank)
+    MTO_DS_FAULT_EXIT_AT_STEP=N     one rank exits hard (os._exit) right after step N, once per
+                                    run directory (a marker file there records that it happened)
+    MTO_DS_FAULT_EXIT_RANK=1        ... that rank (default 1)
+    MTO_DS_FAULT_SAVE_STALL=N[:S]   every rank sleeps S seconds (default 3600) inside the save of
+                                    step N, after DeepSpeed wrote its files and before the
+                                    checkpoint is marked complete: the window a kill -9 tests
+    MTO_DS_TRACE_SAMPLES=1          each rank appends the sample indices of every step to
+                                    RUN_DIR/samples/rank<R>.jsonl
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import FrozenSet, List, Optional
+
+log = logging.getLogger("mto_ds")
+EXIT_CODE = 17
+
+
+def _int(env, name: str) -> Optional[int]:
+    value = env.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r}: expected an integer") from None
+
+
+@dataclass(frozen=True)
+class Faults:
+    nan_steps: FrozenSet[int] = frozenset()
+    nan_rank: Optional[int] = None
+    exit_at_step: Optional[int] = None
+    exit_rank: int = 1
+    save_stall_step: Optional[int] = None
+    save_stall_seconds: float = 3600.0
+
+    @classmethod
+    def from_env(cls, env=os.environ) -> "Faults":
+        steps = env.get("MTO_DS_FAULT_NAN_STEPS", "").replace(" ", "")
+        try:
+            nan_steps = frozenset(int(s) for s in steps.split(",") if s)
+        except ValueError:
+            raise ValueError(f"MTO_DS_FAULT_NAN_STEPS={steps!r}: expected step numbers like 3,4") from None
+        stall = env.get("MTO_DS_FAULT_SAVE_STALL", "").strip()
+        stall_step, _, seconds = stall.partition(":")
+        try:
+            stall_step, seconds = int(stall_step) if stall_step else None, float(seconds) if seconds else 3600.0
+        except ValueError:
+            raise ValueError(f"MTO_DS_FAULT_SAVE_STALL={stall!r}: expected STEP or STEP:SECONDS") from None
+        exit_rank = _int(env, "MTO_DS_FAULT_EXIT_RANK")
+        return cls(nan_steps=nan_steps, nan_rank=_int(env, "MTO_DS_FAULT_NAN_RANK"),
+                   exit_at_step=_int(env, "MTO_DS_FAULT_EXIT_AT_STEP"),
+                   exit_rank=1 if exit_rank is None else exit_rank,
+                   save_stall_step=stall_step, save_stall_seconds=seconds)
+
+    def nan_loss(self, step: int, rank: int) -> bool:
+        return step in self.nan_steps and self.nan_rank in (None, rank)
+
+    def exit_after(self, step: int, rank: int, run_dir: Path) -> None:
+        if step != self.exit_at_step or rank != self.exit_rank:
+            return
+        marker = Path(run_dir) / f"fault_exit_at_step_{step}.done"
+        if marker.exists():
+            return
+        marker.write_text(f"rank {rank} exited after step {step}\n")
+        log.error("fault injection: rank %d exits hard after step %d", rank, step)
+        logging.shutdown()
+        os._exit(EXIT_CODE)
+
+    def stall_in_save(self, step: int, tag: str) -> None:
+        if step == self.save_stall_step:
+            log.warning("fault injection: stalling %.0f s inside the save of %s", self.save_stall_seconds, tag)
+            time.sleep(self.save_stall_seconds)
+
+
+class SampleTrace:
+    """Which samples each rank consumed at each step, for sample-by-sample accounting."""
+
+    def __init__(self, run_dir: Path, rank: int, world_size: int, enabled: Optional[bool] = None):
+        if enabled is None:
+            enabled = os.environ.get("MTO_DS_TRACE_SAMPLES", "") not in ("", "0")
+        self.path = Path(run_dir) / "samples" / f"rank{rank}.jsonl" if enabled else None
+        self.rank, self.world_size = rank, world_size
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def record(self, step: int, micro_batches: List[dict]) -> None:
+        if self.path is None:
+            return
+        row = {"step": step, "rank": self.rank, "world_size": self.world_size,
+               "micro_batches": [b["index"].tolist() for b in micro_batches]}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")

@@ -1,0 +1,309 @@
+"""What a run does when things go wrong: a save killed midway, damaged checkpoints, non-finite
+losses, a rank that dies under torchrun's elastic agent; and the batch/DeepSpeed settings that
+elastic resume relies on. Failures are injected with the MTO_DS_FAULT_* variables
+(mto_ds/engine/faults.py, docs/ROBUSTNESS.md).
+"""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mto_ds.config import ConfigError
+from mto_ds.engine.builder import plan_batch
+from mto_ds.engine.checkpoint import MARKER, Checkpointer, file_sizes, verify
+from mto_ds.engine.faults import Faults
+from mto_ds.models import create_mim_model
+
+from conftest import REPO, cpu_env, free_port
+from run_control import STEPS, Run, losses_by_step, metric_steps, reference_run, state, tags
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return reference_run(tmp_path_factory)
+
+
+def _complete(run_dir, name):
+    return (run_dir / "checkpoints" / name / MARKER).is_file()
+
+
+# --- checkpoints: every N steps, keep the last K, kill -9 during a save, damaged files ----------
+
+def test_checkpoints_every_n_steps_keep_only_the_last_k_complete_ones(reference):
+    assert tags(reference) == ["step_00000006", "step_00000009", "step_00000012"]  # every 3, keep 3
+    assert (reference / "checkpoints" / "latest").read_text() == "step_00000012"
+    marker = json.loads((reference / "checkpoints" / "step_00000012" / MARKER).read_text())
+    assert (marker["step"], marker["world_size"], marker["zero_stage"]) == (12, 2, 2)
+    assert marker["files"] == file_sizes(reference / "checkpoints" / "step_00000012")
+    assert set(marker["files"]) == {"mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                    "zero_pp_rank_1_mp_rank_00_optim_states.pt"}
+
+
+@pytest.fixture(scope="module")
+def killed_in_save(tmp_path_factory):
+    """2 ranks; both stall inside the final save of step 12 (after DeepSpeed wrote its files,
+    before complete.json) and the whole job gets kill -9 there."""
+    run_dir = tmp_path_factory.mktemp("killed") / "run"
+    run = Run(run_dir, nproc=2, env={"MTO_DS_FAULT_SAVE_STALL": "12"})
+    run.wait_for(lambda: run.output.count("fault injection: stalling") == 2, "both ranks stalling in the save")
+    run.kill()
+    after_kill = {"tags": tags(run_dir), "latest": (run_dir / "checkpoints" / "latest").read_text(),
+                  "step_12_files": sorted(p.name for p in (run_dir / "checkpoints" / "step_00000012").iterdir())}
+    return run_dir, after_kill
+
+
+def test_save_killed_midway_is_never_taken_for_a_checkpoint(killed_in_save):
+    run_dir, after_kill = killed_in_save
+    assert after_kill["tags"] == ["step_00000003", "step_00000006", "step_00000009", "step_00000012"]
+    assert after_kill["step_12_files"] == ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                           "zero_pp_rank_1_mp_rank_00_optim_states.pt"]  # written, never marked
+    assert after_kill["latest"] == "step_00000009"
+    assert Checkpointer(run_dir / "checkpoints", 3, 0, 2).candidates("auto")[0].name == "step_00000009"
+
+
+def test_damaged_newest_checkpoints_are_skipped_with_a_warning_and_the_run_continues_exactly(
+        killed_in_save, reference):
+    """After the kill: step 12 is half-written, step 9 gets a truncated file, step 6 a file whose
+    size is right but whose content is not. Resume must skip all three and continue from step 3,
+    then log from step 4 on the losses of the run that was never interrupted."""
+    run_dir, _ = killed_in_save
+    ckpt = run_dir / "checkpoints"
+    truncated = ckpt / "step_00000009" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    size = truncated.stat().st_size
+    with open(truncated, "r+b") as f:
+        f.truncate(size // 2)
+    overwritten = ckpt / "step_00000006" / "mp_rank_00_model_states.pt"
+    with open(overwritten, "r+b") as f:
+        f.write(bytes(4096))
+    rows_before = len(metric_steps(run_dir))
+
+    run = Run(run_dir, nproc=2).finish()
+    out = run.output
+    assert (f"checkpoint {ckpt}/step_00000009 is damaged (zero_pp_rank_1_mp_rank_00_optim_states.pt has "
+            f"{size // 2} bytes, {size} when it was saved); falling back to the one before it") in out
+    assert f"checkpoint {ckpt}/step_00000006 is damaged (" in out
+    assert out.count("falling back to the one before it") == 2  # step 12 was never a candidate
+    assert f"resumed from {ckpt}/step_00000003 at step 3" in out
+    assert state(run_dir) == {"finished": True, "step": STEPS, "total_steps": STEPS, "reason": "completed"}
+    assert metric_steps(run_dir)[rows_before:] == list(range(4, STEPS + 1))
+    assert losses_by_step(run_dir) == pytest.approx(losses_by_step(reference), rel=1e-5)
+    # The damaged ones are set aside for inspection; the half-written save of step 12 was replaced.
+    assert tags(run_dir) == ["step_00000006", "step_00000006.damaged", "step_00000009",
+                             "step_00000009.damaged", "step_00000012"]
+    assert all(_complete(run_dir, t) for t in ("step_00000006", "step_00000009", "step_00000012"))
+    assert (ckpt / "step_00000009.damaged" / truncated.name).stat().st_size == size // 2
+
+
+def test_verify_names_a_missing_or_truncated_file(tmp_path):
+    tag = tmp_path / "step_00000004"
+    tag.mkdir()
+    (tag / "a.pt").write_bytes(b"x" * 100)
+    (tag / "b.pt").write_bytes(b"y" * 10)
+    (tag / MARKER).write_text(json.dumps({"step": 4, "world_size": 1, "files": file_sizes(tag)}))
+    assert verify(tag) is None
+    (tag / "a.pt").write_bytes(b"x" * 60)
+    assert verify(tag) == "a.pt has 60 bytes, 100 when it was saved"
+    (tag / "b.pt").unlink()
+    (tag / "a.pt").write_bytes(b"x" * 100)
+    assert verify(tag) == "b.pt is missing"
+    (tag / MARKER).write_text('{"step": 4, "wor')
+    assert verify(tag).startswith("unreadable complete.json")
+
+
+def test_pruning_keeps_the_newest_complete_ones_and_removes_unfinished_saves(tmp_path):
+    ckpt = tmp_path / "checkpoints"
+    for step in (1, 2, 3, 4):
+        (ckpt / f"step_{step:08d}").mkdir(parents=True)
+        (ckpt / f"step_{step:08d}" / MARKER).write_text(json.dumps({"step": step, "world_size": 2}))
+    for name in ("step_00000005", "step_00000002_universal", "step_00000004_universal",
+                 "step_00000004_universal.tmp", "step_00000007.damaged"):
+        (ckpt / name).mkdir()
+    Checkpointer(ckpt, keep_last=2, rank=0, world_size=2)._prune()
+    assert sorted(p.name for p in ckpt.iterdir()) == [
+        "step_00000003", "step_00000004", "step_00000004_universal", "step_00000007.damaged"]
+
+
+def test_checkpoints_newer_than_the_resume_point_are_set_aside_not_deleted(tmp_path):
+    ckpt = tmp_path / "checkpoints"
+    for step in (3, 6, 9):
+        (ckpt / f"step_{step:08d}").mkdir(parents=True)
+        (ckpt / f"step_{step:08d}" / MARKER).write_text(json.dumps({"step": step, "world_size": 1}))
+    checkpointer = Checkpointer(ckpt, keep_last=1, rank=0, world_size=1)
+    checkpointer.set_aside_newer_than(3, damaged=[ckpt / "step_00000009"])
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step_00000003", "step_00000006.superseded",
+                                                      "step_00000009.damaged"]
+    assert checkpointer.candidates("auto") == [ckpt / "step_00000003"]
+
+
+# --- non-finite losses ----------------------------------------------------------------------
+
+def test_nonfinite_losses_skip_their_steps_and_k_in_a_row_stop_the_run(tmp_path):
+    """NaN on rank 1 only, at steps 3 and 5-7; at most 3 in a row. Both ranks skip those steps
+    (parameters unchanged), step 4 trains, and the run stops at step 7 with exit code 1."""
+    run_dir = tmp_path / "run"
+    run = Run(run_dir, "checkpoint.every_steps=2", "train.max_nonfinite_steps=3", nproc=2,
+              env={"MTO_DS_FAULT_NAN_STEPS": "3,5,6,7", "MTO_DS_FAULT_NAN_RANK": "1"}).finish(expect=1)
+    assert "3 optimizer steps in a row had a non-finite loss (steps 5-7, train.max_nonfinite_steps=3)" in run.output
+    assert state(run_dir)["reason"].startswith("non-finite loss: 3 optimizer steps in a row")
+    assert (state(run_dir)["finished"], state(run_dir)["step"]) == (False, 7)
+    rows = {r["step"]: r for r in (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())}
+    assert [rows[s]["nonfinite_steps"] for s in range(1, 8)] == [0, 0, 1, 1, 2, 3, 4]
+    assert [rows[s]["loss"] is None for s in range(1, 8)] == [False, False, True, False, True, True, True]
+    # No checkpoint was written on the way out; those before are complete and loadable.
+    assert tags(run_dir) == ["step_00000002", "step_00000004", "step_00000006"]
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000006"
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    def weights(step):
+        return get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=f"step_{step:08d}")
+    w2, w4, w6 = weights(2), weights(4), weights(6)
+    assert all(torch.equal(w4[k], w6[k]) for k in w4)  # steps 5 and 6 were skipped
+    assert not all(torch.equal(w2[k], w4[k]) for k in w2)  # step 4 trained (step 3 was skipped)
+    assert all(torch.isfinite(v).all() for v in w6.values())
+
+
+# --- torchrun's elastic agent ---------------------------------------------------------------
+
+def test_torchrun_restarts_a_job_whose_rank_died_and_it_resumes_to_the_exact_step_count(tmp_path, reference):
+    """Rank 1 exits hard right after step 5 (once); torchrun (--max-restarts=1, c10d rendezvous)
+    restarts both ranks, which resume from step 3 and finish all 12 steps.
+
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: by default the restarted ranks share the rendezvous
+    store with the ranks that died, whose process-group keys are still in it; a restarted rank
+    can then read its peer's stale address and fail to connect (seen here as "Gloo
+    connectFullMesh failed ... Connection refused"). With it, every start gets a fresh store."""
+    run_dir = tmp_path / "run"
+    agent = ("--nnodes=1:1", "--max-restarts=1", "--rdzv-backend=c10d",
+             f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=robustness", "--monitor-interval=0.5")
+    run = Run(run_dir, nproc=2, torchrun_args=agent, env={
+        "MTO_DS_FAULT_EXIT_AT_STEP": "5", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}).finish()
+    assert "fault injection: rank 1 exits hard after step 5" in run.output
+    assert (run_dir / "fault_exit_at_step_5.done").is_file()
+    assert f"resumed from {run_dir}/checkpoints/step_00000003 at step 3" in run.output
+    assert state(run_dir) == {"finished": True, "step": STEPS, "total_steps": STEPS, "reason": "completed"}
+    steps = metric_steps(run_dir)
+    restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])  # the second start's first row
+    assert restart in (4, 5)  # rank 0 logged step 5 unless torchrun stopped it first
+    assert steps[:restart] == list(range(1, restart + 1)) and steps[restart:] == list(range(4, STEPS + 1))
+    # Steps 4 (and 5) ran twice, from the same checkpoint on the same samples: the same losses.
+    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert losses[3:restart] == pytest.approx(losses[restart:restart + restart - 3], rel=1e-5)
+    assert losses_by_step(run_dir) == pytest.approx(losses_by_step(reference), rel=1e-5)
+
+
+# --- batch geometry and DeepSpeed settings ---------------------------------------------------
+
+@pytest.mark.parametrize("world, micro, expected", [
+    (2, 16, (16, 1)), (1, 16, (16, 2)), (4, 16, (8, 1)), (1, None, (32, 1)), (8, 2, (2, 2))])
+def test_global_batch_stays_the_users_and_accumulation_follows_the_world_size(world, micro, expected):
+    plan = plan_batch(32, micro, world)
+    assert (plan.micro_batch_size, plan.accumulation) == expected
+    assert plan.micro_batch_size * plan.accumulation * world == 32 == plan.global_batch_size
+
+
+def test_batch_that_does_not_split_over_the_ranks_is_a_config_error():
+    with pytest.raises(ConfigError, match="not divisible by the 3 data-parallel ranks"):
+        plan_batch(32, 16, 3)
+    with pytest.raises(ConfigError, match="train.micro_batch_size=10 does not divide the per-rank batch 24"):
+        plan_batch(48, 10, 2)
+
+
+DS_CHECK = r"""
+import json, os, sys
+os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+import deepspeed
+from deepspeed.runtime.config import DeepSpeedConfig
+from mto_ds.config import load_config
+from mto_ds.engine.builder import deepspeed_config, plan_batch
+deepspeed.init_distributed(dist_backend="gloo")
+out = {}
+for name in sys.argv[2:]:
+    cfg = load_config("configs/demo.yaml", [f"deepspeed.config=ds_configs/{name}", "train.clip_grad=0.5"])
+    c = DeepSpeedConfig(deepspeed_config(cfg, plan_batch(32, 8, 1), 100, 10))  # DeepSpeed's own validation
+    out[name] = {"stage": c.zero_optimization_stage, "bf16": c.bfloat16_config.enabled,
+                 "fp16": c.float16_config.enabled, "loss_scale": c.float16_config.loss_scale,
+                 "offload": [str(o.device) if o else None for o in (c.zero_config.offload_optimizer,
+                                                                   c.zero_config.offload_param)],
+                 "clip": c.gradient_clipping, "batch": [c.train_batch_size, c.train_micro_batch_size_per_gpu,
+                                                        c.gradient_accumulation_steps]}
+print("RESULT " + json.dumps(out))
+"""
+DS_CONFIGS = {  # name: (ZeRO stage, bf16, fp16, offload of optimizer and parameters)
+    "cpu_zero1.json": (1, False, False, [None, None]),
+    "cpu_zero2.json": (2, False, False, [None, None]),
+    "cpu_zero3.json": (3, False, False, [None, None]),
+    "zero1_bf16.json": (1, True, False, [None, None]),
+    "zero2_bf16.json": (2, True, False, [None, None]),
+    "zero3_bf16.json": (3, True, False, [None, None]),
+    "zero3_offload_bf16.json": (3, True, False, ["cpu", "cpu"]),
+    "zero2_fp16.json": (2, False, True, [None, None]),
+}
+
+
+def test_every_ds_config_passes_deepspeeds_validation_and_is_what_its_name_says():
+    assert sorted(p.name for p in (REPO / "ds_configs").glob("*.json")) == sorted(DS_CONFIGS)
+    result = subprocess.run([sys.executable, "-c", DS_CHECK, str(free_port()), *DS_CONFIGS], cwd=REPO,
+                            env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    parsed = json.loads(result.stdout.split("RESULT ", 1)[1])
+    for name, (stage, bf16, fp16, offload) in DS_CONFIGS.items():
+        got = parsed[name]
+        assert (got["stage"], got["bf16"], got["fp16"], got["offload"]) == (stage, bf16, fp16, offload), name
+        assert got["clip"] == 0.5 and got["batch"] == [32, 8, 4], name  # train.clip_grad; 32 = 8 x 4 on 1 rank
+    assert parsed["zero2_fp16.json"]["loss_scale"] == 0  # 0 = dynamic loss scaling
+    fp16 = json.loads((REPO / "ds_configs" / "zero2_fp16.json").read_text())["fp16"]
+    assert fp16["initial_scale_power"] >= 8 and fp16["loss_scale_window"] > 0
+
+
+def test_activation_checkpointing_recomputes_blocks_and_leaves_gradients_unchanged():
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[:, ::3] = True
+    grads, calls = [], []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = create_mim_model("vit_tiny_patch16", "simmim", img_size=64, mto={"enabled": True},
+                                 activation_checkpointing=checkpointing)
+        count, attn = [0], model.encoder.blocks[0].attn
+        forward_mto = attn.forward_mto
+
+        def counted(*args, **kwargs):
+            count[0] += 1
+            return forward_mto(*args, **kwargs)
+        attn.forward_mto = counted
+        model(images, mask)["loss"].backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        calls.append(count[0])
+    assert calls == [1, 2]  # with checkpointing, the block runs again in the backward pass
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_fault_variables_are_parsed_and_rejected_when_malformed():
+    faults = Faults.from_env({"MTO_DS_FAULT_NAN_STEPS": "3, 4", "MTO_DS_FAULT_NAN_RANK": "1",
+                              "MTO_DS_FAULT_EXIT_AT_STEP": "5", "MTO_DS_FAULT_SAVE_STALL": "6:2.5"})
+    assert faults.nan_loss(3, 1) and faults.nan_loss(4, 1) and not faults.nan_loss(3, 0)
+    assert not faults.nan_loss(5, 1)
+    assert (faults.exit_at_step, faults.exit_rank, faults.save_stall_step, faults.save_stall_seconds) == (5, 1, 6, 2.5)
+    assert Faults.from_env({}) == Faults()
+    with pytest.raises(ValueError, match="MTO_DS_FAULT_NAN_STEPS"):
+        Faults.from_env({"MTO_DS_FAULT_NAN_STEPS": "three"})
+    for stall in ("x", "6:soon"):
+        with pytest.raises(ValueError, match="MTO_DS_FAULT_SAVE_STALL"):
+            Faults.from_env({"MTO_DS_FAULT_SAVE_STALL": stall})
+
+
+def test_checkpoint_of_another_zero_stage_is_a_config_error_not_damage(tmp_path):
+    """DeepSpeed cannot load a ZeRO-2 checkpoint into ZeRO-3 (not even through the universal
+    format): resuming with another stage must say so, not call every checkpoint damaged."""
+    tag = tmp_path / "checkpoints" / "step_00000004"
+    tag.mkdir(parents=True)
+    (tag / MARKER).write_text(json.dumps({"step": 4, "world_size": 2, "zero_stage": 2, "files": {}}))
+    checkpointer = Checkpointer(tmp_path / "checkpoints", 3, rank=0, world_size=2, zero_stage=3)
+    with pytest.raises(ConfigError, match="saved with ZeRO-2, this run uses ZeRO-3"):
+        checkpointer.load_newest(engine=None, candidates=[tag], device=torch.device("cpu"))
+    assert tags(tmp_path) == ["step_00000004"]  # nothing set aside
