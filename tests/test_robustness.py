@@ -307,3 +307,15 @@ def test_checkpoint_of_another_zero_stage_is_a_config_error_not_damage(tmp_path)
     with pytest.raises(ConfigError, match="saved with ZeRO-2, this run uses ZeRO-3"):
         checkpointer.load_newest(engine=None, candidates=[tag], device=torch.device("cpu"))
     assert tags(tmp_path) == ["step_00000004"]  # nothing set aside
+
+
+def test_metrics_rows_after_the_resume_point_are_set_aside_not_duplicated(tmp_path):
+    import json as _json
+    from mto_ds.engine.telemetry import Telemetry
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(_json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 8)))
+    telemetry = Telemetry(tmp_path, enabled=True, total_steps=10, start_step=4, progress_bar=False)
+    telemetry.close()
+    assert [_json.loads(l)["step"] for l in path.read_text().splitlines()] == [1, 2, 3, 4]
+    superseded = (tmp_path / "metrics.jsonl.superseded").read_text().splitlines()
+    assert [_json.loads(l)["step"] for l in superseded] == [5, 6, 7]

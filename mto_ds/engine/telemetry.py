@@ -29,9 +29,27 @@ class Telemetry:
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(self.tb_dir))
+            self._set_aside_rows_after(start_step)
             self.file = open(self.metrics_path, "a")
             if progress_bar:
                 self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def _set_aside_rows_after(self, step: int) -> None:
+        """Rows logged after the checkpoint this run starts from (a crash between saves) are
+        logged again by this run: move them to metrics.jsonl.superseded so each step is in
+        metrics.jsonl once, and nothing is lost."""
+        if not self.metrics_path.is_file():
+            return
+        keep, later = [], []
+        for line in self.metrics_path.read_text().splitlines():
+            if line.strip():
+                (later if json.loads(line).get("step", 0) > step else keep).append(line)
+        if later:
+            with open(self.metrics_path.with_name("metrics.jsonl.superseded"), "a") as f:
+                f.write("\n".join(later) + "\n")
+            tmp = self.metrics_path.with_name("metrics.jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in keep))
+            tmp.replace(self.metrics_path)
 
     def tick(self, step: int) -> None:
         if self.bar is not None:
