@@ -77,8 +77,6 @@ def test_damaged_newest_checkpoints_are_skipped_with_a_warning_and_the_run_conti
     overwritten = ckpt / "step_00000006" / "mp_rank_00_model_states.pt"
     with open(overwritten, "r+b") as f:
         f.write(bytes(4096))
-    rows_before = len(metric_steps(run_dir))
-
     run = Run(run_dir, nproc=2).finish()
     out = run.output
     assert (f"checkpoint {ckpt}/step_00000009 is damaged (zero_pp_rank_1_mp_rank_00_optim_states.pt has "
@@ -87,7 +85,10 @@ def test_damaged_newest_checkpoints_are_skipped_with_a_warning_and_the_run_conti
     assert out.count("falling back to the one before it") == 2  # step 12 was never a candidate
     assert f"resumed from {ckpt}/step_00000003 at step 3" in out
     assert state(run_dir) == {"finished": True, "step": STEPS, "total_steps": STEPS, "reason": "completed"}
-    assert metric_steps(run_dir)[rows_before:] == list(range(4, STEPS + 1))
+    # Each step once: rows logged after step 3 by the killed run were set aside, then re-logged.
+    assert metric_steps(run_dir) == list(range(1, STEPS + 1))
+    superseded = (run_dir / "metrics.jsonl.superseded").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in superseded] == list(range(4, STEPS + 1))
     assert losses_by_step(run_dir) == pytest.approx(losses_by_step(reference), rel=1e-5)
     # The damaged ones are set aside for inspection; the half-written save of step 12 was replaced.
     assert tags(run_dir) == ["step_00000006", "step_00000006.damaged", "step_00000009",
@@ -184,14 +185,15 @@ def test_torchrun_restarts_a_job_whose_rank_died_and_it_resumes_to_the_exact_ste
     assert (run_dir / "fault_exit_at_step_5.done").is_file()
     assert f"resumed from {run_dir}/checkpoints/step_00000003 at step 3" in run.output
     assert state(run_dir) == {"finished": True, "step": STEPS, "total_steps": STEPS, "reason": "completed"}
-    steps = metric_steps(run_dir)
-    restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])  # the second start's first row
-    assert restart in (4, 5)  # rank 0 logged step 5 unless torchrun stopped it first
-    assert steps[:restart] == list(range(1, restart + 1)) and steps[restart:] == list(range(4, STEPS + 1))
-    # Steps 4 (and 5) ran twice, from the same checkpoint on the same samples: the same losses.
-    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert losses[3:restart] == pytest.approx(losses[restart:restart + restart - 3], rel=1e-5)
-    assert losses_by_step(run_dir) == pytest.approx(losses_by_step(reference), rel=1e-5)
+    # Each step once in metrics.jsonl; the first start's rows after the checkpoint (step 4, and 5
+    # unless torchrun stopped rank 0 first) are set aside, and re-ran with the same losses.
+    assert metric_steps(run_dir) == list(range(1, STEPS + 1))
+    first_start = {json.loads(line)["step"]: json.loads(line)["loss"]
+                   for line in (run_dir / "metrics.jsonl.superseded").read_text().splitlines()}
+    assert sorted(first_start) in ([4], [4, 5])
+    final = losses_by_step(run_dir)
+    assert [first_start[s] for s in sorted(first_start)] == pytest.approx([final[s] for s in sorted(first_start)], rel=1e-5)
+    assert final == pytest.approx(losses_by_step(reference), rel=1e-5)
 
 
 # --- batch geometry and DeepSpeed settings ---------------------------------------------------
