@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from typing import Dict, List
 
@@ -91,7 +90,3 @@ def precision(ds: dict) -> str:
     if ds.get("fp16", {}).get("enabled"):
         return "fp16"
     return "fp32"
-
-
-def steps_in(total: int, per_epoch: int) -> int:
-    return math.ceil(total / per_epoch)

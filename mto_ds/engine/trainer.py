@@ -1,6 +1,7 @@
 """The pre-training run: components built once, then the loop over optimizer steps."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -181,8 +182,8 @@ class Trainer:
         elapsed = max(time.time() - start_time, 1e-9)
         ips = (self.global_step - start_step) * self.batch.global_batch_size / elapsed
         if self.dist.rank == 0:
-            print(self.telemetry.summary(self.run_dir, ips, self.checkpointer.complete_tags()[:1][0]
-                                         if self.checkpointer.complete_tags() else None), flush=True)
+            newest = self.checkpointer.complete_tags()[:1]
+            print(self.telemetry.summary(self.run_dir, ips, newest[0] if newest else None), flush=True)
         return {"step": self.global_step, "reason": reason, "images_per_sec": ips}
 
     def _step(self, micro_batches) -> None:
@@ -229,11 +230,11 @@ class Trainer:
             return
         from ..eval import evaluate  # eval is optional on the hot path; imported when asked for
         encoder = self.engine.module.encoder
-        if zero_stage(self.ds_config) == 3:
+        gathered = contextlib.nullcontext()
+        if zero_stage(self.ds_config) == 3:  # ZeRO-3 holds only shards: gather the full encoder
             import deepspeed
-            with deepspeed.zero.GatheredParameters(list(encoder.parameters())):
-                result = evaluate(encoder, self.cfg, self.dist.device)
-        else:
+            gathered = deepspeed.zero.GatheredParameters(list(encoder.parameters()))
+        with gathered:
             result = evaluate(encoder, self.cfg, self.dist.device)
         self.engine.module.train()
         self.telemetry.log({"step": self.global_step, "epoch": float(epoch), **result})
