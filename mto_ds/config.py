@@ -8,6 +8,7 @@ work starts (`validate`).
 from __future__ import annotations
 
 import difflib
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +76,7 @@ class TrainConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
     clip_grad: Optional[float] = None
     activation_checkpointing: bool = False
+    compile: bool = False                    # torch.compile each transformer block
     max_nonfinite_steps: int = 5             # consecutive non-finite losses before stopping
 
 
@@ -193,6 +195,17 @@ def _check(ok: bool, key: str, expected: str, value: Any) -> None:
         raise ConfigError(f"bad value for '{key}': expected {expected}, got {value!r}")
 
 
+def read_deepspeed_json(cfg: "Config") -> dict:
+    """The DeepSpeed JSON that `deepspeed.config` names, parsed."""
+    path = resolve_path(cfg.deepspeed.config)
+    if not path.is_file():
+        raise ConfigError(f"deepspeed.config: file not found: {cfg.deepspeed.config}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"deepspeed.config: {path} is not valid JSON: {err}") from None
+
+
 def validate(cfg: Config) -> None:
     """Choices and ranges OmegaConf's types cannot express."""
     m, d, t, c, mto = cfg.model, cfg.data, cfg.train, cfg.checkpoint, cfg.mto
@@ -247,6 +260,13 @@ def validate(cfg: Config) -> None:
     _check(Path(cfg.deepspeed.config).suffix == ".json" and resolve_path(cfg.deepspeed.config).is_file(),
            "deepspeed.config", "an existing DeepSpeed .json file (e.g. ds_configs/cpu_zero2.json)",
            cfg.deepspeed.config)
+    if t.compile:
+        # DeepSpeed's ZeRO-3 gathers parameters in module hooks that split every compiled block
+        # graph; past torch._dynamo's recompile limit the blocks silently run eager again.
+        stage = int(read_deepspeed_json(cfg).get("zero_optimization", {}).get("stage", 0))
+        _check(stage < 3, "train.compile",
+               f"false with ZeRO stage 3 (deepspeed.config={cfg.deepspeed.config}); compile with ZeRO-1/2",
+               t.compile)
     _check(c.every_steps >= 0, "checkpoint.every_steps", "an integer >= 0", c.every_steps)
     _check(c.keep_last >= 1, "checkpoint.keep_last", "an integer >= 1", c.keep_last)
     _check(bool(c.resume), "checkpoint.resume", "auto, none or a checkpoint directory", c.resume)

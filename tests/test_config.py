@@ -69,3 +69,11 @@ def test_paper_recipe_configs_validate_and_switch_to_baseline_with_one_key(name)
     assert cfg.mto.enabled
     assert cfg.model.method in name and cfg.train.weight_decay == 0.05
     assert not load_config(REPO / "configs" / f"{name}.yaml", ["mto.enabled=false"]).mto.enabled
+
+
+def test_compile_with_zero3_fails_naming_train_compile():
+    """ZeRO-3's parameter hooks would split the compiled blocks; say so before any work."""
+    assert load_config(DEMO, ["train.compile=true"]).train.compile  # ZeRO-2: allowed
+    with pytest.raises(ConfigError) as err:
+        load_config(DEMO, ["train.compile=true", "deepspeed.config=ds_configs/cpu_zero3.json"])
+    assert "train.compile" in str(err.value) and "ZeRO stage 3" in str(err.value)

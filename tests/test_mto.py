@@ -220,3 +220,42 @@ def test_mto_argument_accepts_none_dict_and_config_and_rejects_unknown_keys():
     assert not mto_settings({"enabled": False}).enabled
     with pytest.raises(ValueError, match="lambda_x"):
         mto_settings({"lambda_x": 1.0})
+
+
+def test_mae_decoder_puts_visible_tokens_at_their_patches_and_mask_tokens_elsewhere():
+    """The sync-free gather of the decoder input equals placing tokens by boolean indexing."""
+    model = create_mim_model("vit_tiny_patch16", "mae", img_size=64, mto=None, decoder_embed_dim=64,
+                             decoder_depth=0, decoder_num_heads=4).eval()
+    images, mask = _inputs(model, "mae", batch=3)
+    with torch.no_grad():
+        latent = model.forward_encoder(images, mask)
+        pred, _, _ = model.forward_decoder(latent, mask, with_stats=False)
+        x = model.decoder_embed(latent)
+        full = model.mask_token.expand(3, mask.shape[1], -1).clone()
+        full[~mask] = x[:, 1:].reshape(-1, x.shape[-1])
+        expected = model.decoder_pred(model.decoder_norm(full + model.decoder_pos_embed[:, 1:]))
+    assert mask.sum(1).tolist() == [12, 12, 12]  # 16 patches, 75% masked
+    torch.testing.assert_close(pred, expected, rtol=0, atol=1e-6)
+
+
+def test_compiled_blocks_give_the_eager_loss_and_gradients():
+    """train.compile: torch.compile of each block changes speed, not values (MAE covers both
+    block loops: plain encoder blocks and decoder blocks with recalibration and MTO losses)."""
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = create_mim_model("vit_tiny_patch16", "mae", img_size=64, mto={"enabled": True},
+                                 decoder_embed_dim=64, decoder_depth=3, decoder_num_heads=4,
+                                 compile_blocks=compiled)
+        images, mask = _inputs(model, "mae")
+        out = model(images, mask)
+        out["loss"].backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out, grads))
+    (eager, eager_grads), (comp, comp_grads) = results
+    assert eager["loss_mto"] > 0 and torch.isfinite(comp["heterogeneity"]).all()
+    for key in ("loss", "loss_mim", "loss_mto", "heterogeneity"):
+        torch.testing.assert_close(comp[key], eager[key], rtol=1e-4, atol=1e-5)
+    assert comp_grads.keys() == eager_grads.keys()
+    for name in eager_grads:
+        torch.testing.assert_close(comp_grads[name], eager_grads[name], rtol=1e-3, atol=1e-5, msg=name)

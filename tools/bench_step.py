@@ -68,11 +68,14 @@ def _time(step, device, warmup, steps):
     return (time.perf_counter() - t) / steps, peak
 
 
-def bench_baseline(arch, img, batch, device, dtype, warmup, steps):
+def bench_baseline(arch, img, batch, device, dtype, warmup, steps, compiled):
     """timm ViT classifier-free forward + backward with SDPA and a fused AdamW, no DeepSpeed."""
     import timm
     from mto_ds.models import TIMM_NAMES
     model = timm.create_model(TIMM_NAMES[arch], num_classes=0, img_size=img).to(device)
+    if compiled:
+        for block in model.blocks:
+            block.compile()  # block by block, as train.compile does
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     x = torch.randn(batch, 3, img, img, device=device)
 
@@ -86,13 +89,14 @@ def bench_baseline(arch, img, batch, device, dtype, warmup, steps):
     return _time(step, device, warmup, steps), flops
 
 
-def bench_engine(arch, method, mto, zero, img, batch, device, dtype, warmup, steps, ckpt):
+def bench_engine(arch, method, mto, zero, img, batch, device, dtype, warmup, steps, ckpt, compiled):
     """The project's path: create_mim_model + deepspeed.initialize + the real train_step."""
     import deepspeed
     from mto_ds.engine.builder import param_groups
     from mto_ds.engine.step import train_step
     from mto_ds.models import create_mim_model
-    model = create_mim_model(arch, method, img_size=img, mto={"enabled": mto}, activation_checkpointing=ckpt)
+    model = create_mim_model(arch, method, img_size=img, mto={"enabled": mto}, activation_checkpointing=ckpt,
+                             compile_blocks=compiled)
     precision = {torch.bfloat16: {"bf16": {"enabled": True}}, torch.float32: {}}[dtype]
     ds = {"train_batch_size": batch, "train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1,
           "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": device.type != "cuda"}},
@@ -142,6 +146,8 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each block (train.compile), baseline too; not with ZeRO-3")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: vit_tiny, 64 px, batch 8, fp32, 2 steps")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="loader workers per GPU")
     p.add_argument("--json", help="also write the rows here")
@@ -173,14 +179,18 @@ def main():
         return "mae" if name.startswith("mae") else "simmim"
 
     print("| config | images/s | step ms | TFLOP/s | MFU | peak GiB | data wait |\n|---|---|---|---|---|---|---|")
-    add(f"baseline timm {args.arch} SDPA, no DS, no MTO",
-        *bench_baseline(args.arch, args.img, args.batch, device, dtype, args.warmup, args.steps))
+    suffix = " compiled" if args.compile else ""
+    add(f"baseline timm {args.arch} SDPA, no DS, no MTO{suffix}",
+        *bench_baseline(args.arch, args.img, args.batch, device, dtype, args.warmup, args.steps, args.compile))
     for method in args.method:
         for zero in args.zero:
+            if args.compile and zero == 3:
+                print(f"| {method} ZeRO-3 | not run: train.compile is refused with ZeRO-3 |", flush=True)
+                continue
             for mto in args.mto:
-                add(f"{method} ZeRO-{zero} MTO {mto}",
+                add(f"{method} ZeRO-{zero} MTO {mto}{suffix}",
                     *bench_engine(args.arch, method, mto == "on", zero, args.img, args.batch, device, dtype,
-                                  args.warmup, args.steps, args.activation_checkpointing))
+                                  args.warmup, args.steps, args.activation_checkpointing, args.compile))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": str(device), "peak_tflops": peak, "rows": rows}, f, indent=1)

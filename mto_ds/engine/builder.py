@@ -1,13 +1,12 @@
 """Builders: batch geometry, parameter groups, LR schedule and the DeepSpeed config dict."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Dict, List
 
 from torch import nn
 
-from ..config import Config, ConfigError, resolve_path
+from ..config import Config, ConfigError, read_deepspeed_json
 
 @dataclass(frozen=True)
 class BatchPlan:
@@ -58,13 +57,7 @@ def schedule_steps(cfg: Config, steps_per_epoch: int):
 
 def deepspeed_config(cfg: Config, batch: BatchPlan, total_steps: int, warmup_steps: int) -> dict:
     """The chosen ds_configs/ JSON with the run's batch, optimizer and schedule filled in."""
-    path = resolve_path(cfg.deepspeed.config)
-    if not path.is_file():
-        raise ConfigError(f"deepspeed.config: file not found: {cfg.deepspeed.config}")
-    try:
-        ds = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"deepspeed.config: {path} is not valid JSON: {err}") from None
+    ds = read_deepspeed_json(cfg)
     ds["train_batch_size"] = batch.global_batch_size
     ds["train_micro_batch_size_per_gpu"] = batch.micro_batch_size
     ds["gradient_accumulation_steps"] = batch.accumulation

@@ -67,6 +67,7 @@ class Trainer:
         m = cfg.model
         model = create_mim_model(m.arch, m.method, img_size=m.img_size, mto=cfg.mto, drop_path=m.drop_path,
                                  activation_checkpointing=cfg.train.activation_checkpointing,
+                                 compile_blocks=cfg.train.compile,
                                  decoder_embed_dim=m.decoder_embed_dim, decoder_depth=m.decoder_depth,
                                  decoder_num_heads=m.decoder_num_heads, norm_pix_loss=m.norm_pix_loss)
         self.batch = plan_batch(cfg.train.global_batch_size, cfg.train.micro_batch_size, self.dist.world_size)

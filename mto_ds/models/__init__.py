@@ -10,20 +10,22 @@ METHODS = ("simmim", "mae")
 
 
 def create_mim_model(arch: str, method: str, *, img_size: int = 224, mto=None, drop_path: float = 0.0,
-                     activation_checkpointing: bool = False, decoder_embed_dim: int = 512,
+                     activation_checkpointing: bool = False, compile_blocks: bool = False, decoder_embed_dim: int = 512,
                      decoder_depth: int = 8, decoder_num_heads: int = 16, norm_pix_loss: bool = True):
     """A SimMIM or MAE model; `model(images, mask)` returns the loss dict (see MIMModel).
 
     mto: None (off), a dict of `mto.*` keys (enabled unless it says otherwise) or a config object.
+    compile_blocks: torch.compile each transformer block (the first step pays for compilation).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method '{method}'; expected one of {list(METHODS)}")
     encoder = create_encoder(arch, img_size=img_size, drop_path=drop_path)
     if method == "simmim":
-        return SimMIM(encoder, mto=mto, activation_checkpointing=activation_checkpointing)
+        return SimMIM(encoder, mto=mto, activation_checkpointing=activation_checkpointing,
+                      compile_blocks=compile_blocks)
     return MAE(encoder, mto=mto, decoder_embed_dim=decoder_embed_dim, decoder_depth=decoder_depth,
                decoder_num_heads=decoder_num_heads, norm_pix_loss=norm_pix_loss,
-               activation_checkpointing=activation_checkpointing)
+               activation_checkpointing=activation_checkpointing, compile_blocks=compile_blocks)
 
 
 def mask_fn_for(model, method: str, img_size: int, mask_ratio=None, mask_patch_size=None):

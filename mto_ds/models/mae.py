@@ -13,10 +13,16 @@ from .simmim import patchify
 from .vit import mim_block, run_blocks, run_plain_blocks, sincos_pos_embed
 
 
+def visible_first(mask: torch.Tensor) -> torch.Tensor:
+    """Patch indices [B, L]: visible patches first, then masked ones, each in patch order."""
+    return torch.argsort(mask.to(torch.int8), dim=1, stable=True)
+
+
 class MAE(MIMModel):
     def __init__(self, encoder: nn.Module, mto=None, decoder_embed_dim: int = 512, decoder_depth: int = 8,
-                 decoder_num_heads: int = 16, norm_pix_loss: bool = True, activation_checkpointing: bool = False):
-        super().__init__(mto, activation_checkpointing)
+                 decoder_num_heads: int = 16, norm_pix_loss: bool = True, activation_checkpointing: bool = False,
+                 compile_blocks: bool = False):
+        super().__init__(mto, activation_checkpointing, compile_blocks)
         self.encoder = encoder
         dim = encoder.embed_dim
         self.patch_size = encoder.patch_embed.patch_size[0]
@@ -49,23 +55,27 @@ class MAE(MIMModel):
         enc = self.encoder
         x = enc.patch_embed(images) + enc.pos_embed[:, 1:]
         B, L, D = x.shape
-        # Stable sort puts visible patches first, in their original order.
-        keep = torch.argsort(mask.to(torch.int8), dim=1, stable=True)[:, : L - int(mask[0].sum())]
+        keep = visible_first(mask)[:, : L - int(mask[0].sum())]
         x = torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, D))
         cls = (enc.cls_token + enc.pos_embed[:, :1]).expand(B, -1, -1)
         x = enc.norm_pre(torch.cat([cls, x], dim=1))
-        x = run_plain_blocks(enc.blocks, x, self.activation_checkpointing)
+        x = run_plain_blocks(enc.blocks, x, self.activation_checkpointing, self.compile_blocks)
         return enc.norm(x)
 
     def forward_decoder(self, latent: torch.Tensor, mask: torch.Tensor, with_stats: bool):
         x = self.decoder_embed(latent)
         B, L = mask.shape
-        full = self.mask_token.to(x.dtype).expand(B, L, -1).clone()
-        full[~mask] = x[:, 1:].reshape(-1, x.shape[-1])  # row-major: visible patches in order
+        # Visible tokens, then mask tokens, gathered back to patch order by the inverse of the
+        # encoder's order (MAE's ids_restore): no boolean indexing, so no host sync.
+        mask_tokens = self.mask_token.to(x.dtype).expand(B, L - (x.shape[1] - 1), -1)
+        restore = torch.argsort(visible_first(mask), dim=1)
+        full = torch.gather(torch.cat([x[:, 1:], mask_tokens], dim=1), 1,
+                            restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         x = torch.cat([x[:, :1], full], dim=1) + self.decoder_pos_embed.to(x.dtype)
         masked = torch.cat([mask.new_zeros(B, 1), mask], dim=1)
         num_early, flags = self.block_flags(with_stats)
-        x, summaries = run_blocks(self.decoder_blocks, x, masked, flags, self.activation_checkpointing)
+        x, summaries = run_blocks(self.decoder_blocks, x, masked, flags, self.activation_checkpointing,
+                                  self.compile_blocks)
         pred = self.decoder_pred(self.decoder_norm(x))[:, 1:]
         return pred, summaries, num_early
 

@@ -16,10 +16,11 @@ class MIMModel(nn.Module):
 
     num_mim_blocks: int
 
-    def __init__(self, mto, activation_checkpointing: bool = False):
+    def __init__(self, mto, activation_checkpointing: bool = False, compile_blocks: bool = False):
         super().__init__()
         self.mto = mto_settings(mto)
         self.activation_checkpointing = activation_checkpointing
+        self.compile_blocks = compile_blocks  # torch.compile each block (models/vit.py)
 
     def block_flags(self, with_stats: bool):
         return block_flags(self.mto, self.num_mim_blocks, with_stats)

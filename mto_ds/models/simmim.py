@@ -19,8 +19,9 @@ def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
 
 
 class SimMIM(MIMModel):
-    def __init__(self, encoder: nn.Module, mto=None, activation_checkpointing: bool = False):
-        super().__init__(mto, activation_checkpointing)
+    def __init__(self, encoder: nn.Module, mto=None, activation_checkpointing: bool = False,
+                 compile_blocks: bool = False):
+        super().__init__(mto, activation_checkpointing, compile_blocks)
         self.encoder = encoder
         dim = encoder.embed_dim
         self.patch_size = encoder.patch_embed.patch_size[0]
@@ -41,7 +42,7 @@ class SimMIM(MIMModel):
         # CLS counts as visible.
         masked = torch.cat([mask.new_zeros(mask.shape[0], 1), mask], dim=1)
         num_early, flags = self.block_flags(with_stats)
-        x, summaries = run_blocks(enc.blocks, x, masked, flags, self.activation_checkpointing)
+        x, summaries = run_blocks(enc.blocks, x, masked, flags, self.activation_checkpointing, self.compile_blocks)
         return enc.norm(x), summaries, num_early
 
     def forward_encoder(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """timm ViT encoders with MTO-capable attention, and the loop over blocks that see mask tokens."""
 from __future__ import annotations
 
-from functools import partial
+from functools import lru_cache, partial
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -53,25 +53,40 @@ def _block_forward(block: Block, x: torch.Tensor, masked: torch.Tensor, recalibr
     return x, stats
 
 
-def run_blocks(blocks, x: torch.Tensor, masked: Optional[torch.Tensor], flags, activation_checkpointing: bool):
+def _plain_block_forward(block: Block, x: torch.Tensor) -> torch.Tensor:
+    return block(x)
+
+
+@lru_cache(maxsize=None)
+def _compiled(block_forward):
+    """torch.compile of one block's forward, shared by every block ("regional" compilation, as in
+    torchtitan): parameters are graph inputs, so blocks of one shape reuse one graph, and each
+    (recalibrate, mode) pair adds one. Compiling block by block keeps compile time to that of one
+    block and leaves the loop, checkpointing and DeepSpeed's module hooks in eager Python."""
+    return torch.compile(block_forward)
+
+
+def _run(block_forward, args, activation_checkpointing: bool, compiled: bool):
+    fn = _compiled(block_forward) if compiled else block_forward
+    if activation_checkpointing and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+def run_blocks(blocks, x: torch.Tensor, masked: Optional[torch.Tensor], flags, activation_checkpointing: bool,
+               compiled: bool = False):
     """Run blocks that see mask tokens. Returns (x, per-block summaries, None where not computed)."""
     summaries: List[Optional[Dict[str, torch.Tensor]]] = []
     for block, (recalibrate, mode) in zip(blocks, flags):
-        if activation_checkpointing and torch.is_grad_enabled():
-            x, stats = checkpoint(_block_forward, block, x, masked, recalibrate, mode, use_reentrant=False)
-        else:
-            x, stats = _block_forward(block, x, masked, recalibrate, mode)
+        x, stats = _run(_block_forward, (block, x, masked, recalibrate, mode), activation_checkpointing, compiled)
         summaries.append(None if stats is None else block_summary(stats, masked))
     return x, summaries
 
 
-def run_plain_blocks(blocks, x: torch.Tensor, activation_checkpointing: bool) -> torch.Tensor:
+def run_plain_blocks(blocks, x: torch.Tensor, activation_checkpointing: bool, compiled: bool = False) -> torch.Tensor:
     """Blocks that see no mask tokens (the MAE encoder): timm's forward, fused SDPA."""
     for block in blocks:
-        if activation_checkpointing and torch.is_grad_enabled():
-            x = checkpoint(block, x, use_reentrant=False)
-        else:
-            x = block(x)
+        x = _run(_plain_block_forward, (block, x), activation_checkpointing, compiled)
     return x
 
 
