@@ -16,8 +16,12 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 
 def matmul_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
@@ -97,10 +101,11 @@ def bench_engine(arch, method, mto, zero, img, batch, device, dtype, warmup, ste
     from mto_ds.models import create_mim_model
     model = create_mim_model(arch, method, img_size=img, mto={"enabled": mto}, activation_checkpointing=ckpt,
                              compile_blocks=compiled)
-    precision = {torch.bfloat16: {"bf16": {"enabled": True}}, torch.float32: {}}[dtype]
-    ds = {"train_batch_size": batch, "train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1,
-          "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": device.type != "cuda"}},
-          "zero_optimization": {"stage": zero}, "steps_per_print": 10 ** 9, **precision}
+    # The shipped DeepSpeed config of this stage (bf16 on GPU, the fp32 gloo one on CPU).
+    name = f"zero{zero}_bf16.json" if dtype == torch.bfloat16 else f"cpu_zero{zero}.json"
+    ds = json.loads((REPO / "ds_configs" / name).read_text())
+    ds.update(train_batch_size=batch, train_micro_batch_size_per_gpu=batch, gradient_accumulation_steps=1)
+    ds["optimizer"]["params"]["lr"] = 1e-4
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.05), config=ds)
     images, mask = _inputs(model, method, batch, img, device, torch.float32)
     images = (images * 40 + 120).clamp(0, 255).to(torch.uint8)
