@@ -12,6 +12,7 @@ same run (an 8192^3 matmul on GPU); FLOPs per step are counted by torch's FlopCo
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -58,7 +59,13 @@ def _inputs(model, method, batch, img, device, dtype):
     return torch.randn(batch, 3, img, img, device=device, dtype=dtype), mask
 
 
-def _time(step, device, warmup, steps):
+def _allocated(device) -> int:
+    return torch.cuda.memory_allocated() if device.type == "cuda" else 0
+
+
+def _time(step, device, warmup, steps, base_bytes):
+    """(seconds per step, peak GiB above `base_bytes`: what this configuration holds at its peak,
+    not what earlier rows of the run left allocated)."""
     for _ in range(warmup):
         step()
     _sync(device)
@@ -68,14 +75,16 @@ def _time(step, device, warmup, steps):
     for _ in range(steps):
         step()
     _sync(device)
-    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
-    return (time.perf_counter() - t) / steps, peak
+    sec = (time.perf_counter() - t) / steps
+    peak = (torch.cuda.max_memory_allocated() - base_bytes) / 2 ** 30 if device.type == "cuda" else float("nan")
+    return sec, peak
 
 
 def bench_baseline(arch, img, batch, device, dtype, warmup, steps, compiled):
     """timm ViT classifier-free forward + backward with SDPA and a fused AdamW, no DeepSpeed."""
     import timm
     from mto_ds.models import TIMM_NAMES
+    base = _allocated(device)
     model = timm.create_model(TIMM_NAMES[arch], num_classes=0, img_size=img).to(device)
     if compiled:
         for block in model.blocks:
@@ -90,7 +99,7 @@ def bench_baseline(arch, img, batch, device, dtype, warmup, steps, compiled):
         opt.step()
         opt.zero_grad(set_to_none=True)
     flops = step_flops(step)
-    return _time(step, device, warmup, steps), flops
+    return _time(step, device, warmup, steps, base), flops
 
 
 def bench_engine(arch, method, mto, zero, img, batch, device, dtype, warmup, steps, ckpt, compiled):
@@ -99,6 +108,7 @@ def bench_engine(arch, method, mto, zero, img, batch, device, dtype, warmup, ste
     from mto_ds.engine.builder import param_groups
     from mto_ds.engine.step import train_step
     from mto_ds.models import create_mim_model
+    base = _allocated(device)
     model = create_mim_model(arch, method, img_size=img, mto={"enabled": mto}, activation_checkpointing=ckpt,
                              compile_blocks=compiled)
     # The shipped DeepSpeed config of this stage (bf16 on GPU, the fp32 gloo one on CPU).
@@ -115,7 +125,7 @@ def bench_engine(arch, method, mto, zero, img, batch, device, dtype, warmup, ste
         train_step(engine, micro, 1.0, False, dtype)
     flops = step_flops(lambda: engine(images.to(dtype), mask, with_stats=False)["loss"].backward())
     engine.zero_grad()
-    return _time(step, device, warmup, steps), flops
+    return _time(step, device, warmup, steps, base), flops
 
 
 def data_wait_share(method, img, batch, workers, step_sec, steps) -> float:
@@ -170,6 +180,17 @@ def main():
           f"{'bf16' if dtype == torch.bfloat16 else 'fp32'} matmul peak measured {peak:.1f} TFLOP/s", flush=True)
     rows = []
 
+    def run(name, bench, *bench_args):
+        """One row; a configuration that does not fit says so, and the others still run."""
+        try:
+            add(name, *bench(*bench_args))
+        except torch.cuda.OutOfMemoryError as err:
+            print(f"| {name} | out of GPU memory: {str(err).splitlines()[0]} |", flush=True)
+            rows.append({"config": name, "error": "out of memory"})
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def add(name, timing, flops):
         (sec, mem) = timing
         tflops = flops / sec / 1e12
@@ -185,21 +206,41 @@ def main():
 
     print("| config | images/s | step ms | TFLOP/s | MFU | peak GiB | data wait |\n|---|---|---|---|---|---|---|")
     suffix = " compiled" if args.compile else ""
-    add(f"baseline timm {args.arch} SDPA, no DS, no MTO{suffix}",
-        *bench_baseline(args.arch, args.img, args.batch, device, dtype, args.warmup, args.steps, args.compile))
+    run(f"baseline timm {args.arch} SDPA, no DS, no MTO{suffix}", bench_baseline,
+        args.arch, args.img, args.batch, device, dtype, args.warmup, args.steps, args.compile)
     for method in args.method:
         for zero in args.zero:
             if args.compile and zero == 3:
                 print(f"| {method} ZeRO-3 | not run: train.compile is refused with ZeRO-3 |", flush=True)
                 continue
             for mto in args.mto:
-                add(f"{method} ZeRO-{zero} MTO {mto}{suffix}",
-                    *bench_engine(args.arch, method, mto == "on", zero, args.img, args.batch, device, dtype,
-                                  args.warmup, args.steps, args.activation_checkpointing, args.compile))
+                run(f"{method} ZeRO-{zero} MTO {mto}{suffix}", bench_engine,
+                    args.arch, method, mto == "on", zero, args.img, args.batch, device, dtype,
+                    args.warmup, args.steps, args.activation_checkpointing, args.compile)
+    comparisons = compare(rows)
+    for line in comparisons:
+        print(line)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": str(device), "peak_tflops": peak, "rows": rows}, f, indent=1)
+            json.dump({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                       "peak_tflops": peak, "argv": sys.argv[1:], "rows": rows, "comparisons": comparisons},
+                      f, indent=1)
     return 0
+
+
+def compare(rows) -> list:
+    """The issue's two relative targets, from the rows: MTO's share of step time (on vs off, same
+    method and stage) and each configuration's speed relative to the plain baseline."""
+    timed = {r["config"]: r for r in rows if "step_ms" in r}
+    lines = []
+    baseline = next((r for name, r in timed.items() if name.startswith("baseline")), None)
+    for name, row in timed.items():
+        if " MTO on" in name and name.replace(" MTO on", " MTO off") in timed:
+            off = timed[name.replace(" MTO on", " MTO off")]
+            lines.append(f"MTO overhead, {name}: {100 * (row['step_ms'] / off['step_ms'] - 1):+.1f}% step time")
+        if baseline is not None and row is not baseline:
+            lines.append(f"speed vs baseline, {name}: {row['images_per_sec'] / baseline['images_per_sec']:.2f}x")
+    return lines
 
 
 if __name__ == "__main__":

@@ -331,6 +331,9 @@ def keys_per_row(masked: torch.Tensor, recalibrate: bool) -> torch.Tensor:
     return torch.where(masked, float(num_tokens), num_visible)[:, None]
 
 
+# Compiled blocks (train.compile) call the kernels as they are, between two compiled graphs:
+# dynamo tracing into this autograd.Function and its Triton launches is not yet checked on a GPU.
+@torch.compiler.disable
 def fused_attention_with_row_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                    masked: torch.Tensor, recalibrate: bool, scale: float, *,
                                    tiles: Optional[Tuple[int, ...]] = None,

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The GPU measurements of docs/BENCHMARKS.md on one GPU, each in its own process, written to
+# OUT_DIR (tables as .md, rows as .json, logs as .log). Parts, so each fits a time-limited job:
+#
+#   tools/bench_gpu.sh OUT_DIR kernel   # CUDA kernel tests (fused attention vs reference) + bench_attention
+#   tools/bench_gpu.sh OUT_DIR large    # ViT-L/16 SimMIM + MAE, MTO on/off, ZeRO-2, batch 128, eager and compiled
+#   tools/bench_gpu.sh OUT_DIR huge     # ViT-H/14 SimMIM + MTO, ZeRO-3, activation checkpointing, batch 64 and 128
+#   tools/bench_gpu.sh OUT_DIR all      # the three in order
+#
+# Needs torch with CUDA, timm, triton and deepspeed importable (pytest for `kernel`).
+set -euo pipefail
+out=${1:?usage: tools/bench_gpu.sh OUT_DIR [kernel|large|huge|all]}
+part=${2:-all}
+cd "$(dirname "$0")/.."
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+
+if ! "$py" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+    echo "bench_gpu.sh: no CUDA device visible to $py; these measurements need one GPU" >&2
+    exit 2
+fi
+{
+    date -u +"%Y-%m-%dT%H:%MZ"
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
+    "$py" - <<'EOF'
+import importlib
+for name in ("torch", "triton", "timm", "deepspeed"):
+    try:
+        print(name, importlib.import_module(name).__version__)
+    except ImportError as err:
+        print(name, "missing:", err)
+EOF
+} | tee "$out/env.txt"
+
+run() {  # run NAME CMD...: output to NAME.log, the table lines to NAME.md
+    local name=$1; shift
+    echo "== $name: $*" | tee -a "$out/commands.txt"
+    "$@" 2>&1 | tee "$out/$name.log" | grep -E '^(\||device|MTO overhead|speed vs|<!--|[0-9]+ (passed|failed))' \
+        | tee "$out/$name.md" || true
+}
+
+if [[ $part == kernel || $part == all ]]; then
+    run kernel_tests "$py" -m pytest -q -p no:cacheprovider tests/test_fused_attention.py -rs
+    run attention "$py" tools/bench_attention.py
+fi
+if [[ $part == large || $part == all ]]; then
+    run vit_l "$py" tools/bench_step.py --arch vit_large_patch16 --method simmim mae --mto on off \
+        --zero 2 --batch 128 --json "$out/vit_l.json"
+    run vit_l_compiled "$py" tools/bench_step.py --arch vit_large_patch16 --method simmim --mto on off \
+        --zero 2 --batch 128 --compile --json "$out/vit_l_compiled.json"
+fi
+if [[ $part == huge || $part == all ]]; then
+    for batch in 64 128; do
+        run "vit_h_b$batch" "$py" tools/bench_step.py --arch vit_huge_patch14 --method simmim --mto on \
+            --zero 3 --batch "$batch" --activation-checkpointing --steps 10 --warmup 3 --json "$out/vit_h_b$batch.json"
+    done
+fi
