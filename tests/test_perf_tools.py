@@ -1,6 +1,7 @@
 """Planning and benchmark tools: arithmetic on known inputs, and the bench running on CPU."""
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 
@@ -65,3 +66,11 @@ def test_bench_step_compares_mto_on_with_off_and_each_row_with_the_baseline():
     assert compare(rows) == ["MTO overhead, simmim ZeRO-2 MTO on: +2.0% step time",
                              "speed vs baseline, simmim ZeRO-2 MTO on: 0.98x",
                              "speed vs baseline, simmim ZeRO-2 MTO off: 1.00x"]
+
+
+def test_kernel_busy_share_counts_overlapping_kernels_once_and_gaps_as_idle():
+    share = _load("bench_step").kernel_busy_share
+    # 0-4 and 2-6 overlap (busy 0-6), idle 6-8, busy 8-10: 8 of 10 microseconds.
+    assert share([(8, 10), (0, 4), (2, 6)]) == pytest.approx(0.8)
+    assert share([(0, 5), (5, 10)]) == pytest.approx(1.0)
+    assert math.isnan(share([]))

@@ -51,6 +51,49 @@ def step_flops(fn) -> float:
     return counter.get_total_flops()
 
 
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+
+
+def kernel_busy_share(intervals) -> float:
+    """Share of the span from the first kernel's start to the last one's end during which at
+    least one kernel ran: 1 minus the GPU's idle gaps (host syncs, launch latency)."""
+    if not intervals:
+        return float("nan")
+    intervals = sorted(intervals)
+    busy, (start, end) = 0.0, intervals[0]
+    first = start
+    for s, e in intervals[1:]:
+        if s > end:
+            busy += end - start
+            start, end = s, e
+        else:
+            end = max(end, e)
+    busy += end - start
+    last = max(e for _, e in intervals)
+    return busy / (last - first) if last > first else float("nan")
+
+
+def profile_steps(step, device, steps, trace_path) -> float:
+    """Run `steps` steps under torch.profiler, write a Chrome trace (.json.gz) and the top ops
+    by own time (.ops.txt), and return the GPU's busy share over them (nan on CPU). The profiler adds host overhead, so gaps can only look larger."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    _sync(device)
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    prof.export_chrome_trace(str(trace_path))
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    Path(str(trace_path).replace(".trace.json.gz", ".ops.txt")).write_text(
+        prof.key_averages().table(sort_by=sort, row_limit=25))
+    kernels = [(e.time_range.start, e.time_range.end) for e in prof.events()
+               if e.device_type == DeviceType.CUDA]
+    return kernel_busy_share(kernels) if device.type == "cuda" else float("nan")
+
+
 def model_flops(arch, method, img, batch, device) -> float:
     """FLOPs of one forward + backward of the architecture, MFU's "model FLOPs": counted on the
     MTO-off model without activation checkpointing, so neither MTO's statistics nor recomputation
@@ -78,7 +121,7 @@ def _allocated(device) -> int:
 
 def _time(step, device, warmup, steps, base_bytes):
     """(seconds per step, peak GiB above `base_bytes`: what this configuration holds at its peak,
-    not what earlier rows of the run left allocated)."""
+    not what earlier rows of the run left allocated). The caller ran the warm-up steps."""
     for _ in range(warmup):
         step()
     _sync(device)
@@ -93,7 +136,7 @@ def _time(step, device, warmup, steps, base_bytes):
     return sec, peak
 
 
-def bench_baseline(arch, img, batch, device, dtype, warmup, steps, compiled):
+def bench_baseline(arch, img, batch, device, dtype, compiled):
     """timm ViT classifier-free forward + backward with SDPA and a fused AdamW, no DeepSpeed."""
     import timm
     from mto_ds.models import TIMM_NAMES
@@ -111,14 +154,14 @@ def bench_baseline(arch, img, batch, device, dtype, warmup, steps, compiled):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    flops = step_flops(step)
-    return _time(step, device, warmup, steps, base), flops
+    return step, step_flops(step), base
 
 
-def bench_engine(arch, method, mto, zero, img, batch, device, dtype, warmup, steps, ckpt, compiled):
+def bench_engine(arch, method, mto, zero, img, batch, device, dtype, ckpt, compiled, stop_check):
     """The project's path: create_mim_model + deepspeed.initialize + the real train_step."""
     import deepspeed
     from mto_ds.engine.builder import param_groups
+    from mto_ds.engine.signals import StopRequest
     from mto_ds.engine.step import train_step
     from mto_ds.models import create_mim_model
     flops = model_flops(arch, method, img, batch, device)
@@ -135,9 +178,13 @@ def bench_engine(arch, method, mto, zero, img, batch, device, dtype, warmup, ste
     images = (images * 40 + 120).clamp(0, 255).to(torch.uint8)
     micro = [{"images": images, "mask": mask}]
 
+    stop = StopRequest()
+
     def step():
         train_step(engine, micro, 1.0, False, dtype)
-    return _time(step, device, warmup, steps, base), flops
+        if stop_check:
+            stop.agreed(device)  # the trainer's per-step agreement on a stop signal
+    return step, flops, base
 
 
 def data_wait_share(method, img, batch, workers, step_sec, steps) -> float:
@@ -175,6 +222,11 @@ def main():
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each block (train.compile), baseline too; not with ZeRO-3")
+    p.add_argument("--no-stop-check", action="store_true",
+                   help="leave out the per-step stop-signal all-reduce the trainer makes (to measure its cost)")
+    p.add_argument("--profile", metavar="DIR",
+                   help="profile 3 more steps per row: a Chrome trace and an op table each in DIR, "
+                        "and the GPU-busy column")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: vit_tiny, 64 px, batch 8, fp32, 2 steps")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="loader workers per GPU")
     p.add_argument("--json", help="also write the rows here")
@@ -191,35 +243,44 @@ def main():
     print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, "
           f"{'bf16' if dtype == torch.bfloat16 else 'fp32'} matmul peak measured {peak:.1f} TFLOP/s", flush=True)
     rows = []
+    if args.profile:
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
 
     def run(name, bench, *bench_args):
         """One row; a configuration that does not fit says so, and the others still run."""
         try:
-            add(name, *bench(*bench_args))
+            step, flops, base = bench(*bench_args)
+            sec, mem = _time(step, device, args.warmup, args.steps, base)
+            busy = float("nan")
+            if args.profile:
+                busy = profile_steps(step, device, 3, Path(args.profile) / f"{slug(name)}.trace.json.gz")
+            add(name, sec, mem, flops, busy)
         except torch.cuda.OutOfMemoryError as err:
             print(f"| {name} | out of GPU memory: {str(err).splitlines()[0]} |", flush=True)
             rows.append({"config": name, "error": "out of memory"})
+        step = None
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def add(name, timing, flops):
-        (sec, mem) = timing
+    def add(name, sec, mem, flops, busy):
         tflops = flops / sec / 1e12
         wait = data_wait_share(method_of(name), args.img, args.batch, args.workers, sec, min(args.steps, 10))
         rows.append({"config": name, "images_per_sec": args.batch / sec, "step_ms": sec * 1e3,
-                     "tflops": tflops, "mfu": tflops / peak, "peak_mem_gib": mem, "data_wait": wait})
+                     "tflops": tflops, "mfu": tflops / peak, "peak_mem_gib": mem, "data_wait": wait,
+                     "gpu_busy": busy})
         r = rows[-1]
         print(f"| {name} | {r['images_per_sec']:.1f} | {r['step_ms']:.1f} | {r['tflops']:.2f} | "
-              f"{100 * r['mfu']:.1f}% | {mem:.1f} | {100 * wait:.1f}% |", flush=True)
+              f"{100 * r['mfu']:.1f}% | {mem:.1f} | {100 * wait:.1f}% | {100 * busy:.1f}% |", flush=True)
 
     def method_of(name):
         return "mae" if name.startswith("mae") else "simmim"
 
-    print("| config | images/s | step ms | TFLOP/s | MFU | peak GiB | data wait |\n|---|---|---|---|---|---|---|")
+    print("| config | images/s | step ms | TFLOP/s | MFU | peak GiB | data wait | GPU busy |\n"
+          "|---|---|---|---|---|---|---|---|")
     suffix = " compiled" if args.compile else ""
     run(f"baseline timm {args.arch} SDPA, no DS, no MTO{suffix}", bench_baseline,
-        args.arch, args.img, args.batch, device, dtype, args.warmup, args.steps, args.compile)
+        args.arch, args.img, args.batch, device, dtype, args.compile)
     for method in args.method:
         for zero in args.zero:
             if args.compile and zero == 3:
@@ -228,7 +289,7 @@ def main():
             for mto in args.mto:
                 run(f"{method} ZeRO-{zero} MTO {mto}{suffix}", bench_engine,
                     args.arch, method, mto == "on", zero, args.img, args.batch, device, dtype,
-                    args.warmup, args.steps, args.activation_checkpointing, args.compile)
+                    args.activation_checkpointing, args.compile, not args.no_stop_check)
     comparisons = compare(rows)
     for line in comparisons:
         print(line)
