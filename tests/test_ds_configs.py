@@ -1,12 +1,62 @@
-"""The shipped DeepSpeed JSON files build the engine we document: torch's fused AdamW on GPU
-(no CUDA op to JIT-build at start on every node), which takes a step under ZeRO-1/2/3."""
+"""The shipped DeepSpeed JSON files: each is what its name says and passes DeepSpeed's own
+validation; the GPU ones build torch's fused AdamW (no CUDA op to JIT-build at start on every
+node), which steps under ZeRO-1/2/3; bf16 trains and resumes exactly."""
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 
-from conftest import REPO, cpu_env
+from conftest import REPO, cpu_env, free_port, pretrain, read_metrics
+
+DS_CHECK = r"""
+import json, os, sys
+os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+import deepspeed
+from deepspeed.runtime.config import DeepSpeedConfig
+from mto_ds.config import load_config
+from mto_ds.engine.builder import deepspeed_config, plan_batch
+deepspeed.init_distributed(dist_backend="gloo")
+out = {}
+for name in sys.argv[2:]:
+    cfg = load_config("configs/demo.yaml", [f"deepspeed.config=ds_configs/{name}", "train.clip_grad=0.5"])
+    c = DeepSpeedConfig(deepspeed_config(cfg, plan_batch(32, 8, 1), 100, 10))  # DeepSpeed's own validation
+    out[name] = {"stage": c.zero_optimization_stage, "bf16": c.bfloat16_config.enabled,
+                 "fp16": c.float16_config.enabled, "loss_scale": c.float16_config.loss_scale,
+                 "offload": [str(o.device) if o else None for o in (c.zero_config.offload_optimizer,
+                                                                   c.zero_config.offload_param)],
+                 "clip": c.gradient_clipping, "batch": [c.train_batch_size, c.train_micro_batch_size_per_gpu,
+                                                        c.gradient_accumulation_steps]}
+print("RESULT " + json.dumps(out))
+"""
+DS_CONFIGS = {  # name: (ZeRO stage, bf16, fp16, offload of optimizer and parameters)
+    "cpu_zero1.json": (1, False, False, [None, None]),
+    "cpu_zero2.json": (2, False, False, [None, None]),
+    "cpu_zero3.json": (3, False, False, [None, None]),
+    "zero1_bf16.json": (1, True, False, [None, None]),
+    "zero2_bf16.json": (2, True, False, [None, None]),
+    "zero3_bf16.json": (3, True, False, [None, None]),
+    "zero3_offload_bf16.json": (3, True, False, ["cpu", "cpu"]),
+    "zero2_fp16.json": (2, False, True, [None, None]),
+}
+
+
+def test_every_ds_config_passes_deepspeeds_validation_and_is_what_its_name_says():
+    assert sorted(p.name for p in (REPO / "ds_configs").glob("*.json")) == sorted(DS_CONFIGS)
+    result = subprocess.run([sys.executable, "-c", DS_CHECK, str(free_port()), *DS_CONFIGS], cwd=REPO,
+                            env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    parsed = json.loads(result.stdout.split("RESULT ", 1)[1])
+    for name, (stage, bf16, fp16, offload) in DS_CONFIGS.items():
+        got = parsed[name]
+        assert (got["stage"], got["bf16"], got["fp16"], got["offload"]) == (stage, bf16, fp16, offload), name
+        assert got["clip"] == 0.5 and got["batch"] == [32, 8, 4], name  # train.clip_grad; 32 = 8 x 4 on 1 rank
+    assert parsed["zero2_fp16.json"]["loss_scale"] == 0  # 0 = dynamic loss scaling
+    fp16 = json.loads((REPO / "ds_configs" / "zero2_fp16.json").read_text())["fp16"]
+    assert fp16["initial_scale_power"] >= 8 and fp16["loss_scale_window"] > 0
+
 
 SCRIPT = r'''
 import json, sys, torch, deepspeed
@@ -52,3 +102,27 @@ def test_fp16_config_names_the_same_optimizer(name):
     sections = {n: json.loads((REPO / "ds_configs" / f"{n}.json").read_text())["optimizer"]
                 for n in (name, "zero2_bf16")}
     assert sections[name] == sections["zero2_bf16"]
+
+
+def test_bf16_zero2_on_two_ranks_keeps_bf16_weights_and_resumes_exactly(tmp_path):
+    """The GPU precision path through the trainer (gloo, CPU): the checkpointed module is bf16,
+    and a run resumed from its step-3 checkpoint repeats steps 4-6 of the uninterrupted run."""
+    full = tmp_path / "full"
+    args = ("deepspeed.config=ds_configs/zero2_bf16.json", "train.steps=6", "run.log_every=1",
+            "checkpoint.every_steps=3", "data.synthetic_images=256", "data.num_workers=0")
+    pretrain(full, *args, nproc=2)
+    (states,) = (full / "checkpoints" / "step_00000003").glob("mp_rank_00_model_states.pt")
+    module = torch.load(states, map_location="cpu", weights_only=False)["module"]
+    assert module["mask_token"].dtype == torch.bfloat16
+    assert {v.dtype for k, v in module.items() if k.endswith("weight")} == {torch.bfloat16}
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000006")  # as if killed after step 3's save
+    log = pretrain(resumed, *args, nproc=2)
+    assert "resumed from" in log.stderr + log.stdout and "step_00000003 at step 3" in log.stderr + log.stdout
+    expected = {r["step"]: r["loss"] for r in read_metrics(full)}
+    got = {r["step"]: r["loss"] for r in read_metrics(resumed)}
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]
+    assert [got[s] for s in (4, 5, 6)] == [expected[s] for s in (4, 5, 6)]
+    assert json.loads((resumed / "state.json").read_text())["step"] == 6
