@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from pathlib import Path
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,7 +15,8 @@ from PIL import Image
 from mto_ds.data import ImageFolderSource, PretrainLoader, SyntheticImages, build_pretrain_loader, write_image_folder
 from mto_ds.data.order import rank_indices, sample_rng
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO, cpu_env
+
 PATCHES = 4
 
 
@@ -107,3 +109,37 @@ def test_make_synthetic_cli_writes_once_and_leaves_an_existing_folder(tmp_path, 
     assert cli.main(argv[:1] + ["--images", "2"]) == 0
     assert "left as it is" in capsys.readouterr().out
     assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "out").rglob("*.JPEG")) == files
+
+
+STOP_SIGNALS_TO_WORKER = r"""
+import os, signal, time
+import psutil
+from types import SimpleNamespace
+from mto_ds.data import build_pretrain_loader
+from mto_ds.engine.signals import StopRequest
+stop = StopRequest()  # as in a training rank: installed before the workers fork
+cfg = SimpleNamespace(source="synthetic", synthetic_images=64, synthetic_classes=10, crop_scale_min=None,
+                      crop_scale_max=1.0, num_workers=1, path=None)
+loader = build_pretrain_loader(cfg, method="simmim", img_size=32, seed=0, global_batch_size=4, micro_batch_size=4,
+                               rank=0, world_size=1, mask_fn=lambda rng: rng.random(4) < 0.5)
+stream = loader.micro_batches(0, 0)
+next(stream)
+(worker,) = psutil.Process().children()
+for sig in (signal.SIGTERM, signal.SIGUSR1):  # as Slurm signals every process of a job step
+    os.kill(worker.pid, sig)
+time.sleep(1.0)
+alive = worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE
+print("RESULT", alive, 1 + sum(1 for _ in stream), stop.signum, flush=True)
+"""
+
+
+def test_loader_workers_live_through_stop_signals_so_the_rank_can_finish_and_save(tmp_path):
+    """torch's worker handler dies of a SIGTERM from anyone but its rank; ours ignore it (and
+    SIGUSR1), so a job-wide signal leaves the rank's loader intact until it has saved."""
+    script = tmp_path / "signal_worker.py"
+    script.write_text(STOP_SIGNALS_TO_WORKER)
+    result = subprocess.run([sys.executable, str(script)], cwd=REPO, env=cpu_env(PYTHONPATH=str(REPO)),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT"))
+    assert line.split()[1:] == ["True", "16", "None"]  # alive, all 64 / 4 batches, the rank not signalled

@@ -4,6 +4,8 @@ elastic resume relies on (the DeepSpeed files themselves: test_ds_configs.py). F
 (mto_ds/engine/faults.py, docs/ROBUSTNESS.md).
 """
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from mto_ds.engine.checkpoint import MARKER, Checkpointer, file_sizes, verify
 from mto_ds.engine.faults import Faults
 from mto_ds.models import create_mim_model
 
-from conftest import free_port
+from conftest import REPO, cpu_env, free_port
 from run_control import STEPS, Run, losses_by_step, metric_steps, reference_run, state, tags
 
 
@@ -272,3 +274,33 @@ def test_metrics_rows_after_the_resume_point_are_set_aside_not_duplicated(tmp_pa
     assert [_json.loads(l)["step"] for l in path.read_text().splitlines()] == [1, 2, 3, 4]
     superseded = (tmp_path / "metrics.jsonl.superseded").read_text().splitlines()
     assert [_json.loads(l)["step"] for l in superseded] == [5, 6, 7]
+
+
+AGREE = r"""
+import json, os, signal
+import torch.distributed as dist
+from mto_ds.engine.signals import StopRequest
+dist.init_process_group("gloo")
+stop, seen = StopRequest(), []
+for step in range(1, 5):
+    if step == 2 and dist.get_rank() == 1:
+        os.kill(os.getpid(), signal.SIGUSR1)  # rank 1 only, during step 2
+    seen.append(stop.agreed())
+print("RESULT " + json.dumps({"rank": dist.get_rank(), "seen": seen, "signal": stop.signal_name}), flush=True)
+"""
+
+
+def test_stop_agreement_reaches_every_rank_one_step_after_the_signal(tmp_path):
+    """The per-step all-reduce is read at the next step (no GPU drain), so the ranks agree on a
+    signal that one rank got during step 2 at step 3, all at the same step, naming it."""
+    script = tmp_path / "agree.py"
+    script.write_text(AGREE)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", str(free_port()), str(script)], cwd=REPO, env=cpu_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = sorted((json.loads(line.split("RESULT ", 1)[1]) for line in result.stdout.splitlines()
+                   if "RESULT " in line), key=lambda r: r["rank"])
+    assert [r["rank"] for r in rows] == [0, 1]
+    for row in rows:
+        assert row["seen"] == [False, False, True, True] and row["signal"] == "SIGUSR1", row

@@ -3,8 +3,7 @@
 # OUT_DIR (tables as .md, rows as .json, logs as .log). Parts, so each fits a time-limited job:
 #
 #   tools/bench_gpu.sh OUT_DIR kernel   # CUDA kernel tests (fused attention vs reference) + bench_attention
-#   tools/bench_gpu.sh OUT_DIR large    # ViT-L/16 SimMIM + MAE, MTO on/off, ZeRO-2, batch 128: eager (profiled),
-#                                       # compiled, and without the per-step stop-signal sync
+#   tools/bench_gpu.sh OUT_DIR large    # ViT-L/16 SimMIM + MAE, MTO on/off, ZeRO-2, batch 128: eager (profiled) and compiled
 #   tools/bench_gpu.sh OUT_DIR huge     # ViT-H/14 SimMIM + MTO, ZeRO-3, activation checkpointing, batch 64 and 128
 #   tools/bench_gpu.sh OUT_DIR all      # the three in order
 #
@@ -48,8 +47,6 @@ fi
 if [[ $part == large || $part == all ]]; then
     run vit_l "$py" tools/bench_step.py --arch vit_large_patch16 --method simmim mae --mto on off \
         --zero 2 --batch 128 --profile "$out/profile_vit_l" --json "$out/vit_l.json"
-    run vit_l_no_stop_check "$py" tools/bench_step.py --arch vit_large_patch16 --method simmim --mto on \
-        --zero 2 --batch 128 --no-stop-check --json "$out/vit_l_no_stop_check.json"
     run vit_l_compiled "$py" tools/bench_step.py --arch vit_large_patch16 --method simmim --mto on off \
         --zero 2 --batch 128 --compile --json "$out/vit_l_compiled.json"
 fi

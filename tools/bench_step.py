@@ -157,7 +157,7 @@ def bench_baseline(arch, img, batch, device, dtype, compiled):
     return step, step_flops(step), base
 
 
-def bench_engine(arch, method, mto, zero, img, batch, device, dtype, ckpt, compiled, stop_check):
+def bench_engine(arch, method, mto, zero, img, batch, device, dtype, ckpt, compiled):
     """The project's path: create_mim_model + deepspeed.initialize + the real train_step."""
     import deepspeed
     from mto_ds.engine.builder import param_groups
@@ -182,8 +182,7 @@ def bench_engine(arch, method, mto, zero, img, batch, device, dtype, ckpt, compi
 
     def step():
         train_step(engine, micro, 1.0, False, dtype)
-        if stop_check:
-            stop.agreed(device)  # the trainer's per-step agreement on a stop signal
+        stop.agreed(device)  # the trainer's per-step agreement on a stop signal (free on one rank)
     return step, flops, base
 
 
@@ -222,8 +221,6 @@ def main():
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each block (train.compile), baseline too; not with ZeRO-3")
-    p.add_argument("--no-stop-check", action="store_true",
-                   help="leave out the per-step stop-signal all-reduce the trainer makes (to measure its cost)")
     p.add_argument("--profile", metavar="DIR",
                    help="profile 3 more steps per row: a Chrome trace and an op table each in DIR, "
                         "and the GPU-busy column")
@@ -289,7 +286,7 @@ def main():
             for mto in args.mto:
                 run(f"{method} ZeRO-{zero} MTO {mto}{suffix}", bench_engine,
                     args.arch, method, mto == "on", zero, args.img, args.batch, device, dtype,
-                    args.activation_checkpointing, args.compile, not args.no_stop_check)
+                    args.activation_checkpointing, args.compile)
     comparisons = compare(rows)
     for line in comparisons:
         print(line)

@@ -7,6 +7,8 @@ Yields micro-batches as dicts: `images` uint8 [B, 3, S, S], `mask` bool [B, L],
 from __future__ import annotations
 
 import math
+import signal
+from functools import lru_cache
 from typing import Callable, Iterator, Optional, Tuple
 
 import numpy as np
@@ -106,14 +108,31 @@ class PretrainLoader:
         batches = [items[i:i + self.micro_batch_size] for i in range(0, len(items), self.micro_batch_size)]
         loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers,
                             collate_fn=_collate, persistent_workers=False,
-                            pin_memory=torch.cuda.is_available())
+                            pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_stop_signals)
         yield from loader
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers live on through SIGTERM/SIGUSR1, which ask their rank to checkpoint:
+    schedulers signal every process of a job, and torch's own worker handler dies of a SIGTERM
+    from anyone but the rank, whose next step then fails (mid-save, too). A worker still ends
+    when the loader closes it (a message), its rank dies (torch's watchdog) or by SIGKILL."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def normalize(images: torch.Tensor, device: Optional[torch.device] = None,
               dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 [B, 3, H, W] -> normalised float on `device`; the copy is uint8 (4x fewer bytes)."""
     images = images.to(device, non_blocking=True) if device is not None else images
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255
+    mean, std = _mean_std(images.device)
     return ((images.float() - mean) / std).to(dtype)
+
+
+@lru_cache(maxsize=None)
+def _mean_std(device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    # Made once per device: a tensor built from a Python list on a GPU is a blocking copy that
+    # waits for all queued GPU work, which at every micro-batch would drain the GPU.
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+    return mean, std

@@ -19,6 +19,7 @@ class StopRequest:
     def __init__(self):
         self.signum: Optional[int] = None
         self.pid = os.getpid()
+        self._pending: Optional[_ReducedFlag] = None  # last step's agreement, still in flight
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
 
@@ -36,13 +37,45 @@ class StopRequest:
         return signal.Signals(self.signum).name if self.signum else None
 
     def agreed(self, device: torch.device = torch.device("cpu")) -> bool:
-        """True on every rank once any rank got a stop signal (one tiny all-reduce per step).
+        """True on every rank once any rank got a stop signal; called once per optimizer step.
 
-        The number of the signal travels with the flag, so every rank, and state.json, names it
-        even when only one rank received it."""
-        flag = torch.tensor([float(self.signum or 0)], device=device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and not self.signum:
-            self.signum = int(flag.item())
-        return bool(flag.item())
+        With several ranks, one tiny all-reduce per step carries the flag (the signal's number,
+        so every rank, and state.json, names it even when one rank received it). Its result is
+        read at the next call: waiting for it at once would make the host wait for the whole step
+        to finish on the GPU before queueing the next, and a signal is only acted on one step
+        later. All ranks read the same reduced value, so they stop after the same step.
+        """
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return self.signum is not None
+        previous = self._pending
+        self._pending = _ReducedFlag(float(self.signum or 0), device)
+        if previous is None:
+            return False
+        signum = int(previous.value())
+        if signum and not self.signum:
+            self.signum = signum
+        return bool(signum)
+
+
+class _ReducedFlag:
+    """A float all-reduced (MAX) across ranks without waiting: `value()` waits for it."""
+
+    def __init__(self, flag: float, device: torch.device):
+        tensor = torch.tensor([flag], device=device)
+        work = dist.all_reduce(tensor, op=dist.ReduceOp.MAX, async_op=True)
+        self.event = None
+        if device.type == "cuda":
+            work.wait()  # on NCCL: the current stream waits for the reduction; the host does not
+            self.host = torch.empty(1, pin_memory=True)
+            self.host.copy_(tensor, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.work, self.host = work, tensor
+
+    def value(self) -> float:
+        if self.event is not None:
+            self.event.synchronize()  # the previous step's copy: long done by the time it is asked
+        else:
+            self.work.wait()
+        return float(self.host[0])
