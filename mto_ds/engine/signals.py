@@ -24,8 +24,8 @@ class StopRequest:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        # Forked DataLoader workers inherit this handler. Slurm signals every process of a step, so
-        # they get the signal too; they must live on until the rank has saved, and say nothing.
+        # A forked child (a DataLoader worker before its worker_init_fn sets SIG_IGN) inherits
+        # this handler: it must not act or speak for the rank.
         if os.getpid() != self.pid:
             return
         # Only a flag: the step in flight finishes, then all ranks agree and save together.
