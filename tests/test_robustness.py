@@ -286,7 +286,8 @@ for step in range(1, 5):
     if step == 2 and dist.get_rank() == 1:
         os.kill(os.getpid(), signal.SIGUSR1)  # rank 1 only, during step 2
     seen.append(stop.agreed())
-print("RESULT " + json.dumps({"rank": dist.get_rank(), "seen": seen, "signal": stop.signal_name}), flush=True)
+with open(os.path.join(os.environ["OUT_DIR"], f"rank{dist.get_rank()}.json"), "w") as f:
+    json.dump({"seen": seen, "signal": stop.signal_name}, f)
 """
 
 
@@ -296,11 +297,9 @@ def test_stop_agreement_reaches_every_rank_one_step_after_the_signal(tmp_path):
     script = tmp_path / "agree.py"
     script.write_text(AGREE)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", str(free_port()), str(script)], cwd=REPO, env=cpu_env(),
-                            capture_output=True, text=True, timeout=300)
+                             "--master_port", str(free_port()), str(script)], cwd=REPO,
+                            env=cpu_env(OUT_DIR=str(tmp_path)), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = sorted((json.loads(line.split("RESULT ", 1)[1]) for line in result.stdout.splitlines()
-                   if "RESULT " in line), key=lambda r: r["rank"])
-    assert [r["rank"] for r in rows] == [0, 1]
-    for row in rows:
-        assert row["seen"] == [False, False, True, True] and row["signal"] == "SIGUSR1", row
+    for rank in (0, 1):
+        row = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert row == {"seen": [False, False, True, True], "signal": "SIGUSR1"}, (rank, row)
