@@ -1,7 +1,8 @@
 """What a run does when things go wrong: a save killed midway, damaged checkpoints, non-finite
-losses, a rank that dies under torchrun's elastic agent; and the batch/DeepSpeed settings that
-elastic resume relies on (the DeepSpeed files themselves: test_ds_configs.py). Failures are injected with the MTO_DS_FAULT_* variables
-(mto_ds/engine/faults.py, docs/ROBUSTNESS.md).
+losses, a rank that dies under torchrun's elastic agent, the stop agreement; and the batch
+settings that elastic resume relies on (the DeepSpeed files themselves: test_ds_configs.py).
+Failures are injected with the MTO_DS_FAULT_* variables (mto_ds/engine/faults.py,
+docs/ROBUSTNESS.md).
 """
 import json
 import subprocess

@@ -76,7 +76,8 @@ def kernel_busy_share(intervals) -> float:
 
 def profile_steps(step, device, steps, trace_path) -> float:
     """Run `steps` steps under torch.profiler, write a Chrome trace (.json.gz) and the top ops
-    by own time (.ops.txt), and return the GPU's busy share over them (nan on CPU). The profiler adds host overhead, so gaps can only look larger."""
+    by own time (.ops.txt), and return the GPU's busy share over them (nan on CPU). The profiler
+    adds host overhead, so gaps can only look larger."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -103,7 +104,6 @@ def model_flops(arch, method, img, batch, device) -> float:
     model = create_mim_model(arch, method, img_size=img).to(device)
     images, mask = _inputs(model, method, 2, img, device, torch.float32)
     flops = step_flops(lambda: model(images, mask, with_stats=False)["loss"].backward())
-    del model
     return flops / 2 * batch
 
 
@@ -121,7 +121,7 @@ def _allocated(device) -> int:
 
 def _time(step, device, warmup, steps, base_bytes):
     """(seconds per step, peak GiB above `base_bytes`: what this configuration holds at its peak,
-    not what earlier rows of the run left allocated). The caller ran the warm-up steps."""
+    not what earlier rows of the run left allocated), after `warmup` untimed steps."""
     for _ in range(warmup):
         step()
     _sync(device)

@@ -61,17 +61,16 @@ class _ReducedFlag:
     """A float all-reduced (MAX) across ranks without waiting: `value()` waits for it."""
 
     def __init__(self, flag: float, device: torch.device):
-        tensor = torch.tensor([flag], device=device)
-        work = dist.all_reduce(tensor, op=dist.ReduceOp.MAX, async_op=True)
-        self.event = None
+        # torch.full fills on the device; torch.tensor([flag]) would be a blocking copy (a drain).
+        tensor = torch.full((1,), flag, device=device)
+        self.work = dist.all_reduce(tensor, op=dist.ReduceOp.MAX, async_op=True)
+        self.tensor, self.host, self.event = tensor, tensor, None  # held until the value is read
         if device.type == "cuda":
-            work.wait()  # on NCCL: the current stream waits for the reduction; the host does not
+            self.work.wait()  # on NCCL: the current stream waits for the reduction; the host does not
             self.host = torch.empty(1, pin_memory=True)
             self.host.copy_(tensor, non_blocking=True)
             self.event = torch.cuda.Event()
             self.event.record()
-        else:
-            self.work, self.host = work, tensor
 
     def value(self) -> float:
         if self.event is not None:

@@ -10,8 +10,9 @@ METHODS = ("simmim", "mae")
 
 
 def create_mim_model(arch: str, method: str, *, img_size: int = 224, mto=None, drop_path: float = 0.0,
-                     activation_checkpointing: bool = False, compile_blocks: bool = False, decoder_embed_dim: int = 512,
-                     decoder_depth: int = 8, decoder_num_heads: int = 16, norm_pix_loss: bool = True):
+                     activation_checkpointing: bool = False, compile_blocks: bool = False,
+                     decoder_embed_dim: int = 512, decoder_depth: int = 8, decoder_num_heads: int = 16,
+                     norm_pix_loss: bool = True):
     """A SimMIM or MAE model; `model(images, mask)` returns the loss dict (see MIMModel).
 
     mto: None (off), a dict of `mto.*` keys (enabled unless it says otherwise) or a config object.
