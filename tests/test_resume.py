@@ -130,21 +130,24 @@ def test_elastic_resume_2_to_1_to_2_ranks_sees_each_sample_once_with_the_same_lo
     assert losses == pytest.approx(expected, rel=ELASTIC_RTOL)
 
 
-def test_zero3_run_resumed_on_another_world_size_logs_the_losses_of_the_uninterrupted_run(reference, tmp_path):
-    """ZeRO-3 (what the ViT-H configs use) saved on 2 ranks after SIGTERM to both, resumed on 1
-    through a universal checkpoint. On CPU an uninterrupted ZeRO-3 run logs the same losses as
-    the ZeRO-2 reference, so that is the yardstick. Guards the repair of DeepSpeed's ZeRO-3
-    universal loader (shared Adam step counter, weight decay copied to every parameter group),
-    without which the losses drift by ~1e-3 within a few steps."""
+@pytest.mark.parametrize("stage", [1, 3])
+def test_zero1_and_zero3_runs_resumed_on_another_world_size_log_the_losses_of_the_uninterrupted_run(
+        reference, tmp_path, stage):
+    """ZeRO-1 and ZeRO-3 (what the ViT-H configs use) saved on 2 ranks after SIGTERM to both,
+    resumed on 1 through a universal checkpoint (ZeRO-2, the reference's stage, is covered above).
+    On CPU an uninterrupted run of either stage logs the same losses as the ZeRO-2 reference, so
+    that is the yardstick. Guards the repair of DeepSpeed's ZeRO-3 universal loader (shared Adam
+    step counter, weight decay copied to every parameter group), without which the losses drift
+    by ~1e-3 within a few steps."""
     run_dir = tmp_path / "run"
-    zero3 = "deepspeed.config=ds_configs/cpu_zero3.json"
-    two = Run(run_dir, zero3, nproc=2)
+    ds = f"deepspeed.config=ds_configs/cpu_zero{stage}.json"
+    two = Run(run_dir, ds, nproc=2)
     two.wait_for_step(4)
     two.signal_ranks(signal.SIGTERM)
     two.finish(expect=0)
     stop = state(run_dir)["step"]
     assert state(run_dir)["reason"] == "signal SIGTERM" and stop < STEPS
-    Run(run_dir, zero3, nproc=1).finish()
+    Run(run_dir, ds, nproc=1).finish()
     assert state(run_dir) == {"finished": True, "step": STEPS, "total_steps": STEPS, "reason": "completed"}
     assert metric_steps(run_dir) == list(range(1, STEPS + 1))
     assert losses_by_step(run_dir) == pytest.approx(losses_by_step(reference), rel=ELASTIC_RTOL)
