@@ -154,7 +154,7 @@ def bench_baseline(arch, img, batch, device, dtype, compiled):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return step, step_flops(step), base
+    return step, step_flops(step), base, lambda: None
 
 
 def bench_engine(arch, method, mto, zero, img, batch, device, dtype, ckpt, compiled):
@@ -183,7 +183,9 @@ def bench_engine(arch, method, mto, zero, img, batch, device, dtype, ckpt, compi
     def step():
         train_step(engine, micro, 1.0, False, dtype)
         stop.agreed(device)  # the trainer's per-step agreement on a stop signal (free on one rank)
-    return step, flops, base
+    # DeepSpeed's hooks keep an engine alive after its last use; destroy() lets ZeRO-1/2 engines
+    # go (a ZeRO-3 engine still stays: give ZeRO-3 rows a process of their own).
+    return step, flops, base, engine.destroy
 
 
 def data_wait_share(method, img, batch, workers, step_sec, steps) -> float:
@@ -245,8 +247,9 @@ def main():
 
     def run(name, bench, *bench_args):
         """One row; a configuration that does not fit says so, and the others still run."""
+        step = release = None
         try:
-            step, flops, base = bench(*bench_args)
+            step, flops, base, release = bench(*bench_args)
             sec, mem = _time(step, device, args.warmup, args.steps, base)
             busy = float("nan")
             if args.profile:
@@ -255,7 +258,9 @@ def main():
         except torch.cuda.OutOfMemoryError as err:
             print(f"| {name} | out of GPU memory: {str(err).splitlines()[0]} |", flush=True)
             rows.append({"config": name, "error": "out of memory"})
-        step = None
+        if release is not None:
+            release()
+        step = release = None
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
