@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+from functools import lru_cache
 import json
 import os
 import sys
@@ -95,16 +96,16 @@ def profile_steps(step, device, steps, trace_path) -> float:
     return kernel_busy_share(kernels) if device.type == "cuda" else float("nan")
 
 
-def model_flops(arch, method, img, batch, device) -> float:
+@lru_cache(maxsize=None)
+def model_flops_per_image(arch, method, img, device) -> float:
     """FLOPs of one forward + backward of the architecture, MFU's "model FLOPs": counted on the
     MTO-off model without activation checkpointing, so neither MTO's statistics nor recomputation
     count as useful work (MTO on and off rows share it; the fused kernel's FLOPs are invisible to
-    the counter anyway). Counted on 2 images and scaled: FLOPs are linear in the batch."""
+    the counter anyway). Counted once on 2 images, per image: FLOPs are linear in the batch."""
     from mto_ds.models import create_mim_model
     model = create_mim_model(arch, method, img_size=img).to(device)
     images, mask = _inputs(model, method, 2, img, device, torch.float32)
-    flops = step_flops(lambda: model(images, mask, with_stats=False)["loss"].backward())
-    return flops / 2 * batch
+    return step_flops(lambda: model(images, mask, with_stats=False)["loss"].backward()) / 2
 
 
 def _inputs(model, method, batch, img, device, dtype):
@@ -164,7 +165,7 @@ def bench_engine(arch, method, mto, zero, img, batch, device, dtype, ckpt, compi
     from mto_ds.engine.signals import StopRequest
     from mto_ds.engine.step import train_step
     from mto_ds.models import create_mim_model
-    flops = model_flops(arch, method, img, batch, device)
+    flops = model_flops_per_image(arch, method, img, device) * batch
     base = _allocated(device)
     model = create_mim_model(arch, method, img_size=img, mto={"enabled": mto}, activation_checkpointing=ckpt,
                              compile_blocks=compiled)

@@ -145,10 +145,10 @@ class Trainer:
         if dist.is_initialized() and self.dist.world_size > 1:
             dist.all_reduce(packed, op=dist.ReduceOp.SUM)
             packed /= self.dist.world_size
-        values, offset = {}, 0
+        flat, values, offset = packed.tolist(), {}, 0  # one device-to-host copy for the row
         for k in LOGGED:
             n = means[k].numel()
-            chunk = packed[offset:offset + n].tolist()
+            chunk = flat[offset:offset + n]
             values[k] = chunk[0] if k in scalars else chunk
             offset += n
         return {"step": self.global_step, "epoch": self.global_step / self.steps_per_epoch, **values,
