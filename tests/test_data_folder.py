@@ -70,8 +70,34 @@ def test_undecodable_image_is_skipped_with_one_warning_naming_it(tmp_path, caplo
     loader = PretrainLoader(source, img_size=32, scale=(0.5, 1.0), seed=0, global_batch_size=2,
                             micro_batch_size=2, rank=0, world_size=1, mask_fn=mask_fn)
     (batch,) = list(loader.micro_batches(0))
-    by_index = dict(zip(batch["index"].tolist(), batch["images"]))
-    assert by_index[1].sum() == 0 and by_index[0].float().mean() > 50  # black stand-in, batch stays whole
+    assert batch["index"].tolist() == [0] and batch["label"].tolist() == [0]  # left out, not replaced
+    assert batch["images"].shape == (1, 3, 32, 32) and batch["images"].float().mean() > 50
+    assert batch["mask"].shape == (1, PATCHES)
+
+
+def test_a_micro_batch_of_only_undecodable_images_is_an_error_not_an_empty_batch(tmp_path):
+    (tmp_path / "c0").mkdir()
+    for name in ("a", "b"):
+        (tmp_path / "c0" / f"{name}.JPEG").write_bytes(b"not a jpeg")
+    loader = PretrainLoader(ImageFolderSource(tmp_path), img_size=32, scale=(0.5, 1.0), seed=0,
+                            global_batch_size=2, micro_batch_size=2, rank=0, world_size=1, mask_fn=mask_fn)
+    with pytest.raises(RuntimeError, match="all 2 images of a micro-batch are undecodable"):
+        next(loader.micro_batches(0))
+
+
+@pytest.mark.parametrize("height, width", [(200, 500), (500, 200), (333, 500), (40, 40)])
+def test_crop_box_fallback_is_the_centre_crop_clamped_to_the_ratio_range_as_torchvision(height, width):
+    from torchvision.transforms import RandomResizedCrop
+    from mto_ds.data.loader import crop_box
+
+    class Never:  # every draw misses: uniform() returns a scale/aspect no crop can satisfy
+        def uniform(self, low, high):
+            return high * 10
+    ratio = (3 / 4, 4 / 3)
+    expected = RandomResizedCrop.get_params(torch.zeros(1, height, width), scale=(10.0, 10.0), ratio=ratio)
+    assert crop_box(Never(), height, width, (0.67, 1.0), ratio) == tuple(expected)
+    top, left, h, w = crop_box(np.random.default_rng(0), height, width, (0.67, 1.0), ratio)
+    assert 0 <= top <= height - h and 0 <= left <= width - w
 
 
 def test_folder_source_ranks_are_disjoint_masks_deterministic_and_resume_exact(jpeg_folder):

@@ -151,3 +151,23 @@ def test_zero1_and_zero3_runs_resumed_on_another_world_size_log_the_losses_of_th
     assert state(run_dir) == {"finished": True, "step": STEPS, "total_steps": STEPS, "reason": "completed"}
     assert metric_steps(run_dir) == list(range(1, STEPS + 1))
     assert losses_by_step(run_dir) == pytest.approx(losses_by_step(reference), rel=ELASTIC_RTOL)
+
+
+def test_data_position_warnings_name_each_change_that_breaks_an_exact_continuation():
+    from mto_ds.engine.trainer import data_position_warnings
+    plan = {"steps_per_epoch": 8, "num_samples": 256, "seed": 0, "source": "ffcv", "order": "exact",
+            "world_size": 2, "micro_batch_size": 16}
+    elastic = dict(plan, world_size=1, micro_batch_size=32)
+    assert data_position_warnings(plan, elastic) == []            # exact order: any world size
+    assert data_position_warnings({"global_step": 3}, plan) == []  # a checkpoint older than the keys
+    quasi = dict(plan, order="quasi_random")
+    (message,) = data_position_warnings(quasi, dict(quasi, world_size=1))
+    assert "quasi_random was saved on 2 ranks x micro-batch 16, this run has 1 x 16" in message
+    assert data_position_warnings(quasi, dict(quasi, micro_batch_size=8)) != []
+    assert data_position_warnings(quasi, quasi) == []
+    grown = dict(plan, num_samples=300, steps_per_epoch=9)
+    (message,) = data_position_warnings(plan, grown)
+    assert "256 samples and 8 steps per epoch, this run has 300 and 9" in message
+    assert [m.split(":")[0] for m in data_position_warnings(plan, dict(grown, seed=4))] == [
+        "the checkpoint was saved with 256 samples and 8 steps per epoch, this run has 300 and 9 (another "
+        "data set or global batch)", "run.seed was 0, now 4"]

@@ -36,6 +36,12 @@ def test_one_process_run_writes_the_run_directory(tmp_path):
     assert json.loads((run / "state.json").read_text()) == {
         "finished": True, "step": 4, "total_steps": 4, "reason": "completed"}
     assert "loss" in result.stdout and "tensorboard --logdir" in result.stdout  # closing summary
+    assert "resuming at step" not in result.stderr
+
+    # Resumed with another seed: the data position cannot continue exactly, and the log says why.
+    resumed = pretrain(run, "train.steps=5", "run.log_every=1", "run.seed=1")
+    assert "resuming at step 4: run.seed was 0, now 1" in resumed.stderr
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4, 5]
 
 
 def test_two_rank_zero2_loss_decreases_on_demo_data(tmp_path):

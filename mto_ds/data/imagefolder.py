@@ -164,6 +164,6 @@ class ImageFolderSource:
         except UndecodableImage as err:
             if index not in self._reported:
                 self._reported.add(index)
-                log.warning("skipping undecodable image %s (%s); a black image stands in for it",
+                log.warning("skipping undecodable image %s (%s): left out of its micro-batch",
                             self.files[index], err)
             return None

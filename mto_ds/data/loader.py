@@ -3,6 +3,7 @@
 Yields micro-batches as dicts: `images` uint8 [B, 3, S, S], `mask` bool [B, L],
 `index` and `label` int64 [B]. Crops, flips and masks are deterministic from
 (seed, epoch, sample index), so a resumed run sees the same pixels as an uninterrupted one.
+An undecodable image is left out of its micro-batch (B is then one smaller), never replaced.
 """
 from __future__ import annotations
 
@@ -38,8 +39,15 @@ def crop_box(rng: np.random.Generator, height: int, width: int, scale: Tuple[flo
         h = int(round(math.sqrt(target / aspect)))
         if 0 < w <= width and 0 < h <= height:
             return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
-    side = min(height, width)  # fallback: central square crop
-    return (height - side) // 2, (width - side) // 2, side, side
+    # After 10 misses (an image more elongated than the ratio range allows at this scale), the
+    # centre crop of the whole image clamped to the ratio range, as torchvision and FFCV do.
+    if width / height < ratio[0]:
+        w, h = width, min(height, int(round(width / ratio[0])))
+    elif width / height > ratio[1]:
+        w, h = min(width, int(round(height * ratio[1]))), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
 
 
 def sample_mask(mask_fn: MaskFn, seed: int, epoch: int, index: int) -> torch.Tensor:
@@ -63,8 +71,8 @@ class PretrainDataset(Dataset):
     def __getitem__(self, item):
         epoch, index = item
         image = self.source.image(index)
-        if image is None:  # undecodable: the source has reported it; a black image keeps the batch whole
-            image = np.zeros((self.img_size, self.img_size, 3), np.uint8)
+        if image is None:  # undecodable: the source has reported it; the collate leaves it out
+            return None
         pil = Image.fromarray(image)
         rng = sample_rng(self.seed, epoch, index, 0)
         top, left, h, w = crop_box(rng, pil.height, pil.width, self.scale)
@@ -76,7 +84,11 @@ class PretrainDataset(Dataset):
 
 
 def _collate(items):
-    images, masks, indices, labels = zip(*items)
+    decoded = [item for item in items if item is not None]
+    if not decoded:
+        raise RuntimeError(f"all {len(items)} images of a micro-batch are undecodable (each named in a "
+                           "warning above): is the data set damaged or still being written?")
+    images, masks, indices, labels = zip(*decoded)
     return {"images": torch.stack(images), "mask": torch.stack(masks),
             "index": torch.as_tensor(indices, dtype=torch.long),
             "label": torch.as_tensor(labels, dtype=torch.long)}

@@ -39,6 +39,30 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def data_position_warnings(saved: dict, now: dict) -> list:
+    """Why the rest of the current epoch cannot continue exactly where the checkpoint left it:
+    one message per reason, empty when it can. `saved` and `now` are `Trainer._data_plan()`s
+    (a checkpoint older than a key gives no message about it)."""
+    def changed(key):
+        return key in saved and saved[key] != now[key]
+    repeat = "samples of the current epoch may repeat or be skipped (later epochs are whole)"
+    messages = []
+    if changed("steps_per_epoch") or changed("num_samples"):
+        messages.append(f"the checkpoint was saved with {saved.get('num_samples', '?')} samples and "
+                        f"{saved['steps_per_epoch']} steps per epoch, this run has {now['num_samples']} and "
+                        f"{now['steps_per_epoch']} (another data set or global batch): the data position is "
+                        f"re-derived from the step, and {repeat}")
+    if changed("seed"):
+        messages.append(f"run.seed was {saved['seed']}, now {now['seed']}: the sample order and masks "
+                        f"change, and {repeat}")
+    if now["order"] == "quasi_random" and (changed("world_size") or changed("micro_batch_size")):
+        messages.append(f"data.order=quasi_random was saved on {saved['world_size']} ranks x micro-batch "
+                        f"{saved['micro_batch_size']}, this run has {now['world_size']} x "
+                        f"{now['micro_batch_size']}: its shards and order differ, so {repeat} "
+                        "(data.order=exact continues exactly on any world size)")
+    return messages
+
+
 class Trainer:
     cfg: Config
     dist: DistInfo
@@ -100,10 +124,18 @@ class Trainer:
                  zero_stage(self.ds_config), precision(self.ds_config))
 
     # --- checkpoints -------------------------------------------------------------------
+    def _data_plan(self) -> dict:
+        """What the data position (epoch, step in epoch) is a function of, saved with it."""
+        d = self.cfg.data
+        return {"steps_per_epoch": self.steps_per_epoch, "num_samples": self.loader.num_samples,
+                "seed": self.cfg.run.seed, "source": d.source,
+                "order": d.order if d.source == "ffcv" else "exact",
+                "world_size": self.dist.world_size, "micro_batch_size": self.batch.micro_batch_size}
+
     def _client_state(self) -> dict:
         return {"global_step": self.global_step, "mto": self.mto_state.state_dict(),
                 "nonfinite_total": self.nonfinite_total, "nonfinite_streak": self.nonfinite_streak,
-                "steps_per_epoch": self.steps_per_epoch}
+                **self._data_plan()}
 
     def _resume(self, candidates) -> Optional[Path]:
         """Load the newest complete checkpoint that loads (the checkpointer warns about the others)."""
@@ -114,11 +146,8 @@ class Trainer:
         self.mto_state.load_state_dict(client["mto"])
         self.nonfinite_total = int(client.get("nonfinite_total", 0))
         self.nonfinite_streak = int(client.get("nonfinite_streak", 0))
-        if client.get("steps_per_epoch", self.steps_per_epoch) != self.steps_per_epoch:
-            log.warning("the checkpoint was saved with %d steps per epoch, this run has %d (another global "
-                        "batch or data set): the data position is re-derived from the step and samples of "
-                        "the current epoch may repeat or be skipped", client["steps_per_epoch"],
-                        self.steps_per_epoch)
+        for warning in data_position_warnings(client, self._data_plan()):
+            log.warning("resuming at step %d: %s", self.global_step, warning)
         log.info("resumed from %s at step %d", tag_dir, self.global_step)
         return tag_dir
 
