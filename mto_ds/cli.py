@@ -40,6 +40,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    stop = None
+    if args.command == "pretrain":
+        # First, before the imports that take seconds: a scheduler's SIGTERM/SIGUSR1 in that
+        # window would otherwise kill the rank (default action) or be lost.
+        from .engine.signals import StopRequest
+        stop = StopRequest()
     from .config import ConfigError, load_config
 
     if args.command == "export":
@@ -56,7 +62,7 @@ def main(argv=None) -> int:
     if args.command == "pretrain":
         from .engine.trainer import NonFiniteLossError, Trainer
         try:
-            Trainer(cfg).train()
+            Trainer(cfg, stop).train()
         except ConfigError as err:
             print(f"mto-ds: config error: {err}", file=sys.stderr)
             return 2

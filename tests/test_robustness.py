@@ -304,3 +304,50 @@ def test_stop_agreement_reaches_every_rank_one_step_after_the_signal(tmp_path):
     for rank in (0, 1):
         row = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert row == {"seen": [False, False, True, True], "signal": "SIGUSR1"}, (rank, row)
+
+
+# --- a stop signal before training starts -----------------------------------------------------
+
+def _catches(pid: int, sig) -> bool:
+    """Whether process `pid` has a handler installed for `sig` (the SigCgt mask of /proc)."""
+    with open(f"/proc/{pid}/status") as status:
+        caught = int(next(line for line in status if line.startswith("SigCgt:")).split()[1], 16)
+    return bool(caught >> (int(sig) - 1) & 1)
+
+
+def test_a_stop_signal_while_the_rank_is_still_importing_ends_in_a_clean_stop(tmp_path):
+    """SIGUSR1 the moment the rank can take it, while torch and DeepSpeed are still importing
+    (seconds in which a scheduler may well signal it): the rank must neither die of it (the
+    default action) nor lose it. It sets up, trains one step, saves and exits 0 naming it."""
+    import signal
+    run_dir = tmp_path / "run"
+    run = Run(run_dir)
+    run.wait_for(lambda: _catches(run.proc.pid, signal.SIGUSR1), "a SIGUSR1 handler", timeout=60)
+    assert not (run_dir / "config.yaml").exists()  # still starting up: the run directory comes later
+    run.signal_ranks(signal.SIGUSR1)
+    run.finish()
+    assert state(run_dir) == {"finished": False, "step": 1, "total_steps": STEPS, "reason": "signal SIGUSR1"}
+    assert tags(run_dir) == ["step_00000001"] and _complete(run_dir, "step_00000001")
+
+
+def test_pretrain_takes_stop_signals_before_loading_the_config_or_importing_torch(monkeypatch):
+    import signal
+    from mto_ds import cli
+    from mto_ds.engine.signals import StopRequest
+    seen = {}
+
+    def first_slow_import():  # cli imports torch here, after the config is loaded
+        seen["handlers"] = [signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)]
+        raise SystemExit(0)
+    monkeypatch.setattr(cli, "_setup_environment", first_slow_import)
+    monkeypatch.setattr("mto_ds.config.load_config", lambda *a: seen.setdefault(
+        "at_config", [signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)]))
+    previous = [signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)]
+    try:
+        with pytest.raises(SystemExit):
+            cli.main(["pretrain", "--config", "configs/demo.yaml"])
+    finally:
+        for sig, handler in zip((signal.SIGUSR1, signal.SIGTERM), previous):
+            signal.signal(sig, handler)
+    for handlers in (seen["at_config"], seen["handlers"]):
+        assert [type(getattr(h, "__self__", None)) for h in handlers] == [StopRequest, StopRequest]

@@ -6,8 +6,8 @@ import os
 import signal
 from typing import Optional
 
-import torch
-import torch.distributed as dist
+# torch is imported where it is used: `mto-ds pretrain` makes its StopRequest before the slow
+# imports (torch, deepspeed, timm), so a signal during them is neither lost nor fatal.
 
 log = logging.getLogger("mto_ds")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -36,7 +36,7 @@ class StopRequest:
     def signal_name(self) -> Optional[str]:
         return signal.Signals(self.signum).name if self.signum else None
 
-    def agreed(self, device: torch.device = torch.device("cpu")) -> bool:
+    def agreed(self, device=None) -> bool:
         """True on every rank once any rank got a stop signal; called once per optimizer step.
 
         With several ranks, one tiny all-reduce per step carries the flag (the signal's number,
@@ -44,11 +44,14 @@ class StopRequest:
         read at the next call: waiting for it at once would make the host wait for the whole step
         to finish on the GPU before queueing the next, and a signal is only acted on one step
         later. All ranks read the same reduced value, so they stop after the same step.
+        `device` (default CPU) holds the flag: the rank's device, where the backend reduces.
         """
+        import torch
+        import torch.distributed as dist
         if not (dist.is_initialized() and dist.get_world_size() > 1):
             return self.signum is not None
         previous = self._pending
-        self._pending = _ReducedFlag(float(self.signum or 0), device)
+        self._pending = _ReducedFlag(float(self.signum or 0), device or torch.device("cpu"))
         if previous is None:
             return False
         signum = int(previous.value())
@@ -60,7 +63,9 @@ class StopRequest:
 class _ReducedFlag:
     """A float all-reduced (MAX) across ranks without waiting: `value()` waits for it."""
 
-    def __init__(self, flag: float, device: torch.device):
+    def __init__(self, flag: float, device):
+        import torch
+        import torch.distributed as dist
         # torch.full fills on the device; torch.tensor([flag]) would be a blocking copy (a drain).
         tensor = torch.full((1,), flag, device=device)
         self.work = dist.all_reduce(tensor, op=dist.ReduceOp.MAX, async_op=True)

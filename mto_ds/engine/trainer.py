@@ -76,10 +76,11 @@ class Trainer:
     faults: Faults              # fault injection, off unless MTO_DS_FAULT_* are set
     trace: SampleTrace          # per-step sample indices, off unless MTO_DS_TRACE_SAMPLES=1
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, stop: Optional[StopRequest] = None):
         import deepspeed
 
-        self.stop = StopRequest()  # first, so a preemption during set-up still ends in a clean stop
+        # First (the CLI makes it earlier still), so a preemption during set-up ends in a clean stop.
+        self.stop = stop or StopRequest()
         self.cfg = cfg
         self.dist = init_distributed()
         self.faults = Faults.from_env()
