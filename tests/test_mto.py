@@ -171,10 +171,16 @@ def test_all_parts_off_equals_the_plain_baseline(method):
 
 
 def test_telemetry_leaves_training_numerics_unchanged():
+    """Also with attention and projection dropout and drop-path: the statistics beside the
+    SDPA output must not draw random numbers the training forward then misses."""
     outs = []
     for with_stats in (False, True):
-        model = _model("simmim", None)
+        torch.manual_seed(0)
+        model = create_mim_model("vit_tiny_patch16", "simmim", img_size=64, mto=None, drop_path=0.1)
+        for block in model.encoder.blocks:
+            block.attn.attn_drop.p = block.attn.proj_drop.p = 0.1
         images, mask = _inputs(model, "simmim")
+        torch.manual_seed(1)
         out = model(images, mask, with_stats=with_stats)
         out["loss"].backward()
         outs.append((out, torch.cat([p.grad.flatten() for p in model.parameters()])))
@@ -193,6 +199,22 @@ def test_gradients_of_mto_losses_reach_the_mask_token(method, blocks):
     assert out["loss"].item() == pytest.approx(out["loss_mim"].item() + out["loss_mto"].item(), rel=1e-6)
     out["loss_mto"].backward()
     assert model.mask_token.grad is not None and model.mask_token.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("method", ["simmim", "mae"])
+def test_mto_loss_is_the_lambda_weighted_sum_and_each_term_alone_reaches_the_mask_token(method):
+    lambdas = {"lambda_spa": 0.3, "lambda_e": 0.2, "lambda_r": 0.5, "delta": 1.0}  # delta: L_r's hinge open
+    model = _model(method, {"enabled": True, **lambdas})
+    images, mask = _inputs(model, method)
+    out = model(images, mask, mto_scale=0.5)
+    weighted = 0.5 * (0.3 * out["loss_spa"] + 0.2 * out["loss_e"] + 0.5 * out["loss_r"])
+    assert out["loss_mto"].item() == pytest.approx(weighted.item(), rel=1e-6)
+    assert min(out[k].item() for k in ("loss_spa", "loss_e", "loss_r")) > 0
+    for term in ("lambda_spa", "lambda_e", "lambda_r"):
+        only = {"enabled": True, "lambda_spa": 0.0, "lambda_e": 0.0, "lambda_r": 0.0, "delta": 1.0, term: 1.0}
+        model = _model(method, only)
+        model(images, mask)["loss_mto"].backward()
+        assert model.mask_token.grad is not None and model.mask_token.grad.abs().sum() > 0, term
 
 
 def test_mto_scale_multiplies_the_weighted_mto_loss():

@@ -45,7 +45,7 @@ def _block_forward(block: Block, x: torch.Tensor, masked: torch.Tensor, recalibr
         # Output through SDPA as in the baseline; statistics beside it, without gradients.
         y, _ = block.attn.forward_mto(block.norm1(x), masked, recalibrate, with_stats=False)
         with torch.no_grad():
-            _, stats = block.attn.forward_mto(block.norm1(x), masked, recalibrate, with_stats=True)
+            stats = block.attn.row_stats(block.norm1(x), masked, recalibrate)
     else:
         y, stats = block.attn.forward_mto(block.norm1(x), masked, recalibrate, with_stats=mode == LOSS)
     x = x + block.drop_path1(block.ls1(y))

@@ -26,9 +26,7 @@ class MTOAttention(Attention):
         without it the fused SDPA kernel runs, with a boolean mask when recalibrating.
         """
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = self._heads(x)
         dropout_p = self.attn_drop.p if self.training else 0.0
         stats = None
         if with_stats:
@@ -40,3 +38,16 @@ class MTOAttention(Attention):
         out = out.transpose(1, 2).reshape(B, N, self.attn_dim)
         out = self.proj_drop(self.proj(self.norm(out)))
         return out, stats
+
+    def row_stats(self, x: torch.Tensor, masked: torch.Tensor, recalibrate: bool) -> Dict[str, torch.Tensor]:
+        """The statistics of `forward_mto(..., with_stats=True)` alone: no dropout and no output
+        projection, so computing them beside a training forward draws no random numbers."""
+        q, k, v = self._heads(x)
+        return attention_with_row_stats_auto(q, k, v, masked, recalibrate, self.scale)[1]
+
+    def _heads(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v [B, H, N, d] (strided views of one qkv projection, as timm's Attention)."""
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        return self.q_norm(q), self.k_norm(k), v
