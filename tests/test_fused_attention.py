@@ -36,10 +36,13 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Small shapes for the interpreter. Default tiles are 64 x 64 (32 x 32 for fp32), so N = 70
 # spans two (three) tiles, the last partial; "tiles" overrides them. "edge" masks sample 0's
 # first 20 tokens (CLS included: a visible query then meets a whole excluded key tile) and no
-# token of sample 1.
+# token of sample 1; "cls_only_visible" masks all of sample 0 but CLS, whose row then has a
+# single key (entropy 0, normalised by log 2).
 INTERPRETER_CASES = {
     "plain_fp32": dict(shape=(2, 2, 70, 16), dtype="fp32", recalibrate=False),
     "recalibrated_fp32": dict(shape=(2, 2, 70, 16), dtype="fp32", recalibrate=True),
+    "recalibrated_only_cls_visible_fp32": dict(shape=(2, 2, 40, 16), dtype="fp32", recalibrate=True,
+                                               mask="cls_only_visible", tiles=(16, 16)),
     "recalibrated_edge_masks_small_tiles_head_dim_24_fp32": dict(
         shape=(2, 2, 53, 24), dtype="fp32", recalibrate=True, mask="edge", tiles=(16, 32)),
     "recalibrated_fp16": dict(shape=(2, 2, 53, 32), dtype="fp16", recalibrate=True, tiles=(16, 16)),
@@ -52,6 +55,8 @@ CUDA_CASES = {
 }
 CUDA_CASES["vit_bf16_recalibrated_n257_edge_masks"] = dict(shape=(2, 16, 257, 64), dtype="bf16",
                                                            recalibrate=True, mask="edge")
+CUDA_CASES["vit_bf16_recalibrated_only_cls_visible"] = dict(shape=(2, 16, 197, 64), dtype="bf16",
+                                                            recalibrate=True, mask="cls_only_visible")
 
 
 def _make_inputs(case, device):
@@ -64,6 +69,8 @@ def _make_inputs(case, device):
     if case.get("mask") == "edge":
         masked[0, :20] = True
         masked[-1] = False
+    elif case.get("mask") == "cls_only_visible":  # visible rows of sample 0 have one key: n_i = 1
+        masked[0, 1:] = True
     cotangents = {
         "out": torch.randn(batch, tokens, heads, head_dim, generator=gen),
         "mass_on_masked": torch.randn(batch, heads, tokens, generator=gen),
