@@ -13,12 +13,16 @@
 #   script with SLURM_RESTART_COUNT+1 and the engine resumes from the newest complete
 #   checkpoint (checkpoint.resume=auto).
 #   TERM means cancel (scancel, the hard time limit, preemption by Slurm itself): it is
-#   forwarded too so the ranks can still try to checkpoint, but the job never requeues
+#   passed on too so the ranks can still try to checkpoint, but the job never requeues
 #   itself after it; with PreemptMode=REQUEUE, Slurm requeues preempted jobs on its own.
+#   TERM is not sent to srun, which answers a TERM of its own by killing its tasks
+#   (SIGKILL, "forcing job termination"): `scancel --signal=TERM JOBID` has Slurm deliver
+#   it to the processes of the job's steps, the batch shell excluded.
 
 MTO_STEP_PID=""
 MTO_SIGNALS=""      # signals the batch shell received, in order, e.g. " USR1 TERM"
 MTO_NSIG=0
+MTO_NFWD=0          # how many of them had been passed on to the training step
 # Trap from the moment this file is sourced: a signal that finds no trap kills the shell.
 trap 'mto_on_signal USR1' USR1
 trap 'mto_on_signal TERM' TERM
@@ -30,10 +34,20 @@ mto_on_signal() {
     MTO_SIGNALS+=" $1"
     MTO_NSIG=$((MTO_NSIG + 1))
     if [[ -n $MTO_STEP_PID ]]; then
-        mto_log "batch shell got SIG$1: forwarding it to the training step"
-        kill -s "$1" "$MTO_STEP_PID" 2>/dev/null || true
+        mto_forward "$1"
     else
         mto_log "batch shell got SIG$1 before training started"
+    fi
+}
+
+mto_forward() {
+    MTO_NFWD=$MTO_NSIG
+    if [[ $1 == TERM ]]; then
+        mto_log "batch shell got SIGTERM: passing it to the training step's processes (scancel --signal=TERM)"
+        scancel --signal=TERM "$SLURM_JOB_ID" || mto_log "scancel --signal=TERM $SLURM_JOB_ID failed"
+    else
+        mto_log "batch shell got SIG$1: forwarding it to the training step"
+        kill -s "$1" "$MTO_STEP_PID" 2>/dev/null || true
     fi
 }
 
@@ -43,6 +57,13 @@ mto_run_step() {
     local rc=0 r seen first=1
     "$@" &
     MTO_STEP_PID=$!
+    # A signal between the caller's last look and the line above found no step to forward
+    # to. Pass it on once the step has had time to install its handlers (a signal to srun or
+    # a rank before that would kill it); a trap that fires meanwhile runs after the sleep.
+    if ((MTO_NSIG > MTO_NFWD)); then
+        sleep "${MTO_PENDING_SIGNAL_DELAY:-10}"
+        mto_forward "${MTO_SIGNALS##* }"
+    fi
     while :; do
         seen=$MTO_NSIG
         wait "$MTO_STEP_PID"
@@ -59,10 +80,12 @@ mto_run_step() {
 }
 
 # Rendezvous for torch.distributed: the first node of the allocation, a port derived from
-# the job id (array elements and jobs sharing a node get different ports).
+# the job id (array elements and jobs sharing a node get different ports), below Linux's
+# ephemeral range (32768-60999) so no outgoing connection holds it. Same rule as
+# mto_ds.engine.distributed.job_port.
 mto_set_master() {
     MASTER_ADDR=${MTO_MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
-    MASTER_PORT=${MTO_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+    MASTER_PORT=${MTO_MASTER_PORT:-$((12000 + SLURM_JOB_ID % 20000))}
     export MASTER_ADDR MASTER_PORT
 }
 
@@ -173,6 +196,13 @@ mto_main() {
         srun | torchrun | deepspeed) ;;
         *) mto_die "MTO_LAUNCHER=$MTO_LAUNCHER: expected srun, torchrun or deepspeed" ;;
     esac
+    # One rank per GPU. More would share a GPU (the engine maps local rank modulo the GPUs it
+    # sees) and fail only later, in NCCL or out of memory.
+    local ranks_per_node=${SLURM_NTASKS_PER_NODE:-}
+    ranks_per_node=${ranks_per_node%%(*}
+    if ((${SLURM_GPUS_ON_NODE:-0} > 0)) && [[ -n $ranks_per_node ]] && ((ranks_per_node > SLURM_GPUS_ON_NODE)); then
+        mto_die "--ntasks-per-node=$ranks_per_node ranks on $SLURM_GPUS_ON_NODE GPU(s) per node: give each rank a GPU (--ntasks-per-node = --gpus-per-node)"
+    fi
     local restart=${SLURM_RESTART_COUNT:-0}
     # Overrides, later ones win: the template's, MTO_OVERRIDES, then the script's arguments.
     local -a extra overrides
@@ -200,10 +230,15 @@ mto_main() {
     local -a cmd
     mto_step_command cmd pretrain --config "$MTO_CONFIG" "${overrides[@]}"
 
+    # state.json is this start's to write: one left by an earlier start must not speak for
+    # it (a start that fails before the engine writes one would pass for finished).
+    rm -f "$MTO_RUN_DIR/state.json"
     if [[ -n $MTO_SIGNALS ]]; then
-        # Most often the job's --time is shorter than the --signal lead time, so Slurm
-        # signals at once; requeueing would repeat that up to MTO_MAX_RESTARTS times.
-        mto_die "got SIG${MTO_SIGNALS# } before training started (is --time shorter than the --signal lead time?); not requeueing"
+        # Preemption (USR1) during staging or set-up: requeue without starting, as after a
+        # checkpoint. If every start ends here, --time is shorter than the --signal lead time
+        # (MTO_MAX_RESTARTS bounds the repeats).
+        mto_log "got SIG${MTO_SIGNALS# } before training started; not starting it (every start ending here means --time is shorter than the --signal lead time)"
+        mto_finish 0 "$restart"
     fi
     local rc=0
     mto_log "step: ${cmd[*]}"

@@ -9,19 +9,24 @@ set -euo pipefail
 # Neither launcher survives USR1 (default action: terminate), and a dead launcher ends the
 # step while its ranks are still saving the checkpoint. So the launcher ignores USR1 (the
 # disposition is inherited through exec) and the ranks, which install their own handler,
-# take it straight from Slurm. TERM stays: both launchers forward it to their ranks.
+# take it straight from Slurm. TERM: see each launcher below.
 trap '' USR1
 
 nnodes=$SLURM_JOB_NUM_NODES
 node_rank=$SLURM_NODEID
 case $MTO_LAUNCHER in
     torchrun)
+        # torchrun handles TERM itself: TERM to its ranks, SIGKILL after 30 s.
         exec "$MTO_PYTHON" -m torch.distributed.run \
             --nnodes="$nnodes" --node-rank="$node_rank" --nproc-per-node="$MTO_RANKS_PER_NODE" \
             --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT" \
             -m mto_ds "$@"
         ;;
     deepspeed)
+        # Its runner has no TERM handler when it runs no pdsh: a TERM would end it, and with it
+        # the step, at once, killing the ranks mid-save. It ignores TERM; its child launch.py
+        # sets its own handler (TERM to the ranks, SIGKILL after 30 s).
+        trap '' TERM
         # --no_ssh: every node runs its own launcher (no pdsh); the hostfile only tells it
         # the world layout. Written per node, so no shared scratch is assumed.
         hostfile=${TMPDIR:-/tmp}/mto_ds-hostfile-$SLURM_JOB_ID-$SLURM_STEP_ID

@@ -161,6 +161,36 @@ def test_signalled_job_checkpoints_requeues_itself_and_resumes_to_the_exact_step
     assert [re.search(r"restart (\d+)", s).group(1) for s in starts] == ["0", "1"]
 
 
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_term_to_the_batch_shell_reaches_the_ranks_which_save_and_the_job_is_not_requeued(
+        slurm_cluster, tmp_path, launcher):
+    """TERM to the batch shell only, as `--signal=B:TERM@T` or `scancel --batch --signal=TERM`
+    send it. srun answers a TERM of its own by killing its tasks outright ("forcing job
+    termination"), so the shell has Slurm deliver it to the ranks instead: they finish the
+    step, save a complete checkpoint and exit 0; the job stops there (TERM never requeues)."""
+    run_dir = tmp_path / "run"
+    job_id = slurm_cluster.sbatch(PRETRAIN, f"train.steps={STEPS}", env=cpu_env(run_dir, MTO_LAUNCHER=launcher),
+                                  cwd=REPO, options=(*CPU_OPTIONS, f"--output={tmp_path}/%x-%j.out"))
+    deadline = time.monotonic() + 480
+    while len(metric_steps(run_dir)) < 2:
+        [job] = slurm_cluster.jobs(job_id)
+        assert job["JobState"] in ("PENDING", "RUNNING"), job_log(job)
+        assert time.monotonic() < deadline, f"no training progress\n{job_log(job)}"
+        time.sleep(0.2)
+    slurm_cluster.run("scancel", "--batch", "--signal=TERM", job_id)
+
+    [job] = slurm_cluster.wait_final(job_id, timeout=480)
+    log = job_log(job)
+    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("FAILED", "1:0", "0"), log
+    if launcher == "srun":  # DeepSpeed's launcher exits 1 on TERM whatever its ranks did
+        assert "training step exited with status 0" in log
+    final = state(run_dir)
+    assert (final["finished"], final["reason"]) == (False, "signal SIGTERM"), log
+    assert 2 <= final["step"] < STEPS
+    assert (run_dir / "checkpoints" / f"step_{final['step']:08d}" / "complete.json").is_file(), log
+    assert "not requeueing" in log
+
+
 def test_sweep_array_runs_each_element_in_its_own_run_dir(slurm_cluster, tmp_path):
     sweep_dir, steps = tmp_path / "study", 3
     # One rank per element so both elements run at once on this node.
@@ -232,12 +262,63 @@ def test_batch_shell_forwards_usr1_to_the_step_and_returns_its_exit_status(tmp_p
     assert "batch shell got SIGUSR1: forwarding it to the training step" in out.stdout
 
 
+def test_batch_shell_passes_term_through_slurm_not_to_srun_which_would_kill_the_ranks(tmp_path):
+    # The step stands in for srun; a TERM sent to it would print "step got TERM".
+    step = "trap 'echo step got TERM; exit 9' TERM; echo started; sleep 2; exit 0"
+    script = (f"scancel() {{ echo \"scancel $*\" >>{tmp_path / 'scancel.calls'}; }}\n"
+              f"(sleep 1; kill -TERM $$) & mto_run_step bash -c \"{step}\"; echo \"status $?\"")
+    out = run_lib(script, tmp_path)
+    assert "step got TERM" not in out.stdout and out.stdout.splitlines()[-1] == "status 0", out.stdout + out.stderr
+    assert (tmp_path / "scancel.calls").read_text() == "scancel --signal=TERM 42\n"
+
+
+def test_signal_that_came_just_before_the_step_started_is_forwarded_once_it_runs(tmp_path):
+    step = "trap 'echo step got USR1; exit 7' USR1; while :; do sleep 0.1; done"
+    script = f'MTO_SIGNALS=" USR1"; MTO_NSIG=1; mto_run_step bash -c "{step}"; echo "status $?"'
+    out = run_lib(script, tmp_path, MTO_PENDING_SIGNAL_DELAY="1")
+    assert out.stdout.splitlines()[-2:] == ["step got USR1", "status 7"], out.stdout + out.stderr
+
+
+def test_batch_shell_and_srun_ranks_derive_the_same_rendezvous_port_below_the_ephemeral_range(tmp_path):
+    from mto_ds.engine.distributed import job_port
+    for job_id in ("42", "31999", "987654"):
+        out = run_lib("mto_set_master; echo $MASTER_PORT", tmp_path, SLURM_JOB_ID=job_id, SLURM_JOB_NODELIST="n1")
+        assert int(out.stdout.split()[-1]) == job_port(int(job_id)) < 32768, out.stdout + out.stderr
+
+
+def fake_slurm_bin(tmp_path: Path, srun_exit: int) -> str:
+    """A PATH whose srun exits `srun_exit` at once and whose scontrol knows one node."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(f"#!/bin/bash\nexit {srun_exit}\n")
+    (bin_dir / "scontrol").write_text("#!/bin/bash\n[[ $1 $2 == 'show hostnames' ]] && echo node1\nexit 0\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    return f"{bin_dir}:{os.environ['PATH']}"
+
+
+def test_state_json_of_an_earlier_start_does_not_pass_a_failed_start_for_finished(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "state.json").write_text(json.dumps({"finished": True, "step": 8, "total_steps": 8,
+                                                    "reason": "completed"}))
+    job_env = {**cpu_env(run_dir), "PATH": fake_slurm_bin(tmp_path, srun_exit=1), "SLURM_JOB_ID": "42",
+               "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "node1", "SLURM_NTASKS_PER_NODE": "2"}
+    out = subprocess.run(["bash", str(PRETRAIN), "train.epochs=800"], env=job_env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "training step exited with status 1" in out.stdout
+    assert "run not finished (step ? of ?, no state.json); not requeueing" in out.stdout, out.stdout
+
+
 @pytest.mark.parametrize("env, args, message", [
     ({"MTO_CONFIG": "configs/no_such.yaml"}, [], "MTO_CONFIG=configs/no_such.yaml: no such file"),
     ({"MTO_DATA_PATH": "/no/such/train.beton"}, [], "MTO_DATA_PATH=/no/such/train.beton does not exist"),
     ({"MTO_DATA_STAGE_DIR": "/tmp/stage"}, [], "MTO_DATA_STAGE_DIR needs MTO_DATA_PATH"),
     ({}, ["train.steps"], "argument 'train.steps' is not a section.key=value override"),
     ({"MTO_LAUNCHER": "mpirun"}, [], "MTO_LAUNCHER=mpirun: expected srun, torchrun or deepspeed"),
+    ({"SLURM_NTASKS_PER_NODE": "8", "SLURM_GPUS_ON_NODE": "4"}, [],
+     "--ntasks-per-node=8 ranks on 4 GPU(s) per node: give each rank a GPU"),
 ])
 def test_pretrain_template_fails_before_any_rank_starts_naming_the_bad_setting(tmp_path, env, args, message):
     job_env = {**cpu_env(tmp_path / "run"), "PATH": os.environ["PATH"], "SLURM_JOB_ID": "42",

@@ -36,6 +36,13 @@ def _first_slurm_host() -> str:
     return "127.0.0.1"
 
 
+def job_port(job_id: int) -> int:
+    """The rendezvous port of a Slurm job: the same on every task of the job, different between
+    jobs sharing a node, and below Linux's ephemeral range (32768-60999), where an outgoing
+    connection could hold it. slurm/lib.sh (mto_set_master) uses the same rule."""
+    return 12000 + job_id % 20000
+
+
 def resolve_rank_env(env=os.environ) -> None:
     """Fill RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* for launchers that do not set them.
 
@@ -47,8 +54,7 @@ def resolve_rank_env(env=os.environ) -> None:
         env["WORLD_SIZE"] = env["SLURM_NTASKS"]
         env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
         env.setdefault("MASTER_ADDR", _first_slurm_host())
-        # Same port on every task of the job, different between jobs sharing a node.
-        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        env.setdefault("MASTER_PORT", str(job_port(int(env.get("SLURM_JOB_ID", "0")))))
     if "RANK" not in env:
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         env.setdefault("MASTER_ADDR", "127.0.0.1")
