@@ -128,3 +128,34 @@ def test_quasi_random_shards_ranks_equally_and_resumes_exactly_on_the_same_world
     resumed = list(loaders[0].micro_batches(0, start_step=1))
     assert np.array_equal(cat(resumed, "index"), plans[0][GLOBAL_BATCH // 2:])
     assert np.array_equal(cat(resumed, "mask"), cat(full, "mask")[GLOBAL_BATCH // 2:])
+
+
+def test_pretraining_on_ffcv_crosses_epochs_and_resumes_mid_epoch_at_the_next_sample(beton, tmp_path):
+    """The trainer on a .beton: its one long-lived FFCV loader serves each epoch's exact order
+    (2 steps of 16 per epoch here), and a run that dies after step 4, mid-epoch 1, resumes from
+    its step-3 checkpoint and redoes step 4 on the same samples."""
+    import json
+
+    import yaml
+    from run_control import Run, state
+
+    path, _ = beton
+    run_dir = tmp_path / "run"
+    args = ("data.source=ffcv", f"data.path={path}", "data.num_workers=1", "train.global_batch_size=16",
+            "train.micro_batch_size=8", "checkpoint.every_steps=1")
+    trace = {"MTO_DS_TRACE_SAMPLES": "1"}
+    Run(run_dir, *args, steps=5, env={**trace, "MTO_DS_FAULT_EXIT_AT_STEP": "4",
+                                      "MTO_DS_FAULT_EXIT_RANK": "0"}).finish(expect=17)
+    resumed = Run(run_dir, *args, steps=5, env=trace).finish()
+    assert "resumed from" in resumed.output and "at step 3" in resumed.output
+    assert state(run_dir) == {"finished": True, "step": 5, "total_steps": 5, "reason": "completed"}
+
+    rows = [json.loads(line) for line in (run_dir / "samples" / "rank0.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 4, 5]
+    first_try, again = (r["micro_batches"] for r in rows if r["step"] == 4)
+    assert first_try == again
+    seed = yaml.safe_load((run_dir / "config.yaml").read_text())["run"]["seed"]
+    per_step = {r["step"]: [i for micro in r["micro_batches"] for i in micro] for r in rows}
+    for epoch, steps in enumerate(([1, 2], [3, 4], [5])):
+        expected = rank_indices(NUM_IMAGES, seed, epoch, 16, 0, 1)[:16 * len(steps)]
+        assert [i for s in steps for i in per_step[s]] == expected.tolist(), epoch
