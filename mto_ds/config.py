@@ -230,6 +230,8 @@ def validate(cfg: Config) -> None:
     if d.source != "synthetic":
         _check(bool(d.path), "data.path", f"a path (data.source={d.source} reads from it)", d.path)
     _check(d.order in ("exact", "quasi_random"), "data.order", "one of exact, quasi_random", d.order)
+    _check(d.order == "exact" or d.source == "ffcv", "data.order",
+           f"exact with data.source={d.source} (quasi_random is FFCV's page-wise order)", d.order)
     _check(d.num_workers >= 0, "data.num_workers", "an integer >= 0", d.num_workers)
     _check(d.synthetic_images > 0, "data.synthetic_images", "a positive integer", d.synthetic_images)
     _check(d.synthetic_classes > 1, "data.synthetic_classes", "an integer >= 2", d.synthetic_classes)

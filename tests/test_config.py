@@ -43,6 +43,7 @@ def test_wrong_type_says_what_was_expected():
     ("model.img_size=100", "model.img_size"),
     ("mto.lambda_r=-1", "mto.lambda_r"),
     ("data.source=ffcv", "data.path"),
+    ("data.order=quasi_random", "data.order"),  # the demo's synthetic source has no pages
 ])
 def test_bad_values_fail_naming_the_key(override, key):
     with pytest.raises(ConfigError) as err:
