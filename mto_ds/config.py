@@ -111,6 +111,9 @@ class EvalConfig:
     knn_temperature: float = 0.07
     num_train: int = 1024
     num_val: int = 512
+    # Root of the labelled train/ and val/ ImageFolders to evaluate on (data.source=folder
+    # or ffcv); null with data.source=folder: the parent of data.path (ImageNet's layout).
+    path: Optional[str] = None
 
 
 @dataclass
@@ -282,8 +285,15 @@ def validate(cfg: Config) -> None:
                "a finite number >= 0", getattr(mto, key))
     _check(mto.warmup_steps >= 0, "mto.warmup_steps", "an integer >= 0", mto.warmup_steps)
 
+    if d.source == "folder" and d.path and all((Path(d.path) / split).is_dir() for split in ("train", "val")):
+        raise ConfigError(f"bad value for 'data.path': {d.path} holds train/ and val/, so pre-training "
+                          f"would read both as classes (the validation images too): set data.path="
+                          f"{Path(d.path) / 'train'} (evaluation reads train/ and val/ of its parent, or eval.path)")
     e = cfg.eval
     _check(e.every_epochs >= 0, "eval.every_epochs", "an integer >= 0", e.every_epochs)
+    _check(not (e.every_epochs and d.source == "ffcv" and not e.path), "eval.path",
+           "the root of labelled train/ and val/ ImageFolders (evaluation during pre-training on "
+           "data.source=ffcv reads its images from there)", e.path)
     _check(e.knn_k > 0, "eval.knn_k", "a positive integer", e.knn_k)
 
 

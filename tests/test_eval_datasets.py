@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mto_ds.config import load_config
+from mto_ds.config import ConfigError, load_config
 from mto_ds.data import SyntheticImages
 from mto_ds.eval.datasets import build_eval_sets, center_resize
 
@@ -55,16 +55,40 @@ def _image_folder(root, counts):
 def test_folder_eval_sets_read_train_and_val_splits_and_subsample_to_the_configured_size(tmp_path):
     _image_folder(tmp_path, {"train": {"cat": 5, "dog": 6}, "val": {"cat": 2, "dog": 2}})
     cfg = load_config(None, ["model.arch=vit_tiny_patch16", "model.img_size=32", "data.source=folder",
-                             f"data.path={tmp_path}", "eval.num_train=7", "eval.num_val=100"])
-    train, val = build_eval_sets(cfg)
+                             f"data.path={tmp_path / 'train'}", "eval.num_train=7", "eval.num_val=100"])
+    train, val = build_eval_sets(cfg)  # ImageNet's layout: the parent of data.path holds both splits
     assert (len(train), len(val)) == (7, 4)
+    other_seed = build_eval_sets(load_config(None, [*cfg_args(tmp_path), "run.seed=5"]))[0]
+    assert [train.folder.samples[i] for i in train.positions] == \
+        [other_seed.folder.samples[i] for i in other_seed.positions]  # one evaluation set for every seed
     assert train.classes == ["cat", "dog"] and train.num_classes == 2
     assert [val[i][1] for i in range(4)] == [0, 0, 1, 1]
     assert train[0][0].shape == (3, 32, 32)
 
 
+def cfg_args(root):
+    return ["model.arch=vit_tiny_patch16", "model.img_size=32", "data.source=folder",
+            f"data.path={root / 'train'}", "eval.num_train=7", "eval.num_val=100"]
+
+
 def test_folder_without_a_val_split_fails_naming_it(tmp_path):
     _image_folder(tmp_path, {"train": {"cat": 1, "dog": 1}})
-    cfg = load_config(None, ["data.source=folder", f"data.path={tmp_path}"])
+    cfg = load_config(None, ["data.source=folder", f"data.path={tmp_path / 'train'}"])
     with pytest.raises(FileNotFoundError, match="val"):
         build_eval_sets(cfg)
+
+
+def test_pretraining_on_a_root_holding_train_and_val_is_refused_so_val_images_stay_unseen(tmp_path):
+    _image_folder(tmp_path, {"train": {"cat": 1}, "val": {"cat": 1}})
+    with pytest.raises(ConfigError, match=f"set data.path={tmp_path / 'train'}"):
+        load_config(None, ["data.source=folder", f"data.path={tmp_path}"])
+
+
+def test_ffcv_runs_evaluate_on_the_folders_under_eval_path(tmp_path):
+    _image_folder(tmp_path / "imagenet", {"train": {"cat": 2, "dog": 2}, "val": {"cat": 1, "dog": 1}})
+    ffcv = ["data.source=ffcv", "data.path=train.beton", "eval.every_epochs=1"]
+    with pytest.raises(ConfigError, match="eval.path"):  # before any compute, not at the first evaluation
+        load_config(None, ffcv)
+    cfg = load_config(None, [*ffcv, "model.img_size=32", f"eval.path={tmp_path / 'imagenet'}"])
+    train, val = build_eval_sets(cfg)
+    assert (len(train), len(val), train.classes) == (4, 2, ["cat", "dog"])

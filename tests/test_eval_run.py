@@ -25,7 +25,7 @@ def _solid_colour_folder(root):
 
 def test_evaluate_is_perfect_when_features_separate_the_classes(tmp_path):
     _solid_colour_folder(tmp_path)
-    cfg = load_config(None, COMMON + ["data.source=folder", f"data.path={tmp_path}", "eval.knn_k=5"])
+    cfg = load_config(None, COMMON + ["data.source=folder", f"data.path={tmp_path / 'train'}", "eval.knn_k=5"])
     mean_colour = lambda images: images.mean(dim=(2, 3))  # noqa: E731
     assert evaluate(mean_colour, cfg, torch.device("cpu")) == {"knn_top1": 100.0, "linear_top1": 100.0}
 

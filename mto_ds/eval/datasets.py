@@ -8,9 +8,10 @@ evaluation view, 224 of 256).
   definitions), rendered at the pre-training size. Train = samples [0, eval.num_train),
   which are pre-training samples, as ImageNet's train split is for ImageNet models;
   val = eval.num_val samples from just past the pre-training set, never seen in training.
-- data.source=folder: ImageFolders data.path/train and data.path/val, each reduced to
-  eval.num_train / eval.num_val images by a seeded draw when it holds more (set them to
-  the split sizes or larger for the full protocol).
+- data.source=folder or ffcv: ImageFolders ROOT/train and ROOT/val, ROOT = eval.path or,
+  for folder, the parent of data.path (data.path=IMAGENET/train: ROOT=IMAGENET), each
+  reduced to eval.num_train / eval.num_val images by a draw with a fixed seed when it holds
+  more (set them to the split sizes or larger for the full protocol).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from torch.utils.data import Dataset
 from mto_ds.data import SyntheticImages
 
 CROP_PCT = 0.875
+EVAL_SUBSET_SEED = 0
 
 
 def center_resize(image: Image.Image, size: int) -> torch.Tensor:
@@ -87,15 +89,25 @@ def build_eval_sets(cfg) -> Tuple[Dataset, Dataset]:
         val_start = max(data.synthetic_images, ev.num_train)
         return (SyntheticEvalImages(source, range(ev.num_train), size),
                 SyntheticEvalImages(source, range(val_start, val_start + ev.num_val), size))
-    if data.source == "folder":
-        root = Path(data.path)
-        missing = [str(root / split) for split in ("train", "val") if not (root / split).is_dir()]
-        if missing:
-            raise FileNotFoundError(f"evaluation needs labelled ImageFolder splits; not found: {', '.join(missing)}")
-        train = FolderEvalImages(root / "train", size, ev.num_train, seed)
-        val = FolderEvalImages(root / "val", size, ev.num_val, seed)
-        if train.classes != val.classes:
-            raise ValueError(f"{root}/train and {root}/val have different class folders")
-        return train, val
-    raise NotImplementedError(f"evaluation sets for data.source={data.source} are not built yet; "
-                              "evaluate with data.source=folder and data.path holding train/ and val/")
+    root = eval_root(cfg)
+    missing = [str(root / split) for split in ("train", "val") if not (root / split).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"evaluation needs labelled ImageFolder splits under eval.path (or, with "
+                                f"data.source=folder, the parent of data.path); not found: {', '.join(missing)}")
+    # Subsets drawn with a fixed seed, not run.seed: runs of a study compared on one evaluation set.
+    train = FolderEvalImages(root / "train", size, ev.num_train, EVAL_SUBSET_SEED)
+    val = FolderEvalImages(root / "val", size, ev.num_val, EVAL_SUBSET_SEED)
+    if train.classes != val.classes:
+        raise ValueError(f"{root}/train and {root}/val have different class folders")
+    return train, val
+
+
+def eval_root(cfg) -> Path:
+    """Where the labelled train/ and val/ ImageFolders are: eval.path, else (data.source=folder)
+    the parent of data.path, which is the pre-training class root (ImageNet's IMAGENET/train)."""
+    if cfg.eval.path:
+        return Path(cfg.eval.path)
+    if cfg.data.source == "folder":
+        return Path(cfg.data.path).resolve().parent
+    raise ValueError(f"evaluation with data.source={cfg.data.source} reads labelled train/ and val/ "
+                     "ImageFolders: set eval.path to their root")
