@@ -111,6 +111,13 @@ class EvalConfig:
     knn_temperature: float = 0.07
     num_train: int = 1024
     num_val: int = 512
+    pooling: str = "mean"                    # mean (of the patch tokens after the final norm) | cls
+    batch_size: int = 128                    # per rank, feature extraction
+    linear_epochs: int = 100
+    linear_lr: float = 1e-2
+    finetune_batch_size: int = 64            # per rank
+    finetune_lr: float = 1e-3
+    finetune_layer_decay: float = 0.75
     # Root of the labelled train/ and val/ ImageFolders to evaluate on (data.source=folder
     # or ffcv); null with data.source=folder: the parent of data.path (ImageNet's layout).
     path: Optional[str] = None
@@ -295,6 +302,11 @@ def validate(cfg: Config) -> None:
            "the root of labelled train/ and val/ ImageFolders (evaluation during pre-training on "
            "data.source=ffcv reads its images from there)", e.path)
     _check(e.knn_k > 0, "eval.knn_k", "a positive integer", e.knn_k)
+    _check(e.pooling in ("mean", "cls"), "eval.pooling", "mean or cls", e.pooling)
+    for key in ("batch_size", "linear_epochs", "finetune_batch_size"):
+        _check(getattr(e, key) > 0, f"eval.{key}", "a positive integer", getattr(e, key))
+    for key in ("knn_temperature", "linear_lr", "finetune_lr", "finetune_layer_decay"):
+        _check(0 < getattr(e, key) < math.inf, f"eval.{key}", "a positive number", getattr(e, key))
 
 
 def to_yaml(cfg: Config) -> str:

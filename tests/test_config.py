@@ -44,6 +44,8 @@ def test_wrong_type_says_what_was_expected():
     ("mto.lambda_r=-1", "mto.lambda_r"),
     ("data.source=ffcv", "data.path"),
     ("data.order=quasi_random", "data.order"),  # the demo's synthetic source has no pages
+    ("eval.pooling=max", "eval.pooling"),
+    ("eval.finetune_layer_decay=0", "eval.finetune_layer_decay"),
 ])
 def test_bad_values_fail_naming_the_key(override, key):
     with pytest.raises(ConfigError) as err:

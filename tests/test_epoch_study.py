@@ -28,7 +28,7 @@ def _tool():
 
 
 def fake_run(run_dir: Path, *, mto: bool, seed: int = 0, knn=None, epochs: int = 4, steps_per_epoch: int = 5,
-             blocks: int = 4, blr: float = 1e-3, extra_rows=()):
+             blocks: int = 4, blr: float = 1e-3, extra_rows=(), finished: bool = True):
     """A run directory as the trainer writes it: config.yaml, metrics.jsonl, state.json."""
     cfg = Config()
     cfg.run.output_dir, cfg.run.seed = str(run_dir), seed
@@ -48,7 +48,7 @@ def fake_run(run_dir: Path, *, mto: bool, seed: int = 0, knn=None, epochs: int =
                          "linear_top1": knn[epoch] + 5})
     rows.extend(extra_rows)
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (run_dir / "state.json").write_text(json.dumps({"finished": True, "step": epochs * steps_per_epoch}))
+    (run_dir / "state.json").write_text(json.dumps({"finished": finished, "step": epochs * steps_per_epoch}))
     return run_dir
 
 
@@ -105,9 +105,36 @@ def test_seeds_are_paired_and_averaged(tmp_path):
         fake_run(tmp_path / f"b{seed}", mto=False, seed=seed, knn={e: v + shift for e, v in BASELINE_KNN.items()})
         fake_run(tmp_path / f"m{seed}", mto=True, seed=seed, knn={e: v + shift for e, v in MTO_KNN.items()})
     study = assemble([load_run(d) for d in find_run_dirs([tmp_path])])
-    assert set(study.numbers) == {"seed 0", "seed 1", "mean"}
+    assert set(study.numbers) == {"seed 0", "seed 1", "mean", "std over seeds"}
     assert study.mean_curves["baseline"][1] == [25.0, 45.0, 55.0, 65.0]
     assert study.numbers["mean"]["baseline_final_top1"] == 65.0
+    spread = study.numbers["std over seeds"]  # finals 60 and 70: sample std 10 / sqrt(2)
+    assert spread["baseline_final_top1"] == pytest.approx(10 / 2 ** 0.5)
+    assert spread["rauc"] == pytest.approx(abs(study.numbers["seed 0"]["rauc"] - study.numbers["seed 1"]["rauc"])
+                                           / 2 ** 0.5)
+
+
+def test_budget_points_come_only_from_finished_runs_evaluated_at_their_budget(tmp_path):
+    for budget in (2, 4):
+        fake_run(tmp_path / f"mto-ep{budget}", mto=True, epochs=budget, knn={budget: MTO_KNN[budget]})
+    # Killed part-way through a 4-epoch schedule: its epoch-2 accuracy is not a 2-epoch budget's.
+    fake_run(tmp_path / "baseline-ep4", mto=False, epochs=4, knn={2: 40.0}, finished=False)
+    fake_run(tmp_path / "baseline-ep2", mto=False, epochs=2, knn={1: 20.0})  # no evaluation at its end
+    fake_run(tmp_path / "baseline-ep3", mto=False, epochs=3, knn={3: 50.0})
+    study = assemble([load_run(d) for d in find_run_dirs([tmp_path])], mode="budget")
+    assert study.curves[0]["baseline"] == ([3.0], [50.0])
+    assert any("baseline-ep4: unfinished" in w and "left out" in w for w in study.warnings)
+    assert any("baseline-ep2: last knn_top1 evaluation at epoch 1" in w and "left out" in w for w in study.warnings)
+
+
+def test_mean_curve_names_the_epochs_that_not_every_seed_evaluated(tmp_path):
+    for seed in (0, 1):
+        knn = BASELINE_KNN if seed == 0 else {e: v for e, v in BASELINE_KNN.items() if e != 4}
+        fake_run(tmp_path / f"b{seed}", mto=False, seed=seed, knn=knn)
+        fake_run(tmp_path / f"m{seed}", mto=True, seed=seed, knn=MTO_KNN)
+    study = assemble([load_run(d) for d in find_run_dirs([tmp_path])])
+    assert study.mean_curves["baseline"][0] == [1.0, 2.0, 3.0]
+    assert "baseline mean curve: epochs 4 left out (not evaluated for every one of the seeds 0, 1)" in study.warnings
 
 
 def test_a_pair_that_differs_beyond_mto_is_reported(tmp_path):

@@ -65,3 +65,25 @@ def test_run_eval_on_a_saved_encoder_reports_knn_linear_and_finetune(tmp_path):
     assert set(result) == {"knn_top1", "linear_top1", "finetune_top1"}
     assert all(0.0 <= v <= 100.0 for v in result.values())
     json.dumps(result)  # what the CLI and final_eval.json write
+
+
+def test_eval_section_settings_reach_the_probes(monkeypatch):
+    import mto_ds.eval.run as run_module
+    seen = {}
+    real_extract, real_probe = run_module.extract_features, run_module.linear_probe_top1
+
+    def extract(*args, **kwargs):
+        seen["pooling"], seen["batch_size"] = kwargs["pooling"], kwargs["batch_size"]
+        return real_extract(*args, **kwargs)
+
+    def probe(*args, **kwargs):
+        seen["linear"] = (kwargs["epochs"], kwargs["lr"])
+        return real_probe(*args, **kwargs)
+    monkeypatch.setattr(run_module, "extract_features", extract)
+    monkeypatch.setattr(run_module, "linear_probe_top1", probe)
+    cfg = load_config(None, COMMON + ["data.synthetic_images=32", "data.synthetic_classes=4", "eval.num_train=16",
+                                      "eval.num_val=8", "eval.pooling=cls", "eval.batch_size=5",
+                                      "eval.linear_epochs=3", "eval.linear_lr=0.5"])
+    torch.manual_seed(0)
+    evaluate(create_encoder("vit_tiny_patch16", img_size=32), cfg, torch.device("cpu"))
+    assert seen == {"pooling": "cls", "batch_size": 5, "linear": (3, 0.5)}

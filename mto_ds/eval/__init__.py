@@ -9,8 +9,8 @@ from .finetune import finetune_top1
 from .knn import knn_predict, knn_top1
 from .linear_probe import linear_probe_top1
 from .rauc import area_under, compare_curves, epochs_to_reach, rauc
-from .run import EvalOptions, evaluate, load_encoder_weights, run_eval
+from .run import evaluate, load_encoder_weights, run_eval
 
 __all__ = ["build_eval_sets", "extract_features", "feature_fn", "pool_tokens", "finetune_top1",
            "knn_predict", "knn_top1", "linear_probe_top1", "area_under", "compare_curves",
-           "epochs_to_reach", "rauc", "EvalOptions", "evaluate", "load_encoder_weights", "run_eval"]
+           "epochs_to_reach", "rauc", "evaluate", "load_encoder_weights", "run_eval"]

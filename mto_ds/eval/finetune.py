@@ -1,6 +1,7 @@
 """A short end-to-end fine-tune: how well pre-trained weights train, the paper's own metric.
 
-The recipe is MAE's, shortened: a linear head on the pooled tokens, AdamW with layer-wise
+The recipe is MAE's, shortened (docs/STUDY.md lists what it leaves out): a linear head on
+the pooled tokens, AdamW with layer-wise
 learning-rate decay (block i of L gets lr * decay^(L + 1 - i), so early blocks move
 least), no weight decay on biases, norms and position/class tokens, linear warm-up then
 cosine, label smoothing 0.1, random horizontal flips. It trains a copy, so the encoder
@@ -84,8 +85,8 @@ def finetune_top1(encoder: nn.Module, train_set: Dataset, val_set: Dataset, num_
     if epochs <= 0:
         raise ValueError(f"epochs must be positive, got {epochs}")
     device = torch.device(device)
-    # Seeded for the head init and anything stochastic inside the encoder (drop path),
-    # without disturbing the caller's random state.
+    # Seeded for the head init (and anything stochastic an encoder passed in may hold), without
+    # disturbing the caller's random state.
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         return _finetune(encoder, train_set, val_set, num_classes, device, epochs=epochs, pooling=pooling,

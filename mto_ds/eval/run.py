@@ -7,7 +7,6 @@ numbers are broadcast, so every rank returns the same dict.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -20,26 +19,6 @@ from .features import extract_features, rank_and_world
 from .finetune import finetune_top1
 from .knn import knn_top1
 from .linear_probe import linear_probe_top1
-
-
-@dataclass
-class EvalOptions:
-    """Evaluation settings. A field of the same name in the config's `eval` section wins over
-    the default here, so new `eval.*` keys take effect without touching this module."""
-    knn_k: int = 20
-    knn_temperature: float = 0.07
-    pooling: str = "mean"
-    batch_size: int = 128              # per rank, feature extraction
-    linear_epochs: int = 100
-    linear_lr: float = 1e-2
-    finetune_batch_size: int = 64      # per rank
-    finetune_lr: float = 1e-3
-    finetune_layer_decay: float = 0.75
-
-    @classmethod
-    def from_config(cls, cfg) -> "EvalOptions":
-        section = cfg.eval
-        return cls(**{f.name: getattr(section, f.name) for f in fields(cls) if hasattr(section, f.name)})
 
 
 def _same_on_all_ranks(results: Dict[str, float]) -> Dict[str, float]:
@@ -56,7 +35,7 @@ def evaluate(encoder: nn.Module, cfg, device: torch.device) -> Dict[str, float]:
 
     Call it on every rank (it all-gathers). The encoder's train/eval mode is restored.
     """
-    opts = EvalOptions.from_config(cfg)
+    opts = cfg.eval
     train_set, val_set = build_eval_sets(cfg)
     extract = dict(pooling=opts.pooling, batch_size=opts.batch_size, num_workers=cfg.data.num_workers)
     train_x, train_y = extract_features(encoder, train_set, device, **extract)
@@ -130,7 +109,7 @@ def run_eval(cfg, checkpoint: str, finetune_epochs: int = 0,
     encoder.to(device)
     results = evaluate(encoder, cfg, device)
     if finetune_epochs > 0:
-        opts = EvalOptions.from_config(cfg)
+        opts = cfg.eval
         train_set, val_set = build_eval_sets(cfg)
         results["finetune_top1"] = finetune_top1(
             encoder, train_set, val_set, train_set.num_classes, device, epochs=finetune_epochs,

@@ -191,17 +191,25 @@ def assemble(runs: List[Run], metric: str = "knn_top1", mode: str = "auto") -> S
             points = []
             for run in sorted(group, key=lambda r: r.budget):
                 epochs, values = run.curve(metric)
+                # A budget point is the accuracy at the end of a whole schedule: a run stopped
+                # part-way (mid-schedule learning rate, fewer epochs) would pass for a short budget.
+                if run.finished is False:
+                    notes.append(f"{run.path}: unfinished (state.json, {run.budget:g} epochs trained); "
+                                 "left out of the curve: resume it, then collect again")
+                    continue
                 if not values:
                     notes.append(f"{run.path}: no {metric} evaluation; left out of the curve")
                     continue
                 if not math.isclose(epochs[-1], run.budget):
-                    notes.append(f"{run.path}: last {metric} evaluation at epoch {epochs[-1]:g}, "
-                                 f"not at its budget {run.budget:g}")
+                    notes.append(f"{run.path}: last {metric} evaluation at epoch {epochs[-1]:g}, not at its "
+                                 f"budget {run.budget:g}; left out of the curve (tools/epoch_study.py final "
+                                 "evaluates it at the end)")
+                    continue
                 points.append((run.budget, values[-1]))
             curve = ([p[0] for p in points], [p[1] for p in points])
         for run in group:
-            if run.finished is False:
-                notes.append(f"{run.path}: unfinished (state.json)")
+            if run.finished is False and mode == "periodic":
+                notes.append(f"{run.path}: unfinished (state.json): its curve ends at epoch {run.budget:g}")
             partners.setdefault((seed, run.budget if mode == "budget" else 0.0), {})[method] = run
         if curve[0]:
             curves.setdefault(seed, {})[method] = curve
@@ -228,8 +236,17 @@ def assemble(runs: List[Run], metric: str = "knn_top1", mode: str = "auto") -> S
         mean = _mean_curve([curves[s][method] for s in paired]) if paired else None
         if mean:
             mean_curves[method] = mean
+            dropped = sorted(set().union(*(curves[s][method][0] for s in paired)) - set(mean[0]))
+            if dropped:
+                notes.append(f"{method} mean curve: epochs {', '.join(f'{e:g}' for e in dropped)} left out "
+                             f"(not evaluated for every one of the seeds {', '.join(map(str, paired))})")
     if len(mean_curves) == 2:
         numbers["mean"] = compare_curves(*mean_curves["baseline"], *mean_curves["mto"])
+    per_seed = [n for name, n in numbers.items() if name.startswith("seed ")]
+    if len(per_seed) > 1:  # the spread the mean hides: sample std over the seeds that have a value
+        numbers["std over seeds"] = {
+            key: (float(np.std(values, ddof=1)) if len(values) > 1 else None)
+            for key in per_seed[0] for values in [[n[key] for n in per_seed if n[key] is not None]]}
     return Study(metric=metric, mode=mode, curves=curves, numbers=numbers, mean_curves=mean_curves,
                  runs=runs, warnings=notes)
 
