@@ -123,25 +123,30 @@ def test_pretrain_template_trains_two_gloo_ranks_to_the_end(uninterrupted_job):
 LAUNCHERS = ["srun"] + [x for x in os.environ.get("MTO_DS_SLURM_LAUNCHERS", "").split(",") if x]
 
 
-@pytest.mark.parametrize("launcher", LAUNCHERS)
-def test_signalled_job_checkpoints_requeues_itself_and_resumes_to_the_exact_step_count(
-        slurm_cluster, uninterrupted_job, tmp_path, launcher):
-    """USR1 to the batch shell, as `--signal=B:USR1@600` sends it before the time limit
-    (sent here by hand once training is under way, so the test does not wait for Slurm's
-    30-60 s signal timer)."""
-    run_dir = tmp_path / "run"
-    env = cpu_env(run_dir, MTO_LAUNCHER=launcher)
-    job_id = slurm_cluster.sbatch(PRETRAIN, f"train.steps={STEPS}", env=env, cwd=REPO,
-                                  options=(*CPU_OPTIONS, f"--output={tmp_path}/%x-%j.out"))
+def signal_batch_shell_after_two_steps(slurm_cluster, run_dir: Path, tmp_path: Path, launcher: str,
+                                       signal_name: str) -> dict:
+    """Submit the pretrain template, wait until it has logged two steps, signal its batch shell
+    alone (as `--signal=B:<SIG>@T` does; by hand so the test does not wait for Slurm's 30-60 s
+    signal timer) and return the job once it has ended."""
+    job_id = slurm_cluster.sbatch(PRETRAIN, f"train.steps={STEPS}", env=cpu_env(run_dir, MTO_LAUNCHER=launcher),
+                                  cwd=REPO, options=(*CPU_OPTIONS, f"--output={tmp_path}/%x-%j.out"))
     deadline = time.monotonic() + 480
     while len(metric_steps(run_dir)) < 2:
         [job] = slurm_cluster.jobs(job_id)
         assert job["JobState"] in ("PENDING", "RUNNING"), job_log(job)
         assert time.monotonic() < deadline, f"no training progress\n{job_log(job)}"
         time.sleep(0.2)
-    slurm_cluster.run("scancel", "--batch", "--signal=USR1", job_id)
-
+    slurm_cluster.run("scancel", "--batch", f"--signal={signal_name}", job_id)
     [job] = slurm_cluster.wait_final(job_id, timeout=480)
+    return job
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_signalled_job_checkpoints_requeues_itself_and_resumes_to_the_exact_step_count(
+        slurm_cluster, uninterrupted_job, tmp_path, launcher):
+    """USR1 to the batch shell, as `--signal=B:USR1@600` sends it before the time limit."""
+    run_dir = tmp_path / "run"
+    job = signal_batch_shell_after_two_steps(slurm_cluster, run_dir, tmp_path, launcher, "USR1")
     log = job_log(job)
     assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), log
     # The first start stopped part-way with a complete checkpoint and requeued itself ...
@@ -169,17 +174,7 @@ def test_term_to_the_batch_shell_reaches_the_ranks_which_save_and_the_job_is_not
     termination"), so the shell has Slurm deliver it to the ranks instead: they finish the
     step, save a complete checkpoint and exit 0; the job stops there (TERM never requeues)."""
     run_dir = tmp_path / "run"
-    job_id = slurm_cluster.sbatch(PRETRAIN, f"train.steps={STEPS}", env=cpu_env(run_dir, MTO_LAUNCHER=launcher),
-                                  cwd=REPO, options=(*CPU_OPTIONS, f"--output={tmp_path}/%x-%j.out"))
-    deadline = time.monotonic() + 480
-    while len(metric_steps(run_dir)) < 2:
-        [job] = slurm_cluster.jobs(job_id)
-        assert job["JobState"] in ("PENDING", "RUNNING"), job_log(job)
-        assert time.monotonic() < deadline, f"no training progress\n{job_log(job)}"
-        time.sleep(0.2)
-    slurm_cluster.run("scancel", "--batch", "--signal=TERM", job_id)
-
-    [job] = slurm_cluster.wait_final(job_id, timeout=480)
+    job = signal_batch_shell_after_two_steps(slurm_cluster, run_dir, tmp_path, launcher, "TERM")
     log = job_log(job)
     assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("FAILED", "1:0", "0"), log
     if launcher == "srun":  # DeepSpeed's launcher exits 1 on TERM whatever its ranks did
