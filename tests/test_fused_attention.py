@@ -57,6 +57,11 @@ CUDA_CASES["vit_bf16_recalibrated_n257_edge_masks"] = dict(shape=(2, 16, 257, 64
                                                            recalibrate=True, mask="edge")
 CUDA_CASES["vit_bf16_recalibrated_only_cls_visible"] = dict(shape=(2, 16, 197, 64), dtype="bf16",
                                                             recalibrate=True, mask="cls_only_visible")
+# The other head dims the benchmarks meet: ViT-H/14 (80, padded to a 128 tile; 257 tokens) and
+# the MAE decoder (512 / 16 heads = 32).
+CUDA_CASES["vit_h_bf16_recalibrated_head_dim_80"] = dict(shape=(2, 16, 257, 80), dtype="bf16", recalibrate=True)
+CUDA_CASES["mae_decoder_bf16_recalibrated_head_dim_32"] = dict(shape=(2, 16, 197, 32), dtype="bf16",
+                                                               recalibrate=True)
 
 
 def _make_inputs(case, device):

@@ -37,6 +37,16 @@ def test_plan_run_wall_time_and_gpu_hours():
     assert r["gpu_hours"] == pytest.approx(r["wall_hours"] * 8)
 
 
+def test_plan_run_splits_the_batch_by_the_trainers_rule():
+    from mto_ds.config import ConfigError
+    plan_run = _load("plan_run")
+    common = dict(params=300_000_000, epochs=1, dataset=1_281_167, rate_per_gpu=100.0, zero=2, link_gbps=400)
+    r = plan_run.plan(gpus=64, global_batch=2048, micro_batch=64, **common)
+    assert (r["micro_batch"], r["accumulation"]) == (32, 1)  # 2048 over 64 GPUs leaves 32 each
+    with pytest.raises(ConfigError, match="not divisible by the 48 data-parallel ranks"):
+        plan_run.plan(gpus=48, global_batch=2048, micro_batch=64, **common)
+
+
 def test_plan_run_counts_vit_large_parameters():
     params = _load("plan_run").count_params("vit_large_patch16", "simmim")
     assert 300e6 < params < 310e6  # ViT-L/16 encoder ~303M plus SimMIM's mask token and decoder

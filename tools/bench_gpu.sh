@@ -1,16 +1,24 @@
 #!/usr/bin/env bash
 # The GPU measurements of docs/BENCHMARKS.md on one GPU, each in its own process, written to
-# OUT_DIR (tables as .md, rows as .json, logs as .log). Parts, so each fits a time-limited job:
+# OUT_DIR (tables as .md, rows as .json rewritten after every row, logs as .log). Parts, each
+# meant to fit a job of about 10 minutes:
 #
-#   tools/bench_gpu.sh OUT_DIR kernel   # CUDA kernel tests (fused attention vs reference) + bench_attention
-#   tools/bench_gpu.sh OUT_DIR large    # ViT-L/16 SimMIM + MAE, MTO on/off, ZeRO-2, batch 128: eager (profiled) and compiled
-#   tools/bench_gpu.sh OUT_DIR huge     # ViT-H/14 SimMIM + MTO, ZeRO-3, activation checkpointing, batch 64 and 128
-#   tools/bench_gpu.sh OUT_DIR all      # the three in order
+#   tools/bench_gpu.sh OUT_DIR kernel     # CUDA kernel tests (fused attention vs reference) + bench_attention
+#   tools/bench_gpu.sh OUT_DIR large      # ViT-L/16 SimMIM + MAE, MTO on/off, ZeRO-2, batch 128, profiled
+#   tools/bench_gpu.sh OUT_DIR compiled   # ViT-L/16 SimMIM, MTO on/off, ZeRO-2, batch 128, train.compile
+#   tools/bench_gpu.sh OUT_DIR huge       # ViT-H/14 SimMIM + MTO, ZeRO-3, activation checkpointing, batch 64 and 128
+#   tools/bench_gpu.sh OUT_DIR all        # the four in order
 #
-# Needs torch with CUDA, timm, triton and deepspeed importable (pytest for `kernel`).
+# BENCH_TIMEOUT=SECONDS bounds each process (default: none), so a slow one cannot take the
+# next ones' time. Needs torch with CUDA, timm, triton and deepspeed importable (pytest for
+# `kernel`).
 set -euo pipefail
-out=${1:?usage: tools/bench_gpu.sh OUT_DIR [kernel|large|huge|all]}
+out=${1:?usage: tools/bench_gpu.sh OUT_DIR [kernel|large|compiled|huge|all]}
 part=${2:-all}
+case $part in
+    kernel | large | compiled | huge | all) ;;
+    *) echo "bench_gpu.sh: unknown part '$part': expected kernel, large, compiled, huge or all" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -36,23 +44,29 @@ EOF
 run() {  # run NAME CMD...: output to NAME.log, the table lines to NAME.md
     local name=$1; shift
     echo "== $name: $*" | tee -a "$out/commands.txt"
-    "$@" 2>&1 | tee "$out/$name.log" | grep -E '^(\||device|MTO overhead|speed vs|<!--|[0-9]+ (passed|failed))' \
-        | tee "$out/$name.md" || true
+    timeout "${BENCH_TIMEOUT:-0}" "$@" 2>&1 | tee "$out/$name.log" \
+        | grep -E '^(\||device|MTO overhead|speed vs|<!--|[0-9]+ (passed|failed))' | tee "$out/$name.md" || true
 }
 
 if [[ $part == kernel || $part == all ]]; then
-    run kernel_tests "$py" -m pytest -q -p no:cacheprovider tests/test_fused_attention.py -rs
+    # The CUDA cases only: the interpreter cases are CPU work that CI runs anyway.
+    run kernel_tests "$py" -m pytest -q -p no:cacheprovider tests/test_fused_attention.py -rs -k "cuda or sm90"
     run attention "$py" tools/bench_attention.py
 fi
 if [[ $part == large || $part == all ]]; then
     run vit_l "$py" tools/bench_step.py --arch vit_large_patch16 --method simmim mae --mto on off \
-        --zero 2 --batch 128 --profile "$out/profile_vit_l" --json "$out/vit_l.json"
+        --zero 2 --batch 128 --steps 10 --profile "$out/profile_vit_l" --json "$out/vit_l.json"
+fi
+if [[ $part == compiled || $part == all ]]; then
     run vit_l_compiled "$py" tools/bench_step.py --arch vit_large_patch16 --method simmim --mto on off \
-        --zero 2 --batch 128 --compile --json "$out/vit_l_compiled.json"
+        --zero 2 --batch 128 --steps 10 --compile --data none --json "$out/vit_l_compiled.json"
 fi
 if [[ $part == huge || $part == all ]]; then
-    for batch in 64 128; do
-        run "vit_h_b$batch" "$py" tools/bench_step.py --arch vit_huge_patch14 --method simmim --mto on \
-            --zero 3 --batch "$batch" --activation-checkpointing --steps 10 --warmup 3 --json "$out/vit_h_b$batch.json"
-    done
+    # One process per batch: a ZeRO-3 engine keeps its memory until its process ends. The plain
+    # baseline (no activation checkpointing) runs at 64 only: at 128 it may not fit in 80 GB.
+    run vit_h_b64 "$py" tools/bench_step.py --arch vit_huge_patch14 --method simmim --mto on --zero 3 \
+        --batch 64 --activation-checkpointing --steps 10 --warmup 3 --data none --json "$out/vit_h_b64.json"
+    run vit_h_b128 "$py" tools/bench_step.py --arch vit_huge_patch14 --method simmim --mto on --zero 3 \
+        --batch 128 --activation-checkpointing --steps 10 --warmup 3 --data none --no-baseline \
+        --json "$out/vit_h_b128.json"
 fi

@@ -27,17 +27,22 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 
 def matmul_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    """Best of 3 windows of back-to-back n^3 matmuls (about 0.15 s each on an H100: long enough
+    that the clock settles where a sustained step runs it, not at a short burst's boost)."""
     n = 8192 if device.type == "cuda" else 1024
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(10):
+        a @ b
+    _sync(device)
+    reps = 100 if device.type == "cuda" else 5
+    best = 0.0
     for _ in range(3):
-        a @ b
-    _sync(device)
-    reps = 20 if device.type == "cuda" else 5
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    _sync(device)
-    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e12
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        _sync(device)
+        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e12)
+    return best
 
 
 def _sync(device):
@@ -91,8 +96,10 @@ def profile_steps(step, device, steps, trace_path) -> float:
     sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     Path(str(trace_path).replace(".trace.json.gz", ".ops.txt")).write_text(
         prof.key_averages().table(sort_by=sort, row_limit=25))
+    # Kernels only: user annotations on the GPU timeline (e.g. the optimizer step's range) span
+    # idle gaps too, and torch's own tables leave them out as well.
     kernels = [(e.time_range.start, e.time_range.end) for e in prof.events()
-               if e.device_type == DeviceType.CUDA]
+               if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
     return kernel_busy_share(kernels) if device.type == "cuda" else float("nan")
 
 
@@ -120,21 +127,34 @@ def _allocated(device) -> int:
     return torch.cuda.memory_allocated() if device.type == "cuda" else 0
 
 
-def _time(step, device, warmup, steps, base_bytes):
-    """(seconds per step, peak GiB above `base_bytes`: what this configuration holds at its peak,
-    not what earlier rows of the run left allocated), after `warmup` untimed steps."""
+WINDOWS = 3  # timed windows per row; the row reports their median
+
+
+def _time(step, device, warmup, steps, base_bytes, windows=WINDOWS):
+    """Seconds per step (the median of `windows` timed windows of `steps` steps, and the spread
+    (max - min) / median between them), after `warmup` untimed steps; and peak GiB allocated
+    above `base_bytes` (what this configuration holds at its peak, not what earlier rows left)
+    and reserved by the caching allocator (what the process takes from the GPU)."""
     for _ in range(warmup):
         step()
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    t = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync(device)
-    sec = (time.perf_counter() - t) / steps
-    peak = (torch.cuda.max_memory_allocated() - base_bytes) / 2 ** 30 if device.type == "cuda" else float("nan")
-    return sec, peak
+    per_step = []
+    for _ in range(windows):
+        t = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _sync(device)
+        per_step.append((time.perf_counter() - t) / steps)
+    sec = sorted(per_step)[len(per_step) // 2]
+    spread = (max(per_step) - min(per_step)) / sec
+    if device.type == "cuda":
+        peak = (torch.cuda.max_memory_allocated() - base_bytes) / 2 ** 30
+        reserved = torch.cuda.max_memory_reserved() / 2 ** 30
+    else:
+        peak = reserved = float("nan")
+    return sec, spread, peak, reserved
 
 
 def bench_baseline(arch, img, batch, device, dtype, compiled):
@@ -143,9 +163,6 @@ def bench_baseline(arch, img, batch, device, dtype, compiled):
     from mto_ds.models import TIMM_NAMES
     base = _allocated(device)
     model = timm.create_model(TIMM_NAMES[arch], num_classes=0, img_size=img).to(device)
-    if compiled:
-        for block in model.blocks:
-            block.compile()  # block by block, as train.compile does
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     x = torch.randn(batch, 3, img, img, device=device)
 
@@ -155,7 +172,13 @@ def bench_baseline(arch, img, batch, device, dtype, compiled):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return step, step_flops(step), base, lambda: None
+    # Counted before compiling: dynamo does not compile a frame first called under a dispatch
+    # mode such as FlopCounterMode, and would leave the "compiled" baseline eager for good.
+    flops = step_flops(step)
+    if compiled:
+        for block in model.blocks:
+            block.compile()  # block by block, as train.compile does
+    return step, flops, base, lambda: None
 
 
 def bench_engine(arch, method, mto, zero, img, batch, device, dtype, ckpt, compiled):
@@ -189,25 +212,30 @@ def bench_engine(arch, method, mto, zero, img, batch, device, dtype, ckpt, compi
     return step, flops, base, engine.destroy
 
 
-def data_wait_share(method, img, batch, workers, step_sec, steps) -> float:
-    """Share of a step spent blocked on the real loader (synthetic JPEG-free source, `workers`
-    processes) when each step takes `step_sec`: the loader runs while the step would."""
+def data_wait_share(source, path, method, arch, img, batch, workers, step_sec, steps) -> float:
+    """Share of a step spent blocked on the loader when each step takes `step_sec`: the loader
+    runs while a sleep stands in for the step. `source` as data.source (synthetic renders its
+    images in the workers; ffcv decodes the .beton at `path`). The first batches, which the
+    workers prefetch while the loader starts, are not timed: the share is the steady state."""
+    import itertools
     from types import SimpleNamespace
     from mto_ds.data import build_pretrain_loader
     from mto_ds.models.masking import build_mask_fn
-    cfg = SimpleNamespace(source="synthetic", synthetic_images=batch * (steps + 2), synthetic_classes=10,
-                          crop_scale_min=None, crop_scale_max=1.0, num_workers=workers, path=None)
+    prefetch = 2 * workers  # torch's and FFCV's default: 2 batches in flight per worker
+    cfg = SimpleNamespace(source=source, path=path, synthetic_images=batch * (prefetch + steps + 2),
+                          synthetic_classes=10, crop_scale_min=None, crop_scale_max=1.0, num_workers=workers,
+                          order="exact", os_cache=True)
     loader = build_pretrain_loader(cfg, method=method, img_size=img, seed=0, global_batch_size=batch,
                                    micro_batch_size=batch, rank=0, world_size=1,
-                                   mask_fn=build_mask_fn(method, img, 14 if img % 16 else 16))
-    stream = loader.micro_batches(0, 0)
-    next(stream)  # worker start-up is not a per-step cost
+                                   mask_fn=build_mask_fn(method, img, int(arch.rsplit("patch", 1)[1])))
+    stream = itertools.chain.from_iterable(loader.micro_batches(epoch) for epoch in itertools.count())
     waited = 0.0
-    for _ in range(steps):
+    for i in range(prefetch + 1 + steps):
         t = time.perf_counter()
         next(stream)
-        waited += time.perf_counter() - t
-        time.sleep(step_sec)  # stands in for the step, during which workers prefetch
+        if i > prefetch:
+            waited += time.perf_counter() - t
+        time.sleep(step_sec)  # stands in for the step, during which the workers decode ahead
     return waited / (waited + step_sec * steps)
 
 
@@ -229,7 +257,12 @@ def main():
                         "and the GPU-busy column")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: vit_tiny, 64 px, batch 8, fp32, 2 steps")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="loader workers per GPU")
-    p.add_argument("--json", help="also write the rows here")
+    p.add_argument("--data", choices=["synthetic", "folder", "ffcv", "none"], default="synthetic",
+                   help="the data-wait column's source (synthetic renders images in Python: slower than "
+                        "FFCV's JPEG decoding, so its wait is an upper bound); none: not measured")
+    p.add_argument("--data-path", help="the ImageFolder or .beton for --data folder/ffcv")
+    p.add_argument("--no-baseline", action="store_true", help="skip the plain timm baseline row")
+    p.add_argument("--json", help="also write the rows here (rewritten after every row)")
     args = p.parse_args()
     if args.tiny:
         args.arch, args.img, args.batch, args.steps, args.warmup = "vit_tiny_patch16", 64, 8, 2, 1
@@ -239,51 +272,71 @@ def main():
     from mto_ds.engine.distributed import init_distributed
     init_distributed()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.data in ("folder", "ffcv") and not args.data_path:
+        p.error(f"--data {args.data} needs --data-path")
     peak = matmul_peak_tflops(device, dtype)
-    print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, "
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"device {device_name}, "
           f"{'bf16' if dtype == torch.bfloat16 else 'fp32'} matmul peak measured {peak:.1f} TFLOP/s", flush=True)
     rows = []
     if args.profile:
         Path(args.profile).mkdir(parents=True, exist_ok=True)
 
     def run(name, bench, *bench_args):
-        """One row; a configuration that does not fit says so, and the others still run."""
-        step = release = None
+        """One row. A configuration that fails (out of memory, or any error) says so in its row,
+        and the others still run."""
+        release = None
         try:
             step, flops, base, release = bench(*bench_args)
-            sec, mem = _time(step, device, args.warmup, args.steps, base)
+            frames_before = _compiled_frames()
+            sec, spread, mem, reserved = _time(step, device, args.warmup, args.steps, base)
             busy = float("nan")
             if args.profile:
                 busy = profile_steps(step, device, 3, Path(args.profile) / f"{slug(name)}.trace.json.gz")
-            add(name, sec, mem, flops, busy)
-        except torch.cuda.OutOfMemoryError as err:
-            print(f"| {name} | out of GPU memory: {str(err).splitlines()[0]} |", flush=True)
-            rows.append({"config": name, "error": "out of memory"})
-        if release is not None:
-            release()
-        step = release = None
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+            if args.compile and _compiled_frames() == frames_before == 0:
+                print(f"| {name} | warning: torch.compile compiled no frame; this row ran eager |", flush=True)
+            add(name, sec, spread, mem, reserved, flops, busy)
+        except Exception as err:  # noqa: BLE001 - one row's failure is that row's result
+            kind = "out of GPU memory" if isinstance(err, torch.cuda.OutOfMemoryError) else type(err).__name__
+            print(f"| {name} | {kind}: {str(err).splitlines()[0] if str(err) else ''} |", flush=True)
+            rows.append({"config": name, "error": f"{kind}: {err}"[:2000]})
+        finally:
+            if release is not None:
+                release()
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        write_json()
 
-    def add(name, sec, mem, flops, busy):
+    def add(name, sec, spread, mem, reserved, flops, busy):
         tflops = flops / sec / 1e12
-        wait = data_wait_share(method_of(name), args.img, args.batch, args.workers, sec, min(args.steps, 10))
+        wait = float("nan")
+        if args.data != "none":
+            wait = data_wait_share(args.data, args.data_path, method_of(name), args.arch, args.img, args.batch,
+                                   args.workers, sec, 10)
         rows.append({"config": name, "images_per_sec": args.batch / sec, "step_ms": sec * 1e3,
-                     "tflops": tflops, "mfu": tflops / peak, "peak_mem_gib": mem, "data_wait": wait,
-                     "gpu_busy": busy})
+                     "window_spread": spread, "tflops": tflops, "mfu": tflops / peak, "peak_mem_gib": mem,
+                     "reserved_gib": reserved, "data_wait": wait, "gpu_busy": busy})
         r = rows[-1]
-        print(f"| {name} | {r['images_per_sec']:.1f} | {r['step_ms']:.1f} | {r['tflops']:.2f} | "
-              f"{100 * r['mfu']:.1f}% | {mem:.1f} | {100 * wait:.1f}% | {100 * busy:.1f}% |", flush=True)
+        print(f"| {name} | {r['images_per_sec']:.1f} | {r['step_ms']:.1f} ({100 * spread:.1f}%) | {r['tflops']:.2f} | "
+              f"{100 * r['mfu']:.1f}% | {mem:.1f} / {reserved:.1f} | {100 * wait:.1f}% | {100 * busy:.1f}% |",
+              flush=True)
+
+    def write_json():
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": device_name, "peak_tflops": peak, "argv": sys.argv[1:], "rows": rows,
+                           "comparisons": compare(rows)}, f, indent=1)
 
     def method_of(name):
         return "mae" if name.startswith("mae") else "simmim"
 
-    print("| config | images/s | step ms | TFLOP/s | MFU | peak GiB | data wait | GPU busy |\n"
-          "|---|---|---|---|---|---|---|---|")
+    print(f"| config | images/s | step ms (spread of {WINDOWS} windows) | TFLOP/s | MFU | peak GiB allocated / reserved | "
+          f"data wait ({args.data}, {args.workers} workers) | GPU busy |\n|---|---|---|---|---|---|---|---|")
     suffix = " compiled" if args.compile else ""
-    run(f"baseline timm {args.arch} SDPA, no DS, no MTO{suffix}", bench_baseline,
-        args.arch, args.img, args.batch, device, dtype, args.compile)
+    if not args.no_baseline:
+        run(f"baseline timm {args.arch} SDPA, no DS, no MTO{suffix}", bench_baseline,
+            args.arch, args.img, args.batch, device, dtype, args.compile)
     for method in args.method:
         for zero in args.zero:
             if args.compile and zero == 3:
@@ -293,15 +346,16 @@ def main():
                 run(f"{method} ZeRO-{zero} MTO {mto}{suffix}", bench_engine,
                     args.arch, method, mto == "on", zero, args.img, args.batch, device, dtype,
                     args.activation_checkpointing, args.compile)
-    comparisons = compare(rows)
-    for line in comparisons:
+    for line in compare(rows):
         print(line)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                       "peak_tflops": peak, "argv": sys.argv[1:], "rows": rows, "comparisons": comparisons},
-                      f, indent=1)
+    write_json()
     return 0
+
+
+def _compiled_frames() -> int:
+    """Frames torch.compile has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+    return int(counters["frames"]["ok"])
 
 
 def compare(rows) -> list:

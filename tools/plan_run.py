@@ -40,14 +40,17 @@ def comm_bytes_per_step(params: int, zero: int, accumulation: int, gpus: int, by
 
 def plan(params: int, epochs: float, dataset: int, gpus: int, rate_per_gpu: float, global_batch: int,
          micro_batch: int, zero: int, link_gbps: float) -> dict:
-    accumulation = max(1, global_batch // (micro_batch * gpus))
+    # The trainer's own rule (a ConfigError names a batch that does not split over the GPUs).
+    from mto_ds.engine.builder import plan_batch
+    batch = plan_batch(global_batch, micro_batch, gpus)
+    accumulation = batch.accumulation
     steps_per_epoch = dataset // global_batch
     steps = int(math.ceil(epochs * steps_per_epoch))
     compute_s = global_batch / (rate_per_gpu * gpus)
     comm = comm_bytes_per_step(params, zero, accumulation, gpus)
     comm_s = comm / (link_gbps * 1e9 / 8)
     wall_h = steps * max(compute_s, comm_s) / 3600  # assumes full overlap; no overlap adds the two
-    return {"params": params, "accumulation": accumulation, "steps": steps, "compute_s_per_step": compute_s,
+    return {"params": params, "accumulation": accumulation, "micro_batch": batch.micro_batch_size, "steps": steps, "compute_s_per_step": compute_s,
             "comm_gb_per_step": comm / 1e9, "comm_s_per_step": comm_s, "comm_to_compute": comm_s / compute_s,
             "wall_hours": wall_h, "wall_hours_no_overlap": steps * (compute_s + comm_s) / 3600,
             "gpu_hours": wall_h * gpus}
@@ -70,7 +73,11 @@ def main() -> int:
              args.images_per_sec_per_gpu, args.global_batch, args.micro_batch, args.zero, args.link_gbps)
     print(f"{args.arch} {args.method}: {r['params'] / 1e6:.0f}M parameters, {args.epochs:g} epochs of "
           f"{args.dataset_size} images on {args.gpus} GPUs")
-    print(f"  optimizer steps        {r['steps']} (global batch {args.global_batch}, accumulation {r['accumulation']})")
+    print(f"  optimizer steps        {r['steps']} (global batch {args.global_batch}: micro-batch {r['micro_batch']} "
+          f"per GPU, accumulation {r['accumulation']})")
+    if r["micro_batch"] != args.micro_batch:
+        print(f"  note: {args.global_batch} images over {args.gpus} GPUs leave {r['micro_batch']} per GPU, not "
+              f"{args.micro_batch}: measure the rate at that micro-batch")
     print(f"  compute per step       {r['compute_s_per_step'] * 1e3:.0f} ms at {args.images_per_sec_per_gpu:g} images/s/GPU")
     print(f"  ZeRO-{args.zero} traffic per step {r['comm_gb_per_step']:.2f} GB per GPU -> "
           f"{r['comm_s_per_step'] * 1e3:.0f} ms at {args.link_gbps:g} Gb/s ({100 * r['comm_to_compute']:.0f}% of compute)")
