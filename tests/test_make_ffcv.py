@@ -141,6 +141,26 @@ def test_interrupted_write_leaves_no_file_named_like_the_output(odd_folder, tmp_
     assert os.listdir(tmp_path) == []
 
 
+def test_a_file_that_fails_only_when_written_is_named_in_the_report(odd_folder, tmp_path, monkeypatch):
+    """Decodable in the first pass, not in the second (changed while converting): FFCV's writer
+    cannot drop a sample, so it holds a black image, and the report names the file."""
+    from mto_ds.data import ffcv_writer
+    root, _ = odd_folder
+    real_read = ffcv_writer.read_rgb
+    victim = sorted(root.rglob("*.*"))[0]
+
+    def read_fails_when_writing(path, max_side=None):  # the first pass reads at max_side=32
+        if Path(path) == victim and max_side != 32:
+            raise ffcv_writer.UndecodableImage("gone")
+        return real_read(path, max_side)
+    monkeypatch.setattr(ffcv_writer, "read_rgb", read_fails_when_writing)  # before the writer forks
+    report = convert_image_folder(root, tmp_path / "out.beton", workers=2, progress=False)
+    assert report.written == 9
+    assert report.converted[ffcv_writer.CHANGED_KIND] == [str(victim.relative_to(root))]
+    assert "written as a black image" in report.summary()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.beton", "out.beton.report.json"]
+
+
 def test_folder_without_any_decodable_image_fails_naming_the_count(tmp_path):
     (tmp_path / "src" / "c0").mkdir(parents=True)
     (tmp_path / "src" / "c0" / "empty.JPEG").write_bytes(b"")

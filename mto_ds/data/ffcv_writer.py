@@ -43,6 +43,9 @@ class ConversionReport:
         lines.append(f"  converted   : {counts or 'none'}")
         for path in self.converted.get("truncated", []):
             lines.append(f"    truncated, kept with the missing part filled: {path}")
+        for path in self.converted.get(CHANGED_KIND, []):
+            lines.append(f"    written as a black image (decodable at first, not when written; did it "
+                         f"change during the conversion?): {path}")
         return "\n".join(lines)
 
 
@@ -57,12 +60,16 @@ def _inspect(path: Path):
         return str(err), None, None
 
 
+CHANGED_KIND = "black_image_failed_second_read"  # report.converted key
+
+
 class _KeptImages:
     """What FFCV's writer workers index: (RGB uint8, label). A failure here would hang the
-    writer, so a file that changed since the first pass becomes a black image, loudly."""
+    writer, so a file that changed since the first pass becomes a black image, loudly: a line
+    in `failures` (appended from the worker processes) puts it in the report."""
 
-    def __init__(self, files: List[Path], labels: List[int], max_side: Optional[int]):
-        self.files, self.labels, self.max_side = files, labels, max_side
+    def __init__(self, files: List[Path], labels: List[int], max_side: Optional[int], failures: Path):
+        self.files, self.labels, self.max_side, self.failures = files, labels, max_side, failures
 
     def __len__(self) -> int:
         return len(self.files)
@@ -74,6 +81,8 @@ class _KeptImages:
         except Exception as err:  # noqa: BLE001 - see the class docstring
             print(f"make_ffcv: {self.files[index]} failed on the second read ({err}); "
                   "written as a black image", file=sys.stderr)
+            with open(self.failures, "a") as f:  # one short line per append: whole lines
+                f.write(f"{index}\n")
             pixels = np.zeros((8, 8, 3), np.uint8)
         return pixels, self.labels[index]
 
@@ -148,16 +157,23 @@ def convert_image_folder(source, output, *, max_side: Optional[int] = 512, jpeg_
                                      compress_probability=compress_probability),
               "label": IntField()}
     partial = output.with_name(output.name + ".partial")
+    failures = output.with_name(output.name + ".second_read_failures")
     output.parent.mkdir(parents=True, exist_ok=True)
+    failures.unlink(missing_ok=True)
     try:
         writer = DatasetWriter(str(partial), fields, page_size=_page_size(max_pixels), num_workers=workers)
-        writer.from_indexed_dataset(_KeptImages(kept_files, kept_labels, max_side),
+        writer.from_indexed_dataset(_KeptImages(kept_files, kept_labels, max_side, failures),
                                     chunksize=max(1, min(100, len(kept_files) // workers)))
         report.written = len(kept_files)
+        if failures.is_file():
+            report.converted[CHANGED_KIND] = sorted(
+                listing.relative(kept_files[int(i)]) for i in set(failures.read_text().split()))
         os.replace(partial, output)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
+    finally:
+        failures.unlink(missing_ok=True)
     report_path = output.with_name(output.name + ".report.json")
     report_path.write_text(json.dumps(asdict(report), indent=1) + "\n")
     return report
