@@ -90,6 +90,11 @@ def test_block_flags_follow_settings():
     assert [f[1] for f in flags] == ["loss", "loss", "none", "none", "none", "none"]
     _, off = block_flags(MTOConfig(enabled=False), 6, with_stats=True)
     assert off == [(False, "telemetry")] * 6
+    # Two blocks: one early, one late; L_r needs two late blocks, so the late one keeps flash attention.
+    _, two = block_flags(MTOConfig(enabled=True, lambda_r=0.1), 2, with_stats=False)
+    assert [f[1] for f in two] == ["loss", "none"]
+    _, three = block_flags(MTOConfig(enabled=True, lambda_r=0.1), 3, with_stats=False)
+    assert [f[1] for f in three] == ["loss", "loss", "loss"]
 
 
 def _inputs(model, method, batch=2, img=64, seed=0):

@@ -39,8 +39,8 @@ def block_flags(settings: MTOConfig, num_blocks: int, with_stats: bool) -> Tuple
         recalibrate = on and (settings.recalibrate == "all" or (settings.recalibrate == "early" and early))
         if early:
             needs_grad_stats = on and (settings.lambda_spa > 0 or settings.lambda_e > 0)
-        else:
-            needs_grad_stats = on and settings.lambda_r > 0
+        else:  # L_r compares consecutive late blocks: a single late block gives it nothing
+            needs_grad_stats = on and settings.lambda_r > 0 and num_blocks - k >= 2
         mode = LOSS if needs_grad_stats else (TELEMETRY if with_stats else NONE)
         flags.append((recalibrate, mode))
     return k, flags
