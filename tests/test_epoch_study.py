@@ -185,6 +185,8 @@ def test_plan_runs_builds_baseline_and_mto_commands_with_the_same_seed_data_and_
 def test_plan_runs_refuses_overrides_of_what_the_study_controls_and_uneven_eval_epochs():
     with pytest.raises(ValueError, match="run.seed"):
         plan_runs("c.yaml", Path("s"), epochs=[4], seeds=[0], overrides=["run.seed=3"])
+    with pytest.raises(ValueError, match="train.steps"):  # it overrides train.epochs, the budget
+        plan_runs("c.yaml", Path("s"), epochs=[4], seeds=[0], overrides=["train.steps=100"])
     with pytest.raises(ValueError, match="divide"):
         plan_runs("c.yaml", Path("s"), epochs=[10], seeds=[0], eval_every=3)
 

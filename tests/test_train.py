@@ -1,12 +1,15 @@
 """Pre-training through DeepSpeed on CPU ranks: the run directory, loss decrease, ZeRO-3, accumulation."""
 import json
+import subprocess
+import sys
 
+import pytest
 import torch
 import yaml
 
 from mto_ds.models import create_mim_model
 
-from conftest import pretrain, read_metrics
+from conftest import REPO, cpu_env, pretrain, read_metrics
 
 
 def _tail_mean(rows, key, n):
@@ -54,10 +57,23 @@ def test_two_rank_zero2_loss_decreases_on_demo_data(tmp_path):
 
 def test_two_rank_zero3_with_mto_and_accumulation(tmp_path):
     """ZeRO-3 partitions every parameter, the mask token too; it still trains and moves.
-    With 2 micro-batches per step, MTO state advances once per optimizer step."""
+    With 2 micro-batches per step, MTO state advances once per optimizer step. Evaluation at
+    each epoch's end gathers the partitioned encoder and gives what `mto-ds eval` gives on the
+    checkpoint of the same step."""
     run = tmp_path / "run"
+    evaluation = ("eval.every_epochs=1", "eval.num_train=64", "eval.num_val=32")
     pretrain(run, "deepspeed.config=ds_configs/cpu_zero3.json", "train.steps=24", "train.micro_batch_size=8",
-             "run.log_every=1", "mto.warmup_steps=10", nproc=2)
+             "run.log_every=1", "mto.warmup_steps=10", "data.synthetic_images=384", *evaluation, nproc=2)
+    evals = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "knn_top1" in r]
+    assert [(r["step"], r["epoch"]) for r in evals] == [(12, 1.0), (24, 2.0)]  # 12 steps of 32 per epoch
+    assert all(0 <= r[k] <= 100 for r in evals for k in ("knn_top1", "linear_top1"))
+    offline = subprocess.run([sys.executable, "-m", "mto_ds", "eval", "--config", str(run / "config.yaml"),
+                              "--checkpoint", str(run)], cwd=REPO, env=cpu_env(), capture_output=True,
+                             text=True, timeout=600)
+    assert offline.returncode == 0, offline.stderr[-3000:]
+    result = json.loads(offline.stdout.strip().splitlines()[-1])
+    assert result["knn_top1"] == pytest.approx(evals[-1]["knn_top1"], abs=1e-6)
+    assert result["linear_top1"] == pytest.approx(evals[-1]["linear_top1"], abs=1e-6)
     rows = read_metrics(run)
     assert _tail_mean(rows, "loss_mim", 6) < _head_mean(rows, "loss_mim", 6)
     assert [r["mto_scale"] for r in rows[:3]] == [0.1, 0.2, 0.3]  # warm-up counts optimizer steps

@@ -30,7 +30,7 @@ METHODS = ("baseline", "mto")
 METRICS = ("knn_top1", "linear_top1", "finetune_top1")
 FINAL_EVAL = "final_eval.json"
 # What the study itself sets for each run; extra overrides may not touch these.
-CONTROLLED_KEYS = ("mto.enabled", "run.output_dir", "run.seed", "train.epochs", "eval.every_epochs")
+CONTROLLED_KEYS = ("mto.enabled", "run.output_dir", "run.seed", "train.epochs", "train.steps", "eval.every_epochs")
 # Keys that may differ between a baseline and its MTO partner without making them incomparable.
 INCIDENTAL = ("run.output_dir", "run.progress_bar", "run.log_every", "data.num_workers", "checkpoint.",
               "eval.every_epochs", "mto.")
