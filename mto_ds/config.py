@@ -74,7 +74,7 @@ class TrainConfig:
     warmup_steps: Optional[int] = None       # wins over warmup_epochs
     weight_decay: float = 0.05
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
-    clip_grad: Optional[float] = None
+    clip_grad: Optional[float] = None         # max gradient norm; null: no clipping (MAE)
     activation_checkpointing: bool = False
     compile: bool = False                    # torch.compile each transformer block
     max_nonfinite_steps: int = 5             # consecutive non-finite losses before stopping

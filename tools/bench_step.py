@@ -195,7 +195,9 @@ def bench_engine(arch, method, mto, zero, img, batch, device, dtype, ckpt, compi
     # The shipped DeepSpeed config of this stage (bf16 on GPU, the fp32 gloo one on CPU).
     name = f"zero{zero}_bf16.json" if dtype == torch.bfloat16 else f"cpu_zero{zero}.json"
     ds = json.loads((REPO / "ds_configs" / name).read_text())
-    ds.update(train_batch_size=batch, train_micro_batch_size_per_gpu=batch, gradient_accumulation_steps=1)
+    # Clipping as the recipes in configs/ (SimMIM 5.0, MAE none): a norm over all gradients.
+    ds.update(train_batch_size=batch, train_micro_batch_size_per_gpu=batch, gradient_accumulation_steps=1,
+              gradient_clipping=5.0 if method == "simmim" else 0.0)
     ds["optimizer"]["params"]["lr"] = 1e-4
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.05), config=ds)
     images, mask = _inputs(model, method, batch, img, device, torch.float32)

@@ -30,13 +30,15 @@ def plan_batch(global_batch_size: int, micro_batch_size, world_size: int) -> Bat
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
-    """AdamW groups: no weight decay on norms, biases, tokens and position embeddings."""
+    """AdamW groups: no weight decay on 1-D parameters (norms, biases) and on what the model's
+    `no_weight_decay()` names, as the method's reference does (MAE: nothing more, so its CLS and
+    mask tokens are decayed; SimMIM: the position embedding and CLS token)."""
+    skip_names = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        skip = param.ndim <= 1 or name.endswith(("token", "pos_embed"))
-        (no_decay if skip else decay).append(param)
+        (no_decay if param.ndim <= 1 or name in skip_names else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 
@@ -67,8 +69,9 @@ def deepspeed_config(cfg: Config, batch: BatchPlan, total_steps: int, warmup_ste
     ds["scheduler"] = {"type": "WarmupCosineLR", "params": {
         "total_num_steps": max(total_steps, 1), "warmup_num_steps": warmup_steps, "warmup_type": "linear",
         "warmup_min_ratio": 0.0, "cos_min_ratio": cfg.train.min_lr_ratio}}
-    if cfg.train.clip_grad is not None:
-        ds["gradient_clipping"] = cfg.train.clip_grad
+    # train.clip_grad alone decides (the ds_configs files leave it out): null is MAE's recipe,
+    # no clipping, which DeepSpeed spells 0.
+    ds["gradient_clipping"] = cfg.train.clip_grad or 0.0
     ds.setdefault("steps_per_print", 10 ** 9)  # our telemetry prints; DeepSpeed's would repeat it
     return ds
 

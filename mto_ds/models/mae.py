@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Dict
 
 import torch
-from timm.layers import trunc_normal_
 from torch import nn
 
 from .mim import MIMModel
@@ -40,12 +39,24 @@ class MAE(MIMModel):
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_embed_dim, self.patch_size ** 2 * 3)
         self.num_mim_blocks = decoder_depth
-        trunc_normal_(self.mask_token, std=0.02)
-        for module in [self.decoder_embed, self.decoder_pred, *self.decoder_blocks.modules()]:
+        self._init_like_mae()
+
+    def _init_like_mae(self) -> None:
+        """MAE's initialize_weights, encoder included: xavier-uniform Linear weights (the patch
+        embedding's conv as a Linear) with zero biases, LayerNorms at 1 and 0, CLS and mask token
+        normal with std 0.02. timm's defaults for its ViT differ (trunc-normal Linears, CLS ~1e-6)."""
+        proj = self.encoder.patch_embed.proj.weight
+        nn.init.xavier_uniform_(proj.data.view(proj.shape[0], -1))
+        nn.init.normal_(self.encoder.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+        for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
 
     def forward_encoder(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Encoder tokens of the visible patches [B, 1 + num_visible, D], CLS first.

@@ -14,19 +14,21 @@ MaskFn = Callable[[np.random.Generator], np.ndarray]
 
 
 def block_mask(rng: np.random.Generator, grid: int, cell: int, ratio: float) -> np.ndarray:
-    """SimMIM: mask round(ratio * cells) random cells of `cell` x `cell` patches each."""
+    """SimMIM: mask ceil(ratio * cells) random cells of `cell` x `cell` patches each (SimMIM's
+    MaskGenerator: 30 of the 49 cells of a 224 px image at 0.6)."""
     cells_per_side = grid // cell
     num_cells = cells_per_side ** 2
     chosen = np.zeros(num_cells, dtype=bool)
-    chosen[rng.permutation(num_cells)[: int(round(ratio * num_cells))]] = True
+    chosen[rng.permutation(num_cells)[: int(np.ceil(num_cells * ratio))]] = True
     cells = chosen.reshape(cells_per_side, cells_per_side)
     return np.kron(cells, np.ones((cell, cell), dtype=bool)).reshape(-1).astype(bool)
 
 
 def random_mask(rng: np.random.Generator, num_patches: int, ratio: float) -> np.ndarray:
-    """MAE: exactly round(ratio * num_patches) random patches masked (same count per sample)."""
+    """MAE: the same number of random patches masked in every sample, all but MAE's
+    len_keep = int(num_patches * (1 - ratio)) (147 of 196 at 0.75)."""
     mask = np.zeros(num_patches, dtype=bool)
-    mask[rng.permutation(num_patches)[: int(round(ratio * num_patches))]] = True
+    mask[rng.permutation(num_patches)[: num_patches - int(num_patches * (1 - ratio))]] = True
     return mask
 
 

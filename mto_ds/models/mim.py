@@ -1,7 +1,7 @@
 """What SimMIM and MAE share: MTO settings, and the loss dict built from MIM loss and MTO terms."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Set
 
 import torch
 from torch import nn
@@ -21,6 +21,11 @@ class MIMModel(nn.Module):
         self.mto = mto_settings(mto)
         self.activation_checkpointing = activation_checkpointing
         self.compile_blocks = compile_blocks  # torch.compile each block (models/vit.py)
+
+    def no_weight_decay(self) -> Set[str]:
+        """Names of parameters beyond the 1-D ones (norms, biases) that AdamW leaves undecayed,
+        as in the method's reference code (timm's convention; engine/builder.py:param_groups)."""
+        return set()
 
     def block_flags(self, with_stats: bool):
         return block_flags(self.mto, self.num_mim_blocks, with_stats)

@@ -1,7 +1,7 @@
 """SimMIM (Xie et al. 2022): mask tokens in the encoder, a linear pixel decoder, L1 on masked pixels."""
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Set
 
 import torch
 from timm.layers import trunc_normal_
@@ -31,6 +31,10 @@ class SimMIM(MIMModel):
         trunc_normal_(self.mask_token, std=0.02)
         # SimMIM's decoder: a 1x1 conv to patch*patch*3 values per token (here a Linear).
         self.decoder = nn.Linear(dim, self.patch_size ** 2 * 3)
+
+    def no_weight_decay(self) -> Set[str]:
+        # SimMIM's ViT: pos_embed and cls_token (its mask token is decayed, as there).
+        return {"encoder.pos_embed", "encoder.cls_token"}
 
     def _encode(self, images: torch.Tensor, mask: torch.Tensor, with_stats: bool):
         enc = self.encoder

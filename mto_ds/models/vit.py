@@ -97,7 +97,9 @@ def sincos_pos_embed(dim: int, grid: int, cls_token: bool = True) -> torch.Tenso
     omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4.0))
     ys, xs = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij")
     parts = []
-    for coord in (ys.reshape(-1), xs.reshape(-1)):  # MAE's order: height half, then width half
+    # MAE's order: its first half ("emb_h") is computed from meshgrid(grid_w, grid_h)[0], which is
+    # the column (x) coordinate; the second half from the row (y). Patches run row-major.
+    for coord in (xs.reshape(-1), ys.reshape(-1)):
         angles = np.outer(coord, omega)
         parts += [np.sin(angles), np.cos(angles)]
     emb = np.concatenate(parts, axis=1)

@@ -1,0 +1,73 @@
+"""SimMIM and MAE as their reference implementations (facebookresearch/mae, microsoft/SimMIM)
+build them: masks, position embeddings, initialisation, weight-decay groups, clipping."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mto_ds.config import load_config
+from mto_ds.engine.builder import deepspeed_config, param_groups, plan_batch
+from mto_ds.models import create_mim_model
+from mto_ds.models.masking import build_mask_fn
+from mto_ds.models.vit import sincos_pos_embed
+
+
+@pytest.mark.parametrize("method, img, patch, ratio, masked_patches", [
+    ("simmim", 224, 16, 0.6, 30 * 4),    # SimMIM: ceil(0.6 x 49) = 30 cells of 2 x 2 patches
+    ("simmim", 224, 14, 0.6, 39 * 4),    # ViT-/14 with 28 px cells: ceil(0.6 x 64) = 39
+    ("mae", 224, 16, 0.75, 147),         # MAE: 196 - int(196 x 0.25) = 147
+    ("mae", 224, 16, 0.6, 118),          # 196 - int(196 x 0.4) = 196 - 78
+])
+def test_mask_counts_are_the_references(method, img, patch, ratio, masked_patches):
+    fn = build_mask_fn(method, img, patch, ratio)
+    for seed in range(3):
+        assert int(fn(np.random.default_rng(seed)).sum()) == masked_patches
+
+
+def test_sincos_position_embedding_is_maes_column_half_first():
+    dim, grid = 16, 4
+    emb = sincos_pos_embed(dim, grid)[0]
+    assert torch.equal(emb[0], torch.zeros(dim))  # CLS
+    patches = emb[1:].view(grid, grid, dim)      # row-major: [row, column]
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    column, row = 2, 3
+    first = torch.cat([torch.sin(column * omega), torch.cos(column * omega)]).float()
+    second = torch.cat([torch.sin(row * omega), torch.cos(row * omega)]).float()
+    assert torch.allclose(patches[row, column], torch.cat([first, second]), atol=1e-6)
+
+
+def test_mae_initialises_encoder_and_decoder_as_mae_does():
+    torch.manual_seed(0)
+    model = create_mim_model("vit_base_patch16", "mae", img_size=224)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            bound = math.sqrt(6 / (module.in_features + module.out_features))  # xavier-uniform
+            assert 0.95 * bound < module.weight.abs().max() <= bound, name
+            assert module.bias is None or not module.bias.any(), name
+        elif isinstance(module, torch.nn.LayerNorm):
+            assert torch.all(module.weight == 1) and not module.bias.any(), name
+    proj = model.encoder.patch_embed.proj.weight
+    assert proj.abs().max() <= math.sqrt(6 / (proj[0].numel() + proj.shape[0]))
+    for token in (model.encoder.cls_token, model.mask_token):
+        assert 0.015 < token.std() < 0.025
+
+
+@pytest.mark.parametrize("method, undecayed", [
+    ("simmim", {"encoder.pos_embed", "encoder.cls_token"}),  # SimMIM's ViT.no_weight_decay()
+    ("mae", set()),                                          # MAE: 1-D parameters only (pos_embed is frozen)
+])
+def test_weight_decay_skips_what_the_reference_skips(method, undecayed):
+    model = create_mim_model("vit_tiny_patch16", method, img_size=64)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = param_groups(model, 0.05)
+    skipped = {names[id(p)] for p in no_decay["params"] if p.ndim > 1}
+    assert skipped == undecayed and no_decay["weight_decay"] == 0.0
+    assert "mask_token" in {names[id(p)] for p in decay["params"]}
+
+
+@pytest.mark.parametrize("config, clipping", [("configs/vit_l_mae.yaml", 0.0), ("configs/vit_l_simmim.yaml", 5.0)])
+def test_gradient_clipping_follows_the_recipe(config, clipping):
+    cfg = load_config(config, ["data.source=synthetic"])
+    ds = deepspeed_config(cfg, plan_batch(cfg.train.global_batch_size, cfg.train.micro_batch_size, 64), 1000, 10)
+    assert ds["gradient_clipping"] == clipping
