@@ -22,7 +22,7 @@ deepspeed.init_distributed(dist_backend="gloo")
 out = {}
 for name in sys.argv[2:]:
     cfg = load_config("configs/demo.yaml", [f"deepspeed.config=ds_configs/{name}", "train.clip_grad=0.5"])
-    c = DeepSpeedConfig(deepspeed_config(cfg, plan_batch(32, 8, 1), 100, 10))  # DeepSpeed's own validation
+    c = DeepSpeedConfig(deepspeed_config(cfg, plan_batch(32, 8, 1)))  # DeepSpeed's own validation
     out[name] = {"stage": c.zero_optimization_stage, "bf16": c.bfloat16_config.enabled,
                  "fp16": c.float16_config.enabled, "loss_scale": c.float16_config.loss_scale,
                  "offload": [str(o.device) if o else None for o in (c.zero_config.offload_optimizer,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mto_ds.config import load_config
-from mto_ds.engine.builder import deepspeed_config, param_groups, plan_batch
+from mto_ds.engine.builder import deepspeed_config, learning_rate, param_groups, plan_batch
 from mto_ds.models import create_mim_model
 from mto_ds.models.masking import build_mask_fn
 from mto_ds.models.vit import sincos_pos_embed
@@ -69,5 +69,14 @@ def test_weight_decay_skips_what_the_reference_skips(method, undecayed):
 @pytest.mark.parametrize("config, clipping", [("configs/vit_l_mae.yaml", 0.0), ("configs/vit_l_simmim.yaml", 5.0)])
 def test_gradient_clipping_follows_the_recipe(config, clipping):
     cfg = load_config(config, ["data.source=synthetic"])
-    ds = deepspeed_config(cfg, plan_batch(cfg.train.global_batch_size, cfg.train.micro_batch_size, 64), 1000, 10)
+    ds = deepspeed_config(cfg, plan_batch(cfg.train.global_batch_size, cfg.train.micro_batch_size, 64))
     assert ds["gradient_clipping"] == clipping
+
+
+def test_learning_rate_warms_up_linearly_to_the_peak_then_follows_half_a_cosine_to_the_floor():
+    lrs = [learning_rate(t, total_steps=10, warmup_steps=4, peak=1.0, min_ratio=0.1) for t in range(10)]
+    assert lrs[:5] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])  # no step at LR 0; step 4 starts the cosine
+    cosine = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / 6)) for k in range(6)]
+    assert lrs[4:] == pytest.approx(cosine)
+    assert learning_rate(10, 10, 4, 1.0, 0.1) == pytest.approx(0.1)  # the floor, after the last step
+    assert [learning_rate(t, 3, 0, 2.0, 0.0) for t in range(3)] == pytest.approx([2.0, 1.5, 0.5])  # no warm-up

@@ -1,5 +1,6 @@
 """Pre-training through DeepSpeed on CPU ranks: the run directory, loss decrease, ZeRO-3, accumulation."""
 import json
+import math
 import subprocess
 import sys
 
@@ -41,10 +42,17 @@ def test_one_process_run_writes_the_run_directory(tmp_path):
     assert "loss" in result.stdout and "tensorboard --logdir" in result.stdout  # closing summary
     assert "resuming at step" not in result.stderr
 
-    # Resumed with another seed: the data position cannot continue exactly, and the log says why.
-    resumed = pretrain(run, "train.steps=5", "run.log_every=1", "run.seed=1")
+    # The logged LR is the schedule's for each step: demo peak blr 1e-3 x 32 / 256; its warm-up of
+    # half an epoch (16 steps) is cut to 3 in a 4-step run, so the peak is reached at step 3.
+    assert [r["lr"] for r in rows] == pytest.approx([1.25e-4 * f for f in (1 / 3, 2 / 3, 1.0, 1.0)])
+
+    # Resumed with another seed and no warm-up: the data position cannot continue exactly, and the
+    # log says why; the LR follows the new schedule from the step the run continues at.
+    resumed = pretrain(run, "train.steps=5", "run.log_every=1", "run.seed=1", "train.warmup_epochs=0")
     assert "resuming at step 4: run.seed was 0, now 1" in resumed.stderr
-    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4, 5]
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert rows[-1]["lr"] == pytest.approx(1.25e-4 * 0.5 * (1 + math.cos(math.pi * 4 / 5)))  # min ratio 0
 
 
 def test_two_rank_zero2_loss_decreases_on_demo_data(tmp_path):

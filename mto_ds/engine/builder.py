@@ -1,12 +1,14 @@
 """Builders: batch geometry, parameter groups, LR schedule and the DeepSpeed config dict."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, List
 
 from torch import nn
 
 from ..config import Config, ConfigError, read_deepspeed_json
+
 
 @dataclass(frozen=True)
 class BatchPlan:
@@ -57,8 +59,24 @@ def schedule_steps(cfg: Config, steps_per_epoch: int):
     return total, min(warmup, max(total - 1, 0))
 
 
-def deepspeed_config(cfg: Config, batch: BatchPlan, total_steps: int, warmup_steps: int) -> dict:
-    """The chosen ds_configs/ JSON with the run's batch, optimizer and schedule filled in."""
+def learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float, min_ratio: float) -> float:
+    """The LR of optimizer step `step` (0-based), MAE's and SimMIM's shape per step: a linear
+    warm-up over the first `warmup_steps` steps up to `peak` (its first step at peak / warm-up,
+    not 0), then half a cosine from `peak` towards `peak * min_ratio`.
+
+    The trainer sets it before every step from the step count it checkpoints, so it needs no
+    scheduler state, and a step that is skipped (ours or DeepSpeed's) cannot shift it. (DeepSpeed's
+    WarmupCosineLR, used before, gave the first two steps LR 0, never reached the peak or the
+    floor, and refused a warm-up of 0.)"""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+    return peak * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def deepspeed_config(cfg: Config, batch: BatchPlan) -> dict:
+    """The chosen ds_configs/ JSON with the run's batch and optimizer filled in (the LR schedule
+    is the trainer's: `learning_rate`)."""
     ds = read_deepspeed_json(cfg)
     ds["train_batch_size"] = batch.global_batch_size
     ds["train_micro_batch_size_per_gpu"] = batch.micro_batch_size
@@ -66,9 +84,6 @@ def deepspeed_config(cfg: Config, batch: BatchPlan, total_steps: int, warmup_ste
     optimizer = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
     optimizer.setdefault("params", {}).update(lr=peak_lr(cfg), betas=list(cfg.train.betas),
                                               weight_decay=cfg.train.weight_decay)
-    ds["scheduler"] = {"type": "WarmupCosineLR", "params": {
-        "total_num_steps": max(total_steps, 1), "warmup_num_steps": warmup_steps, "warmup_type": "linear",
-        "warmup_min_ratio": 0.0, "cos_min_ratio": cfg.train.min_lr_ratio}}
     # train.clip_grad alone decides (the ds_configs files leave it out): null is MAE's recipe,
     # no clipping, which DeepSpeed spells 0.
     ds["gradient_clipping"] = cfg.train.clip_grad or 0.0

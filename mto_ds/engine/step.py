@@ -29,10 +29,12 @@ def train_step(engine, micro_batches: List[dict], mto_scale: float, with_stats: 
     backward runs on zero-weighted clean inputs and the step's learning rate is 0 (the
     optimizer's moment estimates still decay by one step, as for a zero gradient).
     `poison` (fault injection) makes this rank's loss NaN.
-    Returns (mean of the logged outputs over micro-batches, whether the step was skipped).
+    Returns (mean of the logged outputs over micro-batches, whether the step was skipped for a
+    non-finite loss, whether DeepSpeed skipped it for non-finite gradients: fp16's loss scaler
+    does that while it calibrates, and bf16 checks too).
     """
     sums: Dict[str, torch.Tensor] = {}
-    skipped = False
+    skipped = overflowed = False
     for batch in micro_batches:
         images = normalize(batch["images"], engine.device, dtype)
         mask = batch["mask"].to(engine.device, non_blocking=True)
@@ -45,12 +47,15 @@ def train_step(engine, micro_batches: List[dict], mto_scale: float, with_stats: 
             skipped = True
             # Keep DeepSpeed's accumulation and gradient reduction in lockstep with zero gradients.
             engine.backward(engine(torch.zeros_like(images), mask, mto_scale=0.0, with_stats=False)["loss"] * 0.0)
-        if skipped and engine.is_gradient_accumulation_boundary():
+        boundary = engine.is_gradient_accumulation_boundary()
+        if skipped and boundary:
             for group in engine.optimizer.param_groups:
-                group["lr"] = 0.0  # the scheduler sets the next step's LR again after the step
+                group["lr"] = 0.0  # the trainer sets the next step's LR before it
         engine.step()
+        if boundary and not engine.was_step_applied():
+            overflowed = True  # DeepSpeed skipped the step itself: inf/NaN in the gradients
         for key in LOGGED:
             value = out[key].detach().float()
             sums[key] = sums[key] + value if key in sums else value
     means = {k: v / len(micro_batches) for k, v in sums.items()}
-    return means, skipped
+    return means, skipped, overflowed

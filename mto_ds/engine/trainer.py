@@ -16,8 +16,8 @@ from ..data import build_pretrain_loader
 from ..data.order import steps_per_epoch
 from ..models import create_mim_model, mask_fn_for
 from ..mto.state import MTOState
-from .builder import (BatchPlan, deepspeed_config, param_groups, plan_batch, precision, schedule_steps,
-                      zero_stage)
+from .builder import (BatchPlan, deepspeed_config, learning_rate, param_groups, peak_lr, plan_batch, precision,
+                      schedule_steps, zero_stage)
 from .checkpoint import Checkpointer
 from .distributed import DistInfo, init_distributed
 from .faults import Faults, SampleTrace
@@ -102,9 +102,10 @@ class Trainer:
             global_batch_size=self.batch.global_batch_size, micro_batch_size=self.batch.micro_batch_size,
             rank=self.dist.rank, world_size=self.dist.world_size, mask_fn=mask_fn)
         self.steps_per_epoch = steps_per_epoch(self.loader.num_samples, self.batch.global_batch_size)
-        self.total_steps, warmup = schedule_steps(cfg, self.steps_per_epoch)
+        self.total_steps, self.warmup_steps = schedule_steps(cfg, self.steps_per_epoch)
+        self.peak_lr = peak_lr(cfg)
 
-        self.ds_config = deepspeed_config(cfg, self.batch, self.total_steps, warmup)
+        self.ds_config = deepspeed_config(cfg, self.batch)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep_last,
                                          self.dist.rank, self.dist.world_size, self.faults,
                                          zero_stage(self.ds_config))
@@ -116,6 +117,7 @@ class Trainer:
         self.global_step = 0
         self.nonfinite_total = 0     # optimizer steps skipped for a non-finite loss, in all
         self.nonfinite_streak = 0    # ... in a row up to now
+        self.overflow_total = 0      # fp16 steps DeepSpeed's loss scaler skipped
         self.resumed_from = self._resume(candidates)
         self.trace = SampleTrace(self.run_dir, self.dist.rank, self.dist.world_size)
         self.telemetry = Telemetry(self.run_dir, self.dist.rank == 0, self.total_steps, self.global_step,
@@ -136,7 +138,7 @@ class Trainer:
     def _client_state(self) -> dict:
         return {"global_step": self.global_step, "mto": self.mto_state.state_dict(),
                 "nonfinite_total": self.nonfinite_total, "nonfinite_streak": self.nonfinite_streak,
-                **self._data_plan()}
+                "overflow_total": self.overflow_total, **self._data_plan()}
 
     def _resume(self, candidates) -> Optional[Path]:
         """Load the newest complete checkpoint that loads (the checkpointer warns about the others)."""
@@ -147,6 +149,7 @@ class Trainer:
         self.mto_state.load_state_dict(client["mto"])
         self.nonfinite_total = int(client.get("nonfinite_total", 0))
         self.nonfinite_streak = int(client.get("nonfinite_streak", 0))
+        self.overflow_total = int(client.get("overflow_total", 0))
         for warning in data_position_warnings(client, self._data_plan()):
             log.warning("resuming at step %d: %s", self.global_step, warning)
         log.info("resumed from %s at step %d", tag_dir, self.global_step)
@@ -183,7 +186,7 @@ class Trainer:
             offset += n
         return {"step": self.global_step, "epoch": self.global_step / self.steps_per_epoch, **values,
                 "lr": lr, "images_per_sec": images_per_sec, "mto_scale": self.mto_state.loss_scale,
-                "nonfinite_steps": self.nonfinite_total}
+                "nonfinite_steps": self.nonfinite_total, "overflow_steps": self.overflow_total}
 
     def train(self) -> dict:
         self.last_saved_step = self.global_step if self.resumed_from else -1
@@ -224,10 +227,19 @@ class Trainer:
         # needs no saved RNG state.
         torch.manual_seed(hash((self.cfg.run.seed, self.global_step, self.dist.rank)) % 2 ** 62)
         log_now = step % self.cfg.run.log_every == 0 or step == self.total_steps
-        lr = self.engine.optimizer.param_groups[0]["lr"]  # what this step uses
+        lr = learning_rate(self.global_step, self.total_steps, self.warmup_steps, self.peak_lr,
+                           self.cfg.train.min_lr_ratio)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
         self.trace.record(step, micro_batches)
-        means, skipped = train_step(self.engine, micro_batches, self.mto_state.loss_scale, log_now, self.dtype,
-                                    poison=self.faults.nan_loss(step, self.dist.rank))
+        means, skipped, overflowed = train_step(self.engine, micro_batches, self.mto_state.loss_scale, log_now,
+                                                self.dtype, poison=self.faults.nan_loss(step, self.dist.rank))
+        # fp16's loss scaler skips steps while it calibrates: expected, counted apart. In bf16 or
+        # fp32 a step DeepSpeed skips for non-finite gradients is as lost as one with a NaN loss.
+        if overflowed and self.dtype == torch.float16:
+            self.overflow_total += 1
+        else:
+            skipped = skipped or overflowed
         self.global_step = step
         self.nonfinite_streak = self.nonfinite_streak + 1 if skipped else 0
         self.nonfinite_total += int(skipped)
