@@ -60,9 +60,11 @@ def main(argv=None) -> int:
         return 2
     _setup_environment()
     if args.command == "pretrain":
+        from .engine.distributed import shutdown_distributed
         from .engine.trainer import NonFiniteLossError, Trainer
         try:
             Trainer(cfg, stop).train()
+            shutdown_distributed()
         except ConfigError as err:
             print(f"mto-ds: config error: {err}", file=sys.stderr)
             return 2
@@ -72,12 +74,13 @@ def main(argv=None) -> int:
         return 0
     import json
 
-    from .engine.distributed import init_distributed
+    from .engine.distributed import init_distributed, shutdown_distributed
     from .eval.run import run_eval
     init_distributed()  # eval shards its feature extraction across ranks when launched on several
     result = run_eval(cfg, args.checkpoint, args.finetune_epochs)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result))
+    shutdown_distributed()
     return 0
 
 

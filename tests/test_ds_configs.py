@@ -30,6 +30,7 @@ for name in sys.argv[2:]:
                  "clip": c.gradient_clipping, "batch": [c.train_batch_size, c.train_micro_batch_size_per_gpu,
                                                         c.gradient_accumulation_steps]}
 print("RESULT " + json.dumps(out))
+deepspeed.comm.destroy_process_group()
 """
 DS_CONFIGS = {  # name: (ZeRO stage, bf16, fp16, offload of optimizer and parameters)
     "cpu_zero1.json": (1, False, False, [None, None]),
@@ -60,7 +61,7 @@ def test_every_ds_config_passes_deepspeeds_validation_and_is_what_its_name_says(
 
 SCRIPT = r'''
 import json, sys, torch, deepspeed
-from mto_ds.engine.distributed import init_distributed
+from mto_ds.engine.distributed import init_distributed, shutdown_distributed
 init_distributed()
 for name in sys.argv[1:]:
     ds = json.load(open(f"ds_configs/{name}.json"))
@@ -78,6 +79,7 @@ for name in sys.argv[1:]:
         moved = (engine.module.weight.detach().float() - before).abs().max().item()
     print("RESULT", json.dumps({"config": name, "optimizer": type(opt).__module__ + "." + type(opt).__name__,
                                 "fused": opt.defaults.get("fused"), "moved": moved}), flush=True)
+shutdown_distributed()
 '''
 
 GPU_BF16 = ["zero1_bf16", "zero2_bf16", "zero3_bf16"]

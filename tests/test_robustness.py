@@ -280,15 +280,18 @@ def test_metrics_rows_after_the_resume_point_are_set_aside_not_duplicated(tmp_pa
 AGREE = r"""
 import json, os, signal
 import torch.distributed as dist
-from mto_ds.engine.signals import StopRequest
-dist.init_process_group("gloo")
+from mto_ds.engine.signals import StopRequest, stop_signals_to_main_thread
 stop, seen = StopRequest(), []
+with stop_signals_to_main_thread():  # as init_distributed does
+    dist.init_process_group("gloo")
 for step in range(1, 5):
     if step == 2 and dist.get_rank() == 1:
         os.kill(os.getpid(), signal.SIGUSR1)  # rank 1 only, during step 2
     seen.append(stop.agreed())
+stop.close()  # as the trainer does: no reduction left in flight at exit
 with open(os.path.join(os.environ["OUT_DIR"], f"rank{dist.get_rank()}.json"), "w") as f:
     json.dump({"seen": seen, "signal": stop.signal_name}, f)
+dist.destroy_process_group()  # as mto-ds does (shutdown_distributed)
 """
 
 
@@ -351,3 +354,36 @@ def test_pretrain_takes_stop_signals_before_loading_the_config_or_importing_torc
             signal.signal(sig, handler)
     for handlers in (seen["at_config"], seen["handlers"]):
         assert [type(getattr(h, "__self__", None)) for h in handlers] == [StopRequest, StopRequest]
+
+
+SHARED_DIR = r"""
+import json, os
+from pathlib import Path
+import torch, torch.distributed as dist
+from mto_ds.engine.distributed import check_shared_directory
+dist.init_process_group("gloo")
+rank, base = dist.get_rank(), Path(os.environ["OUT_DIR"])
+verdicts = {}
+for case, directory in (("shared", base / "run"), ("node_local", base / f"node{rank}" / "run")):
+    directory.mkdir(parents=True, exist_ok=True)
+    verdicts[case] = check_shared_directory(directory, rank, 2, torch.device("cpu"))
+    verdicts[case + "_left"] = sorted(p.name for p in directory.iterdir())
+(base / f"rank{rank}.json").write_text(json.dumps(verdicts))
+dist.destroy_process_group()
+"""
+
+
+def test_a_run_directory_that_not_every_rank_sees_is_found_before_training(tmp_path):
+    """Ranks agree on which checkpoints exist from the run directory: one on a node-local disk
+    (here: rank 1 looks in another folder) must stop the run at start, on every rank."""
+    script = tmp_path / "shared.py"
+    script.write_text(SHARED_DIR)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", str(free_port()), str(script)], cwd=REPO,
+                            env=cpu_env(OUT_DIR=str(tmp_path)), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0["shared"] is None and rank1["shared"] is None
+    assert rank0["shared_left"] == rank1["shared_left"] == []  # the probe is removed again
+    assert rank0["node_local"] == "it failed on another rank"
+    assert "rank 1 on" in rank1["node_local"] and "does not see" in rank1["node_local"]

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
+from .distributed import agree
 from .faults import Faults
 
 log = logging.getLogger("mto_ds")
@@ -95,14 +96,6 @@ def _attempt(fn: Callable, *args) -> Tuple[object, Optional[str]]:
         where = traceback.extract_tb(err.__traceback__)[-1]
         return None, f"{type(err).__name__}: {err}" if str(err) else \
             f"{type(err).__name__} in {Path(where.filename).name}:{where.lineno}"
-
-
-def _agree(problem: Optional[str], device) -> Optional[str]:
-    """The same verdict on every rank: a problem on any rank is a problem everywhere."""
-    flag = torch.tensor([0.0 if problem else 1.0], device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return None if flag.item() else (problem or "it failed on another rank")
 
 
 class Checkpointer:
@@ -185,7 +178,7 @@ class Checkpointer:
         return None, {}
 
     def _try_load(self, engine, tag_dir: Path, device) -> Tuple[Optional[dict], Optional[str]]:
-        problem = _agree(verify(tag_dir), device)
+        problem = agree(verify(tag_dir), device)
         saved_stage = read_marker(tag_dir).get("zero_stage") if problem is None else None
         if None not in (saved_stage, self.zero_stage) and saved_stage != self.zero_stage:
             # A configuration mistake, not damage: every rank reads the same marker and stops here.
@@ -199,7 +192,7 @@ class Checkpointer:
                 log.info("checkpoint %s was saved on %d ranks, this run has %d: loading it as a universal "
                          "checkpoint (converted once with ds_to_universal)", tag_dir,
                          read_marker(tag_dir)["world_size"], self.world_size)
-            problem = _agree(_attempt(to_universal, tag_dir)[1] if self.rank == 0 else None, device)
+            problem = agree(_attempt(to_universal, tag_dir)[1] if self.rank == 0 else None, device)
         if problem is not None:
             return None, problem
         source = universal_dir(tag_dir) if universal else tag_dir
@@ -207,7 +200,7 @@ class Checkpointer:
         # on the world size it was saved on, so it is set per checkpoint rather than once.
         engine._config.load_universal_checkpoint = universal
         client, problem = _attempt(self._load, engine, source)
-        return client, _agree(problem, device)
+        return client, agree(problem, device)
 
     @staticmethod
     def _load(engine, source: Path) -> dict:

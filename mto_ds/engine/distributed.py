@@ -2,11 +2,17 @@
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
 
 import torch
+import torch.distributed as dist
+
+from .signals import stop_signals_to_main_thread
 
 
 @dataclass(frozen=True)
@@ -75,5 +81,48 @@ def init_distributed() -> DistInfo:
         index = local_rank % max(accelerator.device_count(), 1)
         accelerator.set_device(index)
         device = torch.device(accelerator.device_name(index))
-    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+    with stop_signals_to_main_thread():  # the backend's threads never take a scheduler's signal
+        deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
     return DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank, device)
+
+
+def agree(problem: Optional[str], device) -> Optional[str]:
+    """The same verdict on every rank: a problem on any rank is a problem everywhere (one
+    all-reduce). Returns this rank's problem, or a stand-in where another rank had it."""
+    flag = torch.tensor([0.0 if problem else 1.0], device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return None if flag.item() else (problem or "it failed on another rank")
+
+
+def check_shared_directory(directory: Path, rank: int, world_size: int, device) -> Optional[str]:
+    """None if every rank sees what rank 0 writes into `directory`, else why not (on every rank).
+
+    The ranks decide together which checkpoints exist and resume from them, so the run directory
+    must be one directory for all of them: on a node-local disk each node would see only its own
+    files, and the ranks would part ways in their collectives (a hang) or load different steps."""
+    if world_size == 1:
+        return None
+    token = [secrets.token_hex(8) if rank == 0 else None]
+    dist.broadcast_object_list(token, src=0, device=device)
+    probe = Path(directory) / ".shared_storage_probe"
+    if rank == 0:
+        probe.write_text(token[0])
+    dist.barrier()
+    seen = probe.read_text() if probe.is_file() else None
+    problem = None if seen == token[0] else (
+        f"rank {rank} on {socket.gethostname()} does not see {probe} as rank 0 wrote it "
+        f"({'missing' if seen is None else 'other contents'})")
+    problem = agree(problem, device)  # a collective: every rank has read the probe by now
+    if rank == 0:
+        probe.unlink(missing_ok=True)
+    dist.barrier()  # ... and it is gone for all when they go on
+    return problem
+
+
+def shutdown_distributed() -> None:
+    """Destroy the process group at the end of a successful run. Left to the interpreter's exit,
+    the gloo backend's teardown sometimes aborts the process ("terminate called without an active
+    exception", about 1 run in 8 here), which fails a run that had finished and saved."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,6 +1,7 @@
 """Preemption: SIGTERM / SIGUSR1 ask the run to finish its step, checkpoint and exit cleanly."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -11,6 +12,19 @@ from typing import Optional
 
 log = logging.getLogger("mto_ds")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+@contextlib.contextmanager
+def stop_signals_to_main_thread():
+    """Threads started inside (the communication backend's) block SIGTERM/SIGUSR1, so the
+    kernel delivers them to the main thread, where Python runs the handler anyway: delivered to
+    a backend thread, a signal interrupts its system call (EINTR) instead. One that arrives
+    meanwhile waits, blocked, and is delivered on leaving."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class StopRequest:
@@ -58,6 +72,15 @@ class StopRequest:
         if signum and not self.signum:
             self.signum = signum
         return bool(signum)
+
+
+    def close(self) -> None:
+        """Wait for the reduction still in flight (every rank issued it at its last `agreed`).
+        A process that exits with one pending can abort in the backend's teardown ("terminate
+        called without an active exception", seen with gloo), failing a run that saved."""
+        if self._pending is not None:
+            self._pending.value()
+            self._pending = None
 
 
 class _ReducedFlag:

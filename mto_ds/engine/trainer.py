@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..config import Config, to_yaml
+from ..config import Config, ConfigError, to_yaml
 from ..data import build_pretrain_loader
 from ..data.order import steps_per_epoch
 from ..models import create_mim_model, mask_fn_for
@@ -19,7 +19,7 @@ from ..mto.state import MTOState
 from .builder import (BatchPlan, deepspeed_config, learning_rate, param_groups, peak_lr, plan_batch, precision,
                       schedule_steps, zero_stage)
 from .checkpoint import Checkpointer
-from .distributed import DistInfo, init_distributed
+from .distributed import DistInfo, check_shared_directory, init_distributed
 from .faults import Faults, SampleTrace
 from .signals import StopRequest
 from .step import LOGGED, train_step
@@ -88,6 +88,10 @@ class Trainer:
         if self.dist.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        problem = check_shared_directory(self.run_dir, self.dist.rank, self.dist.world_size, self.dist.device)
+        if problem:
+            raise ConfigError(f"run.output_dir={cfg.run.output_dir} must be one directory that every rank "
+                              f"sees (shared storage, not a node-local disk): {problem}")
         torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
         m = cfg.model
         model = create_mim_model(m.arch, m.method, img_size=m.img_size, mto=cfg.mto, drop_path=m.drop_path,
@@ -213,6 +217,7 @@ class Trainer:
         finally:
             self.telemetry.close()
             self._write_state(reason)
+        self.stop.close()
         elapsed = max(time.time() - start_time, 1e-9)
         ips = (self.global_step - start_step) * self.batch.global_batch_size / elapsed
         if self.dist.rank == 0:
