@@ -114,6 +114,28 @@ def test_verify_names_a_missing_or_truncated_file(tmp_path):
     assert verify(tag).startswith("unreadable complete.json")
 
 
+def test_a_failed_conversion_stops_the_run_instead_of_setting_a_complete_checkpoint_aside(tmp_path, monkeypatch):
+    """A complete checkpoint saved on 2 ranks, resumed on 1: if its universal conversion fails
+    (disk full, out of memory), the run stops naming it; it does not fall back to step 3 and
+    rename step 6 `.damaged`, which would lose steps 4-6 for a fault that is not the checkpoint's."""
+    from mto_ds.engine import checkpoint as checkpoint_module
+    ckpt = tmp_path / "checkpoints"
+    for step in (3, 6):
+        tag = ckpt / f"step_{step:08d}"
+        tag.mkdir(parents=True)
+        (tag / "model.pt").write_bytes(b"x" * 10)
+        (tag / MARKER).write_text(json.dumps({"step": step, "world_size": 2, "files": file_sizes(tag)}))
+
+    def no_space(tag_dir):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(checkpoint_module, "to_universal", no_space)
+    checkpointer = Checkpointer(ckpt, keep_last=2, rank=0, world_size=1)
+    with pytest.raises(RuntimeError, match="converting the complete checkpoint .*step_00000006 for 1 ranks "
+                                           "failed .*No space left on device"):
+        checkpointer.load_newest(engine=None, candidates=checkpointer.candidates("auto"), device="cpu")
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step_00000003", "step_00000006", "step_00000006_universal.failed"]
+
+
 def test_pruning_keeps_the_newest_complete_ones_and_removes_unfinished_saves(tmp_path):
     ckpt = tmp_path / "checkpoints"
     for step in (1, 2, 3, 4):

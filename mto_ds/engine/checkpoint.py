@@ -192,7 +192,13 @@ class Checkpointer:
                 log.info("checkpoint %s was saved on %d ranks, this run has %d: loading it as a universal "
                          "checkpoint (converted once with ds_to_universal)", tag_dir,
                          read_marker(tag_dir)["world_size"], self.world_size)
-            problem = agree(_attempt(to_universal, tag_dir)[1] if self.rank == 0 else None, device)
+            converted = self._convert(tag_dir, device)
+            if converted is not None:
+                # The checkpoint is complete (verified above); falling back to an older one would
+                # lose its steps and set a good checkpoint aside for a failure of the conversion.
+                raise RuntimeError(f"converting the complete checkpoint {tag_dir} for {self.world_size} ranks "
+                                   f"failed ({converted}); fix the cause (disk space, memory) and start "
+                                   f"again, or pick an older checkpoint with checkpoint.resume=PATH")
         if problem is not None:
             return None, problem
         source = universal_dir(tag_dir) if universal else tag_dir
@@ -201,6 +207,26 @@ class Checkpointer:
         engine._config.load_universal_checkpoint = universal
         client, problem = _attempt(self._load, engine, source)
         return client, agree(problem, device)
+
+    def _convert(self, tag_dir: Path, device) -> Optional[str]:
+        """Rank 0 converts `tag_dir` to the universal format; the others poll the shared run
+        directory for its result rather than wait in a collective, whose timeout (10 minutes by
+        default) a large model's conversion can outlast. The same verdict on every rank."""
+        out = universal_dir(tag_dir)
+        failed = out.with_name(out.name + ".failed")
+        if self.rank == 0:
+            failed.unlink(missing_ok=True)
+        if dist.is_initialized():
+            dist.barrier()  # no rank reads a failure left by an earlier attempt
+        problem = None
+        if self.rank == 0:
+            problem = _attempt(to_universal, tag_dir)[1]
+            if problem:
+                failed.write_text(problem)
+        else:
+            while not (_converted_from(out, tag_dir) or failed.is_file()):
+                time.sleep(1.0)
+        return agree(problem, device)
 
     @staticmethod
     def _load(engine, source: Path) -> dict:
@@ -248,16 +274,22 @@ def _repair_optimizer(optimizer, configured: List[dict]) -> None:
             state["step"] = state["step"].clone()
 
 
+def _converted_from(out: Path, tag_dir: Path) -> bool:
+    """Whether `out` is a finished universal conversion of this very save of `tag_dir`."""
+    return (out / MARKER).is_file() and (out / MARKER).read_bytes() == (tag_dir / MARKER).read_bytes()
+
+
 def to_universal(tag_dir: Path) -> Path:
     """Convert a ZeRO checkpoint to DeepSpeed's universal format (for another world size)."""
     out = universal_dir(tag_dir)
-    if (out / MARKER).is_file() and (out / MARKER).read_bytes() == (tag_dir / MARKER).read_bytes():
+    if _converted_from(out, tag_dir):
         return out  # converted before, from this very save
     tmp = tag_dir.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    workers = str(max(1, min(4, (os.cpu_count() or 1) // 2)))  # each holds a shard or parameter in memory
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
-           "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "1",
-           "--num_merge_workers", "1"]
+           "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", workers,
+           "--num_merge_workers", workers]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"ds_to_universal failed on {tag_dir}:\n{result.stderr[-3000:]}")
