@@ -27,7 +27,8 @@ def train_step(engine, micro_batches: List[dict], mto_scale: float, with_stats: 
     DeepSpeed accumulates gradients and steps the optimizer at the last micro-batch. A
     non-finite loss on any rank makes the step a no-op for the parameters: that micro-batch's
     backward runs on zero-weighted clean inputs and the step's learning rate is 0 (the
-    optimizer's moment estimates still decay by one step, as for a zero gradient).
+    optimizer still counts the step: its moment estimates decay, fed by the gradients of the
+    step's finite micro-batches, if any).
     `poison` (fault injection) makes this rank's loss NaN.
     Returns (mean of the logged outputs over micro-batches, whether the step was skipped for a
     non-finite loss, whether DeepSpeed skipped it for non-finite gradients: fp16's loss scaler
@@ -41,10 +42,12 @@ def train_step(engine, micro_batches: List[dict], mto_scale: float, with_stats: 
         out = engine(images, mask, mto_scale=mto_scale, with_stats=with_stats)
         if poison:
             out["loss"] = out["loss"] * float("nan")
+        logged = {key: out[key].detach().float() for key in LOGGED}
         if _all_finite(out["loss"]):
             engine.backward(out["loss"])
         else:
             skipped = True
+            del out  # its graph goes before the stand-in forward instead of doubling activation memory
             # Keep DeepSpeed's accumulation and gradient reduction in lockstep with zero gradients.
             engine.backward(engine(torch.zeros_like(images), mask, mto_scale=0.0, with_stats=False)["loss"] * 0.0)
         boundary = engine.is_gradient_accumulation_boundary()
@@ -54,8 +57,7 @@ def train_step(engine, micro_batches: List[dict], mto_scale: float, with_stats: 
         engine.step()
         if boundary and not engine.was_step_applied():
             overflowed = True  # DeepSpeed skipped the step itself: inf/NaN in the gradients
-        for key in LOGGED:
-            value = out[key].detach().float()
+        for key, value in logged.items():
             sums[key] = sums[key] + value if key in sums else value
     means = {k: v / len(micro_batches) for k, v in sums.items()}
     return means, skipped, overflowed
