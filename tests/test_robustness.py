@@ -317,17 +317,21 @@ dist.destroy_process_group()  # as mto-ds does (shutdown_distributed)
 """
 
 
+def _two_gloo_ranks(script: str, tmp_path) -> list:
+    """Run `script` as 2 ranks under torchrun; each writes OUT_DIR/rank<R>.json: return both."""
+    path = tmp_path / "ranks.py"
+    path.write_text(script)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", str(free_port()), str(path)], cwd=REPO,
+                            env=cpu_env(OUT_DIR=str(tmp_path)), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+
+
 def test_stop_agreement_reaches_every_rank_one_step_after_the_signal(tmp_path):
     """The per-step all-reduce is read at the next step (no GPU drain), so the ranks agree on a
     signal that one rank got during step 2 at step 3, all at the same step, naming it."""
-    script = tmp_path / "agree.py"
-    script.write_text(AGREE)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", str(free_port()), str(script)], cwd=REPO,
-                            env=cpu_env(OUT_DIR=str(tmp_path)), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    for rank in (0, 1):
-        row = json.loads((tmp_path / f"rank{rank}.json").read_text())
+    for rank, row in enumerate(_two_gloo_ranks(AGREE, tmp_path)):
         assert row == {"seen": [False, False, True, True], "signal": "SIGUSR1"}, (rank, row)
 
 
@@ -398,13 +402,7 @@ dist.destroy_process_group()
 def test_a_run_directory_that_not_every_rank_sees_is_found_before_training(tmp_path):
     """Ranks agree on which checkpoints exist from the run directory: one on a node-local disk
     (here: rank 1 looks in another folder) must stop the run at start, on every rank."""
-    script = tmp_path / "shared.py"
-    script.write_text(SHARED_DIR)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", str(free_port()), str(script)], cwd=REPO,
-                            env=cpu_env(OUT_DIR=str(tmp_path)), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    rank0, rank1 = _two_gloo_ranks(SHARED_DIR, tmp_path)
     assert rank0["shared"] is None and rank1["shared"] is None
     assert rank0["shared_left"] == rank1["shared_left"] == []  # the probe is removed again
     assert rank0["node_local"] == "it failed on another rank"
