@@ -11,6 +11,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# The environment the suite started with. Importing cv2 (FFCV's tests do, in this process) adds
+# LD_LIBRARY_PATH and QT_* entries; inherited by later subprocesses, they changed DeepSpeed's JIT
+# build of its CPU comm op, which then rebuilt (about 40 s) each time the two kinds alternated.
+_START_ENV = dict(os.environ)
 
 
 @pytest.fixture(autouse=True)
@@ -25,7 +29,7 @@ def _one_thread():
 
 
 def cpu_env(**extra) -> dict:
-    env = dict(os.environ)
+    env = dict(_START_ENV)
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     # One build of DeepSpeed's CPU comm op for the whole suite, kept with the venv, not in a
     # per-user cache that other environments rebuild (60-130 s each time).

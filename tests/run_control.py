@@ -101,11 +101,23 @@ class Run:
         os.killpg(self.proc.pid, sig)
 
     def kill(self) -> None:
-        """kill -9 of the launcher, the ranks and their children: a node that died."""
+        """kill -9 of the launcher, the ranks and their children: a node that died. The tree is
+        listed first: torchrun starts each rank in a session of its own, which a kill of the
+        launcher's process group misses (they lived on, stalled in a save, for an hour)."""
+        try:
+            tree = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            tree = []
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        for proc in tree:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(tree, timeout=30)
         self.proc.wait()
 
     def wait(self, timeout: float = 400) -> int:
