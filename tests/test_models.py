@@ -80,3 +80,18 @@ def test_learning_rate_warms_up_linearly_to_the_peak_then_follows_half_a_cosine_
     assert lrs[4:] == pytest.approx(cosine)
     assert learning_rate(10, 10, 4, 1.0, 0.1) == pytest.approx(0.1)  # the floor, after the last step
     assert [learning_rate(t, 3, 0, 2.0, 0.0) for t in range(3)] == pytest.approx([2.0, 1.5, 0.5])  # no warm-up
+
+
+@pytest.mark.parametrize("method", ["simmim", "mae"])
+def test_a_bf16_model_takes_float32_pixels_and_keeps_them_as_its_full_precision_target(method):
+    """As under DeepSpeed bf16: the weights are bf16, the train step passes float32 pixels. The
+    encoder sees them rounded to bf16; the reconstruction target must not be (the references
+    compute it from float32 images)."""
+    torch.manual_seed(0)
+    model = create_mim_model("vit_tiny_patch16", method, img_size=64, mto=None).to(torch.bfloat16)
+    images = torch.randn(2, 3, 64, 64)
+    mask = torch.from_numpy(np.stack([build_mask_fn(method, 64, 16)(np.random.default_rng(i)) for i in range(2)]))
+    exact = model(images, mask, with_stats=False)["loss_mim"]
+    rounded = model(images.bfloat16().float(), mask, with_stats=False)["loss_mim"]  # same encoder input
+    assert exact.dtype == torch.float32 and torch.isfinite(exact)
+    assert exact != rounded  # only the target differs between the two: it was not rounded to bf16

@@ -207,7 +207,7 @@ def bench_engine(arch, method, mto, zero, img, batch, device, dtype, ckpt, compi
     stop = StopRequest()
 
     def step():
-        train_step(engine, micro, 1.0, False, dtype)
+        train_step(engine, micro, 1.0, False)
         stop.agreed(device)  # the trainer's per-step agreement on a stop signal (free on one rank)
     # DeepSpeed's hooks keep an engine alive after its last use; destroy() lets ZeRO-1/2 engines
     # go (a ZeRO-3 engine still stays: give ZeRO-3 rows a process of their own).

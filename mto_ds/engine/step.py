@@ -20,8 +20,7 @@ def _all_finite(loss: torch.Tensor) -> bool:
     return bool(flag.item())
 
 
-def train_step(engine, micro_batches: List[dict], mto_scale: float, with_stats: bool, dtype: torch.dtype,
-               poison: bool = False):
+def train_step(engine, micro_batches: List[dict], mto_scale: float, with_stats: bool, poison: bool = False):
     """Forward (MIM + MTO terms), engine.backward and engine.step for each micro-batch.
 
     DeepSpeed accumulates gradients and steps the optimizer at the last micro-batch. A
@@ -37,7 +36,9 @@ def train_step(engine, micro_batches: List[dict], mto_scale: float, with_stats: 
     sums: Dict[str, torch.Tensor] = {}
     skipped = overflowed = False
     for batch in micro_batches:
-        images = normalize(batch["images"], engine.device, dtype)
+        # float32: the reconstruction target is these pixels; the model casts its input to its
+        # weights' dtype, so a bf16 run does not round the target to 3 significant digits.
+        images = normalize(batch["images"], engine.device)
         mask = batch["mask"].to(engine.device, non_blocking=True)
         out = engine(images, mask, mto_scale=mto_scale, with_stats=with_stats)
         if poison:

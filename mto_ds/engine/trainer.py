@@ -238,7 +238,7 @@ class Trainer:
             group["lr"] = lr
         self.trace.record(step, micro_batches)
         means, skipped, overflowed = train_step(self.engine, micro_batches, self.mto_state.loss_scale, log_now,
-                                                self.dtype, poison=self.faults.nan_loss(step, self.dist.rank))
+                                                poison=self.faults.nan_loss(step, self.dist.rank))
         # fp16's loss scaler skips steps while it calibrates: expected, counted apart. In bf16 or
         # fp32 a step DeepSpeed skips for non-finite gradients is as lost as one with a NaN loss.
         if overflowed and self.dtype == torch.float16:

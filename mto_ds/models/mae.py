@@ -64,7 +64,8 @@ class MAE(MIMModel):
         Every sample must mask the same number of patches (the MAE mask generator does).
         """
         enc = self.encoder
-        x = enc.patch_embed(images) + enc.pos_embed[:, 1:]
+        # The input in the weights' dtype (bf16 under DeepSpeed); `images` stays float32 for the target.
+        x = enc.patch_embed(images.to(enc.patch_embed.proj.weight.dtype)) + enc.pos_embed[:, 1:]
         B, L, D = x.shape
         keep = visible_first(mask)[:, : L - int(mask[0].sum())]
         x = torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, D))

@@ -38,7 +38,8 @@ class SimMIM(MIMModel):
 
     def _encode(self, images: torch.Tensor, mask: torch.Tensor, with_stats: bool):
         enc = self.encoder
-        x = enc.patch_embed(images)
+        # The input in the weights' dtype (bf16 under DeepSpeed); `images` stays float32 for the target.
+        x = enc.patch_embed(images.to(enc.patch_embed.proj.weight.dtype))
         w = mask.unsqueeze(-1).to(x.dtype)
         x = x * (1.0 - w) + self.mask_token.to(x.dtype) * w
         x = enc._pos_embed(x)  # prepends CLS, adds position embeddings
