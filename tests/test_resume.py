@@ -155,7 +155,7 @@ def test_zero1_and_zero3_runs_resumed_on_another_world_size_log_the_losses_of_th
 
 def test_data_position_warnings_name_each_change_that_breaks_an_exact_continuation():
     from mto_ds.engine.trainer import data_position_warnings
-    plan = {"steps_per_epoch": 8, "num_samples": 256, "seed": 0, "source": "ffcv", "order": "exact",
+    plan = {"steps_per_epoch": 8, "num_samples": 256, "seed": 0, "order": "exact",
             "world_size": 2, "micro_batch_size": 16}
     elastic = dict(plan, world_size=1, micro_batch_size=32)
     assert data_position_warnings(plan, elastic) == []            # exact order: any world size

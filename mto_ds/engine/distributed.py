@@ -12,8 +12,6 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .signals import stop_signals_to_main_thread
-
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -81,8 +79,7 @@ def init_distributed() -> DistInfo:
         index = local_rank % max(accelerator.device_count(), 1)
         accelerator.set_device(index)
         device = torch.device(accelerator.device_name(index))
-    with stop_signals_to_main_thread():  # the backend's threads never take a scheduler's signal
-        deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
     return DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank, device)
 
 

@@ -1,7 +1,6 @@
 """Preemption: SIGTERM / SIGUSR1 ask the run to finish its step, checkpoint and exit cleanly."""
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
@@ -12,19 +11,6 @@ from typing import Optional
 
 log = logging.getLogger("mto_ds")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-@contextlib.contextmanager
-def stop_signals_to_main_thread():
-    """Threads started inside (the communication backend's) block SIGTERM/SIGUSR1, so the
-    kernel delivers them to the main thread, where Python runs the handler anyway: delivered to
-    a backend thread, a signal interrupts its system call (EINTR) instead. One that arrives
-    meanwhile waits, blocked, and is delivered on leaving."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class StopRequest:
@@ -73,11 +59,9 @@ class StopRequest:
             self.signum = signum
         return bool(signum)
 
-
     def close(self) -> None:
-        """Wait for the reduction still in flight (every rank issued it at its last `agreed`).
-        A process that exits with one pending can abort in the backend's teardown ("terminate
-        called without an active exception", seen with gloo), failing a run that saved."""
+        """Wait for the reduction still in flight (every rank issued it at its last `agreed`), so
+        that the process group is not torn down with work pending (shutdown_distributed)."""
         if self._pending is not None:
             self._pending.value()
             self._pending = None

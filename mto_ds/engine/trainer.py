@@ -133,10 +133,8 @@ class Trainer:
     # --- checkpoints -------------------------------------------------------------------
     def _data_plan(self) -> dict:
         """What the data position (epoch, step in epoch) is a function of, saved with it."""
-        d = self.cfg.data
         return {"steps_per_epoch": self.steps_per_epoch, "num_samples": self.loader.num_samples,
-                "seed": self.cfg.run.seed, "source": d.source,
-                "order": d.order if d.source == "ffcv" else "exact",
+                "seed": self.cfg.run.seed, "order": self.cfg.data.order,  # quasi_random: ffcv only (config)
                 "world_size": self.dist.world_size, "micro_batch_size": self.batch.micro_batch_size}
 
     def _client_state(self) -> dict:
