@@ -7,7 +7,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from mto_ds.config import Config, to_yaml
+from mto_ds.config import Config, load_config, to_yaml
 from mto_ds.eval import study as study_module
 from mto_ds.eval.plots import bin_rows
 from mto_ds.eval.study import assemble, final_evaluation, find_run_dirs, load_run, plan_runs
@@ -206,8 +206,16 @@ def test_run_mode_lists_numbered_commands_for_a_slurm_array(tmp_path, capsys):
     assert "mto.enabled=false" in lines[0] and "mto.enabled=true" in lines[1]
 
 
+def fake_checkpoint(run_dir: Path, step: int) -> None:
+    """A complete checkpoint as far as choosing one goes: its tag directory and marker."""
+    tag_dir = run_dir / "checkpoints" / f"step_{step:08d}"
+    tag_dir.mkdir(parents=True)
+    (tag_dir / "complete.json").write_text(json.dumps({"step": step, "time": 1000.0 + step}))
+
+
 def test_final_evaluation_writes_a_row_at_the_budget_and_reuses_it(tmp_path, monkeypatch):
     run_dir = fake_run(tmp_path / "m", mto=True, knn=MTO_KNN)
+    fake_checkpoint(run_dir, 20)
     calls = []
 
     def fake_run_eval(cfg, checkpoint, finetune_epochs, device=None):
@@ -222,3 +230,40 @@ def test_final_evaluation_writes_a_row_at_the_budget_and_reuses_it(tmp_path, mon
     assert load_run(run_dir).curve("finetune_top1") == ([4.0], [80.0])
     assert load_run(run_dir).curve("knn_top1")[1][-1] == 71.0
     assert study_module.FINAL_EVAL == "final_eval.json"
+
+
+def test_final_evaluation_is_reused_only_under_the_settings_and_checkpoint_it_was_computed_from(
+        tmp_path, monkeypatch):
+    run_dir = fake_run(tmp_path / "b", mto=False, knn=BASELINE_KNN)
+    fake_checkpoint(run_dir, 20)
+    calls = []
+
+    def fake_run_eval(cfg, checkpoint, finetune_epochs, device=None):
+        calls.append((cfg.eval.pooling, finetune_epochs))
+        result = {"knn_top1": float(len(calls)), "linear_top1": 50.0}  # which evaluation made the row
+        return {**result, "finetune_top1": 60.0} if finetune_epochs else result
+
+    def set_pooling(pooling):
+        cfg = load_config(run_dir / "config.yaml")
+        cfg.eval.pooling = pooling
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+
+    monkeypatch.setattr("mto_ds.eval.run.run_eval", fake_run_eval)
+    (run_dir / "final_eval.json").write_text(json.dumps({"epoch": 4.0, "knn_top1": 99.0, "linear_top1": 99.0}))
+    assert final_evaluation(run_dir)["knn_top1"] == 1.0  # a row that does not say what it came from
+    assert final_evaluation(run_dir)["knn_top1"] == 1.0 and len(calls) == 1
+
+    set_pooling("cls")
+    row = final_evaluation(run_dir)
+    assert row["knn_top1"] == 2.0 and row["settings"]["eval"]["pooling"] == "cls"
+    assert final_evaluation(run_dir)["knn_top1"] == 2.0 and len(calls) == 2
+
+    fake_checkpoint(run_dir, 25)  # a newer checkpoint is what run_eval would load now
+    row = final_evaluation(run_dir)
+    assert row["knn_top1"] == 3.0 and row["settings"]["checkpoint"]["tag"] == "step_00000025"
+
+    assert final_evaluation(run_dir, finetune_epochs=2)["knn_top1"] == 4.0
+    assert final_evaluation(run_dir)["knn_top1"] == 4.0  # its fine-tune does not change the rest
+    assert final_evaluation(run_dir, finetune_epochs=3)["knn_top1"] == 5.0
+    assert calls == [("mean", 0), ("cls", 0), ("cls", 0), ("cls", 2), ("cls", 3)]
+    assert load_run(run_dir).curve("knn_top1")[1][-1] == 5.0

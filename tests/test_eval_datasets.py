@@ -5,7 +5,8 @@ from PIL import Image
 
 from mto_ds.config import ConfigError, load_config
 from mto_ds.data import SyntheticImages
-from mto_ds.eval.datasets import build_eval_sets, center_resize
+from mto_ds.eval.datasets import FolderEvalImages, build_eval_sets, center_resize
+from mto_ds.eval.features import extract_features
 
 
 def _synthetic_cfg(**extra):
@@ -59,8 +60,8 @@ def test_folder_eval_sets_read_train_and_val_splits_and_subsample_to_the_configu
     train, val = build_eval_sets(cfg)  # ImageNet's layout: the parent of data.path holds both splits
     assert (len(train), len(val)) == (7, 4)
     other_seed = build_eval_sets(load_config(None, [*cfg_args(tmp_path), "run.seed=5"]))[0]
-    assert [train.folder.samples[i] for i in train.positions] == \
-        [other_seed.folder.samples[i] for i in other_seed.positions]  # one evaluation set for every seed
+    assert [train.source.files[i] for i in train.positions] == \
+        [other_seed.source.files[i] for i in other_seed.positions]  # one evaluation set for every seed
     assert train.classes == ["cat", "dog"] and train.num_classes == 2
     assert [val[i][1] for i in range(4)] == [0, 0, 1, 1]
     assert train[0][0].shape == (3, 32, 32)
@@ -92,3 +93,73 @@ def test_ffcv_runs_evaluate_on_the_folders_under_eval_path(tmp_path):
     cfg = load_config(None, [*ffcv, "model.img_size=32", f"eval.path={tmp_path / 'imagenet'}"])
     train, val = build_eval_sets(cfg)
     assert (len(train), len(val), train.classes) == (4, 2, ["cat", "dog"])
+
+
+# Class i is a flat colour whose channel i dominates, so a feature (the mean colour) names its label.
+CLASS_COLOURS = {"a_red": (220, 30, 30), "b_green": (30, 220, 30), "c_blue": (30, 30, 220)}
+
+
+def _jpeg_folder(root, per_class):
+    for name, colour in CLASS_COLOURS.items():
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (40, 30), colour).save(root / name / f"img{i}.JPEG", format="JPEG")
+
+
+def _broken_files(root):
+    """An empty file and one of garbage bytes, both named as ImageNet names its JPEGs."""
+    empty, garbage = root / "a_red" / "img1_empty.JPEG", root / "b_green" / "img0_garbage.JPEG"
+    empty.write_bytes(b"")
+    garbage.write_bytes(b"\x00\x17 not a JPEG at all " * 8)
+    return empty, garbage
+
+
+def _warnings_naming(caplog, path):
+    return [r for r in caplog.records if r.levelname == "WARNING" and str(path) in r.getMessage()]
+
+
+def test_folder_eval_sets_leave_out_undecodable_images_and_name_each_in_one_warning(tmp_path, caplog):
+    _jpeg_folder(tmp_path / "train", 2)
+    _jpeg_folder(tmp_path / "val", 3)
+    broken = _broken_files(tmp_path / "val")
+    cfg = load_config(None, ["model.arch=vit_tiny_patch16", "model.img_size=32", "data.source=folder",
+                             f"data.path={tmp_path / 'train'}", "eval.num_train=100", "eval.num_val=100"])
+    _, val = build_eval_sets(cfg)
+    assert len(val) == 11  # 9 images and the 2 broken files: listed as samples, as pre-training lists them
+    items = [val[i] for i in range(len(val))]
+    assert [val.source.files[i] for i, item in enumerate(items) if item is None] == \
+        sorted(broken)  # left out, not replaced by a black image
+    assert [item[1] for item in items if item is not None] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+    # Batches of 4 with a hole at positions 2 and 5: labels stay with their images' features.
+    mean_colour = lambda images: images.mean(dim=(2, 3))  # noqa: E731
+    features, labels = extract_features(mean_colour, val, "cpu", batch_size=4)
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert features.argmax(dim=1).tolist() == labels.tolist()
+    assert [len(_warnings_naming(caplog, path)) for path in broken] == [1, 1]  # once per file, not per pass
+
+
+def test_an_evaluation_batch_of_only_undecodable_images_fails_saying_so(tmp_path):
+    _jpeg_folder(tmp_path, 1)
+    broken = _broken_files(tmp_path)
+    only_broken = FolderEvalImages(tmp_path, 32, max_images=100, seed=0)
+    only_broken.positions = [only_broken.source.files.index(path) for path in broken]
+    with pytest.raises(RuntimeError, match="all 2 images of an evaluation batch are undecodable"):
+        extract_features(lambda images: images.mean(dim=(2, 3)), only_broken, "cpu", batch_size=2)
+
+
+def test_folder_eval_sets_list_classes_and_labels_as_torchvision_imagefolder_did(tmp_path):
+    from torchvision.datasets import ImageFolder
+    _jpeg_folder(tmp_path, 2)
+    _broken_files(tmp_path)
+    (tmp_path / "c_blue" / "notes.txt").write_text("not a sample")
+    ours, theirs = FolderEvalImages(tmp_path, 32, max_images=100, seed=0), ImageFolder(str(tmp_path))
+    assert ours.classes == theirs.classes == sorted(CLASS_COLOURS)
+    assert list(zip(map(str, ours.source.files), ours.source.labels)) == theirs.samples
+
+
+def test_folder_eval_images_convert_odd_files_as_pretraining_does(tmp_path):
+    (tmp_path / "cat").mkdir()
+    Image.new("RGBA", (20, 20), (255, 0, 0, 0)).save(tmp_path / "cat" / "clear.png")  # fully transparent
+    image, label = FolderEvalImages(tmp_path, 16, max_images=1, seed=0)[0]
+    assert label == 0 and image.min() == 255  # composited over white (read_rgb), not its hidden red

@@ -14,20 +14,35 @@ COMMON = ["deepspeed.config=ds_configs/cpu_zero2.json", "model.arch=vit_tiny_pat
 
 
 def _solid_colour_folder(root):
-    """Three classes of flat colours with a little jitter: mean colour separates them exactly."""
+    """Three classes of flat colours with a little jitter: mean colour separates them exactly.
+    Each split also holds an empty and a garbage file named as images, as real data sets do."""
     colours = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
     for split, count in (("train", 8), ("val", 4)):
         for name, (r, g, b) in colours.items():
             (root / split / name).mkdir(parents=True)
             for i in range(count):
                 Image.new("RGB", (36, 36), (r + i, g - i, b + 2 * i)).save(root / split / name / f"{i}.png")
+        (root / split / "red" / "1_empty.png").write_bytes(b"")
+        (root / split / "blue" / "2_garbage.JPEG").write_bytes(b"not an image" * 10)
 
 
-def test_evaluate_is_perfect_when_features_separate_the_classes(tmp_path):
+def test_evaluate_is_perfect_when_features_separate_the_classes_and_skips_broken_files(tmp_path, caplog):
     _solid_colour_folder(tmp_path)
     cfg = load_config(None, COMMON + ["data.source=folder", f"data.path={tmp_path / 'train'}", "eval.knn_k=5"])
     mean_colour = lambda images: images.mean(dim=(2, 3))  # noqa: E731
     assert evaluate(mean_colour, cfg, torch.device("cpu")) == {"knn_top1": 100.0, "linear_top1": 100.0}
+    assert sum("undecodable" in r.getMessage() for r in caplog.records) == 4  # 2 files in each split
+
+
+def test_run_eval_with_a_finetune_completes_on_a_folder_holding_broken_files(tmp_path):
+    _solid_colour_folder(tmp_path)
+    torch.manual_seed(3)
+    torch.save(create_encoder("vit_tiny_patch16", img_size=32).state_dict(), tmp_path / "encoder.pt")
+    cfg = load_config(None, COMMON + ["data.source=folder", f"data.path={tmp_path / 'train'}", "eval.knn_k=5",
+                                      "eval.linear_epochs=5", "eval.finetune_batch_size=5"])
+    result = run_eval(cfg, str(tmp_path / "encoder.pt"), finetune_epochs=1, device=torch.device("cpu"))
+    assert set(result) == {"knn_top1", "linear_top1", "finetune_top1"}
+    assert all(0.0 <= v <= 100.0 for v in result.values())
 
 
 def test_evaluate_returns_percentages_and_leaves_a_training_encoder_in_train_mode():

@@ -11,19 +11,22 @@ evaluation view, 224 of 256).
 - data.source=folder or ffcv: ImageFolders ROOT/train and ROOT/val, ROOT = eval.path or,
   for folder, the parent of data.path (data.path=IMAGENET/train: ROOT=IMAGENET), each
   reduced to eval.num_train / eval.num_val images by a draw with a fixed seed when it holds
-  more (set them to the split sizes or larger for the full protocol).
+  more (set them to the split sizes or larger for the full protocol). Listed and decoded as
+  pre-training's folder source is (`ImageFolderSource`), so both agree on what is a sample and
+  convert odd files alike; an undecodable image is an item of None, named in a warning, which
+  the evaluation loaders leave out of its batch (features.sharded_batches).
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from mto_ds.data import SyntheticImages
+from mto_ds.data import ImageFolderSource, SyntheticImages
 
 CROP_PCT = 0.875
 EVAL_SUBSET_SEED = 0
@@ -54,14 +57,14 @@ class SyntheticEvalImages(Dataset):
 
 
 class FolderEvalImages(Dataset):
-    """An ImageFolder split (class = sub-folder), optionally a seeded subset of it, center-resized."""
+    """An ImageFolder split (class = sub-folder), optionally a seeded subset of it, center-resized;
+    an undecodable image gives None (see the module doc)."""
 
     def __init__(self, root: Path, img_size: int, max_images: int, seed: int):
-        from torchvision.datasets import ImageFolder  # imported here: only folder sources need it
-        self.folder = ImageFolder(str(root))
-        self.img_size, self.classes = img_size, self.folder.classes
+        self.source = ImageFolderSource(root)
+        self.img_size, self.classes = img_size, self.source.classes
         self.num_classes = len(self.classes)
-        count = len(self.folder)
+        count = len(self.source)
         if max_images < count:  # sorted: a subset read in directory order stays sequential on disk
             self.positions = np.sort(np.random.default_rng([seed, 4099]).permutation(count)[:max_images]).tolist()
         else:
@@ -70,10 +73,12 @@ class FolderEvalImages(Dataset):
     def __len__(self) -> int:
         return len(self.positions)
 
-    def __getitem__(self, item: int):
-        path, label = self.folder.samples[self.positions[item]]
-        with Image.open(path) as image:
-            return center_resize(image, self.img_size), label
+    def __getitem__(self, item: int) -> Optional[Tuple[torch.Tensor, int]]:
+        index = self.positions[item]
+        pixels = self.source.image(index)
+        if pixels is None:  # undecodable: the source has named it; the loader's collate leaves it out
+            return None
+        return center_resize(Image.fromarray(pixels), self.img_size), self.source.label(index)
 
 
 def build_eval_sets(cfg) -> Tuple[Dataset, Dataset]:

@@ -11,6 +11,12 @@ size and rank r takes positions r, r + W, r + 2W, ... . Every rank then runs the
 number of equally sized batches, which matters because under ZeRO-3 every forward is a
 collective; the gathered shards interleave back into the original order and the padding
 is cut off.
+
+Undecodable images. A folder set's item is None for a file that cannot be decoded (named in
+a warning by the source); as in pre-training it is left out of its batch, never replaced.
+Results per batch are spread back over all its positions (`at_positions`, the label DROPPED
+where the image was left out), so shards keep their length for the all-gather, and
+`gather_kept` then drops those positions from values and labels alike.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from mto_ds.data import normalize
 
 POOLINGS = ("mean", "cls")
+DROPPED = -1  # the label of a position whose image was left out of its batch
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -86,21 +93,45 @@ def autocast(device: torch.device):
 
 def sharded_batches(dataset: Dataset, positions: List[int], batch_size: int,
                     num_workers: int = 0) -> DataLoader:
-    """Batches (uint8 images [B, 3, S, S], labels [B]) of the given positions, in order."""
+    """Batches of the given positions, in order: uint8 images [K, 3, S, S] and labels [K] of the
+    K items that decoded, and `kept` bool [B] marking which of the batch's B positions they are."""
     return DataLoader(Subset(dataset, positions), batch_size=batch_size, shuffle=False,
                       num_workers=num_workers, collate_fn=_collate)
 
 
 def _collate(items):
-    images, labels = zip(*items)
-    return torch.stack(images), torch.as_tensor(labels, dtype=torch.long)
+    kept = torch.tensor([item is not None for item in items], dtype=torch.bool)
+    if not kept.any():
+        raise RuntimeError(f"all {len(items)} images of an evaluation batch are undecodable (each named in "
+                           "a warning above): is the evaluation set damaged or still being written?")
+    images, labels = zip(*(item for item in items if item is not None))
+    return torch.stack(images), torch.as_tensor(labels, dtype=torch.long), kept
+
+
+def at_positions(values: torch.Tensor, kept: torch.Tensor, fill=0) -> torch.Tensor:
+    """[K, ...] results of a batch's kept items -> [B, ...] over all its positions, `fill` where
+    an image was left out."""
+    if bool(kept.all()):
+        return values
+    spread = values.new_full((kept.numel(), *values.shape[1:]), fill)
+    spread[kept.to(values.device)] = values
+    return spread
+
+
+def gather_kept(values: torch.Tensor, labels: torch.Tensor, num_items: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`gather_shards` of this rank's per-position values and labels, without the positions whose
+    image was left out (label DROPPED): rows stay paired with their labels."""
+    values, labels = gather_shards(values, num_items), gather_shards(labels, num_items)
+    decoded = labels != DROPPED
+    return values[decoded], labels[decoded]
 
 
 @torch.no_grad()
 def extract_features(encoder: Union[nn.Module, FeatureFn], dataset: Dataset, device: torch.device, *,
                      pooling: str = "mean", batch_size: int = 128,
                      num_workers: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Features float32 [N, D] and labels [N] of the whole `dataset`, on every rank, on `device`."""
+    """Features float32 [N, D] and labels [N] of `dataset` in its order, on every rank, on `device`;
+    N = len(dataset) less the items whose image could not be decoded."""
     device = torch.device(device)
     rank, world_size = rank_and_world()
     positions = shard_positions(len(dataset), rank, world_size)
@@ -113,14 +144,15 @@ def extract_features(encoder: Union[nn.Module, FeatureFn], dataset: Dataset, dev
         encoder.eval()
     features, labels = [], []
     try:
-        for images, batch_labels in sharded_batches(dataset, positions, batch_size, num_workers):
+        for images, batch_labels, kept in sharded_batches(dataset, positions, batch_size, num_workers):
             with autocast(device):
-                features.append(fn(normalize(images, device, dtype)).float())
-            labels.append(batch_labels.to(device))
+                batch_features = fn(normalize(images, device, dtype)).float()
+            features.append(at_positions(batch_features, kept))
+            labels.append(at_positions(batch_labels.to(device), kept, DROPPED))
     finally:
         if was_training:
             encoder.train()
-    return gather_shards(torch.cat(features), len(dataset)), gather_shards(torch.cat(labels), len(dataset))
+    return gather_kept(torch.cat(features), torch.cat(labels), len(dataset))
 
 
 def top1_accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> float:

@@ -6,7 +6,8 @@ learning-rate decay (block i of L gets lr * decay^(L + 1 - i), so early blocks m
 least), no weight decay on biases, norms and position/class tokens, linear warm-up then
 cosine, label smoothing 0.1, random horizontal flips. It trains a copy, so the encoder
 passed in is left as it was. Across ranks it is data-parallel (DDP over shards of a seeded
-per-epoch permutation); the validation accuracy is gathered over all ranks.
+per-epoch permutation); the validation accuracy is gathered over all ranks. An undecodable
+image is left out of its batch, in training and validation alike (features.py).
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ from torch.utils.data import Dataset
 
 from mto_ds.data import normalize
 
-from .features import (autocast, gather_shards, pool_tokens, rank_and_world, shard_positions,
-                       sharded_batches, top1_accuracy)
+from .features import (DROPPED, at_positions, autocast, gather_kept, pool_tokens, rank_and_world,
+                       shard_positions, sharded_batches, top1_accuracy)
 
 
 class PooledClassifier(nn.Module):
@@ -117,7 +118,7 @@ def _finetune(encoder, train_set, val_set, num_classes, device, *, epochs, pooli
         # The same permutation on every rank (same generator state); each takes its shard of it.
         order = torch.randperm(len(train_set), generator=generator).tolist()
         positions = [order[p] for p in shard_positions(len(train_set), rank, world_size)]
-        for images, labels in sharded_batches(train_set, positions, batch_size, num_workers):
+        for images, labels, _ in sharded_batches(train_set, positions, batch_size, num_workers):
             if step < warmup_steps:
                 scale = (step + 1) / warmup_steps
             else:
@@ -137,9 +138,8 @@ def _finetune(encoder, train_set, val_set, num_classes, device, *, epochs, pooli
     positions = shard_positions(len(val_set), rank, world_size)
     predictions, targets = [], []
     with torch.no_grad():
-        for images, labels in sharded_batches(val_set, positions, batch_size, num_workers):
+        for images, labels, kept in sharded_batches(val_set, positions, batch_size, num_workers):
             with autocast(device):
-                predictions.append(model(normalize(images, device)).argmax(dim=1))
-            targets.append(labels.to(device))
-    return top1_accuracy(gather_shards(torch.cat(predictions), len(val_set)),
-                         gather_shards(torch.cat(targets), len(val_set)))
+                predictions.append(at_positions(model(normalize(images, device)).argmax(dim=1), kept))
+            targets.append(at_positions(labels.to(device), kept, DROPPED))
+    return top1_accuracy(*gather_kept(torch.cat(predictions), torch.cat(targets), len(val_set)))

@@ -6,6 +6,7 @@ numbers are broadcast, so every rank returns the same dict.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Dict, Optional
@@ -81,6 +82,28 @@ def load_encoder_state(checkpoint: str) -> Dict[str, torch.Tensor]:
             state = state[key]
     state = _strip_prefix(_strip_prefix(state, "module."), "encoder.")
     return {k: v for k, v in state.items() if not k.startswith("head.")}
+
+
+def checkpoint_evaluated(checkpoint: str) -> Dict[str, object]:
+    """Which weights `load_encoder_state(checkpoint)` reads: of a run or checkpoint directory, its
+    newest complete checkpoint (tag, step, save time); of a file, its path, size and mtime."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        from mto_ds.engine.checkpoint import read_marker
+        from mto_ds.engine.export import _newest_complete  # the very choice the loader makes
+        tag_dir = _newest_complete(path)
+        marker = read_marker(tag_dir)
+        return {"tag": tag_dir.name, "step": marker.get("step"), "saved": marker.get("time")}
+    stat = path.stat()
+    return {"file": str(path.resolve()), "bytes": stat.st_size, "modified": stat.st_mtime}
+
+
+def evaluation_settings(cfg, checkpoint: str, finetune_epochs: int = 0) -> Dict[str, object]:
+    """What `run_eval(cfg, checkpoint, finetune_epochs)`'s numbers depend on beyond the run's own
+    model, data and seed: the eval section, the fine-tune length and the weights it loads."""
+    section = dataclasses.asdict(cfg.eval)
+    section.pop("every_epochs")  # when pre-training evaluates; run_eval does not read it
+    return {"eval": section, "finetune_epochs": finetune_epochs, "checkpoint": checkpoint_evaluated(checkpoint)}
 
 
 def load_encoder_weights(encoder: nn.Module, checkpoint: str) -> None:

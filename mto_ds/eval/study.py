@@ -366,24 +366,35 @@ def plan_runs(config: str, out_dir: Path, *, epochs: Sequence[int], seeds: Seque
 def final_evaluation(run_dir: Path, finetune_epochs: int = 0, device=None) -> dict:
     """Evaluates a finished run's last checkpoint (fine-tune too if asked) into RUN/final_eval.json.
 
-    Kept when it already holds what is asked for, so a study can be collected again cheaply.
+    The row keeps what it was computed from (`run.evaluation_settings`) and is reused only while
+    that is what an evaluation now would use, so a study is collected again cheaply, never stale.
     """
     from mto_ds.config import load_config
 
-    from .run import run_eval
+    from .run import evaluation_settings, run_eval
 
     run_dir = Path(run_dir)
-    cached = run_dir / FINAL_EVAL
-    wanted = {"knn_top1", "linear_top1"} | ({"finetune_top1"} if finetune_epochs > 0 else set())
-    if cached.is_file():
-        row = json.loads(cached.read_text())
-        if wanted <= set(row) and (finetune_epochs == 0 or row.get("finetune_epochs") == finetune_epochs):
-            return row
     run = load_run(run_dir)
     if run.finished is False:
         raise RuntimeError(f"{run_dir} has not finished; its last checkpoint is not its budget")
     cfg = load_config(run_dir / "config.yaml")
+    # Through JSON, as the cached row holds them, so equal settings compare equal.
+    settings = json.loads(json.dumps(evaluation_settings(cfg, str(run_dir), finetune_epochs)))
+    cached = run_dir / FINAL_EVAL
+    if cached.is_file():
+        row = json.loads(cached.read_text())
+        if _reusable(row, settings):
+            return row
     result = run_eval(cfg, str(run_dir), finetune_epochs, device=device)
-    row = {"epoch": run.budget, **result, "finetune_epochs": finetune_epochs}
+    row = {"epoch": run.budget, **result, "settings": settings}
     cached.write_text(json.dumps(row))
     return row
+
+
+def _reusable(row: dict, settings: dict) -> bool:
+    """Whether a cached row holds what `settings` asks for, computed from them. A row with a
+    fine-tune also serves a request for none: its other numbers do not depend on the fine-tune."""
+    done, asked = row.get("settings") or {}, settings["finetune_epochs"]
+    same = all(done.get(key) == value for key, value in settings.items() if key != "finetune_epochs")
+    metrics = {"knn_top1", "linear_top1"} | ({"finetune_top1"} if asked else set())
+    return same and metrics <= set(row) and (asked == 0 or done.get("finetune_epochs") == asked)
