@@ -15,7 +15,7 @@ pytest.importorskip("ffcv")
 
 from mto_ds.data import build_pretrain_loader, write_image_folder  # noqa: E402
 from mto_ds.data.ffcv_writer import convert_image_folder  # noqa: E402
-from mto_ds.data.imagefolder import ImageFolderSource  # noqa: E402
+from mto_ds.data.imagefolder import ImageFolderSource, read_rgb  # noqa: E402
 from mto_ds.data.order import epoch_permutation, rank_indices, sample_rng  # noqa: E402
 
 NUM_IMAGES, GLOBAL_BATCH, MICRO, IMG, SEED = 44, 16, 4, 32, 7
@@ -84,12 +84,13 @@ def test_micro_batches_are_uint8_crops_of_the_model_size(exact_epoch):
     assert 40 < batch["images"].float().mean() < 220
 
 
-def test_same_seed_gives_the_same_masks_and_another_epoch_other_masks(exact_epoch):
+def test_same_seed_gives_the_same_pixels_and_masks_and_another_epoch_other_ones(exact_epoch):
     loaders, epoch = exact_epoch
     first = epoch[0]
     again = list(loaders[0].micro_batches(3))
     for a, b in zip(first, again):
         assert torch.equal(a["index"], b["index"]) and torch.equal(a["mask"], b["mask"])
+        assert torch.equal(a["images"], b["images"])  # crops and flips are seeded too
     for batch in first:
         for index, mask in zip(batch["index"].tolist(), batch["mask"]):
             assert np.array_equal(mask.numpy(), mask_fn(sample_rng(SEED, 3, index, 1)))
@@ -97,6 +98,10 @@ def test_same_seed_gives_the_same_masks_and_another_epoch_other_masks(exact_epoc
     assert not np.array_equal(cat(other, "index"), cat(first, "index"))
     masks_by_index = {i: m for b in other for i, m in zip(b["index"].tolist(), b["mask"].numpy())}
     assert any(not np.array_equal(mask_fn(sample_rng(SEED, 3, i, 1)), m) for i, m in masks_by_index.items())
+    # A sample read in both epochs gets another crop in each.
+    pixels = [{i: im for b in batches for i, im in zip(b["index"].tolist(), b["images"])} for batches in (first, other)]
+    both = set(pixels[0]) & set(pixels[1])
+    assert both and all(not torch.equal(pixels[0][i], pixels[1][i]) for i in both)
 
 
 def test_resume_mid_epoch_continues_at_the_next_sample(exact_epoch):
@@ -106,11 +111,72 @@ def test_resume_mid_epoch_continues_at_the_next_sample(exact_epoch):
     per_rank = GLOBAL_BATCH // 2
     assert np.array_equal(cat(resumed, "index"), full_index[per_rank:])
     assert np.array_equal(cat(resumed, "mask"), full_mask[per_rank:])
+    assert np.array_equal(cat(resumed, "images"), cat(epoch[1], "images")[per_rank:])
     # Leaving an epoch early stops FFCV's thread; the next epoch still starts at its start.
     partial = loaders[1].micro_batches(3)
     next(partial)
     partial.close()
     assert np.array_equal(cat(list(loaders[1].micro_batches(3)), "index"), full_index)
+
+
+def test_each_crop_is_the_seeded_box_of_its_sample_cut_from_the_decoded_image(beton, tmp_path):
+    """Pixel for pixel, on 2 decoding threads: the image of sample i in epoch e is the crop
+    `sample_crop(seed, e, i, ...)` of the stored image, resized as FFCV resizes (OpenCV's
+    INTER_AREA) and mirrored when it says so: a function of (seed, epoch, sample) alone, so the
+    same on any number of ranks, threads or restarts. Raw pixels are stored so the reference
+    needs no JPEG decoder."""
+    import cv2
+
+    from mto_ds.data.ffcv_crop import sample_crop
+
+    folder = tmp_path / "jpeg"
+    write_image_folder(folder, 12, num_classes=3, size=40, seed=3)
+    convert_image_folder(folder, tmp_path / "raw.beton", max_side=None, write_mode="raw", workers=1, progress=False)
+    source = ImageFolderSource(folder)
+    cfg = SimpleNamespace(source="ffcv", path=str(tmp_path / "raw.beton"), num_workers=2, crop_scale_min=None,
+                          crop_scale_max=1.0, order="exact", os_cache=True)
+    loader = build_pretrain_loader(cfg, method="mae", img_size=IMG, seed=SEED, global_batch_size=12,
+                                   micro_batch_size=6, rank=0, world_size=1, mask_fn=mask_fn)
+    flipped = 0
+    for batch in loader.micro_batches(5):
+        for index, image in zip(batch["index"].tolist(), batch["images"]):
+            stored = read_rgb(source.files[index])[0]  # what the converter stored
+            top, left, h, w, flip = sample_crop(SEED, 5, index, *stored.shape[:2], 0.2, 1.0,
+                                                np.log(3 / 4), np.log(4 / 3))  # MAE's crop scale
+            expected = cv2.resize(stored[top:top + h, left:left + w], (IMG, IMG), interpolation=cv2.INTER_AREA)
+            expected = expected[:, ::-1] if flip else expected
+            assert np.array_equal(image.permute(1, 2, 0).numpy(), expected), index
+            flipped += flip
+    assert 0 < flipped < 12
+
+
+def test_seeded_crops_follow_torchvision_random_resized_crop():
+    """The draws: boxes inside the image with area and aspect in range, spread like
+    torchvision's RandomResizedCrop on the same image, half of them mirrored; an image too
+    elongated for the ratio range gets the clamped centre crop, as in torchvision."""
+    from torchvision.transforms import RandomResizedCrop
+
+    from mto_ds.data.ffcv_crop import sample_crop
+
+    height, width, scale, ratio = 300, 500, (0.2, 1.0), (3 / 4, 4 / 3)
+    log_ratio = np.log(ratio)
+    ours = np.array([sample_crop(SEED, 0, i, height, width, *scale, *log_ratio) for i in range(4000)], dtype=float)
+    top, left, h, w, flip = ours.T
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= height).all() and (left + w <= width).all()
+    assert ((h * w / (height * width) > scale[0] * 0.97) & (h * w / (height * width) < scale[1] * 1.03)).all()
+    assert ((w / h > ratio[0] * 0.97) & (w / h < ratio[1] * 1.03)).all()
+    assert 0.46 < flip.mean() < 0.54
+    torch.manual_seed(0)
+    reference = np.array([RandomResizedCrop.get_params(torch.empty(3, height, width), scale, ratio)
+                          for _ in range(4000)], dtype=float)
+    for name, a, b in (("area", h * w, reference[:, 2] * reference[:, 3]), ("aspect", w / h, reference[:, 3] / reference[:, 2]),
+                       ("top", top, reference[:, 0]), ("left", left, reference[:, 1])):
+        assert np.quantile(a, [0.1, 0.5, 0.9]) == pytest.approx(np.quantile(b, [0.1, 0.5, 0.9]), rel=0.1, abs=3), name
+    # Other samples, epochs and seeds draw other boxes.
+    boxes = {sample_crop(s, e, 0, height, width, *scale, *log_ratio)[:4] for s in (1, 2) for e in (0, 1)}
+    assert len(boxes) == 4
+    # 1000 x 100 at SimMIM's scale: no try fits the ratio range, so the centre 133 x 100.
+    assert sample_crop(SEED, 0, 0, 100, 1000, 0.67, 1.0, *log_ratio)[:4] == (0, 433, 100, 133)
 
 
 def test_quasi_random_shards_ranks_equally_and_resumes_exactly_on_the_same_world_size(beton):
@@ -137,6 +203,7 @@ def test_pretraining_on_ffcv_crosses_epochs_and_resumes_mid_epoch_at_the_next_sa
     import json
 
     import yaml
+    from conftest import read_metrics
     from run_control import Run, state
 
     path, _ = beton
@@ -146,6 +213,7 @@ def test_pretraining_on_ffcv_crosses_epochs_and_resumes_mid_epoch_at_the_next_sa
     trace = {"MTO_DS_TRACE_SAMPLES": "1"}
     Run(run_dir, *args, steps=5, env={**trace, "MTO_DS_FAULT_EXIT_AT_STEP": "4",
                                       "MTO_DS_FAULT_EXIT_RANK": "0"}).finish(expect=17)
+    first_losses = {r["step"]: r["loss"] for r in read_metrics(run_dir)}
     resumed = Run(run_dir, *args, steps=5, env=trace).finish()
     assert "resumed from" in resumed.output and "at step 3" in resumed.output
     assert state(run_dir) == {"finished": True, "step": 5, "total_steps": 5, "reason": "completed"}
@@ -154,6 +222,9 @@ def test_pretraining_on_ffcv_crosses_epochs_and_resumes_mid_epoch_at_the_next_sa
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 4, 5]
     first_try, again = (r["micro_batches"] for r in rows if r["step"] == 4)
     assert first_try == again
+    # Same samples, masks, crops and flips: the redone step logs the loss it logged before.
+    losses = {r["step"]: r["loss"] for r in read_metrics(run_dir)}
+    assert sorted(first_losses) == [1, 2, 3, 4] and losses[4] == first_losses[4]
     seed = yaml.safe_load((run_dir / "config.yaml").read_text())["run"]["seed"]
     per_step = {r["step"]: [i for micro in r["micro_batches"] for i in micro] for r in rows}
     for epoch, steps in enumerate(([1, 2], [3, 4], [5])):

@@ -1,5 +1,6 @@
 """Pre-training loader on an FFCV .beton: decode, random-resized crop and flip run in FFCV's
-compiled pipeline (threads, no GIL); this module decides the order and adds masks.
+compiled pipeline (threads, no GIL); this module decides the order and adds masks. Crops
+and flips are functions of (seed, epoch, sample) (`ffcv_crop`), like the masks.
 
 One FFCV Loader per rank lives for the whole run, because building one costs a numba
 compilation (about 10 s on a small CPU) on its first batch. Each epoch it reads the order
@@ -19,13 +20,14 @@ from typing import Iterator, Optional, Tuple
 
 import numpy as np
 import torch
-from ffcv.fields.decoders import IntDecoder, RandomResizedCropRGBImageDecoder
+from ffcv.fields.decoders import IntDecoder
 from ffcv.loader import Loader
 from ffcv.reader import Reader
-from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 from ffcv.traversal_order import QuasiRandom
 from ffcv.traversal_order.base import TraversalOrder
 
+from .ffcv_crop import SeededResizedCropDecoder
 from .loader import MaskFn, batch_masks
 from .order import rank_indices, steps_per_epoch
 
@@ -105,8 +107,8 @@ class FFCVPretrainLoader:
         planned = ExactOrder if order == "exact" else ShardedQuasiRandomOrder
         self.order = planned(seed, global_batch_size, rank, world_size)
 
-        image = [RandomResizedCropRGBImageDecoder((img_size, img_size), scale=scale, ratio=(3 / 4, 4 / 3)),
-                 RandomHorizontalFlip(), ToTensor()]
+        self.decoder = SeededResizedCropDecoder((img_size, img_size), seed, scale)
+        image = [self.decoder, ToTensor()]
         if device is not None and torch.device(device).type == "cuda":
             image.append(ToDevice(torch.device(device), non_blocking=True))  # uint8 crosses the bus
         image.append(ToTorchImage())
@@ -128,6 +130,7 @@ class FFCVPretrainLoader:
     def micro_batches(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
         self.order.start_step = start_step
         self.loader.next_epoch = epoch
+        self.decoder.epoch = epoch  # before the iterator's thread starts decoding
         with _torch_threads_kept():
             batches = iter(self.loader)  # asks the order for this epoch's indices, starts decoding
         indices = torch.from_numpy(self.order.last)
