@@ -5,8 +5,10 @@ Failures are injected with the MTO_DS_FAULT_* variables (mto_ds/engine/faults.py
 docs/ROBUSTNESS.md).
 """
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -134,6 +136,39 @@ def test_a_failed_conversion_stops_the_run_instead_of_setting_a_complete_checkpo
                                            "failed .*No space left on device"):
         checkpointer.load_newest(engine=None, candidates=checkpointer.candidates("auto"), device="cpu")
     assert sorted(p.name for p in ckpt.iterdir()) == ["step_00000003", "step_00000006", "step_00000006_universal.failed"]
+
+
+class _FilesEngine:
+    """Stands in for DeepSpeed's engine: save_checkpoint writes a model and an optimizer file."""
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        (Path(save_dir) / tag / "zero").mkdir(parents=True)
+        (Path(save_dir) / tag / "mp_rank_00_model_states.pt").write_bytes(b"m" * 100)
+        (Path(save_dir) / tag / "zero" / "optim_states.pt").write_bytes(b"o" * 100)
+
+
+def test_a_save_is_flushed_to_storage_before_complete_json_names_it(tmp_path, monkeypatch):
+    """Power lost after complete.json must not leave a 'complete' checkpoint whose files were
+    still in the page cache: the node's process of local rank 0 fsyncs every file and folder of
+    the save before rank 0 writes the marker; other processes of the node do not repeat it."""
+    synced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    ckpt = tmp_path / "checkpoints"
+    tag = Checkpointer(ckpt, keep_last=2, rank=0, world_size=1).save(_FilesEngine(), 5, {}, {})
+    data = [str(tag / "mp_rank_00_model_states.pt"), str(tag / "zero" / "optim_states.pt")]
+    first_marker = next(i for i, path in enumerate(synced) if Path(path).name.startswith(MARKER))
+    assert set(data) | {str(tag), str(tag / "zero")} <= set(synced[:first_marker])
+    assert str(ckpt) in synced[first_marker:]  # the marker's rename, too
+    assert verify(tag) is None and json.loads((tag / MARKER).read_text())["step"] == 5
+
+    synced.clear()
+    Checkpointer(tmp_path / "other", keep_last=2, rank=1, world_size=2, local_rank=1).save(_FilesEngine(), 5, {}, {})
+    assert synced == []
 
 
 def test_pruning_keeps_the_newest_complete_ones_and_removes_unfinished_saves(tmp_path):

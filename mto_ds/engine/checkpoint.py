@@ -2,8 +2,9 @@
 
 Layout under run_dir/checkpoints/:
     step_00000120/                 engine.save_checkpoint(tag=...) output of all ranks
-    step_00000120/complete.json    written by rank 0 once every rank has written its part: the
-                                   step, the world size and the size of every file of the save
+    step_00000120/complete.json    written by rank 0 once every rank has written its part and
+                                   every node has flushed it to storage (fsync): the step, the
+                                   world size and the size of every file of the save
     step_00000120_universal/       the same, converted by ds_to_universal for another world size
     latest                         DeepSpeed's pointer file, rewritten atomically after complete.json
     step_00000150.damaged/         a complete checkpoint that failed to load, set aside (kept for
@@ -44,6 +45,14 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     with open(tmp, "w") as f:
@@ -51,6 +60,23 @@ def _atomic_write(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync(path.parent)  # the rename itself
+
+
+def flush_to_storage(directory: Path) -> None:
+    """fsync every file under `directory` and the directories themselves.
+
+    torch.save leaves its bytes in the page cache; a node that loses power after complete.json
+    names a checkpoint could otherwise come back with that file present and the data files
+    short or empty. An fsync flushes what this node wrote to a file, whichever process wrote
+    it, so one process per node is enough."""
+    directory = Path(directory)
+    paths = sorted(directory.rglob("*"))
+    for path in paths:
+        if path.is_file():
+            _fsync(path)
+    for path in [directory, *(p for p in paths if p.is_dir())]:
+        _fsync(path)
 
 
 def tag_for(step: int) -> str:
@@ -100,8 +126,9 @@ def _attempt(fn: Callable, *args) -> Tuple[object, Optional[str]]:
 
 class Checkpointer:
     def __init__(self, directory: Path, keep_last: int, rank: int, world_size: int,
-                 faults: Optional[Faults] = None, zero_stage: Optional[int] = None):
+                 faults: Optional[Faults] = None, zero_stage: Optional[int] = None, local_rank: int = 0):
         self.dir, self.keep_last, self.rank, self.world_size = Path(directory), keep_last, rank, world_size
+        self.flushes_node = local_rank == 0  # one process per node flushes the node's writes
         self.faults = faults or Faults()
         self.zero_stage = zero_stage  # of this run; a checkpoint of another stage does not load
 
@@ -123,6 +150,9 @@ class Checkpointer:
         engine.save_checkpoint(str(self.dir), tag=path.name, client_state=client_state, save_latest=False)
         self.faults.stall_in_save(step, path.name)
         _barrier()  # every rank has written its part
+        if self.flushes_node:
+            flush_to_storage(path)
+        _barrier()  # and every node has it on storage: only now may complete.json name it
         if self.rank == 0:
             marker = {"step": step, "world_size": self.world_size, "time": time.time(), **meta,
                       "files": file_sizes(path)}
@@ -294,6 +324,8 @@ def to_universal(tag_dir: Path) -> Path:
     if result.returncode != 0:
         raise RuntimeError(f"ds_to_universal failed on {tag_dir}:\n{result.stderr[-3000:]}")
     shutil.copy(tag_dir / MARKER, tmp / MARKER)
+    flush_to_storage(tmp)  # the conversion is named finished only once it is on storage
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
+    _fsync(out.parent)
     return out

@@ -112,7 +112,7 @@ class Trainer:
         self.ds_config = deepspeed_config(cfg, self.batch)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep_last,
                                          self.dist.rank, self.dist.world_size, self.faults,
-                                         zero_stage(self.ds_config))
+                                         zero_stage(self.ds_config), local_rank=self.dist.local_rank)
         candidates = self.checkpointer.candidates(cfg.checkpoint.resume)
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
                                                config=self.ds_config)
