@@ -14,7 +14,8 @@ from ..models import TIMM_NAMES
 from .checkpoint import Checkpointer
 
 
-def _newest_complete(path: Path) -> Path:
+def newest_complete(path: Path) -> Path:
+    """The newest complete checkpoint of a run directory or of a checkpoints directory."""
     for root in (path / "checkpoints", path):
         if root.is_dir():
             found = Checkpointer(root, 1, 0, 1).complete_tags()
@@ -30,7 +31,7 @@ def load_encoder_state(path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    tag_dir = _newest_complete(path)
+    tag_dir = newest_complete(path)
     # Merges ZeRO-1/2/3 partitions into the fp32 master weights (not the bf16 working copy).
     full = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     return {k[len("encoder."):]: v.float().contiguous() for k, v in full.items() if k.startswith("encoder.")}

@@ -90,8 +90,8 @@ def checkpoint_evaluated(checkpoint: str) -> Dict[str, object]:
     path = Path(checkpoint)
     if path.is_dir():
         from mto_ds.engine.checkpoint import read_marker
-        from mto_ds.engine.export import _newest_complete  # the very choice the loader makes
-        tag_dir = _newest_complete(path)
+        from mto_ds.engine.export import newest_complete  # the loader's own choice
+        tag_dir = newest_complete(path)
         marker = read_marker(tag_dir)
         return {"tag": tag_dir.name, "step": marker.get("step"), "saved": marker.get("time")}
     stat = path.stat()
