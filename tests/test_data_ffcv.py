@@ -119,6 +119,30 @@ def test_resume_mid_epoch_continues_at_the_next_sample(exact_epoch):
     assert np.array_equal(cat(list(loaders[1].micro_batches(3)), "index"), full_index)
 
 
+def test_one_epoch_is_read_at_a_time_because_the_decoder_reads_the_epoch_set_last(exact_epoch):
+    loaders, epoch = exact_epoch
+    open_epoch = loaders[0].micro_batches(4)
+    next(open_epoch)
+    with pytest.raises(RuntimeError, match="still reading an epoch: exhaust or close"):
+        next(loaders[0].micro_batches(3))
+    open_epoch.close()
+    assert np.array_equal(cat(list(loaders[0].micro_batches(3)), "images"), cat(epoch[0], "images"))
+
+
+def test_the_decoder_gives_the_same_pixels_when_ffcv_runs_its_pipeline_uncompiled(beton, exact_epoch):
+    """FFCV's Compiler.set_enabled(False) (debugging) runs the pipeline as Python, where the
+    decoder reads the epoch from its array instead of through the compiled address load."""
+    from ffcv.pipeline.compiler import Compiler
+
+    _, epoch = exact_epoch
+    Compiler.set_enabled(False)
+    try:
+        plain = list(make_loader(beton[0], 0, 2).micro_batches(3))
+    finally:
+        Compiler.set_enabled(True)
+    assert np.array_equal(cat(plain, "images"), cat(epoch[0], "images"))
+
+
 def test_each_crop_is_the_seeded_box_of_its_sample_cut_from_the_decoded_image(beton, tmp_path):
     """Pixel for pixel, on 2 decoding threads: the image of sample i in epoch e is the crop
     `sample_crop(seed, e, i, ...)` of the stored image, resized as FFCV resizes (OpenCV's

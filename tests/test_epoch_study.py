@@ -1,5 +1,6 @@
 import importlib.util
 import json
+import shutil
 import shlex
 from pathlib import Path
 
@@ -267,3 +268,14 @@ def test_final_evaluation_is_reused_only_under_the_settings_and_checkpoint_it_wa
     assert final_evaluation(run_dir, finetune_epochs=3)["knn_top1"] == 5.0
     assert calls == [("mean", 0), ("cls", 0), ("cls", 0), ("cls", 2), ("cls", 3)]
     assert load_run(run_dir).curve("knn_top1")[1][-1] == 5.0
+
+    # The checkpoints deleted since: the row still serves the same settings, with a warning ...
+    shutil.rmtree(run_dir / "checkpoints")
+    with pytest.warns(UserWarning, match="no complete checkpoint left; using its final_eval.json of checkpoint"):
+        assert final_evaluation(run_dir, finetune_epochs=3)["knn_top1"] == 5.0
+    # ... and other settings, which nothing could compute now, are an error collect can report.
+    set_pooling("mean")
+    with pytest.raises(RuntimeError, match="no complete checkpoint to evaluate, and no final_eval.json computed "
+                                           "with the same evaluation settings"):
+        final_evaluation(run_dir)
+    assert len(calls) == 5

@@ -139,13 +139,27 @@ def test_folder_eval_sets_leave_out_undecodable_images_and_name_each_in_one_warn
     assert [len(_warnings_naming(caplog, path)) for path in broken] == [1, 1]  # once per file, not per pass
 
 
-def test_an_evaluation_batch_of_only_undecodable_images_fails_saying_so(tmp_path):
+def test_a_batch_of_only_undecodable_images_is_left_out_and_a_set_of_only_those_fails_saying_so(tmp_path):
+    """A batch where nothing decodes still runs its forward on a stand-in (every rank runs the
+    same number of forwards, collectives under ZeRO-3) and contributes nothing; a set where
+    nothing decodes is an error."""
     _jpeg_folder(tmp_path, 1)
     broken = _broken_files(tmp_path)
-    only_broken = FolderEvalImages(tmp_path, 32, max_images=100, seed=0)
-    only_broken.positions = [only_broken.source.files.index(path) for path in broken]
-    with pytest.raises(RuntimeError, match="all 2 images of an evaluation batch are undecodable"):
-        extract_features(lambda images: images.mean(dim=(2, 3)), only_broken, "cpu", batch_size=2)
+    images = FolderEvalImages(tmp_path, 32, max_images=100, seed=0)
+    good = [i for i, path in enumerate(images.source.files) if path not in broken]
+    images.positions = good[:2] + [images.source.files.index(path) for path in broken]
+    calls = []
+
+    def mean_colour(batch):
+        calls.append(len(batch))
+        return batch.mean(dim=(2, 3))
+    features, labels = extract_features(mean_colour, images, "cpu", batch_size=2)
+    assert calls == [2, 1] and len(features) == 2
+    assert labels.tolist() == [images.source.labels[i] for i in good[:2]]
+
+    images.positions = images.positions[2:]
+    with pytest.raises(RuntimeError, match="none of the 2 images of the evaluation set could be decoded"):
+        extract_features(mean_colour, images, "cpu", batch_size=2)
 
 
 def test_folder_eval_sets_list_classes_and_labels_as_torchvision_imagefolder_did(tmp_path):

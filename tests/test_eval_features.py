@@ -8,6 +8,8 @@ from mto_ds.eval.features import extract_features, feature_fn, pool_tokens, shar
 class Numbered(Dataset):
     """Item i: an image whose every pixel is i (as uint8), label i % 3."""
 
+    img_size = 16
+
     def __init__(self, num: int):
         self.num = num
 

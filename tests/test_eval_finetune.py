@@ -15,7 +15,7 @@ class BrightChannel(Dataset):
         base[torch.arange(num), self.labels] = 190.0
         noisy = base + 25.0 * torch.randn(base.shape, generator=generator)
         self.images = noisy.clamp(0, 255).to(torch.uint8)
-        self.num_classes = 3
+        self.num_classes, self.img_size = 3, 32
 
     def __len__(self):
         return len(self.labels)
@@ -58,3 +58,18 @@ def test_layer_decay_gives_early_blocks_the_smallest_learning_rate():
     assert decay_of[id(named["encoder.blocks.0.attn.qkv.weight"])] == 0.05
     assert decay_of[id(named["encoder.blocks.0.norm1.weight"])] == 0.0
     assert decay_of[id(named["encoder.cls_token"])] == 0.0
+
+
+def test_flips_draw_one_number_per_batch_position_so_ranks_stay_in_step_when_images_are_left_out():
+    """The fine-tune's generator also draws each epoch's permutation, the same on every rank; a
+    rank whose batch lost undecodable images must draw as many numbers as one whose did not."""
+    from mto_ds.eval.finetune import _flip_some
+
+    images = torch.arange(4 * 3 * 2 * 2, dtype=torch.float32).view(4, 3, 2, 2)
+    full, holed, empty = (torch.Generator().manual_seed(5) for _ in range(3))
+    flipped = _flip_some(images, torch.ones(4, dtype=torch.bool), full)
+    kept = torch.tensor([True, False, True, False])
+    flipped_holed = _flip_some(images[kept], kept, holed)
+    _flip_some(images[:1], torch.zeros(4, dtype=torch.bool), empty)  # the stand-in of an all-broken batch
+    assert torch.equal(full.get_state(), holed.get_state()) and torch.equal(full.get_state(), empty.get_state())
+    assert torch.equal(flipped_holed, flipped[kept])  # each kept image flipped as at its position

@@ -4,6 +4,7 @@ settings that elastic resume relies on (the DeepSpeed files themselves: test_ds_
 Failures are injected with the MTO_DS_FAULT_* variables (mto_ds/engine/faults.py,
 docs/ROBUSTNESS.md).
 """
+import errno
 import json
 import os
 import subprocess
@@ -169,6 +170,23 @@ def test_a_save_is_flushed_to_storage_before_complete_json_names_it(tmp_path, mo
     synced.clear()
     Checkpointer(tmp_path / "other", keep_last=2, rank=1, world_size=2, local_rank=1).save(_FilesEngine(), 5, {}, {})
     assert synced == []
+
+    # File systems that refuse fsync on a directory (EINVAL: CIFS, 9p) still save; a file's
+    # fsync failing is an error.
+    def no_directory_fsync(fd):
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", no_directory_fsync)
+    tag = Checkpointer(tmp_path / "cifs", keep_last=2, rank=0, world_size=1).save(_FilesEngine(), 7, {}, {})
+    assert verify(tag) is None
+
+    def failing_disk(fd):
+        raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(os, "fsync", failing_disk)
+    with pytest.raises(OSError, match="Input/output error"):
+        Checkpointer(tmp_path / "broken", keep_last=2, rank=0, world_size=1).save(_FilesEngine(), 9, {}, {})
+    assert not (tmp_path / "broken" / "step_00000009" / MARKER).exists()
 
 
 def test_pruning_keeps_the_newest_complete_ones_and_removes_unfinished_saves(tmp_path):

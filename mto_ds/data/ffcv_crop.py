@@ -119,12 +119,18 @@ class SeededResizedCropDecoder(ResizedCropRGBImageDecoder):
         loop = Compiler.get_iterator()
         decode_jpeg, crop_resize = Compiler.compile(imdecode), Compiler.compile(resize_crop)
         seed, epoch_address = self.seed, self._epoch.ctypes.data
+        epoch_box = self._epoch
+        if Compiler.is_enabled:
+            read_epoch = _load_int64
+        else:  # FFCV runs the pipeline as plain Python (for debugging), where intrinsics do not work
+            def read_epoch(address):
+                return int(epoch_box[0])
         scale_low, scale_high = float(self.scale[0]), float(self.scale[1])
         log_ratio_low, log_ratio_high = float(np.log(self.ratio[0])), float(np.log(self.ratio[1]))
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, scratch = my_storage
-            epoch = _load_int64(epoch_address)
+            epoch = read_epoch(epoch_address)
             for slot in loop(len(batch_indices)):
                 index = batch_indices[slot]
                 field = metadata[index]

@@ -106,6 +106,7 @@ class FFCVPretrainLoader:
         self.mask_fn = mask_fn
         planned = ExactOrder if order == "exact" else ShardedQuasiRandomOrder
         self.order = planned(seed, global_batch_size, rank, world_size)
+        self._reading = False  # an epoch's generator is open
 
         self.decoder = SeededResizedCropDecoder((img_size, img_size), seed, scale)
         image = [self.decoder, ToTensor()]
@@ -128,6 +129,11 @@ class FFCVPretrainLoader:
         return self.order.steps
 
     def micro_batches(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
+        """One epoch at a time: the decoder reads the epoch that is set here, so an epoch still
+        being decoded (a generator neither exhausted nor closed) is an error."""
+        if self._reading:
+            raise RuntimeError("the FFCV loader is still reading an epoch: exhaust or close the previous "
+                               "micro_batches() generator before starting another")
         self.order.start_step = start_step
         self.loader.next_epoch = epoch
         self.decoder.epoch = epoch  # before the iterator's thread starts decoding
@@ -135,6 +141,7 @@ class FFCVPretrainLoader:
             batches = iter(self.loader)  # asks the order for this epoch's indices, starts decoding
         indices = torch.from_numpy(self.order.last)
         done, finished = 0, False
+        self._reading = True
         try:
             for images, labels in batches:
                 index = indices[done:done + len(labels)]
@@ -146,7 +153,12 @@ class FFCVPretrainLoader:
             finished = True  # FFCV closed the epoch itself
         finally:
             if not finished:  # the caller stopped early: stop FFCV's thread, release its pages
+                # Not joined: a thread done decoding blocks for good handing its end-of-epoch mark
+                # to a full queue. One still decoding stops at its next hand-over; what it decodes
+                # meanwhile (with whatever epoch the decoder holds by then) goes to its own queue,
+                # which nothing reads any more.
                 batches.close()
+            self._reading = False
 
 
 class _torch_threads_kept:

@@ -14,6 +14,7 @@ of that step replaces it, and the next pruning removes it.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -53,6 +54,16 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_directory(path: Path) -> None:
+    """Makes a rename or a new file in `path` durable; a no-op where the file system cannot
+    (CIFS, 9p and others refuse fsync on a directory: their renames are synchronous anyway)."""
+    try:
+        _fsync(path)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF):
+            raise
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     with open(tmp, "w") as f:
@@ -60,7 +71,7 @@ def _atomic_write(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync(path.parent)  # the rename itself
+    _fsync_directory(path.parent)  # the rename itself
 
 
 def flush_to_storage(directory: Path) -> None:
@@ -76,7 +87,7 @@ def flush_to_storage(directory: Path) -> None:
         if path.is_file():
             _fsync(path)
     for path in [directory, *(p for p in paths if p.is_dir())]:
-        _fsync(path)
+        _fsync_directory(path)
 
 
 def tag_for(step: int) -> str:
@@ -327,5 +338,5 @@ def to_universal(tag_dir: Path) -> Path:
     flush_to_storage(tmp)  # the conversion is named finished only once it is on storage
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
-    _fsync(out.parent)
+    _fsync_directory(out.parent)
     return out

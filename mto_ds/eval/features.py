@@ -21,6 +21,7 @@ where the image was left out), so shards keep their length for the all-gather, a
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Callable, List, Tuple, Union
 
 import torch
@@ -94,27 +95,29 @@ def autocast(device: torch.device):
 def sharded_batches(dataset: Dataset, positions: List[int], batch_size: int,
                     num_workers: int = 0) -> DataLoader:
     """Batches of the given positions, in order: uint8 images [K, 3, S, S] and labels [K] of the
-    K items that decoded, and `kept` bool [B] marking which of the batch's B positions they are."""
+    K items that decoded, and `kept` bool [B] marking which of the batch's B positions they are.
+    A batch where nothing decoded holds one black stand-in image (kept all False): every rank
+    still runs the same number of forwards, which are collectives under ZeRO-3 and DDP."""
     return DataLoader(Subset(dataset, positions), batch_size=batch_size, shuffle=False,
-                      num_workers=num_workers, collate_fn=_collate)
+                      num_workers=num_workers, collate_fn=functools.partial(_collate, image_size=dataset.img_size))
 
 
-def _collate(items):
+def _collate(items, image_size: int):
     kept = torch.tensor([item is not None for item in items], dtype=torch.bool)
     if not kept.any():
-        raise RuntimeError(f"all {len(items)} images of an evaluation batch are undecodable (each named in "
-                           "a warning above): is the evaluation set damaged or still being written?")
+        return torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8), torch.zeros(1, dtype=torch.long), kept
     images, labels = zip(*(item for item in items if item is not None))
     return torch.stack(images), torch.as_tensor(labels, dtype=torch.long), kept
 
 
 def at_positions(values: torch.Tensor, kept: torch.Tensor, fill=0) -> torch.Tensor:
     """[K, ...] results of a batch's kept items -> [B, ...] over all its positions, `fill` where
-    an image was left out."""
+    an image was left out (all of them for a batch of the stand-in image)."""
     if bool(kept.all()):
         return values
     spread = values.new_full((kept.numel(), *values.shape[1:]), fill)
-    spread[kept.to(values.device)] = values
+    if kept.any():
+        spread[kept.to(values.device)] = values
     return spread
 
 
@@ -123,6 +126,9 @@ def gather_kept(values: torch.Tensor, labels: torch.Tensor, num_items: int) -> T
     image was left out (label DROPPED): rows stay paired with their labels."""
     values, labels = gather_shards(values, num_items), gather_shards(labels, num_items)
     decoded = labels != DROPPED
+    if not decoded.any():
+        raise RuntimeError(f"none of the {num_items} images of the evaluation set could be decoded (each named "
+                           "in a warning above): is it damaged or still being written?")
     return values[decoded], labels[decoded]
 
 

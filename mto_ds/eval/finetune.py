@@ -69,8 +69,11 @@ def layer_decay_groups(model: PooledClassifier, weight_decay: float, layer_decay
     return list(groups.values())
 
 
-def _flip_some(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    flip = (torch.rand(images.shape[0], generator=generator) < 0.5).to(images.device)
+def _flip_some(images: torch.Tensor, kept: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    # One draw per position of the batch, decoded or not: the generator, which also draws each
+    # epoch's permutation, must stay in step on every rank.
+    flip = torch.rand(kept.numel(), generator=generator) < 0.5
+    flip = (flip[kept] if kept.any() else flip[:1]).to(images.device)
     return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
 
 
@@ -118,17 +121,19 @@ def _finetune(encoder, train_set, val_set, num_classes, device, *, epochs, pooli
         # The same permutation on every rank (same generator state); each takes its shard of it.
         order = torch.randperm(len(train_set), generator=generator).tolist()
         positions = [order[p] for p in shard_positions(len(train_set), rank, world_size)]
-        for images, labels, _ in sharded_batches(train_set, positions, batch_size, num_workers):
+        for images, labels, kept in sharded_batches(train_set, positions, batch_size, num_workers):
             if step < warmup_steps:
                 scale = (step + 1) / warmup_steps
             else:
                 scale = 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
             for group in optimizer.param_groups:
                 group["lr"] = lr * scale * group["lr_scale"]
-            images = _flip_some(normalize(images, device), generator)
+            images = _flip_some(normalize(images, device), kept, generator)
             with autocast(device):
                 logits = trained(images)
             loss = F.cross_entropy(logits.float(), labels.to(device), label_smoothing=label_smoothing)
+            if not kept.any():  # the stand-in of a batch where nothing decoded: in step with DDP, no gradient
+                loss = loss * 0
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

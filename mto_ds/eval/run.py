@@ -84,26 +84,42 @@ def load_encoder_state(checkpoint: str) -> Dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if not k.startswith("head.")}
 
 
-def checkpoint_evaluated(checkpoint: str) -> Dict[str, object]:
+def checkpoint_evaluated(checkpoint: str) -> Optional[Dict[str, object]]:
     """Which weights `load_encoder_state(checkpoint)` reads: of a run or checkpoint directory, its
-    newest complete checkpoint (tag, step, save time); of a file, its path, size and mtime."""
+    newest complete checkpoint (tag, step, save time), None when it has none; of a file, its
+    path, size and mtime."""
     path = Path(checkpoint)
     if path.is_dir():
         from mto_ds.engine.checkpoint import read_marker
         from mto_ds.engine.export import newest_complete  # the loader's own choice
-        tag_dir = newest_complete(path)
+        try:
+            tag_dir = newest_complete(path)
+        except FileNotFoundError:
+            return None
         marker = read_marker(tag_dir)
         return {"tag": tag_dir.name, "step": marker.get("step"), "saved": marker.get("time")}
     stat = path.stat()
     return {"file": str(path.resolve()), "bytes": stat.st_size, "modified": stat.st_mtime}
 
 
-def evaluation_settings(cfg, checkpoint: str, finetune_epochs: int = 0) -> Dict[str, object]:
-    """What `run_eval(cfg, checkpoint, finetune_epochs)`'s numbers depend on beyond the run's own
-    model, data and seed: the eval section, the fine-tune length and the weights it loads."""
+def evaluation_settings(cfg, checkpoint: str, finetune_epochs: int = 0,
+                        device: Optional[torch.device] = None) -> Dict[str, object]:
+    """What `run_eval(cfg, checkpoint, finetune_epochs)`'s numbers depend on: the eval section,
+    the images it reads, the encoder's shape, the seed of the probes, the fine-tune length, the
+    number of ranks (the fine-tune batch is per rank), the device type (autocast on GPUs) and
+    the weights it loads."""
+    from .datasets import eval_root
+    from .features import rank_and_world
+
     section = dataclasses.asdict(cfg.eval)
     section.pop("every_epochs")  # when pre-training evaluates; run_eval does not read it
-    return {"eval": section, "finetune_epochs": finetune_epochs, "checkpoint": checkpoint_evaluated(checkpoint)}
+    data = cfg.data
+    images = ({"synthetic_images": data.synthetic_images, "synthetic_classes": data.synthetic_classes}
+              if data.source == "synthetic" else {"root": str(eval_root(cfg).resolve())})
+    return {"eval": section, "images": {"source": data.source, **images},
+            "model": dataclasses.asdict(cfg.model), "seed": cfg.run.seed, "finetune_epochs": finetune_epochs,
+            "world_size": rank_and_world()[1], "device": torch.device(device or default_device()).type,
+            "checkpoint": checkpoint_evaluated(checkpoint)}
 
 
 def load_encoder_weights(encoder: nn.Module, checkpoint: str) -> None:

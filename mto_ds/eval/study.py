@@ -379,12 +379,18 @@ def final_evaluation(run_dir: Path, finetune_epochs: int = 0, device=None) -> di
         raise RuntimeError(f"{run_dir} has not finished; its last checkpoint is not its budget")
     cfg = load_config(run_dir / "config.yaml")
     # Through JSON, as the cached row holds them, so equal settings compare equal.
-    settings = json.loads(json.dumps(evaluation_settings(cfg, str(run_dir), finetune_epochs)))
+    settings = json.loads(json.dumps(evaluation_settings(cfg, str(run_dir), finetune_epochs, device)))
     cached = run_dir / FINAL_EVAL
-    if cached.is_file():
-        row = json.loads(cached.read_text())
-        if _reusable(row, settings):
+    row = json.loads(cached.read_text()) if cached.is_file() else {}
+    if settings["checkpoint"] is None:  # pruned or deleted since: a row of the same settings still counts
+        if row and _reusable(row, {**settings, "checkpoint": (row.get("settings") or {}).get("checkpoint")}):
+            warnings.warn(f"{run_dir} has no complete checkpoint left; using its {FINAL_EVAL} of checkpoint "
+                          f"{row['settings']['checkpoint']}")
             return row
+        raise RuntimeError(f"{run_dir} has no complete checkpoint to evaluate, and no {FINAL_EVAL} "
+                           "computed with the same evaluation settings")
+    if row and _reusable(row, settings):
+        return row
     result = run_eval(cfg, str(run_dir), finetune_epochs, device=device)
     row = {"epoch": run.budget, **result, "settings": settings}
     cached.write_text(json.dumps(row))
