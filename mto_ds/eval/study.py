@@ -382,25 +382,27 @@ def final_evaluation(run_dir: Path, finetune_epochs: int = 0, device=None) -> di
     settings = json.loads(json.dumps(evaluation_settings(cfg, str(run_dir), finetune_epochs, device)))
     cached = run_dir / FINAL_EVAL
     row = json.loads(cached.read_text()) if cached.is_file() else {}
-    if settings["checkpoint"] is None:  # pruned or deleted since: a row of the same settings still counts
-        if row and _reusable(row, {**settings, "checkpoint": (row.get("settings") or {}).get("checkpoint")}):
+    # Checkpoints pruned or deleted since: a row of the same other settings still counts.
+    checkpoint_gone = settings["checkpoint"] is None
+    if row and _reusable(row, settings, compare_checkpoint=not checkpoint_gone):
+        if checkpoint_gone:
             warnings.warn(f"{run_dir} has no complete checkpoint left; using its {FINAL_EVAL} of checkpoint "
                           f"{row['settings']['checkpoint']}")
-            return row
+        return row
+    if checkpoint_gone:
         raise RuntimeError(f"{run_dir} has no complete checkpoint to evaluate, and no {FINAL_EVAL} "
                            "computed with the same evaluation settings")
-    if row and _reusable(row, settings):
-        return row
     result = run_eval(cfg, str(run_dir), finetune_epochs, device=device)
     row = {"epoch": run.budget, **result, "settings": settings}
     cached.write_text(json.dumps(row))
     return row
 
 
-def _reusable(row: dict, settings: dict) -> bool:
+def _reusable(row: dict, settings: dict, compare_checkpoint: bool = True) -> bool:
     """Whether a cached row holds what `settings` asks for, computed from them. A row with a
     fine-tune also serves a request for none: its other numbers do not depend on the fine-tune."""
     done, asked = row.get("settings") or {}, settings["finetune_epochs"]
-    same = all(done.get(key) == value for key, value in settings.items() if key != "finetune_epochs")
+    compared = [key for key in settings if key != "finetune_epochs" and (compare_checkpoint or key != "checkpoint")]
+    same = all(done.get(key) == settings[key] for key in compared)
     metrics = {"knn_top1", "linear_top1"} | ({"finetune_top1"} if asked else set())
     return same and metrics <= set(row) and (asked == 0 or done.get("finetune_epochs") == asked)
