@@ -6,6 +6,7 @@ docs/ROBUSTNESS.md).
 """
 import errno
 import json
+import math
 import os
 import subprocess
 import sys
@@ -240,6 +241,42 @@ def test_nonfinite_losses_skip_their_steps_and_k_in_a_row_stop_the_run(tmp_path)
     assert all(torch.equal(w4[k], w6[k]) for k in w4)  # steps 5 and 6 were skipped
     assert not all(torch.equal(w2[k], w4[k]) for k in w2)  # step 4 trained (step 3 was skipped)
     assert all(torch.isfinite(v).all() for v in w6.values())
+
+
+def test_a_nan_gradient_that_reaches_the_weights_is_never_checkpointed_and_the_run_resumes_before_it(tmp_path):
+    """Step 3's loss is finite but rank 1's gradient is NaN. With the bf16 settings of the shipped
+    ZeRO-1/2 configs, DeepSpeed neither scans gradients for overflow nor skips on a non-finite
+    norm, so the NaN reaches the weights (on CPU here, as on a GPU). The save at step 4 finds
+    them non-finite: the run stops (exit 1) without saving, step 2 stays the newest checkpoint,
+    and a resume without the fault retrains step 3 with the same loss and finishes finite."""
+    ds_config = json.loads((REPO / "ds_configs" / "cpu_zero2.json").read_text())
+    ds_config["bf16"] = json.loads((REPO / "ds_configs" / "zero2_bf16.json").read_text())["bf16"]
+    (tmp_path / "cpu_zero2_bf16.json").write_text(json.dumps(ds_config))
+    run_dir = tmp_path / "run"
+    overrides = ("checkpoint.every_steps=2", f"deepspeed.config={tmp_path / 'cpu_zero2_bf16.json'}")
+    run = Run(run_dir, *overrides, nproc=2,
+              env={"MTO_DS_FAULT_NAN_GRAD_STEPS": "3", "MTO_DS_FAULT_NAN_RANK": "1"}).finish(expect=1)
+    assert "the weights are not finite at step 4 (a non-finite gradient was applied)" in run.output
+    assert f"the newest is {run_dir / 'checkpoints' / 'step_00000002'}" in run.output
+    assert state(run_dir)["reason"].startswith("non-finite weights: ")
+    failed = losses_by_step(run_dir)
+    assert [failed.get(s) is None for s in (1, 2, 3, 4)] == [False, False, False, True]  # 4 ran on NaN weights
+    assert tags(run_dir) == ["step_00000002"]
+
+    resumed = Run(run_dir, *overrides, nproc=2).finish()
+    assert f"resumed from {run_dir}/checkpoints/step_00000002 at step 2" in resumed.output
+    assert state(run_dir) == {"finished": True, "step": STEPS, "total_steps": STEPS, "reason": "completed"}
+    final = losses_by_step(run_dir)
+    assert final[3] == pytest.approx(failed[3], rel=1e-6)  # same weights (step 2's) and samples
+    assert all(final[s] is not None and math.isfinite(final[s]) for s in range(3, STEPS + 1))
+
+
+def test_nan_gradient_fault_steps_parse_and_follow_the_nan_rank():
+    faults = Faults.from_env({"MTO_DS_FAULT_NAN_GRAD_STEPS": "3, 5", "MTO_DS_FAULT_NAN_RANK": "0"})
+    assert faults.nan_gradient(3, 0) and faults.nan_gradient(5, 0)
+    assert not faults.nan_gradient(3, 1) and not faults.nan_gradient(4, 0) and not faults.nan_loss(3, 0)
+    with pytest.raises(ValueError, match="MTO_DS_FAULT_NAN_GRAD_STEPS='x': expected step numbers"):
+        Faults.from_env({"MTO_DS_FAULT_NAN_GRAD_STEPS": "x"})
 
 
 # --- torchrun's elastic agent ---------------------------------------------------------------

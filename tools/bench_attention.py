@@ -40,8 +40,11 @@ def parse_args():
     p.add_argument("--mask-ratio", type=float, default=0.6)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--tiles", nargs="*", default=[], metavar="MxN[xW]",
-                   help="extra fused rows with these BLOCK_M x BLOCK_N tiles [x num_warps], e.g. 64x64x8")
+    p.add_argument("--tiles", nargs="*", default=[], metavar="MxN[xW[xS]]",
+                   help="extra fused rows with these BLOCK_M x BLOCK_N tiles [x num_warps [x num_stages]], "
+                        "e.g. 64x64x8 128x64x8x3")
+    p.add_argument("--paths", nargs="*", default=["sdpa", "reference", "fused"],
+                   help="which of the standard rows to run (the --tiles rows always run)")
     return p.parse_args()
 
 
@@ -53,7 +56,7 @@ def make_inputs(batch, heads, tokens, head_dim, dtype, mask_ratio, device):
     return q, k, v, masked
 
 
-def paths(tiles):
+def paths(tiles, selected):
     """name -> (q, k, v, masked, recalibrate, scale) -> tuple of differentiable outputs."""
     def sdpa(q, k, v, masked, recalibrate, scale):
         return (F.scaled_dot_product_attention(q, k, v, scale=scale),)
@@ -69,6 +72,7 @@ def paths(tiles):
         return fused
 
     table = {"sdpa": sdpa, "reference": reference, "fused": fused_with()}
+    table = {name: fn for name, fn in table.items() if name in selected}
     for tile in tiles:
         table[f"fused {tile}"] = fused_with(tuple(int(x) for x in tile.lower().split("x")))
     return table
@@ -81,19 +85,26 @@ def step(fn, q, k, v, masked, recalibrate, scale):
 
 
 def time_cuda(fn, args, warmup, iters):
-    """(ms per forward+backward, peak MiB allocated above the inputs)."""
+    """(ms per forward+backward, ms per forward alone, peak MiB allocated above the inputs)."""
     for _ in range(warmup):
         step(fn, *args)
     torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with torch.no_grad():
+        start.record()
+        for _ in range(iters):
+            fn(*args)
+        end.record()
+    torch.cuda.synchronize()
+    forward_ms = start.elapsed_time(end) / iters
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(iters):
         step(fn, *args)
     end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters, (torch.cuda.max_memory_allocated() - base) / 2**20
+    return start.elapsed_time(end) / iters, forward_ms, (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def main():
@@ -106,8 +117,8 @@ def main():
     else:
         shapes, dtype, device = [(1, 2, 21, 16)], torch.float32, "CPU (tiny smoke shape, interpreter)"
     print(f"<!-- {device}; dtype {dtype}; mask ratio {args.mask_ratio}; torch {torch.__version__} -->")
-    print("| path | B | H | N | d | recalibrate | fwd+bwd ms | peak MiB | vs sdpa |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| path | B | H | N | d | recalibrate | fwd+bwd ms | fwd ms | peak MiB | vs sdpa |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for batch, heads, tokens, head_dim in shapes:
         torch.manual_seed(0)
         q, k, v, masked = make_inputs(batch, heads, tokens, head_dim, dtype, args.mask_ratio,
@@ -116,23 +127,23 @@ def main():
             call = (q, k, v, masked, recalibrate, head_dim ** -0.5)
             sdpa_ms = None
             ref_out = None if on_cuda else attention_with_row_stats(*call)[0]
-            for name, fn in paths(args.tiles).items():
+            for name, fn in paths(args.tiles, args.paths).items():
                 shown = f"{recalibrate} (ignored)" if name == "sdpa" else recalibrate
                 if name.startswith("fused") and fa.triton is None:
                     print(f"| {name} | {batch} | {heads} | {tokens} | {head_dim} | {shown} | "
-                          "n/a (no triton) | | |")
+                          "n/a (no triton) | | | |")
                     continue
                 if on_cuda:
-                    ms, mib = time_cuda(fn, call, args.warmup, args.iters)
+                    ms, forward_ms, mib = time_cuda(fn, call, args.warmup, args.iters)
                     sdpa_ms = ms if name == "sdpa" else sdpa_ms
                     ratio = f"{ms / sdpa_ms:.2f}x" if sdpa_ms else ""
                     print(f"| {name} | {batch} | {heads} | {tokens} | {head_dim} | {shown} | "
-                          f"{ms:.3f} | {mib:.0f} | {ratio} |")
+                          f"{ms:.3f} | {forward_ms:.3f} | {mib:.0f} | {ratio} |")
                 else:
                     step(fn, *call)
                     diff = (fn(*call)[0] - ref_out).abs().max().item()
                     print(f"| {name} | {batch} | {heads} | {tokens} | {head_dim} | {shown} | "
-                          f"ran (CPU smoke), max abs out diff vs reference {diff:.1e} | | |")
+                          f"ran (CPU smoke), max abs out diff vs reference {diff:.1e} | | | |")
 
 
 if __name__ == "__main__":

@@ -94,8 +94,10 @@ def profile_steps(step, device, steps, trace_path) -> float:
         _sync(device)
     prof.export_chrome_trace(str(trace_path))
     sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    Path(str(trace_path).replace(".trace.json.gz", ".ops.txt")).write_text(
-        prof.key_averages().table(sort_by=sort, row_limit=25))
+    tables = [prof.key_averages().table(sort_by=sort, row_limit=25)]
+    if device.type == "cuda":  # the host's side too: where a launch-bound step spends its time
+        tables.append(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    Path(str(trace_path).replace(".trace.json.gz", ".ops.txt")).write_text("\n".join(tables))
     # Kernels only: user annotations on the GPU timeline (e.g. the optimizer step's range) span
     # idle gaps too, and torch's own tables leave them out as well.
     kernels = [(e.time_range.start, e.time_range.end) for e in prof.events()
@@ -181,7 +183,23 @@ def bench_baseline(arch, img, batch, device, dtype, compiled):
     return step, flops, base, lambda: None
 
 
-def bench_engine(arch, method, mto, zero, img, batch, device, dtype, ckpt, compiled):
+def set_key(config: dict, assignment: str) -> None:
+    """Apply one --ds-set KEY=VALUE (dotted KEY, JSON VALUE) to a DeepSpeed config dict."""
+    key, sep, value = assignment.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"--ds-set expects KEY=VALUE, got {assignment!r}")
+    *parents, leaf = key.split(".")
+    for part in parents:
+        config = config.setdefault(part, {})
+        if not isinstance(config, dict):
+            raise SystemExit(f"--ds-set {assignment!r}: {part!r} is not a section")
+    try:
+        config[leaf] = json.loads(value)
+    except json.JSONDecodeError:
+        config[leaf] = value
+
+
+def bench_engine(arch, method, mto, zero, img, batch, device, dtype, ckpt, compiled, ds_set=()):
     """The project's path: create_mim_model + deepspeed.initialize + the real train_step."""
     import deepspeed
     from mto_ds.engine.builder import param_groups
@@ -199,6 +217,8 @@ def bench_engine(arch, method, mto, zero, img, batch, device, dtype, ckpt, compi
     ds.update(train_batch_size=batch, train_micro_batch_size_per_gpu=batch, gradient_accumulation_steps=1,
               gradient_clipping=5.0 if method == "simmim" else 0.0)
     ds["optimizer"]["params"]["lr"] = 1e-4
+    for assignment in ds_set:
+        set_key(ds, assignment)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.05), config=ds)
     images, mask = _inputs(model, method, batch, img, device, torch.float32)
     images = (images * 40 + 120).clamp(0, 255).to(torch.uint8)
@@ -265,6 +285,9 @@ def main():
     p.add_argument("--data-path", help="the ImageFolder or .beton for --data folder/ffcv")
     p.add_argument("--no-baseline", action="store_true", help="skip the plain timm baseline row")
     p.add_argument("--json", help="also write the rows here (rewritten after every row)")
+    p.add_argument("--ds-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the shipped DeepSpeed config in the engine rows, e.g. "
+                        "zero_optimization.overlap_comm=false (dotted key, JSON value; repeatable)")
     args = p.parse_args()
     if args.tiny:
         args.arch, args.img, args.batch, args.steps, args.warmup = "vit_tiny_patch16", 64, 8, 2, 1
@@ -336,6 +359,7 @@ def main():
     print(f"| config | images/s | step ms (spread of {WINDOWS} windows) | TFLOP/s | MFU | peak GiB allocated / reserved | "
           f"data wait ({args.data}, {args.workers} workers) | GPU busy |\n|---|---|---|---|---|---|---|---|")
     suffix = " compiled" if args.compile else ""
+    engine_suffix = suffix + "".join(f" {a}" for a in args.ds_set)
     if not args.no_baseline:
         run(f"baseline timm {args.arch} SDPA, no DS, no MTO{suffix}", bench_baseline,
             args.arch, args.img, args.batch, device, dtype, args.compile)
@@ -345,9 +369,9 @@ def main():
                 print(f"| {method} ZeRO-3 | not run: train.compile is refused with ZeRO-3 |", flush=True)
                 continue
             for mto in args.mto:
-                run(f"{method} ZeRO-{zero} MTO {mto}{suffix}", bench_engine,
+                run(f"{method} ZeRO-{zero} MTO {mto}{engine_suffix}", bench_engine,
                     args.arch, method, mto == "on", zero, args.img, args.batch, device, dtype,
-                    args.activation_checkpointing, args.compile)
+                    args.activation_checkpointing, args.compile, args.ds_set)
     for line in compare(rows):
         print(line)
     write_json()

@@ -6,6 +6,9 @@ metrics.jsonl: step N is the N-th optimizer step.
 
     MTO_DS_FAULT_NAN_STEPS=3,4      the loss is NaN at these steps
     MTO_DS_FAULT_NAN_RANK=1         ... on this rank only (default: on every rank)
+    MTO_DS_FAULT_NAN_GRAD_STEPS=3   the loss is finite but its gradient is NaN at these steps (on
+                                    MTO_DS_FAULT_NAN_RANK's rank, or every rank): the step that
+                                    DeepSpeed applies when it does not scan gradients for overflow
     MTO_DS_FAULT_EXIT_AT_STEP=N     one rank exits hard (os._exit) right after step N, once per
                                     run directory (a marker file there records that it happened)
     MTO_DS_FAULT_EXIT_RANK=1        ... that rank (default 1)
@@ -39,10 +42,19 @@ def _int(env, name: str) -> Optional[int]:
         raise ValueError(f"{name}={value!r}: expected an integer") from None
 
 
+def _steps(env, name: str) -> FrozenSet[int]:
+    steps = env.get(name, "").replace(" ", "")
+    try:
+        return frozenset(int(s) for s in steps.split(",") if s)
+    except ValueError:
+        raise ValueError(f"{name}={steps!r}: expected step numbers like 3,4") from None
+
+
 @dataclass(frozen=True)
 class Faults:
     nan_steps: FrozenSet[int] = frozenset()
     nan_rank: Optional[int] = None
+    nan_grad_steps: FrozenSet[int] = frozenset()
     exit_at_step: Optional[int] = None
     exit_rank: int = 1
     save_stall_step: Optional[int] = None
@@ -50,11 +62,8 @@ class Faults:
 
     @classmethod
     def from_env(cls, env=os.environ) -> "Faults":
-        steps = env.get("MTO_DS_FAULT_NAN_STEPS", "").replace(" ", "")
-        try:
-            nan_steps = frozenset(int(s) for s in steps.split(",") if s)
-        except ValueError:
-            raise ValueError(f"MTO_DS_FAULT_NAN_STEPS={steps!r}: expected step numbers like 3,4") from None
+        nan_steps, nan_grad_steps = (_steps(env, name) for name in ("MTO_DS_FAULT_NAN_STEPS",
+                                                                      "MTO_DS_FAULT_NAN_GRAD_STEPS"))
         stall = env.get("MTO_DS_FAULT_SAVE_STALL", "").strip()
         stall_step, _, seconds = stall.partition(":")
         try:
@@ -62,13 +71,16 @@ class Faults:
         except ValueError:
             raise ValueError(f"MTO_DS_FAULT_SAVE_STALL={stall!r}: expected STEP or STEP:SECONDS") from None
         exit_rank = _int(env, "MTO_DS_FAULT_EXIT_RANK")
-        return cls(nan_steps=nan_steps, nan_rank=_int(env, "MTO_DS_FAULT_NAN_RANK"),
+        return cls(nan_steps=nan_steps, nan_rank=_int(env, "MTO_DS_FAULT_NAN_RANK"), nan_grad_steps=nan_grad_steps,
                    exit_at_step=_int(env, "MTO_DS_FAULT_EXIT_AT_STEP"),
                    exit_rank=1 if exit_rank is None else exit_rank,
                    save_stall_step=stall_step, save_stall_seconds=seconds)
 
     def nan_loss(self, step: int, rank: int) -> bool:
         return step in self.nan_steps and self.nan_rank in (None, rank)
+
+    def nan_gradient(self, step: int, rank: int) -> bool:
+        return step in self.nan_grad_steps and self.nan_rank in (None, rank)
 
     def exit_after(self, step: int, rank: int, run_dir: Path) -> None:
         if step != self.exit_at_step or rank != self.exit_rank:

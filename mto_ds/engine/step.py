@@ -20,7 +20,8 @@ def _all_finite(loss: torch.Tensor) -> bool:
     return bool(flag.item())
 
 
-def train_step(engine, micro_batches: List[dict], mto_scale: float, with_stats: bool, poison: bool = False):
+def train_step(engine, micro_batches: List[dict], mto_scale: float, with_stats: bool, poison: bool = False,
+               poison_gradient: bool = False):
     """Forward (MIM + MTO terms), engine.backward and engine.step for each micro-batch.
 
     DeepSpeed accumulates gradients and steps the optimizer at the last micro-batch. A
@@ -28,7 +29,7 @@ def train_step(engine, micro_batches: List[dict], mto_scale: float, with_stats: 
     backward runs on zero-weighted clean inputs and the step's learning rate is 0 (the
     optimizer still counts the step: its moment estimates decay, fed by the gradients of the
     step's finite micro-batches, if any).
-    `poison` (fault injection) makes this rank's loss NaN.
+    `poison` (fault injection) makes this rank's loss NaN, `poison_gradient` its gradient.
     Returns (mean of the logged outputs over micro-batches, whether the step was skipped for a
     non-finite loss, whether DeepSpeed skipped it for non-finite gradients: fp16's loss scaler
     does that while it calibrates, and bf16 checks too).
@@ -43,6 +44,8 @@ def train_step(engine, micro_batches: List[dict], mto_scale: float, with_stats: 
         out = engine(images, mask, mto_scale=mto_scale, with_stats=with_stats)
         if poison:
             out["loss"] = out["loss"] * float("nan")
+        if poison_gradient:  # + sqrt(0 * loss): the same value, and d/dloss = 1 + 0 * inf = NaN
+            out["loss"] = out["loss"] + (out["loss"] * 0.0).sqrt()
         logged = {key: out[key].detach().float() for key in LOGGED}
         if _all_finite(out["loss"]):
             engine.backward(out["loss"])

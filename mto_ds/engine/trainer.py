@@ -33,6 +33,22 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+class NonFiniteWeightsError(NonFiniteLossError):
+    """A non-finite gradient reached the weights (DeepSpeed applies it when it does not scan the
+    gradients for overflow: bf16 configs with check_grad_overflow off, and fp32)."""
+
+
+def weights_finite(module: torch.nn.Module, device: torch.device) -> bool:
+    """Whether every rank's weights are finite: ZeRO-3's partitions, else the full tensors.
+    One all-reduce and one read to the host: once per checkpoint, not per step."""
+    tensors = [getattr(p, "ds_tensor", p) for p in module.parameters()]
+    finite = torch.stack([torch.isfinite(t).all() for t in tensors if t.numel()]).all()
+    flag = finite.to(device=device, dtype=torch.float32).reshape(1)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
@@ -158,6 +174,14 @@ class Trainer:
         return tag_dir
 
     def save(self) -> Path:
+        # A checkpoint of non-finite weights would be marked complete and become the resume
+        # point; stop instead, so that the newest complete checkpoint stays the last good one.
+        if not weights_finite(self.engine.module, self.dist.device):
+            newest = self.checkpointer.complete_tags()[:1]
+            raise NonFiniteWeightsError(
+                f"the weights are not finite at step {self.global_step} (a non-finite gradient was "
+                f"applied); stopping without saving. The checkpoints are untouched; the newest is "
+                f"{newest[0] if newest else 'none (none was saved)'}")
         meta = {"zero_stage": zero_stage(self.ds_config), "epoch": self.global_step / self.steps_per_epoch}
         path = self.checkpointer.save(self.engine, self.global_step, self._client_state(), meta)
         self.last_saved_step = self.global_step
@@ -209,7 +233,8 @@ class Trainer:
             if self.last_saved_step != self.global_step:
                 self.save()
         except BaseException as err:
-            reason = (f"non-finite loss: {err}" if isinstance(err, NonFiniteLossError)
+            reason = (f"non-finite weights: {err}" if isinstance(err, NonFiniteWeightsError)
+                      else f"non-finite loss: {err}" if isinstance(err, NonFiniteLossError)
                       else f"error: {type(err).__name__}: {err}")
             raise
         finally:
@@ -236,7 +261,8 @@ class Trainer:
             group["lr"] = lr
         self.trace.record(step, micro_batches)
         means, skipped, overflowed = train_step(self.engine, micro_batches, self.mto_state.loss_scale, log_now,
-                                                poison=self.faults.nan_loss(step, self.dist.rank))
+                                                poison=self.faults.nan_loss(step, self.dist.rank),
+                                                poison_gradient=self.faults.nan_gradient(step, self.dist.rank))
         # fp16's loss scaler skips steps while it calibrates: expected, counted apart. In bf16 or
         # fp32 a step DeepSpeed skips for non-finite gradients is as lost as one with a NaN loss.
         if overflowed and self.dtype == torch.float16:

@@ -233,8 +233,8 @@ def _interpreted() -> bool:
 
 def _launch_config(head_dim: int, dtype: torch.dtype, tiles: Optional[Tuple[int, ...]]) -> Dict[str, int]:
     """Tiles and warps. Chosen from ahead-of-time compiles for sm_90 (no spills, vectorised
-    loads; docs/MTO_KERNEL.md), not from timings: `tiles` = (BLOCK_M, BLOCK_N[, num_warps])
-    overrides them, for tests and tools/bench_attention.py."""
+    loads; docs/MTO_KERNEL.md), not from timings: `tiles` = (BLOCK_M, BLOCK_N[, num_warps[,
+    num_stages]]) overrides them, for tests and tools/bench_attention.py."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if dtype == torch.float32:  # exact fp32 products run on FMA units; larger tiles spill
         block_m, block_n, num_warps = 32, 32, 8
@@ -242,10 +242,13 @@ def _launch_config(head_dim: int, dtype: torch.dtype, tiles: Optional[Tuple[int,
         block_m, block_n, num_warps = 64, 64, 4
     else:
         block_m, block_n, num_warps = 64, 32, 8
+    num_stages = 2
     if tiles:
         block_m, block_n = tiles[:2]
         num_warps = tiles[2] if len(tiles) > 2 else num_warps
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "num_warps": num_warps, "num_stages": 2}
+        num_stages = tiles[3] if len(tiles) > 3 else num_stages
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "num_warps": num_warps,
+            "num_stages": num_stages}
 
 
 def _row_stats_forward(q, k, v, masked_i8, recalibrate, scale, config):
@@ -344,7 +347,7 @@ def fused_attention_with_row_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     masked bool [B, N]. Returns (out [B, H, N, d] in v's dtype, stats) with float32 [B, H, N]
     `mass_on_masked` and `norm_entropy`, differentiable in q, k, v. Accumulation is fp32.
     Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (tests). `tiles`
-    (BLOCK_M, BLOCK_N[, num_warps]) overrides the launch configuration (tests, benchmarks).
+    (BLOCK_M, BLOCK_N[, num_warps[, num_stages]]) overrides the launch configuration (tests, benchmarks).
     """
     _check_fused_inputs(q, k, v, masked)
     out, mass, entropy = _FusedRowStatsAttention.apply(q, k, v, masked, bool(recalibrate), float(scale), tiles)
