@@ -4,8 +4,8 @@
 # meant to fit a job of about 10 minutes:
 #
 #   tools/bench_gpu.sh OUT_DIR kernel     # CUDA kernel tests (fused attention vs reference) + bench_attention
-#   tools/bench_gpu.sh OUT_DIR large      # ViT-L/16 SimMIM + MAE, MTO on/off, ZeRO-2, batch 128, profiled
-#   tools/bench_gpu.sh OUT_DIR compiled   # ViT-L/16 SimMIM, MTO on/off, ZeRO-2, batch 128, train.compile
+#   tools/bench_gpu.sh OUT_DIR large      # ViT-L/16 SimMIM + MAE, MTO on/off, ZeRO-1 and 2, batch 128, profiled
+#   tools/bench_gpu.sh OUT_DIR compiled   # ViT-L/16 SimMIM, MTO on/off, ZeRO-1 and 2, batch 128, train.compile
 #   tools/bench_gpu.sh OUT_DIR huge       # ViT-H/14 SimMIM + MTO, ZeRO-3, activation checkpointing, batch 64 and 128
 #   tools/bench_gpu.sh OUT_DIR all        # the four in order
 #
@@ -55,11 +55,11 @@ if [[ $part == kernel || $part == all ]]; then
 fi
 if [[ $part == large || $part == all ]]; then
     run vit_l "$py" tools/bench_step.py --arch vit_large_patch16 --method simmim mae --mto on off \
-        --zero 2 --batch 128 --steps 10 --profile "$out/profile_vit_l" --json "$out/vit_l.json"
+        --zero 1 2 --batch 128 --steps 10 --profile "$out/profile_vit_l" --json "$out/vit_l.json"
 fi
 if [[ $part == compiled || $part == all ]]; then
     run vit_l_compiled "$py" tools/bench_step.py --arch vit_large_patch16 --method simmim --mto on off \
-        --zero 2 --batch 128 --steps 10 --compile --data none --json "$out/vit_l_compiled.json"
+        --zero 1 2 --batch 128 --steps 10 --compile --data none --json "$out/vit_l_compiled.json"
 fi
 if [[ $part == huge || $part == all ]]; then
     # One process per batch: a ZeRO-3 engine keeps its memory until its process ends. The plain
