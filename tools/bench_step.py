@@ -202,7 +202,7 @@ def set_key(config: dict, assignment: str) -> None:
 def bench_engine(arch, method, mto, zero, img, batch, device, dtype, ckpt, compiled, ds_set=()):
     """The project's path: create_mim_model + deepspeed.initialize + the real train_step."""
     import deepspeed
-    from mto_ds.engine.builder import param_groups
+    from mto_ds.engine.builder import mark_zero3_leaf_blocks, param_groups
     from mto_ds.engine.signals import StopRequest
     from mto_ds.engine.step import train_step
     from mto_ds.models import create_mim_model
@@ -219,6 +219,7 @@ def bench_engine(arch, method, mto, zero, img, batch, device, dtype, ckpt, compi
     ds["optimizer"]["params"]["lr"] = 1e-4
     for assignment in ds_set:
         set_key(ds, assignment)
+    mark_zero3_leaf_blocks(model, ds)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.05), config=ds)
     images, mask = _inputs(model, method, batch, img, device, torch.float32)
     images = (images * 40 + 120).clamp(0, 255).to(torch.uint8)

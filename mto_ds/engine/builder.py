@@ -8,6 +8,7 @@ from typing import Dict, List
 from torch import nn
 
 from ..config import Config, ConfigError, read_deepspeed_json
+from ..models.vit import MTOBlock
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,16 @@ def deepspeed_config(cfg: Config, batch: BatchPlan) -> dict:
 
 def zero_stage(ds: dict) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def mark_zero3_leaf_blocks(model: nn.Module, ds: dict) -> None:
+    """Under ZeRO-3, make each transformer block one leaf for DeepSpeed: it gathers and releases
+    the block's weights in one go around the block's call, instead of hooking every layer
+    inside it. Those per-layer hooks are host work (on an H100, a quarter of a ViT-H step went
+    to releasing layers' parameters; docs/BENCHMARKS.md). Call before deepspeed.initialize."""
+    if zero_stage(ds) == 3:
+        from deepspeed.utils import set_z3_leaf_modules
+        set_z3_leaf_modules(model, [MTOBlock])
 
 
 def precision(ds: dict) -> str:

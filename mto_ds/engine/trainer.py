@@ -16,8 +16,8 @@ from ..data import build_pretrain_loader
 from ..data.order import steps_per_epoch
 from ..models import create_mim_model, mask_fn_for
 from ..mto.state import MTOState
-from .builder import (BatchPlan, deepspeed_config, learning_rate, param_groups, peak_lr, plan_batch, precision,
-                      schedule_steps, zero_stage)
+from .builder import (BatchPlan, deepspeed_config, learning_rate, mark_zero3_leaf_blocks, param_groups, peak_lr,
+                      plan_batch, precision, schedule_steps, zero_stage)
 from .checkpoint import Checkpointer
 from .distributed import DistInfo, check_shared_directory, init_distributed
 from .faults import Faults, SampleTrace
@@ -130,6 +130,7 @@ class Trainer:
                                          self.dist.rank, self.dist.world_size, self.faults,
                                          zero_stage(self.ds_config), local_rank=self.dist.local_rank)
         candidates = self.checkpointer.candidates(cfg.checkpoint.resume)
+        mark_zero3_leaf_blocks(model, self.ds_config)
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
                                                config=self.ds_config)
         self.dtype = DTYPES[precision(self.ds_config)]

@@ -25,32 +25,48 @@ TIMM_NAMES = {
 }
 
 
+class MTOBlock(Block):
+    """timm's Block (same parameters and names). Called as timm calls it, it is timm's forward;
+    called with `mode`, the attention takes MTO's path and the block returns (x, row statistics
+    or None).
+
+    All of a block's work happens inside its own call, so ZeRO-3 can gather the block's weights
+    at once as one leaf module (engine/builder.py), instead of hooking each of its layers.
+    """
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False, *,
+                masked: Optional[torch.Tensor] = None, recalibrate: bool = False, mode: Optional[str] = None):
+        if mode is None:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        if mode == TELEMETRY:
+            # Output through SDPA as in the baseline; statistics beside it, without gradients.
+            y, _ = self.attn.forward_mto(self.norm1(x), masked, recalibrate, with_stats=False)
+            with torch.no_grad():
+                stats = self.attn.row_stats(self.norm1(x), masked, recalibrate)
+        else:
+            y, stats = self.attn.forward_mto(self.norm1(x), masked, recalibrate, with_stats=mode == LOSS)
+        x = x + self.drop_path1(self.ls1(y))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x, stats
+
+
 def create_encoder(arch: str, img_size: int = 224, drop_path: float = 0.0) -> nn.Module:
-    """A timm VisionTransformer (no head) whose blocks use MTOAttention (same parameter names)."""
+    """A timm VisionTransformer (no head) of MTOBlocks with MTOAttention (timm's parameter names)."""
     if arch not in TIMM_NAMES:
         raise ValueError(f"unknown arch '{arch}'; expected one of {sorted(TIMM_NAMES)}")
     return timm.create_model(TIMM_NAMES[arch], pretrained=False, num_classes=0, img_size=img_size,
-                             drop_path_rate=drop_path, attn_layer=MTOAttention)
+                             drop_path_rate=drop_path, attn_layer=MTOAttention, block_fn=MTOBlock)
 
 
-def mim_block(dim: int, num_heads: int) -> Block:
+def mim_block(dim: int, num_heads: int) -> MTOBlock:
     """A decoder block like MAE's (timm Block, LayerNorm eps 1e-6) with MTO-capable attention."""
-    return Block(dim, num_heads, mlp_ratio=4.0, qkv_bias=True, attn_layer=MTOAttention,
-                 norm_layer=partial(nn.LayerNorm, eps=1e-6))
+    return MTOBlock(dim, num_heads, mlp_ratio=4.0, qkv_bias=True, attn_layer=MTOAttention,
+                    norm_layer=partial(nn.LayerNorm, eps=1e-6))
 
 
-def _block_forward(block: Block, x: torch.Tensor, masked: torch.Tensor, recalibrate: bool, mode: str):
-    """timm Block.forward, with the attention's MTO path; returns (x, row statistics or None)."""
-    if mode == TELEMETRY:
-        # Output through SDPA as in the baseline; statistics beside it, without gradients.
-        y, _ = block.attn.forward_mto(block.norm1(x), masked, recalibrate, with_stats=False)
-        with torch.no_grad():
-            stats = block.attn.row_stats(block.norm1(x), masked, recalibrate)
-    else:
-        y, stats = block.attn.forward_mto(block.norm1(x), masked, recalibrate, with_stats=mode == LOSS)
-    x = x + block.drop_path1(block.ls1(y))
-    x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-    return x, stats
+def _block_forward(block: MTOBlock, x: torch.Tensor, masked: torch.Tensor, recalibrate: bool, mode: str):
+    """One block on MTO's path: (x, row statistics or None)."""
+    return block(x, masked=masked, recalibrate=recalibrate, mode=mode)
 
 
 def _plain_block_forward(block: Block, x: torch.Tensor) -> torch.Tensor:
@@ -118,5 +134,5 @@ def block_telemetry(summaries, device) -> Dict[str, torch.Tensor]:
             for key in ("heterogeneity", "entropy_masked", "entropy_visible")}
 
 
-__all__ = ["create_encoder", "mim_block", "run_blocks", "run_plain_blocks", "sincos_pos_embed",
+__all__ = ["MTOBlock", "create_encoder", "mim_block", "run_blocks", "run_plain_blocks", "sincos_pos_embed",
            "TIMM_NAMES", "block_telemetry"]
