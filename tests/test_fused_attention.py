@@ -176,6 +176,18 @@ def test_interpreted_kernel_visible_outputs_ignore_mask_token_values_when_recali
 
 
 # ---------------------------------------------------------------- CPU, no kernel
+def test_interpreted_kernel_compiles_into_one_graph_with_the_eager_results(interpreter_report):
+    """train.compile: a block that calls the kernel stays one graph (no break) and computes the same."""
+    assert interpreter_report["compiled_vs_eager"] == 0.0
+
+
+def test_kernel_operators_pass_torch_library_opcheck(interpreter_report):
+    """Fake shapes, schema and autograd registration of both custom operators, as torch checks them."""
+    checks = interpreter_report["opcheck"]
+    assert {name.split()[0] for name in checks} == {"forward", "backward"}
+    assert checks and all(result == "SUCCESS" for result in checks.values()), checks
+
+
 def test_dispatcher_takes_reference_path_on_cpu():
     qkv, masked, _ = _make_inputs(INTERPRETER_CASES["recalibrated_fp32"], "cpu")
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
@@ -279,6 +291,11 @@ def test_cuda_kernel_visible_outputs_ignore_mask_token_values_when_recalibrated(
 
 
 @cuda_only
+def test_cuda_kernel_compiled_by_inductor_inside_one_graph_matches_eager(exact_fp32_matmuls):
+    assert compiled_against_eager(CUDA_CASES["vit_fp32_recalibrated"], "cuda", backend="inductor") <= 1e-5
+
+
+@cuda_only
 def test_dispatcher_takes_fused_kernel_on_cuda_only_without_dropout_and_for_supported_head_dims():
     q = torch.randn(2, 4, 197, 64, device="cuda", dtype=torch.bfloat16)
     assert fused_path_applies(q, q, q, 0.0)
@@ -288,10 +305,46 @@ def test_dispatcher_takes_fused_kernel_on_cuda_only_without_dropout_and_for_supp
     assert not fused_path_applies(q.cpu(), q.cpu(), q.cpu(), 0.0)
 
 
+def compiled_against_eager(case, device, backend="aot_eager"):
+    """Largest |compiled - eager| over outputs and gradients, with the fused kernel traced by
+    torch.compile as part of one graph (fullgraph=True fails on a graph break)."""
+    qkv, masked, cotangents = _make_inputs(case, device)
+
+    def fused(q, k, v, masked, recalibrate, scale):
+        return fused_attention_with_row_stats(q, k, v, masked, recalibrate, scale, tiles=case.get("tiles"))
+    torch._dynamo.reset()
+    eager = _run(fused, qkv, masked, cotangents, case["recalibrate"])
+    traced = _run(torch.compile(fused, backend=backend, fullgraph=True), qkv, masked, cotangents,
+                  case["recalibrate"])
+    return max((eager[name] - traced[name]).abs().max().item() for name in eager)
+
+
+def custom_op_checks(case, device) -> dict:
+    """torch.library.opcheck of the two operators (fake shapes, schema, autograd registration)."""
+    from torch.library import opcheck
+    from mto_ds.mto.fused_attention import _CONFIG_KEYS, _launch_config
+    qkv, masked, _ = _make_inputs(case, device)
+    q, k, v = (t.detach().requires_grad_() for t in qkv.permute(2, 0, 3, 1, 4).unbind(0))
+    config = _launch_config(q.shape[-1], q.dtype, case.get("tiles"))
+    args = (q, k, v, masked.to(torch.int8), case["recalibrate"], q.shape[-1] ** -0.5,
+            [config[key] for key in _CONFIG_KEYS])
+    forward = opcheck(torch.ops.mto_ds.row_stats_attention.default, args)
+    with torch.no_grad():  # the backward operator has no derivative of its own (no double backward)
+        saved = torch.ops.mto_ds.row_stats_attention.default(*args)
+        out, _, mass, entropy = saved
+        backward = opcheck(torch.ops.mto_ds.row_stats_attention_backward.default,
+                           (*(t.detach() for t in args[:4]), *saved, torch.randn_like(out), torch.randn_like(mass),
+                            torch.randn_like(entropy), *args[4:]))
+    return {f"forward {name}": result for name, result in forward.items()} | {
+        f"backward {name}": result for name, result in backward.items()}
+
+
 def _interpreter_report() -> dict:
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
     report = {name: compare_with_reference(case, "cpu") for name, case in INTERPRETER_CASES.items()}
     report["invariance"] = visible_rows_under_changed_mask_token(INTERPRETER_CASES["recalibrated_fp32"], "cpu")
+    report["compiled_vs_eager"] = compiled_against_eager(INTERPRETER_CASES["recalibrated_fp32"], "cpu")
+    report["opcheck"] = custom_op_checks(INTERPRETER_CASES["recalibrated_fp32"], "cpu")
     return report
 
 

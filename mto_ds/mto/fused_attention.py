@@ -13,7 +13,7 @@ defined and the dispatcher always takes the reference path.
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -302,27 +302,67 @@ def _dot_precision(dtype: torch.dtype) -> Optional[str]:
     return "ieee" if dtype == torch.float32 else None
 
 
-class _FusedRowStatsAttention(torch.autograd.Function):
-    """(q, k, v) -> (out, mass_on_masked, entropy H_i in nats); saves only O(B H N) extras."""
+# The kernels as two custom operators with a registered autograd formula: torch.compile traces
+# through them (shapes from the fake implementations) without a graph break, so a compiled
+# block stays one graph with the kernel inside it; eager calls run them as plain functions.
+_CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "num_warps", "num_stages")
 
-    @staticmethod
-    def forward(ctx, q, k, v, masked, recalibrate: bool, scale: float, tiles: Optional[Tuple[int, ...]] = None):
-        config = _launch_config(q.shape[-1], q.dtype, tiles)
-        q, k, v = (_unit_last_stride(t) for t in (q, k, v))
-        masked_i8 = masked.to(torch.int8).contiguous()
-        with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-            out, lse, mass, entropy = _row_stats_forward(q, k, v, masked_i8, recalibrate, scale, config)
-        ctx.save_for_backward(q, k, v, masked_i8, out, lse, mass, entropy)
-        ctx.recalibrate, ctx.scale, ctx.config = recalibrate, scale, config
-        return out, mass, entropy
 
-    @staticmethod
-    def backward(ctx, dout, dmass, dentropy):
-        q, k, v, masked_i8, out, lse, mass, entropy = ctx.saved_tensors
-        with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-            dq, dk, dv = _row_stats_backward(q, k, v, masked_i8, out, lse, mass, entropy, dout, dmass,
-                                             dentropy, ctx.recalibrate, ctx.scale, ctx.config)
-        return dq, dk, dv, None, None, None, None
+@torch.library.custom_op("mto_ds::row_stats_attention", mutates_args=())
+def _row_stats_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked_i8: torch.Tensor,
+                            recalibrate: bool, scale: float, config: List[int],
+                            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, lse, mass on masked keys, entropy H in nats); lse only for the backward."""
+    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    masked_i8 = masked_i8.contiguous()
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        return _row_stats_forward(q, k, v, masked_i8, recalibrate, scale, dict(zip(_CONFIG_KEYS, config)))
+
+
+@_row_stats_attention_op.register_fake
+def _(q, k, v, masked_i8, recalibrate, scale, config):
+    rows = q.shape[:3]
+    return (torch.empty(q.shape, dtype=v.dtype, device=q.device),
+            *(torch.empty(rows, dtype=torch.float32, device=q.device) for _ in range(3)))
+
+
+@torch.library.custom_op("mto_ds::row_stats_attention_backward", mutates_args=())
+def _row_stats_attention_backward_op(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked_i8: torch.Tensor, out: torch.Tensor,
+        lse: torch.Tensor, mass: torch.Tensor, entropy: torch.Tensor, dout: torch.Tensor, dmass: torch.Tensor,
+        dentropy: torch.Tensor, recalibrate: bool, scale: float, config: List[int],
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    masked_i8 = masked_i8.contiguous()
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        return _row_stats_backward(q, k, v, masked_i8, out, lse, mass, entropy, dout, dmass, dentropy,
+                                   recalibrate, scale, dict(zip(_CONFIG_KEYS, config)))
+
+
+@_row_stats_attention_backward_op.register_fake
+def _(q, k, v, masked_i8, out, lse, mass, entropy, dout, dmass, dentropy, recalibrate, scale, config):
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, masked_i8, recalibrate, scale, config = inputs
+    out, lse, mass, entropy = output
+    ctx.save_for_backward(q, k, v, masked_i8, out, lse, mass, entropy)
+    ctx.recalibrate, ctx.scale, ctx.config = recalibrate, scale, config
+
+
+def _backward(ctx, dout, dlse, dmass, dentropy):
+    q, k, v, masked_i8, out, lse, mass, entropy = ctx.saved_tensors
+    # An output no loss used arrives as None: its cotangent is zero.
+    dout = torch.zeros_like(out) if dout is None else dout
+    dmass = torch.zeros_like(mass) if dmass is None else dmass
+    dentropy = torch.zeros_like(entropy) if dentropy is None else dentropy
+    dq, dk, dv = _row_stats_attention_backward_op(q, k, v, masked_i8, out, lse, mass, entropy, dout, dmass,
+                                                  dentropy, ctx.recalibrate, ctx.scale, ctx.config)
+    return dq, dk, dv, None, None, None, None
+
+
+_row_stats_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def keys_per_row(masked: torch.Tensor, recalibrate: bool) -> torch.Tensor:
@@ -334,9 +374,6 @@ def keys_per_row(masked: torch.Tensor, recalibrate: bool) -> torch.Tensor:
     return torch.where(masked, float(num_tokens), num_visible)[:, None]
 
 
-# Compiled blocks (train.compile) call the kernels as they are, between two compiled graphs:
-# dynamo tracing into this autograd.Function and its Triton launches is not yet checked on a GPU.
-@torch.compiler.disable
 def fused_attention_with_row_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                    masked: torch.Tensor, recalibrate: bool, scale: float, *,
                                    tiles: Optional[Tuple[int, ...]] = None,
@@ -350,7 +387,9 @@ def fused_attention_with_row_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     (BLOCK_M, BLOCK_N[, num_warps[, num_stages]]) overrides the launch configuration (tests, benchmarks).
     """
     _check_fused_inputs(q, k, v, masked)
-    out, mass, entropy = _FusedRowStatsAttention.apply(q, k, v, masked, bool(recalibrate), float(scale), tiles)
+    config = _launch_config(q.shape[-1], q.dtype, tiles)
+    out, _, mass, entropy = _row_stats_attention_op(q, k, v, masked.to(torch.int8), bool(recalibrate), float(scale),
+                                                    [config[key] for key in _CONFIG_KEYS])
     n_keys = keys_per_row(masked, recalibrate)
     return out, {"mass_on_masked": mass, "norm_entropy": entropy / n_keys.clamp(min=2.0).log()}
 
