@@ -32,7 +32,7 @@ def train_step(engine, micro_batches: List[dict], mto_scale: float, with_stats: 
     `poison` (fault injection) makes this rank's loss NaN, `poison_gradient` its gradient.
     Returns (mean of the logged outputs over micro-batches, whether the step was skipped for a
     non-finite loss, whether DeepSpeed skipped it for non-finite gradients: fp16's loss scaler
-    does that while it calibrates, and bf16 checks too).
+    does that while it calibrates, bf16 only with check_grad_overflow on, fp32 when clipping).
     """
     sums: Dict[str, torch.Tensor] = {}
     skipped = overflowed = False

@@ -34,8 +34,8 @@ class NonFiniteLossError(RuntimeError):
 
 
 class NonFiniteWeightsError(NonFiniteLossError):
-    """A non-finite gradient reached the weights (DeepSpeed applies it when it does not scan the
-    gradients for overflow: bf16 configs with check_grad_overflow off, and fp32)."""
+    """A non-finite gradient reached the weights. DeepSpeed applies one when nothing checks the
+    gradients: bf16 with check_grad_overflow off (the shipped configs), fp32 without clipping."""
 
 
 def weights_finite(module: torch.nn.Module, device: torch.device) -> bool:
