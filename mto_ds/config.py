@@ -102,6 +102,12 @@ class MTOConfig:
     lambda_r: float = 0.1
     delta: float = 0.0
     warmup_steps: int = 0
+    # Which implementation computes the statistics that carry gradients (docs/MTO_KERNEL.md):
+    # auto (the Triton kernel on CUDA, else the reference) | fused | sdpa | reference.
+    kernel: str = "auto"
+
+
+MTO_KERNELS = ("auto", "fused", "sdpa", "reference")
 
 
 @dataclass
@@ -291,6 +297,7 @@ def validate(cfg: Config) -> None:
         _check(getattr(mto, key) >= 0 and math.isfinite(getattr(mto, key)), f"mto.{key}",
                "a finite number >= 0", getattr(mto, key))
     _check(mto.warmup_steps >= 0, "mto.warmup_steps", "an integer >= 0", mto.warmup_steps)
+    _check(mto.kernel in MTO_KERNELS, "mto.kernel", f"one of {', '.join(MTO_KERNELS)}", mto.kernel)
 
     if d.source == "folder" and d.path and all((Path(d.path) / split).is_dir() for split in ("train", "val")):
         raise ConfigError(f"bad value for 'data.path': {d.path} holds train/ and val/, so pre-training "

@@ -33,6 +33,12 @@ def test_batch_not_divisible_by_ranks_is_a_config_error(tmp_path):
     assert result.returncode == 2 and "train.micro_batch_size" in result.stderr
 
 
+def test_fused_mto_kernel_without_a_gpu_is_a_config_error_naming_the_key(tmp_path):
+    result = pretrain(tmp_path / "run", "mto.kernel=fused", check=False)
+    assert result.returncode == 2 and "mto.kernel" in result.stderr and "CUDA" in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_exported_encoder_loads_into_timm_without_missing_keys(tmp_path):
     run = tmp_path / "run"
     pretrain(run, "train.steps=2")

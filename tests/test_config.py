@@ -38,6 +38,7 @@ def test_wrong_type_says_what_was_expected():
     ("model.arch=vit_giant", "model.arch"),
     ("model.method=beit", "model.method"),
     ("mto.recalibrate=sometimes", "mto.recalibrate"),
+    ("mto.kernel=triton", "mto.kernel"),
     ("train.global_batch_size=0", "train.global_batch_size"),
     ("model.mask_ratio=1.5", "model.mask_ratio"),
     ("model.img_size=100", "model.img_size"),

@@ -23,129 +23,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from mto_ds.mto.fused_attention import (attention_with_row_stats_auto, fused_attention_with_row_stats,
-                                        fused_path_applies, triton)
+from attention_cases import (CUDA_CASES, FORWARD, GRADIENTS, INTERPRETER_CASES, _make_inputs, _run,
+                             assert_within_tolerance, compare_with_reference, visible_rows_under_changed_mask_token)
+from mto_ds.mto.attention import attention_with_row_stats_by
+from mto_ds.mto.fused_attention import fused_attention_with_row_stats, fused_path_applies, triton
 from mto_ds.mto.stats import attention_with_row_stats
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TERMS = ("out", "mass_on_masked", "norm_entropy")
-RTOL = {torch.float32: 2e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
-STATS_ATOL = {torch.float32: 1e-4, torch.float16: 1e-3, torch.bfloat16: 1e-3}
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-# Small shapes for the interpreter. Default tiles are 64 x 64 (32 x 32 for fp32), so N = 70
-# spans two (three) tiles, the last partial; "tiles" overrides them. "edge" masks sample 0's
-# first 20 tokens (CLS included: a visible query then meets a whole excluded key tile) and no
-# token of sample 1; "cls_only_visible" masks all of sample 0 but CLS, whose row then has a
-# single key (entropy 0, normalised by log 2).
-INTERPRETER_CASES = {
-    "plain_fp32": dict(shape=(2, 2, 70, 16), dtype="fp32", recalibrate=False),
-    "recalibrated_fp32": dict(shape=(2, 2, 70, 16), dtype="fp32", recalibrate=True),
-    "recalibrated_only_cls_visible_fp32": dict(shape=(2, 2, 40, 16), dtype="fp32", recalibrate=True,
-                                               mask="cls_only_visible", tiles=(16, 16)),
-    "recalibrated_edge_masks_small_tiles_head_dim_24_fp32": dict(
-        shape=(2, 2, 53, 24), dtype="fp32", recalibrate=True, mask="edge", tiles=(16, 32)),
-    "recalibrated_fp16": dict(shape=(2, 2, 53, 32), dtype="fp16", recalibrate=True, tiles=(16, 16)),
-    "plain_fp16": dict(shape=(2, 2, 70, 32), dtype="fp16", recalibrate=False),
-    "recalibrated_unequal_tiles_fp16": dict(shape=(1, 2, 53, 32), dtype="fp16", recalibrate=True, tiles=(32, 16)),
-}
-CUDA_CASES = {
-    f"vit_{name}_{'recalibrated' if recal else 'plain'}": dict(shape=(2, 16, 197, 64), dtype=name, recalibrate=recal)
-    for name in ("bf16", "fp16", "fp32") for recal in (False, True)
-}
-CUDA_CASES["vit_bf16_recalibrated_n257_edge_masks"] = dict(shape=(2, 16, 257, 64), dtype="bf16",
-                                                           recalibrate=True, mask="edge")
-CUDA_CASES["vit_bf16_recalibrated_only_cls_visible"] = dict(shape=(2, 16, 197, 64), dtype="bf16",
-                                                            recalibrate=True, mask="cls_only_visible")
-# The other head dims the benchmarks meet: ViT-H/14 (80, padded to a 128 tile; 257 tokens) and
-# the MAE decoder (512 / 16 heads = 32).
-CUDA_CASES["vit_h_bf16_recalibrated_head_dim_80"] = dict(shape=(2, 16, 257, 80), dtype="bf16", recalibrate=True)
-CUDA_CASES["mae_decoder_bf16_recalibrated_head_dim_32"] = dict(shape=(2, 16, 197, 32), dtype="bf16",
-                                                               recalibrate=True)
 
 
-def _make_inputs(case, device):
-    """Leaf qkv [B, N, 3, H, d] in the case's dtype (timm's layout) and masked bool [B, N]."""
-    batch, heads, tokens, head_dim = case["shape"]
-    gen = torch.Generator().manual_seed(0)
-    qkv = 1.5 * torch.randn(batch, tokens, 3, heads, head_dim, generator=gen)
-    masked = torch.rand(batch, tokens, generator=gen) < 0.6
-    masked[:, 0] = False
-    if case.get("mask") == "edge":
-        masked[0, :20] = True
-        masked[-1] = False
-    elif case.get("mask") == "cls_only_visible":  # visible rows of sample 0 have one key: n_i = 1
-        masked[0, 1:] = True
-    cotangents = {
-        "out": torch.randn(batch, tokens, heads, head_dim, generator=gen),
-        "mass_on_masked": torch.randn(batch, heads, tokens, generator=gen),
-        "norm_entropy": torch.randn(batch, heads, tokens, generator=gen),
-    }
-    qkv = qkv.to(DTYPES[case["dtype"]])
-    return qkv.to(device), masked.to(device), {k: c.to(device) for k, c in cotangents.items()}
-
-
-def _run(attention, qkv, masked, cotangents, recalibrate):
-    """Forward values and, per loss term, the gradient in q, k, v (all as fp32)."""
-    qkv = qkv.detach().requires_grad_()
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)       # strided views, as timm's Attention
-    out, stats = attention(q, k, v, masked, recalibrate, q.shape[-1] ** -0.5)
-    # The out term reads out through a transpose, so the kernel gets a non-contiguous dout.
-    terms = {"out": out.transpose(1, 2), **stats}
-    result = {name: value.detach().float() for name, value in terms.items()}
-    for term, value in terms.items():
-        (grad,) = torch.autograd.grad((value.float() * cotangents[term]).sum(), qkv, retain_graph=True)
-        for i, name in enumerate("qkv"):
-            result[f"d{name}/{term}"] = grad[:, :, i].float()
-    return result
-
-
-def compare_with_reference(case, device):
-    """{quantity: {fused, reference, scale}}: max errors against fp32 truth, max |truth|."""
-    qkv, masked, cotangents = _make_inputs(case, device)
-    recalibrate = case["recalibrate"]
-
+def fused_for(case):
+    """The fused kernel with the case's tiles, in the reference's signature."""
     def fused(q, k, v, masked, recalibrate, scale):
         return fused_attention_with_row_stats(q, k, v, masked, recalibrate, scale, tiles=case.get("tiles"))
-
-    truth = _run(attention_with_row_stats, qkv.float(), masked, cotangents, recalibrate)
-    reference = _run(attention_with_row_stats, qkv, masked, cotangents, recalibrate)
-    kernel = _run(fused, qkv, masked, cotangents, recalibrate)
-    return {name: {"fused": (kernel[name] - t).abs().max().item(),
-                   "reference": (reference[name] - t).abs().max().item(),
-                   "scale": t.abs().max().item()} for name, t in truth.items()}
-
-
-def visible_rows_under_changed_mask_token(case, device):
-    """Recalibrated fused attention run twice, v at masked keys changed in between.
-
-    Returns the largest change of the output at visible rows and the largest mass that a
-    visible row puts on masked keys; both must be exactly 0.
-    """
-    qkv, masked, _ = _make_inputs(case, device)
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    scale = q.shape[-1] ** -0.5
-    out_a, stats = fused_attention_with_row_stats(q, k, v, masked, True, scale)
-    v_changed = torch.where(masked[:, None, :, None], v + 5.0, v)
-    out_b, _ = fused_attention_with_row_stats(q, k, v_changed, masked, True, scale)
-    visible = ~masked[:, None, :]
-    return {"visible_out_change": (out_a - out_b).abs().amax(-1)[visible.expand_as(out_a[..., 0])].max().item(),
-            "visible_mass": stats["mass_on_masked"][visible.expand_as(out_a[..., 0])].abs().max().item()}
-
-
-def _assert_within_tolerance(errors, case, names):
-    dtype = DTYPES[case["dtype"]]
-    for name in names:
-        e = errors[name]
-        if "/" in name or name == "out":
-            bound = 2.0 * e["reference"] + RTOL[dtype] * e["scale"]
-        else:
-            bound = STATS_ATOL[dtype]
-        assert e["fused"] <= bound, f"{name}: fused error {e['fused']:.3g} > bound {bound:.3g} ({e})"
-
-
-FORWARD = TERMS
-GRADIENTS = tuple(f"d{x}/{term}" for term in TERMS for x in "qkv")
+    return fused
 
 
 # ---------------------------------------------------------------- CPU, Triton interpreter
@@ -163,12 +54,12 @@ def interpreter_report():
 
 @pytest.mark.parametrize("case_name", INTERPRETER_CASES)
 def test_interpreted_kernel_outputs_and_statistics_match_reference(interpreter_report, case_name):
-    _assert_within_tolerance(interpreter_report[case_name], INTERPRETER_CASES[case_name], FORWARD)
+    assert_within_tolerance(interpreter_report[case_name], INTERPRETER_CASES[case_name], FORWARD)
 
 
 @pytest.mark.parametrize("case_name", INTERPRETER_CASES)
 def test_interpreted_kernel_gradients_match_reference_for_each_loss_term(interpreter_report, case_name):
-    _assert_within_tolerance(interpreter_report[case_name], INTERPRETER_CASES[case_name], GRADIENTS)
+    assert_within_tolerance(interpreter_report[case_name], INTERPRETER_CASES[case_name], GRADIENTS)
 
 
 def test_interpreted_kernel_visible_outputs_ignore_mask_token_values_when_recalibrated(interpreter_report):
@@ -192,7 +83,7 @@ def test_dispatcher_takes_reference_path_on_cpu():
     qkv, masked, _ = _make_inputs(INTERPRETER_CASES["recalibrated_fp32"], "cpu")
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     assert not fused_path_applies(q, k, v, 0.0)
-    out, stats = attention_with_row_stats_auto(q, k, v, masked, True, 0.25)
+    out, stats = attention_with_row_stats_by("auto", q, k, v, masked, True, 0.25)
     ref_out, ref_stats = attention_with_row_stats(q, k, v, masked, True, 0.25)
     assert torch.equal(out, ref_out)
     assert all(torch.equal(stats[name], ref_stats[name]) for name in ref_stats)
@@ -203,9 +94,10 @@ def test_module_imports_and_dispatches_to_reference_without_triton():
         "import sys; sys.modules['triton'] = None\n"
         "import torch\n"
         "from mto_ds.mto import fused_attention as fa\n"
+        "from mto_ds.mto.attention import attention_with_row_stats_by\n"
         "from mto_ds.mto.stats import attention_with_row_stats\n"
         "q, k, v = torch.randn(3, 1, 2, 9, 8).unbind(0); m = torch.rand(1, 9) < 0.5\n"
-        "out, st = fa.attention_with_row_stats_auto(q, k, v, m, True, 0.3)\n"
+        "out, st = attention_with_row_stats_by('auto', q, k, v, m, True, 0.3)\n"
         "ref, rst = attention_with_row_stats(q, k, v, m, True, 0.3)\n"
         "print(fa.triton is None, (out - ref).abs().max().item(),"
         " (st['norm_entropy'] - rst['norm_entropy']).abs().max().item())\n")
@@ -281,12 +173,13 @@ def exact_fp32_matmuls():
 @pytest.mark.parametrize("case_name", CUDA_CASES)
 def test_cuda_kernel_outputs_statistics_and_gradients_match_reference_at_vit_shapes(case_name, exact_fp32_matmuls):
     case = CUDA_CASES[case_name]
-    _assert_within_tolerance(compare_with_reference(case, "cuda"), case, FORWARD + GRADIENTS)
+    assert_within_tolerance(compare_with_reference(case, "cuda", fused_for(case)), case, FORWARD + GRADIENTS)
 
 
 @cuda_only
 def test_cuda_kernel_visible_outputs_ignore_mask_token_values_when_recalibrated():
-    result = visible_rows_under_changed_mask_token(CUDA_CASES["vit_bf16_recalibrated"], "cuda")
+    result = visible_rows_under_changed_mask_token(CUDA_CASES["vit_bf16_recalibrated"], "cuda",
+                                                   fused_attention_with_row_stats)
     assert result == {"visible_out_change": 0.0, "visible_mass": 0.0}
 
 
@@ -309,9 +202,7 @@ def compiled_against_eager(case, device, backend="aot_eager"):
     """Largest |compiled - eager| over outputs and gradients, with the fused kernel traced by
     torch.compile as part of one graph (fullgraph=True fails on a graph break)."""
     qkv, masked, cotangents = _make_inputs(case, device)
-
-    def fused(q, k, v, masked, recalibrate, scale):
-        return fused_attention_with_row_stats(q, k, v, masked, recalibrate, scale, tiles=case.get("tiles"))
+    fused = fused_for(case)
     torch._dynamo.reset()
     eager = _run(fused, qkv, masked, cotangents, case["recalibrate"])
     traced = _run(torch.compile(fused, backend=backend, fullgraph=True), qkv, masked, cotangents,
@@ -341,8 +232,9 @@ def custom_op_checks(case, device) -> dict:
 
 def _interpreter_report() -> dict:
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    report = {name: compare_with_reference(case, "cpu") for name, case in INTERPRETER_CASES.items()}
-    report["invariance"] = visible_rows_under_changed_mask_token(INTERPRETER_CASES["recalibrated_fp32"], "cpu")
+    report = {name: compare_with_reference(case, "cpu", fused_for(case)) for name, case in INTERPRETER_CASES.items()}
+    report["invariance"] = visible_rows_under_changed_mask_token(INTERPRETER_CASES["recalibrated_fp32"], "cpu",
+                                                                 fused_attention_with_row_stats)
     report["compiled_vs_eager"] = compiled_against_eager(INTERPRETER_CASES["recalibrated_fp32"], "cpu")
     report["opcheck"] = custom_op_checks(INTERPRETER_CASES["recalibrated_fp32"], "cpu")
     return report

@@ -15,6 +15,7 @@ from ..config import Config, ConfigError, to_yaml
 from ..data import build_pretrain_loader
 from ..data.order import steps_per_epoch
 from ..models import create_mim_model, mask_fn_for
+from ..mto.fused_attention import fused_kernel_available
 from ..mto.state import MTOState
 from .builder import (BatchPlan, deepspeed_config, learning_rate, mark_zero3_leaf_blocks, param_groups, peak_lr,
                       plan_batch, precision, schedule_steps, zero_stage)
@@ -99,6 +100,9 @@ class Trainer:
         self.stop = stop or StopRequest()
         self.cfg = cfg
         self.dist = init_distributed()
+        if cfg.mto.enabled and cfg.mto.kernel == "fused" and not fused_kernel_available(self.dist.device):
+            raise ConfigError(f"bad value for 'mto.kernel': fused needs triton and a CUDA device, this rank has "
+                              f"{self.dist.device}; use auto (the fused kernel where it applies), sdpa or reference")
         self.faults = Faults.from_env()
         self.run_dir = Path(cfg.run.output_dir)
         if self.dist.rank == 0:

@@ -40,6 +40,7 @@ class MAE(MIMModel):
         self.decoder_pred = nn.Linear(decoder_embed_dim, self.patch_size ** 2 * 3)
         self.num_mim_blocks = decoder_depth
         self._init_like_mae()
+        self.use_stats_kernel()
 
     def _init_like_mae(self) -> None:
         """MAE's initialize_weights, encoder included: xavier-uniform Linear weights (the patch

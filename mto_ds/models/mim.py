@@ -6,6 +6,7 @@ from typing import Dict, List, Optional, Set
 import torch
 from torch import nn
 
+from ..mto.attention import MTOAttention
 from ..mto.losses import mto_terms, weighted_mto_loss
 from ..mto.plan import block_flags, mto_settings
 from .vit import block_telemetry
@@ -26,6 +27,13 @@ class MIMModel(nn.Module):
         """Names of parameters beyond the 1-D ones (norms, biases) that AdamW leaves undecayed,
         as in the method's reference code (timm's convention; engine/builder.py:param_groups)."""
         return set()
+
+    def use_stats_kernel(self) -> None:
+        """Point every MTO attention module at the `mto.kernel` implementation of the statistics.
+        Subclasses call it once their blocks exist."""
+        for module in self.modules():
+            if isinstance(module, MTOAttention):
+                module.stats_kernel = self.mto.kernel
 
     def block_flags(self, with_stats: bool):
         return block_flags(self.mto, self.num_mim_blocks, with_stats)

@@ -31,6 +31,7 @@ class SimMIM(MIMModel):
         trunc_normal_(self.mask_token, std=0.02)
         # SimMIM's decoder: a 1x1 conv to patch*patch*3 values per token (here a Linear).
         self.decoder = nn.Linear(dim, self.patch_size ** 2 * 3)
+        self.use_stats_kernel()
 
     def no_weight_decay(self) -> Set[str]:
         # SimMIM's ViT: pos_embed and cls_token (its mask token is decayed, as there).

@@ -12,11 +12,42 @@ import torch
 import torch.nn.functional as F
 from timm.layers import Attention
 
-from .fused_attention import attention_with_row_stats_auto
-from .stats import allowed_keys
+from ..config import MTO_KERNELS
+from .fused_attention import fused_attention_with_row_stats, fused_path_applies
+from .sdpa_stats import sdpa_attention_with_row_stats
+from .stats import allowed_keys, attention_with_row_stats
+
+
+def attention_with_row_stats_by(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                masked: torch.Tensor, recalibrate: bool, scale: float, dropout_p: float = 0.0):
+    """(out, per-row statistics) from the implementation `kernel` names (mto.kernel):
+
+    auto       the fused Triton kernel where it applies (CUDA, no dropout, d <= 128), else the reference
+    fused      the fused Triton kernel; an error where it does not apply
+    sdpa       one call of PyTorch's scaled_dot_product_attention with the statistics as extra
+               value columns (mto/sdpa_stats.py)
+    reference  explicit N x N attention in float32 (mto/stats.py), the ground truth
+
+    With attention dropout every choice takes the reference: the statistics are those of the
+    probabilities before dropout, which only the reference keeps apart.
+    """
+    if kernel not in MTO_KERNELS:
+        raise ValueError(f"unknown MTO statistics kernel {kernel!r}; expected one of {MTO_KERNELS}")
+    if dropout_p > 0.0 or kernel == "reference":
+        return attention_with_row_stats(q, k, v, masked, recalibrate, scale, dropout_p)
+    if kernel == "sdpa":
+        return sdpa_attention_with_row_stats(q, k, v, masked, recalibrate, scale)
+    if fused_path_applies(q, k, v, dropout_p):
+        return fused_attention_with_row_stats(q, k, v, masked, recalibrate, scale)
+    if kernel == "fused":
+        raise ValueError(f"mto.kernel=fused needs triton and CUDA tensors of one shape and dtype with head "
+                         f"dim <= 128; got {q.device} {q.dtype} {tuple(q.shape)}")
+    return attention_with_row_stats(q, k, v, masked, recalibrate, scale)
 
 
 class MTOAttention(Attention):
+    stats_kernel = "auto"  # mto.kernel; the MIM model sets it on each of its attention modules
+
     def forward_mto(self, x: torch.Tensor, masked: Optional[torch.Tensor], recalibrate: bool,
                     with_stats: bool) -> Tuple[torch.Tensor, Optional[Dict[str, torch.Tensor]]]:
         """Attention over x [B, N, C]; `masked` bool [B, N] marks mask tokens.
@@ -30,8 +61,8 @@ class MTOAttention(Attention):
         dropout_p = self.attn_drop.p if self.training else 0.0
         stats = None
         if with_stats:
-            # Fused Triton kernel on CUDA (no N x N tensors), the explicit reference elsewhere.
-            out, stats = attention_with_row_stats_auto(q, k, v, masked, recalibrate, self.scale, dropout_p)
+            out, stats = attention_with_row_stats_by(self.stats_kernel, q, k, v, masked, recalibrate, self.scale,
+                                                     dropout_p)
         else:
             attn_mask = allowed_keys(masked)[:, None] if recalibrate else None
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
@@ -43,7 +74,7 @@ class MTOAttention(Attention):
         """The statistics of `forward_mto(..., with_stats=True)` alone: no dropout and no output
         projection, so computing them beside a training forward draws no random numbers."""
         q, k, v = self._heads(x)
-        return attention_with_row_stats_auto(q, k, v, masked, recalibrate, self.scale)[1]
+        return attention_with_row_stats_by(self.stats_kernel, q, k, v, masked, recalibrate, self.scale)[1]
 
     def _heads(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v [B, H, N, d] (strided views of one qkv projection, as timm's Attention)."""

@@ -4,11 +4,11 @@ Same contract as `stats.attention_with_row_stats`, the reference, without an N x
 in memory: the forward pass keeps online-softmax running sums per query row, the backward
 pass recomputes the probabilities block by block from q, k and the saved log-sum-exp.
 Weight recalibration comes from per-token masked flags ([B, N]), never from an N x N mask.
-Attention dropout is not supported here; `attention_with_row_stats_auto` sends calls with
-dropout to the reference.
+Attention dropout is not supported here; the dispatcher (`attention.attention_with_row_stats_by`)
+sends calls with dropout to the reference.
 
 Importing this module needs neither triton nor CUDA: without triton the kernels are not
-defined and the dispatcher always takes the reference path.
+defined, and mto.kernel=auto takes the reference path.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .stats import attention_with_row_stats
+from .stats import attention_with_row_stats, normalised_entropy
 
 try:
     import triton
@@ -365,15 +365,6 @@ def _backward(ctx, dout, dlse, dmass, dentropy):
 _row_stats_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def keys_per_row(masked: torch.Tensor, recalibrate: bool) -> torch.Tensor:
-    """n_i as float [B, 1, N]: N, or under recalibration the visible count for visible rows."""
-    num_tokens = masked.shape[-1]
-    if not recalibrate:
-        return torch.full((masked.shape[0], 1, num_tokens), float(num_tokens), device=masked.device)
-    num_visible = (~masked).sum(-1, keepdim=True, dtype=torch.float32)          # [B, 1]
-    return torch.where(masked, float(num_tokens), num_visible)[:, None]
-
-
 def fused_attention_with_row_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                    masked: torch.Tensor, recalibrate: bool, scale: float, *,
                                    tiles: Optional[Tuple[int, ...]] = None,
@@ -390,13 +381,12 @@ def fused_attention_with_row_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     config = _launch_config(q.shape[-1], q.dtype, tiles)
     out, _, mass, entropy = _row_stats_attention_op(q, k, v, masked.to(torch.int8), bool(recalibrate), float(scale),
                                                     [config[key] for key in _CONFIG_KEYS])
-    n_keys = keys_per_row(masked, recalibrate)
-    return out, {"mass_on_masked": mass, "norm_entropy": entropy / n_keys.clamp(min=2.0).log()}
+    return out, {"mass_on_masked": mass, "norm_entropy": normalised_entropy(entropy, masked, recalibrate)}
 
 
 def _check_fused_inputs(q, k, v, masked) -> None:
     if triton is None:
-        raise RuntimeError("fused_attention_with_row_stats needs triton; use attention_with_row_stats_auto")
+        raise RuntimeError("fused_attention_with_row_stats needs triton; mto.kernel=auto or sdpa serve without it")
     if not (q.is_cuda or _interpreted()):
         raise RuntimeError(f"fused attention runs on CUDA tensors (or under TRITON_INTERPRET=1), got {q.device}")
     if not (q.dim() == 4 and q.shape == k.shape == v.shape):
@@ -411,21 +401,17 @@ def _check_fused_inputs(q, k, v, masked) -> None:
                          f"got {masked.dtype} {tuple(masked.shape)} on {masked.device}")
 
 
+def fused_kernel_available(device: torch.device) -> bool:
+    """Whether the fused kernel can run on `device` at all (triton installed, a CUDA device)."""
+    return triton is not None and torch.device(device).type == "cuda"
+
+
 def fused_path_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> bool:
-    """Whether `attention_with_row_stats_auto` takes the fused kernel for these inputs."""
-    return (triton is not None and q.is_cuda and dropout_p == 0.0
+    """Whether the fused kernel serves these inputs (mto.kernel=auto takes it when it does)."""
+    return (fused_kernel_available(q.device) and dropout_p == 0.0
             and q.dtype == k.dtype == v.dtype and q.dtype in SUPPORTED_DTYPES
             and q.dim() == 4 and q.shape == k.shape == v.shape and q.shape[-1] <= MAX_HEAD_DIM)
 
 
-def attention_with_row_stats_auto(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                  masked: torch.Tensor, recalibrate: bool, scale: float,
-                                  dropout_p: float = 0.0):
-    """The fused kernel on CUDA when it applies, otherwise the reference; same contract as both."""
-    if fused_path_applies(q, k, v, dropout_p):
-        return fused_attention_with_row_stats(q, k, v, masked, recalibrate, scale)
-    return attention_with_row_stats(q, k, v, masked, recalibrate, scale, dropout_p)
-
-
-__all__ = ["MAX_HEAD_DIM", "SUPPORTED_DTYPES", "attention_with_row_stats_auto",
-           "fused_attention_with_row_stats", "fused_path_applies", "keys_per_row"]
+__all__ = ["MAX_HEAD_DIM", "SUPPORTED_DTYPES", "fused_attention_with_row_stats", "fused_kernel_available",
+           "fused_path_applies"]

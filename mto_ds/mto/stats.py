@@ -39,14 +39,10 @@ def attention_with_row_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def _explicit_attention(q, k, v, masked, recalibrate, scale, dropout_p):
     logits = (q.float() @ k.float().transpose(-2, -1)) * scale
-    num_tokens = logits.shape[-1]
+    allowed = None
     if recalibrate:
         allowed = allowed_keys(masked)[:, None]                       # [B, 1, N, N]
         logits = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
-        n_keys = allowed.sum(-1, dtype=torch.float32)                 # [B, 1, N]
-    else:
-        allowed = None
-        n_keys = torch.full((1, 1, num_tokens), float(num_tokens), device=q.device)
     log_probs = logits.log_softmax(-1)
     probs = log_probs.exp()
     # Excluded keys have probability 0; zero their log so 0 * log(0) stays 0 in backward too.
@@ -54,12 +50,26 @@ def _explicit_attention(q, k, v, masked, recalibrate, scale, dropout_p):
     entropy = -(probs * safe_log).sum(-1)
     stats = {
         "mass_on_masked": (probs * masked[:, None, None, :].float()).sum(-1),
-        "norm_entropy": entropy / n_keys.clamp(min=2.0).log(),
+        "norm_entropy": normalised_entropy(entropy, masked, recalibrate),
     }
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
     out = probs.to(v.dtype) @ v
     return out, stats
+
+
+def keys_per_row(masked: torch.Tensor, recalibrate: bool) -> torch.Tensor:
+    """n_i as float [B, 1, N]: N, or under recalibration the visible count for visible rows."""
+    num_tokens = masked.shape[-1]
+    if not recalibrate:
+        return torch.full((masked.shape[0], 1, num_tokens), float(num_tokens), device=masked.device)
+    num_visible = (~masked).sum(-1, keepdim=True, dtype=torch.float32)          # [B, 1]
+    return torch.where(masked, float(num_tokens), num_visible)[:, None]
+
+
+def normalised_entropy(entropy: torch.Tensor, masked: torch.Tensor, recalibrate: bool) -> torch.Tensor:
+    """e_i = H_i / log(n_i) for entropies [B, H, N] in nats (n_i clamped to >= 2)."""
+    return entropy / keys_per_row(masked, recalibrate).clamp(min=2.0).log()
 
 
 def block_summary(stats: Dict[str, torch.Tensor], masked: torch.Tensor) -> Dict[str, torch.Tensor]:

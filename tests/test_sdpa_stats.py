@@ -1,0 +1,137 @@
+"""MTO's statistics from one PyTorch SDPA call (mto/sdpa_stats.py) against the explicit reference.
+
+Tolerances (attention_cases.assert_within_tolerance): outputs and gradients at most 4 times as far
+from the fp32 truth as the reference run in the same dtype, plus 2 * RTOL[dtype] * max|truth|;
+statistics within SDPA_STATS_ATOL. Looser than the Triton kernel's: here the statistics leave the
+kernel rounded to the inputs' dtype (bf16: 2^-8), and the entropy's gradient is formed from
+logit-sized terms (s_ij - sum_k A_ik s_ik), whose rounding a difference of order 1 inherits
+(docs/MTO_KERNEL.md). In fp32 every quantity matches the reference to float rounding.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attention_cases import (CUDA_CASES, DTYPES, FORWARD, GRADIENTS, INTERPRETER_CASES, assert_within_tolerance,
+                             compare_with_reference, visible_rows_under_changed_mask_token)
+from mto_ds.mto.attention import attention_with_row_stats_by
+from mto_ds.mto.sdpa_stats import sdpa_attention_with_row_stats
+from mto_ds.mto.stats import attention_with_row_stats
+
+SDPA_STATS_ATOL = {torch.float32: 1e-4, torch.float16: 1e-3, torch.bfloat16: 6e-3}
+TOLERANCE = dict(reference_factor=4.0, rtol_factor=2.0, stats_atol=SDPA_STATS_ATOL)
+
+# The interpreter's small cases, and at a ViT's shapes in bf16 (on CPU: SDPA's math backend).
+CPU_CASES = dict(INTERPRETER_CASES)
+CPU_CASES.update({name: CUDA_CASES[name] for name in (
+    "vit_bf16_plain", "vit_bf16_recalibrated", "vit_bf16_recalibrated_only_cls_visible",
+    "vit_h_bf16_recalibrated_head_dim_80", "mae_decoder_bf16_recalibrated_head_dim_32")})
+
+
+@pytest.mark.parametrize("case_name", CPU_CASES)
+def test_sdpa_statistics_outputs_and_gradients_match_reference(case_name):
+    case = CPU_CASES[case_name]
+    errors = compare_with_reference(case, "cpu", sdpa_attention_with_row_stats)
+    assert_within_tolerance(errors, case, FORWARD + GRADIENTS, **TOLERANCE)
+    if DTYPES[case["dtype"]] == torch.float32:  # the same function, only float rounding apart
+        assert all(e["tested"] <= 1e-5 * max(e["scale"], 1.0) for e in errors.values()), errors
+
+
+def test_sdpa_path_visible_outputs_ignore_mask_token_values_when_recalibrated():
+    result = visible_rows_under_changed_mask_token(INTERPRETER_CASES["recalibrated_fp32"], "cpu",
+                                                   sdpa_attention_with_row_stats)
+    assert result == {"visible_out_change": 0.0, "visible_mass": 0.0}
+
+
+def _offset_inputs(offset: float):
+    """q, k whose logits share a per-row offset (`offset` added to every logit of a row, which the
+    softmax ignores), so that the log-sum-exp of each row is about `offset` larger."""
+    gen = torch.Generator().manual_seed(3)
+    B, H, N, d = 2, 2, 33, 16
+    q, k, v = (torch.randn(B, H, N, d, generator=gen) for _ in range(3))
+    direction = torch.zeros(d)
+    direction[0] = 1.0
+    q = q + direction * offset ** 0.5 / d ** -0.25
+    k = k * (1 - direction) + direction * offset ** 0.5 / d ** -0.25
+    masked = torch.rand(B, N, generator=gen) < 0.5
+    masked[:, 0] = False
+    return q, k, v, masked
+
+
+@pytest.mark.parametrize("recalibrate", [False, True])
+def test_sdpa_entropy_is_exact_when_every_logit_of_a_row_is_shifted_far_up(recalibrate):
+    """A row's log-sum-exp of 300 nats would underflow a sentinel key of logit 0 (e^-300 in
+    float32); the sentinel at the row's mean logit keeps its probability near 1/(1 + n)."""
+    q, k, v, masked = _offset_inputs(300.0)
+    scale = q.shape[-1] ** -0.5
+    logits = scale * q @ k.transpose(-2, -1)
+    assert logits.logsumexp(-1).min() > 250  # the case this test is about
+    out, stats = sdpa_attention_with_row_stats(q, k, v, masked, recalibrate, scale)
+    ref_out, ref_stats = attention_with_row_stats(q, k, v, masked, recalibrate, scale)
+    assert (out - ref_out).abs().max() < 1e-4
+    for name in ("mass_on_masked", "norm_entropy"):
+        assert (stats[name] - ref_stats[name]).abs().max() < 1e-4, name
+
+
+def test_sdpa_entropy_of_a_peaked_row_is_zero_not_negative_and_gradients_stay_finite():
+    """One key 200 nats above the rest: the sentinel's probability underflows, the entropy's value
+    is clamped at 0 (its true value is below e^-190) and the gradients stay finite."""
+    q, k, v, masked = _offset_inputs(0.0)
+    k = k.clone()
+    k[:, :, 5] = q[:, :, 0] * 200.0 / (q[:, :, 0] * q[:, :, 0]).sum(-1, keepdim=True) * q.shape[-1] ** 0.5
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out, stats = sdpa_attention_with_row_stats(q, k, v, masked, False, q.shape[-1] ** -0.5)
+    entropy = stats["norm_entropy"][:, :, 0]
+    assert entropy.min() >= 0.0 and entropy.max() < 1e-3
+    (out.sum() + stats["norm_entropy"].sum() + stats["mass_on_masked"].sum()).backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_dispatcher_names_the_kernel_it_cannot_serve_and_sends_dropout_to_the_reference():
+    q, k, v = torch.randn(3, 2, 2, 9, 8).unbind(0)
+    masked = torch.rand(2, 9) < 0.5
+    with pytest.raises(ValueError, match="mto.kernel=fused"):
+        attention_with_row_stats_by("fused", q, k, v, masked, True, 0.3)
+    with pytest.raises(ValueError, match="unknown MTO statistics kernel 'triton'"):
+        attention_with_row_stats_by("triton", q, k, v, masked, True, 0.3)
+    _, stats = attention_with_row_stats_by("sdpa", q, k, v, masked, True, 0.3, dropout_p=0.5)
+    _, ref_stats = attention_with_row_stats(q, k, v, masked, True, 0.3)
+    assert all(torch.equal(stats[name], ref_stats[name]) for name in ref_stats)
+
+
+@pytest.mark.parametrize("method", ["simmim", "mae"])
+def test_model_with_sdpa_statistics_gives_the_reference_losses_and_gradients(method):
+    import numpy as np
+    from mto_ds.models import create_mim_model, mask_fn_for
+    results = {}
+    for kernel in ("reference", "sdpa"):
+        torch.manual_seed(0)
+        model = create_mim_model("vit_tiny_patch16", method, img_size=32, mto={"kernel": kernel})
+        mask = torch.from_numpy(np.stack([mask_fn_for(model, method, 32)(np.random.default_rng(i))
+                                          for i in range(3)]))
+        images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+        out = model(images, mask)
+        out["loss"].backward()
+        results[kernel] = (out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    (ref, ref_grads), (new, new_grads) = results["reference"], results["sdpa"]
+    for key in ("loss", "loss_mto", "loss_spa", "loss_e", "loss_r", "heterogeneity", "entropy_masked"):
+        assert torch.allclose(new[key], ref[key], atol=1e-5), key
+    assert ref_grads.keys() == new_grads.keys() and "mask_token" in new_grads
+    for name, grad in ref_grads.items():
+        assert torch.allclose(new_grads[name], grad, atol=1e-5, rtol=1e-4), name
+
+
+# ---------------------------------------------------------------- CUDA
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda_only
+@pytest.mark.parametrize("case_name", [name for name in CUDA_CASES if "fp32" not in name])
+def test_cuda_sdpa_statistics_match_reference_on_a_fused_sdpa_backend(case_name):
+    """On a GPU the call must take one of SDPA's fused kernels (cuDNN or memory-efficient), not the
+    math backend that materialises N x N; the values as on CPU."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    case = CUDA_CASES[case_name]
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        errors = compare_with_reference(case, "cuda", sdpa_attention_with_row_stats)
+    assert_within_tolerance(errors, case, FORWARD + GRADIENTS, **TOLERANCE)
