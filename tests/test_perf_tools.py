@@ -55,12 +55,12 @@ def test_plan_run_counts_vit_large_parameters():
 def test_bench_step_runs_on_cpu_and_reports_baseline_and_engine_rows(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run([sys.executable, "tools/bench_step.py", "--tiny", "--method", "simmim", "--mto", "on",
-                             "--zero", "2", "--workers", "0", "--json", str(out)], cwd=REPO, env=cpu_env(),
-                            capture_output=True, text=True, timeout=600)
+                             "--mto-kernel", "auto", "sdpa", "--zero", "2", "--workers", "0", "--json", str(out)],
+                            cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     names = [r["config"] for r in report["rows"]]
-    assert names[0].startswith("baseline timm") and names[1] == "simmim ZeRO-2 MTO on"
+    assert names[0].startswith("baseline timm") and names[1:] == ["simmim ZeRO-2 MTO on", "simmim ZeRO-2 MTO on [sdpa]"]
     for row in report["rows"]:
         assert row["images_per_sec"] > 0 and row["tflops"] > 0 and 0 <= row["data_wait"] <= 1
     assert report["peak_tflops"] > 0
@@ -70,11 +70,14 @@ def test_bench_step_compares_mto_on_with_off_and_each_row_with_the_baseline():
     compare = _load("bench_step").compare
     rows = [{"config": "baseline timm vit SDPA", "images_per_sec": 100.0, "step_ms": 10.0},
             {"config": "simmim ZeRO-2 MTO on", "images_per_sec": 98.0, "step_ms": 10.2},
+            {"config": "simmim ZeRO-2 MTO on [sdpa]", "images_per_sec": 99.0, "step_ms": 10.1},
             {"config": "simmim ZeRO-2 MTO off", "images_per_sec": 100.0, "step_ms": 10.0},
             {"config": "mae ZeRO-2 MTO on", "images_per_sec": 20.0, "step_ms": 50.0},
             {"config": "mae ZeRO-3 MTO on", "error": "out of memory"}]
     assert compare(rows) == ["MTO overhead, simmim ZeRO-2 MTO on: +2.0% step time",
                              "speed vs baseline, simmim ZeRO-2 MTO on: 0.98x",
+                             "MTO overhead, simmim ZeRO-2 MTO on [sdpa]: +1.0% step time",
+                             "speed vs baseline, simmim ZeRO-2 MTO on [sdpa]: 0.99x",
                              "speed vs baseline, simmim ZeRO-2 MTO off: 1.00x"]
 
 

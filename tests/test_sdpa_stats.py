@@ -135,3 +135,22 @@ def test_cuda_sdpa_statistics_match_reference_on_a_fused_sdpa_backend(case_name)
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
         errors = compare_with_reference(case, "cuda", sdpa_attention_with_row_stats)
     assert_within_tolerance(errors, case, FORWARD + GRADIENTS, **TOLERANCE)
+
+
+def test_sdpa_statistics_trace_into_one_graph_with_the_eager_results():
+    """train.compile: a block on this path compiles without a graph break (fullgraph) and
+    computes what eager computes, values and gradients."""
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 3, 33, 16, generator=gen, requires_grad=True) for _ in range(3))
+    masked = torch.rand(2, 33, generator=gen) < 0.5
+    masked[:, 0] = False
+    torch._dynamo.reset()
+    compiled = torch.compile(sdpa_attention_with_row_stats, backend="aot_eager", fullgraph=True)
+    for recalibrate in (False, True):
+        results = []
+        for fn in (sdpa_attention_with_row_stats, compiled):
+            out, stats = fn(q, k, v, masked, recalibrate, 0.25)
+            total = out.sum() + stats["norm_entropy"].sum() + stats["mass_on_masked"].sum()
+            results.append([out, stats["norm_entropy"], stats["mass_on_masked"],
+                            *torch.autograd.grad(total, (q, k, v))])
+        assert all(torch.equal(a, b) for a, b in zip(*results)), recalibrate

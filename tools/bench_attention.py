@@ -3,6 +3,8 @@
   sdpa       torch's scaled_dot_product_attention: no statistics, the floor to beat
   reference  mto_ds.mto.stats.attention_with_row_stats: explicit N x N attention + statistics
   fused      mto_ds.mto.fused_attention: Triton kernels, statistics without N x N storage
+  sdpa-stats mto_ds.mto.sdpa_stats: the statistics as extra value columns of one SDPA call, on the
+             backend PyTorch picks (on CUDA also forced: sdpa-stats-cudnn, sdpa-stats-efficient)
 
 On CUDA it times ViT-L-like shapes (default B=64, H=16, d=64, N=197 and 257, bf16, 60%
 masked, with and without recalibration) and prints markdown table rows. Without CUDA it runs
@@ -14,6 +16,7 @@ tool works; those timings mean nothing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -27,7 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch.nn.functional as F  # noqa: E402
 
 from mto_ds.mto import fused_attention as fa  # noqa: E402
+from mto_ds.mto.sdpa_stats import sdpa_attention_with_row_stats  # noqa: E402
 from mto_ds.mto.stats import attention_with_row_stats  # noqa: E402
+
+SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}
 
 
 def parse_args():
@@ -43,8 +49,10 @@ def parse_args():
     p.add_argument("--tiles", nargs="*", default=[], metavar="MxN[xW[xS]]",
                    help="extra fused rows with these BLOCK_M x BLOCK_N tiles [x num_warps [x num_stages]], "
                         "e.g. 64x64x8 128x64x8x3")
-    p.add_argument("--paths", nargs="*", default=["sdpa", "reference", "fused"],
-                   help="which of the standard rows to run (the --tiles rows always run)")
+    p.add_argument("--paths", nargs="*", default=["sdpa", "reference", "fused", "sdpa-stats", "sdpa-stats-cudnn",
+                                                  "sdpa-stats-efficient"],
+                   help="which of the standard rows to run (the --tiles rows always run; the forced SDPA "
+                        "backends only on CUDA)")
     return p.parse_args()
 
 
@@ -71,7 +79,18 @@ def paths(tiles, selected):
             return out, stats["mass_on_masked"], stats["norm_entropy"]
         return fused
 
-    table = {"sdpa": sdpa, "reference": reference, "fused": fused_with()}
+    def sdpa_stats_on(backend=None):
+        def sdpa_stats(q, k, v, masked, recalibrate, scale):
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            forced = sdpa_kernel([getattr(SDPBackend, SDPA_BACKENDS[backend])]) if backend else contextlib.nullcontext()
+            with forced:  # the forward's choice of kernel also fixes the backward's
+                out, stats = sdpa_attention_with_row_stats(q, k, v, masked, recalibrate, scale)
+            return out, stats["mass_on_masked"], stats["norm_entropy"]
+        return sdpa_stats
+
+    table = {"sdpa": sdpa, "reference": reference, "fused": fused_with(), "sdpa-stats": sdpa_stats_on()}
+    if torch.cuda.is_available():
+        table.update({f"sdpa-stats-{backend}": sdpa_stats_on(backend) for backend in SDPA_BACKENDS})
     table = {name: fn for name, fn in table.items() if name in selected}
     for tile in tiles:
         table[f"fused {tile}"] = fused_with(tuple(int(x) for x in tile.lower().split("x")))
@@ -134,7 +153,12 @@ def main():
                           "n/a (no triton) | | | |")
                     continue
                 if on_cuda:
-                    ms, forward_ms, mib = time_cuda(fn, call, args.warmup, args.iters)
+                    try:
+                        ms, forward_ms, mib = time_cuda(fn, call, args.warmup, args.iters)
+                    except RuntimeError as err:  # e.g. a forced SDPA backend that refuses these shapes
+                        print(f"| {name} | {batch} | {heads} | {tokens} | {head_dim} | {shown} | "
+                              f"failed: {str(err).splitlines()[0][:160]} | | | |", flush=True)
+                        continue
                     sdpa_ms = ms if name == "sdpa" else sdpa_ms
                     ratio = f"{ms / sdpa_ms:.2f}x" if sdpa_ms else ""
                     print(f"| {name} | {batch} | {heads} | {tokens} | {head_dim} | {shown} | "

@@ -5,19 +5,22 @@
 #
 #   tools/bench_gpu.sh OUT_DIR kernel     # CUDA kernel tests (fused attention vs reference) + bench_attention
 #   tools/bench_gpu.sh OUT_DIR large      # ViT-L/16 SimMIM + MAE, MTO on/off, ZeRO-1 and 2, batch 128, profiled
-#   tools/bench_gpu.sh OUT_DIR compiled   # ViT-L/16 SimMIM, MTO on/off, ZeRO-1 and 2, batch 128, train.compile
+#   tools/bench_gpu.sh OUT_DIR compiled   # ViT-L/16 SimMIM, MTO off/on (both kernels), ZeRO-1, batch 128, train.compile
 #   tools/bench_gpu.sh OUT_DIR huge       # ViT-H/14 SimMIM + MTO, ZeRO-3, activation checkpointing, batch 64 and 128
 #   tools/bench_gpu.sh OUT_DIR all        # the four in order
+#   tools/bench_gpu.sh OUT_DIR quick      # about 8 minutes: CUDA tests of both statistics paths,
+#                                         # bench_attention, ViT-L SimMIM + MAE ZeRO-1 with MTO off, on
+#                                         # (fused kernel) and on (sdpa statistics), profiled
 #
 # BENCH_TIMEOUT=SECONDS bounds each process (default: none), so a slow one cannot take the
 # next ones' time. Needs torch with CUDA, timm, triton and deepspeed importable (pytest for
 # `kernel`).
 set -euo pipefail
-out=${1:?usage: tools/bench_gpu.sh OUT_DIR [kernel|large|compiled|huge|all]}
+out=${1:?usage: tools/bench_gpu.sh OUT_DIR [kernel|large|compiled|huge|all|quick]}
 part=${2:-all}
 case $part in
-    kernel | large | compiled | huge | all) ;;
-    *) echo "bench_gpu.sh: unknown part '$part': expected kernel, large, compiled, huge or all" >&2; exit 2 ;;
+    kernel | large | compiled | huge | all | quick) ;;
+    *) echo "bench_gpu.sh: unknown part '$part': expected kernel, large, compiled, huge, all or quick" >&2; exit 2 ;;
 esac
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
@@ -48,10 +51,17 @@ run() {  # run NAME CMD...: output to NAME.log, the table lines to NAME.md
         | grep -E '^(\||device|MTO overhead|speed vs|<!--|[0-9]+ (passed|failed))' | tee "$out/$name.md" || true
 }
 
-if [[ $part == kernel || $part == all ]]; then
+if [[ $part == kernel || $part == all || $part == quick ]]; then
     # The CUDA cases only: the interpreter cases are CPU work that CI runs anyway.
-    run kernel_tests "$py" -m pytest -q -p no:cacheprovider tests/test_fused_attention.py -rs -k "cuda or sm90"
+    run kernel_tests "$py" -m pytest -q -p no:cacheprovider tests/test_fused_attention.py tests/test_sdpa_stats.py \
+        -rs -k "cuda or sm90"
     run attention "$py" tools/bench_attention.py
+fi
+if [[ $part == quick ]]; then
+    # The rows that decide mto.kernel's default and show where MAE's step goes (host op tables).
+    run vit_l_quick "$py" tools/bench_step.py --arch vit_large_patch16 --method simmim mae --mto on off \
+        --mto-kernel auto sdpa --zero 1 --batch 128 --steps 10 --data none --profile "$out/profile_quick" \
+        --json "$out/vit_l_quick.json"
 fi
 if [[ $part == large || $part == all ]]; then
     run vit_l "$py" tools/bench_step.py --arch vit_large_patch16 --method simmim mae --mto on off \
@@ -59,7 +69,7 @@ if [[ $part == large || $part == all ]]; then
 fi
 if [[ $part == compiled || $part == all ]]; then
     run vit_l_compiled "$py" tools/bench_step.py --arch vit_large_patch16 --method simmim --mto on off \
-        --zero 1 2 --batch 128 --steps 10 --compile --data none --json "$out/vit_l_compiled.json"
+        --mto-kernel auto sdpa --zero 1 --batch 128 --steps 10 --compile --data none --json "$out/vit_l_compiled.json"
 fi
 if [[ $part == huge || $part == all ]]; then
     # One process per batch: a ZeRO-3 engine keeps its memory until its process ends. The plain

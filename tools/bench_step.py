@@ -16,6 +16,7 @@ import gc
 from functools import lru_cache
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -199,8 +200,9 @@ def set_key(config: dict, assignment: str) -> None:
         config[leaf] = value
 
 
-def bench_engine(arch, method, mto, zero, img, batch, device, dtype, ckpt, compiled, ds_set=()):
-    """The project's path: create_mim_model + deepspeed.initialize + the real train_step."""
+def bench_engine(arch, method, mto, zero, img, batch, device, dtype, ckpt, compiled, ds_set=(), kernel="auto"):
+    """The project's path: create_mim_model + deepspeed.initialize + the real train_step;
+    `kernel` is mto.kernel, the implementation of MTO's statistics."""
     import deepspeed
     from mto_ds.engine.builder import mark_zero3_leaf_blocks, param_groups
     from mto_ds.engine.signals import StopRequest
@@ -208,8 +210,8 @@ def bench_engine(arch, method, mto, zero, img, batch, device, dtype, ckpt, compi
     from mto_ds.models import create_mim_model
     flops = model_flops_per_image(arch, method, img, device) * batch
     base = _allocated(device)
-    model = create_mim_model(arch, method, img_size=img, mto={"enabled": mto}, activation_checkpointing=ckpt,
-                             compile_blocks=compiled)
+    model = create_mim_model(arch, method, img_size=img, mto={"enabled": mto, "kernel": kernel},
+                             activation_checkpointing=ckpt, compile_blocks=compiled)
     # The shipped DeepSpeed config of this stage (bf16 on GPU, the fp32 gloo one on CPU).
     name = f"zero{zero}_bf16.json" if dtype == torch.bfloat16 else f"cpu_zero{zero}.json"
     ds = json.loads((REPO / "ds_configs" / name).read_text())
@@ -272,6 +274,8 @@ def main():
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--mto-kernel", nargs="+", default=["auto"], choices=["auto", "fused", "sdpa", "reference"],
+                   help="mto.kernel of the MTO-on rows, one row each (auto: the fused Triton kernel on CUDA)")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each block (train.compile), baseline too; not with ZeRO-3")
@@ -370,9 +374,11 @@ def main():
                 print(f"| {method} ZeRO-3 | not run: train.compile is refused with ZeRO-3 |", flush=True)
                 continue
             for mto in args.mto:
-                run(f"{method} ZeRO-{zero} MTO {mto}{engine_suffix}", bench_engine,
-                    args.arch, method, mto == "on", zero, args.img, args.batch, device, dtype,
-                    args.activation_checkpointing, args.compile, args.ds_set)
+                for kernel in args.mto_kernel if mto == "on" else ["auto"]:
+                    shown = "" if kernel == "auto" else f" [{kernel}]"
+                    run(f"{method} ZeRO-{zero} MTO {mto}{shown}{engine_suffix}", bench_engine,
+                        args.arch, method, mto == "on", zero, args.img, args.batch, device, dtype,
+                        args.activation_checkpointing, args.compile, args.ds_set, kernel)
     for line in compare(rows):
         print(line)
     write_json()
@@ -393,8 +399,9 @@ def compare(rows) -> list:
     lines = []
     baseline = next((r for name, r in timed.items() if name.startswith("baseline")), None)
     for name, row in timed.items():
-        if " MTO on" in name and name.replace(" MTO on", " MTO off") in timed:
-            off = timed[name.replace(" MTO on", " MTO off")]
+        twin = re.sub(r" MTO on( \[\w+\])?", " MTO off", name)
+        if " MTO on" in name and twin in timed:
+            off = timed[twin]
             lines.append(f"MTO overhead, {name}: {100 * (row['step_ms'] / off['step_ms'] - 1):+.1f}% step time")
         if baseline is not None and name.startswith("simmim"):
             lines.append(f"speed vs baseline, {name}: {row['images_per_sec'] / baseline['images_per_sec']:.2f}x")
