@@ -93,8 +93,11 @@ def test_block_flags_follow_settings():
     # Two blocks: one early, one late; L_r needs two late blocks, so the late one keeps flash attention.
     _, two = block_flags(MTOConfig(enabled=True, lambda_r=0.1), 2, with_stats=False)
     assert [f[1] for f in two] == ["loss", "none"]
+    # L_r reads only the late blocks' mass: their entropy is computed on logging steps alone.
     _, three = block_flags(MTOConfig(enabled=True, lambda_r=0.1), 3, with_stats=False)
-    assert [f[1] for f in three] == ["loss", "loss", "loss"]
+    assert [f[1] for f in three] == ["loss", "mass", "mass"]
+    _, logged = block_flags(MTOConfig(enabled=True, lambda_r=0.1), 3, with_stats=True)
+    assert [f[1] for f in logged] == ["loss", "loss", "loss"]
 
 
 def _inputs(model, method, batch=2, img=64, seed=0):

@@ -99,8 +99,9 @@ def test_dispatcher_names_the_kernel_it_cannot_serve_and_sends_dropout_to_the_re
     assert all(torch.equal(stats[name], ref_stats[name]) for name in ref_stats)
 
 
+@pytest.mark.parametrize("with_stats", [True, False])  # False: late blocks compute the mass alone
 @pytest.mark.parametrize("method", ["simmim", "mae"])
-def test_model_with_sdpa_statistics_gives_the_reference_losses_and_gradients(method):
+def test_model_with_sdpa_statistics_gives_the_reference_losses_and_gradients(method, with_stats):
     import numpy as np
     from mto_ds.models import create_mim_model, mask_fn_for
     results = {}
@@ -110,12 +111,14 @@ def test_model_with_sdpa_statistics_gives_the_reference_losses_and_gradients(met
         mask = torch.from_numpy(np.stack([mask_fn_for(model, method, 32)(np.random.default_rng(i))
                                           for i in range(3)]))
         images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-        out = model(images, mask)
+        out = model(images, mask, with_stats=with_stats)
         out["loss"].backward()
         results[kernel] = (out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     (ref, ref_grads), (new, new_grads) = results["reference"], results["sdpa"]
     for key in ("loss", "loss_mto", "loss_spa", "loss_e", "loss_r", "heterogeneity", "entropy_masked"):
-        assert torch.allclose(new[key], ref[key], atol=1e-5), key
+        assert torch.allclose(new[key], ref[key], atol=1e-5, equal_nan=True), key
+    late_entropy = new["entropy_masked"][-2:]
+    assert torch.isfinite(late_entropy).all() if with_stats else torch.isnan(late_entropy).all()
     assert ref_grads.keys() == new_grads.keys() and "mask_token" in new_grads
     for name, grad in ref_grads.items():
         assert torch.allclose(new_grads[name], grad, atol=1e-5, rtol=1e-4), name
@@ -154,3 +157,24 @@ def test_sdpa_statistics_trace_into_one_graph_with_the_eager_results():
             results.append([out, stats["norm_entropy"], stats["mass_on_masked"],
                             *torch.autograd.grad(total, (q, k, v))])
         assert all(torch.equal(a, b) for a, b in zip(*results)), recalibrate
+
+
+@pytest.mark.parametrize("kernel", ["reference", "sdpa"])
+@pytest.mark.parametrize("recalibrate", [False, True])
+def test_mass_alone_equals_the_full_statistics_mass_with_its_gradients(kernel, recalibrate):
+    """A late block off a logging step asks for the mass only (L_r reads nothing else): the same
+    output and mass, the same gradients, and no entropy."""
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 3, 29, 16, generator=gen) for _ in range(3))
+    masked = torch.rand(2, 29, generator=gen) < 0.5
+    masked[:, 0] = False
+    weights = torch.randn(2, 3, 29, generator=gen)
+    results = []
+    for entropy in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out, stats = attention_with_row_stats_by(kernel, *leaves, masked, recalibrate, 0.25, entropy=entropy)
+        assert ("norm_entropy" in stats) == entropy
+        grads = torch.autograd.grad(out.sum() + (stats["mass_on_masked"] * weights).sum(), leaves)
+        results.append([out, stats["mass_on_masked"], *grads])
+    for full, alone in zip(*results):
+        torch.testing.assert_close(alone, full, atol=1e-5, rtol=1e-5)

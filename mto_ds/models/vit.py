@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..mto.attention import MTOAttention
-from ..mto.plan import LOSS, TELEMETRY
+from ..mto.plan import LOSS, STATS_WITH_GRADIENTS, TELEMETRY
 from ..mto.stats import block_summary
 
 # Our arch names -> timm model names an exported encoder loads into.
@@ -44,7 +44,8 @@ class MTOBlock(Block):
             with torch.no_grad():
                 stats = self.attn.row_stats(self.norm1(x), masked, recalibrate)
         else:
-            y, stats = self.attn.forward_mto(self.norm1(x), masked, recalibrate, with_stats=mode == LOSS)
+            y, stats = self.attn.forward_mto(self.norm1(x), masked, recalibrate,
+                                             with_stats=mode in STATS_WITH_GRADIENTS, entropy=mode == LOSS)
         x = x + self.drop_path1(self.ls1(y))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x, stats

@@ -19,8 +19,10 @@ from .stats import allowed_keys, attention_with_row_stats
 
 
 def attention_with_row_stats_by(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                masked: torch.Tensor, recalibrate: bool, scale: float, dropout_p: float = 0.0):
-    """(out, per-row statistics) from the implementation `kernel` names (mto.kernel):
+                                masked: torch.Tensor, recalibrate: bool, scale: float, dropout_p: float = 0.0,
+                                entropy: bool = True):
+    """(out, per-row statistics) from the implementation `kernel` names (mto.kernel); the
+    statistics hold `mass_on_masked`, and `norm_entropy` unless `entropy` is False:
 
     auto       the fused Triton kernel where it applies (CUDA, no dropout, d <= 128), else the reference
     fused      the fused Triton kernel; an error where it does not apply
@@ -34,27 +36,30 @@ def attention_with_row_stats_by(kernel: str, q: torch.Tensor, k: torch.Tensor, v
     if kernel not in MTO_KERNELS:
         raise ValueError(f"unknown MTO statistics kernel {kernel!r}; expected one of {MTO_KERNELS}")
     if dropout_p > 0.0 or kernel == "reference":
-        return attention_with_row_stats(q, k, v, masked, recalibrate, scale, dropout_p)
+        return attention_with_row_stats(q, k, v, masked, recalibrate, scale, dropout_p, entropy)
     if kernel == "sdpa":
-        return sdpa_attention_with_row_stats(q, k, v, masked, recalibrate, scale)
+        return sdpa_attention_with_row_stats(q, k, v, masked, recalibrate, scale, entropy)
     if fused_path_applies(q, k, v, dropout_p):
-        return fused_attention_with_row_stats(q, k, v, masked, recalibrate, scale)
+        # The kernel computes the entropy at no extra cost; dropped when not asked for.
+        out, stats = fused_attention_with_row_stats(q, k, v, masked, recalibrate, scale)
+        return out, stats if entropy else {"mass_on_masked": stats["mass_on_masked"]}
     if kernel == "fused":
         raise ValueError(f"mto.kernel=fused needs triton and CUDA tensors of one shape and dtype with head "
                          f"dim <= 128; got {q.device} {q.dtype} {tuple(q.shape)}")
-    return attention_with_row_stats(q, k, v, masked, recalibrate, scale)
+    return attention_with_row_stats(q, k, v, masked, recalibrate, scale, entropy=entropy)
 
 
 class MTOAttention(Attention):
     stats_kernel = "auto"  # mto.kernel; the MIM model sets it on each of its attention modules
 
     def forward_mto(self, x: torch.Tensor, masked: Optional[torch.Tensor], recalibrate: bool,
-                    with_stats: bool) -> Tuple[torch.Tensor, Optional[Dict[str, torch.Tensor]]]:
+                    with_stats: bool, entropy: bool = True) -> Tuple[torch.Tensor, Optional[Dict[str, torch.Tensor]]]:
         """Attention over x [B, N, C]; `masked` bool [B, N] marks mask tokens.
 
         recalibrate: visible queries do not attend to masked keys.
-        with_stats: also return per-row statistics (mto/fused_attention.py, mto/stats.py);
-        without it the fused SDPA kernel runs, with a boolean mask when recalibrating.
+        with_stats: also return per-row statistics with gradients (the `stats_kernel`
+        implementation), the entropy only if `entropy`; without them PyTorch's SDPA runs, with a
+        boolean mask when recalibrating.
         """
         B, N, C = x.shape
         q, k, v = self._heads(x)
@@ -62,7 +67,7 @@ class MTOAttention(Attention):
         stats = None
         if with_stats:
             out, stats = attention_with_row_stats_by(self.stats_kernel, q, k, v, masked, recalibrate, self.scale,
-                                                     dropout_p)
+                                                     dropout_p, entropy)
         else:
             attn_mask = allowed_keys(masked)[:, None] if recalibrate else None
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)

@@ -9,9 +9,11 @@ from ..config import MTOConfig
 from .stats import num_early_blocks
 
 # Statistics modes of one block: none (fused SDPA), telemetry (SDPA for the output and
-# detached statistics beside it, so training numerics stay the baseline's), loss (the
-# explicit path, statistics carry gradients).
-NONE, TELEMETRY, LOSS = "none", "telemetry", "loss"
+# detached statistics beside it, so training numerics stay the baseline's), loss (both
+# statistics carry gradients), mass (only the mass on masked keys, with gradients: a late block
+# off a logging step, whose entropy no loss reads).
+NONE, TELEMETRY, LOSS, MASS = "none", "telemetry", "loss", "mass"
+STATS_WITH_GRADIENTS = (LOSS, MASS)
 
 
 def mto_settings(mto) -> MTOConfig:
@@ -41,6 +43,10 @@ def block_flags(settings: MTOConfig, num_blocks: int, with_stats: bool) -> Tuple
             needs_grad_stats = on and (settings.lambda_spa > 0 or settings.lambda_e > 0)
         else:  # L_r compares consecutive late blocks: a single late block gives it nothing
             needs_grad_stats = on and settings.lambda_r > 0 and num_blocks - k >= 2
-        mode = LOSS if needs_grad_stats else (TELEMETRY if with_stats else NONE)
+        if needs_grad_stats:
+            # L_r reads only the heterogeneity (mass) of late blocks; their entropy is telemetry.
+            mode = LOSS if early or with_stats else MASS
+        else:
+            mode = TELEMETRY if with_stats else NONE
         flags.append((recalibrate, mode))
     return k, flags

@@ -22,6 +22,10 @@ p0_i <= 1 / (1 + n_i) <= 1/2, so the division is safe; p0_i underflows only for 
 largest logit is more than about 80 above its mean, whose entropy is then 0 to within e^-80
 (the entropy's value is clamped at 0 there).
 
+A block whose entropy no loss reads (a late block off a logging step: L_r reads only the mass)
+asks for the mass alone, V' = [v | m | 0 ...]: no k columns, no sentinel, a value width of d + 1
+rounded up to a multiple of 8.
+
 Precision: the statistics come out of the kernel in the inputs' dtype (bf16: about 3
 significant digits per row) where the reference and the Triton kernel keep float32.
 """
@@ -35,7 +39,8 @@ import torch.nn.functional as F
 from .stats import allowed_keys, normalised_entropy
 
 
-def _round_up(n: int, multiple: int) -> int:
+def _round_up(n: int, multiple: int = 8) -> int:
+    """SDPA's fused kernels want head dims in multiples of 8."""
     return -(-n // multiple) * multiple
 
 
@@ -50,27 +55,42 @@ def _sentinel_keys(k: torch.Tensor, masked: torch.Tensor, recalibrate: bool) -> 
     return torch.cat(keys, dim=2)
 
 
+def _attention_mask(masked: torch.Tensor, recalibrate: bool, sentinel_columns: torch.Tensor = None):
+    """SDPA's boolean mask [B, 1, N, N (+ sentinels)] under recalibration, else None."""
+    if not recalibrate:
+        return None
+    allowed = allowed_keys(masked)
+    if sentinel_columns is not None:
+        allowed = torch.cat([allowed, sentinel_columns], dim=-1)
+    return allowed[:, None]
+
+
 def sdpa_attention_with_row_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked: torch.Tensor,
-                                  recalibrate: bool, scale: float
+                                  recalibrate: bool, scale: float, entropy: bool = True
                                   ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Attention [B, H, N, d] in v's dtype and float32 [B, H, N] `mass_on_masked` and
-    `norm_entropy` (the reference's contract), differentiable in q, k and v, from one SDPA call."""
+    `norm_entropy` (the reference's contract), differentiable in q, k and v, from one SDPA call.
+    Without `entropy` only the mass: V' = [v | m | 0 ...], no k columns and no sentinel."""
     B, H, N, d = q.shape
     dtype = v.dtype
-    width = _round_up(2 * d + 2, 8)  # SDPA kernels want head dims in multiples of 8
+    masked_column = masked[:, None, :, None].to(dtype).expand(B, H, N, 1)
+    if not entropy:
+        width = _round_up(d + 1)
+        values = torch.cat([v, masked_column, v.new_zeros(B, H, N, width - d - 1)], dim=-1)
+        out_ext = F.scaled_dot_product_attention(q, k, values, attn_mask=_attention_mask(masked, recalibrate),
+                                                 scale=scale)
+        return out_ext[..., :d], {"mass_on_masked": out_ext[..., d].float()}
+    width = _round_up(2 * d + 2)
     sentinels = _sentinel_keys(k, masked, recalibrate).to(k.dtype)  # rounded as the kernel will see them
     S = sentinels.shape[2]
 
-    value_rows = torch.cat([v, k.detach().to(dtype), masked[:, None, :, None].to(dtype).expand(B, H, N, 1),
-                            v.new_zeros(B, H, N, width - 2 * d - 1)], dim=-1)
+    value_rows = torch.cat([v, k.detach().to(dtype), masked_column, v.new_zeros(B, H, N, width - 2 * d - 1)], dim=-1)
     sentinel_rows = v.new_zeros(B, H, S, width)
     sentinel_rows[..., 2 * d + 1] = 1.0
     keys = torch.cat([k, sentinels], dim=2)
     values = torch.cat([value_rows, sentinel_rows], dim=2)
-    attn_mask = None
-    if recalibrate:  # visible queries: visible keys and the visible sentinel; masked: all and the other
-        sees = torch.stack([masked, ~masked], dim=-1)                            # [B, N, 2]
-        attn_mask = torch.cat([allowed_keys(masked), sees], dim=-1)[:, None]     # [B, 1, N, N + 2]
+    # Under recalibration a masked query sees the sentinel of all keys, a visible one the other.
+    attn_mask = _attention_mask(masked, recalibrate, torch.stack([masked, ~masked], dim=-1))
     out_ext = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, scale=scale)
 
     p0 = out_ext[..., 2 * d + 1].float()
@@ -86,10 +106,10 @@ def sdpa_attention_with_row_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         else:
             sentinel_logit = sentinel_logit[..., 0]
         lse = sentinel_logit + torch.log(keep) - torch.log(p0.clamp(min=torch.finfo(torch.float32).tiny))
-    entropy = lse - mean_logit
+    row_entropy = lse - mean_logit
     # The value clamped at 0 (see the docstring), the gradient left as it is.
-    entropy = entropy + (entropy.clamp(min=0.0) - entropy).detach()
-    return out, {"mass_on_masked": mass, "norm_entropy": normalised_entropy(entropy, masked, recalibrate)}
+    row_entropy = row_entropy + (row_entropy.clamp(min=0.0) - row_entropy).detach()
+    return out, {"mass_on_masked": mass, "norm_entropy": normalised_entropy(row_entropy, masked, recalibrate)}
 
 
 __all__ = ["sdpa_attention_with_row_stats"]

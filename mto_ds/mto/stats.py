@@ -24,20 +24,21 @@ def allowed_keys(masked: torch.Tensor) -> torch.Tensor:
 
 def attention_with_row_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              masked: torch.Tensor, recalibrate: bool, scale: float,
-                             dropout_p: float = 0.0):
+                             dropout_p: float = 0.0, entropy: bool = True):
     """Explicit attention (the reference path) that also returns per-row statistics.
 
     Returns (out [B, H, N, d] in v's dtype, stats) with stats holding float32 [B, H, N]:
       `mass_on_masked`  q_i = sum_{j in M} A_ij
       `norm_entropy`    e_i = H(A_i) / log(n_i), n_i the number of keys row i may attend to
+                        (left out when `entropy` is False)
     Statistics are taken from the probabilities before attention dropout.
     """
     # float32 even under autocast, which would otherwise run this matmul in bf16.
     with torch.autocast(q.device.type, enabled=False):
-        return _explicit_attention(q, k, v, masked, recalibrate, scale, dropout_p)
+        return _explicit_attention(q, k, v, masked, recalibrate, scale, dropout_p, entropy)
 
 
-def _explicit_attention(q, k, v, masked, recalibrate, scale, dropout_p):
+def _explicit_attention(q, k, v, masked, recalibrate, scale, dropout_p, with_entropy):
     logits = (q.float() @ k.float().transpose(-2, -1)) * scale
     allowed = None
     if recalibrate:
@@ -45,13 +46,12 @@ def _explicit_attention(q, k, v, masked, recalibrate, scale, dropout_p):
         logits = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
     log_probs = logits.log_softmax(-1)
     probs = log_probs.exp()
-    # Excluded keys have probability 0; zero their log so 0 * log(0) stays 0 in backward too.
-    safe_log = log_probs if allowed is None else log_probs.masked_fill(~allowed, 0.0)
-    entropy = -(probs * safe_log).sum(-1)
-    stats = {
-        "mass_on_masked": (probs * masked[:, None, None, :].float()).sum(-1),
-        "norm_entropy": normalised_entropy(entropy, masked, recalibrate),
-    }
+    stats = {"mass_on_masked": (probs * masked[:, None, None, :].float()).sum(-1)}
+    if with_entropy:
+        # Excluded keys have probability 0; zero their log so 0 * log(0) stays 0 in backward too.
+        safe_log = log_probs if allowed is None else log_probs.masked_fill(~allowed, 0.0)
+        entropy = -(probs * safe_log).sum(-1)
+        stats["norm_entropy"] = normalised_entropy(entropy, masked, recalibrate)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
     out = probs.to(v.dtype) @ v
@@ -77,19 +77,22 @@ def block_summary(stats: Dict[str, torch.Tensor], masked: torch.Tensor) -> Dict[
 
     heterogeneity h = 1 - mean_i(q_i) / r, with r = |M| / N per sample; averaged over heads,
     queries and batch. A sample without mask tokens has h = 1 (nobody can read one).
-    entropy_masked / entropy_visible: mean e_i over masked / visible query rows.
+    entropy_masked / entropy_visible: mean e_i over masked / visible query rows (NaN when the
+    statistics hold no entropy).
     """
     masked_f = masked.float()                                          # [B, N]
     ratio = masked_f.mean(-1)                                          # r per sample [B]
     mean_mass = stats["mass_on_masked"].mean(dim=(1, 2))               # [B]
     per_sample = torch.where(ratio > 0, 1.0 - mean_mass / ratio.clamp(min=1e-12),
                              torch.ones_like(ratio))
+    summary = {"heterogeneity": per_sample.mean()}
+    if "norm_entropy" not in stats:
+        nan = per_sample.new_full((), float("nan"))
+        return {**summary, "entropy_masked": nan, "entropy_visible": nan}
     row_entropy = stats["norm_entropy"].mean(1)                        # [B, N], mean over heads
-    return {
-        "heterogeneity": per_sample.mean(),
-        "entropy_masked": _masked_mean(row_entropy, masked_f),
-        "entropy_visible": _masked_mean(row_entropy, 1.0 - masked_f),
-    }
+    return {**summary,
+            "entropy_masked": _masked_mean(row_entropy, masked_f),
+            "entropy_visible": _masked_mean(row_entropy, 1.0 - masked_f)}
 
 
 def _masked_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
