@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .stats import attention_with_row_stats, normalised_entropy
+from .stats import normalised_entropy
 
 try:
     import triton

@@ -55,6 +55,21 @@ def _sentinel_keys(k: torch.Tensor, masked: torch.Tensor, recalibrate: bool) -> 
     return torch.cat(keys, dim=2)
 
 
+def _value_columns(v: torch.Tensor, k, masked: torch.Tensor, width: int, sentinels: int) -> torch.Tensor:
+    """V' [B, H, N + sentinels, width], written once: token rows [v | k (detached; if given) | m | 0 ...],
+    sentinel rows 1 in the column after m, 0 elsewhere."""
+    B, H, N, d = v.shape
+    values = v.new_zeros(B, H, N + sentinels, width)
+    values[:, :, :N, :d] = v
+    column = d
+    if k is not None:
+        values[:, :, :N, d:2 * d] = k.detach()
+        column = 2 * d
+    values[:, :, :N, column] = masked[:, None, :].to(v.dtype)
+    values[:, :, N:, column + 1] = 1.0
+    return values
+
+
 def _attention_mask(masked: torch.Tensor, recalibrate: bool, sentinel_columns: torch.Tensor = None):
     """SDPA's boolean mask [B, 1, N, N (+ sentinels)] under recalibration, else None."""
     if not recalibrate:
@@ -71,24 +86,15 @@ def sdpa_attention_with_row_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     """Attention [B, H, N, d] in v's dtype and float32 [B, H, N] `mass_on_masked` and
     `norm_entropy` (the reference's contract), differentiable in q, k and v, from one SDPA call.
     Without `entropy` only the mass: V' = [v | m | 0 ...], no k columns and no sentinel."""
-    B, H, N, d = q.shape
-    dtype = v.dtype
-    masked_column = masked[:, None, :, None].to(dtype).expand(B, H, N, 1)
+    d, dtype = q.shape[-1], v.dtype
     if not entropy:
-        width = _round_up(d + 1)
-        values = torch.cat([v, masked_column, v.new_zeros(B, H, N, width - d - 1)], dim=-1)
+        values = _value_columns(v, None, masked, _round_up(d + 1), sentinels=0)
         out_ext = F.scaled_dot_product_attention(q, k, values, attn_mask=_attention_mask(masked, recalibrate),
                                                  scale=scale)
         return out_ext[..., :d], {"mass_on_masked": out_ext[..., d].float()}
-    width = _round_up(2 * d + 2)
     sentinels = _sentinel_keys(k, masked, recalibrate).to(k.dtype)  # rounded as the kernel will see them
-    S = sentinels.shape[2]
-
-    value_rows = torch.cat([v, k.detach().to(dtype), masked_column, v.new_zeros(B, H, N, width - 2 * d - 1)], dim=-1)
-    sentinel_rows = v.new_zeros(B, H, S, width)
-    sentinel_rows[..., 2 * d + 1] = 1.0
     keys = torch.cat([k, sentinels], dim=2)
-    values = torch.cat([value_rows, sentinel_rows], dim=2)
+    values = _value_columns(v, k, masked, _round_up(2 * d + 2), sentinels=sentinels.shape[2])
     # Under recalibration a masked query sees the sentinel of all keys, a visible one the other.
     attn_mask = _attention_mask(masked, recalibrate, torch.stack([masked, ~masked], dim=-1))
     out_ext = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, scale=scale)
