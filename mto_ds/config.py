@@ -103,7 +103,8 @@ class MTOConfig:
     delta: float = 0.0
     warmup_steps: int = 0
     # Which implementation computes the statistics that carry gradients (docs/MTO_KERNEL.md):
-    # auto (the Triton kernel on CUDA, else the reference) | fused | sdpa | reference.
+    # auto (the Triton kernel on CUDA where it applies, else sdpa there; the reference on CPU) |
+    # fused | sdpa | reference.
     kernel: str = "auto"
 
 

@@ -178,3 +178,15 @@ def test_mass_alone_equals_the_full_statistics_mass_with_its_gradients(kernel, r
         results.append([out, stats["mass_on_masked"], *grads])
     for full, alone in zip(*results):
         torch.testing.assert_close(alone, full, atol=1e-5, rtol=1e-5)
+
+
+@cuda_only
+def test_cuda_auto_takes_the_sdpa_path_where_the_fused_kernel_does_not_apply():
+    """Head dim 192 is beyond the Triton kernel: auto must not fall back to the N x N reference."""
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 2, 65, 192, generator=gen).to("cuda", torch.bfloat16) for _ in range(3))
+    masked = (torch.rand(2, 65, generator=gen) < 0.5).cuda()
+    masked[:, 0] = False
+    out, stats = attention_with_row_stats_by("auto", q, k, v, masked, True, 0.1)
+    sdpa_out, sdpa_stats = sdpa_attention_with_row_stats(q, k, v, masked, True, 0.1)
+    assert torch.equal(out, sdpa_out) and torch.equal(stats["norm_entropy"], sdpa_stats["norm_entropy"])

@@ -24,7 +24,8 @@ def attention_with_row_stats_by(kernel: str, q: torch.Tensor, k: torch.Tensor, v
     """(out, per-row statistics) from the implementation `kernel` names (mto.kernel); the
     statistics hold `mass_on_masked`, and `norm_entropy` unless `entropy` is False:
 
-    auto       the fused Triton kernel where it applies (CUDA, no dropout, d <= 128), else the reference
+    auto       the fused Triton kernel where it applies (CUDA, no dropout, d <= 128); on other CUDA
+               inputs the sdpa path, which keeps no N x N tensor either; else (CPU) the reference
     fused      the fused Triton kernel; an error where it does not apply
     sdpa       one call of PyTorch's scaled_dot_product_attention with the statistics as extra
                value columns (mto/sdpa_stats.py)
@@ -46,6 +47,8 @@ def attention_with_row_stats_by(kernel: str, q: torch.Tensor, k: torch.Tensor, v
     if kernel == "fused":
         raise ValueError(f"mto.kernel=fused needs triton and CUDA tensors of one shape and dtype with head "
                          f"dim <= 128; got {q.device} {q.dtype} {tuple(q.shape)}")
+    if q.is_cuda:
+        return sdpa_attention_with_row_stats(q, k, v, masked, recalibrate, scale, entropy)
     return attention_with_row_stats(q, k, v, masked, recalibrate, scale, entropy=entropy)
 
 
