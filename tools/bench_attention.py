@@ -5,6 +5,7 @@
   fused      mto_ds.mto.fused_attention: Triton kernels, statistics without N x N storage
   sdpa-stats mto_ds.mto.sdpa_stats: the statistics as extra value columns of one SDPA call, on the
              backend PyTorch picks (on CUDA also forced: sdpa-stats-cudnn, sdpa-stats-efficient)
+  sdpa-mass  the same with the mass on masked keys alone (late blocks off logging steps)
 
 On CUDA it times ViT-L-like shapes (default B=64, H=16, d=64, N=197 and 257, bf16, 60%
 masked, with and without recalibration) and prints markdown table rows. Without CUDA it runs
@@ -50,7 +51,7 @@ def parse_args():
                    help="extra fused rows with these BLOCK_M x BLOCK_N tiles [x num_warps [x num_stages]], "
                         "e.g. 64x64x8 128x64x8x3")
     p.add_argument("--paths", nargs="*", default=["sdpa", "reference", "fused", "sdpa-stats", "sdpa-stats-cudnn",
-                                                  "sdpa-stats-efficient"],
+                                                  "sdpa-stats-efficient", "sdpa-mass"],
                    help="which of the standard rows to run (the --tiles rows always run; the forced SDPA "
                         "backends only on CUDA)")
     return p.parse_args()
@@ -88,7 +89,12 @@ def paths(tiles, selected):
             return out, stats["mass_on_masked"], stats["norm_entropy"]
         return sdpa_stats
 
-    table = {"sdpa": sdpa, "reference": reference, "fused": fused_with(), "sdpa-stats": sdpa_stats_on()}
+    def sdpa_mass(q, k, v, masked, recalibrate, scale):
+        out, stats = sdpa_attention_with_row_stats(q, k, v, masked, recalibrate, scale, entropy=False)
+        return out, stats["mass_on_masked"]
+
+    table = {"sdpa": sdpa, "reference": reference, "fused": fused_with(), "sdpa-stats": sdpa_stats_on(),
+             "sdpa-mass": sdpa_mass}
     if torch.cuda.is_available():
         table.update({f"sdpa-stats-{backend}": sdpa_stats_on(backend) for backend in SDPA_BACKENDS})
     table = {name: fn for name, fn in table.items() if name in selected}
