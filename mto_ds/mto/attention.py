@@ -15,7 +15,7 @@ from timm.layers import Attention
 from ..config import MTO_KERNELS
 from .fused_attention import fused_attention_with_row_stats, fused_path_applies
 from .sdpa_stats import sdpa_attention_with_row_stats
-from .stats import allowed_keys, attention_with_row_stats
+from .stats import attention_with_row_stats, recalibration_mask
 
 
 def attention_with_row_stats_by(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -72,8 +72,8 @@ class MTOAttention(Attention):
             out, stats = attention_with_row_stats_by(self.stats_kernel, q, k, v, masked, recalibrate, self.scale,
                                                      dropout_p, entropy)
         else:
-            attn_mask = allowed_keys(masked)[:, None] if recalibrate else None
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=recalibration_mask(masked, recalibrate),
+                                                 dropout_p=dropout_p)
         out = out.transpose(1, 2).reshape(B, N, self.attn_dim)
         out = self.proj_drop(self.proj(self.norm(out)))
         return out, stats

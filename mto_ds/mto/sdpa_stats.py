@@ -36,7 +36,7 @@ from typing import Dict, Tuple
 import torch
 import torch.nn.functional as F
 
-from .stats import allowed_keys, normalised_entropy
+from .stats import normalised_entropy, recalibration_mask
 
 
 def _round_up(n: int, multiple: int = 8) -> int:
@@ -70,16 +70,6 @@ def _value_columns(v: torch.Tensor, k, masked: torch.Tensor, width: int, sentine
     return values
 
 
-def _attention_mask(masked: torch.Tensor, recalibrate: bool, sentinel_columns: torch.Tensor = None):
-    """SDPA's boolean mask [B, 1, N, N (+ sentinels)] under recalibration, else None."""
-    if not recalibrate:
-        return None
-    allowed = allowed_keys(masked)
-    if sentinel_columns is not None:
-        allowed = torch.cat([allowed, sentinel_columns], dim=-1)
-    return allowed[:, None]
-
-
 def sdpa_attention_with_row_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked: torch.Tensor,
                                   recalibrate: bool, scale: float, entropy: bool = True
                                   ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
@@ -89,14 +79,14 @@ def sdpa_attention_with_row_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     d, dtype = q.shape[-1], v.dtype
     if not entropy:
         values = _value_columns(v, None, masked, _round_up(d + 1), sentinels=0)
-        out_ext = F.scaled_dot_product_attention(q, k, values, attn_mask=_attention_mask(masked, recalibrate),
+        out_ext = F.scaled_dot_product_attention(q, k, values, attn_mask=recalibration_mask(masked, recalibrate),
                                                  scale=scale)
         return out_ext[..., :d], {"mass_on_masked": out_ext[..., d].float()}
     sentinels = _sentinel_keys(k, masked, recalibrate).to(k.dtype)  # rounded as the kernel will see them
     keys = torch.cat([k, sentinels], dim=2)
     values = _value_columns(v, k, masked, _round_up(2 * d + 2), sentinels=sentinels.shape[2])
     # Under recalibration a masked query sees the sentinel of all keys, a visible one the other.
-    attn_mask = _attention_mask(masked, recalibrate, torch.stack([masked, ~masked], dim=-1))
+    attn_mask = recalibration_mask(masked, recalibrate, torch.stack([masked, ~masked], dim=-1))
     out_ext = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, scale=scale)
 
     p0 = out_ext[..., 2 * d + 1].float()

@@ -22,6 +22,18 @@ def allowed_keys(masked: torch.Tensor) -> torch.Tensor:
     return ~(visible_query & masked_key)
 
 
+def recalibration_mask(masked: torch.Tensor, recalibrate: bool,
+                       extra_keys: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """SDPA's boolean mask [B, 1, N, N (+ extra)] under recalibration, else None; `extra_keys`
+    [B, N, E] says which of E keys appended after the tokens each query may attend to."""
+    if not recalibrate:
+        return None
+    allowed = allowed_keys(masked)
+    if extra_keys is not None:
+        allowed = torch.cat([allowed, extra_keys], dim=-1)
+    return allowed[:, None]
+
+
 def attention_with_row_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              masked: torch.Tensor, recalibrate: bool, scale: float,
                              dropout_p: float = 0.0, entropy: bool = True):
@@ -40,9 +52,8 @@ def attention_with_row_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def _explicit_attention(q, k, v, masked, recalibrate, scale, dropout_p, with_entropy):
     logits = (q.float() @ k.float().transpose(-2, -1)) * scale
-    allowed = None
-    if recalibrate:
-        allowed = allowed_keys(masked)[:, None]                       # [B, 1, N, N]
+    allowed = recalibration_mask(masked, recalibrate)                 # [B, 1, N, N] or None
+    if allowed is not None:
         logits = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
     log_probs = logits.log_softmax(-1)
     probs = log_probs.exp()
