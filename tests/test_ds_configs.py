@@ -23,12 +23,15 @@ out = {}
 for name in sys.argv[2:]:
     cfg = load_config("configs/demo.yaml", [f"deepspeed.config=ds_configs/{name}", "train.clip_grad=0.5"])
     c = DeepSpeedConfig(deepspeed_config(cfg, plan_batch(32, 8, 1)))  # DeepSpeed's own validation
+    unclipped = load_config("configs/demo.yaml", [f"deepspeed.config=ds_configs/{name}", "train.clip_grad=null"])
+    u = DeepSpeedConfig(deepspeed_config(unclipped, plan_batch(32, 8, 1)))
     out[name] = {"stage": c.zero_optimization_stage, "bf16": c.bfloat16_config.enabled,
                  "fp16": c.float16_config.enabled, "loss_scale": c.float16_config.loss_scale,
                  "offload": [str(o.device) if o else None for o in (c.zero_config.offload_optimizer,
                                                                    c.zero_config.offload_param)],
                  "clip": c.gradient_clipping, "batch": [c.train_batch_size, c.train_micro_batch_size_per_gpu,
-                                                        c.gradient_accumulation_steps]}
+                                                        c.gradient_accumulation_steps],
+                 "grad_norm": [c.zero_config.compute_grad_norm, u.zero_config.compute_grad_norm]}
 print("RESULT " + json.dumps(out))
 deepspeed.comm.destroy_process_group()
 """
@@ -54,6 +57,9 @@ def test_every_ds_config_passes_deepspeeds_validation_and_is_what_its_name_says(
         got = parsed[name]
         assert (got["stage"], got["bf16"], got["fp16"], got["offload"]) == (stage, bf16, fp16, offload), name
         assert got["clip"] == 0.5 and got["batch"] == [32, 8, 4], name  # train.clip_grad; 32 = 8 x 4 on 1 rank
+        # Clipping reads DeepSpeed's gradient norm; without it ZeRO-1/2 skip computing one. ZeRO-3
+        # has no such switch (its key is left at DeepSpeed's default).
+        assert got["grad_norm"] == [True, stage == 3], name
     assert parsed["zero2_fp16.json"]["loss_scale"] == 0  # 0 = dynamic loss scaling
     fp16 = json.loads((REPO / "ds_configs" / "zero2_fp16.json").read_text())["fp16"]
     assert fp16["initial_scale_power"] >= 8 and fp16["loss_scale_window"] > 0
@@ -128,3 +134,39 @@ def test_bf16_zero2_on_two_ranks_keeps_bf16_weights_and_resumes_exactly(tmp_path
     assert sorted(got) == [1, 2, 3, 4, 5, 6]
     assert [got[s] for s in (4, 5, 6)] == [expected[s] for s in (4, 5, 6)]
     assert json.loads((resumed / "state.json").read_text())["step"] == 6
+
+
+def test_gradient_norm_is_skipped_only_where_nothing_reads_it_and_deepspeed_allows_it():
+    from mto_ds.engine.builder import skip_unread_grad_norm
+
+    def decided(clip, zero, **extra):
+        ds = {"gradient_clipping": clip, "bf16": {"enabled": True}, "zero_optimization": dict(zero), **extra}
+        skip_unread_grad_norm(ds)
+        return ds["zero_optimization"].get("compute_grad_norm")
+
+    assert decided(0.0, {"stage": 2}) is False
+    assert decided(0.0, {"stage": 1}) is False
+    assert decided(5.0, {"stage": 2}) is None  # clipping needs it: DeepSpeed's default (on) stays
+    assert decided(0.0, {"stage": 3}) is None  # ZeRO-3 has no switch
+    assert decided(0.0, {"stage": 2, "compute_grad_norm": True}) is True  # the JSON asked for it
+    assert decided(0.0, {"stage": 2, "offload_optimizer": {"device": "cpu"}}) is None
+    assert decided(0.0, {"stage": 2, "offload_optimizer": {"device": "none"}}) is False
+    assert decided(0.0, {"stage": 1}, data_types={"grad_accum_dtype": "fp32"}) is None  # BF16_Optimizer
+
+
+def test_without_clipping_the_unread_norm_is_skipped_and_the_losses_are_unchanged(tmp_path):
+    """MAE's recipe does not clip: DeepSpeed then computes no gradient norm (one launch loop per
+    gradient tensor saved), metrics.jsonl says grad_norm null, and training is what it is with the
+    norm computed (a JSON that asks for it, which logs it)."""
+    with_norm = json.loads((REPO / "ds_configs" / "cpu_zero2.json").read_text())
+    with_norm["zero_optimization"]["compute_grad_norm"] = True
+    (tmp_path / "with_norm.json").write_text(json.dumps(with_norm))
+    rows = {}
+    for name, config in (("skipped", "ds_configs/cpu_zero2.json"), ("computed", str(tmp_path / "with_norm.json"))):
+        pretrain(tmp_path / name, f"deepspeed.config={config}", "model.method=mae", "train.clip_grad=null",
+                 "train.steps=3", "run.log_every=1", "checkpoint.every_steps=0", nproc=2)
+        rows[name] = read_metrics(tmp_path / name)
+    assert [r["grad_norm"] for r in rows["skipped"]] == [None, None, None]
+    assert all(r["grad_norm"] > 0 for r in rows["computed"])
+    assert [r["loss"] for r in rows["skipped"]] == [r["loss"] for r in rows["computed"]]
+    assert rows["skipped"][-1]["loss"] != rows["skipped"][0]["loss"]  # it trained

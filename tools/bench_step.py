@@ -204,7 +204,7 @@ def bench_engine(arch, method, mto, zero, img, batch, device, dtype, ckpt, compi
     """The project's path: create_mim_model + deepspeed.initialize + the real train_step;
     `kernel` is mto.kernel, the implementation of MTO's statistics."""
     import deepspeed
-    from mto_ds.engine.builder import mark_zero3_leaf_blocks, param_groups
+    from mto_ds.engine.builder import mark_zero3_leaf_blocks, param_groups, skip_unread_grad_norm
     from mto_ds.engine.signals import StopRequest
     from mto_ds.engine.step import train_step
     from mto_ds.models import create_mim_model
@@ -219,6 +219,7 @@ def bench_engine(arch, method, mto, zero, img, batch, device, dtype, ckpt, compi
     ds.update(train_batch_size=batch, train_micro_batch_size_per_gpu=batch, gradient_accumulation_steps=1,
               gradient_clipping=5.0 if method == "simmim" else 0.0)
     ds["optimizer"]["params"]["lr"] = 1e-4
+    skip_unread_grad_norm(ds)  # as the trainer builds it (engine/builder.py)
     for assignment in ds_set:
         set_key(ds, assignment)
     mark_zero3_leaf_blocks(model, ds)
