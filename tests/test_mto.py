@@ -53,6 +53,30 @@ def test_row_statistics_match_hand_computed_values_with_recalibration():
     assert out[0, 0, 0].tolist() == pytest.approx((v[0] / 3 + 2 * v[1] / 3).tolist(), abs=1e-5)
 
 
+def test_block_summary_follows_its_definition_sample_by_sample_with_shared_weights():
+    """h = mean over samples of 1 - mean(q_i) / r (1 for a sample without mask tokens), entropy means
+    over all masked / visible rows of the batch; the same with the weights computed once per forward."""
+    from mto_ds.mto.stats import summary_weights
+    torch.manual_seed(0)
+    masked = torch.tensor([[False, True, True, False, True],     # r = 3/5
+                           [False, False, True, False, False],   # r = 1/5
+                           [False, False, False, False, False]])  # no mask tokens: h = 1
+    stats = {"mass_on_masked": torch.rand(3, 2, 5), "norm_entropy": torch.rand(3, 2, 5)}
+    per_sample_h = []
+    for b in range(3):
+        r = masked[b].float().mean().item()
+        per_sample_h.append(1.0 - stats["mass_on_masked"][b].mean().item() / r if r > 0 else 1.0)
+    rows = stats["norm_entropy"].mean(1)
+    expected = {"heterogeneity": sum(per_sample_h) / 3,
+                "entropy_masked": rows[masked].mean().item(), "entropy_visible": rows[~masked].mean().item()}
+    for weights in (None, summary_weights(masked)):
+        summary = block_summary(stats, masked, weights)
+        assert {k: v.item() for k, v in summary.items()} == pytest.approx(expected, abs=1e-6)
+    mass_only = block_summary({"mass_on_masked": stats["mass_on_masked"]}, masked)
+    assert mass_only["heterogeneity"].item() == pytest.approx(expected["heterogeneity"], abs=1e-6)
+    assert math.isnan(mass_only["entropy_masked"].item()) and math.isnan(mass_only["entropy_visible"].item())
+
+
 def test_explicit_path_output_equals_sdpa_with_and_without_recalibration():
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 9, 8) for _ in range(3))

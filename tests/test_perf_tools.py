@@ -63,7 +63,26 @@ def test_bench_step_runs_on_cpu_and_reports_baseline_and_engine_rows(tmp_path):
     assert names[0].startswith("baseline timm") and names[1:] == ["simmim ZeRO-2 MTO on", "simmim ZeRO-2 MTO on [sdpa]"]
     for row in report["rows"]:
         assert row["images_per_sec"] > 0 and row["tflops"] > 0 and 0 <= row["data_wait"] <= 1
+        assert min(row["launches"][phase] for phase in ("forward", "backward", "after")) > 0, row
     assert report["peak_tflops"] > 0
+
+
+def test_launch_count_splits_a_step_into_forward_backward_and_after_and_counts_host_syncs():
+    import torch
+    count_launches = _load("bench_step").count_launches
+    w, x = torch.randn(4, 4, requires_grad=True), torch.randn(2, 4)
+
+    def step():
+        y = (x @ w).sum()      # forward: mm, sum (and backward's seed, ones_like, before the engine starts)
+        y.item()               # one host sync
+        y.backward()           # inside the autograd engine: one mm for w's gradient (t/expand are views)
+        with torch.no_grad():
+            w.add_(w.grad, alpha=-0.1)   # after the backward: one launch
+        w.grad = None
+
+    assert count_launches(step) == {"forward": 3, "backward": 1, "after": 1, "syncs": 1}
+    assert count_launches(lambda: x.view(8).unsqueeze(0).t().detach()) == {
+        "forward": 0, "backward": 0, "after": 0, "syncs": 0}  # views launch nothing
 
 
 def test_bench_step_compares_mto_on_with_off_and_each_row_with_the_baseline():

@@ -106,6 +106,40 @@ def profile_steps(step, device, steps, trace_path) -> float:
     return kernel_busy_share(kernels) if device.type == "cuda" else float("nan")
 
 
+# Ops that launch no device work: views and metadata, allocations, the profiler's own markers.
+_NO_LAUNCH = {"_unsafe_view", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
+              "lift_fresh", "set_", "_record_function_enter_new", "_record_function_exit"}
+
+
+def count_launches(step) -> dict:
+    """Ops one `step` dispatches to the device (ATen and custom operators after autograd, views and
+    allocations left out): a count of kernel launches the host must issue, which bounds a step
+    from below where the host, not the GPU, is the limit. By phase: `forward` (until the first
+    backward op), `backward` (inside the autograd engine: the model's gradient kernels and
+    DeepSpeed's gradient hooks, activation recomputation too), `after` (after the backward: the
+    gradient reduction and the optimizer step); `syncs` counts reads of a device value to the host
+    (`.item()` and the like), each of which waits for the device to drain. Not with torch.compile:
+    compiled kernels are not ATen calls, and a dispatch mode would change what dynamo compiles."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    counts = {"forward": 0, "backward": 0, "after": 0, "syncs": 0}
+
+    class Counter(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name == "_local_scalar_dense":
+                counts["syncs"] += 1
+            elif not func.is_view and name not in _NO_LAUNCH:
+                if torch._C._current_graph_task_id() != -1:
+                    counts["backward"] += 1
+                else:
+                    counts["after" if counts["backward"] else "forward"] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counter():
+        step()
+    return counts
+
+
 @lru_cache(maxsize=None)
 def model_flops_per_image(arch, method, img, device) -> float:
     """FLOPs of one forward + backward of the architecture, MFU's "model FLOPs": counted on the
@@ -321,12 +355,19 @@ def main():
             step, flops, base, release = bench(*bench_args)
             frames_before = _compiled_frames()
             sec, spread, mem, reserved = _time(step, device, args.warmup, args.steps, base)
+            launches, counted = None, True
+            if not args.compile:
+                try:
+                    launches = count_launches(step)
+                except Exception as err:  # noqa: BLE001 - the row's timing stands without its counts
+                    print(f"| {name} | launch count failed: {type(err).__name__}: {err} |", flush=True)
+                    counted = False  # a step stopped part-way: no more steps on this engine
             busy = float("nan")
-            if args.profile:
+            if args.profile and counted:
                 busy = profile_steps(step, device, 3, Path(args.profile) / f"{slug(name)}.trace.json.gz")
             if args.compile and _compiled_frames() == frames_before == 0:
                 print(f"| {name} | warning: torch.compile compiled no frame; this row ran eager |", flush=True)
-            add(name, sec, spread, mem, reserved, flops, busy)
+            add(name, sec, spread, mem, reserved, flops, busy, launches)
         except Exception as err:  # noqa: BLE001 - one row's failure is that row's result
             kind = "out of GPU memory" if isinstance(err, torch.cuda.OutOfMemoryError) else type(err).__name__
             print(f"| {name} | {kind}: {str(err).splitlines()[0] if str(err) else ''} |", flush=True)
@@ -339,7 +380,7 @@ def main():
                 torch.cuda.empty_cache()
         write_json()
 
-    def add(name, sec, spread, mem, reserved, flops, busy):
+    def add(name, sec, spread, mem, reserved, flops, busy, launches):
         tflops = flops / sec / 1e12
         wait = float("nan")
         if args.data != "none":
@@ -347,11 +388,13 @@ def main():
                                    args.workers, sec, 10)
         rows.append({"config": name, "images_per_sec": args.batch / sec, "step_ms": sec * 1e3,
                      "window_spread": spread, "tflops": tflops, "mfu": tflops / peak, "peak_mem_gib": mem,
-                     "reserved_gib": reserved, "data_wait": wait, "gpu_busy": busy})
+                     "reserved_gib": reserved, "data_wait": wait, "gpu_busy": busy, "launches": launches})
         r = rows[-1]
+        counted = ("-" if launches is None else
+                   "{forward} / {backward} / {after} ({syncs})".format(**launches))
         print(f"| {name} | {r['images_per_sec']:.1f} | {r['step_ms']:.1f} ({100 * spread:.1f}%) | {r['tflops']:.2f} | "
-              f"{100 * r['mfu']:.1f}% | {mem:.1f} / {reserved:.1f} | {100 * wait:.1f}% | {100 * busy:.1f}% |",
-              flush=True)
+              f"{100 * r['mfu']:.1f}% | {mem:.1f} / {reserved:.1f} | {100 * wait:.1f}% | {100 * busy:.1f}% | "
+              f"{counted} |", flush=True)
 
     def write_json():
         if args.json:
@@ -363,7 +406,8 @@ def main():
         return "mae" if name.startswith("mae") else "simmim"
 
     print(f"| config | images/s | step ms (spread of {WINDOWS} windows) | TFLOP/s | MFU | peak GiB allocated / reserved | "
-          f"data wait ({args.data}, {args.workers} workers) | GPU busy |\n|---|---|---|---|---|---|---|---|")
+          f"data wait ({args.data}, {args.workers} workers) | GPU busy | launches forward / backward / after (syncs) |"
+          f"\n|---|---|---|---|---|---|---|---|---|")
     suffix = " compiled" if args.compile else ""
     engine_suffix = suffix + "".join(f" {a}" for a in args.ds_set)
     if not args.no_baseline:

@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..mto.attention import MTOAttention
 from ..mto.plan import LOSS, STATS_WITH_GRADIENTS, TELEMETRY
-from ..mto.stats import block_summary
+from ..mto.stats import block_summary, summary_weights
 
 # Our arch names -> timm model names an exported encoder loads into.
 TIMM_NAMES = {
@@ -94,9 +94,12 @@ def run_blocks(blocks, x: torch.Tensor, masked: Optional[torch.Tensor], flags, a
                compiled: bool = False):
     """Run blocks that see mask tokens. Returns (x, per-block summaries, None where not computed)."""
     summaries: List[Optional[Dict[str, torch.Tensor]]] = []
+    weights = None  # the summaries' weights depend on the mask alone: once per forward pass
     for block, (recalibrate, mode) in zip(blocks, flags):
         x, stats = _run(_block_forward, (block, x, masked, recalibrate, mode), activation_checkpointing, compiled)
-        summaries.append(None if stats is None else block_summary(stats, masked))
+        if stats is not None and weights is None:
+            weights = summary_weights(masked)
+        summaries.append(None if stats is None else block_summary(stats, masked, weights))
     return x, summaries
 
 

@@ -69,45 +69,47 @@ def _explicit_attention(q, k, v, masked, recalibrate, scale, dropout_p, with_ent
     return out, stats
 
 
-def keys_per_row(masked: torch.Tensor, recalibrate: bool) -> torch.Tensor:
-    """n_i as float [B, 1, N]: N, or under recalibration the visible count for visible rows."""
-    num_tokens = masked.shape[-1]
-    if not recalibrate:
-        return torch.full((masked.shape[0], 1, num_tokens), float(num_tokens), device=masked.device)
-    num_visible = (~masked).sum(-1, keepdim=True, dtype=torch.float32)          # [B, 1]
-    return torch.where(masked, float(num_tokens), num_visible)[:, None]
-
-
 def normalised_entropy(entropy: torch.Tensor, masked: torch.Tensor, recalibrate: bool) -> torch.Tensor:
-    """e_i = H_i / log(n_i) for entropies [B, H, N] in nats (n_i clamped to >= 2)."""
-    return entropy / keys_per_row(masked, recalibrate).clamp(min=2.0).log()
+    """e_i = H_i / log(n_i) for entropies [B, H, N] in nats; n_i the number of keys row i may attend
+    to (clamped to >= 2): N, or under recalibration the visible count for visible rows."""
+    log_all = math.log(max(masked.shape[-1], 2))
+    if not recalibrate:
+        return entropy / log_all
+    num_visible = (~masked).sum(-1, keepdim=True, dtype=torch.float32)          # [B, 1]
+    log_keys = torch.where(masked, log_all, num_visible.clamp(min=2.0).log())   # [B, N]
+    return entropy / log_keys[:, None]
 
 
-def block_summary(stats: Dict[str, torch.Tensor], masked: torch.Tensor) -> Dict[str, torch.Tensor]:
+def summary_weights(masked: torch.Tensor) -> torch.Tensor:
+    """float32 [3, B, N]: weights that turn per-row statistics (averaged over heads) into a block's
+    scalars with one product and sum each. Row 0 gives the heterogeneity's mean mass over r:
+    1 / (B |M_b|) = 1 / (B N r_b), 0 for a sample without mask tokens (its h is 1); rows 1 and 2
+    the means over masked and over visible rows. They depend on the mask alone, so a forward pass
+    computes them once for all its blocks (models/vit.py: run_blocks)."""
+    m = masked.float()
+    count = m.sum(-1, keepdim=True)                                            # |M_b|
+    heterogeneity = torch.where(count > 0, 1.0 / (m.shape[0] * count.clamp(min=1.0)), 0.0).expand_as(m)
+    rows = torch.stack([m, 1.0 - m])
+    return torch.cat([heterogeneity[None], rows / rows.sum((1, 2), keepdim=True).clamp(min=1.0)])
+
+
+def block_summary(stats: Dict[str, torch.Tensor], masked: torch.Tensor,
+                  weights: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
     """One block's scalars from its per-row statistics.
 
     heterogeneity h = 1 - mean_i(q_i) / r, with r = |M| / N per sample; averaged over heads,
     queries and batch. A sample without mask tokens has h = 1 (nobody can read one).
     entropy_masked / entropy_visible: mean e_i over masked / visible query rows (NaN when the
-    statistics hold no entropy).
+    statistics hold no entropy). `weights`: `summary_weights(masked)`, when already computed.
     """
-    masked_f = masked.float()                                          # [B, N]
-    ratio = masked_f.mean(-1)                                          # r per sample [B]
-    mean_mass = stats["mass_on_masked"].mean(dim=(1, 2))               # [B]
-    per_sample = torch.where(ratio > 0, 1.0 - mean_mass / ratio.clamp(min=1e-12),
-                             torch.ones_like(ratio))
-    summary = {"heterogeneity": per_sample.mean()}
+    weights = summary_weights(masked) if weights is None else weights
+    mass = stats["mass_on_masked"].mean(1)                                     # [B, N], mean over heads
+    summary = {"heterogeneity": 1.0 - (mass * weights[0]).sum()}
     if "norm_entropy" not in stats:
-        nan = per_sample.new_full((), float("nan"))
+        nan = mass.new_full((), float("nan"))
         return {**summary, "entropy_masked": nan, "entropy_visible": nan}
-    row_entropy = stats["norm_entropy"].mean(1)                        # [B, N], mean over heads
-    return {**summary,
-            "entropy_masked": _masked_mean(row_entropy, masked_f),
-            "entropy_visible": _masked_mean(row_entropy, 1.0 - masked_f)}
-
-
-def _masked_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    return (values * weights).sum() / weights.sum().clamp(min=1.0)
+    entropy_masked, entropy_visible = (stats["norm_entropy"].mean(1) * weights[1:]).sum((1, 2)).unbind()
+    return {**summary, "entropy_masked": entropy_masked, "entropy_visible": entropy_visible}
 
 
 def num_early_blocks(num_blocks: int, early_blocks: Optional[int]) -> int:
