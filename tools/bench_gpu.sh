@@ -8,9 +8,10 @@
 #   tools/bench_gpu.sh OUT_DIR compiled   # ViT-L/16 SimMIM, MTO off/on (both kernels), ZeRO-1, batch 128, train.compile
 #   tools/bench_gpu.sh OUT_DIR huge       # ViT-H/14 SimMIM + MTO, ZeRO-3, activation checkpointing, batch 64 and 128
 #   tools/bench_gpu.sh OUT_DIR all        # the four in order
-#   tools/bench_gpu.sh OUT_DIR quick      # about 8 minutes (estimated, not yet run): CUDA tests of both statistics paths,
+#   tools/bench_gpu.sh OUT_DIR quick      # about 9 minutes (estimated, not yet run): CUDA tests of both statistics paths,
 #                                         # bench_attention, ViT-L SimMIM + MAE ZeRO-1 with MTO off, on
-#                                         # (fused kernel) and on (sdpa statistics), profiled
+#                                         # (fused kernel) and on (sdpa statistics), profiled; two MAE rows
+#                                         # with DeepSpeed's host-side options changed
 #
 # BENCH_TIMEOUT=SECONDS bounds each process (default: none), so a slow one cannot take the
 # next ones' time. Needs torch with CUDA, timm, triton and deepspeed importable (pytest for
@@ -62,6 +63,15 @@ if [[ $part == quick ]]; then
     run vit_l_quick "$py" tools/bench_step.py --arch vit_large_patch16 --method simmim mae --mto on off \
         --mto-kernel auto sdpa --zero 1 --batch 128 --steps 10 --data none --profile "$out/profile_quick" \
         --json "$out/vit_l_quick.json"
+    # MAE's host side, each against the shipped config in the rows above: DeepSpeed's gradient
+    # norm computed anyway (as before it was skipped without clipping), and ZeRO-1 without its
+    # contiguous gradient buffer (one copy per gradient tensor instead of two; an all-reduce of
+    # all gradients instead of a reduce to each rank's partition).
+    for variant in compute_grad_norm=true contiguous_gradients=false; do
+        run "mae_${variant%%=*}" "$py" tools/bench_step.py --arch vit_large_patch16 --method mae --mto off --zero 1 \
+            --batch 128 --steps 10 --data none --no-baseline --ds-set "zero_optimization.$variant" \
+            --json "$out/mae_${variant%%=*}.json"
+    done
 fi
 if [[ $part == large || $part == all ]]; then
     run vit_l "$py" tools/bench_step.py --arch vit_large_patch16 --method simmim mae --mto on off \
