@@ -71,6 +71,8 @@ def test_gradient_clipping_follows_the_recipe(config, clipping):
     cfg = load_config(config, ["data.source=synthetic"])
     ds = deepspeed_config(cfg, plan_batch(cfg.train.global_batch_size, cfg.train.micro_batch_size, 64))
     assert ds["gradient_clipping"] == clipping
+    # Without clipping nothing reads DeepSpeed's gradient norm, so it is not computed.
+    assert ds["zero_optimization"].get("compute_grad_norm", True) == (clipping > 0)
 
 
 def test_learning_rate_warms_up_linearly_to_the_peak_then_follows_half_a_cosine_to_the_floor():
