@@ -313,3 +313,31 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients():
     assert comp_grads.keys() == eager_grads.keys()
     for name in eager_grads:
         torch.testing.assert_close(comp_grads[name], eager_grads[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("mode", ["loss", "mass", "telemetry"])
+def test_a_block_with_its_summary_compiles_as_one_graph(mode):
+    """train.compile fuses a block's MTO work, its summary included, only if the block's call has
+    no graph break: fullgraph=True fails on one. Same summary and gradients as eager."""
+    from mto_ds.models.vit import _block_forward, mim_block
+    from mto_ds.mto.stats import summary_weights
+    torch.manual_seed(0)
+    block = mim_block(32, 4)
+    block.attn.stats_kernel = "sdpa"  # the statistics path that needs no GPU
+    x = torch.randn(2, 9, 32)
+    masked = torch.rand(2, 9) < 0.5
+    masked[:, 0] = False
+    weights = summary_weights(masked)
+    compiled = torch.compile(_block_forward, backend="aot_eager", fullgraph=True)
+    results = []
+    for fn in (_block_forward, compiled):
+        xi = x.clone().requires_grad_()
+        y, summary = fn(block, xi, masked, True, mode, weights)
+        total = y.square().mean() + sum(v for v in summary.values() if v.requires_grad)
+        total.backward()
+        results.append((summary, xi.grad))
+    (eager, eager_grad), (graph, graph_grad) = results
+    for key in ("heterogeneity", "entropy_masked", "entropy_visible"):
+        torch.testing.assert_close(graph[key], eager[key], rtol=1e-5, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(graph_grad, eager_grad, rtol=1e-4, atol=1e-6)
+    assert eager["heterogeneity"].requires_grad == (mode != "telemetry")

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..mto.attention import MTOAttention
-from ..mto.plan import LOSS, STATS_WITH_GRADIENTS, TELEMETRY
+from ..mto.plan import LOSS, NONE, STATS_WITH_GRADIENTS, TELEMETRY
 from ..mto.stats import block_summary, summary_weights
 
 # Our arch names -> timm model names an exported encoder loads into.
@@ -27,15 +27,17 @@ TIMM_NAMES = {
 
 class MTOBlock(Block):
     """timm's Block (same parameters and names). Called as timm calls it, it is timm's forward;
-    called with `mode`, the attention takes MTO's path and the block returns (x, row statistics
-    or None).
+    called with `mode`, the attention takes MTO's path and the block returns (x, its summary or
+    None); `summary_weights` are `stats.summary_weights(masked)`, shared by a forward's blocks.
 
     All of a block's work happens inside its own call, so ZeRO-3 can gather the block's weights
-    at once as one leaf module (engine/builder.py), instead of hooking each of its layers.
+    at once as one leaf module (engine/builder.py), instead of hooking each of its layers, and
+    torch.compile (train.compile) fuses the summary into the block's graph.
     """
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False, *,
-                masked: Optional[torch.Tensor] = None, recalibrate: bool = False, mode: Optional[str] = None):
+                masked: Optional[torch.Tensor] = None, recalibrate: bool = False, mode: Optional[str] = None,
+                summary_weights: Optional[torch.Tensor] = None):
         if mode is None:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         if mode == TELEMETRY:
@@ -48,7 +50,7 @@ class MTOBlock(Block):
                                              with_stats=mode in STATS_WITH_GRADIENTS, entropy=mode == LOSS)
         x = x + self.drop_path1(self.ls1(y))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        return x, stats
+        return x, None if stats is None else block_summary(stats, masked, summary_weights)
 
 
 def create_encoder(arch: str, img_size: int = 224, drop_path: float = 0.0) -> nn.Module:
@@ -65,9 +67,10 @@ def mim_block(dim: int, num_heads: int) -> MTOBlock:
                     norm_layer=partial(nn.LayerNorm, eps=1e-6))
 
 
-def _block_forward(block: MTOBlock, x: torch.Tensor, masked: torch.Tensor, recalibrate: bool, mode: str):
-    """One block on MTO's path: (x, row statistics or None)."""
-    return block(x, masked=masked, recalibrate=recalibrate, mode=mode)
+def _block_forward(block: MTOBlock, x: torch.Tensor, masked: torch.Tensor, recalibrate: bool, mode: str,
+                   summary_weights: Optional[torch.Tensor]):
+    """One block on MTO's path: (x, its summary or None)."""
+    return block(x, masked=masked, recalibrate=recalibrate, mode=mode, summary_weights=summary_weights)
 
 
 def _plain_block_forward(block: Block, x: torch.Tensor) -> torch.Tensor:
@@ -94,12 +97,12 @@ def run_blocks(blocks, x: torch.Tensor, masked: Optional[torch.Tensor], flags, a
                compiled: bool = False):
     """Run blocks that see mask tokens. Returns (x, per-block summaries, None where not computed)."""
     summaries: List[Optional[Dict[str, torch.Tensor]]] = []
-    weights = None  # the summaries' weights depend on the mask alone: once per forward pass
+    # The summaries' weights depend on the mask alone: once per forward pass, not per block.
+    weights = summary_weights(masked) if any(mode != NONE for _, mode in flags) else None
     for block, (recalibrate, mode) in zip(blocks, flags):
-        x, stats = _run(_block_forward, (block, x, masked, recalibrate, mode), activation_checkpointing, compiled)
-        if stats is not None and weights is None:
-            weights = summary_weights(masked)
-        summaries.append(None if stats is None else block_summary(stats, masked, weights))
+        x, summary = _run(_block_forward, (block, x, masked, recalibrate, mode, weights), activation_checkpointing,
+                          compiled)
+        summaries.append(summary)
     return x, summaries
 
 
