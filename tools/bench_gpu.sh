@@ -8,10 +8,10 @@
 #   tools/bench_gpu.sh OUT_DIR compiled   # ViT-L/16 SimMIM, MTO off/on (both kernels), ZeRO-1, batch 128, train.compile
 #   tools/bench_gpu.sh OUT_DIR huge       # ViT-H/14 SimMIM + MTO, ZeRO-3, activation checkpointing, batch 64 and 128
 #   tools/bench_gpu.sh OUT_DIR all        # the four in order
-#   tools/bench_gpu.sh OUT_DIR quick      # about 9 minutes (estimated, not yet run): CUDA tests of both statistics paths,
+#   tools/bench_gpu.sh OUT_DIR quick      # about 10 minutes (estimated, not yet run): CUDA tests of both statistics paths,
 #                                         # bench_attention, ViT-L SimMIM + MAE ZeRO-1 with MTO off, on
-#                                         # (fused kernel) and on (sdpa statistics), profiled; two MAE rows
-#                                         # with DeepSpeed's host-side options changed
+#                                         # (fused kernel) and on (sdpa statistics), profiled; MAE with
+#                                         # DeepSpeed's host-side options changed, and at batch 256
 #
 # BENCH_TIMEOUT=SECONDS bounds each process (default: none), so a slow one cannot take the
 # next ones' time. Needs torch with CUDA, timm, triton and deepspeed importable (pytest for
@@ -72,6 +72,9 @@ if [[ $part == quick ]]; then
             --batch 128 --steps 10 --data none --no-baseline --ds-set "zero_optimization.$variant" \
             --json "$out/mae_${variant%%=*}.json"
     done
+    # The ViT-L MAE recipe's micro-batch (256), chosen because 128 was host-bound.
+    run mae_b256 "$py" tools/bench_step.py --arch vit_large_patch16 --method mae --mto on off --zero 1 \
+        --batch 256 --steps 10 --data none --no-baseline --json "$out/mae_b256.json"
 fi
 if [[ $part == large || $part == all ]]; then
     run vit_l "$py" tools/bench_step.py --arch vit_large_patch16 --method simmim mae --mto on off \
