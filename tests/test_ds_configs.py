@@ -57,9 +57,9 @@ def test_every_ds_config_passes_deepspeeds_validation_and_is_what_its_name_says(
         got = parsed[name]
         assert (got["stage"], got["bf16"], got["fp16"], got["offload"]) == (stage, bf16, fp16, offload), name
         assert got["clip"] == 0.5 and got["batch"] == [32, 8, 4], name  # train.clip_grad; 32 = 8 x 4 on 1 rank
-        # Clipping reads DeepSpeed's gradient norm; without it ZeRO-1/2 skip computing one. ZeRO-3
-        # has no such switch (its key is left at DeepSpeed's default).
-        assert got["grad_norm"] == [True, stage == 3], name
+        # Clipping reads DeepSpeed's gradient norm; without it bf16/fp16 ZeRO-1/2 skip computing one.
+        # fp32 keeps it (DeepSpeed's check for non-finite gradients); ZeRO-3 has no such switch.
+        assert got["grad_norm"] == [True, stage == 3 or not (bf16 or fp16)], name
     assert parsed["zero2_fp16.json"]["loss_scale"] == 0  # 0 = dynamic loss scaling
     fp16 = json.loads((REPO / "ds_configs" / "zero2_fp16.json").read_text())["fp16"]
     assert fp16["initial_scale_power"] >= 8 and fp16["loss_scale_window"] > 0
@@ -152,17 +152,19 @@ def test_gradient_norm_is_skipped_only_where_nothing_reads_it_and_deepspeed_allo
     assert decided(0.0, {"stage": 2, "offload_optimizer": {"device": "cpu"}}) is None
     assert decided(0.0, {"stage": 2, "offload_optimizer": {"device": "none"}}) is False
     assert decided(0.0, {"stage": 1}, data_types={"grad_accum_dtype": "fp32"}) is None  # BF16_Optimizer
+    assert decided(0.0, {"stage": 2}, bf16={"enabled": False}) is None  # fp32: DeepSpeed's non-finite check reads it
+    assert decided(0.0, {"stage": 2}, bf16={"enabled": False}, fp16={"enabled": True}) is False
 
 
 def test_without_clipping_the_unread_norm_is_skipped_and_the_losses_are_unchanged(tmp_path):
     """MAE's recipe does not clip: DeepSpeed then computes no gradient norm (one launch loop per
     gradient tensor saved), metrics.jsonl says grad_norm null, and training is what it is with the
     norm computed (a JSON that asks for it, which logs it)."""
-    with_norm = json.loads((REPO / "ds_configs" / "cpu_zero2.json").read_text())
+    with_norm = json.loads((REPO / "ds_configs" / "zero2_bf16.json").read_text())
     with_norm["zero_optimization"]["compute_grad_norm"] = True
     (tmp_path / "with_norm.json").write_text(json.dumps(with_norm))
     rows = {}
-    for name, config in (("skipped", "ds_configs/cpu_zero2.json"), ("computed", str(tmp_path / "with_norm.json"))):
+    for name, config in (("skipped", "ds_configs/zero2_bf16.json"), ("computed", str(tmp_path / "with_norm.json"))):
         pretrain(tmp_path / name, f"deepspeed.config={config}", "model.method=mae", "train.clip_grad=null",
                  "train.steps=3", "run.log_every=1", "checkpoint.every_steps=0", nproc=2)
         rows[name] = read_metrics(tmp_path / name)

@@ -94,18 +94,20 @@ def deepspeed_config(cfg: Config, batch: BatchPlan) -> dict:
 
 
 def skip_unread_grad_norm(ds: dict) -> None:
-    """Turn off the gradient norm of DeepSpeed's ZeRO-1/2 optimizer when nothing reads it: no
-    clipping, and the JSON does not ask for it (`zero_optimization.compute_grad_norm`). DeepSpeed
-    computes it at every step in a Python loop of two kernels per gradient tensor (an upcast and a
-    norm: about 800 launches for ViT-L MAE) that the host must issue before the optimizer runs.
-    Left on where DeepSpeed refuses it off (optimizer offload, ZenFlow, ZeRO-1 bf16 with float32
-    gradient accumulation) and in ZeRO-3, which always computes it."""
+    """Turn off the gradient norm of DeepSpeed's ZeRO-1/2 optimizer when nothing reads it: bf16 or
+    fp16, no clipping, and the JSON does not ask for it (`zero_optimization.compute_grad_norm`).
+    DeepSpeed computes it at every step in a Python loop of two kernels per gradient tensor (an
+    upcast and a norm: about 800 launches for ViT-L MAE) that the host must issue before the
+    optimizer runs. In fp32 DeepSpeed reads it to skip a step with non-finite gradients (fp16 has
+    its loss scaler's own check), so fp32 keeps it. Left on where DeepSpeed refuses it off
+    (optimizer offload, ZenFlow, ZeRO-1 bf16 with float32 gradient accumulation) and in ZeRO-3,
+    which always computes it."""
     zero = ds.get("zero_optimization", {})
     offload = (zero.get("offload_optimizer") or {}).get("device", "none") not in (None, "none")
     bf16_fp32_accumulation = (zero_stage(ds) == 1 and precision(ds) == "bf16"
                               and ds.get("data_types", {}).get("grad_accum_dtype") in ("fp32", "float32"))
-    if (ds.get("gradient_clipping", 0.0) == 0.0 and zero_stage(ds) in (1, 2) and not offload
-            and not zero.get("zenflow") and not bf16_fp32_accumulation):
+    if (ds.get("gradient_clipping", 0.0) == 0.0 and zero_stage(ds) in (1, 2) and precision(ds) != "fp32"
+            and not offload and not zero.get("zenflow") and not bf16_fp32_accumulation):
         zero.setdefault("compute_grad_norm", False)
 
 
