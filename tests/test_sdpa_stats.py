@@ -180,6 +180,46 @@ def test_mass_alone_equals_the_full_statistics_mass_with_its_gradients(kernel, r
         torch.testing.assert_close(alone, full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("entropy", [True, False])
+@pytest.mark.parametrize("recalibrate", [False, True])
+def test_zero_padded_queries_and_keys_change_no_value_and_no_gradient(entropy, recalibrate):
+    """equal_head_dims pads q and k with zeros to V''s width (so flash attention may take the
+    call): the logits, and so every output and gradient, stay those of the unpadded call."""
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 3, 31, 16, generator=gen, dtype=torch.float64) for _ in range(3))
+    masked = torch.rand(2, 31, generator=gen) < 0.5
+    masked[:, 0] = False
+    weights = torch.randn(2, 3, 31, generator=gen, dtype=torch.float64)
+    results = []
+    for equal_head_dims in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out, stats = sdpa_attention_with_row_stats(*leaves, masked, recalibrate, 0.25, entropy=entropy,
+                                                   equal_head_dims=equal_head_dims)
+        total = out.square().sum() + sum((stat * weights).sum() for stat in stats.values())
+        results.append([out, *stats.values(), *torch.autograd.grad(total, leaves)])
+    assert len(results[0]) == (6 if entropy else 5)
+    for unpadded, padded in zip(*results):
+        torch.testing.assert_close(padded, unpadded, atol=1e-10, rtol=1e-10)
+
+
+@cuda_only
+@pytest.mark.parametrize("entropy", [True, False])
+def test_cuda_padded_statistics_run_on_flash_attention(entropy):
+    """Without recalibration (no mask) the padded call must be one that flash attention accepts,
+    and give what the default call gives on its own backend."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(4, 4, 197, 64, generator=gen).to("cuda", torch.bfloat16) for _ in range(3))
+    masked = (torch.rand(4, 197, generator=gen) < 0.6).cuda()
+    masked[:, 0] = False
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        out, stats = sdpa_attention_with_row_stats(q, k, v, masked, False, 0.125, entropy, equal_head_dims=True)
+    ref_out, ref_stats = sdpa_attention_with_row_stats(q, k, v, masked, False, 0.125, entropy)
+    torch.testing.assert_close(out, ref_out, atol=2e-2, rtol=2e-2)
+    for key in ref_stats:
+        torch.testing.assert_close(stats[key], ref_stats[key], atol=SDPA_STATS_ATOL[torch.bfloat16], rtol=0)
+
+
 @cuda_only
 def test_cuda_auto_takes_the_sdpa_path_where_the_fused_kernel_does_not_apply():
     """Head dim 192 is beyond the Triton kernel: auto must not fall back to the N x N reference."""

@@ -6,6 +6,8 @@
   sdpa-stats mto_ds.mto.sdpa_stats: the statistics as extra value columns of one SDPA call, on the
              backend PyTorch picks (on CUDA also forced: sdpa-stats-cudnn, sdpa-stats-efficient)
   sdpa-mass  the same with the mass on masked keys alone (late blocks off logging steps)
+  sdpa-stats-padded, sdpa-mass-padded  the same two with q and k zero-padded to V''s width, so
+             flash attention may take them (not under recalibration: its boolean mask rules flash out)
 
 On CUDA it times ViT-L-like shapes (default B=64, H=16, d=64, N=197 and 257, bf16, 60%
 masked, with and without recalibration) and prints markdown table rows. Without CUDA it runs
@@ -51,7 +53,8 @@ def parse_args():
                    help="extra fused rows with these BLOCK_M x BLOCK_N tiles [x num_warps [x num_stages]], "
                         "e.g. 64x64x8 128x64x8x3")
     p.add_argument("--paths", nargs="*", default=["sdpa", "reference", "fused", "sdpa-stats", "sdpa-stats-cudnn",
-                                                  "sdpa-stats-efficient", "sdpa-mass"],
+                                                  "sdpa-stats-efficient", "sdpa-mass", "sdpa-stats-padded",
+                                                  "sdpa-mass-padded"],
                    help="which of the standard rows to run (the --tiles rows always run; the forced SDPA "
                         "backends only on CUDA)")
     return p.parse_args()
@@ -89,12 +92,19 @@ def paths(tiles, selected):
             return out, stats["mass_on_masked"], stats["norm_entropy"]
         return sdpa_stats
 
+    def sdpa_padded(entropy):
+        def padded(q, k, v, masked, recalibrate, scale):
+            out, stats = sdpa_attention_with_row_stats(q, k, v, masked, recalibrate, scale, entropy=entropy,
+                                                       equal_head_dims=True)
+            return (out, *stats.values())
+        return padded
+
     def sdpa_mass(q, k, v, masked, recalibrate, scale):
         out, stats = sdpa_attention_with_row_stats(q, k, v, masked, recalibrate, scale, entropy=False)
         return out, stats["mass_on_masked"]
 
     table = {"sdpa": sdpa, "reference": reference, "fused": fused_with(), "sdpa-stats": sdpa_stats_on(),
-             "sdpa-mass": sdpa_mass}
+             "sdpa-mass": sdpa_mass, "sdpa-stats-padded": sdpa_padded(True), "sdpa-mass-padded": sdpa_padded(False)}
     if torch.cuda.is_available():
         table.update({f"sdpa-stats-{backend}": sdpa_stats_on(backend) for backend in SDPA_BACKENDS})
     table = {name: fn for name, fn in table.items() if name in selected}

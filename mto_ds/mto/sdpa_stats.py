@@ -70,24 +70,35 @@ def _value_columns(v: torch.Tensor, k, masked: torch.Tensor, width: int, sentine
     return values
 
 
+def _attend(q: torch.Tensor, k: torch.Tensor, values: torch.Tensor, attn_mask, scale: float,
+            equal_head_dims: bool) -> torch.Tensor:
+    """SDPA over V'. With `equal_head_dims`, q and k are zero-padded to V''s width first: the
+    logits do not change, and q, k and V' then share one head dim, which PyTorch's flash backend
+    requires (a boolean mask, under recalibration, still rules it out)."""
+    if equal_head_dims:
+        q, k = (F.pad(t, (0, values.shape[-1] - t.shape[-1])) for t in (q, k))
+    return F.scaled_dot_product_attention(q, k, values, attn_mask=attn_mask, scale=scale)
+
+
 def sdpa_attention_with_row_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked: torch.Tensor,
-                                  recalibrate: bool, scale: float, entropy: bool = True
-                                  ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+                                  recalibrate: bool, scale: float, entropy: bool = True,
+                                  equal_head_dims: bool = False) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Attention [B, H, N, d] in v's dtype and float32 [B, H, N] `mass_on_masked` and
     `norm_entropy` (the reference's contract), differentiable in q, k and v, from one SDPA call.
-    Without `entropy` only the mass: V' = [v | m | 0 ...], no k columns and no sentinel."""
+    Without `entropy` only the mass: V' = [v | m | 0 ...], no k columns and no sentinel.
+    `equal_head_dims`: zero-pad q and k to V''s width (same values; which is faster is the GPU's
+    to say, tools/bench_attention.py)."""
     d, dtype = q.shape[-1], v.dtype
     if not entropy:
         values = _value_columns(v, None, masked, _round_up(d + 1), sentinels=0)
-        out_ext = F.scaled_dot_product_attention(q, k, values, attn_mask=recalibration_mask(masked, recalibrate),
-                                                 scale=scale)
+        out_ext = _attend(q, k, values, recalibration_mask(masked, recalibrate), scale, equal_head_dims)
         return out_ext[..., :d], {"mass_on_masked": out_ext[..., d].float()}
     sentinels = _sentinel_keys(k, masked, recalibrate).to(k.dtype)  # rounded as the kernel will see them
     keys = torch.cat([k, sentinels], dim=2)
     values = _value_columns(v, k, masked, _round_up(2 * d + 2), sentinels=sentinels.shape[2])
     # Under recalibration a masked query sees the sentinel of all keys, a visible one the other.
     attn_mask = recalibration_mask(masked, recalibrate, torch.stack([masked, ~masked], dim=-1))
-    out_ext = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, scale=scale)
+    out_ext = _attend(q, keys, values, attn_mask, scale, equal_head_dims)
 
     p0 = out_ext[..., 2 * d + 1].float()
     keep = 1.0 - p0                                                              # >= 1/2
