@@ -37,9 +37,27 @@ def test_sdpa_statistics_outputs_and_gradients_match_reference(case_name):
         assert all(e["tested"] <= 1e-5 * max(e["scale"], 1.0) for e in errors.values()), errors
 
 
-def test_sdpa_path_visible_outputs_ignore_mask_token_values_when_recalibrated():
-    result = visible_rows_under_changed_mask_token(INTERPRETER_CASES["recalibrated_fp32"], "cpu",
-                                                   sdpa_attention_with_row_stats)
+@pytest.mark.parametrize("case_name", [name for name in CPU_CASES if CPU_CASES[name]["recalibrate"]])
+def test_padded_form_carries_recalibration_as_exactly_as_the_mask(case_name):
+    """equal_head_dims puts recalibration into extra q/k columns (logit offsets) instead of a
+    mask: against the reference, fp16 and bf16 included. With equal head dims CPU's SDPA takes its
+    flash kernel, which rounds the probabilities to the inputs' dtype before the PV product (as GPU
+    flash kernels do), where the unpadded call takes the math backend: the gradients may be up to
+    6 times as far from the truth as the reference's own error (4.7 seen, an fp16 entropy
+    gradient), not 4. Exactness in float64: test_zero_padded_queries_and_keys_change_no_value..."""
+    case = CPU_CASES[case_name]
+
+    def padded(*args):
+        return sdpa_attention_with_row_stats(*args, equal_head_dims=True)
+    errors = compare_with_reference(case, "cpu", padded)
+    assert_within_tolerance(errors, case, FORWARD + GRADIENTS, **dict(TOLERANCE, reference_factor=6.0))
+
+
+@pytest.mark.parametrize("equal_head_dims", [False, True])
+def test_sdpa_path_visible_outputs_ignore_mask_token_values_when_recalibrated(equal_head_dims):
+    def attention(*args):
+        return sdpa_attention_with_row_stats(*args, equal_head_dims=equal_head_dims)
+    result = visible_rows_under_changed_mask_token(INTERPRETER_CASES["recalibrated_fp32"], "cpu", attention)
     assert result == {"visible_out_change": 0.0, "visible_mass": 0.0}
 
 
@@ -204,17 +222,19 @@ def test_zero_padded_queries_and_keys_change_no_value_and_no_gradient(entropy, r
 
 @cuda_only
 @pytest.mark.parametrize("entropy", [True, False])
-def test_cuda_padded_statistics_run_on_flash_attention(entropy):
-    """Without recalibration (no mask) the padded call must be one that flash attention accepts,
-    and give what the default call gives on its own backend."""
+@pytest.mark.parametrize("recalibrate", [False, True])
+def test_cuda_padded_statistics_run_on_flash_attention(entropy, recalibrate):
+    """The padded call (recalibration in the padding, no mask) must be one that flash attention
+    accepts, and give what the default call gives on its own backend."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     gen = torch.Generator().manual_seed(7)
     q, k, v = (torch.randn(4, 4, 197, 64, generator=gen).to("cuda", torch.bfloat16) for _ in range(3))
     masked = (torch.rand(4, 197, generator=gen) < 0.6).cuda()
     masked[:, 0] = False
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-        out, stats = sdpa_attention_with_row_stats(q, k, v, masked, False, 0.125, entropy, equal_head_dims=True)
-    ref_out, ref_stats = sdpa_attention_with_row_stats(q, k, v, masked, False, 0.125, entropy)
+        out, stats = sdpa_attention_with_row_stats(q, k, v, masked, recalibrate, 0.125, entropy,
+                                                   equal_head_dims=True)
+    ref_out, ref_stats = sdpa_attention_with_row_stats(q, k, v, masked, recalibrate, 0.125, entropy)
     torch.testing.assert_close(out, ref_out, atol=2e-2, rtol=2e-2)
     for key in ref_stats:
         torch.testing.assert_close(stats[key], ref_stats[key], atol=SDPA_STATS_ATOL[torch.bfloat16], rtol=0)

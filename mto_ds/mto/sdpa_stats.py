@@ -70,14 +70,47 @@ def _value_columns(v: torch.Tensor, k, masked: torch.Tensor, width: int, sentine
     return values
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, values: torch.Tensor, attn_mask, scale: float,
-            equal_head_dims: bool) -> torch.Tensor:
-    """SDPA over V'. With `equal_head_dims`, q and k are zero-padded to V''s width first: the
-    logits do not change, and q, k and V' then share one head dim, which PyTorch's flash backend
-    requires (a boolean mask, under recalibration, still rules it out)."""
-    if equal_head_dims:
-        q, k = (F.pad(t, (0, values.shape[-1] - t.shape[-1])) for t in (q, k))
-    return F.scaled_dot_product_attention(q, k, values, attn_mask=attn_mask, scale=scale)
+# The logit offset that stands for a masked-out key in the padded form: exp() of it times any
+# softmax scale above 2^-8 is exactly 0, and it is exact in fp16 and bf16 (a power of two).
+_BLOCKED = -2.0 ** 15
+
+
+def _recalibration_columns(masked: torch.Tensor, sentinels: bool, dtype: torch.dtype):
+    """The recalibration mask as extra q and k columns, [B, 1, N, C] and [B, 1, N (+ 2), C]: the
+    logit of query i and key j gains scale * _BLOCKED exactly where the mask forbids the pair.
+    Column 0: visible queries against masked keys (and the sentinel of all keys); column 1 (with
+    sentinels): masked queries against the visible-keys sentinel."""
+    m = masked[:, None, :, None].to(dtype)                                     # [B, 1, N, 1]
+    q_cols = torch.cat([1.0 - m, m], dim=-1) * _BLOCKED
+    k_cols = torch.cat([m, torch.zeros_like(m)], dim=-1)
+    if not sentinels:
+        return q_cols[..., :1], k_cols[..., :1]
+    sentinel_rows = torch.eye(2, dtype=dtype, device=masked.device).expand(masked.shape[0], 1, 2, 2)
+    return q_cols, torch.cat([k_cols, sentinel_rows], dim=2)
+
+
+def _pad_to(t: torch.Tensor, width: int, columns) -> torch.Tensor:
+    """t zero-padded to `width`, with `columns` (broadcast over heads) right after t's own."""
+    padded = F.pad(t, (0, width - t.shape[-1]))
+    if columns is None:
+        return padded
+    return padded + F.pad(columns, (t.shape[-1], width - t.shape[-1] - columns.shape[-1]))
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, values: torch.Tensor, masked: torch.Tensor, recalibrate: bool,
+            sentinels: bool, scale: float, equal_head_dims: bool) -> torch.Tensor:
+    """SDPA over V', recalibrated as `stats.recalibration_mask` says (sentinel keys, if any, after
+    the tokens: the first for masked queries, the second for visible ones). By default with a
+    boolean mask. With `equal_head_dims`, q and k are zero-padded to V''s width, so that q, k and
+    V' share one head dim as PyTorch's flash backend requires, and the mask travels in the padding
+    as logit offsets (`_recalibration_columns`), which flash also requires: no mask argument."""
+    if not equal_head_dims:
+        extra = torch.stack([masked, ~masked], dim=-1) if sentinels else None
+        return F.scaled_dot_product_attention(q, k, values, attn_mask=recalibration_mask(masked, recalibrate, extra),
+                                              scale=scale)
+    q_cols, k_cols = _recalibration_columns(masked, sentinels, q.dtype) if recalibrate else (None, None)
+    width = values.shape[-1]
+    return F.scaled_dot_product_attention(_pad_to(q, width, q_cols), _pad_to(k, width, k_cols), values, scale=scale)
 
 
 def sdpa_attention_with_row_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked: torch.Tensor,
@@ -86,19 +119,18 @@ def sdpa_attention_with_row_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     """Attention [B, H, N, d] in v's dtype and float32 [B, H, N] `mass_on_masked` and
     `norm_entropy` (the reference's contract), differentiable in q, k and v, from one SDPA call.
     Without `entropy` only the mass: V' = [v | m | 0 ...], no k columns and no sentinel.
-    `equal_head_dims`: zero-pad q and k to V''s width (same values; which is faster is the GPU's
-    to say, tools/bench_attention.py)."""
+    `equal_head_dims`: zero-pad q and k to V''s width and carry recalibration in the padding, not
+    in a mask (same values; which form is faster is the GPU's to say, tools/bench_attention.py)."""
     d, dtype = q.shape[-1], v.dtype
     if not entropy:
         values = _value_columns(v, None, masked, _round_up(d + 1), sentinels=0)
-        out_ext = _attend(q, k, values, recalibration_mask(masked, recalibrate), scale, equal_head_dims)
+        out_ext = _attend(q, k, values, masked, recalibrate, False, scale, equal_head_dims)
         return out_ext[..., :d], {"mass_on_masked": out_ext[..., d].float()}
     sentinels = _sentinel_keys(k, masked, recalibrate).to(k.dtype)  # rounded as the kernel will see them
     keys = torch.cat([k, sentinels], dim=2)
     values = _value_columns(v, k, masked, _round_up(2 * d + 2), sentinels=sentinels.shape[2])
     # Under recalibration a masked query sees the sentinel of all keys, a visible one the other.
-    attn_mask = recalibration_mask(masked, recalibrate, torch.stack([masked, ~masked], dim=-1))
-    out_ext = _attend(q, keys, values, attn_mask, scale, equal_head_dims)
+    out_ext = _attend(q, keys, values, masked, recalibrate, recalibrate, scale, equal_head_dims)
 
     p0 = out_ext[..., 2 * d + 1].float()
     keep = 1.0 - p0                                                              # >= 1/2
