@@ -70,8 +70,9 @@ def _value_columns(v: torch.Tensor, k, masked: torch.Tensor, width: int, sentine
     return values
 
 
-# The logit offset that stands for a masked-out key in the padded form: exp() of it times any
-# softmax scale above 2^-8 is exactly 0, and it is exact in fp16 and bf16 (a power of two).
+# The logit offset that stands for a masked-out key in the padded form (times the softmax scale:
+# -4096 at head dim 64, -2048 at 256), far below float32's exp underflow near -104; a power of two,
+# exact in fp16 and bf16.
 _BLOCKED = -2.0 ** 15
 
 
