@@ -6,8 +6,8 @@
   sdpa-stats mto_ds.mto.sdpa_stats: the statistics as extra value columns of one SDPA call, on the
              backend PyTorch picks (on CUDA also forced: sdpa-stats-cudnn, sdpa-stats-efficient)
   sdpa-mass  the same with the mass on masked keys alone (late blocks off logging steps)
-  sdpa-stats-padded, sdpa-mass-padded  the same two with q and k zero-padded to V''s width, so
-             flash attention may take them (not under recalibration: its boolean mask rules flash out)
+  sdpa-stats-padded, sdpa-mass-padded  the same two with q and k zero-padded to V''s width and
+             recalibration carried in the padding (no mask), so flash attention may take them
 
 On CUDA it times ViT-L-like shapes (default B=64, H=16, d=64, N=197 and 257, bf16, 60%
 masked, with and without recalibration) and prints markdown table rows. Without CUDA it runs
