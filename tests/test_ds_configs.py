@@ -159,12 +159,12 @@ def test_gradient_norm_is_skipped_only_where_nothing_reads_it_and_deepspeed_allo
 def test_without_clipping_the_unread_norm_is_skipped_and_the_losses_are_unchanged(tmp_path):
     """MAE's recipe does not clip: DeepSpeed then computes no gradient norm (one launch loop per
     gradient tensor saved), metrics.jsonl says grad_norm null, and training is what it is with the
-    norm computed (a JSON that asks for it, which logs it)."""
-    with_norm = json.loads((REPO / "ds_configs" / "zero2_bf16.json").read_text())
+    norm computed (a JSON that asks for it, which logs it). On the recipe's file, bf16 ZeRO-1."""
+    with_norm = json.loads((REPO / "ds_configs" / "zero1_bf16.json").read_text())
     with_norm["zero_optimization"]["compute_grad_norm"] = True
     (tmp_path / "with_norm.json").write_text(json.dumps(with_norm))
     rows = {}
-    for name, config in (("skipped", "ds_configs/zero2_bf16.json"), ("computed", str(tmp_path / "with_norm.json"))):
+    for name, config in (("skipped", "ds_configs/zero1_bf16.json"), ("computed", str(tmp_path / "with_norm.json"))):
         pretrain(tmp_path / name, f"deepspeed.config={config}", "model.method=mae", "train.clip_grad=null",
                  "train.steps=3", "run.log_every=1", "checkpoint.every_steps=0", nproc=2)
         rows[name] = read_metrics(tmp_path / name)
