@@ -5,7 +5,8 @@ from the fp32 truth as the reference run in the same dtype, plus 2 * RTOL[dtype]
 statistics within SDPA_STATS_ATOL. Looser than the Triton kernel's: here the statistics leave the
 kernel rounded to the inputs' dtype (bf16: 2^-8), and the entropy's gradient is formed from
 logit-sized terms (s_ij - sum_k A_ik s_ik), whose rounding a difference of order 1 inherits
-(docs/MTO_KERNEL.md). In fp32 every quantity matches the reference to float rounding.
+(docs/MTO_KERNEL.md). In fp32 every quantity matches the reference to float rounding. On SDPA's
+fused kernels (CPU's flash kernel, and every GPU backend) 6 times, not 4: FUSED_KERNEL_TOLERANCE.
 """
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ from mto_ds.mto.stats import attention_with_row_stats
 
 SDPA_STATS_ATOL = {torch.float32: 1e-4, torch.float16: 1e-3, torch.bfloat16: 6e-3}
 TOLERANCE = dict(reference_factor=4.0, rtol_factor=2.0, stats_atol=SDPA_STATS_ATOL)
+# For SDPA's fused kernels (CPU's flash kernel; cuDNN, flash and memory-efficient on a GPU), which
+# round the probabilities to the inputs' dtype before the PV product where the math backend does
+# not: up to 4.7 times the reference's error was seen on CPU's flash kernel (an fp16 entropy gradient).
+FUSED_KERNEL_TOLERANCE = dict(TOLERANCE, reference_factor=6.0)
 
 # The interpreter's small cases, and at a ViT's shapes in bf16 (on CPU: SDPA's math backend).
 CPU_CASES = dict(INTERPRETER_CASES)
@@ -50,7 +55,7 @@ def test_padded_form_carries_recalibration_as_exactly_as_the_mask(case_name):
     def padded(*args):
         return sdpa_attention_with_row_stats(*args, equal_head_dims=True)
     errors = compare_with_reference(case, "cpu", padded)
-    assert_within_tolerance(errors, case, FORWARD + GRADIENTS, **dict(TOLERANCE, reference_factor=6.0))
+    assert_within_tolerance(errors, case, FORWARD + GRADIENTS, **FUSED_KERNEL_TOLERANCE)
 
 
 @pytest.mark.parametrize("equal_head_dims", [False, True])
@@ -155,7 +160,7 @@ def test_cuda_sdpa_statistics_match_reference_on_a_fused_sdpa_backend(case_name)
     case = CUDA_CASES[case_name]
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
         errors = compare_with_reference(case, "cuda", sdpa_attention_with_row_stats)
-    assert_within_tolerance(errors, case, FORWARD + GRADIENTS, **TOLERANCE)
+    assert_within_tolerance(errors, case, FORWARD + GRADIENTS, **FUSED_KERNEL_TOLERANCE)
 
 
 def test_sdpa_statistics_trace_into_one_graph_with_the_eager_results():
