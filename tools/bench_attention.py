@@ -83,30 +83,22 @@ def paths(tiles, selected):
             return out, stats["mass_on_masked"], stats["norm_entropy"]
         return fused
 
-    def sdpa_stats_on(backend=None):
+    def sdpa_stats_with(entropy=True, equal_head_dims=False, backend=None):
         def sdpa_stats(q, k, v, masked, recalibrate, scale):
             from torch.nn.attention import SDPBackend, sdpa_kernel
             forced = sdpa_kernel([getattr(SDPBackend, SDPA_BACKENDS[backend])]) if backend else contextlib.nullcontext()
             with forced:  # the forward's choice of kernel also fixes the backward's
-                out, stats = sdpa_attention_with_row_stats(q, k, v, masked, recalibrate, scale)
-            return out, stats["mass_on_masked"], stats["norm_entropy"]
+                out, stats = sdpa_attention_with_row_stats(q, k, v, masked, recalibrate, scale, entropy=entropy,
+                                                           equal_head_dims=equal_head_dims)
+            return (out, *stats.values())
         return sdpa_stats
 
-    def sdpa_padded(entropy):
-        def padded(q, k, v, masked, recalibrate, scale):
-            out, stats = sdpa_attention_with_row_stats(q, k, v, masked, recalibrate, scale, entropy=entropy,
-                                                       equal_head_dims=True)
-            return (out, *stats.values())
-        return padded
-
-    def sdpa_mass(q, k, v, masked, recalibrate, scale):
-        out, stats = sdpa_attention_with_row_stats(q, k, v, masked, recalibrate, scale, entropy=False)
-        return out, stats["mass_on_masked"]
-
-    table = {"sdpa": sdpa, "reference": reference, "fused": fused_with(), "sdpa-stats": sdpa_stats_on(),
-             "sdpa-mass": sdpa_mass, "sdpa-stats-padded": sdpa_padded(True), "sdpa-mass-padded": sdpa_padded(False)}
+    table = {"sdpa": sdpa, "reference": reference, "fused": fused_with(), "sdpa-stats": sdpa_stats_with(),
+             "sdpa-mass": sdpa_stats_with(entropy=False),
+             "sdpa-stats-padded": sdpa_stats_with(equal_head_dims=True),
+             "sdpa-mass-padded": sdpa_stats_with(entropy=False, equal_head_dims=True)}
     if torch.cuda.is_available():
-        table.update({f"sdpa-stats-{backend}": sdpa_stats_on(backend) for backend in SDPA_BACKENDS})
+        table.update({f"sdpa-stats-{backend}": sdpa_stats_with(backend=backend) for backend in SDPA_BACKENDS})
     table = {name: fn for name, fn in table.items() if name in selected}
     for tile in tiles:
         table[f"fused {tile}"] = fused_with(tuple(int(x) for x in tile.lower().split("x")))
