@@ -40,14 +40,15 @@ class MTOBlock(Block):
                 summary_weights: Optional[torch.Tensor] = None):
         if mode is None:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        h = self.norm1(x)
         if mode == TELEMETRY:
             # Output through SDPA as in the baseline; statistics beside it, without gradients.
-            y, _ = self.attn.forward_mto(self.norm1(x), masked, recalibrate, with_stats=False)
+            y, _ = self.attn.forward_mto(h, masked, recalibrate, with_stats=False)
             with torch.no_grad():
-                stats = self.attn.row_stats(self.norm1(x), masked, recalibrate)
+                stats = self.attn.row_stats(h, masked, recalibrate)
         else:
-            y, stats = self.attn.forward_mto(self.norm1(x), masked, recalibrate,
-                                             with_stats=mode in STATS_WITH_GRADIENTS, entropy=mode == LOSS)
+            y, stats = self.attn.forward_mto(h, masked, recalibrate, with_stats=mode in STATS_WITH_GRADIENTS,
+                                             entropy=mode == LOSS)
         x = x + self.drop_path1(self.ls1(y))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x, None if stats is None else block_summary(stats, masked, summary_weights)
