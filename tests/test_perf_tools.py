@@ -106,3 +106,50 @@ def test_kernel_busy_share_counts_overlapping_kernels_once_and_gaps_as_idle():
     assert share([(8, 10), (0, 4), (2, 6)]) == pytest.approx(0.8)
     assert share([(0, 5), (5, 10)]) == pytest.approx(1.0)
     assert math.isnan(share([]))
+
+
+def test_bench_step_dry_run_rejects_a_misspelt_deepspeed_override_before_any_device_time():
+    result = subprocess.run([sys.executable, "tools/bench_step.py", "--dry-run", "--method", "mae", "--mto", "off",
+                             "--zero", "1", "--no-baseline", "--ds-set", "zero_optimization.compute_grad_norms=true"],
+                            cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    row = [line for line in result.stdout.splitlines() if line.startswith("| mae ZeRO-1 MTO off")]
+    assert len(row) == 1 and "invalid" in row[0] and "compute_grad_norms" in row[0], result.stdout
+
+
+def _table_rows(path):
+    """The first cell of each table row of a bench_gpu.sh .md file."""
+    return [line.split("|")[1].strip() for line in path.read_text().splitlines() if line.startswith("| ")]
+
+
+def test_bench_gpu_script_checks_every_part_without_a_gpu_before_a_lease_is_spent(tmp_path):
+    """BENCH_DRY_RUN=1: each part's kernel tests are collected, bench_attention runs its CPU shape
+    and every bench_step command lists its rows with its DeepSpeed config validated, so an
+    argument or config error shows here instead of in a GPU lease."""
+    env = cpu_env(BENCH_DRY_RUN="1", PYTHON=sys.executable)
+    for part in ("quick", "all"):
+        result = subprocess.run(["bash", "tools/bench_gpu.sh", str(tmp_path / part), part], cwd=REPO, env=env,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, (part, result.stdout[-3000:], result.stderr[-3000:])
+    quick, full = tmp_path / "quick", tmp_path / "all"
+    collected = (quick / "kernel_tests.log").read_text()
+    assert "test_fused_attention.py::test_cuda_kernel_outputs_statistics_and_gradients_match_reference" in collected
+    assert "test_sdpa_stats.py::test_cuda_padded_statistics_run_on_flash_attention" in collected
+    assert "test_fused_attention.py::test_kernels_compile_for_sm90" in collected
+    assert "sdpa-stats-padded" in (quick / "attention.md").read_text()
+    assert _table_rows(quick / "vit_l_quick.md") == [
+        "baseline timm vit_large_patch16 SDPA, no DS, no MTO",
+        "simmim ZeRO-1 MTO on", "simmim ZeRO-1 MTO on [sdpa]", "simmim ZeRO-1 MTO off",
+        "mae ZeRO-1 MTO on", "mae ZeRO-1 MTO on [sdpa]", "mae ZeRO-1 MTO off"]
+    assert _table_rows(quick / "mae_compute_grad_norm.md") == [
+        "mae ZeRO-1 MTO off zero_optimization.compute_grad_norm=true"]
+    assert _table_rows(quick / "mae_contiguous_gradients.md") == [
+        "mae ZeRO-1 MTO off zero_optimization.contiguous_gradients=false"]
+    assert "batch 256" in (quick / "mae_b256.md").read_text()
+    assert len(_table_rows(full / "vit_l.md")) == 1 + 2 * 2 * 2  # baseline + method x stage x MTO
+    assert _table_rows(full / "vit_l_compiled.md")[0].endswith("compiled")
+    for batch in (64, 128):
+        huge = (full / f"vit_h_b{batch}.md").read_text()
+        assert f"zero3_bf16.json, 224 px, batch {batch}, mto.kernel=auto, activation checkpointing" in huge
+    for md in [*quick.glob("*.md"), *full.glob("*.md")]:
+        assert "invalid" not in md.read_text(), md

@@ -15,7 +15,9 @@
 #
 # BENCH_TIMEOUT=SECONDS bounds each process (default: none), so a slow one cannot take the
 # next ones' time. Needs torch with CUDA, timm, triton and deepspeed importable (pytest for
-# `kernel`).
+# `kernel`). BENCH_DRY_RUN=1 checks a part without a GPU, before a lease is spent on it: the
+# kernel tests are collected, not run; bench_attention runs its CPU smoke shape; bench_step lists
+# its rows and validates each engine row's DeepSpeed config (`--dry-run`).
 set -euo pipefail
 out=${1:?usage: tools/bench_gpu.sh OUT_DIR [kernel|large|compiled|huge|all|quick]}
 part=${2:-all}
@@ -28,13 +30,17 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 
-if ! "$py" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+dry_run=${BENCH_DRY_RUN:-0}
+step_flags=() pytest_flags=()
+if [[ $dry_run == 1 ]]; then
+    step_flags=(--dry-run) pytest_flags=(--collect-only)
+elif ! "$py" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
     echo "bench_gpu.sh: no CUDA device visible to $py; these measurements need one GPU" >&2
     exit 2
 fi
 {
     date -u +"%Y-%m-%dT%H:%MZ"
-    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null || echo "nvidia-smi: not available"
     "$py" - <<'EOF'
 import importlib
 for name in ("torch", "triton", "timm", "deepspeed"):
@@ -45,22 +51,31 @@ for name in ("torch", "triton", "timm", "deepspeed"):
 EOF
 } | tee "$out/env.txt"
 
-run() {  # run NAME CMD...: output to NAME.log, the table lines to NAME.md
+failed=()
+run() {  # run NAME CMD...: output to NAME.log, the table lines to NAME.md; a failure does not stop the next
     local name=$1; shift
     echo "== $name: $*" | tee -a "$out/commands.txt"
+    set +e
     timeout "${BENCH_TIMEOUT:-0}" "$@" 2>&1 | tee "$out/$name.log" \
-        | grep -E '^(\||device|MTO overhead|speed vs|<!--|[0-9]+ (passed|failed))' | tee "$out/$name.md" || true
+        | grep -E '^(\||device|MTO overhead|speed vs|<!--|[0-9]+ (passed|failed)|[0-9/]+ tests? collected)' \
+        | tee "$out/$name.md"
+    local status=${PIPESTATUS[0]}
+    set -e
+    if ((status != 0)); then
+        echo "== $name exited with status $status" | tee -a "$out/commands.txt"
+        failed+=("$name")
+    fi
 }
 
 if [[ $part == kernel || $part == all || $part == quick ]]; then
     # The CUDA cases only: the interpreter cases are CPU work that CI runs anyway.
     run kernel_tests "$py" -m pytest -q -p no:cacheprovider tests/test_fused_attention.py tests/test_sdpa_stats.py \
-        -rs -k "cuda or sm90"
+        -rs -k "cuda or sm90" "${pytest_flags[@]}"
     run attention "$py" tools/bench_attention.py
 fi
 if [[ $part == quick ]]; then
     # The rows that decide mto.kernel's default and show where MAE's step goes (host op tables).
-    run vit_l_quick "$py" tools/bench_step.py --arch vit_large_patch16 --method simmim mae --mto on off \
+    run vit_l_quick "$py" tools/bench_step.py "${step_flags[@]}" --arch vit_large_patch16 --method simmim mae --mto on off \
         --mto-kernel auto sdpa --zero 1 --batch 128 --steps 10 --data none --profile "$out/profile_quick" \
         --json "$out/vit_l_quick.json"
     # MAE's host side, each against the shipped config in the rows above: DeepSpeed's gradient
@@ -68,28 +83,32 @@ if [[ $part == quick ]]; then
     # contiguous gradient buffer (one copy per gradient tensor instead of two; an all-reduce of
     # all gradients instead of a reduce to each rank's partition).
     for variant in compute_grad_norm=true contiguous_gradients=false; do
-        run "mae_${variant%%=*}" "$py" tools/bench_step.py --arch vit_large_patch16 --method mae --mto off --zero 1 \
+        run "mae_${variant%%=*}" "$py" tools/bench_step.py "${step_flags[@]}" --arch vit_large_patch16 --method mae --mto off --zero 1 \
             --batch 128 --steps 10 --data none --no-baseline --ds-set "zero_optimization.$variant" \
             --json "$out/mae_${variant%%=*}.json"
     done
     # The ViT-L MAE recipe's micro-batch (256), chosen because 128 was host-bound.
-    run mae_b256 "$py" tools/bench_step.py --arch vit_large_patch16 --method mae --mto on off --zero 1 \
+    run mae_b256 "$py" tools/bench_step.py "${step_flags[@]}" --arch vit_large_patch16 --method mae --mto on off --zero 1 \
         --batch 256 --steps 10 --data none --no-baseline --json "$out/mae_b256.json"
 fi
 if [[ $part == large || $part == all ]]; then
-    run vit_l "$py" tools/bench_step.py --arch vit_large_patch16 --method simmim mae --mto on off \
+    run vit_l "$py" tools/bench_step.py "${step_flags[@]}" --arch vit_large_patch16 --method simmim mae --mto on off \
         --zero 1 2 --batch 128 --steps 10 --profile "$out/profile_vit_l" --json "$out/vit_l.json"
 fi
 if [[ $part == compiled || $part == all ]]; then
-    run vit_l_compiled "$py" tools/bench_step.py --arch vit_large_patch16 --method simmim --mto on off \
+    run vit_l_compiled "$py" tools/bench_step.py "${step_flags[@]}" --arch vit_large_patch16 --method simmim --mto on off \
         --mto-kernel auto sdpa --zero 1 --batch 128 --steps 10 --compile --data none --json "$out/vit_l_compiled.json"
 fi
 if [[ $part == huge || $part == all ]]; then
     # One process per batch: a ZeRO-3 engine keeps its memory until its process ends. The plain
     # baseline (no activation checkpointing) runs at 64 only: at 128 it may not fit in 80 GB.
-    run vit_h_b64 "$py" tools/bench_step.py --arch vit_huge_patch14 --method simmim --mto on --zero 3 \
+    run vit_h_b64 "$py" tools/bench_step.py "${step_flags[@]}" --arch vit_huge_patch14 --method simmim --mto on --zero 3 \
         --batch 64 --activation-checkpointing --steps 10 --warmup 3 --data none --json "$out/vit_h_b64.json"
-    run vit_h_b128 "$py" tools/bench_step.py --arch vit_huge_patch14 --method simmim --mto on --zero 3 \
+    run vit_h_b128 "$py" tools/bench_step.py "${step_flags[@]}" --arch vit_huge_patch14 --method simmim --mto on --zero 3 \
         --batch 128 --activation-checkpointing --steps 10 --warmup 3 --data none --no-baseline \
         --json "$out/vit_h_b128.json"
+fi
+if ((${#failed[@]})); then
+    echo "bench_gpu.sh: exited with a non-zero status: ${failed[*]} (see $out/commands.txt and the .log files)" >&2
+    exit 1
 fi

@@ -222,23 +222,39 @@ def set_key(config: dict, assignment: str) -> None:
     """Apply one --ds-set KEY=VALUE (dotted KEY, JSON VALUE) to a DeepSpeed config dict."""
     key, sep, value = assignment.partition("=")
     if not sep or not key:
-        raise SystemExit(f"--ds-set expects KEY=VALUE, got {assignment!r}")
+        raise ValueError(f"--ds-set expects KEY=VALUE, got {assignment!r}")
     *parents, leaf = key.split(".")
     for part in parents:
         config = config.setdefault(part, {})
         if not isinstance(config, dict):
-            raise SystemExit(f"--ds-set {assignment!r}: {part!r} is not a section")
+            raise ValueError(f"--ds-set {assignment!r}: {part!r} is not a section")
     try:
         config[leaf] = json.loads(value)
     except json.JSONDecodeError:
         config[leaf] = value
 
 
+def engine_ds_config(method: str, zero: int, batch: int, bf16: bool, ds_set=()) -> dict:
+    """The DeepSpeed config of an engine row: the shipped file of this stage (bf16 on GPU, the
+    fp32 gloo one on CPU), one micro-batch per step, clipping as the recipes in configs/ have it
+    (SimMIM 5.0, MAE none), the trainer's own adjustments, then the --ds-set overrides."""
+    from mto_ds.engine.builder import skip_unread_grad_norm
+    name = f"zero{zero}_bf16.json" if bf16 else f"cpu_zero{zero}.json"
+    ds = json.loads((REPO / "ds_configs" / name).read_text())
+    ds.update(train_batch_size=batch, train_micro_batch_size_per_gpu=batch, gradient_accumulation_steps=1,
+              gradient_clipping=5.0 if method == "simmim" else 0.0)
+    ds["optimizer"]["params"]["lr"] = 1e-4
+    skip_unread_grad_norm(ds)  # as the trainer builds it (engine/builder.py)
+    for assignment in ds_set:
+        set_key(ds, assignment)
+    return ds
+
+
 def bench_engine(arch, method, mto, zero, img, batch, device, dtype, ckpt, compiled, ds_set=(), kernel="auto"):
     """The project's path: create_mim_model + deepspeed.initialize + the real train_step;
     `kernel` is mto.kernel, the implementation of MTO's statistics."""
     import deepspeed
-    from mto_ds.engine.builder import mark_zero3_leaf_blocks, param_groups, skip_unread_grad_norm
+    from mto_ds.engine.builder import mark_zero3_leaf_blocks, param_groups
     from mto_ds.engine.signals import StopRequest
     from mto_ds.engine.step import train_step
     from mto_ds.models import create_mim_model
@@ -246,16 +262,7 @@ def bench_engine(arch, method, mto, zero, img, batch, device, dtype, ckpt, compi
     base = _allocated(device)
     model = create_mim_model(arch, method, img_size=img, mto={"enabled": mto, "kernel": kernel},
                              activation_checkpointing=ckpt, compile_blocks=compiled)
-    # The shipped DeepSpeed config of this stage (bf16 on GPU, the fp32 gloo one on CPU).
-    name = f"zero{zero}_bf16.json" if dtype == torch.bfloat16 else f"cpu_zero{zero}.json"
-    ds = json.loads((REPO / "ds_configs" / name).read_text())
-    # Clipping as the recipes in configs/ (SimMIM 5.0, MAE none): a norm over all gradients.
-    ds.update(train_batch_size=batch, train_micro_batch_size_per_gpu=batch, gradient_accumulation_steps=1,
-              gradient_clipping=5.0 if method == "simmim" else 0.0)
-    ds["optimizer"]["params"]["lr"] = 1e-4
-    skip_unread_grad_norm(ds)  # as the trainer builds it (engine/builder.py)
-    for assignment in ds_set:
-        set_key(ds, assignment)
+    ds = engine_ds_config(method, zero, batch, dtype == torch.bfloat16, ds_set)
     mark_zero3_leaf_blocks(model, ds)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.05), config=ds)
     images, mask = _inputs(model, method, batch, img, device, torch.float32)
@@ -301,10 +308,11 @@ def data_wait_share(source, path, method, arch, img, batch, workers, step_sec, s
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="vit_large_patch16")
-    p.add_argument("--method", nargs="+", default=["simmim", "mae"])
-    p.add_argument("--mto", nargs="+", default=["on", "off"])
-    p.add_argument("--zero", nargs="+", type=int, default=[2])
+    from mto_ds.models import METHODS, TIMM_NAMES
+    p.add_argument("--arch", default="vit_large_patch16", choices=sorted(TIMM_NAMES))
+    p.add_argument("--method", nargs="+", default=["simmim", "mae"], choices=METHODS)
+    p.add_argument("--mto", nargs="+", default=["on", "off"], choices=["on", "off"])
+    p.add_argument("--zero", nargs="+", type=int, default=[2], choices=[1, 2, 3])
     p.add_argument("--img", type=int, default=224)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=20)
@@ -328,9 +336,14 @@ def main():
     p.add_argument("--ds-set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the shipped DeepSpeed config in the engine rows, e.g. "
                         "zero_optimization.overlap_comm=false (dotted key, JSON value; repeatable)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list the rows and check each engine row's DeepSpeed config (the GPU's bf16 file and "
+                        "--ds-set) with DeepSpeed's own validation; builds no model and needs no GPU")
     args = p.parse_args()
     if args.tiny:
         args.arch, args.img, args.batch, args.steps, args.warmup = "vit_tiny_patch16", 64, 8, 2, 1
+    if args.dry_run:
+        return dry_run(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -408,26 +421,66 @@ def main():
     print(f"| config | images/s | step ms (spread of {WINDOWS} windows) | TFLOP/s | MFU | peak GiB allocated / reserved | "
           f"data wait ({args.data}, {args.workers} workers) | GPU busy | launches forward / backward / after (syncs) |"
           f"\n|---|---|---|---|---|---|---|---|---|")
-    suffix = " compiled" if args.compile else ""
-    engine_suffix = suffix + "".join(f" {a}" for a in args.ds_set)
-    if not args.no_baseline:
-        run(f"baseline timm {args.arch} SDPA, no DS, no MTO{suffix}", bench_baseline,
-            args.arch, args.img, args.batch, device, dtype, args.compile)
-    for method in args.method:
-        for zero in args.zero:
-            if args.compile and zero == 3:
-                print(f"| {method} ZeRO-3 | not run: train.compile is refused with ZeRO-3 |", flush=True)
-                continue
-            for mto in args.mto:
-                for kernel in args.mto_kernel if mto == "on" else ["auto"]:
-                    shown = "" if kernel == "auto" else f" [{kernel}]"
-                    run(f"{method} ZeRO-{zero} MTO {mto}{shown}{engine_suffix}", bench_engine,
-                        args.arch, method, mto == "on", zero, args.img, args.batch, device, dtype,
-                        args.activation_checkpointing, args.compile, args.ds_set, kernel)
+    for name, kind, what in planned_rows(args):
+        if kind == "refused":
+            print(f"| {name} | not run: {what} |", flush=True)
+        elif kind == "baseline":
+            run(name, bench_baseline, args.arch, args.img, args.batch, device, dtype, args.compile)
+        else:
+            method, zero, mto, kernel = what
+            run(name, bench_engine, args.arch, method, mto, zero, args.img, args.batch, device, dtype,
+                args.activation_checkpointing, args.compile, args.ds_set, kernel)
     for line in compare(rows):
         print(line)
     write_json()
     return 0
+
+
+def planned_rows(args) -> list:
+    """The rows of a run, in order, as (name, kind, what): kind "baseline" (what: None), "engine"
+    (what: (method, ZeRO stage, MTO on, mto.kernel)) or "refused" (what: why it cannot run)."""
+    suffix = " compiled" if args.compile else ""
+    engine_suffix = suffix + "".join(f" {a}" for a in args.ds_set)
+    rows = []
+    if not args.no_baseline:
+        rows.append((f"baseline timm {args.arch} SDPA, no DS, no MTO{suffix}", "baseline", None))
+    for method in args.method:
+        for zero in args.zero:
+            if args.compile and zero == 3:
+                rows.append((f"{method} ZeRO-3", "refused", "train.compile is refused with ZeRO-3"))
+                continue
+            for mto in args.mto:
+                for kernel in args.mto_kernel if mto == "on" else ["auto"]:
+                    shown = "" if kernel == "auto" else f" [{kernel}]"
+                    rows.append((f"{method} ZeRO-{zero} MTO {mto}{shown}{engine_suffix}", "engine",
+                                 (method, zero, mto == "on", kernel)))
+    return rows
+
+
+def dry_run(args) -> int:
+    """--dry-run: the rows a GPU run of these arguments would measure, each engine row's DeepSpeed
+    config built as there (bf16) and put through DeepSpeed's validation, which rejects an unknown
+    key in a section (a misspelt --ds-set). 0 when every row is valid, else 2."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # validation only: no device is touched
+    from deepspeed.runtime.config import DeepSpeedConfig
+    invalid = 0
+    for name, kind, what in planned_rows(args):
+        if kind == "refused":
+            detail = f"not run: {what}"
+        elif kind == "baseline":
+            detail = f"would run: timm {args.arch}, {args.img} px, batch {args.batch}"
+        else:
+            method, zero, mto, kernel = what
+            try:
+                DeepSpeedConfig(engine_ds_config(method, zero, args.batch, True, args.ds_set))
+                detail = (f"would run: ds_configs/zero{zero}_bf16.json{''.join(f' {a}' for a in args.ds_set)}, "
+                          f"{args.img} px, batch {args.batch}" + (f", mto.kernel={kernel}" if mto else "")
+                          + (", activation checkpointing" if args.activation_checkpointing else ""))
+            except Exception as err:  # noqa: BLE001 - each row says what is wrong with it
+                invalid += 1
+                detail = f"invalid: {type(err).__name__}: {' '.join(str(err).split())[:300]}"
+        print(f"| {name} | {detail} |", flush=True)
+    return 2 if invalid else 0
 
 
 def _compiled_frames() -> int:
