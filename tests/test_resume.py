@@ -153,6 +153,29 @@ def test_zero1_and_zero3_runs_resumed_on_another_world_size_log_the_losses_of_th
     assert losses_by_step(run_dir) == pytest.approx(losses_by_step(reference), rel=ELASTIC_RTOL)
 
 
+def test_bf16_zero1_run_resumed_on_another_world_size_logs_the_losses_of_its_uninterrupted_run(tmp_path):
+    """The file the ViT-B/L recipes ship (bf16 weights, fp32 master copy and Adam moments in
+    DeepSpeed's ZeRO-1 partitions, no gradient norm without clipping): saved on 2 ranks after
+    SIGTERM, resumed on 1 through a universal checkpoint, against the same run uninterrupted.
+    On CPU the losses come out equal; ELASTIC_RTOL allows for another summation order."""
+    ds = ("deepspeed.config=ds_configs/zero1_bf16.json", "train.clip_grad=null")
+    reference_dir, run_dir = tmp_path / "reference", tmp_path / "run"
+    Run(reference_dir, *ds, nproc=2).finish()
+    two = Run(run_dir, *ds, nproc=2)
+    two.wait_for_step(4)
+    two.signal_ranks(signal.SIGTERM)
+    two.finish(expect=0)
+    stop = state(run_dir)["step"]
+    assert state(run_dir)["reason"] == "signal SIGTERM" and stop < STEPS
+    one = Run(run_dir, *ds, nproc=1).finish()
+    assert "this run has 1: loading it as a universal checkpoint" in one.output
+    assert "ZeRO-1, bf16" in one.output
+    assert metric_steps(run_dir) == list(range(1, STEPS + 1))
+    losses, expected = losses_by_step(run_dir), losses_by_step(reference_dir)
+    assert losses == pytest.approx(expected, rel=ELASTIC_RTOL)
+    assert len(set(expected.values())) == STEPS  # the run trains: every step's loss differs
+
+
 def test_data_position_warnings_name_each_change_that_breaks_an_exact_continuation():
     from mto_ds.engine.trainer import data_position_warnings
     plan = {"steps_per_epoch": 8, "num_samples": 256, "seed": 0, "order": "exact",
