@@ -342,6 +342,8 @@ def main():
     args = p.parse_args()
     if args.tiny:
         args.arch, args.img, args.batch, args.steps, args.warmup = "vit_tiny_patch16", 64, 8, 2, 1
+    if args.data in ("folder", "ffcv") and not args.data_path:
+        p.error(f"--data {args.data} needs --data-path")
     if args.dry_run:
         return dry_run(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -350,8 +352,6 @@ def main():
     from mto_ds.engine.distributed import init_distributed
     init_distributed()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if args.data in ("folder", "ffcv") and not args.data_path:
-        p.error(f"--data {args.data} needs --data-path")
     peak = matmul_peak_tflops(device, dtype)
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"device {device_name}, "
