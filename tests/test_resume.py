@@ -11,6 +11,7 @@ from collections import defaultdict
 
 import pytest
 
+from conftest import REPO, read_metrics
 from run_control import STEPS, Run, losses_by_step, metric_steps, reference_run, state
 
 TRACE = {"MTO_DS_TRACE_SAMPLES": "1"}
@@ -174,6 +175,39 @@ def test_bf16_zero1_run_resumed_on_another_world_size_logs_the_losses_of_its_uni
     losses, expected = losses_by_step(run_dir), losses_by_step(reference_dir)
     assert losses == pytest.approx(expected, rel=ELASTIC_RTOL)
     assert len(set(expected.values())) == STEPS  # the run trains: every step's loss differs
+
+
+def test_fp16_run_resumed_on_another_world_size_keeps_its_dynamic_loss_scale(tmp_path):
+    """fp16's loss scaler is state too: its scale, and how many steps since it last changed.
+    The scale starts at 2^24 and halves at each overflow (hysteresis 1) until the gradients are
+    finite, then doubles every 3 clean steps. Stopped on 2 ranks once it has settled well below
+    2^24 and resumed on 1 through a universal checkpoint, the run must log the uninterrupted
+    run's scale, overflow count and losses at every step: a scaler restarted at 2^24 would
+    overflow again and skip steps the uninterrupted run took. fp16 on this CPU:
+    tests/fp16_on_cpu/sitecustomize.py."""
+    ds = json.loads((REPO / "ds_configs" / "zero2_fp16.json").read_text())
+    ds["fp16"].update(initial_scale_power=24, hysteresis=1, loss_scale_window=3)
+    (tmp_path / "fp16.json").write_text(json.dumps(ds))
+    config, env = f"deepspeed.config={tmp_path / 'fp16.json'}", {"PYTHONPATH": str(REPO / "tests" / "fp16_on_cpu")}
+    reference_dir, run_dir = tmp_path / "reference", tmp_path / "run"
+    Run(reference_dir, config, nproc=2, env=env).finish()
+    two = Run(run_dir, config, nproc=2, env=env)
+    two.wait_for_step(5)
+    two.signal_ranks(signal.SIGTERM)
+    two.finish(expect=0)
+    stop = state(run_dir)["step"]
+    assert stop < STEPS
+    one = Run(run_dir, config, nproc=1, env=env).finish()
+    assert "this run has 1: loading it as a universal checkpoint" in one.output and "ZeRO-2, fp16" in one.output
+
+    expected, got = read_metrics(reference_dir), read_metrics(run_dir)
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    scales = [r["loss_scale"] for r in expected]
+    assert scales[0] == 2.0 ** 23 and expected[-1]["overflow_steps"] >= 3  # the scaler did work
+    assert scales[stop - 1] <= 2.0 ** 21  # at the stop it stood far from where a new scaler starts
+    assert [r["loss_scale"] for r in got] == scales
+    assert [r["overflow_steps"] for r in got] == [r["overflow_steps"] for r in expected]
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in expected], rel=ELASTIC_RTOL)
 
 
 def test_data_position_warnings_name_each_change_that_breaks_an_exact_continuation():

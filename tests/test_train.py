@@ -31,6 +31,7 @@ def test_one_process_run_writes_the_run_directory(tmp_path):
     for key in ("step", "epoch", "loss", "loss_mim", "loss_mto", "lr", "images_per_sec"):
         assert key in rows[0], key
     assert all(r["grad_norm"] > 0 for r in rows)  # the demo clips (train.clip_grad=1.0): DeepSpeed's norm
+    assert all(r["loss_scale"] is None for r in rows)  # fp32: no loss scaler (fp16's: tests/test_resume.py)
     assert len(rows[0]["heterogeneity"]) == 12  # one value per encoder block of vit_tiny (SimMIM)
     assert rows[-1]["loss"] == rows[-1]["loss_mim"] + rows[-1]["loss_mto"] or \
         abs(rows[-1]["loss"] - rows[-1]["loss_mim"] - rows[-1]["loss_mto"]) < 1e-5

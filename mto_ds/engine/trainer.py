@@ -218,8 +218,10 @@ class Trainer:
         # DeepSpeed's norm of the step's gradients, global over ranks; None where it computes none
         # (no clipping under ZeRO-1/2: engine/builder.py:skip_unread_grad_norm).
         grad_norm = self.engine.get_global_grad_norm()
+        # fp16's dynamic loss scale after this step (what the next one multiplies the loss by).
+        loss_scale = float(self.engine.optimizer.cur_scale) if self.engine.fp16_enabled() else None
         return {"step": self.global_step, "epoch": self.global_step / self.steps_per_epoch, **values,
-                "grad_norm": None if grad_norm is None else float(grad_norm),
+                "grad_norm": None if grad_norm is None else float(grad_norm), "loss_scale": loss_scale,
                 "lr": lr, "images_per_sec": images_per_sec, "mto_scale": self.mto_state.loss_scale,
                 "nonfinite_steps": self.nonfinite_total, "overflow_steps": self.overflow_total}
 
