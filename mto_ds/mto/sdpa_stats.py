@@ -56,18 +56,23 @@ def _sentinel_keys(k: torch.Tensor, masked: torch.Tensor, recalibrate: bool) -> 
 
 
 def _value_columns(v: torch.Tensor, k, masked: torch.Tensor, width: int, sentinels: int) -> torch.Tensor:
-    """V' [B, H, N + sentinels, width], written once: token rows [v | k (detached; if given) | m | 0 ...],
-    sentinel rows 1 in the column after m, 0 elsewhere."""
+    """V' [B, H, N + sentinels, width]: token rows [v | k (detached; if given) | m | 0 ...],
+    sentinel rows 1 in the column after m, 0 elsewhere.
+
+    Built as v (zero rows below for the sentinels) beside a block with no gradient, written in
+    place: the backward then hands v its gradient as a view. Writing v into a zeroed V' in place
+    instead would make the backward copy the whole of V''s gradient once per write after it."""
     B, H, N, d = v.shape
-    values = v.new_zeros(B, H, N + sentinels, width)
-    values[:, :, :N, :d] = v
-    column = d
+    rest = v.new_zeros(B, H, N + sentinels, width - d)
+    column = 0
     if k is not None:
-        values[:, :, :N, d:2 * d] = k.detach()
-        column = 2 * d
-    values[:, :, :N, column] = masked[:, None, :].to(v.dtype)
-    values[:, :, N:, column + 1] = 1.0
-    return values
+        rest[:, :, :N, :d] = k.detach()
+        column = d
+    rest[:, :, :N, column] = masked[:, None, :].to(v.dtype)
+    if sentinels:
+        rest[:, :, N:, column + 1] = 1.0
+        v = F.pad(v, (0, 0, 0, sentinels))
+    return torch.cat([v, rest], dim=-1)
 
 
 # The logit offset that stands for a masked-out key in the padded form (times the softmax scale:
@@ -126,19 +131,23 @@ def sdpa_attention_with_row_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     if not entropy:
         values = _value_columns(v, None, masked, _round_up(d + 1), sentinels=0)
         out_ext = _attend(q, k, values, masked, recalibrate, False, scale, equal_head_dims)
-        return out_ext[..., :d], {"mass_on_masked": out_ext[..., d].float()}
+        out, mass, _ = out_ext.split([d, 1, values.shape[-1] - d - 1], dim=-1)
+        return out, {"mass_on_masked": mass.squeeze(-1).float()}
     sentinels = _sentinel_keys(k, masked, recalibrate).to(k.dtype)  # rounded as the kernel will see them
     keys = torch.cat([k, sentinels], dim=2)
     values = _value_columns(v, k, masked, _round_up(2 * d + 2), sentinels=sentinels.shape[2])
     # Under recalibration a masked query sees the sentinel of all keys, a visible one the other.
     out_ext = _attend(q, keys, values, masked, recalibrate, recalibrate, scale, equal_head_dims)
+    # One split, not four slices: each slice's backward would write a zeroed copy of the whole
+    # [B, H, N, width] gradient, and autograd would then add the four up.
+    out_mix, key_mix, mass_col, p0_col, _ = out_ext.split([d, d, 1, 1, values.shape[-1] - 2 * d - 2], dim=-1)
 
-    p0 = out_ext[..., 2 * d + 1].float()
+    p0 = p0_col.squeeze(-1).float()
     keep = 1.0 - p0                                                              # >= 1/2
-    out = out_ext[..., :d] / keep.to(dtype)[..., None]
-    mass = out_ext[..., 2 * d].float() / keep
+    out = out_mix / keep.to(dtype)[..., None]
+    mass = mass_col.squeeze(-1).float() / keep
     # sum_j A_ij s_ij, differentiable through the probabilities only (see the module docstring).
-    mean_logit = scale * (q.detach().float() * out_ext[..., d:2 * d].float()).sum(-1) / keep
+    mean_logit = scale * (q.detach().float() * key_mix.float()).sum(-1) / keep
     with torch.no_grad():
         sentinel_logit = scale * (q.float() @ sentinels.float().transpose(-2, -1))          # [B, H, N, S]
         if recalibrate:
