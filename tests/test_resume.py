@@ -131,6 +131,20 @@ def test_elastic_resume_2_to_1_to_2_ranks_sees_each_sample_once_with_the_same_lo
     assert losses == pytest.approx(expected, rel=ELASTIC_RTOL)
 
 
+def _stopped_on_2_resumed_on_1(run_dir, *overrides, stop_after, env=None):
+    """SIGTERM to both ranks of a 2-rank run once `stop_after` is logged, then the run finished on
+    1 rank (through a universal checkpoint). Returns (the step it stopped at, the 1-rank Run)."""
+    two = Run(run_dir, *overrides, nproc=2, env=env)
+    two.wait_for_step(stop_after)
+    two.signal_ranks(signal.SIGTERM)
+    two.finish(expect=0)
+    stop = state(run_dir)["step"]
+    assert state(run_dir)["reason"] == "signal SIGTERM" and stop < STEPS
+    one = Run(run_dir, *overrides, nproc=1, env=env).finish()
+    assert "this run has 1: loading it as a universal checkpoint" in one.output
+    return stop, one
+
+
 @pytest.mark.parametrize("stage", [1, 3])
 def test_zero1_and_zero3_runs_resumed_on_another_world_size_log_the_losses_of_the_uninterrupted_run(
         reference, tmp_path, stage):
@@ -141,14 +155,7 @@ def test_zero1_and_zero3_runs_resumed_on_another_world_size_log_the_losses_of_th
     step counter, weight decay copied to every parameter group), without which the losses drift
     by ~1e-3 within a few steps."""
     run_dir = tmp_path / "run"
-    ds = f"deepspeed.config=ds_configs/cpu_zero{stage}.json"
-    two = Run(run_dir, ds, nproc=2)
-    two.wait_for_step(4)
-    two.signal_ranks(signal.SIGTERM)
-    two.finish(expect=0)
-    stop = state(run_dir)["step"]
-    assert state(run_dir)["reason"] == "signal SIGTERM" and stop < STEPS
-    Run(run_dir, ds, nproc=1).finish()
+    _stopped_on_2_resumed_on_1(run_dir, f"deepspeed.config=ds_configs/cpu_zero{stage}.json", stop_after=4)
     assert state(run_dir) == {"finished": True, "step": STEPS, "total_steps": STEPS, "reason": "completed"}
     assert metric_steps(run_dir) == list(range(1, STEPS + 1))
     assert losses_by_step(run_dir) == pytest.approx(losses_by_step(reference), rel=ELASTIC_RTOL)
@@ -162,14 +169,7 @@ def test_bf16_zero1_run_resumed_on_another_world_size_logs_the_losses_of_its_uni
     ds = ("deepspeed.config=ds_configs/zero1_bf16.json", "train.clip_grad=null")
     reference_dir, run_dir = tmp_path / "reference", tmp_path / "run"
     Run(reference_dir, *ds, nproc=2).finish()
-    two = Run(run_dir, *ds, nproc=2)
-    two.wait_for_step(4)
-    two.signal_ranks(signal.SIGTERM)
-    two.finish(expect=0)
-    stop = state(run_dir)["step"]
-    assert state(run_dir)["reason"] == "signal SIGTERM" and stop < STEPS
-    one = Run(run_dir, *ds, nproc=1).finish()
-    assert "this run has 1: loading it as a universal checkpoint" in one.output
+    _, one = _stopped_on_2_resumed_on_1(run_dir, *ds, stop_after=4)
     assert "ZeRO-1, bf16" in one.output
     assert metric_steps(run_dir) == list(range(1, STEPS + 1))
     losses, expected = losses_by_step(run_dir), losses_by_step(reference_dir)
@@ -191,14 +191,8 @@ def test_fp16_run_resumed_on_another_world_size_keeps_its_dynamic_loss_scale(tmp
     config, env = f"deepspeed.config={tmp_path / 'fp16.json'}", {"PYTHONPATH": str(REPO / "tests" / "fp16_on_cpu")}
     reference_dir, run_dir = tmp_path / "reference", tmp_path / "run"
     Run(reference_dir, config, nproc=2, env=env).finish()
-    two = Run(run_dir, config, nproc=2, env=env)
-    two.wait_for_step(5)
-    two.signal_ranks(signal.SIGTERM)
-    two.finish(expect=0)
-    stop = state(run_dir)["step"]
-    assert stop < STEPS
-    one = Run(run_dir, config, nproc=1, env=env).finish()
-    assert "this run has 1: loading it as a universal checkpoint" in one.output and "ZeRO-2, fp16" in one.output
+    stop, one = _stopped_on_2_resumed_on_1(run_dir, config, stop_after=5, env=env)
+    assert "ZeRO-2, fp16" in one.output
 
     expected, got = read_metrics(reference_dir), read_metrics(run_dir)
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))

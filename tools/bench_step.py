@@ -344,6 +344,11 @@ def main():
         args.arch, args.img, args.batch, args.steps, args.warmup = "vit_tiny_patch16", 64, 8, 2, 1
     if args.data in ("folder", "ffcv") and not args.data_path:
         p.error(f"--data {args.data} needs --data-path")
+    for assignment in args.ds_set:
+        try:
+            set_key({}, assignment)  # the syntax, before any row is built
+        except ValueError as err:
+            p.error(str(err))
     if args.dry_run:
         return dry_run(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
