@@ -67,6 +67,37 @@ def test_bench_step_runs_on_cpu_and_reports_baseline_and_engine_rows(tmp_path):
     assert report["peak_tflops"] > 0
 
 
+@pytest.mark.parametrize("method", ["simmim", "mae"])
+def test_host_floor_model_keeps_every_block_and_parameter_tensor_at_the_narrow_width(method):
+    """--width: the host issues one launch per tensor and per block, so the narrowed model must
+    have the arch's blocks and parameter tensors (the MAE decoder's too), only narrower."""
+    from mto_ds.models import create_mim_model
+    narrowed = _load("bench_step").narrowed
+    full = create_mim_model("vit_small_patch16", method, img_size=32)
+    narrow = create_mim_model("vit_small_patch16", method, img_size=32, **narrowed(16))
+    assert [n for n, _ in narrow.named_parameters()] == [n for n, _ in full.named_parameters()]
+    attentions = [m for m in narrow.modules() if hasattr(m, "qkv")]
+    assert len(attentions) == len([m for m in full.modules() if hasattr(m, "qkv")]) >= 12
+    assert {(m.qkv.in_features, m.num_heads) for m in attentions} == {(16, 1)}
+    assert narrowed(None) == {}
+
+
+def test_bench_step_host_floor_rows_run_bf16_on_cpu_with_the_gpu_deepspeed_file(tmp_path):
+    """--width --bf16 on CPU: the rows of the GPU's host-floor measurement, the engine row on the
+    shipped bf16 ZeRO-1 file, the baseline's optimizer one fused kernel as on a GPU."""
+    out = tmp_path / "floor.json"
+    result = subprocess.run([sys.executable, "tools/bench_step.py", "--tiny", "--width", "32", "--bf16",
+                             "--method", "mae", "--mto", "off", "--zero", "1", "--data", "none", "--json", str(out)],
+                            cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "bf16 matmul peak" in result.stdout
+    baseline, engine = json.loads(out.read_text())["rows"]
+    assert baseline["config"] == "baseline timm vit_tiny_patch16 SDPA, no DS, no MTO width 32"
+    assert engine["config"] == "mae ZeRO-1 MTO off width 32"
+    assert baseline["launches"]["after"] <= 3 and baseline["launches"]["syncs"] == 0  # fused AdamW
+    assert engine["launches"]["after"] > 100 and engine["step_ms"] > 0  # DeepSpeed's per-tensor loops
+
+
 def test_launch_count_splits_a_step_into_forward_backward_and_after_and_counts_host_syncs():
     import torch
     count_launches = _load("bench_step").count_launches
@@ -146,6 +177,9 @@ def test_bench_gpu_script_checks_every_part_without_a_gpu_before_a_lease_is_spen
     assert _table_rows(quick / "mae_contiguous_gradients.md") == [
         "mae ZeRO-1 MTO off zero_optimization.contiguous_gradients=false"]
     assert "batch 256" in (quick / "mae_b256.md").read_text()
+    assert _table_rows(quick / "host_floor.md") == [f"{name} width 64" for name in _table_rows(quick / "vit_l_quick.md")]
+    assert _table_rows(quick / "host_floor_noncontiguous.md") == [
+        f"{method} ZeRO-1 MTO off width 64 zero_optimization.contiguous_gradients=false" for method in ("simmim", "mae")]
     assert len(_table_rows(full / "vit_l.md")) == 1 + 2 * 2 * 2  # baseline + method x stage x MTO
     assert _table_rows(full / "vit_l_compiled.md")[0].endswith("compiled")
     for batch in (64, 128):

@@ -10,8 +10,9 @@
 #   tools/bench_gpu.sh OUT_DIR all        # the four in order
 #   tools/bench_gpu.sh OUT_DIR quick      # about 10 minutes (estimated, not yet run): CUDA tests of both statistics paths,
 #                                         # bench_attention, ViT-L SimMIM + MAE ZeRO-1 with MTO off, on
-#                                         # (fused kernel) and on (sdpa statistics), profiled; MAE with
-#                                         # DeepSpeed's host-side options changed, and at batch 256
+#                                         # (fused kernel) and on (sdpa statistics), profiled; the same
+#                                         # rows' host floor (width 64); MAE with DeepSpeed's host-side
+#                                         # options changed, and at batch 256
 #
 # BENCH_TIMEOUT=SECONDS bounds each process (default: none), so a slow one cannot take the
 # next ones' time. Needs torch with CUDA, timm, triton and deepspeed importable (pytest for
@@ -78,6 +79,15 @@ if [[ $part == quick ]]; then
     run vit_l_quick "$py" tools/bench_step.py "${step_flags[@]}" --arch vit_large_patch16 --method simmim mae --mto on off \
         --mto-kernel auto sdpa --zero 1 --batch 128 --steps 10 --data none --profile "$out/profile_quick" \
         --json "$out/vit_l_quick.json"
+    # The host floor: the same rows at width 64 (every block and parameter tensor, almost no GPU
+    # work), so a step takes what the host needs to issue it. Set against the rows above, it says
+    # whether a step is host- or GPU-bound; once without ZeRO-1's contiguous gradient buffer.
+    run host_floor "$py" tools/bench_step.py "${step_flags[@]}" --arch vit_large_patch16 --width 64 --method simmim mae \
+        --mto on off --mto-kernel auto sdpa --zero 1 --batch 8 --steps 10 --warmup 3 --data none \
+        --json "$out/host_floor.json"
+    run host_floor_noncontiguous "$py" tools/bench_step.py "${step_flags[@]}" --arch vit_large_patch16 --width 64 \
+        --method simmim mae --mto off --zero 1 --batch 8 --steps 10 --warmup 3 --data none --no-baseline \
+        --ds-set zero_optimization.contiguous_gradients=false --json "$out/host_floor_noncontiguous.json"
     # MAE's host side, each against the shipped config in the rows above: DeepSpeed's gradient
     # norm computed anyway (as before it was skipped without clipping), and ZeRO-1 without its
     # contiguous gradient buffer (one copy per gradient tensor instead of two; an all-reduce of

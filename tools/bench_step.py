@@ -5,6 +5,8 @@ plain baseline (the same timm ViT, SDPA, no DeepSpeed, no MTO) in the same run.
     python tools/bench_step.py --arch vit_large_patch16 --method simmim mae --mto on off \
         --zero 2 3 --batch 128 --steps 20             # on a GPU (bf16)
     python tools/bench_step.py --tiny                 # on CPU: vit_tiny at 64 px, fp32, a few steps
+    python tools/bench_step.py --arch vit_large_patch16 --width 64 --bf16 --img 32 --batch 2 --data none
+                                                      # the host floor: ViT-L's blocks at width 64 (any device)
 
 MFU is achieved FLOP/s over the bf16 matmul peak this tool measures on the same device in the
 same run (an 8192^3 matmul on GPU); FLOPs per step are counted by torch's FlopCounterMode.
@@ -140,14 +142,25 @@ def count_launches(step) -> dict:
     return counts
 
 
+def narrowed(width):
+    """Keyword arguments of create_mim_model for `--width`: the arch's depth and parameter tensors
+    (every block, the MAE decoder's too) at `width` channels in one head; {} for the arch as it is.
+    At width 64 the device does almost no work, so a step takes what the host needs to issue it:
+    Python, dispatch, kernel launches and syncs (the host floor of a step)."""
+    if width is None:
+        return {}
+    return {"encoder_overrides": {"embed_dim": width, "num_heads": 1},
+            "decoder_embed_dim": width, "decoder_num_heads": 1}
+
+
 @lru_cache(maxsize=None)
-def model_flops_per_image(arch, method, img, device) -> float:
+def model_flops_per_image(arch, method, img, device, width=None) -> float:
     """FLOPs of one forward + backward of the architecture, MFU's "model FLOPs": counted on the
     MTO-off model without activation checkpointing, so neither MTO's statistics nor recomputation
     count as useful work (MTO on and off rows share it; the fused kernel's FLOPs are invisible to
     the counter anyway). Counted once on 2 images, per image: FLOPs are linear in the batch."""
     from mto_ds.models import create_mim_model
-    model = create_mim_model(arch, method, img_size=img).to(device)
+    model = create_mim_model(arch, method, img_size=img, **narrowed(width)).to(device)
     images, mask = _inputs(model, method, 2, img, device, torch.float32)
     return step_flops(lambda: model(images, mask, with_stats=False)["loss"].backward()) / 2
 
@@ -194,13 +207,14 @@ def _time(step, device, warmup, steps, base_bytes, windows=WINDOWS):
     return sec, spread, peak, reserved
 
 
-def bench_baseline(arch, img, batch, device, dtype, compiled):
+def bench_baseline(arch, img, batch, device, dtype, compiled, width=None):
     """timm ViT classifier-free forward + backward with SDPA and a fused AdamW, no DeepSpeed."""
     import timm
     from mto_ds.models import TIMM_NAMES
     base = _allocated(device)
-    model = timm.create_model(TIMM_NAMES[arch], num_classes=0, img_size=img).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    model = timm.create_model(TIMM_NAMES[arch], num_classes=0, img_size=img,
+                              **narrowed(width).get("encoder_overrides", {})).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # one kernel, on CPU too
     x = torch.randn(batch, 3, img, img, device=device)
 
     def step():
@@ -250,7 +264,8 @@ def engine_ds_config(method: str, zero: int, batch: int, bf16: bool, ds_set=()) 
     return ds
 
 
-def bench_engine(arch, method, mto, zero, img, batch, device, dtype, ckpt, compiled, ds_set=(), kernel="auto"):
+def bench_engine(arch, method, mto, zero, img, batch, device, dtype, ckpt, compiled, ds_set=(), kernel="auto",
+                 width=None):
     """The project's path: create_mim_model + deepspeed.initialize + the real train_step;
     `kernel` is mto.kernel, the implementation of MTO's statistics."""
     import deepspeed
@@ -258,10 +273,10 @@ def bench_engine(arch, method, mto, zero, img, batch, device, dtype, ckpt, compi
     from mto_ds.engine.signals import StopRequest
     from mto_ds.engine.step import train_step
     from mto_ds.models import create_mim_model
-    flops = model_flops_per_image(arch, method, img, device) * batch
+    flops = model_flops_per_image(arch, method, img, device, width) * batch
     base = _allocated(device)
     model = create_mim_model(arch, method, img_size=img, mto={"enabled": mto, "kernel": kernel},
-                             activation_checkpointing=ckpt, compile_blocks=compiled)
+                             activation_checkpointing=ckpt, compile_blocks=compiled, **narrowed(width))
     ds = engine_ds_config(method, zero, batch, dtype == torch.bfloat16, ds_set)
     mark_zero3_leaf_blocks(model, ds)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.05), config=ds)
@@ -326,6 +341,12 @@ def main():
                    help="profile 3 more steps per row: a Chrome trace and an op table each in DIR, "
                         "and the GPU-busy column")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: vit_tiny, 64 px, batch 8, fp32, 2 steps")
+    p.add_argument("--width", type=int, metavar="W",
+                   help="the arch's depth and parameter tensors at W channels in one head (64: the device does "
+                        "almost no work, and the step time is the host's floor: Python, dispatch, launches, syncs)")
+    p.add_argument("--bf16", action="store_true",
+                   help="bf16 on CPU too (a GPU always runs bf16): the engine rows then take the GPU's "
+                        "ds_configs/zero*_bf16.json, as DeepSpeed's CPU accelerator runs bf16")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="loader workers per GPU")
     p.add_argument("--data", choices=["synthetic", "folder", "ffcv", "none"], default="synthetic",
                    help="the data-wait column's source (synthetic renders images in Python: slower than "
@@ -342,6 +363,8 @@ def main():
     args = p.parse_args()
     if args.tiny:
         args.arch, args.img, args.batch, args.steps, args.warmup = "vit_tiny_patch16", 64, 8, 2, 1
+    if args.width is not None and args.width < 1:
+        p.error(f"--width must be a positive number of channels, got {args.width}")
     if args.data in ("folder", "ffcv") and not args.data_path:
         p.error(f"--data {args.data} needs --data-path")
     for assignment in args.ds_set:
@@ -356,7 +379,7 @@ def main():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from mto_ds.engine.distributed import init_distributed
     init_distributed()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = torch.bfloat16 if device.type == "cuda" or args.bf16 else torch.float32
     peak = matmul_peak_tflops(device, dtype)
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"device {device_name}, "
@@ -430,11 +453,11 @@ def main():
         if kind == "refused":
             print(f"| {name} | not run: {what} |", flush=True)
         elif kind == "baseline":
-            run(name, bench_baseline, args.arch, args.img, args.batch, device, dtype, args.compile)
+            run(name, bench_baseline, args.arch, args.img, args.batch, device, dtype, args.compile, args.width)
         else:
             method, zero, mto, kernel = what
             run(name, bench_engine, args.arch, method, mto, zero, args.img, args.batch, device, dtype,
-                args.activation_checkpointing, args.compile, args.ds_set, kernel)
+                args.activation_checkpointing, args.compile, args.ds_set, kernel, args.width)
     for line in compare(rows):
         print(line)
     write_json()
@@ -444,7 +467,7 @@ def main():
 def planned_rows(args) -> list:
     """The rows of a run, in order, as (name, kind, what): kind "baseline" (what: None), "engine"
     (what: (method, ZeRO stage, MTO on, mto.kernel)) or "refused" (what: why it cannot run)."""
-    suffix = " compiled" if args.compile else ""
+    suffix = (" compiled" if args.compile else "") + ("" if args.width is None else f" width {args.width}")
     engine_suffix = suffix + "".join(f" {a}" for a in args.ds_set)
     rows = []
     if not args.no_baseline:

@@ -12,15 +12,18 @@ METHODS = ("simmim", "mae")
 def create_mim_model(arch: str, method: str, *, img_size: int = 224, mto=None, drop_path: float = 0.0,
                      activation_checkpointing: bool = False, compile_blocks: bool = False,
                      decoder_embed_dim: int = 512, decoder_depth: int = 8, decoder_num_heads: int = 16,
-                     norm_pix_loss: bool = True):
+                     norm_pix_loss: bool = True, encoder_overrides=None):
     """A SimMIM or MAE model; `model(images, mask)` returns the loss dict (see MIMModel).
 
     mto: None (off), a dict of `mto.*` keys (enabled unless it says otherwise) or a config object.
     compile_blocks: torch.compile each transformer block (the first step pays for compilation).
+    encoder_overrides: timm keyword arguments that replace the arch's, e.g. {"embed_dim": 64,
+    "num_heads": 1} for the arch's depth and parameter tensors at a width where the device does
+    almost no work (tools/bench_step.py --width measures the host's share of a step with it).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method '{method}'; expected one of {list(METHODS)}")
-    encoder = create_encoder(arch, img_size=img_size, drop_path=drop_path)
+    encoder = create_encoder(arch, img_size=img_size, drop_path=drop_path, **(encoder_overrides or {}))
     if method == "simmim":
         return SimMIM(encoder, mto=mto, activation_checkpointing=activation_checkpointing,
                       compile_blocks=compile_blocks)

@@ -54,12 +54,13 @@ class MTOBlock(Block):
         return x, None if stats is None else block_summary(stats, masked, summary_weights)
 
 
-def create_encoder(arch: str, img_size: int = 224, drop_path: float = 0.0) -> nn.Module:
-    """A timm VisionTransformer (no head) of MTOBlocks with MTOAttention (timm's parameter names)."""
+def create_encoder(arch: str, img_size: int = 224, drop_path: float = 0.0, **overrides) -> nn.Module:
+    """A timm VisionTransformer (no head) of MTOBlocks with MTOAttention (timm's parameter names).
+    `overrides`: timm keyword arguments that replace the arch's (e.g. embed_dim and num_heads)."""
     if arch not in TIMM_NAMES:
         raise ValueError(f"unknown arch '{arch}'; expected one of {sorted(TIMM_NAMES)}")
     return timm.create_model(TIMM_NAMES[arch], pretrained=False, num_classes=0, img_size=img_size,
-                             drop_path_rate=drop_path, attn_layer=MTOAttention, block_fn=MTOBlock)
+                             drop_path_rate=drop_path, attn_layer=MTOAttention, block_fn=MTOBlock, **overrides)
 
 
 def mim_block(dim: int, num_heads: int) -> MTOBlock:
