@@ -249,8 +249,8 @@ def set_key(config: dict, assignment: str) -> None:
 
 
 def engine_ds_config(method: str, zero: int, batch: int, bf16: bool, ds_set=()) -> dict:
-    """The DeepSpeed config of an engine row: the shipped file of this stage (bf16 on GPU, the
-    fp32 gloo one on CPU), one micro-batch per step, clipping as the recipes in configs/ have it
+    """The DeepSpeed config of an engine row: the shipped file of this stage (the bf16 one for a
+    bf16 row: every GPU row, and CPU's with --bf16; else the fp32 gloo one), one micro-batch per step, clipping as the recipes in configs/ have it
     (SimMIM 5.0, MAE none), the trainer's own adjustments, then the --ds-set overrides."""
     from mto_ds.engine.builder import skip_unread_grad_norm
     name = f"zero{zero}_bf16.json" if bf16 else f"cpu_zero{zero}.json"
