@@ -377,6 +377,32 @@ def test_checkpoint_of_another_zero_stage_is_a_config_error_not_damage(tmp_path)
     assert tags(tmp_path) == ["step_00000004"]  # nothing set aside
 
 
+def test_a_metrics_line_cut_short_by_a_crash_is_set_aside_and_does_not_stop_the_resume(tmp_path):
+    """A node that dies mid-write leaves half a row (no newline) at the end of metrics.jsonl:
+    the resume moves it to metrics.jsonl.superseded with the rows after the resume point, and the
+    file the run appends to holds only whole rows; TensorBoard hides the same steps' events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from mto_ds.engine.telemetry import Telemetry
+    path = tmp_path / "metrics.jsonl"
+    telemetry = Telemetry(tmp_path, enabled=True, total_steps=10, start_step=0, progress_bar=False)
+    for step in range(1, 8):
+        telemetry.log({"step": step, "loss": 1.0 / step})
+    telemetry.close()
+    with open(path, "a") as f:
+        f.write('{"step": 8, "epoch": 1.0, "lo')
+    telemetry = Telemetry(tmp_path, enabled=True, total_steps=10, start_step=4, progress_bar=False)
+    telemetry.log({"step": 5, "loss": 50.0})
+    telemetry.close()
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4, 5]
+    superseded = (tmp_path / "metrics.jsonl.superseded").read_text().splitlines()
+    assert superseded[:3] == [json.dumps({"step": s, "loss": 1.0 / s}) for s in (5, 6, 7)]
+    assert superseded[3] == '{"step": 8, "epoch": 1.0, "lo'
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [
+        (1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3)), (4, 0.25), (5, 50.0)]
+
+
 def test_metrics_rows_after_the_resume_point_are_set_aside_not_duplicated(tmp_path):
     import json as _json
     from mto_ds.engine.telemetry import Telemetry

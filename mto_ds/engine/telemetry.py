@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Dict, Optional
 
 from tqdm import tqdm
+
+log = logging.getLogger("mto_ds")
 
 
 def _jsonable(value):
@@ -15,6 +18,16 @@ def _jsonable(value):
     if isinstance(value, list):
         return [_jsonable(v) for v in value]
     return value
+
+
+def _row_step(line: str) -> Optional[float]:
+    """The step of a metrics.jsonl line, or None when the line is not a row."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    step = row.get("step", 0) if isinstance(row, dict) else None
+    return step if isinstance(step, (int, float)) and not isinstance(step, bool) else None
 
 
 class Telemetry:
@@ -28,7 +41,9 @@ class Telemetry:
         self.bar = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(self.tb_dir))
+            # Events of steps after the one this run starts from (logged before a crash, or by a
+            # history an explicit checkpoint.resume left) are hidden, as their rows are moved below.
+            self.writer = SummaryWriter(str(self.tb_dir), purge_step=start_step + 1)
             self._set_aside_rows_after(start_step)
             self.file = open(self.metrics_path, "a")
             if progress_bar:
@@ -37,13 +52,21 @@ class Telemetry:
     def _set_aside_rows_after(self, step: int) -> None:
         """Rows logged after the checkpoint this run starts from (a crash between saves) are
         logged again by this run: move them to metrics.jsonl.superseded so each step is in
-        metrics.jsonl once, and nothing is lost."""
+        metrics.jsonl once, and nothing is lost. So is a line that is not a row (a write cut
+        short by a crash or a full disk), with a warning: it must not stop the run's resume."""
         if not self.metrics_path.is_file():
             return
-        keep, later = [], []
-        for line in self.metrics_path.read_text().splitlines():
-            if line.strip():
-                (later if json.loads(line).get("step", 0) > step else keep).append(line)
+        keep, later, unreadable = [], [], 0
+        for line in self.metrics_path.read_text(errors="replace").splitlines():
+            if not line.strip():
+                continue
+            row_step = _row_step(line)
+            if row_step is None:
+                unreadable += 1
+            (later if row_step is None or row_step > step else keep).append(line)
+        if unreadable:
+            log.warning("%s: %d line(s) that are not a JSON row (a write cut short?) moved to "
+                        "metrics.jsonl.superseded", self.metrics_path, unreadable)
         if later:
             with open(self.metrics_path.with_name("metrics.jsonl.superseded"), "a") as f:
                 f.write("\n".join(later) + "\n")
