@@ -130,13 +130,13 @@ def test_a_failed_conversion_stops_the_run_instead_of_setting_a_complete_checkpo
         (tag / "model.pt").write_bytes(b"x" * 10)
         (tag / MARKER).write_text(json.dumps({"step": step, "world_size": 2, "files": file_sizes(tag)}))
 
-    def no_space(tag_dir):
+    def no_space(tag_dir, out):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(checkpoint_module, "to_universal", no_space)
     checkpointer = Checkpointer(ckpt, keep_last=2, rank=0, world_size=1)
     with pytest.raises(RuntimeError, match="converting the complete checkpoint .*step_00000006 for 1 ranks "
                                            "failed .*No space left on device"):
-        checkpointer.load_newest(engine=None, candidates=checkpointer.candidates("auto"), device="cpu")
+        checkpointer.load_newest(engine=None, candidates=checkpointer.candidates("auto"))
     assert sorted(p.name for p in ckpt.iterdir()) == ["step_00000003", "step_00000006", "step_00000006_universal.failed"]
 
 
@@ -210,9 +210,131 @@ def test_checkpoints_newer_than_the_resume_point_are_set_aside_not_deleted(tmp_p
         (ckpt / f"step_{step:08d}" / MARKER).write_text(json.dumps({"step": step, "world_size": 1}))
     checkpointer = Checkpointer(ckpt, keep_last=1, rank=0, world_size=1)
     checkpointer.set_aside_newer_than(3, damaged=[ckpt / "step_00000009"])
-    assert sorted(p.name for p in ckpt.iterdir()) == ["step_00000003", "step_00000006.superseded",
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_00000003", "step_00000006.superseded",
                                                       "step_00000009.damaged"]
     assert checkpointer.candidates("auto") == [ckpt / "step_00000003"]
+
+
+def _complete_tags(ckpt: Path, *steps: int, world_size: int = 1) -> None:
+    for step in steps:
+        (ckpt / f"step_{step:08d}").mkdir(parents=True)
+        (ckpt / f"step_{step:08d}" / MARKER).write_text(json.dumps({"step": step, "world_size": world_size}))
+
+
+def test_a_checkpoint_set_aside_never_replaces_one_set_aside_before_and_latest_follows_the_resume_point(tmp_path):
+    """Two histories that both went past step 6 and were both left by a resume to step 3: each
+    step 6 is kept (step_6.superseded, step_6.superseded.2), and `latest` names step 3 at once,
+    not a checkpoint that was moved away."""
+    ckpt = tmp_path / "checkpoints"
+    checkpointer = Checkpointer(ckpt, keep_last=3, rank=0, world_size=1)
+    _complete_tags(ckpt, 3, 6)
+    (ckpt / "step_00000006" / "history").write_text("first")
+    (ckpt / "latest").write_text("step_00000006")
+    checkpointer.set_aside_newer_than(3, damaged=[])
+    assert (ckpt / "latest").read_text() == "step_00000003"
+    _complete_tags(ckpt, 6)
+    (ckpt / "step_00000006" / "history").write_text("second")
+    checkpointer.set_aside_newer_than(3, damaged=[])
+    assert [(p.name, (p / "history").read_text()) for p in sorted(ckpt.glob("step_00000006*"))] == [
+        ("step_00000006.superseded", "first"), ("step_00000006.superseded.2", "second")]
+    # Starting over (step 0) leaves no checkpoint for `latest` to name.
+    checkpointer.set_aside_newer_than(0, damaged=[])
+    assert not (ckpt / "latest").exists()
+    assert checkpointer.candidates("auto") == []
+
+
+@pytest.mark.parametrize("resume", ["none", "PATH"])
+def test_an_explicit_resume_applies_once_per_job_and_the_jobs_restarts_continue_from_its_progress(tmp_path, resume):
+    """`checkpoint.resume=none` (or a path) in a job's command is there again when Slurm requeues
+    the job or torchrun restarts its workers. Applied again it would throw away each restart's
+    progress, so a run that needs several time-limit windows could never finish: a restart of the
+    job that applied it continues from the checkpoints saved since; a new job applies it again."""
+    ckpt = tmp_path / "run" / "checkpoints"
+    _complete_tags(tmp_path / "elsewhere", 5)
+    if resume == "PATH":
+        resume = str(tmp_path / "elsewhere" / "step_00000005")
+    applied = [] if resume == "none" else [Path(resume)]
+    checkpointer = Checkpointer(ckpt, keep_last=3, rank=0, world_size=1)
+    first_start = {"SLURM_JOB_ID": "41", "SLURM_RESTART_COUNT": "0"}
+    requeued = {"SLURM_JOB_ID": "41", "SLURM_RESTART_COUNT": "1"}
+    assert checkpointer.candidates(resume, env=first_start) == applied
+    # A restart before the first start recorded anything (it died in set-up) applies the value.
+    assert checkpointer.candidates(resume, env=requeued) == applied
+    checkpointer.record_resume(resume, step=0 if resume == "none" else 5, env=first_start)
+    # Recorded, but nothing saved since: applying it again is the same start.
+    assert checkpointer.candidates(resume, env=requeued) == applied
+    _complete_tags(ckpt, 9, 12)
+    assert checkpointer.candidates(resume, env=requeued) == [ckpt / "step_00000012", ckpt / "step_00000009"]
+    elastic = {"TORCHELASTIC_RUN_ID": "r1", "TORCHELASTIC_RESTART_COUNT": "1"}
+    checkpointer.record_resume(resume, step=0, env={"TORCHELASTIC_RUN_ID": "r1", "TORCHELASTIC_RESTART_COUNT": "0"})
+    assert checkpointer.candidates(resume, env=elastic) == [ckpt / "step_00000012", ckpt / "step_00000009"]
+    # Applied again: by a new job, by a first start in the same allocation, by a plain process,
+    # and for another value than the one recorded.
+    for env in ({"SLURM_JOB_ID": "42", "SLURM_RESTART_COUNT": "1"}, {"SLURM_JOB_ID": "41"}, {},
+                {"TORCHELASTIC_RUN_ID": "r2", "TORCHELASTIC_RESTART_COUNT": "1"}):
+        assert checkpointer.candidates(resume, env=env) == applied, env
+    other = "none" if resume != "none" else str(tmp_path / "elsewhere")
+    assert checkpointer.candidates(other, env=elastic) == ([] if other == "none" else [tmp_path / "elsewhere" / "step_00000005"])
+
+
+def test_another_runs_checkpoint_is_converted_into_this_runs_directory(tmp_path, monkeypatch):
+    """checkpoint.resume=PATH on another world size: the universal conversion goes to this run's
+    checkpoints/, not beside the other run's checkpoint (whose directory may be read-only)."""
+    from mto_ds.engine import checkpoint as checkpoint_module
+    other = tmp_path / "other" / "checkpoints"
+    _complete_tags(other, 4, world_size=2)
+    written = []
+
+    def convert(tag_dir, out):
+        written.append((tag_dir, out))
+        raise OSError(28, "No space left on device")  # stop here: the test is about where
+    monkeypatch.setattr(checkpoint_module, "to_universal", convert)
+    ckpt = tmp_path / "run" / "checkpoints"
+    checkpointer = Checkpointer(ckpt, keep_last=2, rank=0, world_size=1)
+    with pytest.raises(RuntimeError, match="No space left"):
+        checkpointer.load_newest(engine=None, candidates=checkpointer.candidates(str(other / "step_00000004")))
+    assert written == [(other / "step_00000004", ckpt / "step_00000004_universal")]
+    assert sorted(p.name for p in other.iterdir()) == ["step_00000004"]
+
+
+AGREE_ON_PROBLEMS = r"""
+import json, os
+import torch.distributed as dist
+from mto_ds.engine.distributed import agree
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+verdicts = [agree(None), agree("KeyError: 'optimizer_state_dict'" if rank == 1 else None),
+            agree(f"broken on {rank}")]
+with open(os.path.join(os.environ["OUT_DIR"], f"rank{rank}.json"), "w") as f:
+    json.dump(verdicts, f)
+dist.destroy_process_group()
+"""
+
+
+def test_a_problem_on_one_rank_reaches_every_rank_with_its_cause_and_rank(tmp_path):
+    """A checkpoint damaged only in rank 1's files: rank 0, which logs the warning, names the
+    cause and the rank, not only that it failed somewhere."""
+    rank0, rank1 = _two_gloo_ranks(AGREE_ON_PROBLEMS, tmp_path)
+    assert rank0 == [None, "on rank 1: KeyError: 'optimizer_state_dict'", "broken on 0"]
+    assert rank1 == [None, "KeyError: 'optimizer_state_dict'", "broken on 1"]
+
+
+def test_a_run_that_fails_in_set_up_says_so_in_state_json(tmp_path):
+    """state.json is each start's own: a start that fails before its first step must not leave
+    an earlier start's "signal SIGUSR1" (not finished, checkpointed) for the scheduler to read."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "state.json").write_text(json.dumps({"finished": False, "step": 6, "total_steps": 12,
+                                                    "reason": "signal SIGUSR1"}))
+    missing = tmp_path / "no_such_checkpoint"
+    result = subprocess.run([sys.executable, "-m", "mto_ds", "pretrain", "--config", "configs/demo.yaml",
+                             f"run.output_dir={run_dir}", f"checkpoint.resume={missing}", "data.synthetic_images=64"],
+                            cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert state(run_dir) == {"finished": False, "step": None, "total_steps": None,
+                              "reason": f"set-up failed: FileNotFoundError: checkpoint.resume={missing}: no complete "
+                                        f"checkpoint there (a directory with complete.json, or a checkpoints/ "
+                                        f"folder holding some)"}
 
 
 # --- non-finite losses ----------------------------------------------------------------------
@@ -373,7 +495,7 @@ def test_checkpoint_of_another_zero_stage_is_a_config_error_not_damage(tmp_path)
     (tag / MARKER).write_text(json.dumps({"step": 4, "world_size": 2, "zero_stage": 2, "files": {}}))
     checkpointer = Checkpointer(tmp_path / "checkpoints", 3, rank=0, world_size=2, zero_stage=3)
     with pytest.raises(ConfigError, match="saved with ZeRO-2, this run uses ZeRO-3"):
-        checkpointer.load_newest(engine=None, candidates=[tag], device=torch.device("cpu"))
+        checkpointer.load_newest(engine=None, candidates=[tag])
     assert tags(tmp_path) == ["step_00000004"]  # nothing set aside
 
 
@@ -520,5 +642,5 @@ def test_a_run_directory_that_not_every_rank_sees_is_found_before_training(tmp_p
     rank0, rank1 = _two_gloo_ranks(SHARED_DIR, tmp_path)
     assert rank0["shared"] is None and rank1["shared"] is None
     assert rank0["shared_left"] == rank1["shared_left"] == []  # the probe is removed again
-    assert rank0["node_local"] == "it failed on another rank"
     assert "rank 1 on" in rank1["node_local"] and "does not see" in rank1["node_local"]
+    assert rank0["node_local"] == f"on rank 1: {rank1['node_local']}"  # rank 0's log says why

@@ -124,11 +124,12 @@ LAUNCHERS = ["srun"] + [x for x in os.environ.get("MTO_DS_SLURM_LAUNCHERS", "").
 
 
 def signal_batch_shell_after_two_steps(slurm_cluster, run_dir: Path, tmp_path: Path, launcher: str,
-                                       signal_name: str) -> dict:
+                                       signal_name: str, *overrides: str) -> dict:
     """Submit the pretrain template, wait until it has logged two steps, signal its batch shell
     alone (as `--signal=B:<SIG>@T` does; by hand so the test does not wait for Slurm's 30-60 s
     signal timer) and return the job once it has ended."""
-    job_id = slurm_cluster.sbatch(PRETRAIN, f"train.steps={STEPS}", env=cpu_env(run_dir, MTO_LAUNCHER=launcher),
+    job_id = slurm_cluster.sbatch(PRETRAIN, f"train.steps={STEPS}", *overrides,
+                                  env=cpu_env(run_dir, MTO_LAUNCHER=launcher),
                                   cwd=REPO, options=(*CPU_OPTIONS, f"--output={tmp_path}/%x-%j.out"))
     deadline = time.monotonic() + 480
     while len(metric_steps(run_dir)) < 2:
@@ -144,9 +145,12 @@ def signal_batch_shell_after_two_steps(slurm_cluster, run_dir: Path, tmp_path: P
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_signalled_job_checkpoints_requeues_itself_and_resumes_to_the_exact_step_count(
         slurm_cluster, uninterrupted_job, tmp_path, launcher):
-    """USR1 to the batch shell, as `--signal=B:USR1@600` sends it before the time limit."""
+    """USR1 to the batch shell, as `--signal=B:USR1@600` sends it before the time limit. The job
+    was submitted with `checkpoint.resume=none` (start over in this directory): the requeued job
+    runs the same command and must continue from its own checkpoint, not start over again."""
     run_dir = tmp_path / "run"
-    job = signal_batch_shell_after_two_steps(slurm_cluster, run_dir, tmp_path, launcher, "USR1")
+    job = signal_batch_shell_after_two_steps(slurm_cluster, run_dir, tmp_path, launcher, "USR1",
+                                             "checkpoint.resume=none")
     log = job_log(job)
     assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), log
     # The first start stopped part-way with a complete checkpoint and requeued itself ...

@@ -7,8 +7,14 @@ Layout under run_dir/checkpoints/:
                                    world size and the size of every file of the save
     step_00000120_universal/       the same, converted by ds_to_universal for another world size
     latest                         DeepSpeed's pointer file, rewritten atomically after complete.json
+    latest_universal               the same for the newest universal conversion
     step_00000150.damaged/         a complete checkpoint that failed to load, set aside (kept for
                                    inspection; resume and pruning never look at it again)
+    step_00000150.superseded/      a complete checkpoint newer than the step an explicit
+                                   checkpoint.resume went back to, set aside as well; a second one
+                                   of the same step becomes step_00000150.superseded.2, and so on
+    resume_applied.json            which explicit checkpoint.resume a job applied, so that its
+                                   restarts continue instead of applying it again
 A save killed midway leaves a tag without complete.json: resume never picks it, the next save
 of that step replaces it, and the next pruning removes it.
 """
@@ -36,6 +42,8 @@ from .faults import Faults
 
 log = logging.getLogger("mto_ds")
 MARKER = "complete.json"
+# Which explicit checkpoint.resume a job applied, so that its restarts do not apply it again.
+RESUME_RECORD = "resume_applied.json"
 TAG = re.compile(r"step_\d{8}")
 # What pruning may delete: a tag, its universal conversion, and a conversion cut short.
 PRUNABLE = re.compile(r"(step_\d{8})(_universal(\.tmp)?)?")
@@ -184,7 +192,13 @@ class Checkpointer:
                 shutil.rmtree(path, ignore_errors=True)
 
     # --- resuming -----------------------------------------------------------------------
-    def candidates(self, resume: str) -> List[Path]:
+    def candidates(self, resume: str, env=os.environ) -> List[Path]:
+        if self.continues_instead_of(resume, env):
+            if self.rank == 0:
+                log.warning("checkpoint.resume=%s was applied by an earlier start of this job, which has "
+                            "checkpoints of its own since: this restart continues from the newest of them "
+                            "(as resume=auto would); a new job applies the value again", resume)
+            resume = "auto"
         if resume == "none":
             return []
         if resume == "auto":
@@ -196,21 +210,22 @@ class Checkpointer:
                                     f"(a directory with {MARKER}, or a checkpoints/ folder holding some)")
         return found
 
-    def load_newest(self, engine, candidates: List[Path], device) -> Tuple[Optional[Path], dict]:
+    def load_newest(self, engine, candidates: List[Path]) -> Tuple[Optional[Path], dict]:
         """Load the first candidate that loads on every rank, warning about each one that does not.
 
         Returns (checkpoint directory, client state), or (None, {}) without candidates. All ranks
-        take each decision together (one all-reduce per stage), so a checkpoint that fails on one
+        take each decision together (one all-gather of the ranks' findings per stage), so a checkpoint that fails on one
         rank is skipped on all of them and no rank waits in a collective the others left.
         """
         damaged: List[Path] = []
         for tag_dir in candidates:
-            client, problem = self._try_load(engine, tag_dir, device)
+            client, problem = self._try_load(engine, tag_dir)
             if problem is None:
                 self.set_aside_newer_than(int(read_marker(tag_dir)["step"]), damaged)
                 return tag_dir, client
             damaged.append(tag_dir)
             if self.rank == 0:
+                # `problem` names the rank it came from where that was not rank 0.
                 log.warning("checkpoint %s is damaged (%s); falling back to the one before it", tag_dir, problem)
         if candidates:
             raise RuntimeError(f"none of the {len(candidates)} complete checkpoints under "
@@ -218,8 +233,8 @@ class Checkpointer:
         self.set_aside_newer_than(0, [])
         return None, {}
 
-    def _try_load(self, engine, tag_dir: Path, device) -> Tuple[Optional[dict], Optional[str]]:
-        problem = agree(verify(tag_dir), device)
+    def _try_load(self, engine, tag_dir: Path) -> Tuple[Optional[dict], Optional[str]]:
+        problem = agree(verify(tag_dir))
         saved_stage = read_marker(tag_dir).get("zero_stage") if problem is None else None
         if None not in (saved_stage, self.zero_stage) and saved_stage != self.zero_stage:
             # A configuration mistake, not damage: every rank reads the same marker and stops here.
@@ -233,7 +248,7 @@ class Checkpointer:
                 log.info("checkpoint %s was saved on %d ranks, this run has %d: loading it as a universal "
                          "checkpoint (converted once with ds_to_universal)", tag_dir,
                          read_marker(tag_dir)["world_size"], self.world_size)
-            converted = self._convert(tag_dir, device)
+            converted = self._convert(tag_dir)
             if converted is not None:
                 # The checkpoint is complete (verified above); falling back to an older one would
                 # lose its steps and set a good checkpoint aside for a failure of the conversion.
@@ -242,18 +257,24 @@ class Checkpointer:
                                    f"again, or pick an older checkpoint with checkpoint.resume=PATH")
         if problem is not None:
             return None, problem
-        source = universal_dir(tag_dir) if universal else tag_dir
+        source = self._universal_for(tag_dir) if universal else tag_dir
         # DeepSpeed reads this flag at each load_checkpoint; whether a checkpoint needs it depends
         # on the world size it was saved on, so it is set per checkpoint rather than once.
         engine._config.load_universal_checkpoint = universal
         client, problem = _attempt(self._load, engine, source)
-        return client, agree(problem, device)
+        return client, agree(problem)
 
-    def _convert(self, tag_dir: Path, device) -> Optional[str]:
+    def _universal_for(self, tag_dir: Path) -> Path:
+        """Where the universal conversion of `tag_dir` goes: beside it for this run's own
+        checkpoints, and for another run's (checkpoint.resume=PATH) into this run's directory too,
+        which may be the only one this run can write to."""
+        return self.dir / universal_dir(tag_dir).name
+
+    def _convert(self, tag_dir: Path) -> Optional[str]:
         """Rank 0 converts `tag_dir` to the universal format; the others poll the shared run
         directory for its result rather than wait in a collective, whose timeout (10 minutes by
         default) a large model's conversion can outlast. The same verdict on every rank."""
-        out = universal_dir(tag_dir)
+        out = self._universal_for(tag_dir)
         failed = out.with_name(out.name + ".failed")
         if self.rank == 0:
             failed.unlink(missing_ok=True)
@@ -261,13 +282,14 @@ class Checkpointer:
             dist.barrier()  # no rank reads a failure left by an earlier attempt
         problem = None
         if self.rank == 0:
-            problem = _attempt(to_universal, tag_dir)[1]
+            self.dir.mkdir(parents=True, exist_ok=True)
+            problem = _attempt(to_universal, tag_dir, out)[1]
             if problem:
                 failed.write_text(problem)
         else:
             while not (_converted_from(out, tag_dir) or failed.is_file()):
                 time.sleep(1.0)
-        return agree(problem, device)
+        return agree(problem)
 
     @staticmethod
     def _load(engine, source: Path) -> dict:
@@ -285,15 +307,80 @@ class Checkpointer:
         so that resume and pruning never take them; nothing is deleted."""
         if self.rank != 0 or not self.dir.is_dir():
             return
+        moved = False
         for tag_dir in self.complete_tags():
             if int(tag_dir.name[len("step_"):]) <= step:
                 continue
             reason = "damaged" if tag_dir in damaged else "superseded"
-            target = tag_dir.with_name(f"{tag_dir.name}.{reason}")
-            shutil.rmtree(target, ignore_errors=True)
+            target = _unused(tag_dir.with_name(f"{tag_dir.name}.{reason}"))
             os.replace(tag_dir, target)
             shutil.rmtree(universal_dir(tag_dir), ignore_errors=True)
             log.warning("set %s aside as %s: the run continues from step %d", tag_dir, target.name, step)
+            moved = True
+        if moved:  # `latest` named a checkpoint set aside: it names the resume point, or nothing
+            start = self.dir / tag_for(step)
+            if (start / MARKER).is_file():
+                _atomic_write(self.dir / "latest", start.name)
+            else:
+                (self.dir / "latest").unlink(missing_ok=True)
+
+    # --- an explicit checkpoint.resume applies once per job ----------------------------------
+    def _resume_record(self) -> Path:
+        return self.dir / RESUME_RECORD
+
+    def continues_instead_of(self, resume: str, env=os.environ) -> bool:
+        """Whether an explicit `checkpoint.resume` (none or a path) was applied by an earlier start
+        of this same job, which has saved checkpoints since: then this start is the job's restart
+        (a Slurm requeue, a torchrun elastic restart) and continues from them (as resume=auto).
+        Applied again, the value would throw away every restart's progress. A new job (sbatch,
+        a command typed again) applies it again."""
+        job = job_identity(env)
+        if resume == "auto" or job is None or not is_restart(env):
+            return False
+        try:
+            record = json.loads(self._resume_record().read_text())
+        except (OSError, ValueError):
+            return False
+        return record.get("resume") == _resume_key(resume) and record.get("job") == job and \
+            bool(self.complete_tags())
+
+    def record_resume(self, resume: str, step: int, env=os.environ) -> None:
+        """After a start that applied an explicit `checkpoint.resume`: say so for its restarts.
+        Collective: no rank may still be deciding from an older record."""
+        _barrier()
+        if self.rank == 0 and resume != "auto":
+            self.dir.mkdir(parents=True, exist_ok=True)
+            record = {"resume": _resume_key(resume), "job": job_identity(env), "step": step, "time": time.time()}
+            _atomic_write(self._resume_record(), json.dumps(record, indent=1))
+
+
+def job_identity(env=os.environ) -> Optional[str]:
+    """The scheduler job a start belongs to: Slurm's job id (kept across requeues), else
+    torchrun's rendezvous id; None for a plain process."""
+    if env.get("SLURM_JOB_ID"):
+        return f"slurm:{env['SLURM_JOB_ID']}"
+    if env.get("TORCHELASTIC_RUN_ID"):
+        return f"torchelastic:{env['TORCHELASTIC_RUN_ID']}"
+    return None
+
+
+def is_restart(env=os.environ) -> bool:
+    """A requeued Slurm job, or torchrun's elastic agent starting its workers again."""
+    return any(int(env.get(name) or 0) > 0 for name in ("SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT"))
+
+
+def _resume_key(resume: str) -> str:
+    return resume if resume in ("auto", "none") else str(Path(resume).resolve())
+
+
+def _unused(path: Path) -> Path:
+    """`path`, or `path.2`, `path.3`, ... whichever does not exist yet: setting a checkpoint
+    aside never replaces one set aside before."""
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}.{n}")
+    return candidate
 
 
 def _repair_optimizer(optimizer, configured: List[dict]) -> None:
@@ -320,12 +407,13 @@ def _converted_from(out: Path, tag_dir: Path) -> bool:
     return (out / MARKER).is_file() and (out / MARKER).read_bytes() == (tag_dir / MARKER).read_bytes()
 
 
-def to_universal(tag_dir: Path) -> Path:
-    """Convert a ZeRO checkpoint to DeepSpeed's universal format (for another world size)."""
-    out = universal_dir(tag_dir)
+def to_universal(tag_dir: Path, out: Optional[Path] = None) -> Path:
+    """Convert a ZeRO checkpoint to DeepSpeed's universal format (for another world size), into
+    `out` (default: `step_N_universal` beside it)."""
+    out = Path(out) if out is not None else universal_dir(tag_dir)
     if _converted_from(out, tag_dir):
         return out  # converted before, from this very save
-    tmp = tag_dir.with_name(out.name + ".tmp")
+    tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     workers = str(max(1, min(4, (os.cpu_count() or 1) // 2)))  # each holds a shard or parameter in memory
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
@@ -338,5 +426,6 @@ def to_universal(tag_dir: Path) -> Path:
     flush_to_storage(tmp)  # the conversion is named finished only once it is on storage
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
-    _fsync_directory(out.parent)
+    # ds_to_universal pointed its `latest_universal` at the folder it wrote, since renamed.
+    _atomic_write(out.parent / "latest_universal", out.name)
     return out

@@ -83,13 +83,17 @@ def init_distributed() -> DistInfo:
     return DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank, device)
 
 
-def agree(problem: Optional[str], device) -> Optional[str]:
+def agree(problem: Optional[str]) -> Optional[str]:
     """The same verdict on every rank: a problem on any rank is a problem everywhere (one
-    all-reduce). Returns this rank's problem, or a stand-in where another rank had it."""
-    flag = torch.tensor([0.0 if problem else 1.0], device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return None if flag.item() else (problem or "it failed on another rank")
+    all-gather of the messages). Returns this rank's problem, or else the first rank's that had
+    one, named with its rank, so that every rank's log says what went wrong where."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return problem
+    problems = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem)
+    if problem:
+        return problem
+    return next((f"on rank {rank}: {other}" for rank, other in enumerate(problems) if other), None)
 
 
 def check_shared_directory(directory: Path, rank: int, world_size: int, device) -> Optional[str]:
@@ -110,7 +114,7 @@ def check_shared_directory(directory: Path, rank: int, world_size: int, device) 
     problem = None if seen == token[0] else (
         f"rank {rank} on {socket.gethostname()} does not see {probe} as rank 0 wrote it "
         f"({'missing' if seen is None else 'other contents'})")
-    problem = agree(problem, device)  # a collective: every rank has read the probe by now
+    problem = agree(problem)  # a collective: every rank has read the probe by now
     if rank == 0:
         probe.unlink(missing_ok=True)
     dist.barrier()  # ... and it is gone for all when they go on

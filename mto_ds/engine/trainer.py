@@ -56,6 +56,12 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def write_state(run_dir: Path, finished: bool, step: Optional[int], total_steps: Optional[int], reason: str) -> None:
+    """RUN_DIR/state.json: whether the run finished, at which step, and why it stopped."""
+    state = {"finished": finished, "step": step, "total_steps": total_steps, "reason": reason}
+    _write_atomic(run_dir / "state.json", json.dumps(state, indent=1))
+
+
 def data_position_warnings(saved: dict, now: dict) -> list:
     """Why the rest of the current epoch cannot continue exactly where the checkpoint left it:
     one message per reason, empty when it can. `saved` and `now` are `Trainer._data_plan()`s
@@ -94,8 +100,6 @@ class Trainer:
     trace: SampleTrace          # per-step sample indices, off unless MTO_DS_TRACE_SAMPLES=1
 
     def __init__(self, cfg: Config, stop: Optional[StopRequest] = None):
-        import deepspeed
-
         # First (the CLI makes it earlier still), so a preemption during set-up ends in a clean stop.
         self.stop = stop or StopRequest()
         self.cfg = cfg
@@ -108,6 +112,19 @@ class Trainer:
         if self.dist.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        try:
+            self._set_up(cfg)
+        except BaseException as err:
+            # A state.json of an earlier start must not speak for this one (every start that
+            # fails would otherwise leave the last one's "signal SIGUSR1" there).
+            if self.dist.rank == 0:
+                write_state(self.run_dir, False, None, None, f"set-up failed: {type(err).__name__}: {err}")
+            raise
+
+    def _set_up(self, cfg: Config) -> None:
+        """Everything but the process group: model, data, engine, and the resume."""
+        import deepspeed
+
         problem = check_shared_directory(self.run_dir, self.dist.rank, self.dist.world_size, self.dist.device)
         if problem:
             raise ConfigError(f"run.output_dir={cfg.run.output_dir} must be one directory that every rank "
@@ -144,6 +161,7 @@ class Trainer:
         self.nonfinite_streak = 0    # ... in a row up to now
         self.overflow_total = 0      # fp16 steps DeepSpeed's loss scaler skipped
         self.resumed_from = self._resume(candidates)
+        self.checkpointer.record_resume(cfg.checkpoint.resume, self.global_step)
         self.trace = SampleTrace(self.run_dir, self.dist.rank, self.dist.world_size)
         self.telemetry = Telemetry(self.run_dir, self.dist.rank == 0, self.total_steps, self.global_step,
                                    cfg.run.progress_bar)
@@ -165,7 +183,7 @@ class Trainer:
 
     def _resume(self, candidates) -> Optional[Path]:
         """Load the newest complete checkpoint that loads (the checkpointer warns about the others)."""
-        tag_dir, client = self.checkpointer.load_newest(self.engine, candidates, self.dist.device)
+        tag_dir, client = self.checkpointer.load_newest(self.engine, candidates)
         if tag_dir is None:
             return None
         self.global_step = int(client["global_step"])
@@ -323,8 +341,6 @@ class Trainer:
         self.telemetry.log({"step": self.global_step, "epoch": float(epoch), **result})
 
     def _write_state(self, reason: str) -> None:
-        if self.dist.rank != 0:
-            return
-        state = {"finished": self.global_step >= self.total_steps, "step": self.global_step,
-                 "total_steps": self.total_steps, "reason": reason}
-        _write_atomic(self.run_dir / "state.json", json.dumps(state, indent=1))
+        if self.dist.rank == 0:
+            write_state(self.run_dir, self.global_step >= self.total_steps, self.global_step, self.total_steps,
+                        reason)
