@@ -169,3 +169,32 @@ def test_loader_workers_live_through_stop_signals_so_the_rank_can_finish_and_sav
     assert result.returncode == 0, result.stderr[-3000:]
     line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT"))
     assert line.split()[1:] == ["True", "16", "None"]  # alive, all 64 / 4 batches, the rank not signalled
+
+
+WORKER_ERROR_UNCAUGHT = r"""
+import sys
+from types import SimpleNamespace
+from mto_ds.data import build_pretrain_loader
+from mto_ds.engine.signals import StopRequest
+stop = StopRequest()  # as in a training rank
+cfg = SimpleNamespace(source="folder", path=sys.argv[1], crop_scale_min=None, crop_scale_max=1.0, num_workers=1)
+loader = build_pretrain_loader(cfg, method="simmim", img_size=32, seed=0, global_batch_size=2, micro_batch_size=2,
+                               rank=0, world_size=1, mask_fn=lambda rng: rng.random(4) < 0.5)
+next(loader.micro_batches(0, 0))  # every image is broken: the worker's error ends the process
+"""
+
+
+def test_a_worker_error_ends_the_process_instead_of_hanging_at_exit(tmp_path):
+    """The worker's error propagates out of the rank. Its traceback held the loader's iterator, so
+    at exit multiprocessing sent the worker a SIGTERM, which workers ignore (they must live
+    through a job-wide stop signal), and waited for it forever: a damaged data set held its
+    allocation until SIGKILL. The rank must exit with the error instead."""
+    (tmp_path / "images" / "c0").mkdir(parents=True)
+    for name in ("a", "b", "c"):
+        (tmp_path / "images" / "c0" / f"{name}.JPEG").write_bytes(b"not a jpeg")
+    script = tmp_path / "worker_error.py"
+    script.write_text(WORKER_ERROR_UNCAUGHT)
+    result = subprocess.run([sys.executable, str(script), str(tmp_path / "images")], cwd=REPO,
+                            env=cpu_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "all 2 images of a micro-batch are undecodable" in result.stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import signal
+import traceback
 from functools import lru_cache
 from typing import Callable, Iterator, Optional, Tuple
 
@@ -121,7 +122,17 @@ class PretrainLoader:
         loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers,
                             collate_fn=_collate, persistent_workers=False,
                             pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_stop_signals)
-        yield from loader
+        iterator = iter(loader)
+        try:
+            yield from iterator
+        except BaseException as err:
+            # The error's traceback holds the iterator (its frames' `self`), so its workers would
+            # live until the interpreter exits, where multiprocessing stops them with a SIGTERM
+            # they ignore (ignore_stop_signals) and waits for them forever. Dropping those
+            # frames' locals lets the iterator shut its workers down now.
+            del iterator
+            traceback.clear_frames(err.__traceback__)
+            raise
 
 
 def ignore_stop_signals(worker_id: int) -> None:
