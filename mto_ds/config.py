@@ -109,6 +109,14 @@ class MTOConfig:
 
 
 MTO_KERNELS = ("auto", "fused", "sdpa", "reference")
+# What a null data.crop_scale_min means: the method's recipe (SimMIM's and MAE's crop scales).
+CROP_SCALE = {"simmim": (0.67, 1.0), "mae": (0.2, 1.0)}
+
+
+def default_mask_patch_size(patch_size: int) -> int:
+    """What a null model.mask_patch_size means: SimMIM's 32 px, or two patches where the patch
+    does not divide 32 (28 px for /14)."""
+    return 32 if 32 % patch_size == 0 else 2 * patch_size
 
 
 @dataclass
@@ -125,8 +133,9 @@ class EvalConfig:
     finetune_batch_size: int = 64            # per rank
     finetune_lr: float = 1e-3
     finetune_layer_decay: float = 0.75
-    # Root of the labelled train/ and val/ ImageFolders to evaluate on (data.source=folder
-    # or ffcv); null with data.source=folder: the parent of data.path (ImageNet's layout).
+    # Root of the labelled train/ and val/ ImageFolders to evaluate on, whatever data.source; null:
+    # with data.source=folder the parent of data.path (ImageNet's layout), with synthetic held-out
+    # synthetic images, with ffcv required.
     path: Optional[str] = None
 
 
@@ -194,7 +203,11 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        cfg = _merge(cfg, OmegaConf.load(path), str(path))
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as err:  # yaml's scanner/parser errors, OmegaConf's duplicate keys
+            raise ConfigError(f"{path} is not a valid YAML config: {err}") from None
+        cfg = _merge(cfg, loaded, str(path))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form section.key=value")
@@ -202,7 +215,10 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
         if key not in VALID_KEYS:
             raise ConfigError(f"override '{item}': {_unknown_key_message(key)}")
         cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'")
-    config: Config = OmegaConf.to_object(cfg)
+    try:
+        config: Config = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:  # an interpolation that does not resolve, e.g. ${oc.env:X}
+        raise ConfigError(f"bad value for '{getattr(err, 'full_key', None) or '?'}': {err}") from None
     validate(config)
     return config
 
@@ -218,14 +234,20 @@ def read_deepspeed_json(cfg: "Config") -> dict:
     if not path.is_file():
         raise ConfigError(f"deepspeed.config: file not found: {cfg.deepspeed.config}")
     try:
-        return json.loads(path.read_text())
+        ds = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ConfigError(f"deepspeed.config: {path} is not valid JSON: {err}") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"deepspeed.config: {path} must hold a JSON object (DeepSpeed's keys), "
+                          f"not a {type(ds).__name__}")
+    return ds
 
 
 def validate(cfg: Config) -> None:
     """Choices and ranges OmegaConf's types cannot express."""
     m, d, t, c, mto = cfg.model, cfg.data, cfg.train, cfg.checkpoint, cfg.mto
+    _check(cfg.run.log_every >= 1, "run.log_every", "a positive integer (optimizer steps between rows)",
+           cfg.run.log_every)
     _check(m.arch in ARCHS, "model.arch", f"one of {list(ARCHS)}", m.arch)
     _check(m.method in METHODS, "model.method", f"one of {list(METHODS)}", m.method)
     patch = 14 if m.arch.endswith("patch14") else 16
@@ -234,9 +256,11 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= m.drop_path < 1.0, "model.drop_path", "a value in [0, 1)", m.drop_path)
     if m.mask_ratio is not None:
         _check(0.0 < m.mask_ratio < 1.0, "model.mask_ratio", "a value in (0, 1)", m.mask_ratio)
-    if m.mask_patch_size is not None:
-        _check(m.mask_patch_size % patch == 0 and m.img_size % m.mask_patch_size == 0,
-               "model.mask_patch_size", f"a multiple of {patch} that divides model.img_size={m.img_size}",
+    if m.method == "simmim" or m.mask_patch_size is not None:
+        mask_patch = default_mask_patch_size(patch) if m.mask_patch_size is None else m.mask_patch_size
+        _check(mask_patch > 0 and mask_patch % patch == 0 and m.img_size % mask_patch == 0,
+               "model.mask_patch_size", f"a multiple of {patch} that divides model.img_size={m.img_size}"
+               + (f" (null means {mask_patch}, which does not: set it)" if m.mask_patch_size is None else ""),
                m.mask_patch_size)
     for key in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
         _check(getattr(m, key) > 0, f"model.{key}", "a positive integer", getattr(m, key))
@@ -252,9 +276,12 @@ def validate(cfg: Config) -> None:
     _check(d.num_workers >= 0, "data.num_workers", "an integer >= 0", d.num_workers)
     _check(d.synthetic_images > 0, "data.synthetic_images", "a positive integer", d.synthetic_images)
     _check(d.synthetic_classes > 1, "data.synthetic_classes", "an integer >= 2", d.synthetic_classes)
-    if d.crop_scale_min is not None:
-        _check(0.0 < d.crop_scale_min <= d.crop_scale_max <= 1.0, "data.crop_scale_min",
-               "0 < data.crop_scale_min <= data.crop_scale_max <= 1", d.crop_scale_min)
+    _check(0.0 < d.crop_scale_max <= 1.0, "data.crop_scale_max", "a value in (0, 1]", d.crop_scale_max)
+    crop_min = CROP_SCALE[m.method][0] if d.crop_scale_min is None else d.crop_scale_min
+    _check(0.0 < crop_min <= d.crop_scale_max, "data.crop_scale_min",
+           f"0 < data.crop_scale_min <= data.crop_scale_max={d.crop_scale_max}"
+           + (f" (null means {m.method}'s {crop_min}: set it, or raise crop_scale_max)"
+              if d.crop_scale_min is None else ""), d.crop_scale_min)
 
     _check(t.epochs > 0, "train.epochs", "a positive integer", t.epochs)
     if t.steps is not None:
@@ -262,27 +289,28 @@ def validate(cfg: Config) -> None:
     _check(t.global_batch_size > 0, "train.global_batch_size", "a positive integer", t.global_batch_size)
     if t.micro_batch_size is not None:
         _check(t.micro_batch_size > 0, "train.micro_batch_size", "a positive integer or null", t.micro_batch_size)
-    _check(t.blr > 0, "train.blr", "a positive number", t.blr)
+    _check(0 < t.blr < math.inf, "train.blr", "a finite positive number", t.blr)
     if t.lr is not None:
-        _check(t.lr > 0, "train.lr", "a positive number or null", t.lr)
+        _check(0 < t.lr < math.inf, "train.lr", "a finite positive number or null", t.lr)
     _check(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", "a value in [0, 1]", t.min_lr_ratio)
-    _check(t.warmup_epochs >= 0, "train.warmup_epochs", "a number >= 0", t.warmup_epochs)
+    _check(0 <= t.warmup_epochs < math.inf, "train.warmup_epochs", "a finite number >= 0", t.warmup_epochs)
     if t.warmup_steps is not None:
         _check(t.warmup_steps >= 0, "train.warmup_steps", "an integer >= 0 or null", t.warmup_steps)
-    _check(t.weight_decay >= 0, "train.weight_decay", "a number >= 0", t.weight_decay)
+    _check(0 <= t.weight_decay < math.inf, "train.weight_decay", "a finite number >= 0", t.weight_decay)
     _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas",
            "two values in [0, 1)", t.betas)
     if t.clip_grad is not None:
-        _check(t.clip_grad > 0, "train.clip_grad", "a positive number or null", t.clip_grad)
+        _check(0 < t.clip_grad < math.inf, "train.clip_grad", "a finite positive number or null", t.clip_grad)
     _check(t.max_nonfinite_steps > 0, "train.max_nonfinite_steps", "a positive integer", t.max_nonfinite_steps)
 
     _check(Path(cfg.deepspeed.config).suffix == ".json" and resolve_path(cfg.deepspeed.config).is_file(),
            "deepspeed.config", "an existing DeepSpeed .json file (e.g. ds_configs/cpu_zero2.json)",
            cfg.deepspeed.config)
+    ds = read_deepspeed_json(cfg)  # parsed now, so a broken file fails before any work
     if t.compile:
         # DeepSpeed's ZeRO-3 gathers parameters in module hooks that split every compiled block
         # graph; past torch._dynamo's recompile limit the blocks silently run eager again.
-        stage = int(read_deepspeed_json(cfg).get("zero_optimization", {}).get("stage", 0))
+        stage = int((ds.get("zero_optimization") or {}).get("stage", 0))
         _check(stage < 3, "train.compile",
                f"false with ZeRO stage 3 (deepspeed.config={cfg.deepspeed.config}); compile with ZeRO-1/2",
                t.compile)
@@ -290,15 +318,7 @@ def validate(cfg: Config) -> None:
     _check(c.keep_last >= 1, "checkpoint.keep_last", "an integer >= 1", c.keep_last)
     _check(bool(c.resume), "checkpoint.resume", "auto, none or a checkpoint directory", c.resume)
 
-    _check(mto.recalibrate in ("none", "early", "all"), "mto.recalibrate", "one of none, early, all",
-           mto.recalibrate)
-    if mto.early_blocks is not None:
-        _check(mto.early_blocks >= 0, "mto.early_blocks", "an integer >= 0 or null", mto.early_blocks)
-    for key in ("lambda_spa", "lambda_e", "lambda_r", "delta"):
-        _check(getattr(mto, key) >= 0 and math.isfinite(getattr(mto, key)), f"mto.{key}",
-               "a finite number >= 0", getattr(mto, key))
-    _check(mto.warmup_steps >= 0, "mto.warmup_steps", "an integer >= 0", mto.warmup_steps)
-    _check(mto.kernel in MTO_KERNELS, "mto.kernel", f"one of {', '.join(MTO_KERNELS)}", mto.kernel)
+    validate_mto(mto)
 
     if d.source == "folder" and d.path and all((Path(d.path) / split).is_dir() for split in ("train", "val")):
         raise ConfigError(f"bad value for 'data.path': {d.path} holds train/ and val/, so pre-training "
@@ -306,6 +326,8 @@ def validate(cfg: Config) -> None:
                           f"{Path(d.path) / 'train'} (evaluation reads train/ and val/ of its parent, or eval.path)")
     e = cfg.eval
     _check(e.every_epochs >= 0, "eval.every_epochs", "an integer >= 0", e.every_epochs)
+    for key in ("num_train", "num_val"):
+        _check(getattr(e, key) > 0, f"eval.{key}", "a positive integer", getattr(e, key))
     _check(not (e.every_epochs and d.source == "ffcv" and not e.path), "eval.path",
            "the root of labelled train/ and val/ ImageFolders (evaluation during pre-training on "
            "data.source=ffcv reads its images from there)", e.path)
@@ -315,6 +337,20 @@ def validate(cfg: Config) -> None:
         _check(getattr(e, key) > 0, f"eval.{key}", "a positive integer", getattr(e, key))
     for key in ("knn_temperature", "linear_lr", "finetune_lr", "finetune_layer_decay"):
         _check(0 < getattr(e, key) < math.inf, f"eval.{key}", "a positive number", getattr(e, key))
+
+
+def validate_mto(mto: "MTOConfig") -> None:
+    """The `mto.*` values; also for the `mto` argument of create_mim_model."""
+    _check(mto.recalibrate in ("none", "early", "all"), "mto.recalibrate", "one of none, early, all",
+           mto.recalibrate)
+    if mto.early_blocks is not None:
+        _check(mto.early_blocks >= 0, "mto.early_blocks", "an integer >= 0 or null", mto.early_blocks)
+    for key in ("lambda_spa", "lambda_e", "lambda_r", "delta"):
+        value = getattr(mto, key)
+        _check(isinstance(value, (int, float)) and 0 <= value < math.inf, f"mto.{key}", "a finite number >= 0",
+               value)
+    _check(mto.warmup_steps >= 0, "mto.warmup_steps", "an integer >= 0", mto.warmup_steps)
+    _check(mto.kernel in MTO_KERNELS, "mto.kernel", f"one of {', '.join(MTO_KERNELS)}", mto.kernel)
 
 
 def to_yaml(cfg: Config) -> str:

@@ -47,11 +47,73 @@ def test_wrong_type_says_what_was_expected():
     ("data.order=quasi_random", "data.order"),  # the demo's synthetic source has no pages
     ("eval.pooling=max", "eval.pooling"),
     ("eval.finetune_layer_decay=0", "eval.finetune_layer_decay"),
+    # Each of these used to pass and fail only later (after DeepSpeed's set-up, at the first
+    # step, at the first evaluation) or with a traceback:
+    ("model.mask_patch_size=0", "model.mask_patch_size"),
+    ("run.log_every=0", "run.log_every"),
+    ("train.lr=inf", "train.lr"),
+    ("train.blr=inf", "train.blr"),
+    ("data.crop_scale_max=1.5", "data.crop_scale_max"),
+    ("eval.num_train=-1", "eval.num_train"),
+    ("eval.num_val=0", "eval.num_val"),
 ])
 def test_bad_values_fail_naming_the_key(override, key):
     with pytest.raises(ConfigError) as err:
         load_config(DEMO, [override])
     assert key in str(err.value)
+
+
+@pytest.mark.parametrize("overrides,key,default", [
+    # The demo's 64 px image: SimMIM's default 32 px mask patch does not divide 80.
+    (["model.img_size=80", "model.mask_patch_size=null"], "model.mask_patch_size", "null means 32"),
+    (["model.arch=vit_huge_patch14", "model.img_size=70", "model.mask_patch_size=null"], "model.mask_patch_size",
+     "null means 28"),
+    # SimMIM's default crop minimum is 0.67: a maximum below it leaves an empty range.
+    (["data.crop_scale_max=0.1"], "data.crop_scale_min", "null means simmim's 0.67"),
+    (["data.crop_scale_max=0.1", "model.method=mae"], "data.crop_scale_min", "null means mae's 0.2"),
+])
+def test_a_null_key_whose_default_does_not_fit_the_other_settings_is_named_with_that_default(
+        overrides, key, default):
+    """A null key stands for the method's default; when that default clashes with a value the
+    user set, the error names the key and the default, before any work (it used to fail in a
+    data worker or after DeepSpeed's set-up)."""
+    with pytest.raises(ConfigError) as err:
+        load_config(DEMO, overrides)
+    assert key in str(err.value) and default in str(err.value)
+    # MAE has no mask patch: its random mask takes any size that fits the patch.
+    assert load_config(DEMO, ["model.img_size=80", "model.mask_patch_size=null", "model.method=mae"]).model.img_size == 80
+
+
+def test_a_config_file_that_is_not_valid_yaml_or_does_not_resolve_is_a_config_error(tmp_path, monkeypatch):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train:\n  steps: [4\n")
+    with pytest.raises(ConfigError, match="broken.yaml is not a valid YAML config"):
+        load_config(broken)
+    duplicate = tmp_path / "duplicate.yaml"
+    duplicate.write_text("train:\n  steps: 4\n  steps: 5\n")
+    with pytest.raises(ConfigError, match="duplicate.yaml is not a valid YAML config"):
+        load_config(duplicate)
+    monkeypatch.delenv("MTO_TEST_UNSET", raising=False)
+    env = tmp_path / "env.yaml"
+    env.write_text("run:\n  output_dir: ${oc.env:MTO_TEST_UNSET}\n")
+    with pytest.raises(ConfigError, match="bad value for 'run.output_dir'.*MTO_TEST_UNSET"):
+        load_config(env)
+
+
+def test_a_deepspeed_file_that_is_not_a_json_object_is_a_config_error(tmp_path):
+    listed = tmp_path / "listed.json"
+    listed.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="must hold a JSON object .*not a list"):
+        load_config(DEMO, [f"deepspeed.config={listed}"])
+
+
+def test_mto_values_given_to_the_python_api_are_checked_as_a_config_is():
+    """`create_mim_model(..., mto={...})` took any value: recalibrate='sometimes' silently meant none."""
+    from mto_ds.models import create_mim_model
+    with pytest.raises(ConfigError, match="'mto.recalibrate': expected one of none, early, all, got 'sometimes'"):
+        create_mim_model("vit_tiny_patch16", "simmim", img_size=32, mto={"recalibrate": "sometimes"})
+    with pytest.raises(ConfigError, match="mto.lambda_e"):
+        create_mim_model("vit_tiny_patch16", "mae", img_size=32, mto={"lambda_e": -0.1})
 
 
 def test_override_without_equals_is_rejected():

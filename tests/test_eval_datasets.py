@@ -95,6 +95,16 @@ def test_ffcv_runs_evaluate_on_the_folders_under_eval_path(tmp_path):
     assert (len(train), len(val), train.classes) == (4, 2, ["cat", "dog"])
 
 
+
+def test_eval_path_is_what_a_synthetic_pretraining_run_is_evaluated_on_when_it_is_set(tmp_path):
+    """eval.path was silently ignored with data.source=synthetic: `mto-ds eval` of the demo on a
+    folder of real images reported the synthetic set's accuracy instead."""
+    _image_folder(tmp_path / "imagenet", {"train": {"cat": 2, "dog": 2}, "val": {"cat": 1, "dog": 1}})
+    cfg = load_config(None, ["data.source=synthetic", "model.img_size=32", f"eval.path={tmp_path / 'imagenet'}"])
+    train, val = build_eval_sets(cfg)
+    assert (len(train), len(val), train.classes) == (4, 2, ["cat", "dog"])
+
+
 # Class i is a flat colour whose channel i dominates, so a feature (the mean colour) names its label.
 CLASS_COLOURS = {"a_red": (220, 30, 30), "b_green": (30, 220, 30), "c_blue": (30, 30, 220)}
 

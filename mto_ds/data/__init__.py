@@ -11,8 +11,9 @@ from typing import Optional
 
 import torch
 
+from ..config import CROP_SCALE
 from .imagefolder import ImageFolderSource, UndecodableImage, list_image_folder, read_rgb
-from .loader import CROP_SCALE, PretrainLoader, normalize
+from .loader import PretrainLoader, normalize
 from .synthetic import SyntheticImages, write_image_folder
 
 

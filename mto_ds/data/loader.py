@@ -22,8 +22,6 @@ from .order import rank_indices, sample_rng, steps_per_epoch
 
 MaskFn = Callable[[np.random.Generator], np.ndarray]
 
-# Random-resized-crop scale ranges of the methods' own recipes.
-CROP_SCALE = {"simmim": (0.67, 1.0), "mae": (0.2, 1.0)}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -86,7 +86,7 @@ def build_eval_sets(cfg) -> Tuple[Dataset, Dataset]:
     data, ev, size, seed = cfg.data, cfg.eval, cfg.model.img_size, cfg.run.seed
     if ev.num_train <= 0 or ev.num_val <= 0:
         raise ValueError(f"eval.num_train and eval.num_val must be positive, got {ev.num_train}, {ev.num_val}")
-    if data.source == "synthetic":
+    if data.source == "synthetic" and not ev.path:  # eval.path, when given, is what to evaluate on
         # Rendered at the pre-training size (data.build_pretrain_loader), so the eval view
         # has the same pixel statistics as the crops the encoder was trained on.
         source = SyntheticImages(data.synthetic_images + ev.num_val + ev.num_train, data.synthetic_classes,

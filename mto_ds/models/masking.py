@@ -10,6 +10,8 @@ from typing import Callable
 
 import numpy as np
 
+from ..config import default_mask_patch_size
+
 MaskFn = Callable[[np.random.Generator], np.ndarray]
 
 
@@ -33,10 +35,6 @@ def random_mask(rng: np.random.Generator, num_patches: int, ratio: float) -> np.
 
 
 DEFAULT_RATIO = {"simmim": 0.6, "mae": 0.75}
-
-
-def default_mask_patch_size(patch_size: int) -> int:
-    return 32 if 32 % patch_size == 0 else 2 * patch_size
 
 
 def build_mask_fn(method: str, img_size: int, patch_size: int, ratio=None, mask_patch_size=None) -> MaskFn:

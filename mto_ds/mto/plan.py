@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import List, Tuple
 
-from ..config import MTOConfig
+from ..config import MTOConfig, validate_mto
 
 from .stats import num_early_blocks
 
@@ -27,8 +27,11 @@ def mto_settings(mto) -> MTOConfig:
         unknown = set(mto) - set(names)
         if unknown:
             raise ValueError(f"unknown MTO keys {sorted(unknown)}; valid: {names}")
-        return MTOConfig(**{"enabled": True, **mto})
-    return MTOConfig(**{n: getattr(mto, n) for n in names if hasattr(mto, n)})
+        settings = MTOConfig(**{"enabled": True, **mto})
+    else:
+        settings = MTOConfig(**{n: getattr(mto, n) for n in names if hasattr(mto, n)})
+    validate_mto(settings)  # the values a run's config gets checked for (a ConfigError names the key)
+    return settings
 
 
 def block_flags(settings: MTOConfig, num_blocks: int, with_stats: bool) -> Tuple[int, List[Tuple[bool, str]]]:
