@@ -22,10 +22,13 @@ def _setup_environment() -> None:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mto-ds", description="MIM pre-training with Masked Token Optimization")
+    # DeepSpeed's launcher runs `python -m mto_ds --local_rank=N <command> ...` (the rank is also in
+    # LOCAL_RANK, which is what is read): accepted before the command as well as after it.
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
     pre = sub.add_parser("pretrain", help="pre-train a ViT with SimMIM/MAE (+MTO) under DeepSpeed")
     pre.add_argument("--config", required=True, help="run YAML (configs/*.yaml)")
-    pre.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    pre.add_argument("--local_rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     pre.add_argument("overrides", nargs="*", help="section.key=value overrides")
     ev = sub.add_parser("eval", help="k-NN / linear probe / fine-tune of a checkpoint's encoder")
     ev.add_argument("--config", required=True)

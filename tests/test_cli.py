@@ -5,7 +5,7 @@ import sys
 import timm
 import torch
 
-from conftest import REPO, cpu_env, pretrain
+from conftest import REPO, cpu_env, free_port, pretrain
 
 
 def _cli(*args):
@@ -37,6 +37,20 @@ def test_fused_mto_kernel_without_a_gpu_is_a_config_error_naming_the_key(tmp_pat
     result = pretrain(tmp_path / "run", "mto.kernel=fused", check=False)
     assert result.returncode == 2 and "mto.kernel" in result.stderr and "CUDA" in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_readmes_deepspeed_launcher_command_trains(tmp_path):
+    """`deepspeed --module mto_ds pretrain ...` runs `python -m mto_ds --local_rank=0 pretrain ...`:
+    the flag comes before the command, which the CLI refused ("unrecognized arguments")."""
+    run = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1",
+                             "--master_port", str(free_port()), "--module", "mto_ds", "pretrain",
+                             "--config", "configs/demo.yaml", f"run.output_dir={run}", "train.steps=2",
+                             "run.progress_bar=false", "data.synthetic_images=64"],
+                            cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "--local_rank=0" in result.stdout + result.stderr  # the launcher did pass it
+    assert (run / "checkpoints" / "step_00000002" / "complete.json").is_file()
 
 
 def test_exported_encoder_loads_into_timm_without_missing_keys(tmp_path):
