@@ -185,3 +185,22 @@ def test_cli_reports_skipped_files_and_is_idempotent(odd_folder, tmp_path, capsy
     before = out.stat().st_mtime_ns
     assert cli.main(argv) == 0
     assert "left as it is" in capsys.readouterr().out and out.stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--quality", "0"], "jpeg_quality must be in [1, 100], got 0"),
+    (["--quality", "500"], "jpeg_quality must be in [1, 100], got 500"),
+    (["--write-mode", "proportion", "--compress-probability", "2"], "compress_probability must be in [0, 1], got 2.0"),
+    (["--smart-threshold", "0"], "smart_threshold must be positive"),
+])
+def test_cli_refuses_bad_options_naming_them_and_writes_nothing(odd_folder, tmp_path, capsys, args, message):
+    root, _ = odd_folder
+    spec = importlib.util.spec_from_file_location("make_ffcv_cli", REPO / "tools" / "make_ffcv.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    out = tmp_path / "bad.beton"
+    assert cli.main([str(root), str(out), "--workers", "1", "--no-progress", *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+    assert cli.main([str(tmp_path / "missing"), str(out), "--no-progress"]) == 2
+    assert "missing is not a directory" in capsys.readouterr().err

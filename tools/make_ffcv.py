@@ -38,11 +38,17 @@ def main(argv=None) -> int:
     parser.add_argument("--no-progress", action="store_true",
                         help="no bar for the checking pass (FFCV's writer still draws its own)")
     args = parser.parse_args(argv)
-    report = convert_image_folder(args.source, args.output, max_side=args.max_side or None,
-                                  jpeg_quality=args.quality, write_mode=args.write_mode,
-                                  compress_probability=args.compress_probability,
-                                  smart_threshold=args.smart_threshold, workers=args.workers,
-                                  overwrite=args.overwrite, progress=not args.no_progress)
+    if args.max_side < 0:
+        parser.error(f"--max-side must be >= 0 (0 keeps sizes), got {args.max_side}")
+    try:
+        report = convert_image_folder(args.source, args.output, max_side=args.max_side or None,
+                                      jpeg_quality=args.quality, write_mode=args.write_mode,
+                                      compress_probability=args.compress_probability,
+                                      smart_threshold=args.smart_threshold, workers=args.workers,
+                                      overwrite=args.overwrite, progress=not args.no_progress)
+    except ValueError as err:  # a bad option or source, named; nothing was written
+        print(f"make_ffcv: {err}", file=sys.stderr)
+        return 2
     if report is None:
         print(f"make_ffcv: {args.output} exists; left as it is (pass --overwrite to rebuild it)")
         return 0

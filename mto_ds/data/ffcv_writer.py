@@ -107,6 +107,14 @@ def convert_image_folder(source, output, *, max_side: Optional[int] = 512, jpeg_
         raise ValueError(f"write_mode must be one of {WRITE_MODES}, got {write_mode!r}")
     if max_side is not None and max_side <= 0:
         raise ValueError(f"max_side must be positive or None, got {max_side}")
+    if not 1 <= jpeg_quality <= 100:
+        raise ValueError(f"jpeg_quality must be in [1, 100], got {jpeg_quality}")
+    if not 0.0 <= compress_probability <= 1.0:
+        raise ValueError(f"compress_probability must be in [0, 1], got {compress_probability}")
+    if smart_threshold is not None and smart_threshold <= 0:
+        raise ValueError(f"smart_threshold must be positive or None, got {smart_threshold}")
+    if not Path(source).is_dir():
+        raise ValueError(f"source {source} is not a directory (expected one sub-folder per class)")
     output = Path(output)
     if output.exists() and not overwrite:
         return None
