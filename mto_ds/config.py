@@ -200,7 +200,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
     """Schema defaults <- YAML file <- `section.key=value` overrides, then `validate`."""
     cfg = OmegaConf.structured(Config)
     if path is not None:
-        path = Path(path)
+        path = resolve_path(str(path))  # configs/*.yaml from any working directory, as ds_configs/
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:

@@ -143,3 +143,13 @@ def test_compile_with_zero3_fails_naming_train_compile():
     with pytest.raises(ConfigError) as err:
         load_config(DEMO, ["train.compile=true", "deepspeed.config=ds_configs/cpu_zero3.json"])
     assert "train.compile" in str(err.value) and "ZeRO stage 3" in str(err.value)
+
+
+def test_a_shipped_config_loads_by_its_repository_path_from_any_working_directory(tmp_path, monkeypatch):
+    """`--config configs/vit_l_simmim.yaml` from a job's own directory, as deepspeed.config=ds_configs/...
+    already did; a path that exists where the run starts still wins."""
+    monkeypatch.chdir(tmp_path)
+    assert load_config("configs/demo.yaml").model.arch == "vit_tiny_patch16"
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "demo.yaml").write_text("model:\n  arch: vit_small_patch16\n")
+    assert load_config("configs/demo.yaml").model.arch == "vit_small_patch16"
