@@ -31,13 +31,14 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--local_rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     pre.add_argument("overrides", nargs="*", help="section.key=value overrides")
     ev = sub.add_parser("eval", help="k-NN / linear probe / fine-tune of a checkpoint's encoder")
-    ev.add_argument("--config", required=True)
+    ev.add_argument("--config", required=True, help="the run YAML the encoder was pre-trained with")
     ev.add_argument("--checkpoint", required=True, help="run directory, checkpoint directory or encoder .pt")
-    ev.add_argument("--finetune-epochs", type=int, default=0)
-    ev.add_argument("overrides", nargs="*")
+    ev.add_argument("--finetune-epochs", type=int, default=0,
+                    help="also fine-tune end to end for this many epochs (default 0: k-NN and linear probe only)")
+    ev.add_argument("overrides", nargs="*", help="section.key=value overrides (eval.*, data.*)")
     ex = sub.add_parser("export", help="write the encoder as a timm state dict")
-    ex.add_argument("run_dir")
-    ex.add_argument("out")
+    ex.add_argument("run_dir", help="run directory (its newest complete checkpoint) or a checkpoint directory")
+    ex.add_argument("out", help="the .pt to write: a timm state dict of the encoder")
     return p
 
 

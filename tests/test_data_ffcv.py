@@ -254,3 +254,16 @@ def test_pretraining_on_ffcv_crosses_epochs_and_resumes_mid_epoch_at_the_next_sa
     for epoch, steps in enumerate(([1, 2], [3, 4], [5])):
         expected = rank_indices(NUM_IMAGES, seed, epoch, 16, 0, 1)[:16 * len(steps)]
         assert [i for s in steps for i in per_step[s]] == expected.tolist(), epoch
+
+
+def test_a_data_path_that_is_not_a_beton_is_named_as_such(tmp_path):
+    """A directory or another file given as data.path: the error says which, not FFCV's bare
+    AssertionError ('file format mismatch')."""
+    with pytest.raises(FileNotFoundError, match=": a directory, not an FFCV file"):
+        make_loader(tmp_path, 0, 1)
+    with pytest.raises(FileNotFoundError, match="missing.beton: not found"):
+        make_loader(tmp_path / "missing.beton", 0, 1)
+    text = tmp_path / "notes.beton"
+    text.write_bytes(b"not an ffcv file" * 64)
+    with pytest.raises(ValueError, match="notes.beton is not an FFCV .beton"):
+        make_loader(text, 0, 1)

@@ -96,8 +96,13 @@ class FFCVPretrainLoader:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"FFCV file not found: {path} (make one with tools/make_ffcv.py)")
-        fields = Reader(str(path)).field_names
+            what = "a directory, not an FFCV file" if path.is_dir() else "not found"
+            raise FileNotFoundError(f"data.path={path}: {what} (make a .beton with tools/make_ffcv.py)")
+        try:
+            fields = Reader(str(path)).field_names
+        except AssertionError as err:  # FFCV's header check ("file format mismatch") is an assert
+            raise ValueError(f"data.path={path} is not an FFCV .beton ({err}); make one with "
+                             f"tools/make_ffcv.py") from None
         missing = {"image", "label"} - set(fields)
         if missing:
             raise ValueError(f"{path} lacks the field(s) {sorted(missing)}; it has {fields}")
