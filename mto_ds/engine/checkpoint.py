@@ -214,8 +214,9 @@ class Checkpointer:
         """Load the first candidate that loads on every rank, warning about each one that does not.
 
         Returns (checkpoint directory, client state), or (None, {}) without candidates. All ranks
-        take each decision together (one all-gather of the ranks' findings per stage), so a checkpoint that fails on one
-        rank is skipped on all of them and no rank waits in a collective the others left.
+        take each decision together (one all-gather of the ranks' findings per stage), so a
+        checkpoint that fails on one rank is skipped on all of them and no rank waits in a
+        collective the others left.
         """
         damaged: List[Path] = []
         for tag_dir in candidates:
