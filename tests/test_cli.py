@@ -34,9 +34,11 @@ def test_batch_not_divisible_by_ranks_is_a_config_error(tmp_path):
 
 
 def test_fused_mto_kernel_without_a_gpu_is_a_config_error_naming_the_key(tmp_path):
-    result = pretrain(tmp_path / "run", "mto.kernel=fused", check=False)
-    assert result.returncode == 2 and "mto.kernel" in result.stderr and "CUDA" in result.stderr
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    # With MTO off too: the baseline's telemetry takes the same kernel (it failed at the first logged step).
+    for mto_enabled in ("true", "false"):
+        result = pretrain(tmp_path / "run", "mto.kernel=fused", f"mto.enabled={mto_enabled}", check=False)
+        assert result.returncode == 2 and "mto.kernel" in result.stderr and "CUDA" in result.stderr
+        assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_the_readmes_deepspeed_launcher_command_trains(tmp_path):

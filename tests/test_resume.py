@@ -11,7 +11,7 @@ from collections import defaultdict
 
 import pytest
 
-from conftest import REPO, read_metrics
+from conftest import REPO, pretrain, read_metrics
 from run_control import STEPS, Run, losses_by_step, metric_steps, reference_run, state
 
 TRACE = {"MTO_DS_TRACE_SAMPLES": "1"}
@@ -204,21 +204,42 @@ def test_fp16_run_resumed_on_another_world_size_keeps_its_dynamic_loss_scale(tmp
     assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in expected], rel=ELASTIC_RTOL)
 
 
-def test_data_position_warnings_name_each_change_that_breaks_an_exact_continuation():
-    from mto_ds.engine.trainer import data_position_warnings
+def test_resume_warnings_name_each_change_that_breaks_an_exact_continuation():
+    from mto_ds.engine.trainer import resume_warnings
     plan = {"steps_per_epoch": 8, "num_samples": 256, "seed": 0, "order": "exact",
             "world_size": 2, "micro_batch_size": 16}
     elastic = dict(plan, world_size=1, micro_batch_size=32)
-    assert data_position_warnings(plan, elastic) == []            # exact order: any world size
-    assert data_position_warnings({"global_step": 3}, plan) == []  # a checkpoint older than the keys
+    assert resume_warnings(plan, elastic) == []            # exact order: any world size
+    assert resume_warnings({"global_step": 3}, plan) == []  # a checkpoint older than the keys
     quasi = dict(plan, order="quasi_random")
-    (message,) = data_position_warnings(quasi, dict(quasi, world_size=1))
+    (message,) = resume_warnings(quasi, dict(quasi, world_size=1))
     assert "quasi_random was saved on 2 ranks x micro-batch 16, this run has 1 x 16" in message
-    assert data_position_warnings(quasi, dict(quasi, micro_batch_size=8)) != []
-    assert data_position_warnings(quasi, quasi) == []
+    assert resume_warnings(quasi, dict(quasi, micro_batch_size=8)) != []
+    assert resume_warnings(quasi, quasi) == []
     grown = dict(plan, num_samples=300, steps_per_epoch=9)
-    (message,) = data_position_warnings(plan, grown)
+    (message,) = resume_warnings(plan, grown)
     assert "256 samples and 8 steps per epoch, this run has 300 and 9" in message
-    assert [m.split(":")[0] for m in data_position_warnings(plan, dict(grown, seed=4))] == [
+    # MTO's L_r is a hinge per micro-batch: another micro-batch size is another objective.
+    with_l_r = dict(plan, hinge_on_micro_batch=True)
+    assert resume_warnings(with_l_r, dict(with_l_r, world_size=1)) == []  # same micro-batch, more accumulation
+    (message,) = resume_warnings(with_l_r, dict(with_l_r, world_size=1, micro_batch_size=32))
+    assert message.startswith("train.micro_batch_size was 16, now 32: MTO's L_r is a hinge on each micro-batch")
+    assert "set train.micro_batch_size=16 to continue it exactly" in message
+    assert resume_warnings(plan, elastic) == []  # without L_r the micro-batch size changes nothing
+    assert [m.split(":")[0] for m in resume_warnings(plan, dict(grown, seed=4))] == [
         "the checkpoint was saved with 256 samples and 8 steps per epoch, this run has 300 and 9 (another "
         "data set or global batch)", "run.seed was 0, now 4"]
+
+
+def test_a_run_with_mto_l_r_resumed_with_another_micro_batch_size_is_warned_its_objective_changed(tmp_path):
+    """L_r is a hinge per micro-batch (docs/MTO.md, section 4): the trainer saves whether the run
+    has it, and a resume with another train.micro_batch_size says the objective changed."""
+    run = tmp_path / "run"
+    pretrain(run, "train.steps=2", "data.synthetic_images=64")  # the demo: MTO on, 8 late blocks
+    result = pretrain(run, "train.steps=3", "data.synthetic_images=64", "train.micro_batch_size=16")
+    assert "train.micro_batch_size was 32, now 16: MTO's L_r is a hinge" in result.stderr
+    baseline = tmp_path / "baseline"
+    pretrain(baseline, "train.steps=2", "data.synthetic_images=64", "mto.lambda_r=0")
+    result = pretrain(baseline, "train.steps=3", "data.synthetic_images=64", "mto.lambda_r=0",
+                      "train.micro_batch_size=16")
+    assert "resumed from" in result.stderr and "L_r" not in result.stderr

@@ -16,6 +16,7 @@ from ..data import build_pretrain_loader
 from ..data.order import steps_per_epoch
 from ..models import create_mim_model, mask_fn_for
 from ..mto.fused_attention import fused_kernel_available
+from ..mto.plan import STATS_WITH_GRADIENTS
 from ..mto.state import MTOState
 from .builder import (BatchPlan, deepspeed_config, learning_rate, mark_zero3_leaf_blocks, param_groups, peak_lr,
                       plan_batch, precision, schedule_steps, zero_stage)
@@ -62,10 +63,10 @@ def write_state(run_dir: Path, finished: bool, step: Optional[int], total_steps:
     _write_atomic(run_dir / "state.json", json.dumps(state, indent=1))
 
 
-def data_position_warnings(saved: dict, now: dict) -> list:
-    """Why the rest of the current epoch cannot continue exactly where the checkpoint left it:
-    one message per reason, empty when it can. `saved` and `now` are `Trainer._data_plan()`s
-    (a checkpoint older than a key gives no message about it)."""
+def resume_warnings(saved: dict, now: dict) -> list:
+    """Why this run cannot continue the saved one exactly (the rest of the current epoch's samples,
+    or the objective itself): one message per reason, empty when it can. `saved` and `now` are
+    `Trainer._data_plan()`s (a checkpoint older than a key gives no message about it)."""
     def changed(key):
         return key in saved and saved[key] != now[key]
     repeat = "samples of the current epoch may repeat or be skipped (later epochs are whole)"
@@ -78,6 +79,11 @@ def data_position_warnings(saved: dict, now: dict) -> list:
     if changed("seed"):
         messages.append(f"run.seed was {saved['seed']}, now {now['seed']}: the sample order and masks "
                         f"change, and {repeat}")
+    if now.get("hinge_on_micro_batch") and changed("micro_batch_size"):
+        messages.append(f"train.micro_batch_size was {saved['micro_batch_size']}, now {now['micro_batch_size']}: "
+                        f"MTO's L_r is a hinge on each micro-batch's heterogeneity, so the objective "
+                        f"differs from the saved run's (set train.micro_batch_size="
+                        f"{saved['micro_batch_size']} to continue it exactly; docs/MTO.md, section 4)")
     if now["order"] == "quasi_random" and (changed("world_size") or changed("micro_batch_size")):
         messages.append(f"data.order=quasi_random was saved on {saved['world_size']} ranks x micro-batch "
                         f"{saved['micro_batch_size']}, this run has {now['world_size']} x "
@@ -104,7 +110,8 @@ class Trainer:
         self.stop = stop or StopRequest()
         self.cfg = cfg
         self.dist = init_distributed()
-        if cfg.mto.enabled and cfg.mto.kernel == "fused" and not fused_kernel_available(self.dist.device):
+        # Also with MTO off: the baseline's telemetry (heterogeneity per block) takes the same kernel.
+        if cfg.mto.kernel == "fused" and not fused_kernel_available(self.dist.device):
             raise ConfigError(f"bad value for 'mto.kernel': fused needs triton and a CUDA device, this rank has "
                               f"{self.dist.device}; use auto (the fused kernel where it applies), sdpa or reference")
         self.faults = Faults.from_env()
@@ -171,10 +178,18 @@ class Trainer:
 
     # --- checkpoints -------------------------------------------------------------------
     def _data_plan(self) -> dict:
-        """What the data position (epoch, step in epoch) is a function of, saved with it."""
+        """What the data position (epoch, step in epoch) is a function of, saved with it; and
+        whether the loss depends on the micro-batch size (MTO's L_r)."""
         return {"steps_per_epoch": self.steps_per_epoch, "num_samples": self.loader.num_samples,
                 "seed": self.cfg.run.seed, "order": self.cfg.data.order,  # quasi_random: ffcv only (config)
-                "world_size": self.dist.world_size, "micro_batch_size": self.batch.micro_batch_size}
+                "world_size": self.dist.world_size, "micro_batch_size": self.batch.micro_batch_size,
+                "hinge_on_micro_batch": self._l_r_active()}
+
+    def _l_r_active(self) -> bool:
+        """Whether this run's loss has MTO's L_r, whose value depends on the micro-batch size:
+        its late blocks compute statistics with gradients."""
+        num_early, flags = self.engine.module.block_flags(with_stats=False)
+        return any(mode in STATS_WITH_GRADIENTS for _, mode in flags[num_early:])
 
     def _client_state(self) -> dict:
         return {"global_step": self.global_step, "mto": self.mto_state.state_dict(),
@@ -191,7 +206,7 @@ class Trainer:
         self.nonfinite_total = int(client.get("nonfinite_total", 0))
         self.nonfinite_streak = int(client.get("nonfinite_streak", 0))
         self.overflow_total = int(client.get("overflow_total", 0))
-        for warning in data_position_warnings(client, self._data_plan()):
+        for warning in resume_warnings(client, self._data_plan()):
             log.warning("resuming at step %d: %s", self.global_step, warning)
         log.info("resumed from %s at step %d", tag_dir, self.global_step)
         return tag_dir
