@@ -644,3 +644,47 @@ def test_a_run_directory_that_not_every_rank_sees_is_found_before_training(tmp_p
     assert rank0["shared_left"] == rank1["shared_left"] == []  # the probe is removed again
     assert "rank 1 on" in rank1["node_local"] and "does not see" in rank1["node_local"]
     assert rank0["node_local"] == f"on rank 1: {rank1['node_local']}"  # rank 0's log says why
+
+
+def test_a_final_evaluation_cut_short_is_done_by_the_next_start_and_only_then_is_the_run_finished(tmp_path):
+    """The checkpoint of an epoch's last step is saved before that epoch's evaluation. When the
+    evaluation fails (here: its data is missing; in practice also a kill or a stop signal), the
+    run must not say finished, and the next start, with nothing left to train, evaluates it
+    (the study's point for that epoch was lost for good before). A third start adds nothing."""
+    from mto_ds.engine.telemetry import evaluation_logged
+    run = tmp_path / "run"
+    small = ("data.synthetic_images=64", "train.epochs=1", "checkpoint.every_steps=2", "eval.every_epochs=1",
+             "eval.num_train=32", "eval.num_val=16", "eval.linear_epochs=2", "run.log_every=1",
+             "run.progress_bar=false")
+    cmd = [sys.executable, "-m", "mto_ds", "pretrain", "--config", "configs/demo.yaml", f"run.output_dir={run}", *small]
+    broken = subprocess.run([*cmd, f"eval.path={tmp_path / 'no_eval_images'}"], cwd=REPO, env=cpu_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert broken.returncode == 1 and "no_eval_images" in broken.stderr
+    assert state(run)["finished"] is False and state(run)["step"] == 2
+    assert _complete(run, "step_00000002") and not evaluation_logged(run / "metrics.jsonl", 2)
+    for _ in range(2):
+        again = subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert state(run) == {"finished": True, "step": 2, "total_steps": 2, "reason": "completed"}
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "knn_top1" in r] == [2]  # evaluated once, by the second start
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+
+
+def test_a_start_with_other_settings_keeps_the_earlier_config_and_names_what_changed(tmp_path, caplog):
+    """config.yaml was rewritten by every start: a finished run started again with another
+    learning rate (nothing left to train) then described settings its numbers never had."""
+    import logging
+    from mto_ds.config import load_config, to_yaml
+    from mto_ds.engine.trainer import write_config
+    first = to_yaml(load_config(REPO / "configs" / "demo.yaml"))
+    write_config(tmp_path, first)
+    write_config(tmp_path, first)  # the same settings: nothing kept, nothing said
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+    with caplog.at_level(logging.WARNING, logger="mto_ds"):
+        write_config(tmp_path, to_yaml(load_config(REPO / "configs" / "demo.yaml", ["train.blr=0.5", "eval.num_val=16"])))
+    (kept,) = [p for p in tmp_path.iterdir() if p.name != "config.yaml"]
+    assert kept.name.startswith("config.") and kept.read_text() == first
+    assert load_config(tmp_path / "config.yaml").train.blr == 0.5
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert "eval.num_val: 512 -> 16, train.blr: 0.001 -> 0.5" in message and kept.name in message

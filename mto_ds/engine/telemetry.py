@@ -30,6 +30,20 @@ def _row_step(line: str) -> Optional[float]:
     return step if isinstance(step, (int, float)) and not isinstance(step, bool) else None
 
 
+def evaluation_logged(metrics_path: Path, step: int) -> bool:
+    """Whether metrics.jsonl holds an evaluation row (k-NN / probe accuracies) for `step`."""
+    if not Path(metrics_path).is_file():
+        return False
+    for line in Path(metrics_path).read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and row.get("step") == step and any(k.endswith("_top1") for k in row):
+            return True
+    return False
+
+
 class Telemetry:
     def __init__(self, run_dir: Path, enabled: bool, total_steps: int, start_step: int, progress_bar: bool):
         self.enabled = enabled

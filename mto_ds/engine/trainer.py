@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+import yaml
 
 from ..config import Config, ConfigError, to_yaml
 from ..data import build_pretrain_loader
@@ -25,7 +26,7 @@ from .distributed import DistInfo, check_shared_directory, init_distributed
 from .faults import Faults, SampleTrace
 from .signals import StopRequest
 from .step import LOGGED, train_step
-from .telemetry import Telemetry
+from .telemetry import Telemetry, evaluation_logged
 
 log = logging.getLogger("mto_ds")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -55,6 +56,30 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def _flat(node, prefix: str = "") -> dict:
+    if not isinstance(node, dict):
+        return {prefix[:-1]: node}
+    return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+
+
+def write_config(run_dir: Path, text: str) -> None:
+    """RUN_DIR/config.yaml: the settings this start runs with. A start with other settings than
+    the last one's (another data path, batch, learning rate) keeps the earlier file as
+    config.<time>.yaml and names each changed key in a warning: the run's history stays readable."""
+    path = run_dir / "config.yaml"
+    if path.is_file():
+        before = path.read_text()
+        if before != text:
+            changed = _flat(yaml.safe_load(before) or {}), _flat(yaml.safe_load(text) or {})
+            keys = sorted(k for k in set(changed[0]) | set(changed[1]) if changed[0].get(k) != changed[1].get(k))
+            kept = run_dir / time.strftime("config.%Y%m%d-%H%M%S.yaml", time.localtime(path.stat().st_mtime))
+            path.replace(kept)
+            log.warning("%s: this start's settings differ from the last start's (%s); the earlier file is "
+                        "kept as %s", path, ", ".join(f"{k}: {changed[0].get(k)!r} -> {changed[1].get(k)!r}"
+                                                      for k in keys), kept.name)
+    path.write_text(text)
 
 
 def write_state(run_dir: Path, finished: bool, step: Optional[int], total_steps: Optional[int], reason: str) -> None:
@@ -118,7 +143,7 @@ class Trainer:
         self.run_dir = Path(cfg.run.output_dir)
         if self.dist.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+            write_config(self.run_dir, to_yaml(cfg))
         try:
             self._set_up(cfg)
         except BaseException as err:
@@ -264,6 +289,10 @@ class Trainer:
         self._window_start, self._window_steps = time.time(), 0  # throughput between logged rows
         reason = "completed"
         try:
+            if self._evaluation_pending():
+                # The epoch this run resumes at ended, but its evaluation was cut short (an error, a
+                # kill, a stop signal at that step): do it now, or its point is missing for good.
+                self._maybe_evaluate()
             for micro_batches in self._micro_batches():
                 self._step(micro_batches)
                 if self.stop.agreed(self.dist.device):
@@ -339,6 +368,18 @@ class Trainer:
             self._window_start, self._window_steps = time.time(), 0
         self.telemetry.tick(self.global_step)
 
+    def _evaluation_pending(self) -> bool:
+        """Whether the current step ends an epoch whose evaluation is due and not in metrics.jsonl.
+        Rank 0 reads the file and tells the others: they evaluate together."""
+        every = self.cfg.eval.every_epochs
+        epoch, into_epoch = divmod(self.global_step, self.steps_per_epoch)
+        if not every or self.global_step == 0 or into_epoch or epoch % every:
+            return False
+        pending = [self.dist.rank != 0 or not evaluation_logged(self.run_dir / "metrics.jsonl", self.global_step)]
+        if dist.is_initialized() and self.dist.world_size > 1:
+            dist.broadcast_object_list(pending, src=0, device=self.dist.device)
+        return pending[0]
+
     def _maybe_evaluate(self) -> None:
         every = self.cfg.eval.every_epochs
         epoch = self.global_step // self.steps_per_epoch
@@ -357,5 +398,7 @@ class Trainer:
 
     def _write_state(self, reason: str) -> None:
         if self.dist.rank == 0:
-            write_state(self.run_dir, self.global_step >= self.total_steps, self.global_step, self.total_steps,
-                        reason)
+            # Finished means every step and every due evaluation done: an error or a stop signal in
+            # the last step's evaluation leaves it for the next start (_evaluation_pending).
+            finished = reason == "completed" and self.global_step >= self.total_steps
+            write_state(self.run_dir, finished, self.global_step, self.total_steps, reason)
