@@ -29,11 +29,13 @@ def _tool():
 
 
 def fake_run(run_dir: Path, *, mto: bool, seed: int = 0, knn=None, epochs: int = 4, steps_per_epoch: int = 5,
-             blocks: int = 4, blr: float = 1e-3, extra_rows=(), finished: bool = True):
-    """A run directory as the trainer writes it: config.yaml, metrics.jsonl, state.json."""
+             blocks: int = 4, blr: float = 1e-3, extra_rows=(), finished: bool = True, budget: int = None):
+    """A run directory as the trainer writes it: config.yaml, metrics.jsonl, state.json.
+    `epochs` is what it trained, `budget` (default: `epochs`) its train.epochs; finished=None
+    leaves state.json out, as a hard kill does."""
     cfg = Config()
     cfg.run.output_dir, cfg.run.seed = str(run_dir), seed
-    cfg.mto.enabled, cfg.train.epochs, cfg.train.blr = mto, epochs, blr
+    cfg.mto.enabled, cfg.train.epochs, cfg.train.blr = mto, budget or epochs, blr
     cfg.deepspeed.config = "ds_configs/cpu_zero2.json"
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -49,7 +51,10 @@ def fake_run(run_dir: Path, *, mto: bool, seed: int = 0, knn=None, epochs: int =
                          "linear_top1": knn[epoch] + 5})
     rows.extend(extra_rows)
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (run_dir / "state.json").write_text(json.dumps({"finished": finished, "step": epochs * steps_per_epoch}))
+    if finished is not None:
+        reason = "completed" if finished else "signal SIGTERM"
+        (run_dir / "state.json").write_text(json.dumps({"finished": finished, "step": epochs * steps_per_epoch,
+                                                        "reason": reason}))
     return run_dir
 
 
@@ -279,3 +284,74 @@ def test_final_evaluation_is_reused_only_under_the_settings_and_checkpoint_it_wa
                                            "with the same evaluation settings"):
         final_evaluation(run_dir)
     assert len(calls) == 5
+
+
+# --- what the audit found: a run counts as finished only when state.json says so -------------
+def test_a_hard_killed_run_gives_no_budget_point_and_is_flagged_in_a_periodic_curve(tmp_path):
+    # Killed hard (no state.json) after 3 of its 4 epochs, evaluated at 3 and at 2: neither is a budget's point.
+    fake_run(tmp_path / "baseline-ep4", mto=False, epochs=3, budget=4, knn={2: 45.0, 3: 55.0}, finished=None)
+    fake_run(tmp_path / "baseline-ep2", mto=False, epochs=2, knn={2: 40.0})
+    study = assemble([load_run(d) for d in find_run_dirs([tmp_path])], mode="budget")
+    assert study.curves[0]["baseline"] == ([2.0], [40.0])
+    note = next(w for w in study.warnings if "baseline-ep4" in w)
+    assert "no state.json" in note and "3 of 4 epochs trained" in note and "left out" in note
+    assert "resume it by running the same command again" in note
+
+    periodic = assemble([load_run(tmp_path / "baseline-ep4")], mode="periodic")
+    assert periodic.curves[0]["baseline"] == ([2.0, 3.0], [45.0, 55.0])
+    assert any("unfinished: no state.json" in w and "its curve ends at epoch 3" in w for w in periodic.warnings)
+
+
+def test_final_evaluation_refuses_a_run_that_did_not_finish(tmp_path, monkeypatch):
+    run_dir = fake_run(tmp_path / "m", mto=True, epochs=2, budget=4, knn={2: 60.0}, finished=None)
+    fake_checkpoint(run_dir, 10)  # step 10 of 20: evaluating it as epoch 4 would be a wrong point
+    monkeypatch.setattr("mto_ds.eval.run.run_eval", lambda *a, **k: pytest.fail("evaluated an unfinished run"))
+    with pytest.raises(RuntimeError, match="no state.json.*not evaluated as if at its budget of 4 epochs"):
+        final_evaluation(run_dir)
+    (run_dir / "state.json").write_text(json.dumps({"finished": False, "step": 10, "reason": "signal SIGUSR1"}))
+    with pytest.raises(RuntimeError, match="signal SIGUSR1"):
+        final_evaluation(run_dir)
+    assert not (run_dir / "final_eval.json").exists()
+
+
+def test_a_run_that_failed_at_set_up_is_reported_as_such(tmp_path):
+    run_dir = tmp_path / "baseline-ep4-s0"
+    fake_run(run_dir, mto=False, epochs=4)
+    (run_dir / "metrics.jsonl").write_text("")
+    (run_dir / "state.json").write_text(json.dumps({"finished": False, "step": None, "total_steps": None,
+                                                    "reason": "set-up failed: ConfigError: bad data.path"}))
+    study = assemble([load_run(run_dir)])
+    assert study.warnings == [f"{run_dir}: set-up failed (state.json: set-up failed: ConfigError: bad data.path), "
+                              "nothing trained; it has no curve: fix what failed, then run the same command again"]
+
+
+def test_warnings_name_the_command_that_evaluates_at_the_end(tmp_path):
+    # configs/vit_*.yaml have eval.every_epochs=0: a sweep of them has no evaluation during training.
+    for budget in (2, 4):
+        fake_run(tmp_path / f"baseline-ep{budget}", mto=False, epochs=budget)
+    fake_run(tmp_path / "baseline-ep3", mto=False, epochs=3, knn={1: 30.0})
+    notes = assemble([load_run(d) for d in find_run_dirs([tmp_path])]).warnings
+    assert any("baseline-ep2: no knn_top1 evaluation" in w and "collect --final-eval` evaluates" in w for w in notes)
+    assert any("baseline-ep3: last knn_top1 evaluation at epoch 1" in w and "collect --final-eval" in w for w in notes)
+    assert not any("epoch_study.py final " in w for w in notes)
+    finetune = assemble([load_run(tmp_path / "baseline-ep2")], metric="finetune_top1").warnings
+    assert any("collect --final-eval --finetune-epochs N" in w for w in finetune)
+
+
+# --- finding runs and the collect command's errors -------------------------------------------
+def test_a_study_under_a_folder_named_checkpoints_is_found(tmp_path):
+    study_dir = tmp_path / "checkpoints" / "study"
+    run_dir = fake_run(study_dir / "b", mto=False, knn=BASELINE_KNN)
+    (run_dir / "checkpoints" / "step_00000020").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step_00000020" / "config.yaml").write_text("{}")  # inside a run: not a run
+    assert find_run_dirs([study_dir]) == [run_dir]
+
+
+def test_a_run_given_twice_to_collect_counts_once(tmp_path, capsys):
+    for budget in (2, 4):
+        fake_run(tmp_path / "s" / f"mto-ep{budget}-s0", mto=True, epochs=budget, knn={budget: MTO_KNN[budget]})
+    assert find_run_dirs([tmp_path / "s", tmp_path / "s" / "mto-ep2-s0"]) == [
+        tmp_path / "s" / "mto-ep2-s0", tmp_path / "s" / "mto-ep4-s0"]
+    assert _tool().main(["collect", str(tmp_path / "s"), str(tmp_path / "s" / "mto-ep2-s0"),
+                         "--out", str(tmp_path / "report")]) == 0
+    assert json.loads((tmp_path / "report" / "summary.json").read_text())["curves"]["0"]["mto"]["epochs"] == [2, 4]

@@ -34,6 +34,13 @@ CONTROLLED_KEYS = ("mto.enabled", "run.output_dir", "run.seed", "train.epochs", 
 # Keys that may differ between a baseline and its MTO partner without making them incomparable.
 INCIDENTAL = ("run.output_dir", "run.progress_bar", "run.log_every", "data.num_workers", "checkpoint.",
               "eval.every_epochs", "mto.")
+# Keys a run may be resumed with changed without changing what its numbers mean (mto.* does).
+RESUME_INCIDENTAL = tuple(key for key in INCIDENTAL if key != "mto.")
+RESUME = "resume it by running the same command again, then collect again"
+
+
+class StudyError(ValueError):
+    """A study that cannot be launched or assembled as asked; the message names the problem."""
 
 Curve = Tuple[List[float], List[float]]
 
@@ -43,16 +50,44 @@ class Run:
     path: Path
     method: str                              # baseline | mto
     seed: int
-    budget: float                            # epochs trained (last training row), else train.epochs
+    budget: float                            # its schedule's epochs: a finished run's last training row,
+                                             # else train.epochs
     config: Dict[str, object]                # flattened: {"train.epochs": 100, ...}
     evals: List[dict] = field(default_factory=list)    # by epoch, one row per epoch
     het_epochs: np.ndarray = field(default_factory=lambda: np.zeros(0))
     heterogeneity: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # [rows, blocks]
-    finished: Optional[bool] = None
+    finished: bool = False                   # only state.json's "finished": true counts
+    stop_reason: Optional[str] = None        # state.json's "reason"; None when there is no state.json
+
+    @property
+    def trained(self) -> float:
+        """Epochs trained: the last training row's (0 when none was logged)."""
+        return float(self.het_epochs[-1]) if self.het_epochs.size else 0.0
 
     def curve(self, metric: str) -> Curve:
         points = [(row["epoch"], row[metric]) for row in self.evals if row.get(metric) is not None]
         return [float(e) for e, _ in points], [float(v) for _, v in points]
+
+
+def unfinished_reason(run: Run) -> Optional[str]:
+    """Why `run` does not count as finished, with what was trained; None when it finished."""
+    if run.finished:
+        return None
+    trained = f"{run.trained:g} of {run.budget:g} epochs trained" if run.trained else "nothing trained"
+    if run.stop_reason is None:
+        return f"unfinished: no state.json (killed hard, or still running), {trained}"
+    if run.stop_reason.startswith("set-up failed"):
+        return f"set-up failed (state.json: {run.stop_reason}), {trained}"
+    return f"unfinished (state.json: {run.stop_reason}), {trained}"
+
+
+def evaluated_at_budget(run: Run) -> bool:
+    return bool(run.evals) and math.isclose(run.evals[-1]["epoch"], run.budget)
+
+
+def final_eval_hint(metric: str) -> str:
+    finetune = " --finetune-epochs N" if metric == "finetune_top1" else ""
+    return f"`tools/epoch_study.py collect --final-eval{finetune}` evaluates its last checkpoint"
 
 
 # --- reading run directories ---------------------------------------------------------------
@@ -87,9 +122,19 @@ def _eval_row(row: dict) -> Optional[dict]:
     return {"epoch": float(row["epoch"]), **found}
 
 
+def read_config(path: Path) -> Dict[str, object]:
+    return _flatten(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
+
+
+def read_state(run_dir: Path) -> Optional[dict]:
+    """RUN/state.json (the trainer writes it atomically when a start ends), or None."""
+    path = Path(run_dir) / "state.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def load_run(path: Path) -> Run:
     path = Path(path)
-    config = _flatten(OmegaConf.to_container(OmegaConf.load(path / "config.yaml"), resolve=True))
+    config = read_config(path / "config.yaml")
     rows = _read_rows(path / "metrics.jsonl")
     if (path / FINAL_EVAL).is_file():
         rows.append(json.loads((path / FINAL_EVAL).read_text()))
@@ -111,28 +156,36 @@ def load_run(path: Path) -> Run:
         het[i, :len(values)] = values
     het_epochs = np.array([float(train[s].get("epoch", s)) for s in steps])
 
-    budget = float(het_epochs[-1]) if len(steps) else float(config.get("train.epochs", 0))
-    state = path / "state.json"
-    finished = json.loads(state.read_text()).get("finished") if state.is_file() else None
+    state = read_state(path)
+    # A run without state.json was killed hard (or still runs): what it trained is no budget.
+    finished = bool(state) and state.get("finished") is True
+    budget = float(het_epochs[-1]) if finished and len(steps) else float(config.get("train.epochs", 0))
     return Run(path=path, method="mto" if config.get("mto.enabled") else "baseline",
                seed=int(config.get("run.seed", 0)), budget=budget, config=config,
                evals=[evals[e] for e in sorted(evals)], het_epochs=het_epochs, heterogeneity=het,
-               finished=finished)
+               finished=finished, stop_reason=None if state is None else str(state.get("reason")))
 
 
 def find_run_dirs(paths: Iterable[Path]) -> List[Path]:
-    """Each path that is a run directory (has config.yaml), or the run directories below it."""
-    found = []
-    for path in map(Path, paths):
+    """Each path that is a run directory (has config.yaml), or the run directories below it;
+    a run reached twice (`STUDY STUDY/RUN`) is listed once."""
+    paths = [Path(p) for p in paths]
+    found: Dict[Path, Path] = {}  # resolved -> as given
+    for path in paths:
         if (path / "config.yaml").is_file():
-            found.append(path)
+            below = [path]
         elif path.is_dir():
-            found.extend(sorted(p.parent for p in path.rglob("config.yaml") if "checkpoints" not in p.parts))
+            # Only the parts below `path`: a study kept under any folder named checkpoints still counts.
+            below = sorted(p.parent for p in path.rglob("config.yaml")
+                           if "checkpoints" not in p.relative_to(path).parts)
         else:
-            raise FileNotFoundError(f"{path} is neither a run directory nor a directory of runs")
+            raise StudyError(f"{path} {'is not a directory' if path.exists() else 'does not exist'}: "
+                             "give run directories or directories holding them")
+        for run_dir in below:
+            found.setdefault(run_dir.resolve(), run_dir)
     if not found:
-        raise FileNotFoundError(f"no run directories (with config.yaml) under {', '.join(map(str, paths))}")
-    return found
+        raise StudyError(f"no run directories (with config.yaml) under {', '.join(map(str, paths))}")
+    return list(found.values())
 
 
 # --- assembling the study ------------------------------------------------------------------
@@ -163,9 +216,56 @@ def _mean_curve(curves: List[Curve]) -> Optional[Curve]:
     return common, [float(np.mean([lk[e] for lk in lookups])) for e in common]
 
 
+def _what_to_do(run: Run) -> str:
+    if (run.stop_reason or "").startswith("set-up failed"):
+        return "fix what failed, then run the same command again"
+    return RESUME
+
+
+def _periodic_curve(run: Run, metric: str, notes: List[str]) -> Curve:
+    """The run's evaluations during training; an unfinished run's curve is kept, and flagged."""
+    curve = run.curve(metric)
+    reason = unfinished_reason(run)
+    if reason:
+        ends = f"its curve ends at epoch {curve[0][-1]:g}" if curve[0] else "it has no curve"
+        notes.append(f"{run.path}: {reason}; {ends}: {_what_to_do(run)}")
+    elif not curve[0]:
+        notes.append(f"{run.path}: no {metric} evaluation during training; {final_eval_hint(metric)}")
+    return curve
+
+
+def _budget_curve(group: List[Run], metric: str, notes: List[str]) -> Curve:
+    """Each finished run's accuracy at its budget. Only a whole schedule gives a budget's point: a
+    run stopped part-way (mid-schedule learning rate, fewer epochs) would pass for a shorter one."""
+    finished = []
+    for run in sorted(group, key=lambda r: r.budget):
+        reason = unfinished_reason(run)
+        if reason:
+            notes.append(f"{run.path}: {reason}; left out of the budget curve (an accuracy mid-schedule is "
+                         f"not a shorter budget's): {_what_to_do(run)}")
+        else:
+            finished.append(run)
+    budgets = [r.budget for r in finished]
+    if len(set(budgets)) < len(budgets):
+        raise StudyError(f"two {group[0].method} runs with seed {group[0].seed} share a budget: "
+                         f"{', '.join(f'{r.path} ({r.budget:g})' for r in finished)}; collect one study "
+                         "at a time, or name the runs to compare")
+    points = []
+    for run in finished:
+        epochs, values = run.curve(metric)
+        if not values:
+            notes.append(f"{run.path}: no {metric} evaluation; left out of the curve ({final_eval_hint(metric)})")
+        elif not math.isclose(epochs[-1], run.budget):
+            notes.append(f"{run.path}: last {metric} evaluation at epoch {epochs[-1]:g}, not at its budget "
+                         f"{run.budget:g}; left out of the curve ({final_eval_hint(metric)} at its budget)")
+        else:
+            points.append((run.budget, values[-1]))
+    return [p[0] for p in points], [p[1] for p in points]
+
+
 def assemble(runs: List[Run], metric: str = "knn_top1", mode: str = "auto") -> Study:
     if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        raise StudyError(f"metric must be one of {METRICS}, got {metric!r}")
     notes: List[str] = []
     groups: Dict[Tuple[str, int], List[Run]] = {}
     for run in runs:
@@ -173,48 +273,20 @@ def assemble(runs: List[Run], metric: str = "knn_top1", mode: str = "auto") -> S
     if mode == "auto":
         mode = "budget" if any(len(g) > 1 for g in groups.values()) else "periodic"
     if mode not in ("periodic", "budget"):
-        raise ValueError(f"mode must be auto, periodic or budget, got {mode!r}")
+        raise StudyError(f"mode must be auto, periodic or budget, got {mode!r}")
 
     curves: Dict[int, Dict[str, Curve]] = {}
     partners: Dict[Tuple[int, float], Dict[str, Run]] = {}
     for (method, seed), group in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        if mode == "periodic":
-            if len(group) > 1:
-                raise ValueError(f"{len(group)} {method} runs with seed {seed} ({', '.join(str(r.path) for r in group)}); "
-                                 "a periodic study has one per method and seed (use mode budget for a budget sweep)")
-            curve = group[0].curve(metric)
-        else:
-            budgets = [r.budget for r in group]
-            if len(set(budgets)) < len(budgets):
-                raise ValueError(f"two {method} runs with seed {seed} share a budget: "
-                                 f"{', '.join(f'{r.path} ({r.budget:g})' for r in group)}")
-            points = []
-            for run in sorted(group, key=lambda r: r.budget):
-                epochs, values = run.curve(metric)
-                # A budget point is the accuracy at the end of a whole schedule: a run stopped
-                # part-way (mid-schedule learning rate, fewer epochs) would pass for a short budget.
-                if run.finished is False:
-                    notes.append(f"{run.path}: unfinished (state.json, {run.budget:g} epochs trained); "
-                                 "left out of the curve: resume it, then collect again")
-                    continue
-                if not values:
-                    notes.append(f"{run.path}: no {metric} evaluation; left out of the curve")
-                    continue
-                if not math.isclose(epochs[-1], run.budget):
-                    notes.append(f"{run.path}: last {metric} evaluation at epoch {epochs[-1]:g}, not at its "
-                                 f"budget {run.budget:g}; left out of the curve (tools/epoch_study.py final "
-                                 "evaluates it at the end)")
-                    continue
-                points.append((run.budget, values[-1]))
-            curve = ([p[0] for p in points], [p[1] for p in points])
+        if mode == "periodic" and len(group) > 1:
+            raise StudyError(f"{len(group)} {method} runs with seed {seed} ({', '.join(str(r.path) for r in group)}); "
+                             "a periodic curve has one per method and seed: for a sweep of budgets use "
+                             "--curve budget (or auto)")
+        curve = _periodic_curve(group[0], metric, notes) if mode == "periodic" else _budget_curve(group, metric, notes)
         for run in group:
-            if run.finished is False and mode == "periodic":
-                notes.append(f"{run.path}: unfinished (state.json): its curve ends at epoch {run.budget:g}")
             partners.setdefault((seed, run.budget if mode == "budget" else 0.0), {})[method] = run
         if curve[0]:
             curves.setdefault(seed, {})[method] = curve
-        else:
-            notes.append(f"{method} seed {seed}: no {metric} evaluation rows")
 
     for (seed, _), pair in sorted(partners.items()):
         if len(pair) == 2:
@@ -278,10 +350,11 @@ def summary_markdown(study: Study, curves_png: str, heat_png: str) -> str:
         for method, (epochs, values) in sorted(by_method.items()):
             points = ", ".join(f"{e:g}: {v:.2f}" for e, v in zip(epochs, values))
             lines.append(f"| {seed} | {method} | {points} |")
-    lines += ["", "## Runs", "", "| run | method | seed | epochs trained | finished |", "|---|---|---|---|---|"]
+    lines += ["", "## Runs", "", "| run | method | seed | budget | epochs trained | finished |",
+              "|---|---|---|---|---|---|"]
     for run in sorted(study.runs, key=lambda r: (r.seed, r.method, r.budget)):
-        lines.append(f"| {run.path} | {run.method} | {run.seed} | {run.budget:g} | "
-                     f"{'unknown' if run.finished is None else run.finished} |")
+        lines.append(f"| {run.path} | {run.method} | {run.seed} | {run.budget:g} | {run.trained:g} | "
+                     f"{unfinished_reason(run) or 'yes'} |")
     if study.warnings:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in study.warnings]
     return "\n".join(lines) + "\n"
@@ -310,7 +383,8 @@ def write_report(study: Study, out_dir: Path) -> Dict[str, Path]:
         "metric": study.metric, "mode": study.mode, "numbers": study.numbers,
         "curves": {str(s): {m: {"epochs": c[0], "values": c[1]} for m, c in by.items()}
                    for s, by in study.curves.items()},
-        "runs": [{"path": str(r.path), "method": r.method, "seed": r.seed, "budget": r.budget}
+        "runs": [{"path": str(r.path), "method": r.method, "seed": r.seed, "budget": r.budget,
+                  "trained": r.trained, "finished": r.finished, "unfinished": unfinished_reason(r)}
                  for r in study.runs],
         "warnings": study.warnings}, indent=1))
     return paths
@@ -375,8 +449,10 @@ def final_evaluation(run_dir: Path, finetune_epochs: int = 0, device=None) -> di
 
     run_dir = Path(run_dir)
     run = load_run(run_dir)
-    if run.finished is False:
-        raise RuntimeError(f"{run_dir} has not finished; its last checkpoint is not its budget")
+    reason = unfinished_reason(run)
+    if reason:  # its last checkpoint is from part-way through the schedule, not at its budget
+        raise RuntimeError(f"{run_dir}: {reason}; not evaluated as if at its budget of {run.budget:g} epochs: "
+                           f"{_what_to_do(run)}")
     cfg = load_config(run_dir / "config.yaml")
     # Through JSON, as the cached row holds them, so equal settings compare equal.
     settings = json.loads(json.dumps(evaluation_settings(cfg, str(run_dir), finetune_epochs, device)))
