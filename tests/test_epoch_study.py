@@ -1,7 +1,12 @@
 import importlib.util
 import json
+import os
 import shutil
 import shlex
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import matplotlib.image
@@ -11,7 +16,8 @@ import pytest
 from mto_ds.config import Config, load_config, to_yaml
 from mto_ds.eval import study as study_module
 from mto_ds.eval.plots import bin_rows
-from mto_ds.eval.study import assemble, final_evaluation, find_run_dirs, load_run, plan_runs
+from mto_ds.eval.study import (StudyError, assemble, default_eval_every, final_evaluation, find_run_dirs, load_run,
+                               plan_runs)
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "epoch_study.py"
 BASELINE_KNN = {1: 20.0, 2: 40.0, 3: 50.0, 4: 60.0}
@@ -197,9 +203,15 @@ def test_plan_runs_refuses_overrides_of_what_the_study_controls_and_uneven_eval_
         plan_runs("c.yaml", Path("s"), epochs=[10], seeds=[0], eval_every=3)
 
 
-def test_plan_runs_defaults_to_about_ten_evaluations_ending_at_the_budget():
-    every = {n: plan_runs("c.yaml", Path("s"), epochs=[n], seeds=[0])[0].argv[-1] for n in (100, 25, 3)}
-    assert every == {100: "eval.every_epochs=10", 25: "eval.every_epochs=1", 3: "eval.every_epochs=1"}
+def test_plan_runs_defaults_to_about_ten_evaluations_for_any_budget():
+    every = {n: plan_runs("c.yaml", Path("s"), epochs=[n], seeds=[0])[0].argv[-1] for n in (100, 25, 97, 199, 3)}
+    assert every == {100: "eval.every_epochs=10", 25: "eval.every_epochs=3", 97: "eval.every_epochs=10",
+                     199: "eval.every_epochs=20", 3: "eval.every_epochs=1"}
+    # During training: every epoch up to 14, then 7 to 14 evaluations (documented in docs/STUDY.md);
+    # the last epoch, where E does not divide the budget, is evaluated after training.
+    during = {n: n // default_eval_every(n) for n in range(1, 2001)}
+    assert all(during[n] == n for n in range(1, 15))
+    assert min(during[n] for n in range(15, 2001)) == 7 and max(during[n] for n in range(15, 2001)) == 12
     deepspeed = plan_runs("c.yaml", Path("s"), epochs=[4], seeds=[0], launcher="deepspeed --num_gpus 8")
     assert deepspeed[0].argv[:5] == ["deepspeed", "--num_gpus", "8", "--module", "mto_ds"]
 
@@ -355,3 +367,183 @@ def test_a_run_given_twice_to_collect_counts_once(tmp_path, capsys):
     assert _tool().main(["collect", str(tmp_path / "s"), str(tmp_path / "s" / "mto-ep2-s0"),
                          "--out", str(tmp_path / "report")]) == 0
     assert json.loads((tmp_path / "report" / "summary.json").read_text())["curves"]["0"]["mto"]["epochs"] == [2, 4]
+
+
+@pytest.mark.parametrize("args, problem", [
+    (["collect", "{tmp}/missing", "--out", "{tmp}/r"], "missing does not exist"),
+    (["collect", "{tmp}/empty", "--out", "{tmp}/r"], "no run directories (with config.yaml) under"),
+    (["collect", "{tmp}/sweep", "--out", "{tmp}/r", "--curve", "periodic"], "use --curve budget"),
+    (["collect", "{tmp}/sweep", "--out", "{tmp}/r", "--finetune-epochs", "2"], "add --final-eval"),
+    (["run", "--config", "configs/demo.yaml", "--out", "{tmp}/s", "--epochs", "10", "--eval-every", "3"],
+     "--eval-every 3 does not divide the budget 10"),
+    (["run", "--config", "configs/demo.yaml", "--out", "{tmp}/s", "--epochs", "10", "--eval-every", "0"],
+     "--eval-every must be >= 1"),
+    (["run", "--config", "configs/demo.yaml", "--out", "{tmp}/s", "--epochs", "10", "--eval-every", "-2"],
+     "--eval-every must be >= 1"),
+    (["run", "--config", "configs/demo.yaml", "--out", "{tmp}/s", "--epochs", "4", "train.epochs=8"],
+     "sets train.epochs, which the study controls"),
+    (["run", "--config", "configs/demo.yaml", "--out", "{tmp}/s", "--epochs", "2", "2"], "--epochs 2 given more"),
+    (["run", "--config", "configs/demo.yaml", "--out", "{tmp}/s", "--epochs", "2", "--seeds", "0", "0"],
+     "--seeds 0 given more than once"),
+])
+def test_user_errors_end_with_a_message_naming_the_problem_and_exit_2(tmp_path, capsys, args, problem):
+    (tmp_path / "empty").mkdir()
+    for budget in (2, 4):
+        fake_run(tmp_path / "sweep" / f"baseline-ep{budget}", mto=False, epochs=budget, knn={budget: 50.0})
+    assert _tool().main([a.replace("{tmp}", str(tmp_path)) for a in args + ["--list"] * (args[0] == "run")]) == 2
+    err = capsys.readouterr().err
+    assert problem in err and "Traceback" not in err and err.startswith(f"epoch_study.py {args[0]}: error:")
+
+
+def test_plan_runs_refuses_repeated_budgets_and_seeds_and_non_positive_values():
+    with pytest.raises(StudyError, match="--epochs 2 given more than once"):
+        plan_runs("c.yaml", Path("s"), epochs=[2, 4, 2], seeds=[0])
+    with pytest.raises(StudyError, match="--seeds 1 given more than once"):
+        plan_runs("c.yaml", Path("s"), epochs=[2], seeds=[1, 1])
+    with pytest.raises(StudyError, match="--epochs must be whole numbers of epochs >= 1, got 0"):
+        plan_runs("c.yaml", Path("s"), epochs=[0], seeds=[0])
+    with pytest.raises(StudyError, match="got 0; leave it out"):
+        plan_runs("c.yaml", Path("s"), epochs=[4], seeds=[0], eval_every=0)
+
+
+def test_overrides_right_after_epochs_or_seeds_are_overrides(tmp_path, capsys):
+    assert _tool().main(["run", "--config", "configs/demo.yaml", "--out", str(tmp_path), "--epochs", "4",
+                         "data.synthetic_images=512", "--seeds", "3", "run.log_every=2", "--list",
+                         "eval.num_val=64"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all("run.seed=3 train.epochs=4" in line for line in lines)
+    assert all(line.endswith("data.synthetic_images=512 run.log_every=2 eval.num_val=64") for line in lines)
+    with pytest.raises(SystemExit) as exited:  # argparse's own error exit
+        _tool().main(["run", "--config", "c.yaml", "--out", str(tmp_path), "--epochs", "4", "x", "--list"])
+    assert exited.value.code == 2
+    assert "'x' is neither a whole number nor a section.key=value override" in capsys.readouterr().err
+
+
+# --- the run command: what it starts, skips, refuses and stops --------------------------------
+FAKE_TRAINER = '''
+import json, os, pathlib, signal, sys, time
+from mto_ds.config import load_config, to_yaml
+args = sys.argv[sys.argv.index("--config") + 1:]
+cfg = load_config(args[0], args[1:])
+run_dir = pathlib.Path(cfg.run.output_dir)
+run_dir.mkdir(parents=True, exist_ok=True)
+(run_dir / "config.yaml").write_text(to_yaml(cfg))
+log = pathlib.Path(os.environ["FAKE_TRAINER_LOG"])
+with log.open("a") as f:
+    f.write(f"{run_dir.name} started {os.getpid()}\\n")
+
+def stop(signum, frame):
+    time.sleep(0.5)  # saving a checkpoint; the study must wait for it
+    with log.open("a") as f:
+        f.write(f"{run_dir.name} checkpointed on {signal.Signals(signum).name}\\n")
+    sys.exit(0)
+
+if os.environ.get("FAKE_TRAINER_WAIT"):
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGUSR1, stop)
+    time.sleep(60)
+epochs, every = cfg.train.epochs, cfg.eval.every_epochs
+rows = [{"step": e, "epoch": float(e), "heterogeneity": [0.5]} for e in range(1, epochs + 1)]
+rows += [{"step": e, "epoch": float(e), "knn_top1": 3.0 * e + cfg.mto.enabled} for e in range(every, epochs + 1, every)]
+(run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\\n" for r in rows))
+finished = not os.environ.get("FAKE_TRAINER_STOPPED")  # as if the trainer alone got a SIGTERM
+(run_dir / "state.json").write_text(json.dumps({"finished": finished, "step": epochs,
+                                               "reason": "completed" if finished else "signal SIGTERM"}))
+'''
+
+
+def _fake_trainer(tmp_path: Path, monkeypatch) -> str:
+    script = tmp_path / "fake_trainer.py"
+    script.write_text(FAKE_TRAINER)
+    monkeypatch.setenv("FAKE_TRAINER_LOG", str(tmp_path / "trainer.log"))
+    return f"{sys.executable} {script}"
+
+
+def _trainer_log(tmp_path: Path) -> list:
+    log = tmp_path / "trainer.log"
+    return [" ".join(line.split()[:2]) for line in log.read_text().splitlines()] if log.is_file() else []
+
+
+def test_run_evaluates_the_last_epoch_skips_finished_runs_and_refuses_other_settings(tmp_path, monkeypatch, capsys):
+    tool, out = _tool(), tmp_path / "study"
+    evaluated = []
+
+    def fake_final_evaluation(run_dir, finetune_epochs=0):
+        evaluated.append(Path(run_dir).name)
+        row = {"epoch": 17.0, "knn_top1": 60.0, "linear_top1": 65.0}
+        (Path(run_dir) / "final_eval.json").write_text(json.dumps(row))
+        return row
+
+    monkeypatch.setattr(tool, "final_evaluation", fake_final_evaluation)
+    command = ["run", "--config", "configs/demo.yaml", "--out", str(out), "--epochs", "17",
+               "data.synthetic_images=512", "--launcher", _fake_trainer(tmp_path, monkeypatch)]
+    # 17 epochs: the default E is 2, which ends at 16; the last epoch is evaluated after training.
+    assert tool.main(command) == 0
+    assert _trainer_log(tmp_path) == ["baseline-ep17-s0 started", "mto-ep17-s0 started"]
+    assert evaluated == ["baseline-ep17-s0", "mto-ep17-s0"]
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    assert summary["curves"]["0"]["baseline"]["epochs"] == [2, 4, 6, 8, 10, 12, 14, 16, 17]
+
+    capsys.readouterr()
+    assert tool.main(command) == 0  # again: nothing is trained or evaluated twice
+    assert len(_trainer_log(tmp_path)) == 2 and len(evaluated) == 2
+    assert "== baseline-ep17-s0: finished (state.json), skipped" in capsys.readouterr().out
+
+    (out / "mto-ep17-s0" / "state.json").unlink()  # an unfinished run would resume: with other data, refused
+    assert tool.main([*command[:-3], "data.synthetic_images=1024", *command[-2:]]) == 2
+    err = capsys.readouterr().err
+    assert "baseline-ep17-s0: data.synthetic_images: 512 vs 1024" in err
+    assert "mto-ep17-s0: data.synthetic_images: 512 vs 1024" in err and "new --out" in err
+    assert len(_trainer_log(tmp_path)) == 2
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
+def test_a_signal_to_the_study_reaches_the_trainer_and_stops_the_study(tmp_path, monkeypatch, stop):
+    launcher = _fake_trainer(tmp_path, monkeypatch)
+    env = {**os.environ, "FAKE_TRAINER_WAIT": "1", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    driver = subprocess.Popen([sys.executable, str(TOOL), "run", "--config", "configs/demo.yaml", "--out",
+                               str(tmp_path / "study"), "--epochs", "2", "--launcher", launcher],
+                              env=env, cwd=TOOL.parents[1], stderr=subprocess.PIPE, text=True)
+    trainer_pid = None
+    try:
+        for _ in range(300):  # the first trainer is up (and has its handlers)
+            if _trainer_log(tmp_path):
+                trainer_pid = int((tmp_path / "trainer.log").read_text().split()[2])
+                break
+            time.sleep(0.1)
+        assert trainer_pid, "the fake trainer did not start"
+        time.sleep(0.3)
+        driver.send_signal(stop)
+        _, err = driver.communicate(timeout=30)
+        assert driver.returncode == 128 + stop
+        assert f"study stopped by {stop.name}; no further run started" in err
+        if stop != signal.SIGINT:  # the fake trainer checkpoints on these, as the real one does
+            assert _trainer_log(tmp_path) == ["baseline-ep2-s0 started", "baseline-ep2-s0 checkpointed"]
+        else:
+            assert _trainer_log(tmp_path) == ["baseline-ep2-s0 started"]
+        with pytest.raises(ProcessLookupError):  # gone, not left running on its own
+            os.kill(trainer_pid, 0)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        if trainer_pid:
+            try:
+                os.kill(trainer_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_a_bad_override_is_refused_before_any_run_starts(tmp_path, monkeypatch, capsys):
+    assert _tool().main(["run", "--config", "configs/demo.yaml", "--out", str(tmp_path / "s"), "--epochs", "2",
+                         "data.no_such_key=1", "--launcher", _fake_trainer(tmp_path, monkeypatch)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("epoch_study.py run: error:") and "data.no_such_key" in err
+    assert _trainer_log(tmp_path) == []
+
+
+def test_a_trainer_that_exits_unfinished_stops_the_study(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FAKE_TRAINER_STOPPED", "1")
+    assert _tool().main(["run", "--config", "configs/demo.yaml", "--out", str(tmp_path / "s"), "--epochs", "2",
+                         "--launcher", _fake_trainer(tmp_path, monkeypatch)]) == 1
+    assert _trainer_log(tmp_path) == ["baseline-ep2-s0 started"]
+    assert "baseline-ep2-s0 exited without finishing (state.json: signal SIGTERM)" in capsys.readouterr().err

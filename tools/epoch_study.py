@@ -5,39 +5,104 @@
              tools/epoch_study.py run --config configs/demo.yaml --out runs/study \\
                  --epochs 20 --seeds 0 1 [--eval-every 2] [--launcher "torchrun --nproc_per_node 2"] \\
                  [section.key=value ...]
+           Runs whose state.json says finished are skipped; an unfinished one resumes. A run
+           directory set up with other settings than this command's is refused (use a new --out).
+           SIGTERM, SIGUSR1 and SIGINT are passed on to the running trainer, which checkpoints;
+           the study then stops (exit 128 + signal): run the same command again to resume.
            --list prints the numbered commands; --index I runs only command I (one per SLURM
            array element: --index $SLURM_ARRAY_TASK_ID), then `collect` the study directory.
   collect  read run directories (or directories of them, e.g. a slurm/sweep.sbatch study
            directory) and write curves.png, heterogeneity.png, summary.md, summary.json:
              tools/epoch_study.py collect runs/study --out runs/study/report [--metric linear_top1]
-           --final-eval evaluates each finished run's last checkpoint first (with
-           --finetune-epochs N also fine-tunes it: the paper's metric, --metric finetune_top1).
+           --final-eval evaluates each finished run's last checkpoint first (needed where the
+           runs did not evaluate at their last epoch, e.g. eval.every_epochs=0 as in
+           configs/vit_*.yaml; with --finetune-epochs N also fine-tunes it: the paper's metric,
+           --metric finetune_top1).
+Bad arguments end with a message naming the problem and exit code 2.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import List, Optional
 
-from mto_ds.eval.study import (METRICS, assemble, final_evaluation, find_run_dirs, load_run, plan_runs,
+from mto_ds.config import ConfigError
+from mto_ds.eval.study import (METRICS, StudyError, assemble, evaluated_at_budget, final_evaluation,
+                               find_run_dirs, load_run, plan_runs, read_state, resume_conflicts, says_finished,
                                write_report)
+
+# SIGHUP too: the trainer runs in its own process group (below), so a closed terminal reaches it
+# only through here, as before.
+FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
+# Its own process group: a Ctrl-C at the terminal then reaches the trainer once, passed on by the
+# driver, not twice (torchrun's clean-up would be cut short by the second).
+OWN_GROUP = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
+
+
+class ChildRunner:
+    """Runs one command at a time and passes the driver's stop signals on to it, so that killing
+    the study never leaves a trainer running on its own (and a second one started beside it)."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None    # the first signal received: no command starts after it
+        self.child: Optional[subprocess.Popen] = None
+        self._unsent: Optional[int] = None   # arrived while a child was being started
+        self._previous = {}
+
+    def __enter__(self) -> "ChildRunner":
+        for sig in FORWARDED:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = self.signum or signum
+        if self.child is not None and self.child.returncode is None:
+            self.child.send_signal(signum)
+        else:
+            self._unsent = signum
+
+    def run(self, argv: List[str]) -> int:
+        """The command's exit code, once it has exited; every signal received meanwhile is passed on."""
+        self._unsent = None
+        self.child = subprocess.Popen(argv, **OWN_GROUP)
+        if self._unsent:
+            self.child.send_signal(self._unsent)
+        return self.child.wait()
+
+
+def evaluate_last_checkpoints(run_dirs, finetune_epochs: int) -> None:
+    """final_evaluation of each run; a run it cannot evaluate is named and skipped."""
+    import torch
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the checkpoint loader imports DeepSpeed
+    for run_dir in run_dirs:
+        try:
+            row = final_evaluation(run_dir, finetune_epochs)
+            print(f"{run_dir}: " + ", ".join(f"{m} {row[m]:.2f}" for m in METRICS if m in row))
+        except RuntimeError as err:
+            print(f"skipped: {err}", file=sys.stderr)
+
+
+def not_evaluated_at_budget(run_dirs) -> List[Path]:
+    """The finished runs whose training did not evaluate their last epoch (the default
+    eval.every_epochs does not divide every budget): the study evaluates them afterwards."""
+    runs = [load_run(d) for d in run_dirs if (Path(d) / "config.yaml").is_file()]
+    return [run.path for run in runs if run.finished and not evaluated_at_budget(run)]
 
 
 def collect(paths, out: Path, metric: str, mode: str, final_eval: bool, finetune_epochs: int) -> int:
     run_dirs = find_run_dirs(paths)
     if final_eval:
-        import torch
-        if not torch.cuda.is_available():
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the checkpoint loader imports DeepSpeed
-        for run_dir in run_dirs:
-            try:
-                row = final_evaluation(run_dir, finetune_epochs)
-                print(f"{run_dir}: " + ", ".join(f"{m} {row[m]:.2f}" for m in METRICS if m in row))
-            except RuntimeError as err:
-                print(f"skipped: {err}", file=sys.stderr)
+        evaluate_last_checkpoints(run_dirs, finetune_epochs)
     study = assemble([load_run(d) for d in run_dirs], metric=metric, mode=mode)
     paths = write_report(study, out)
     print(paths["summary.md"].read_text())
@@ -45,17 +110,64 @@ def collect(paths, out: Path, metric: str, mode: str, final_eval: bool, finetune
     return 0
 
 
-def main(argv=None) -> int:
+def run_study(planned, stop_signals: ChildRunner) -> int:
+    """Trains each planned run not yet finished, one after the other; stops at a signal."""
+    for p in planned:
+        if stop_signals.signum:
+            break
+        if says_finished(read_state(p.run_dir)):
+            print(f"== {p.name}: finished (state.json), skipped", flush=True)
+            continue
+        # An unfinished run directory resumes from its newest checkpoint (checkpoint.resume=auto).
+        print(f"== {p.name}: {shlex.join(p.argv)}", flush=True)
+        code = stop_signals.run(p.argv)
+        if stop_signals.signum:
+            print(f"{p.name} exited with code {code} after the study got "
+                  f"{signal.Signals(stop_signals.signum).name} (passed on: the trainer checkpoints first)",
+                  file=sys.stderr)
+            break
+        if code != 0:
+            print(f"{p.name} failed with exit code {code}", file=sys.stderr)
+            return code
+        state = read_state(p.run_dir) or {}
+        if not says_finished(state):  # stopped by a signal sent to the trainer alone
+            print(f"{p.name} exited without finishing (state.json: {state.get('reason', 'none')}); no further "
+                  "run started. Run the same command again to resume it.", file=sys.stderr)
+            return 1
+    if stop_signals.signum:
+        print(f"study stopped by {signal.Signals(stop_signals.signum).name}; no further run started. "
+              "Run the same command again to resume it.", file=sys.stderr)
+        return 128 + stop_signals.signum
+    return 0
+
+
+class _Override(str):
+    """A section.key=value that --epochs or --seeds took (nargs='+' takes every value after it)."""
+
+
+def _number_or_override(text: str):
+    if "=" in text and not text.startswith("-"):
+        return _Override(text)
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a whole number nor a section.key=value "
+                                         "override") from None
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="launch baseline and MTO pre-training, then collect")
     run.add_argument("--config", required=True)
     run.add_argument("--out", required=True, type=Path, help="study directory: one run directory per run")
-    run.add_argument("--epochs", required=True, type=int, nargs="+",
+    run.add_argument("--epochs", required=True, type=_number_or_override, nargs="+",
                      help="budget(s); several budgets make a budget curve (one run per budget)")
-    run.add_argument("--seeds", type=int, nargs="+", default=[0])
+    run.add_argument("--seeds", type=_number_or_override, nargs="+", default=[0])
     run.add_argument("--eval-every", type=int, default=None,
-                     help="evaluate every E epochs (default: about ten times per run, dividing its budget)")
+                     help="evaluate every E epochs, E dividing each budget (default: budget / 10 rounded, "
+                          "at least 1; where that does not divide the budget, the last checkpoint is "
+                          "evaluated after training)")
     run.add_argument("--launcher", default=None, help='replaces "python", e.g. "torchrun --nproc_per_node 2"')
     run.add_argument("--list", action="store_true", help="print the numbered commands and stop")
     run.add_argument("--index", type=int, default=None, help="run only command INDEX (a SLURM array element)")
@@ -64,16 +176,41 @@ def main(argv=None) -> int:
     col.add_argument("paths", nargs="+", type=Path, help="run directories or directories holding them")
     col.add_argument("--out", required=True, type=Path)
     col.add_argument("--final-eval", action="store_true", help="evaluate each finished run's last checkpoint first")
-    col.add_argument("--finetune-epochs", type=int, default=0)
+    col.add_argument("--finetune-epochs", type=int, default=0, help="with --final-eval: fine-tune N epochs too")
     for p in (run, col):
         p.add_argument("--metric", choices=METRICS, default="knn_top1")
         p.add_argument("--curve", choices=("auto", "periodic", "budget"), default="auto",
                        help="auto: budget when a method and seed have several runs, else periodic")
+    return parser
+
+
+def _split_overrides(args, argv: List[str]) -> None:
+    """Moves the overrides that --epochs / --seeds took into args.overrides, in command-line order."""
+    taken = [v for v in [*args.epochs, *args.seeds] if isinstance(v, _Override)]
+    args.epochs = [v for v in args.epochs if not isinstance(v, _Override)]
+    args.seeds = [v for v in args.seeds if not isinstance(v, _Override)]
+    args.overrides = sorted([*taken, *args.overrides], key=lambda item: argv.index(item) if item in argv else 0)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
     args = parser.parse_args(argv)
+    try:
+        if args.command == "collect":
+            if args.finetune_epochs and not args.final_eval:
+                raise StudyError("--finetune-epochs fine-tunes in the final evaluation: add --final-eval")
+            if args.finetune_epochs < 0:
+                raise StudyError(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
+            return collect(args.paths, args.out, args.metric, args.curve, args.final_eval, args.finetune_epochs)
+        return _run(args, argv)
+    except (StudyError, ConfigError) as err:
+        print(f"epoch_study.py {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
-    if args.command == "collect":
-        return collect(args.paths, args.out, args.metric, args.curve, args.final_eval, args.finetune_epochs)
 
+def _run(args, argv: List[str]) -> int:
+    _split_overrides(args, argv)
     planned = plan_runs(args.config, args.out, epochs=args.epochs, seeds=args.seeds, eval_every=args.eval_every,
                         overrides=args.overrides, launcher=args.launcher)
     if args.list:
@@ -82,16 +219,23 @@ def main(argv=None) -> int:
         return 0
     if args.index is not None:
         if not 0 <= args.index < len(planned):
-            print(f"--index {args.index} out of range 0..{len(planned) - 1}", file=sys.stderr)
-            return 2
+            raise StudyError(f"--index {args.index} out of range 0..{len(planned) - 1}")
         planned = [planned[args.index]]
-    for p in planned:
-        # A run directory that exists resumes from its newest checkpoint (checkpoint.resume=auto).
-        print(f"== {p.name}: {shlex.join(p.argv)}", flush=True)
-        result = subprocess.run(p.argv)
-        if result.returncode != 0:
-            print(f"{p.name} failed with exit code {result.returncode}", file=sys.stderr)
-            return result.returncode
+    # Before anything starts: a resumed run must go on with its own settings, and a finished
+    # one's numbers must be of this command's settings, or the report would mix two studies.
+    conflicts = {p.name: resume_conflicts(p) for p in planned}
+    conflicts = {name: diffs for name, diffs in conflicts.items() if diffs}
+    if conflicts:
+        raise StudyError(f"{args.out} already holds runs set up differently from this command (existing vs now):\n"
+                         + "\n".join(f"  {name}: {'; '.join(diffs)}" for name, diffs in conflicts.items())
+                         + "\nuse a new --out study directory, or the settings those runs were started with")
+    with ChildRunner() as stop_signals:
+        code = run_study(planned, stop_signals)
+    if code != 0:
+        return code
+    missing = not_evaluated_at_budget([p.run_dir for p in planned])
+    if missing:
+        evaluate_last_checkpoints(missing, 0)
     if args.index is not None:
         return 0  # other elements may still be running: collect once all have finished
     return collect([args.out], args.out / "report", args.metric, args.curve, False, 0)

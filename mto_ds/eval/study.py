@@ -132,6 +132,11 @@ def read_state(run_dir: Path) -> Optional[dict]:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def says_finished(state: Optional[dict]) -> bool:
+    """Only "finished": true counts: no state.json is a run killed hard (or still running)."""
+    return bool(state) and state.get("finished") is True
+
+
 def load_run(path: Path) -> Run:
     path = Path(path)
     config = read_config(path / "config.yaml")
@@ -157,8 +162,7 @@ def load_run(path: Path) -> Run:
     het_epochs = np.array([float(train[s].get("epoch", s)) for s in steps])
 
     state = read_state(path)
-    # A run without state.json was killed hard (or still runs): what it trained is no budget.
-    finished = bool(state) and state.get("finished") is True
+    finished = says_finished(state)  # else what it trained is no budget
     budget = float(het_epochs[-1]) if finished and len(steps) else float(config.get("train.epochs", 0))
     return Run(path=path, method="mto" if config.get("mto.enabled") else "baseline",
                seed=int(config.get("run.seed", 0)), budget=budget, config=config,
@@ -396,12 +400,24 @@ class PlannedRun:
     name: str
     run_dir: Path
     argv: List[str]
+    config: str = ""                         # --config; with `overrides`, what the trainer loads
+    overrides: Tuple[str, ...] = ()
 
 
 def default_eval_every(epochs: int) -> int:
-    """About ten evaluations per run, at a divisor of the budget so the last epoch is one of them."""
-    target = max(1, epochs // 10)
-    return max(d for d in range(1, target + 1) if epochs % d == 0)
+    """About ten evaluations per run for any budget: budget / 10 rounded half up, at least 1.
+
+    A single E can evaluate the last epoch only where it divides the budget, and a prime budget
+    has no divisor near budget / 10; where E does not divide it, the study evaluates the last
+    checkpoint after training instead (`evaluated_at_budget`, `final_evaluation`)."""
+    return max(1, (epochs + 5) // 10)
+
+
+def _refuse_repeats(option: str, values: Sequence[int]) -> None:
+    repeated = sorted({v for v in values if list(values).count(v) > 1})
+    if repeated:
+        raise StudyError(f"{option} {' '.join(map(str, repeated))} given more than once: each budget and seed is "
+                         "one run directory, which two runs (or SLURM array elements) would train at once")
 
 
 def plan_runs(config: str, out_dir: Path, *, epochs: Sequence[int], seeds: Sequence[int],
@@ -413,28 +429,58 @@ def plan_runs(config: str, out_dir: Path, *, epochs: Sequence[int], seeds: Seque
     `launcher` replaces the Python interpreter, e.g. "torchrun --nproc_per_node 2" or
     "srun python"; with DeepSpeed's launcher the module flag is --module.
     """
+    if not epochs or not seeds:
+        raise StudyError(f"no {'budget (--epochs)' if not epochs else 'seed (--seeds)'} given")
+    bad = [e for e in epochs if e <= 0]
+    if bad:
+        raise StudyError(f"--epochs must be whole numbers of epochs >= 1, got {' '.join(map(str, bad))}")
+    _refuse_repeats("--epochs", epochs)
+    _refuse_repeats("--seeds", seeds)
+    if eval_every is not None and eval_every <= 0:
+        raise StudyError(f"--eval-every must be >= 1 (epochs between evaluations), got {eval_every}; "
+                         "leave it out for about ten evaluations per run")
     for item in overrides:
         key = item.split("=", 1)[0]
         if key in CONTROLLED_KEYS:
-            raise ValueError(f"override '{item}' sets {key}, which the study controls "
+            raise StudyError(f"override '{item}' sets {key}, which the study controls "
                              f"(use the study's own options for {', '.join(CONTROLLED_KEYS)})")
+    uneven = [budget for budget in epochs if eval_every and budget % eval_every]
+    if uneven:
+        raise StudyError(f"--eval-every {eval_every} does not divide the budget {' '.join(map(str, uneven))}: its "
+                         "last epoch would not be evaluated during training; give a divisor, or leave it out")
     prefix = shlex.split(launcher) if launcher else [sys.executable]
     module_flag = "--module" if Path(prefix[0]).name == "deepspeed" else "-m"
     planned = []
     for seed in seeds:
         for budget in epochs:
             every = eval_every or default_eval_every(budget)
-            if budget % every:
-                raise ValueError(f"eval every {every} epochs does not divide the budget {budget}: "
-                                 "its final epoch would not be evaluated")
             for method in METHODS:
                 name = f"{method}-ep{budget}-s{seed}"
                 run_dir = Path(out_dir) / name
-                argv = [*prefix, module_flag, "mto_ds", "pretrain", "--config", str(config),
-                        f"mto.enabled={'true' if method == 'mto' else 'false'}", f"run.output_dir={run_dir}",
-                        f"run.seed={seed}", f"train.epochs={budget}", f"eval.every_epochs={every}", *overrides]
-                planned.append(PlannedRun(name, run_dir, argv))
+                settings = (f"mto.enabled={'true' if method == 'mto' else 'false'}", f"run.output_dir={run_dir}",
+                            f"run.seed={seed}", f"train.epochs={budget}", f"eval.every_epochs={every}",
+                            *overrides)
+                argv = [*prefix, module_flag, "mto_ds", "pretrain", "--config", str(config), *settings]
+                planned.append(PlannedRun(name, run_dir, argv, str(config), settings))
     return planned
+
+
+def resume_conflicts(planned: PlannedRun) -> List[str]:
+    """How the run already in `planned.run_dir` was set up differently from what `planned` would
+    run (config_differences; a resume may change RESUME_INCIDENTAL keys); empty when no run is there.
+    Keys only one of the two configs has (the schema changed between them) are not compared.
+    Loading what `planned` would run validates it: a bad override is a ConfigError before any run."""
+    from mto_ds.config import load_config, to_yaml
+
+    # Through YAML, as the trainer writes RUN/config.yaml, so equal settings compare equal.
+    wanted = _flatten(OmegaConf.to_container(
+        OmegaConf.create(to_yaml(load_config(planned.config, planned.overrides))), resolve=True))
+    existing_path = planned.run_dir / "config.yaml"
+    if not existing_path.is_file():
+        return []
+    existing = read_config(existing_path)
+    common = set(existing) & set(wanted)
+    return config_differences({k: existing[k] for k in common}, {k: wanted[k] for k in common}, RESUME_INCIDENTAL)
 
 
 def final_evaluation(run_dir: Path, finetune_epochs: int = 0, device=None) -> dict:
