@@ -16,8 +16,8 @@ import pytest
 from mto_ds.config import Config, load_config, to_yaml
 from mto_ds.eval import study as study_module
 from mto_ds.eval.plots import bin_rows
-from mto_ds.eval.study import (StudyError, assemble, default_eval_every, final_evaluation, find_run_dirs, load_run,
-                               plan_runs)
+from mto_ds.eval.study import StudyError, assemble, find_run_dirs, load_run
+from mto_ds.eval.study_runs import default_eval_every, final_evaluation, plan_runs
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "epoch_study.py"
 BASELINE_KNN = {1: 20.0, 2: 40.0, 3: 50.0, 4: 60.0}
@@ -474,7 +474,7 @@ def test_run_evaluates_the_last_epoch_skips_finished_runs_and_refuses_other_sett
         (Path(run_dir) / "final_eval.json").write_text(json.dumps(row))
         return row
 
-    monkeypatch.setattr(tool, "final_evaluation", fake_final_evaluation)
+    monkeypatch.setattr("mto_ds.eval.study_runs.final_evaluation", fake_final_evaluation)
     command = ["run", "--config", "configs/demo.yaml", "--out", str(out), "--epochs", "17",
                "data.synthetic_images=512", "--launcher", _fake_trainer(tmp_path, monkeypatch)]
     # 17 epochs: the default E is 2, which ends at 16; the last epoch is evaluated after training.

@@ -23,80 +23,15 @@ Bad arguments end with a message naming the problem and exit code 2.
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
-import signal
-import subprocess
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List
 
 from mto_ds.config import ConfigError
-from mto_ds.eval.study import (METRICS, StudyError, assemble, evaluated_at_budget, final_evaluation,
-                               find_run_dirs, load_run, plan_runs, read_state, resume_conflicts, says_finished,
-                               write_report)
-
-# SIGHUP too: the trainer runs in its own process group (below), so a closed terminal reaches it
-# only through here, as before.
-FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
-# Its own process group: a Ctrl-C at the terminal then reaches the trainer once, passed on by the
-# driver, not twice (torchrun's clean-up would be cut short by the second).
-OWN_GROUP = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
-
-
-class ChildRunner:
-    """Runs one command at a time and passes the driver's stop signals on to it, so that killing
-    the study never leaves a trainer running on its own (and a second one started beside it)."""
-
-    def __init__(self):
-        self.signum: Optional[int] = None    # the first signal received: no command starts after it
-        self.child: Optional[subprocess.Popen] = None
-        self._unsent: Optional[int] = None   # arrived while a child was being started
-        self._previous = {}
-
-    def __enter__(self) -> "ChildRunner":
-        for sig in FORWARDED:
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame) -> None:
-        self.signum = self.signum or signum
-        if self.child is not None and self.child.returncode is None:
-            self.child.send_signal(signum)
-        else:
-            self._unsent = signum
-
-    def run(self, argv: List[str]) -> int:
-        """The command's exit code, once it has exited; every signal received meanwhile is passed on."""
-        self._unsent = None
-        self.child = subprocess.Popen(argv, **OWN_GROUP)
-        if self._unsent:
-            self.child.send_signal(self._unsent)
-        return self.child.wait()
-
-
-def evaluate_last_checkpoints(run_dirs, finetune_epochs: int) -> None:
-    """final_evaluation of each run; a run it cannot evaluate is named and skipped."""
-    import torch
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the checkpoint loader imports DeepSpeed
-    for run_dir in run_dirs:
-        try:
-            row = final_evaluation(run_dir, finetune_epochs)
-            print(f"{run_dir}: " + ", ".join(f"{m} {row[m]:.2f}" for m in METRICS if m in row))
-        except RuntimeError as err:
-            print(f"skipped: {err}", file=sys.stderr)
-
-
-def not_evaluated_at_budget(run_dirs) -> List[Path]:
-    """The finished runs whose training did not evaluate their last epoch (the default
-    eval.every_epochs does not divide every budget): the study evaluates them afterwards."""
-    runs = [load_run(d) for d in run_dirs if (Path(d) / "config.yaml").is_file()]
-    return [run.path for run in runs if run.finished and not evaluated_at_budget(run)]
+from mto_ds.eval.study import METRICS, StudyError, assemble, find_run_dirs, load_run, write_report
+from mto_ds.eval.study_runs import (ChildRunner, evaluate_last_checkpoints, not_evaluated_at_budget, plan_runs,
+                                    resume_conflicts, run_study)
 
 
 def collect(paths, out: Path, metric: str, mode: str, final_eval: bool, finetune_epochs: int) -> int:
@@ -107,37 +42,6 @@ def collect(paths, out: Path, metric: str, mode: str, final_eval: bool, finetune
     paths = write_report(study, out)
     print(paths["summary.md"].read_text())
     print(f"report: {', '.join(str(p) for p in paths.values())}")
-    return 0
-
-
-def run_study(planned, stop_signals: ChildRunner) -> int:
-    """Trains each planned run not yet finished, one after the other; stops at a signal."""
-    for p in planned:
-        if stop_signals.signum:
-            break
-        if says_finished(read_state(p.run_dir)):
-            print(f"== {p.name}: finished (state.json), skipped", flush=True)
-            continue
-        # An unfinished run directory resumes from its newest checkpoint (checkpoint.resume=auto).
-        print(f"== {p.name}: {shlex.join(p.argv)}", flush=True)
-        code = stop_signals.run(p.argv)
-        if stop_signals.signum:
-            print(f"{p.name} exited with code {code} after the study got "
-                  f"{signal.Signals(stop_signals.signum).name} (passed on: the trainer checkpoints first)",
-                  file=sys.stderr)
-            break
-        if code != 0:
-            print(f"{p.name} failed with exit code {code}", file=sys.stderr)
-            return code
-        state = read_state(p.run_dir) or {}
-        if not says_finished(state):  # stopped by a signal sent to the trainer alone
-            print(f"{p.name} exited without finishing (state.json: {state.get('reason', 'none')}); no further "
-                  "run started. Run the same command again to resume it.", file=sys.stderr)
-            return 1
-    if stop_signals.signum:
-        print(f"study stopped by {signal.Signals(stop_signals.signum).name}; no further run started. "
-              "Run the same command again to resume it.", file=sys.stderr)
-        return 128 + stop_signals.signum
     return 0
 
 
