@@ -89,11 +89,12 @@ def final_eval_hint(metric: str) -> str:
 
 
 # --- reading run directories ---------------------------------------------------------------
-def _flatten(node, prefix: str = "") -> Dict[str, object]:
+def flatten_config(node, prefix: str = "") -> Dict[str, object]:
+    """A nested config as {"section.key": value}."""
     out: Dict[str, object] = {}
     for key, value in node.items():
         if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(flatten_config(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
@@ -121,7 +122,7 @@ def _eval_row(row: dict) -> Optional[dict]:
 
 
 def read_config(path: Path) -> Dict[str, object]:
-    return _flatten(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
+    return flatten_config(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
 
 
 def read_state(run_dir: Path) -> Optional[dict]:
@@ -218,7 +219,8 @@ def _mean_curve(curves: List[Curve]) -> Optional[Curve]:
     return common, [float(np.mean([lk[e] for lk in lookups])) for e in common]
 
 
-def _what_to_do(run: Run) -> str:
+def what_to_do(run: Run) -> str:
+    """What makes an unfinished run count: resume it, or first fix what failed in its set-up."""
     if (run.stop_reason or "").startswith("set-up failed"):
         return "fix what failed, then run the same command again"
     return RESUME
@@ -230,7 +232,7 @@ def _periodic_curve(run: Run, metric: str, notes: List[str]) -> Curve:
     reason = unfinished_reason(run)
     if reason:
         ends = f"its curve ends at epoch {curve[0][-1]:g}" if curve[0] else "it has no curve"
-        notes.append(f"{run.path}: {reason}; {ends}: {_what_to_do(run)}")
+        notes.append(f"{run.path}: {reason}; {ends}: {what_to_do(run)}")
     elif not curve[0]:
         notes.append(f"{run.path}: no {metric} evaluation during training; {final_eval_hint(metric)}")
     return curve
@@ -244,7 +246,7 @@ def _budget_curve(group: List[Run], metric: str, notes: List[str]) -> Curve:
         reason = unfinished_reason(run)
         if reason:
             notes.append(f"{run.path}: {reason}; left out of the budget curve (an accuracy mid-schedule is "
-                         f"not a shorter budget's): {_what_to_do(run)}")
+                         f"not a shorter budget's): {what_to_do(run)}")
         else:
             finished.append(run)
     budgets = [r.budget for r in finished]

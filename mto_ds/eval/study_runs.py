@@ -20,8 +20,8 @@ from typing import List, Optional, Sequence, Tuple
 
 from omegaconf import OmegaConf
 
-from .study import (CONTROLLED_KEYS, FINAL_EVAL, METHODS, METRICS, RESUME_INCIDENTAL, StudyError, _flatten,
-                    _what_to_do, config_differences, evaluated_at_budget, load_run, read_config, read_state,
+from .study import (CONTROLLED_KEYS, FINAL_EVAL, METHODS, METRICS, RESUME_INCIDENTAL, StudyError, flatten_config,
+                    what_to_do, config_differences, evaluated_at_budget, load_run, read_config, read_state,
                     says_finished, unfinished_reason)
 
 
@@ -103,7 +103,7 @@ def resume_conflicts(planned: PlannedRun) -> List[str]:
     from mto_ds.config import load_config, to_yaml
 
     # Through YAML, as the trainer writes RUN/config.yaml, so equal settings compare equal.
-    wanted = _flatten(OmegaConf.to_container(
+    wanted = flatten_config(OmegaConf.to_container(
         OmegaConf.create(to_yaml(load_config(planned.config, planned.overrides))), resolve=True))
     existing_path = planned.run_dir / "config.yaml"
     if not existing_path.is_file():
@@ -128,7 +128,7 @@ def final_evaluation(run_dir: Path, finetune_epochs: int = 0, device=None) -> di
     reason = unfinished_reason(run)
     if reason:  # its last checkpoint is from part-way through the schedule, not at its budget
         raise RuntimeError(f"{run_dir}: {reason}; not evaluated as if at its budget of {run.budget:g} epochs: "
-                           f"{_what_to_do(run)}")
+                           f"{what_to_do(run)}")
     cfg = load_config(run_dir / "config.yaml")
     # Through JSON, as the cached row holds them, so equal settings compare equal.
     settings = json.loads(json.dumps(evaluation_settings(cfg, str(run_dir), finetune_epochs, device)))
