@@ -353,5 +353,16 @@ def validate_mto(mto: "MTOConfig") -> None:
     _check(mto.kernel in MTO_KERNELS, "mto.kernel", f"one of {', '.join(MTO_KERNELS)}", mto.kernel)
 
 
+def flatten_config(node, prefix: str = "") -> dict:
+    """A nested config (dicts, as yaml or OmegaConf.to_container give it) as {"section.key": value}."""
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            out.update(flatten_config(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))

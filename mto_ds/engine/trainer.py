@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from ..config import Config, ConfigError, to_yaml
+from ..config import Config, ConfigError, flatten_config, to_yaml
 from ..data import build_pretrain_loader
 from ..data.order import steps_per_epoch
 from ..models import create_mim_model, mask_fn_for
@@ -58,12 +58,6 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def _flat(node, prefix: str = "") -> dict:
-    if not isinstance(node, dict):
-        return {prefix[:-1]: node}
-    return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
-
-
 def write_config(run_dir: Path, text: str) -> None:
     """RUN_DIR/config.yaml: the settings this start runs with. A start with other settings than
     the last one's (another data path, batch, learning rate) keeps the earlier file as
@@ -72,7 +66,7 @@ def write_config(run_dir: Path, text: str) -> None:
     if path.is_file():
         before = path.read_text()
         if before != text:
-            changed = _flat(yaml.safe_load(before) or {}), _flat(yaml.safe_load(text) or {})
+            changed = flatten_config(yaml.safe_load(before) or {}), flatten_config(yaml.safe_load(text) or {})
             keys = sorted(k for k in set(changed[0]) | set(changed[1]) if changed[0].get(k) != changed[1].get(k))
             kept = run_dir / time.strftime("config.%Y%m%d-%H%M%S.yaml", time.localtime(path.stat().st_mtime))
             path.replace(kept)

@@ -22,6 +22,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 from omegaconf import OmegaConf
 
+from ..config import flatten_config
 from .rauc import compare_curves
 
 METHODS = ("baseline", "mto")
@@ -89,17 +90,6 @@ def final_eval_hint(metric: str) -> str:
 
 
 # --- reading run directories ---------------------------------------------------------------
-def flatten_config(node, prefix: str = "") -> Dict[str, object]:
-    """A nested config as {"section.key": value}."""
-    out: Dict[str, object] = {}
-    for key, value in node.items():
-        if isinstance(value, dict):
-            out.update(flatten_config(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _read_rows(path: Path) -> List[dict]:
     rows = []
     if path.is_file():

@@ -20,9 +20,10 @@ from typing import List, Optional, Sequence, Tuple
 
 from omegaconf import OmegaConf
 
-from .study import (CONTROLLED_KEYS, FINAL_EVAL, METHODS, METRICS, RESUME_INCIDENTAL, StudyError, flatten_config,
-                    what_to_do, config_differences, evaluated_at_budget, load_run, read_config, read_state,
-                    says_finished, unfinished_reason)
+from ..config import flatten_config
+from .study import (CONTROLLED_KEYS, FINAL_EVAL, METHODS, METRICS, RESUME_INCIDENTAL, StudyError, config_differences,
+                    evaluated_at_budget, load_run, read_config, read_state, says_finished, unfinished_reason,
+                    what_to_do)
 
 
 @dataclass(frozen=True)
