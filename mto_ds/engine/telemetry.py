@@ -20,28 +20,23 @@ def _jsonable(value):
     return value
 
 
-def _row_step(line: str) -> Optional[float]:
-    """The step of a metrics.jsonl line, or None when the line is not a row."""
+def _row(line: str) -> Optional[dict]:
+    """A metrics.jsonl line as its row, or None when it is not one (a write cut short)."""
     try:
         row = json.loads(line)
     except ValueError:
         return None
     step = row.get("step", 0) if isinstance(row, dict) else None
-    return step if isinstance(step, (int, float)) and not isinstance(step, bool) else None
+    return row if isinstance(step, (int, float)) and not isinstance(step, bool) else None
 
 
 def evaluation_logged(metrics_path: Path, step: int) -> bool:
     """Whether metrics.jsonl holds an evaluation row (k-NN / probe accuracies) for `step`."""
     if not Path(metrics_path).is_file():
         return False
-    for line in Path(metrics_path).read_text(errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and row.get("step") == step and any(k.endswith("_top1") for k in row):
-            return True
-    return False
+    rows = map(_row, Path(metrics_path).read_text(errors="replace").splitlines())
+    return any(row is not None and row.get("step") == step and any(k.endswith("_top1") for k in row)
+               for row in rows)
 
 
 class Telemetry:
@@ -74,10 +69,10 @@ class Telemetry:
         for line in self.metrics_path.read_text(errors="replace").splitlines():
             if not line.strip():
                 continue
-            row_step = _row_step(line)
-            if row_step is None:
+            row = _row(line)
+            if row is None:
                 unreadable += 1
-            (later if row_step is None or row_step > step else keep).append(line)
+            (later if row is None or row.get("step", 0) > step else keep).append(line)
         if unreadable:
             log.warning("%s: %d line(s) that are not a JSON row (a write cut short?) moved to "
                         "metrics.jsonl.superseded", self.metrics_path, unreadable)
