@@ -285,6 +285,68 @@ def test_batch_shell_and_srun_ranks_derive_the_same_rendezvous_port_below_the_ep
         assert int(out.stdout.split()[-1]) == job_port(int(job_id)) < 32768, out.stdout + out.stderr
 
 
+# ---- Ranks and rendezvous of a process started by srun (mto_ds.engine.distributed) ------
+
+def srun_task_env(**extra: str) -> dict:
+    """What srun gives task 1 of a 16-task step on 2 nodes (a batch shell has no SLURM_STEP_ID)."""
+    return {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_PROCID": "9", "SLURM_LOCALID": "1",
+            "SLURM_NTASKS": "16", "SLURM_STEP_NUM_TASKS": "16", "SLURM_JOB_NODELIST": "node[01-04,07],gpu-a[1-2]",
+            "SLURM_STEP_NODELIST": "node[01-02]", **extra}
+
+
+@pytest.mark.parametrize("nodelist, first", [
+    ("node[01-04,07],gpu-a[1-2]", "node01"), ("gpu-a[1-2],node[01-04]", "gpu-a1"), ("node[07,01-04]", "node07"),
+    ("rack[2-3]-n[05-06],x", "rack2-n05"), ("a1,b2", "a1"), ("vm", "vm"), ("node[007]", "node007"),
+])
+def test_first_host_of_a_slurm_nodelist_is_read_without_scontrol(nodelist, first):
+    """Ranks in a container often have no scontrol (or no slurm.conf for it): the rendezvous host
+    must not silently become 127.0.0.1 there, which hangs every rank off the first node."""
+    from mto_ds.engine.distributed import first_host
+    assert first_host(nodelist) == first
+
+
+def test_srun_task_takes_rank_from_slurm_and_master_from_the_steps_first_node_without_scontrol(monkeypatch, tmp_path):
+    from mto_ds.engine.distributed import job_port, resolve_rank_env
+    monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol here
+    env = srun_task_env()
+    resolve_rank_env(env)
+    assert {k: env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")} == {
+        "RANK": "9", "WORLD_SIZE": "16", "LOCAL_RANK": "1", "MASTER_ADDR": "node01", "MASTER_PORT": str(job_port(4242))}
+    # A step on other nodes of the allocation (srun --relative, -w): rank 0 is on the step's first node.
+    env = srun_task_env(SLURM_STEP_NODELIST="node[03-04]")
+    resolve_rank_env(env)
+    assert env["MASTER_ADDR"] == "node03"
+
+
+def test_process_in_the_batch_shell_of_a_multi_task_job_is_one_rank_not_rank_0_of_all_tasks():
+    """The batch shell has SLURM_PROCID=0 and SLURM_NTASKS=N too; `mto-ds eval` or a plain
+    `mto-ds pretrain` run there is not one of N srun tasks (it would wait for the others forever)."""
+    from mto_ds.engine.distributed import resolve_rank_env
+    env = {k: v for k, v in srun_task_env(SLURM_PROCID="0", SLURM_LOCALID="0").items()
+           if not k.startswith("SLURM_STEP")}
+    resolve_rank_env(env)
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["MASTER_ADDR"]) == ("0", "1", "0", "127.0.0.1")
+
+
+RESOLVE = ("import os; from mto_ds.engine.distributed import resolve_rank_env; resolve_rank_env(); "
+           "print('ranks', *(os.environ[k] for k in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')))")
+
+
+def test_real_slurm_job_gives_srun_tasks_their_ranks_and_its_batch_shell_one_rank(slurm_cluster, tmp_path):
+    script = tmp_path / "ranks.sbatch"
+    script.write_text(f"#!/bin/bash\ncd {REPO}\n{sys.executable} -c \"{RESOLVE}\"\n"
+                      f"srun {sys.executable} -c \"{RESOLVE}\"\n")
+    job_id = slurm_cluster.sbatch(script, env={"PYTHONPATH": str(REPO)},
+                                  options=("--ntasks=2", "--cpus-per-task=1", f"--output={tmp_path}/%j.out"))
+    [job] = slurm_cluster.wait_final(job_id, timeout=120)
+    log = job_log(job)
+    from mto_ds.engine.distributed import job_port
+    node, port = slurm_cluster.node, str(job_port(int(job_id)))
+    lines = sorted(line.split()[1:] for line in log.splitlines() if line.startswith("ranks "))
+    assert lines[0][:3] == ["0", "1", "127.0.0.1"], log  # the batch shell: a process of its own
+    assert lines[1:] == [["0", "2", node, port], ["1", "2", node, port]], log
+
+
 def fake_slurm_bin(tmp_path: Path, srun_exit: int) -> str:
     """A PATH whose srun exits `srun_exit` at once and whose scontrol knows one node."""
     bin_dir = tmp_path / "bin"

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import socket
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -27,17 +27,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _first_slurm_host() -> str:
-    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
-    if nodelist:
-        try:
-            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
-                                 text=True, check=True, timeout=30).stdout.split()
-            if out:
-                return out[0]
-        except (OSError, subprocess.SubprocessError):
-            pass
-    return "127.0.0.1"
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list, as `scontrol show hostnames` prints it first:
+    `node[01-04,07],gpu-a[1-2]` -> `node01`. Read here rather than by scontrol, which the ranks may
+    not have (a container) or may not be able to configure (no slurm.conf)."""
+    first = re.split(r",(?![^\[]*\])", nodelist.strip(), maxsplit=1)[0]  # commas outside brackets
+    return re.sub(r"\[([^\],-]+)[^\]]*\]", r"\1", first)                  # each range's first value
 
 
 def job_port(job_id: int) -> int:
@@ -50,14 +45,19 @@ def job_port(job_id: int) -> int:
 def resolve_rank_env(env=os.environ) -> None:
     """Fill RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* for launchers that do not set them.
 
-    torchrun and deepspeed set them; under `srun` (one task per GPU) they come from SLURM_*;
-    a plain process is rank 0 of 1.
+    torchrun and deepspeed set them; a task of an `srun` step (one task per GPU) takes them from
+    SLURM_*, with the step's first node, where task 0 runs, as MASTER_ADDR; any other process is
+    rank 0 of 1. That includes a batch script's own process: it has SLURM_PROCID=0 and the job's
+    SLURM_NTASKS too, but no step, and no other task will ever join it.
     """
-    if "RANK" not in env and "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+    in_step = "SLURM_STEP_ID" in env or "SLURM_STEPID" in env
+    tasks = int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 1)
+    if "RANK" not in env and in_step and "SLURM_PROCID" in env and tasks > 1:
         env["RANK"] = env["SLURM_PROCID"]
-        env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+        env["WORLD_SIZE"] = str(tasks)
         env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-        env.setdefault("MASTER_ADDR", _first_slurm_host())
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        env.setdefault("MASTER_ADDR", first_host(nodelist) if nodelist else "127.0.0.1")
         env.setdefault("MASTER_PORT", str(job_port(int(env.get("SLURM_JOB_ID", "0")))))
     if "RANK" not in env:
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
