@@ -91,10 +91,10 @@ mto_set_master() {
 
 # Copy the dataset file to node-local storage once per node (skipped when a copy of the
 # same size is already there, e.g. after a requeue onto the same node). Prints the path
-# the ranks should read.
+# the ranks should read: the caller captures stdout, so every message goes to stderr.
 mto_stage_data() {
     local src=$1 dir=$2
-    [[ -f $src ]] || mto_die "MTO_DATA_PATH=$src is not a file (staging needs the .beton on shared storage)"
+    [[ -f $src ]] || mto_die "MTO_DATA_PATH=$src is not a file (staging needs the .beton on shared storage)" >&2
     local dst
     dst="$dir/$(basename "$src")"
     mto_log "staging $src to $dst on each of $SLURM_JOB_NUM_NODES node(s)" >&2
@@ -105,7 +105,7 @@ mto_stage_data() {
             set -e; mkdir -p "$2"
             if [[ $(stat -c %s "$1") != $(stat -c %s "$3" 2>/dev/null) ]]; then
                 cp "$1" "$3.part.$SLURM_JOB_ID" && mv -f "$3.part.$SLURM_JOB_ID" "$3"
-            fi' _ "$src" "$dir" "$dst" >&2 || mto_die "staging $src to $dir failed"
+            fi' _ "$src" "$dir" "$dst" >&2 || mto_die "staging $src to $dir failed" >&2
     printf '%s\n' "$dst"
 }
 

@@ -352,7 +352,7 @@ def fake_slurm_bin(tmp_path: Path, srun_exit: int) -> str:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text(f"#!/bin/bash\nexit {srun_exit}\n")
-    (bin_dir / "scontrol").write_text("#!/bin/bash\n[[ $1 $2 == 'show hostnames' ]] && echo node1\nexit 0\n")
+    (bin_dir / "scontrol").write_text("#!/bin/bash\n[[ \"$1 $2\" == 'show hostnames' ]] && echo node1\nexit 0\n")
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
     return f"{bin_dir}:{os.environ['PATH']}"
@@ -389,6 +389,20 @@ def test_pretrain_template_fails_before_any_rank_starts_naming_the_bad_setting(t
                          timeout=60)
     assert out.returncode == 2, out.stdout + out.stderr
     assert message in out.stdout, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("data_path, srun_exit, message", [
+    ("configs", 0, "MTO_DATA_PATH=configs is not a file (staging needs the .beton on shared storage)"),
+    ("configs/demo.yaml", 1, "staging configs/demo.yaml to /stage failed"),
+])
+def test_staging_failure_is_named_in_the_job_log(tmp_path, data_path, srun_exit, message):
+    """mto_stage_data runs in a command substitution: its error must not be captured as the path."""
+    job_env = {**cpu_env(tmp_path / "run"), "PATH": fake_slurm_bin(tmp_path, srun_exit), "SLURM_JOB_ID": "42",
+               "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "node1",
+               "MTO_DATA_PATH": data_path, "MTO_DATA_STAGE_DIR": "/stage"}
+    out = subprocess.run(["bash", str(PRETRAIN)], env=job_env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert f"error: {message}" in out.stdout + out.stderr, out.stdout + out.stderr
 
 
 def test_slurm_tests_skip_with_the_reason_without_root_or_without_slurm(monkeypatch):
