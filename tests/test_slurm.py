@@ -222,6 +222,20 @@ def test_sweep_lists_baseline_and_mto_side_by_side_for_each_budget():
     assert len(set(names)) == len(names)  # every element gets its own run directory
 
 
+def test_sweep_element_of_a_method_without_overrides_fails_instead_of_running_the_config_as_is(tmp_path):
+    """A method added to SWEEP_METHODS but not to sweep_method_overrides must not run the config's
+    default under that method's name (a mislabelled run in the study)."""
+    script = tmp_path / "sweep.sbatch"
+    script.write_text(SWEEP.read_text().replace("SWEEP_METHODS=(baseline mto)", "SWEEP_METHODS=(baseline mto_early)"))
+    listed = subprocess.run(["bash", str(script), "--list"], capture_output=True, text=True)
+    assert listed.returncode == 2, listed.stdout + listed.stderr
+    assert "sweep.sbatch: unknown method mto_early" in listed.stderr
+    element = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60,
+                             env={"PATH": os.environ["PATH"], "SLURM_ARRAY_TASK_ID": "1", "MTO_ROOT": str(tmp_path)})
+    assert element.returncode == 2 and "sweep element" not in element.stdout, element.stdout + element.stderr
+    assert "sweep.sbatch: unknown method mto_early" in element.stderr
+
+
 # ---- The batch shell's decisions, without Slurm (slurm/lib.sh sourced by bash) ----------
 
 def run_lib(script: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
