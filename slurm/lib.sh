@@ -5,7 +5,8 @@
 #
 # Preemption and time limits (docs/SLURM.md has the whole story):
 #   Slurm sends USR1 to the batch shell only (`--signal=B:USR1@T`, or by hand
-#   `scancel --batch --signal=USR1 JOBID`). The trap below forwards it to the training
+#   `scancel --batch --signal=USR1 JOBID`; a USR1 sent to the ranks alone is acted on as
+#   well, as state.json tells). The trap below forwards it to the training
 #   step; srun delivers it to every process of the step, the engine's ranks finish the
 #   current optimizer step, save a checkpoint together, write RUN_DIR/state.json and exit
 #   0. Then, if state.json says the run is not finished, the job requeues itself
@@ -168,7 +169,9 @@ mto_finish() {
         mto_log "run finished: step $step of $total"
         exit 0
     fi
-    if [[ $MTO_SIGNALS == *USR1* && $MTO_SIGNALS != *TERM* ]]; then
+    # USR1 means checkpoint and requeue, whether it reached this shell (--signal=B:USR1@T) or
+    # only the ranks (--signal=USR1@T, `scancel --signal=USR1` without --batch): they say so.
+    if [[ ($MTO_SIGNALS == *USR1* || $reason == "signal SIGUSR1") && $MTO_SIGNALS != *TERM* ]]; then
         if ((restart >= MTO_MAX_RESTARTS)); then
             mto_log "not requeueing: restart limit MTO_MAX_RESTARTS=$MTO_MAX_RESTARTS reached at step ${step:-?}"
             mto_log "to continue, submit again with MTO_RUN_DIR=$MTO_RUN_DIR"

@@ -255,6 +255,10 @@ def run_lib(script: str, tmp_path: Path, **env: str) -> subprocess.CompletedProc
     (" USR1 TERM", 0, {"finished": False, "step": 3, "total_steps": 8, "reason": "signal SIGTERM"}, 1, False),
     ("", 0, {"finished": False, "step": 3, "total_steps": 8, "reason": "non-finite loss"}, 1, False),
     (" USR1", 0, {"finished": True, "step": 8, "total_steps": 8, "reason": "completed"}, 0, False),
+    # USR1 to the ranks only (--signal=USR1@T without B:, scancel --signal=USR1 without --batch)
+    ("", 0, {"finished": False, "step": 3, "total_steps": 8, "reason": "signal SIGUSR1"}, 0, True),
+    (" TERM", 0, {"finished": False, "step": 3, "total_steps": 8, "reason": "signal SIGUSR1"}, 1, False),
+    ("", 0, {"finished": False, "step": 3, "total_steps": 8, "reason": "signal SIGTERM"}, 1, False),
 ])
 def test_job_requeues_only_after_usr1_on_an_unfinished_run_within_the_restart_limit(
         tmp_path, signals, restart, state_json, exit_code, requeued):
