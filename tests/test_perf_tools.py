@@ -187,3 +187,52 @@ def test_bench_gpu_script_checks_every_part_without_a_gpu_before_a_lease_is_spen
         assert f"zero3_bf16.json, 224 px, batch {batch}, mto.kernel=auto, activation checkpointing" in huge
     for md in [*quick.glob("*.md"), *full.glob("*.md")]:
         assert "invalid" not in md.read_text(), md
+
+
+def _blocks_macs(tokens, dim, depth):
+    """Multiply-adds of `depth` ViT blocks (MLP ratio 4) over `tokens` tokens: q, k, v, the
+    projection and the MLP (12 dim^2 a token), and attention's two matmuls (2 tokens^2 dim)."""
+    return depth * (12 * tokens * dim ** 2 + 2 * tokens ** 2 * dim)
+
+
+@pytest.mark.parametrize("method", ["simmim", "mae"])
+def test_model_flops_per_image_equal_the_hand_count_with_attention_on_cpu(method):
+    """MFU's model FLOPs against an independent count: ViT-Tiny/16 at 64 px (16 patches + CLS,
+    width 192, 12 blocks). SimMIM encodes all 17 tokens and decodes each patch linearly to pixels;
+    MAE encodes CLS + the 4 visible patches (mask ratio 0.75) and decodes all 17 tokens in 8 blocks
+    of width 512. A multiply-add is 2 FLOPs, the backward twice the forward, less the patch
+    embedding's gradient with respect to the images, which nothing needs. The CPU count used to
+    leave attention out (torch's counter knows only the CUDA attention kernels)."""
+    import torch
+    patch_embed = 16 * (3 * 16 ** 2) * 192
+    if method == "simmim":
+        macs = patch_embed + _blocks_macs(17, 192, 12) + 16 * 192 * (3 * 16 ** 2)
+    else:
+        macs = patch_embed + _blocks_macs(5, 192, 12) + 5 * 192 * 512 + _blocks_macs(17, 512, 8) + 17 * 512 * (3 * 16 ** 2)
+    model_flops = _load("bench_step").model_flops_per_image("vit_tiny_patch16", method, 64, torch.device("cpu"))
+    assert model_flops == 2 * (3 * macs - patch_embed)
+
+
+def test_fused_attention_backward_counts_four_matmuls_not_the_recomputed_scores():
+    """Flash and memory-efficient attention recompute Q K^T in their backward; torch's own formula
+    counts it (5 matmuls), which is recomputation, not model work: ViT-L's count on a GPU came out
+    0.5% above the hand count. The kernels' meta versions run here without a GPU."""
+    import torch
+    aten = torch.ops.aten
+    step_flops = _load("bench_step").step_flops
+    B, H, N, d = 2, 3, 17, 8
+    q, k, v, grad = (torch.empty(B, H, N, d, device="meta") for _ in range(4))
+    seed = torch.empty(2, dtype=torch.long, device="meta")
+
+    def efficient():
+        out, lse, *_ = aten._scaled_dot_product_efficient_attention(q, k, v, None, True)
+        aten._scaled_dot_product_efficient_attention_backward(grad, q, k, v, None, out, lse, seed, seed, 0.0,
+                                                              [True, True, True, False])
+
+    def flash():
+        out, lse, cum_q, cum_k, max_q, max_k, seed_, offset, _ = aten._scaled_dot_product_flash_attention(q, k, v)
+        aten._scaled_dot_product_flash_attention_backward(grad, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0,
+                                                          False, seed_, offset)
+
+    one_matmul = 2 * B * H * N * N * d
+    assert step_flops(efficient) == step_flops(flash) == (2 + 4) * one_matmul

@@ -53,9 +53,36 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def _attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """Attention's two matmuls, Q K^T and P V, at 2 FLOPs a multiply-add."""
+    b, h, s_q, d_q = query_shape
+    return 2 * b * h * s_q * key_shape[-2] * (d_q + value_shape[-1])
+
+
+def _attention_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    """The backward's four matmuls (the gradients of P, V, Q and K): twice the forward. Flash-style
+    kernels also recompute Q K^T, which torch's own formula counts; recomputation is not model work."""
+    return 2 * _attention_flops(query_shape, key_shape, value_shape)
+
+
+def _attention_formulas() -> dict:
+    """FlopCounterMode formulas that count every SDPA kernel as model FLOPs: the CPU kernels too
+    (torch counts only the CUDA ones, so a CPU count left attention out) and each backward as four
+    matmuls, so that the count is the hand count on any device."""
+    aten = torch.ops.aten
+    return {aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops,
+            **{op: _attention_backward_flops for op in (
+                aten._scaled_dot_product_flash_attention_for_cpu_backward,
+                aten._scaled_dot_product_flash_attention_backward,
+                aten._scaled_dot_product_efficient_attention_backward,
+                aten._scaled_dot_product_cudnn_attention_backward)}}
+
+
 def step_flops(fn) -> float:
+    """FLOPs of `fn` (matmuls, convolutions, attention; a multiply-add counts 2), as torch's
+    FlopCounterMode counts them, attention as `_attention_formulas` says."""
     from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=_attention_formulas()) as counter:
         fn()
     return counter.get_total_flops()
 
@@ -158,7 +185,9 @@ def model_flops_per_image(arch, method, img, device, width=None) -> float:
     """FLOPs of one forward + backward of the architecture, MFU's "model FLOPs": counted on the
     MTO-off model without activation checkpointing, so neither MTO's statistics nor recomputation
     count as useful work (MTO on and off rows share it; the fused kernel's FLOPs are invisible to
-    the counter anyway). Counted once on 2 images, per image: FLOPs are linear in the batch."""
+    the counter anyway). Counted once on 2 images, per image: FLOPs are linear in the batch.
+    Equal to the hand count: 2 FLOPs a multiply-add, a backward twice its forward, less the
+    patch embedding's gradient with respect to the images (tests/test_perf_tools.py)."""
     from mto_ds.models import create_mim_model
     model = create_mim_model(arch, method, img_size=img, **narrowed(width)).to(device)
     images, mask = _inputs(model, method, 2, img, device, torch.float32)
