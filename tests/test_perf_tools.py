@@ -236,3 +236,19 @@ def test_fused_attention_backward_counts_four_matmuls_not_the_recomputed_scores(
 
     one_matmul = 2 * B * H * N * N * d
     assert step_flops(efficient) == step_flops(flash) == (2 + 4) * one_matmul
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--gpus", "0"], "--gpus"), (["--images-per-sec-per-gpu", "-5"], "--images-per-sec-per-gpu"),
+    (["--link-gbps", "0"], "--link-gbps"), (["--epochs", "0"], "--epochs"), (["--micro-batch", "0"], "--micro-batch"),
+    (["--arch", "vit_giant"], "vit_giant"), (["--dataset-size", "100"], "fewer than one global batch"),
+    (["--gpus", "48"], "not divisible by the 48 data-parallel ranks")])
+def test_plan_run_refuses_bad_input_by_name_without_a_traceback_or_a_negative_plan(argv, named, capsys):
+    """Zero GPUs or a zero link divided by zero, a negative rate printed negative hours, a data set
+    smaller than a batch planned 0 steps, and a batch that does not split raised a traceback."""
+    main = _load("plan_run").main
+    with pytest.raises(SystemExit) as refused:
+        main(["--images-per-sec-per-gpu", "450", *argv])
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and named in err and "Traceback" not in err, err
+

@@ -41,11 +41,11 @@ def comm_bytes_per_step(params: int, zero: int, accumulation: int, gpus: int, by
 def plan(params: int, epochs: float, dataset: int, gpus: int, rate_per_gpu: float, global_batch: int,
          micro_batch: int, zero: int, link_gbps: float) -> dict:
     # The trainer's own rule (a ConfigError names a batch that does not split over the GPUs).
+    from mto_ds.data.order import steps_per_epoch
     from mto_ds.engine.builder import plan_batch
     batch = plan_batch(global_batch, micro_batch, gpus)
     accumulation = batch.accumulation
-    steps_per_epoch = dataset // global_batch
-    steps = int(math.ceil(epochs * steps_per_epoch))
+    steps = int(math.ceil(epochs * steps_per_epoch(dataset, global_batch)))
     compute_s = global_batch / (rate_per_gpu * gpus)
     comm = comm_bytes_per_step(params, zero, accumulation, gpus)
     comm_s = comm / (link_gbps * 1e9 / 8)
@@ -56,21 +56,36 @@ def plan(params: int, epochs: float, dataset: int, gpus: int, rate_per_gpu: floa
             "gpu_hours": wall_h * gpus}
 
 
-def main() -> int:
+def positive(kind):
+    """An argparse type: a number of `kind` above zero (zero GPUs or a zero rate divide by zero)."""
+    def parse(text: str):
+        value = kind(text)
+        if not value > 0 or math.isinf(value):
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+        return value
+    return parse
+
+
+def main(argv=None) -> int:
+    from mto_ds.config import ConfigError
+    from mto_ds.models import METHODS, TIMM_NAMES
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="vit_large_patch16")
-    p.add_argument("--method", default="simmim", choices=["simmim", "mae"])
-    p.add_argument("--epochs", type=float, default=800)
-    p.add_argument("--dataset-size", type=int, default=IMAGENET_TRAIN)
-    p.add_argument("--gpus", type=int, default=64)
-    p.add_argument("--images-per-sec-per-gpu", type=float, required=True)
-    p.add_argument("--global-batch", type=int, default=2048)
-    p.add_argument("--micro-batch", type=int, default=64)
+    p.add_argument("--arch", default="vit_large_patch16", choices=sorted(TIMM_NAMES))
+    p.add_argument("--method", default="simmim", choices=METHODS)
+    p.add_argument("--epochs", type=positive(float), default=800)
+    p.add_argument("--dataset-size", type=positive(int), default=IMAGENET_TRAIN)
+    p.add_argument("--gpus", type=positive(int), default=64)
+    p.add_argument("--images-per-sec-per-gpu", type=positive(float), required=True)
+    p.add_argument("--global-batch", type=positive(int), default=2048)
+    p.add_argument("--micro-batch", type=positive(int), default=64)
     p.add_argument("--zero", type=int, choices=[1, 2, 3], default=2)
-    p.add_argument("--link-gbps", type=float, default=400.0)
-    args = p.parse_args()
-    r = plan(count_params(args.arch, args.method), args.epochs, args.dataset_size, args.gpus,
-             args.images_per_sec_per_gpu, args.global_batch, args.micro_batch, args.zero, args.link_gbps)
+    p.add_argument("--link-gbps", type=positive(float), default=400.0)
+    args = p.parse_args(argv)
+    try:
+        r = plan(count_params(args.arch, args.method), args.epochs, args.dataset_size, args.gpus,
+                 args.images_per_sec_per_gpu, args.global_batch, args.micro_batch, args.zero, args.link_gbps)
+    except (ConfigError, ValueError) as err:  # a batch that does not split, a data set under one batch
+        p.error(str(err))
     print(f"{args.arch} {args.method}: {r['params'] / 1e6:.0f}M parameters, {args.epochs:g} epochs of "
           f"{args.dataset_size} images on {args.gpus} GPUs")
     print(f"  optimizer steps        {r['steps']} (global batch {args.global_batch}: micro-batch {r['micro_batch']} "
