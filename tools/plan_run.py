@@ -12,16 +12,24 @@ collectives moving (n-1)/n of the data, A micro-batches of accumulation:
   ZeRO-1: reduce-scatter of gradients + all-gather of parameters at the step     ~ 2 Psi
   ZeRO-2: reduce-scatter of gradients every micro-batch + all-gather at the step  ~ (A + 1) Psi
   ZeRO-3: all-gather in forward and backward + reduce-scatter, every micro-batch  ~ 3 A Psi
-Whether this hides behind compute depends on overlap (`overlap_comm`); the tool reports the
-ratio of communication to compute time so you see which side bounds the step.
+Whether this hides behind compute depends on `overlap_comm`. The shipped ds_configs/zero1_bf16.json
+and zero2_bf16.json leave it off (ZeRO-1: DeepSpeed's default): the gradients are reduced after
+the backward, so the plan adds the communication to the compute. zero3_bf16.json turns it on:
+the plan takes the longer of the two, an optimistic bound. Even with overlap_comm on, ZeRO-1/2's
+all-gather of the updated parameters follows the optimizer step, before the next forward, and
+is added; only the gradient reduction can hide behind the backward. --overlap-comm on|off plans
+for a config that differs from the shipped one; the other case is printed beside it.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
+from pathlib import Path
 
 IMAGENET_TRAIN = 1_281_167
+DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
 
 
 def count_params(arch: str, method: str) -> int:
@@ -29,7 +37,14 @@ def count_params(arch: str, method: str) -> int:
     from mto_ds.models import create_mim_model
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
         model = create_mim_model(arch, method)
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)  # what ZeRO partitions
+
+
+def shipped_overlap_comm(zero: int) -> bool:
+    """overlap_comm of the shipped bf16 config of this ZeRO stage; where the file leaves it out,
+    DeepSpeed's default (on for ZeRO-3 only)."""
+    ds = json.loads((DS_CONFIGS / f"zero{zero}_bf16.json").read_text())
+    return bool(ds["zero_optimization"].get("overlap_comm", zero == 3))
 
 
 def comm_bytes_per_step(params: int, zero: int, accumulation: int, gpus: int, bytes_per_elem: int = 2) -> float:
@@ -39,7 +54,8 @@ def comm_bytes_per_step(params: int, zero: int, accumulation: int, gpus: int, by
 
 
 def plan(params: int, epochs: float, dataset: int, gpus: int, rate_per_gpu: float, global_batch: int,
-         micro_batch: int, zero: int, link_gbps: float) -> dict:
+         micro_batch: int, zero: int, link_gbps: float, overlap_comm=None) -> dict:
+    """The plan's figures; overlap_comm None: as the shipped config of the stage has it."""
     # The trainer's own rule (a ConfigError names a batch that does not split over the GPUs).
     from mto_ds.data.order import steps_per_epoch
     from mto_ds.engine.builder import plan_batch
@@ -48,12 +64,18 @@ def plan(params: int, epochs: float, dataset: int, gpus: int, rate_per_gpu: floa
     steps = int(math.ceil(epochs * steps_per_epoch(dataset, global_batch)))
     compute_s = global_batch / (rate_per_gpu * gpus)
     comm = comm_bytes_per_step(params, zero, accumulation, gpus)
-    comm_s = comm / (link_gbps * 1e9 / 8)
-    wall_h = steps * max(compute_s, comm_s) / 3600  # assumes full overlap; no overlap adds the two
-    return {"params": params, "accumulation": accumulation, "micro_batch": batch.micro_batch_size, "steps": steps, "compute_s_per_step": compute_s,
-            "comm_gb_per_step": comm / 1e9, "comm_s_per_step": comm_s, "comm_to_compute": comm_s / compute_s,
-            "wall_hours": wall_h, "wall_hours_no_overlap": steps * (compute_s + comm_s) / 3600,
-            "gpu_hours": wall_h * gpus}
+    bytes_per_s = link_gbps * 1e9 / 8
+    comm_s = comm / bytes_per_s
+    # ZeRO-1/2 all-gather the updated parameters after the optimizer step: never overlapped.
+    after_step_s = (comm_bytes_per_step(params, 1, 1, gpus) / 2 if zero < 3 else 0.0) / bytes_per_s
+    overlapped_h = steps * (max(compute_s, comm_s - after_step_s) + after_step_s) / 3600
+    serial_h = steps * (compute_s + comm_s) / 3600
+    overlap_comm = shipped_overlap_comm(zero) if overlap_comm is None else overlap_comm
+    wall_h = overlapped_h if overlap_comm else serial_h
+    return {"params": params, "accumulation": accumulation, "micro_batch": batch.micro_batch_size, "steps": steps,
+            "compute_s_per_step": compute_s, "comm_gb_per_step": comm / 1e9, "comm_s_per_step": comm_s,
+            "comm_to_compute": comm_s / compute_s, "overlap_comm": overlap_comm, "wall_hours": wall_h,
+            "wall_hours_other": serial_h if overlap_comm else overlapped_h, "gpu_hours": wall_h * gpus}
 
 
 def positive(kind):
@@ -80,13 +102,18 @@ def main(argv=None) -> int:
     p.add_argument("--micro-batch", type=positive(int), default=64)
     p.add_argument("--zero", type=int, choices=[1, 2, 3], default=2)
     p.add_argument("--link-gbps", type=positive(float), default=400.0)
+    p.add_argument("--overlap-comm", choices=["on", "off"],
+                   help="DeepSpeed's zero_optimization.overlap_comm (default: as ds_configs/zero{1,2,3}_bf16.json "
+                        "have it: off for ZeRO-1/2, on for ZeRO-3)")
     args = p.parse_args(argv)
+    overlap = None if args.overlap_comm is None else args.overlap_comm == "on"
     try:
         r = plan(count_params(args.arch, args.method), args.epochs, args.dataset_size, args.gpus,
-                 args.images_per_sec_per_gpu, args.global_batch, args.micro_batch, args.zero, args.link_gbps)
+                 args.images_per_sec_per_gpu, args.global_batch, args.micro_batch, args.zero, args.link_gbps,
+                 overlap)
     except (ConfigError, ValueError) as err:  # a batch that does not split, a data set under one batch
         p.error(str(err))
-    print(f"{args.arch} {args.method}: {r['params'] / 1e6:.0f}M parameters, {args.epochs:g} epochs of "
+    print(f"{args.arch} {args.method}: {r['params'] / 1e6:.0f}M trainable parameters, {args.epochs:g} epochs of "
           f"{args.dataset_size} images on {args.gpus} GPUs")
     print(f"  optimizer steps        {r['steps']} (global batch {args.global_batch}: micro-batch {r['micro_batch']} "
           f"per GPU, accumulation {r['accumulation']})")
@@ -96,7 +123,10 @@ def main(argv=None) -> int:
     print(f"  compute per step       {r['compute_s_per_step'] * 1e3:.0f} ms at {args.images_per_sec_per_gpu:g} images/s/GPU")
     print(f"  ZeRO-{args.zero} traffic per step {r['comm_gb_per_step']:.2f} GB per GPU -> "
           f"{r['comm_s_per_step'] * 1e3:.0f} ms at {args.link_gbps:g} Gb/s ({100 * r['comm_to_compute']:.0f}% of compute)")
-    print(f"  wall time              {r['wall_hours']:.1f} h with overlap, {r['wall_hours_no_overlap']:.1f} h without")
+    source = "as shipped" if args.overlap_comm is None else "--overlap-comm"
+    other = "off" if r["overlap_comm"] else "on"
+    print(f"  wall time              {r['wall_hours']:.1f} h with overlap_comm {'on' if r['overlap_comm'] else 'off'} "
+          f"({source}); {r['wall_hours_other']:.1f} h with it {other}")
     print(f"  GPU-hours              {r['gpu_hours']:.0f}")
     return 0
 
