@@ -267,3 +267,28 @@ def test_a_data_path_that_is_not_a_beton_is_named_as_such(tmp_path):
     text.write_bytes(b"not an ffcv file" * 64)
     with pytest.raises(ValueError, match="notes.beton is not an FFCV .beton"):
         make_loader(text, 0, 1)
+
+
+def test_building_an_ffcv_loader_keeps_the_callers_torch_thread_count(beton):
+    """FFCV sets torch's thread count to 1 when it is imported (ffcv.pipeline.compiler) and to
+    its worker count when a Loader is built: the first time a run builds its FFCV loader, its
+    model would drop to one CPU thread. Run in a fresh process: this one imported FFCV already."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, cpu_env
+
+    script = (
+        "import sys, torch\n"
+        "from types import SimpleNamespace\n"
+        "from mto_ds.data import build_pretrain_loader\n"
+        "torch.set_num_threads(2)\n"
+        "cfg = SimpleNamespace(source='ffcv', path=sys.argv[1], num_workers=1, crop_scale_min=None,\n"
+        "                      crop_scale_max=1.0, order='exact', os_cache=True)\n"
+        "build_pretrain_loader(cfg, method='mae', img_size=32, seed=0, global_batch_size=4, micro_batch_size=4,\n"
+        "                      rank=0, world_size=1, mask_fn=lambda rng: rng.random(4) < 0.5)\n"
+        "print('THREADS', torch.get_num_threads())\n")
+    result = subprocess.run([sys.executable, "-c", script, str(beton[0])], cwd=REPO, capture_output=True, text=True,
+                            env=cpu_env(PYTHONPATH=str(REPO)), timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "THREADS 2" in result.stdout.splitlines()

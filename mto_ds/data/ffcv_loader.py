@@ -20,16 +20,22 @@ from typing import Iterator, Optional, Tuple
 
 import numpy as np
 import torch
-from ffcv.fields.decoders import IntDecoder
-from ffcv.loader import Loader
-from ffcv.reader import Reader
-from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
-from ffcv.traversal_order import QuasiRandom
-from ffcv.traversal_order.base import TraversalOrder
 
-from .ffcv_crop import SeededResizedCropDecoder
-from .loader import MaskFn, batch_masks
-from .order import rank_indices, steps_per_epoch
+# Importing FFCV sets torch's thread count to 1 (ffcv.pipeline.compiler runs its
+# set_num_threads(1) at import): the caller's count is put back once FFCV is in.
+_caller_threads = torch.get_num_threads()
+from ffcv.fields.decoders import IntDecoder  # noqa: E402
+from ffcv.loader import Loader  # noqa: E402
+from ffcv.reader import Reader  # noqa: E402
+from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage  # noqa: E402
+from ffcv.traversal_order import QuasiRandom  # noqa: E402
+from ffcv.traversal_order.base import TraversalOrder  # noqa: E402
+
+from .ffcv_crop import SeededResizedCropDecoder  # noqa: E402
+from .loader import MaskFn, batch_masks  # noqa: E402
+from .order import rank_indices, steps_per_epoch  # noqa: E402
+
+torch.set_num_threads(_caller_threads)
 
 ORDERS = ("exact", "quasi_random")
 
