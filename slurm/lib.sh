@@ -154,7 +154,7 @@ EOF
 mto_record_start() {
     local restart=$1 log
     mkdir -p "$MTO_RUN_DIR"
-    log=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/^ *StdOut=//p')
+    log=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/^ *StdOut=//p') || true
     printf '%(%F %T)T job %s restart %s nodes %s (%s) log %s\n' -1 "$SLURM_JOB_ID" "$restart" \
         "$SLURM_JOB_NUM_NODES" "$SLURM_JOB_NODELIST" "${log:-?}" >>"$MTO_RUN_DIR/slurm_jobs.log"
     mto_log "job $SLURM_JOB_ID restart $restart (at most $MTO_MAX_RESTARTS) on $SLURM_JOB_NUM_NODES node(s) $SLURM_JOB_NODELIST"
@@ -163,8 +163,9 @@ mto_record_start() {
 
 # After the training step: done, requeue (USR1 and not finished), or fail.
 mto_finish() {
-    local rc=$1 restart=$2 finished step total reason
-    read -r finished step total reason < <(mto_read_state "$MTO_RUN_DIR")
+    local rc=$1 restart=$2 finished='' step='' total='' reason=''
+    # `|| true`: no state.json is an answer, also under a site's `set -euo pipefail`.
+    read -r finished step total reason < <(mto_read_state "$MTO_RUN_DIR") || true
     if [[ $finished == true ]]; then
         mto_log "run finished: step $step of $total"
         exit 0

@@ -270,6 +270,22 @@ def test_job_requeues_only_after_usr1_on_an_unfinished_run_within_the_restart_li
     assert (calls.read_text() if calls.exists() else "") == ("scontrol requeue 42\n" if requeued else "")
 
 
+@pytest.mark.parametrize("signals, exit_code, requeued, message", [
+    (" USR1", 0, True, "checkpointed at step ? of ? (no state.json); requeueing as restart 1"),
+    ("", 1, False, "run not finished (step ? of ?, no state.json); not requeueing"),
+])
+def test_requeue_decision_survives_set_euo_pipefail_in_the_site_set_up(tmp_path, signals, exit_code, requeued,
+                                                                        message):
+    """`set -euo pipefail` is what many sites put at the top of a job script (the template's
+    "Site set-up"): reading an absent state.json must not end the batch shell there, silently
+    and without the requeue that a USR1 asked for."""
+    out = run_lib(f'set -euo pipefail; MTO_SIGNALS="{signals}"; mto_finish 0 0', tmp_path)
+    assert out.returncode == exit_code, out.stdout + out.stderr
+    assert message in out.stdout, out.stdout + out.stderr
+    calls = tmp_path / "scontrol.calls"
+    assert (calls.read_text() if calls.exists() else "") == ("scontrol requeue 42\n" if requeued else "")
+
+
 def test_batch_shell_forwards_usr1_to_the_step_and_returns_its_exit_status(tmp_path):
     # The step stands in for srun: it exits 7 once it has received USR1.
     step = "trap 'echo step got USR1; exit 7' USR1; echo started; while :; do sleep 0.1; done"
