@@ -204,3 +204,23 @@ def test_cli_refuses_bad_options_naming_them_and_writes_nothing(odd_folder, tmp_
     assert not any(tmp_path.iterdir())
     assert cli.main([str(tmp_path / "missing"), str(out), "--no-progress"]) == 2
     assert "missing is not a directory" in capsys.readouterr().err
+
+
+def test_an_image_more_elongated_than_max_side_to_one_is_kept_not_a_hang(tmp_path):
+    """A 1 x 200 PNG at --max-side 32: FFCV's writer would resize it to 32 x 0 pixels, OpenCV
+    raises in the writer's worker, and FFCV's writer then waits for that sample forever. It is
+    kept as 32 x 1 instead (sides round down, but never to 0); a normal image is stored as before."""
+    import subprocess
+    import sys
+
+    (tmp_path / "src" / "c0").mkdir(parents=True)
+    Image.fromarray(_picture(0)).save(tmp_path / "src" / "c0" / "a.JPEG", quality=95)
+    Image.fromarray(np.full((1, 200, 3), 120, np.uint8)).save(tmp_path / "src" / "c0" / "banner.png")
+    out = tmp_path / "out.beton"
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "make_ffcv.py"), str(tmp_path / "src"), str(out),
+                             "--max-side", "32", "--workers", "1", "--no-progress"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "written     : 2" in result.stdout
+    image = Reader(str(out)).metadata["f0"]
+    assert list(zip(image["width"].tolist(), image["height"].tolist())) == [(32, 24), (32, 1)]

@@ -84,7 +84,21 @@ class _KeptImages:
             with open(self.failures, "a") as f:  # one short line per append: whole lines
                 f.write(f"{index}\n")
             pixels = np.zeros((8, 8, 3), np.uint8)
-        return pixels, self.labels[index]
+        return _within_max_side(pixels, self.max_side), self.labels[index]
+
+
+def _within_max_side(pixels, max_side: Optional[int]):
+    """Resized as FFCV's RGBImageField resizes (longer side to `max_side`, sizes rounded down,
+    OpenCV's area filter), but never to a side of 0 pixels: FFCV's own resize raises on an image
+    more elongated than max_side:1 (a 1 x 600 banner at 512), in a writer worker, and the writer
+    then waits for that sample forever. FFCV's resize finds nothing left to do."""
+    import cv2
+    height, width = pixels.shape[:2]
+    if not max_side or max(height, width) <= max_side:
+        return pixels
+    scale = max_side / max(height, width)
+    size = (max(1, int(scale * width)), max(1, int(scale * height)))
+    return cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
 
 
 def _page_size(max_pixels: int) -> int:
