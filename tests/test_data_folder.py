@@ -75,6 +75,26 @@ def test_undecodable_image_is_skipped_with_one_warning_naming_it(tmp_path, caplo
     assert batch["mask"].shape == (1, PATCHES)
 
 
+def test_a_truncated_image_is_used_as_the_converter_keeps_it_and_named_in_one_warning(tmp_path, caplog):
+    """A JPEG cut short (a copy that did not finish) decodes with its missing part grey, as
+    make_ffcv keeps it; make_ffcv's report names it, and so must the folder source, not use it silently."""
+    import io
+    (tmp_path / "c0").mkdir()
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, format="JPEG", quality=90)
+    (tmp_path / "c0" / "cut.JPEG").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    Image.new("RGB", (40, 40), (200, 100, 50)).save(tmp_path / "c0" / "good.JPEG")
+    source = ImageFolderSource(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="mto_ds.data.imagefolder"):
+        cut = source.image(0)
+        assert source.image(0) is not None and source.image(1) is not None
+    assert cut.shape == (64, 64, 3)
+    assert (cut[-8:] == cut[-1, -1]).all()  # the bottom rows are the decoder's fill
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and "cut.JPEG" in messages[0] and "truncated" in messages[0]
+
+
 def test_a_micro_batch_of_only_undecodable_images_is_an_error_not_an_empty_batch(tmp_path):
     (tmp_path / "c0").mkdir()
     for name in ("a", "b"):

@@ -142,7 +142,9 @@ def read_rgb(path, max_side: Optional[int] = None) -> Tuple[np.ndarray, List[str
 
 class ImageFolderSource:
     """The PIL fallback source: `image(i)` decodes on every call; a file that cannot be
-    decoded gives None and one warning naming it (per process), never an exception."""
+    decoded gives None and one warning naming it (per process), never an exception. A
+    truncated file is used as make_ffcv keeps it (the missing part filled) and, as in its
+    report, named: one warning per process."""
 
     def __init__(self, root):
         listing = list_image_folder(root)
@@ -160,10 +162,15 @@ class ImageFolderSource:
 
     def image(self, index: int) -> Optional[np.ndarray]:
         try:
-            return read_rgb(self.files[index])[0]
+            pixels, notes = read_rgb(self.files[index])
         except UndecodableImage as err:
             if index not in self._reported:
                 self._reported.add(index)
                 log.warning("skipping undecodable image %s (%s): left out of its micro-batch",
                             self.files[index], err)
             return None
+        if "truncated" in notes and index not in self._reported:
+            self._reported.add(index)
+            log.warning("image %s is truncated: used with the missing part filled by the decoder",
+                        self.files[index])
+        return pixels
