@@ -87,6 +87,8 @@ mto_run_step() {
 mto_set_master() {
     MASTER_ADDR=${MTO_MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
     MASTER_PORT=${MTO_MASTER_PORT:-$((12000 + SLURM_JOB_ID % 20000))}
+    # An empty MASTER_ADDR would reach every rank, which would fail or hang one by one.
+    [[ -n $MASTER_ADDR ]] || mto_die "cannot name the first node of SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST (scontrol show hostnames printed none): set MTO_MASTER_ADDR"
     export MASTER_ADDR MASTER_PORT
 }
 

@@ -239,9 +239,10 @@ def test_sweep_element_of_a_method_without_overrides_fails_instead_of_running_th
 # ---- The batch shell's decisions, without Slurm (slurm/lib.sh sourced by bash) ----------
 
 def run_lib(script: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
-    """`script` in bash after sourcing slurm/lib.sh, with `scontrol` recorded, not run."""
+    """`script` in bash after sourcing slurm/lib.sh, with `scontrol requeue` recorded, not run."""
     prelude = (f"source {REPO / 'slurm' / 'lib.sh'}\n"
-               f"scontrol() {{ echo \"scontrol $*\" >>{tmp_path / 'scontrol.calls'}; }}\n")
+               f"scontrol() {{ [[ $1 == requeue ]] || {{ command scontrol \"$@\"; return; }}\n"
+               f"             echo \"scontrol $*\" >>{tmp_path / 'scontrol.calls'}; }}\n")
     base = {"PATH": os.environ["PATH"], "MTO_PYTHON": sys.executable, "MTO_RUN_DIR": str(tmp_path),
             "MTO_MAX_RESTARTS": "2", "SLURM_JOB_ID": "42"}
     return subprocess.run(["bash", "-c", prelude + script], env={**base, **env}, capture_output=True,
@@ -314,9 +315,29 @@ def test_signal_that_came_just_before_the_step_started_is_forwarded_once_it_runs
 
 def test_batch_shell_and_srun_ranks_derive_the_same_rendezvous_port_below_the_ephemeral_range(tmp_path):
     from mto_ds.engine.distributed import job_port
+    path = fake_slurm_bin(tmp_path, srun_exit=0)
     for job_id in ("42", "31999", "987654"):
-        out = run_lib("mto_set_master; echo $MASTER_PORT", tmp_path, SLURM_JOB_ID=job_id, SLURM_JOB_NODELIST="n1")
+        out = run_lib("mto_set_master; echo $MASTER_ADDR $MASTER_PORT", tmp_path, SLURM_JOB_ID=job_id,
+                      SLURM_JOB_NODELIST="node1", PATH=path)
+        assert out.stdout.split()[-2] == "node1", out.stdout + out.stderr
         assert int(out.stdout.split()[-1]) == job_port(int(job_id)) < 32768, out.stdout + out.stderr
+
+
+def test_batch_shell_that_cannot_name_the_first_node_stops_before_any_rank_starts(tmp_path):
+    """An scontrol that cannot read its configuration prints no host: the ranks would get an
+    empty MASTER_ADDR and fail (or hang) one by one instead."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/bash\necho 'scontrol: fatal: no configuration' >&2\nexit 1\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    out = run_lib("mto_set_master; echo started", tmp_path, SLURM_JOB_NODELIST="gpu[01-02]",
+                  PATH=f"{bin_dir}:{os.environ['PATH']}")
+    assert out.returncode == 2 and "started" not in out.stdout, out.stdout + out.stderr
+    assert ("error: cannot name the first node of SLURM_JOB_NODELIST=gpu[01-02] (scontrol show hostnames "
+            "printed none): set MTO_MASTER_ADDR") in out.stdout
+    out = run_lib("mto_set_master; echo $MASTER_ADDR", tmp_path, SLURM_JOB_NODELIST="gpu[01-02]",
+                  MTO_MASTER_ADDR="gpu01-ib", PATH=f"{bin_dir}:{os.environ['PATH']}")
+    assert out.stdout.split() == ["gpu01-ib"], out.stdout + out.stderr
 
 
 # ---- Ranks and rendezvous of a process started by srun (mto_ds.engine.distributed) ------
