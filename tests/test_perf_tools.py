@@ -276,3 +276,45 @@ def test_plan_run_adds_the_communication_the_shipped_configs_do_not_overlap():
     assert zero3["overlap_comm"] is True
     assert zero3["wall_hours"] == pytest.approx(hours(max(compute, 3 * one_pass)))
     assert plan(zero=3, overlap_comm=False, **common)["wall_hours"] == pytest.approx(hours(compute + 3 * one_pass))
+
+
+def test_bench_step_ends_on_sigterm_keeping_the_rows_it_finished(tmp_path):
+    """BENCH_TIMEOUT's `timeout` sends SIGTERM. The engine rows install the trainer's stop handler,
+    which only sets a flag; bench_step never read it, so a timed-out run went on to its last row."""
+    import signal
+    import time
+    out = tmp_path / "rows.json"
+    proc = subprocess.Popen([sys.executable, "tools/bench_step.py", "--tiny", "--method", "simmim", "--mto", "on", "off",
+                             "--zero", "1", "2", "--data", "none", "--steps", "1", "--warmup", "1", "--json", str(out)],
+                            cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("| simmim ZeRO-1 MTO on |"):  # an engine row is done: its handler is installed
+                break
+        proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        rest = proc.stdout.read()
+        assert proc.wait(timeout=120) != 0, rest
+    finally:
+        proc.kill()
+    assert time.monotonic() - sent < 60, rest
+    names = [row["config"] for row in json.loads(out.read_text())["rows"]]
+    assert names[:2] == ["baseline timm vit_tiny_patch16 SDPA, no DS, no MTO", "simmim ZeRO-1 MTO on"]
+    assert "simmim ZeRO-2 MTO off" not in names and "stopped by SIGTERM" in rest, rest
+
+
+def test_bench_gpu_timeout_kills_a_process_that_outlives_its_sigterm(tmp_path):
+    """BENCH_TIMEOUT sends SIGTERM; a process that handles it and goes on (a stop handler, a hung
+    CUDA call) held the lease until it ended. BENCH_KILL_AFTER seconds later it is killed."""
+    import time
+    stub = tmp_path / "python"
+    stub.write_text("#!/bin/bash\ntrap '' TERM\n[[ $1 == - || $1 == -c ]] && exit 0\nsleep 60\n")
+    stub.chmod(0o755)
+    env = cpu_env(BENCH_DRY_RUN="1", PYTHON=str(stub), BENCH_TIMEOUT="1", BENCH_KILL_AFTER="1")
+    start = time.monotonic()
+    result = subprocess.run(["bash", "tools/bench_gpu.sh", str(tmp_path / "out"), "kernel"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert time.monotonic() - start < 30, result.stdout
+    assert result.returncode == 1 and "kernel_tests attention" in result.stderr, result.stderr
+    commands = (tmp_path / "out" / "commands.txt").read_text()
+    assert commands.count("exited with status 137") == 2, commands  # timeout's status for a KILL

@@ -15,7 +15,8 @@
 #                                         # options changed, and at batch 256
 #
 # BENCH_TIMEOUT=SECONDS bounds each process (default: none), so a slow one cannot take the
-# next ones' time. Needs torch with CUDA, timm, triton and deepspeed importable (pytest for
+# next ones' time: SIGTERM then, and SIGKILL BENCH_KILL_AFTER seconds later (default 30) if it
+# has not ended (a hung CUDA call, a handler that outlives the signal). Needs torch with CUDA, timm, triton and deepspeed importable (pytest for
 # `kernel`). BENCH_DRY_RUN=1 checks a part without a GPU, before a lease is spent on it: the
 # kernel tests are collected, not run; bench_attention runs its CPU smoke shape; bench_step lists
 # its rows and validates each engine row's DeepSpeed config (`--dry-run`).
@@ -57,7 +58,7 @@ run() {  # run NAME CMD...: output to NAME.log, the table lines to NAME.md; a fa
     local name=$1; shift
     echo "== $name: $*" | tee -a "$out/commands.txt"
     set +e
-    timeout "${BENCH_TIMEOUT:-0}" "$@" 2>&1 | tee "$out/$name.log" \
+    timeout --kill-after="${BENCH_KILL_AFTER:-30}" "${BENCH_TIMEOUT:-0}" "$@" 2>&1 | tee "$out/$name.log" \
         | grep -E '^(\||device|MTO overhead|speed vs|<!--|[0-9]+ (passed|failed)|[0-9/]+ tests? collected)' \
         | tee "$out/$name.md"
     local status=${PIPESTATUS[0]}

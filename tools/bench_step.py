@@ -299,7 +299,6 @@ def bench_engine(arch, method, mto, zero, img, batch, device, dtype, ckpt, compi
     `kernel` is mto.kernel, the implementation of MTO's statistics."""
     import deepspeed
     from mto_ds.engine.builder import mark_zero3_leaf_blocks, param_groups
-    from mto_ds.engine.signals import StopRequest
     from mto_ds.engine.step import train_step
     from mto_ds.models import create_mim_model
     flops = model_flops_per_image(arch, method, img, device, width) * batch
@@ -313,14 +312,29 @@ def bench_engine(arch, method, mto, zero, img, batch, device, dtype, ckpt, compi
     images = (images * 40 + 120).clamp(0, 255).to(torch.uint8)
     micro = [{"images": images, "mask": mask}]
 
-    stop = StopRequest()
-
     def step():
         train_step(engine, micro, 1.0, False)
-        stop.agreed(device)  # the trainer's per-step agreement on a stop signal (free on one rank)
+        # The trainer's per-step agreement on a stop signal (free on one rank); here it ends the run.
+        stop_if_signalled(device)
     # DeepSpeed's hooks keep an engine alive after its last use; destroy() lets ZeRO-1/2 engines
     # go (a ZeRO-3 engine still stays: give ZeRO-3 rows a process of their own).
     return step, flops, base, engine.destroy
+
+
+@lru_cache(maxsize=None)
+def stop_request():
+    """The trainer's handler of SIGTERM and SIGUSR1 (mto_ds.engine.signals), one per process and
+    installed before the first row, so that a signal between rows is not lost. It only sets a flag:
+    stop_if_signalled acts on it, or `timeout`'s SIGTERM (BENCH_TIMEOUT) would not end the run."""
+    from mto_ds.engine.signals import StopRequest
+    return StopRequest()
+
+
+def stop_if_signalled(device=None) -> None:
+    """End the run (exit status 1) once a stop signal came; the rows finished are in --json."""
+    stop = stop_request()
+    if stop.agreed(device):
+        raise SystemExit(f"bench_step: stopped by {stop.signal_name}; the rows finished before it are kept")
 
 
 def data_wait_share(source, path, method, arch, img, batch, workers, step_sec, steps) -> float:
@@ -408,6 +422,7 @@ def main():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from mto_ds.engine.distributed import init_distributed
     init_distributed()
+    stop_request()
     dtype = torch.bfloat16 if device.type == "cuda" or args.bf16 else torch.float32
     peak = matmul_peak_tflops(device, dtype)
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
@@ -479,6 +494,7 @@ def main():
           f"data wait ({args.data}, {args.workers} workers) | GPU busy | launches forward / backward / after (syncs) |"
           f"\n|---|---|---|---|---|---|---|---|---|")
     for name, kind, what in planned_rows(args):
+        stop_if_signalled()
         if kind == "refused":
             print(f"| {name} | not run: {what} |", flush=True)
         elif kind == "baseline":
