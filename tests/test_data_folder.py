@@ -218,3 +218,28 @@ def test_a_worker_error_ends_the_process_instead_of_hanging_at_exit(tmp_path):
                             env=cpu_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, result.stderr[-3000:]
     assert "all 2 images of a micro-batch are undecodable" in result.stderr
+
+
+EPOCH_LEFT_OPEN_AT_EXIT = r"""
+from types import SimpleNamespace
+from mto_ds.data import build_pretrain_loader
+cfg = SimpleNamespace(source="synthetic", synthetic_images=64, synthetic_classes=10, crop_scale_min=None,
+                      crop_scale_max=1.0, num_workers=2, path=None)
+loader = build_pretrain_loader(cfg, method="simmim", img_size=32, seed=0, global_batch_size=4, micro_batch_size=4,
+                               rank=0, world_size=1, mask_fn=lambda rng: rng.random(4) < 0.5)
+stream = loader.micro_batches(0, 0)  # a global: still open when the interpreter exits
+print("RESULT", next(stream)["images"].shape[0], flush=True)
+"""
+
+
+def test_an_epoch_left_open_at_exit_does_not_hang_the_process(tmp_path):
+    """A micro_batches() generator still open at exit (a script or notebook that reads a few
+    batches to look at them): multiprocessing's exit handler stops the loader's workers with a
+    SIGTERM, which they ignore (they must live through a job-wide stop signal), then waits for
+    them forever. The loader stops its workers itself before that handler runs."""
+    script = tmp_path / "left_open.py"
+    script.write_text(EPOCH_LEFT_OPEN_AT_EXIT)
+    result = subprocess.run([sys.executable, str(script)], cwd=REPO, env=cpu_env(PYTHONPATH=str(REPO)),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "RESULT 4" in result.stdout.splitlines()

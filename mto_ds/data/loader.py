@@ -7,9 +7,11 @@ An undecodable image is left out of its micro-batch (B is then one smaller), nev
 """
 from __future__ import annotations
 
+import atexit
 import math
 import signal
 import traceback
+import weakref
 from functools import lru_cache
 from typing import Callable, Iterator, Optional, Tuple
 
@@ -121,6 +123,8 @@ class PretrainLoader:
                             collate_fn=_collate, persistent_workers=False,
                             pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_stop_signals)
         iterator = iter(loader)
+        if self.num_workers:
+            _open_iterators.add(iterator)
         try:
             yield from iterator
         except BaseException as err:
@@ -131,6 +135,22 @@ class PretrainLoader:
             del iterator
             traceback.clear_frames(err.__traceback__)
             raise
+
+
+# Iterators of epochs still open (a generator nobody closed, alive until the interpreter exits).
+# At exit, multiprocessing's handler stops daemon processes with a SIGTERM, which the workers
+# ignore (ignore_stop_signals), and then waits for them forever; so their workers are stopped
+# here first. Registered after multiprocessing's handler (torch imported it), so it runs before.
+_open_iterators: "weakref.WeakSet" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_open_workers() -> None:
+    for iterator in list(_open_iterators):
+        iterator._shutdown_workers()  # torch's own: asks each worker to end, then joins it
+        for worker in getattr(iterator, "_workers", []):
+            if worker.is_alive():  # stuck past torch's join timeout; SIGTERM is ignored
+                worker.kill()
 
 
 def ignore_stop_signals(worker_id: int) -> None:
