@@ -119,6 +119,30 @@ def test_resume_mid_epoch_continues_at_the_next_sample(exact_epoch):
     assert np.array_equal(cat(list(loaders[1].micro_batches(3)), "index"), full_index)
 
 
+@pytest.mark.parametrize("new_world_size", [1, 4])
+def test_resume_on_another_world_size_reads_the_rest_of_the_epoch_once_with_the_same_pixels(
+        beton, exact_epoch, new_world_size):
+    """Two ranks stop after step 1 of epoch 3; the run comes back on 1 rank (4 micro-batches of
+    accumulation) or 4 ranks and reads from step 1. Together the two parts are the uninterrupted
+    epoch's samples: each once, step by step the same global batches, each sample with the same
+    crop, flip and mask."""
+    path, _ = beton
+    _, epoch = exact_epoch
+    per_rank_before = GLOBAL_BATCH // 2
+    before = {r: {key: cat(epoch[r], key)[:per_rank_before] for key in ("index", "images", "mask")} for r in (0, 1)}
+    after = [list(make_loader(path, r, new_world_size).micro_batches(3, start_step=1)) for r in range(new_world_size)]
+    step_one = np.concatenate([before[r]["index"] for r in (0, 1)])
+    rest = np.concatenate([cat(batches, "index") for batches in after])
+    consumed = np.concatenate([step_one, rest])
+    assert len(consumed) == len(set(consumed)) == STEPS * GLOBAL_BATCH
+    assert np.array_equal(consumed, rank_indices(NUM_IMAGES, SEED, 3, GLOBAL_BATCH, 0, 1))
+    uninterrupted = {key: {i: x for r in (0, 1) for i, x in zip(cat(epoch[r], "index"), cat(epoch[r], key))}
+                     for key in ("images", "mask")}
+    for batches in after:
+        for i, image, mask in zip(cat(batches, "index"), cat(batches, "images"), cat(batches, "mask")):
+            assert np.array_equal(image, uninterrupted["images"][i]) and np.array_equal(mask, uninterrupted["mask"][i])
+
+
 def test_one_epoch_is_read_at_a_time_because_the_decoder_reads_the_epoch_set_last(exact_epoch):
     loaders, epoch = exact_epoch
     open_epoch = loaders[0].micro_batches(4)

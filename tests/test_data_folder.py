@@ -138,6 +138,34 @@ def test_folder_source_ranks_are_disjoint_masks_deterministic_and_resume_exact(j
     assert torch.equal(resumed[0]["images"], epochs[0][4]["images"])  # PIL path: crops too are resumable
 
 
+@pytest.mark.parametrize("new_world_size", [1, 4])
+def test_folder_resume_on_another_world_size_reads_the_rest_of_the_epoch_once_with_the_same_pixels(
+        jpeg_folder, new_world_size):
+    """24 images, global batch 8 (3 steps), 2 ranks stop after step 1 of epoch 1 and the run
+    comes back on 1 or 4 ranks: the epoch's samples are each read once, step by step the
+    uninterrupted run's global batches, with the same crops, flips and masks."""
+    def loader(rank, world_size):
+        return build_pretrain_loader(folder_cfg(jpeg_folder), method="mae", img_size=32, seed=5, global_batch_size=8,
+                                     micro_batch_size=2, rank=rank, world_size=world_size, mask_fn=mask_fn)
+
+    def by_step(batches_of_ranks, steps):  # {step: indices of its global batch, rank 0's share first}
+        shares = [torch.cat([b["index"] for b in batches]).numpy().reshape(steps, -1) for batches in batches_of_ranks]
+        return {s: np.concatenate([share[s] for share in shares]) for s in range(steps)}
+
+    full = [list(loader(r, 2).micro_batches(1)) for r in (0, 1)]
+    rest = [list(loader(r, new_world_size).micro_batches(1, start_step=1)) for r in range(new_world_size)]
+    steps = by_step(full, 3)
+    resumed = by_step(rest, 2)
+    consumed = np.concatenate([steps[0], resumed[0], resumed[1]])
+    assert sorted(consumed) == list(range(24))
+    assert np.array_equal(resumed[0], steps[1]) and np.array_equal(resumed[1], steps[2])
+    pixels = {int(i): (im, m) for batches in full for b in batches for i, im, m in zip(b["index"], b["images"], b["mask"])}
+    for batches in rest:
+        for b in batches:
+            for i, image, mask in zip(b["index"].tolist(), b["images"], b["mask"]):
+                assert torch.equal(image, pixels[i][0]) and torch.equal(mask, pixels[i][1])
+
+
 def test_build_pretrain_loader_rejects_batches_that_do_not_split(jpeg_folder):
     with pytest.raises(ValueError, match="micro-batches of 3"):
         build_pretrain_loader(folder_cfg(jpeg_folder), method="mae", img_size=32, seed=0, global_batch_size=8,
