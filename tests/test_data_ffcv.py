@@ -316,3 +316,16 @@ def test_building_an_ffcv_loader_keeps_the_callers_torch_thread_count(beton):
                             env=cpu_env(PYTHONPATH=str(REPO)), timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "THREADS 2" in result.stdout.splitlines()
+
+
+def test_more_decoding_threads_than_numba_has_are_refused_naming_the_key(beton):
+    """A config written for a larger node (data.num_workers=32 on 16 cores): numba's bare
+    'The number of threads must be between 1 and 16' named neither the key nor what to set."""
+    import numba
+
+    limit = numba.config.NUMBA_NUM_THREADS
+    cfg = SimpleNamespace(source="ffcv", path=str(beton[0]), num_workers=limit + 1, crop_scale_min=None,
+                          crop_scale_max=1.0, order="exact", os_cache=True)
+    with pytest.raises(ValueError, match=rf"data.num_workers={limit + 1}: .* at most {limit} .*0 means all"):
+        build_pretrain_loader(cfg, method="simmim", img_size=IMG, seed=SEED, global_batch_size=GLOBAL_BATCH,
+                              micro_batch_size=MICRO, rank=0, world_size=1, mask_fn=mask_fn)

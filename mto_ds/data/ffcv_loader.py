@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator, Optional, Tuple
 
+import numba
 import numpy as np
 import torch
 
@@ -100,6 +101,10 @@ class FFCVPretrainLoader:
                  device: Optional[torch.device] = None, batches_ahead: int = 3):
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+        threads = numba.config.NUMBA_NUM_THREADS  # the cores, unless NUMBA_NUM_THREADS says otherwise
+        if num_workers > threads:
+            raise ValueError(f"data.num_workers={num_workers}: FFCV decodes in numba's threads, at most "
+                             f"{threads} on this machine; set it lower (0 means all {threads})")
         path = Path(path)
         if not path.is_file():
             what = "a directory, not an FFCV file" if path.is_dir() else "not found"
