@@ -329,3 +329,31 @@ def test_more_decoding_threads_than_numba_has_are_refused_naming_the_key(beton):
     with pytest.raises(ValueError, match=rf"data.num_workers={limit + 1}: .* at most {limit} .*0 means all"):
         build_pretrain_loader(cfg, method="simmim", img_size=IMG, seed=SEED, global_batch_size=GLOBAL_BATCH,
                               micro_batch_size=MICRO, rank=0, world_size=1, mask_fn=mask_fn)
+
+
+@pytest.mark.skipif((__import__("os").cpu_count() or 1) < 2, reason="needs a machine with 2 cores or more")
+def test_zero_workers_means_the_cores_this_process_may_use(beton):
+    """data.num_workers=0 is 'all cores'. FFCV counts the machine's (cpu_count), numba the
+    process's (its CPU affinity: Slurm's binding, taskset, a container's cpuset), and refuses
+    more: a rank bound to some of the cores failed with numba's 'The number of threads must be
+    between 1 and N'. Shown on one core of this machine, in a fresh process (numba reads its
+    limit once)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, cpu_env
+
+    script = (
+        "import os, sys\n"
+        "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
+        "from types import SimpleNamespace\n"
+        "from mto_ds.data import build_pretrain_loader\n"
+        "cfg = SimpleNamespace(source='ffcv', path=sys.argv[1], num_workers=0, crop_scale_min=None,\n"
+        "                      crop_scale_max=1.0, order='exact', os_cache=True)\n"
+        "loader = build_pretrain_loader(cfg, method='mae', img_size=32, seed=0, global_batch_size=4,\n"
+        "                               micro_batch_size=4, rank=0, world_size=1, mask_fn=lambda rng: rng.random(4) < 0.5)\n"
+        "print('WORKERS', loader.loader.num_workers)\n")
+    result = subprocess.run([sys.executable, "-c", script, str(beton[0])], cwd=REPO, capture_output=True, text=True,
+                            env=cpu_env(PYTHONPATH=str(REPO)), timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "WORKERS 1" in result.stdout.splitlines()

@@ -101,10 +101,13 @@ class FFCVPretrainLoader:
                  device: Optional[torch.device] = None, batches_ahead: int = 3):
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
-        threads = numba.config.NUMBA_NUM_THREADS  # the cores, unless NUMBA_NUM_THREADS says otherwise
+        # The cores this process may use (its CPU affinity), unless NUMBA_NUM_THREADS says otherwise.
+        # FFCV would read 0 as the machine's cores, which numba refuses where a rank is bound to fewer.
+        threads = numba.config.NUMBA_NUM_THREADS
         if num_workers > threads:
             raise ValueError(f"data.num_workers={num_workers}: FFCV decodes in numba's threads, at most "
                              f"{threads} on this machine; set it lower (0 means all {threads})")
+        num_workers = num_workers or threads
         path = Path(path)
         if not path.is_file():
             what = "a directory, not an FFCV file" if path.is_dir() else "not found"
