@@ -297,25 +297,9 @@ def test_building_an_ffcv_loader_keeps_the_callers_torch_thread_count(beton):
     """FFCV sets torch's thread count to 1 when it is imported (ffcv.pipeline.compiler) and to
     its worker count when a Loader is built: the first time a run builds its FFCV loader, its
     model would drop to one CPU thread. Run in a fresh process: this one imported FFCV already."""
-    import subprocess
-    import sys
-
-    from conftest import REPO, cpu_env
-
-    script = (
-        "import sys, torch\n"
-        "from types import SimpleNamespace\n"
-        "from mto_ds.data import build_pretrain_loader\n"
-        "torch.set_num_threads(2)\n"
-        "cfg = SimpleNamespace(source='ffcv', path=sys.argv[1], num_workers=1, crop_scale_min=None,\n"
-        "                      crop_scale_max=1.0, order='exact', os_cache=True)\n"
-        "build_pretrain_loader(cfg, method='mae', img_size=32, seed=0, global_batch_size=4, micro_batch_size=4,\n"
-        "                      rank=0, world_size=1, mask_fn=lambda rng: rng.random(4) < 0.5)\n"
-        "print('THREADS', torch.get_num_threads())\n")
-    result = subprocess.run([sys.executable, "-c", script, str(beton[0])], cwd=REPO, capture_output=True, text=True,
-                            env=cpu_env(PYTHONPATH=str(REPO)), timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "THREADS 2" in result.stdout.splitlines()
+    output = _build_loader_in_fresh_process(beton, "import torch\ntorch.set_num_threads(2)\n", num_workers=1,
+                                            report="'THREADS', torch.get_num_threads()")
+    assert "THREADS 2" in output
 
 
 def test_more_decoding_threads_than_numba_has_are_refused_naming_the_key(beton):
@@ -338,22 +322,29 @@ def test_zero_workers_means_the_cores_this_process_may_use(beton):
     more: a rank bound to some of the cores failed with numba's 'The number of threads must be
     between 1 and N'. Shown on one core of this machine, in a fresh process (numba reads its
     limit once)."""
+    output = _build_loader_in_fresh_process(beton, "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n",
+                                            num_workers=0, report="'WORKERS', loader.loader.num_workers")
+    assert "WORKERS 1" in output
+
+
+def _build_loader_in_fresh_process(beton, prelude: str, num_workers: int, report: str):
+    """Build an FFCV pre-training loader in a new interpreter (FFCV and numba set what they set at
+    import, once per process), after `prelude`; returns the lines printed by `print(report)`."""
     import subprocess
     import sys
 
     from conftest import REPO, cpu_env
 
     script = (
-        "import os, sys\n"
-        "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
+        "import os, sys\n" + prelude +
         "from types import SimpleNamespace\n"
         "from mto_ds.data import build_pretrain_loader\n"
-        "cfg = SimpleNamespace(source='ffcv', path=sys.argv[1], num_workers=0, crop_scale_min=None,\n"
+        f"cfg = SimpleNamespace(source='ffcv', path=sys.argv[1], num_workers={num_workers}, crop_scale_min=None,\n"
         "                      crop_scale_max=1.0, order='exact', os_cache=True)\n"
         "loader = build_pretrain_loader(cfg, method='mae', img_size=32, seed=0, global_batch_size=4,\n"
         "                               micro_batch_size=4, rank=0, world_size=1, mask_fn=lambda rng: rng.random(4) < 0.5)\n"
-        "print('WORKERS', loader.loader.num_workers)\n")
+        f"print({report})\n")
     result = subprocess.run([sys.executable, "-c", script, str(beton[0])], cwd=REPO, capture_output=True, text=True,
                             env=cpu_env(PYTHONPATH=str(REPO)), timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "WORKERS 1" in result.stdout.splitlines()
+    return result.stdout.splitlines()
