@@ -688,3 +688,19 @@ def test_a_start_with_other_settings_keeps_the_earlier_config_and_names_what_cha
     assert load_config(tmp_path / "config.yaml").train.blr == 0.5
     (message,) = [r.getMessage() for r in caplog.records]
     assert "eval.num_val: 512 -> 16, train.blr: 0.001 -> 0.5" in message and kept.name in message
+
+
+def test_a_logged_step_with_a_nonfinite_loss_leaves_the_progress_bar_and_summary_working(tmp_path):
+    """A skipped step's row has loss null (ROBUSTNESS.md: non-finite losses). With the progress bar
+    on (the default), formatting that null stopped the run with a TypeError at the first such
+    logged step; the closing summary reads the first and last rows that have a loss."""
+    from mto_ds.engine.telemetry import Telemetry
+    telemetry = Telemetry(tmp_path, enabled=True, total_steps=4, start_step=0, progress_bar=True)
+    for step, loss in [(1, float("nan")), (2, 0.75), (3, 0.5), (4, float("nan"))]:
+        telemetry.log({"step": step, "loss": loss, "images_per_sec": 10.0})
+        telemetry.tick(step)
+    telemetry.close()
+    assert [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [
+        None, 0.75, 0.5, None]
+    summary = telemetry.summary(tmp_path, 10.0, None)
+    assert "0.7500 (step 2) -> 0.5000 (step 3)" in summary

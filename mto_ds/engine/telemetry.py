@@ -105,11 +105,12 @@ class Telemetry:
                 for block, v in enumerate(value):
                     if v is not None:
                         self.writer.add_scalar(f"mto/{key}/block_{block:02d}", v, step)
-        if "loss" in row:
+        if row.get("loss") is not None:  # null: a step skipped for a non-finite loss
             self.first = self.first or row
             self.last = row
-            if self.bar is not None:
-                self.bar.set_postfix(loss=f"{row['loss']:.4f}", ips=f"{row.get('images_per_sec', 0):.0f}")
+        if "loss" in row and self.bar is not None:
+            loss = "nan" if row["loss"] is None else f"{row['loss']:.4f}"
+            self.bar.set_postfix(loss=loss, ips=f"{row.get('images_per_sec') or 0:.0f}")
 
     def close(self) -> None:
         if self.enabled:
