@@ -255,3 +255,30 @@ def test_cuda_auto_takes_the_sdpa_path_where_the_fused_kernel_does_not_apply():
     out, stats = attention_with_row_stats_by("auto", q, k, v, masked, True, 0.1)
     sdpa_out, sdpa_stats = sdpa_attention_with_row_stats(q, k, v, masked, True, 0.1)
     assert torch.equal(out, sdpa_out) and torch.equal(stats["norm_entropy"], sdpa_stats["norm_entropy"])
+
+
+def _two_peaks(gap: float, dtype):
+    """Rows whose two largest logits (equal) stand `gap` above the others: entropy log 2 in nats."""
+    gen = torch.Generator().manual_seed(8)
+    B, H, N, d = 2, 2, 33, 16
+    q = torch.zeros(B, H, N, d)
+    q[..., 0] = 1.0
+    k, v = (0.01 * torch.randn(B, H, N, d, generator=gen) for _ in range(2))
+    k[:, :, 3:5, 0] = gap
+    masked = torch.rand(B, N, generator=gen) < 0.5
+    masked[:, :5] = False
+    return q.to(dtype), k.to(dtype), v.to(dtype), masked
+
+
+@pytest.mark.parametrize("recalibrate", [False, True])
+def test_sdpa_fp16_entropy_where_the_sentinel_underflows_is_a_lower_bound_not_70_nats_too_high(recalibrate):
+    """fp16's smallest positive value is 2^-24: the sentinel's probability rounds to 0 once a row's
+    largest logit stands about 17 above its mean. Clamped at float32's tiny (2^-126) the log-sum-exp
+    then came out 70 nats too high (normalised entropy 23 where the truth is 0.2); clamped at fp16's
+    smallest value it is a lower bound, so the entropy lies in [0, the truth]."""
+    q, k, v, masked = _two_peaks(25.0, torch.float16)
+    _, stats = sdpa_attention_with_row_stats(q, k, v, masked, recalibrate, 1.0)
+    _, ref_stats = attention_with_row_stats(q, k, v, masked, recalibrate, 1.0)
+    entropy, truth = stats["norm_entropy"][:, :, :5], ref_stats["norm_entropy"][:, :, :5]
+    assert truth.min() > 0.15  # log 2 / log 33: the rows this test is about
+    assert entropy.min() >= 0.0 and (entropy - truth).max() <= 1e-3, (entropy, truth)

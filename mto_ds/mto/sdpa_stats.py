@@ -18,9 +18,11 @@ value. That value comes from a sentinel key appended to the keys, whose logit is
 logit of the keys row i may attend to (key = the mean of those keys): with p0_i the
 probability the row puts on it, lse_i = s0_i + log((1 - p0_i) / p0_i), and every other
 quantity is divided by (1 - p0_i), which removes the sentinel exactly. By Jensen's inequality
-p0_i <= 1 / (1 + n_i) <= 1/2, so the division is safe; p0_i underflows only for a row whose
-largest logit is more than about 80 above its mean, whose entropy is then 0 to within e^-80
-(the entropy's value is clamped at 0 there).
+p0_i <= 1 / (1 + n_i) <= 1/2, so the division is safe. p0_i rounds to 0 where a row's largest
+logit stands above its mean by more than about 87 (bf16, fp32) or 17 (fp16, whose p0_i is
+subnormal, with fewer digits, from about 10); it is then clamped at the smallest positive value
+of its dtype, so lse_i and the entropy are lower bounds (the entropy's value clamped at 0): right
+for a row with one dominant key, below the truth for a row with several (log 2 for two).
 
 A block whose entropy no loss reads (a late block off a logging step: L_r reads only the mass)
 asks for the mass alone, V' = [v | m | 0 ...]: no k columns, no sentinel, a value width of d + 1
@@ -37,6 +39,15 @@ import torch
 import torch.nn.functional as F
 
 from .stats import normalised_entropy, recalibration_mask
+
+
+def _smallest_positive(dtype: torch.dtype) -> float:
+    """Where p0 is clamped: the smallest positive value SDPA can return it as (fp16: 2^-24), or
+    float32's smallest normal (bf16, fp32). A p0 of 0 was below it, so the log-sum-exp taken from the
+    clamp is a lower bound and the entropy one too (then clamped at 0); a clamp below the dtype's range
+    (float32's 2^-126 for fp16) would overstate the log-sum-exp, in fp16 by up to 70 nats."""
+    info = torch.finfo(dtype)
+    return max(info.tiny * info.eps, torch.finfo(torch.float32).tiny)
 
 
 def _round_up(n: int, multiple: int = 8) -> int:
@@ -154,7 +165,7 @@ def sdpa_attention_with_row_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
             sentinel_logit = torch.where(masked[:, None, :], sentinel_logit[..., 0], sentinel_logit[..., 1])
         else:
             sentinel_logit = sentinel_logit[..., 0]
-        lse = sentinel_logit + torch.log(keep) - torch.log(p0.clamp(min=torch.finfo(torch.float32).tiny))
+        lse = sentinel_logit + torch.log(keep) - torch.log(p0.clamp(min=_smallest_positive(dtype)))
     row_entropy = lse - mean_logit
     # The value clamped at 0 (see the docstring), the gradient left as it is.
     row_entropy = row_entropy + (row_entropy.clamp(min=0.0) - row_entropy).detach()
