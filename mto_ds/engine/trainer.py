@@ -286,17 +286,19 @@ class Trainer:
             if self._evaluation_pending():
                 # The epoch this run resumes at ended, but its evaluation was cut short (an error, a
                 # kill, a stop signal at that step): do it now, or its point is missing for good.
-                self._maybe_evaluate()
+                with self._off_the_clock():
+                    self._maybe_evaluate()
             for micro_batches in self._micro_batches():
                 self._step(micro_batches)
                 if self.stop.agreed(self.dist.device):
                     reason = f"signal {self.stop.signal_name}"
                     break
                 every = self.cfg.checkpoint.every_steps
-                if every and self.global_step % every == 0:
-                    self.save()
-                if self.global_step % self.steps_per_epoch == 0:
-                    self._maybe_evaluate()
+                with self._off_the_clock():
+                    if every and self.global_step % every == 0:
+                        self.save()
+                    if self.global_step % self.steps_per_epoch == 0:
+                        self._maybe_evaluate()
             if self.last_saved_step != self.global_step:
                 self.save()
         except BaseException as err:
@@ -348,6 +350,16 @@ class Trainer:
                 f"{self.cfg.train.max_nonfinite_steps}); stopping without saving. The checkpoints are "
                 f"untouched; the newest is {newest[0] if newest else 'none (none was saved)'}")
         self.faults.exit_after(step, self.dist.rank, self.run_dir)
+
+    @contextlib.contextmanager
+    def _off_the_clock(self):
+        """Saves and evaluations between two rows are not training: their time is left out of
+        the next row's images_per_sec (the run's mean in the summary keeps it)."""
+        began = time.time()
+        try:
+            yield
+        finally:
+            self._window_start += time.time() - began
 
     def _log(self, means: Optional[dict], lr: float) -> None:
         """Advance MTO's state (with this step's statistics when logged) and write the row."""
