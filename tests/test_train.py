@@ -128,3 +128,60 @@ def test_images_per_sec_leaves_out_the_time_spent_saving_checkpoints(tmp_path):
     # Steps 3-4 take about as long as steps 5-6 (about 1 s on one CPU core): the 4 s stall
     # counted in would make the row of step 4 read about 5 times slower than that of step 6.
     assert rows[1]["images_per_sec"] > 0.6 * rows[2]["images_per_sec"], rows
+
+
+class _AccumulatingEngine:
+    """What train_step uses of a DeepSpeed engine: backward divides by the accumulation (as
+    DeepSpeed's does) and adds into .grad; the loss is each sample's mean pixel times a weight."""
+    device = torch.device("cpu")
+
+    def __init__(self, accumulation):
+        self.accumulation, self.micro = accumulation, 0
+        self.weight = torch.nn.Parameter(torch.ones(()))
+        self.optimizer = type("Optimizer", (), {"param_groups": [{"lr": 1.0}]})()
+
+    def __call__(self, images, mask, mto_scale, with_stats):
+        per_sample = (self.weight * images).mean(dim=(1, 2, 3))
+        loss = per_sample.mean()
+        zero = loss.detach() * 0
+        return {"loss": loss, "loss_mim": loss, "loss_mto": zero, "loss_spa": zero, "loss_e": zero,
+                "loss_r": zero, "heterogeneity": per_sample.detach()[:1].clone(),
+                "entropy_masked": zero.reshape(1), "entropy_visible": zero.reshape(1)}
+
+    def backward(self, loss):
+        (loss / self.accumulation).backward()
+
+    def is_gradient_accumulation_boundary(self):
+        return self.micro == self.accumulation - 1
+
+    def step(self):
+        self.micro = (self.micro + 1) % self.accumulation
+
+    def was_step_applied(self):
+        return True
+
+
+def test_a_micro_batch_short_of_undecodable_images_weighs_each_of_its_samples_as_much_as_any_other():
+    """The folder source leaves an undecodable image out of its micro-batch (docs/DATA.md). The
+    model's loss is that micro-batch's mean and DeepSpeed weighs micro-batches equally, so its
+    samples weighed 4/3 of the others'. Each micro-batch's loss now counts in proportion to its
+    samples: every decoded sample of the step weighs 1/(micro-batch x accumulation), and the
+    logged loss is the mean over the decoded samples."""
+    from mto_ds.data.loader import normalize
+    from mto_ds.engine.step import train_step
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (8, 3, 4, 4), dtype=torch.uint8)
+    micro_batches = [{"images": images[:4], "mask": torch.zeros(4, 1, dtype=torch.bool)},
+                     {"images": images[4:7], "mask": torch.zeros(3, 1, dtype=torch.bool)}]  # one left out
+    engine = _AccumulatingEngine(accumulation=2)
+    sums, skipped, overflowed = train_step(engine, micro_batches, 1.0, True, micro_batch_size=4)
+    per_sample = normalize(images[:7]).mean(dim=(1, 2, 3))
+    assert engine.weight.grad.item() == pytest.approx(per_sample.sum().item() / 8, rel=1e-5)
+    assert sums["samples"] == 7 and not skipped and not overflowed
+    assert (sums["loss"] / sums["samples"]).item() == pytest.approx(per_sample.mean().item(), rel=1e-5)
+    # Whole micro-batches: each loss backpropagated as the model gave it.
+    engine = _AccumulatingEngine(accumulation=2)
+    micro_batches[1] = {"images": images[4:], "mask": torch.zeros(4, 1, dtype=torch.bool)}
+    sums, _, _ = train_step(engine, micro_batches, 1.0, True, micro_batch_size=4)
+    assert engine.weight.grad.item() == pytest.approx(normalize(images).mean().item(), rel=1e-5)
+    assert (sums["loss"] / sums["samples"]).item() == pytest.approx(normalize(images).mean().item(), rel=1e-5)

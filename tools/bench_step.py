@@ -313,7 +313,7 @@ def bench_engine(arch, method, mto, zero, img, batch, device, dtype, ckpt, compi
     micro = [{"images": images, "mask": mask}]
 
     def step():
-        train_step(engine, micro, 1.0, False)
+        train_step(engine, micro, 1.0, False, batch)
         # The trainer's per-step agreement on a stop signal (free on one rank); here it ends the run.
         stop_if_signalled(device)
     # DeepSpeed's hooks keep an engine alive after its last use; destroy() lets ZeRO-1/2 engines

@@ -20,8 +20,8 @@ def _all_finite(loss: torch.Tensor) -> bool:
     return bool(flag.item())
 
 
-def train_step(engine, micro_batches: List[dict], mto_scale: float, with_stats: bool, poison: bool = False,
-               poison_gradient: bool = False):
+def train_step(engine, micro_batches: List[dict], mto_scale: float, with_stats: bool, micro_batch_size: int,
+               poison: bool = False, poison_gradient: bool = False):
     """Forward (MIM + MTO terms), engine.backward and engine.step for each micro-batch.
 
     DeepSpeed accumulates gradients and steps the optimizer at the last micro-batch. A
@@ -29,12 +29,19 @@ def train_step(engine, micro_batches: List[dict], mto_scale: float, with_stats: 
     backward runs on zero-weighted clean inputs and the step's learning rate is 0 (the
     optimizer still counts the step: its moment estimates decay, fed by the gradients of the
     step's finite micro-batches, if any).
+    A micro-batch short of `micro_batch_size` (undecodable images left out) backpropagates its
+    loss, a mean over its samples, times its share of a full one: DeepSpeed divides every
+    micro-batch's loss by the accumulation and averages the ranks, so each decoded sample of the
+    step weighs 1 / global batch, as if a missing one contributed zero.
     `poison` (fault injection) makes this rank's loss NaN, `poison_gradient` its gradient.
-    Returns (mean of the logged outputs over micro-batches, whether the step was skipped for a
-    non-finite loss, whether DeepSpeed skipped it for non-finite gradients: fp16's loss scaler
-    does that while it calibrates, bf16 only with check_grad_overflow on, fp32 when clipping).
+    Returns (the logged outputs summed over this rank's samples, only with `with_stats`, and
+    always their count as "samples": summed over ranks, the one over the other is the mean over
+    the global batch; whether the step was skipped for a non-finite loss; whether DeepSpeed
+    skipped it for non-finite gradients: fp16's loss scaler does that while it calibrates, bf16
+    only with check_grad_overflow on, fp32 when clipping).
     """
     sums: Dict[str, torch.Tensor] = {}
+    samples = 0
     skipped = overflowed = False
     for batch in micro_batches:
         # float32: the reconstruction target is these pixels; the model casts its input to its
@@ -46,9 +53,11 @@ def train_step(engine, micro_batches: List[dict], mto_scale: float, with_stats: 
             out["loss"] = out["loss"] * float("nan")
         if poison_gradient:  # + sqrt(0 * loss): the same value, and d/dloss = 1 + 0 * inf = NaN
             out["loss"] = out["loss"] + (out["loss"] * 0.0).sqrt()
-        logged = {key: out[key].detach().float() for key in LOGGED}
+        size = len(batch["images"])
+        # Read only on logged steps (with_stats): other steps queue no work for them.
+        logged = {key: out[key].detach().float() * size for key in LOGGED} if with_stats else {}
         if _all_finite(out["loss"]):
-            engine.backward(out["loss"])
+            engine.backward(out["loss"] if size == micro_batch_size else out["loss"] * (size / micro_batch_size))
         else:
             skipped = True
             del out  # its graph goes before the stand-in forward instead of doubling activation memory
@@ -63,5 +72,5 @@ def train_step(engine, micro_batches: List[dict], mto_scale: float, with_stats: 
             overflowed = True  # DeepSpeed skipped the step itself: inf/NaN in the gradients
         for key, value in logged.items():
             sums[key] = sums[key] + value if key in sums else value
-    means = {k: v / len(micro_batches) for k, v in sums.items()}
-    return means, skipped, overflowed
+        samples += size
+    return {**sums, "samples": samples}, skipped, overflowed

@@ -255,15 +255,16 @@ class Trainer:
                     return
                 yield [next(stream) for _ in range(self.batch.accumulation)]
 
-    def _log_row(self, means: dict, lr: float, images_per_sec: float) -> dict:
-        scalars = [k for k in LOGGED if means[k].ndim == 0]
-        packed = torch.cat([means[k].reshape(-1) for k in LOGGED])
+    def _log_row(self, sums: dict, lr: float, images_per_sec: float) -> dict:
+        """The row of a logged step: each output the mean over the global batch's samples."""
+        scalars = [k for k in LOGGED if sums[k].ndim == 0]
+        packed = torch.cat([sums[k].reshape(-1) for k in LOGGED] + [sums["loss"].new_tensor([sums["samples"]])])
         if dist.is_initialized() and self.dist.world_size > 1:
             dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-            packed /= self.dist.world_size
+        packed = packed[:-1] / packed[-1]
         flat, values, offset = packed.tolist(), {}, 0  # one device-to-host copy for the row
         for k in LOGGED:
-            n = means[k].numel()
+            n = sums[k].numel()
             chunk = flat[offset:offset + n]
             values[k] = chunk[0] if k in scalars else chunk
             offset += n
@@ -329,9 +330,10 @@ class Trainer:
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
         self.trace.record(step, micro_batches)
-        means, skipped, overflowed = train_step(self.engine, micro_batches, self.mto_state.loss_scale, log_now,
-                                                poison=self.faults.nan_loss(step, self.dist.rank),
-                                                poison_gradient=self.faults.nan_gradient(step, self.dist.rank))
+        sums, skipped, overflowed = train_step(self.engine, micro_batches, self.mto_state.loss_scale, log_now,
+                                               self.batch.micro_batch_size,
+                                               poison=self.faults.nan_loss(step, self.dist.rank),
+                                               poison_gradient=self.faults.nan_gradient(step, self.dist.rank))
         # fp16's loss scaler skips steps while it calibrates: expected, counted apart. In bf16 or
         # fp32 a step DeepSpeed skips for non-finite gradients is as lost as one with a NaN loss.
         if overflowed and self.dtype == torch.float16:
@@ -341,7 +343,7 @@ class Trainer:
         self.global_step = step
         self.nonfinite_streak = self.nonfinite_streak + 1 if skipped else 0
         self.nonfinite_total += int(skipped)
-        self._log(means if log_now else None, lr)
+        self._log(sums if log_now else None, lr)
         if self.nonfinite_streak >= self.cfg.train.max_nonfinite_steps:
             newest = self.checkpointer.complete_tags()[:1]
             raise NonFiniteLossError(
@@ -361,14 +363,14 @@ class Trainer:
         finally:
             self._window_start += time.time() - began
 
-    def _log(self, means: Optional[dict], lr: float) -> None:
+    def _log(self, sums: Optional[dict], lr: float) -> None:
         """Advance MTO's state (with this step's statistics when logged) and write the row."""
         self._window_steps += 1
-        if means is None:
+        if sums is None:
             self.mto_state.advance()
         else:
             elapsed = max(time.time() - self._window_start, 1e-9)
-            row = self._log_row(means, lr, self._window_steps * self.batch.global_batch_size / elapsed)
+            row = self._log_row(sums, lr, self._window_steps * self.batch.global_batch_size / elapsed)
             self.mto_state.advance(row["heterogeneity"])
             self.telemetry.log(row)
             self._window_start, self._window_steps = time.time(), 0
