@@ -5,16 +5,20 @@ whichever fused attention kernel PyTorch picks (cuDNN or memory-efficient on a G
 tensor is stored and the backward pass is SDPA's own. The statistics are linear functionals of
 the attention rows, so they ride along as extra value columns:
 
-    V' = [ v | k (detached) | m | e0 | 0 ... ]     m_j = 1 for masked keys, e0 marks a sentinel key
-
+    V' = [ v | k - c_kind (detached) | m | e0 | 0 ... ]   m_j = 1 for masked keys, e0 marks a sentinel
+                                                        key, c_kind the mean key of j's kind (masked,
+                                                        visible)
     O'[:, :d]   = sum_j A_ij v_j                   the attention output
-    O'[:, d:2d] = sum_j A_ij k_j                   so that sum_j A_ij s_ij = scale * q_i . O'[:, d:2d]
-    O'[:, 2d]   = sum_j A_ij m_j = q_i             the mass on masked keys
+    O'[:, d:2d] = sum_j A_ij (k_j - c_kind(j))     so that, with the mass below, sum_j A_ij s_ij =
+                                                   scale * q_i . (O'[:, d:2d] + mass_i c_M + (1 - mass_i) c_vis)
+    O'[:, 2d]   = sum_j A_ij m_j = mass_i          the mass on masked keys
 
 and the entropy is H_i = lse_i - sum_j A_ij s_ij. Its gradient in the logits,
--A_ij (s_ij - sum_k A_ik s_ik), is exactly the gradient of -scale * q_i . O'[:, d:2d] taken
-through the probabilities alone (q_i and the k columns of V' detached), so lse_i only needs a
-value. That value comes from a sentinel key appended to the keys, whose logit is the mean
+-A_ij (s_ij - sum_k A_ik s_ik), is exactly the gradient of -(that sum) taken through the
+probabilities alone (q_i and the k columns of V' detached), so lse_i only needs a value. Both are
+taken relative to the sentinel's logit (below), and the keys are centred before V' is rounded to
+the inputs' dtype, so that an offset common to a row's logits (the keys' shared component) never
+enters a rounded number: with raw keys in V' it lost 2^-9 of itself in bf16, then cancelled. That value comes from a sentinel key appended to the keys, whose logit is the mean
 logit of the keys row i may attend to (key = the mean of those keys): with p0_i the
 probability the row puts on it, lse_i = s0_i + log((1 - p0_i) / p0_i), and every other
 quantity is divided by (1 - p0_i), which removes the sentinel exactly. By Jensen's inequality
@@ -55,20 +59,20 @@ def _round_up(n: int, multiple: int = 8) -> int:
     return -(-n // multiple) * multiple
 
 
-def _sentinel_keys(k: torch.Tensor, masked: torch.Tensor, recalibrate: bool) -> torch.Tensor:
-    """[B, H, S, d]: the mean key over all tokens (S = 1), and under recalibration also over the
-    visible tokens (S = 2), whose logit for a query is that query's mean logit over those keys."""
-    k = k.detach()
-    keys = [k.mean(2, keepdim=True)]
-    if recalibrate:
-        visible = (~masked).to(k.dtype)[:, None, :, None]                      # [B, 1, N, 1]
-        keys.append((k * visible).sum(2, keepdim=True) / visible.sum(2, keepdim=True))
-    return torch.cat(keys, dim=2)
+def _key_means(k: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """float32 [B, H, 3, d]: the mean key over all tokens, over the masked ones (0 without any) and
+    over the visible ones (CLS is one, so never empty)."""
+    k = k.detach().float()
+    m = masked.float()[:, None, :, None]                                       # [B, 1, N, 1]
+    count = m.sum(2, keepdim=True)
+    mean_masked = (k * m).sum(2, keepdim=True) / count.clamp(min=1.0)
+    mean_visible = (k * (1.0 - m)).sum(2, keepdim=True) / (k.shape[2] - count).clamp(min=1.0)
+    return torch.cat([k.mean(2, keepdim=True), mean_masked, mean_visible], dim=2)
 
 
 def _value_columns(v: torch.Tensor, k, masked: torch.Tensor, width: int, sentinels: int) -> torch.Tensor:
-    """V' [B, H, N + sentinels, width]: token rows [v | k (detached; if given) | m | 0 ...],
-    sentinel rows 1 in the column after m, 0 elsewhere.
+    """V' [B, H, N + sentinels, width]: token rows [v | k (detached, float32, centred by the caller;
+    if given) | m | 0 ...], sentinel rows 1 in the column after m, 0 elsewhere.
 
     Built as v (zero rows below for the sentinels) beside a block with no gradient, written in
     place: the backward then hands v its gradient as a view. Writing v into a zeroed V' in place
@@ -77,7 +81,7 @@ def _value_columns(v: torch.Tensor, k, masked: torch.Tensor, width: int, sentine
     rest = v.new_zeros(B, H, N + sentinels, width - d)
     column = 0
     if k is not None:
-        rest[:, :, :N, :d] = k.detach()
+        rest[:, :, :N, :d] = k.detach()  # rounded to v's dtype here, after the centring
         column = d
     rest[:, :, :N, column] = masked[:, None, :].to(v.dtype)
     if sentinels:
@@ -144,9 +148,18 @@ def sdpa_attention_with_row_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         out_ext = _attend(q, k, values, masked, recalibrate, False, scale, equal_head_dims)
         out, mass, _ = out_ext.split([d, 1, values.shape[-1] - d - 1], dim=-1)
         return out, {"mass_on_masked": mass.squeeze(-1).float()}
-    sentinels = _sentinel_keys(k, masked, recalibrate).to(k.dtype)  # rounded as the kernel will see them
+    # Sentinel keys, rounded as the kernel will see them: the mean key c_all (all rows, or masked rows
+    # under recalibration) and the mean visible key c_vis (visible rows under recalibration).
+    means = _key_means(k, masked)                                               # c_all, c_M, c_vis
+    sentinels = means[:, :, [0, 2] if recalibrate else [0]].to(k.dtype)
     keys = torch.cat([k, sentinels], dim=2)
-    values = _value_columns(v, k, masked, _round_up(2 * d + 2), sentinels=sentinels.shape[2])
+    # The k columns of V' hold each key less the mean key of its kind, c_M or c_vis (in float32, then
+    # rounded to v's dtype): a component that all keys share (an offset common to a row's logits)
+    # cancels before the rounding, instead of losing 2^-9 of itself (bf16) in it and then cancelling
+    # against lse_i in H_i = lse_i - sum_j A_ij s_ij.
+    mean_masked, mean_visible = means[:, :, 1:2], means[:, :, 2:3]
+    centred = k.detach().float() - torch.where(masked[:, None, :, None], mean_masked, mean_visible)
+    values = _value_columns(v, centred, masked, _round_up(2 * d + 2), sentinels=sentinels.shape[2])
     # Under recalibration a masked query sees the sentinel of all keys, a visible one the other.
     out_ext = _attend(q, keys, values, masked, recalibrate, recalibrate, scale, equal_head_dims)
     # One split, not four slices: each slice's backward would write a zeroed copy of the whole
@@ -157,16 +170,24 @@ def sdpa_attention_with_row_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     keep = 1.0 - p0                                                              # >= 1/2
     out = out_mix / keep.to(dtype)[..., None]
     mass = mass_col.squeeze(-1).float() / keep
-    # sum_j A_ij s_ij, differentiable through the probabilities only (see the module docstring).
-    mean_logit = scale * (q.detach().float() * key_mix.float()).sum(-1) / keep
+    # sum_j A_ij s_ij = scale q_i . [sum_j A_ij (k_j - c_kind(j)) + q_i c_M + (1 - q_i) c_vis], taken
+    # relative to the sentinel's logit scale q_i . c0 (c0 = c_all or c_vis, rounded): differentiable
+    # through the probabilities alone (O'[d:2d] and the mass; see the module docstring), each term
+    # free of the keys' shared offset.
+    q_fixed = q.detach().float()
+    logit_masked_over_visible = scale * (q_fixed * (mean_masked - mean_visible)).sum(-1)
+    centred_mean_logit = (scale * (q_fixed * key_mix.float()).sum(-1) / keep
+                          + mass * logit_masked_over_visible)
     with torch.no_grad():
-        sentinel_logit = scale * (q.float() @ sentinels.float().transpose(-2, -1))          # [B, H, N, S]
+        shift = scale * (q_fixed @ (mean_visible - sentinels.float()).transpose(-2, -1))  # [B, H, N, S]
         if recalibrate:
-            sentinel_logit = torch.where(masked[:, None, :], sentinel_logit[..., 0], sentinel_logit[..., 1])
+            shift = torch.where(masked[:, None, :], shift[..., 0], shift[..., 1])
         else:
-            sentinel_logit = sentinel_logit[..., 0]
-        lse = sentinel_logit + torch.log(keep) - torch.log(p0.clamp(min=_smallest_positive(dtype)))
-    row_entropy = lse - mean_logit
+            shift = shift[..., 0]
+        # lse_i less the sentinel's logit: log((1 - p0_i) / p0_i).
+        lse_over_sentinel = torch.log(keep) - torch.log(p0.clamp(min=_smallest_positive(dtype)))
+    # H_i = lse_i - sum_j A_ij s_ij, both taken relative to the sentinel's logit.
+    row_entropy = lse_over_sentinel - shift - centred_mean_logit
     # The value clamped at 0 (see the docstring), the gradient left as it is.
     row_entropy = row_entropy + (row_entropy.clamp(min=0.0) - row_entropy).detach()
     return out, {"mass_on_masked": mass, "norm_entropy": normalised_entropy(row_entropy, masked, recalibrate)}
