@@ -21,7 +21,7 @@ from mto_ds.engine.checkpoint import MARKER, Checkpointer, file_sizes, verify
 from mto_ds.engine.faults import Faults
 from mto_ds.models import create_mim_model
 
-from conftest import REPO, cpu_env, free_port
+from conftest import REPO, cpu_env, free_port, read_metrics
 from run_control import STEPS, Run, losses_by_step, metric_steps, reference_run, state, tags
 
 
@@ -363,6 +363,35 @@ def test_nonfinite_losses_skip_their_steps_and_k_in_a_row_stop_the_run(tmp_path)
     assert all(torch.equal(w4[k], w6[k]) for k in w4)  # steps 5 and 6 were skipped
     assert not all(torch.equal(w2[k], w4[k]) for k in w2)  # step 4 trained (step 3 was skipped)
     assert all(torch.isfinite(v).all() for v in w6.values())
+
+
+def test_fp16_gradients_that_overflow_at_the_minimum_loss_scale_stop_the_run_without_saving(tmp_path):
+    """fp16's loss scaler skips a step whose gradients overflow and halves its scale; at its
+    minimum (fp16.min_loss_scale) DeepSpeed gives up with a bare Exception. The run stops as at a
+    streak of non-finite losses: exit code 1, a message that says what happened and where the newest
+    checkpoint is, state.json's reason, nothing saved on the way out, and the skipped steps'
+    checkpoints hold the weights of the last applied step. fp16 on this CPU: tests/fp16_on_cpu."""
+    ds = json.loads((REPO / "ds_configs" / "zero2_fp16.json").read_text())
+    ds["fp16"].update(initial_scale_power=2, hysteresis=1, min_loss_scale=1)  # 4 -> 2 -> 1 -> stop
+    (tmp_path / "fp16.json").write_text(json.dumps(ds))
+    run_dir = tmp_path / "run"
+    run = Run(run_dir, f"deepspeed.config={tmp_path / 'fp16.json'}", "checkpoint.every_steps=1", steps=6,
+              env={"MTO_DS_FAULT_NAN_GRAD_STEPS": "2,3,4,5,6",
+                   "PYTHONPATH": str(REPO / "tests" / "fp16_on_cpu")}).finish(expect=1)
+    message = ("fp16: the gradients of step 4 overflowed at the minimum loss scale (fp16.min_loss_scale=1) "
+               "after 2 steps skipped for overflows; stopping without saving. The checkpoints are untouched; "
+               f"the newest is {run_dir / 'checkpoints' / 'step_00000003'}")
+    assert f"mto-ds: {message}" in run.output
+    assert state(run_dir) == {"finished": False, "step": 3, "total_steps": 6,
+                              "reason": f"non-finite gradients: {message}"}
+    rows = read_metrics(run_dir)
+    assert [(r["step"], r["loss_scale"], r["overflow_steps"]) for r in rows] == [(1, 4.0, 0), (2, 2.0, 1), (3, 1.0, 2)]
+    assert tags(run_dir)[-2:] == ["step_00000002", "step_00000003"]
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    w2, w3 = (get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=f"step_{s:08d}")
+              for s in (2, 3))
+    assert all(torch.equal(w2[k], w3[k]) and torch.isfinite(w3[k]).all() for k in w2)  # step 3 was skipped
 
 
 def test_a_nan_gradient_that_reaches_the_weights_is_never_checkpointed_and_the_run_resumes_before_it(tmp_path):

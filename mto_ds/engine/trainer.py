@@ -36,6 +36,10 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+class NonFiniteGradientsError(NonFiniteLossError):
+    """fp16's gradients overflow at the loss scaler's minimum scale: DeepSpeed gives up."""
+
+
 class NonFiniteWeightsError(NonFiniteLossError):
     """A non-finite gradient reached the weights. DeepSpeed applies one when nothing checks the
     gradients: bf16 with check_grad_overflow off (the shipped configs), fp32 without clipping."""
@@ -304,6 +308,7 @@ class Trainer:
                 self.save()
         except BaseException as err:
             reason = (f"non-finite weights: {err}" if isinstance(err, NonFiniteWeightsError)
+                      else f"non-finite gradients: {err}" if isinstance(err, NonFiniteGradientsError)
                       else f"non-finite loss: {err}" if isinstance(err, NonFiniteLossError)
                       else f"error: {type(err).__name__}: {err}")
             raise
@@ -330,10 +335,23 @@ class Trainer:
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
         self.trace.record(step, micro_batches)
-        sums, skipped, overflowed = train_step(self.engine, micro_batches, self.mto_state.loss_scale, log_now,
-                                               self.batch.micro_batch_size,
-                                               poison=self.faults.nan_loss(step, self.dist.rank),
-                                               poison_gradient=self.faults.nan_gradient(step, self.dist.rank))
+        try:
+            sums, skipped, overflowed = train_step(self.engine, micro_batches, self.mto_state.loss_scale, log_now,
+                                                   self.batch.micro_batch_size,
+                                                   poison=self.faults.nan_loss(step, self.dist.rank),
+                                                   poison_gradient=self.faults.nan_gradient(step, self.dist.rank))
+        except Exception as err:
+            # DeepSpeed's loss scaler ends the run with a bare Exception (on every rank: the
+            # overflow is agreed) when it cannot lower the scale any further.
+            if self.dtype == torch.float16 and "loss scale already at minimum" in str(err):
+                newest = self.checkpointer.complete_tags()[:1]
+                raise NonFiniteGradientsError(
+                    f"fp16: the gradients of step {step} overflowed at the minimum loss scale "
+                    f"(fp16.min_loss_scale={self.ds_config['fp16'].get('min_loss_scale', 1)}) after "
+                    f"{self.overflow_total} steps skipped for overflows; stopping without saving. The "
+                    f"checkpoints are untouched; the newest is {newest[0] if newest else 'none (none was saved)'}"
+                ) from err
+            raise
         # fp16's loss scaler skips steps while it calibrates: expected, counted apart. In bf16 or
         # fp32 a step DeepSpeed skips for non-finite gradients is as lost as one with a NaN loss.
         if overflowed and self.dtype == torch.float16:
