@@ -112,6 +112,16 @@ def test_fp16_config_names_the_same_optimizer(name):
     assert sections[name] == sections["zero2_bf16"]
 
 
+def test_fp16_zero2_config_differs_from_the_bf16_one_only_in_its_precision():
+    """Everything but the precision section and the gradients' communication type is the bf16
+    file's: the same ZeRO-2 settings (overlap_comm off with one 5e8-element bucket, measured in
+    docs/BENCHMARKS.md; the fp16 file had kept DeepSpeed's overlap_comm and its per-step sync)."""
+    fp16, bf16 = (json.loads((REPO / "ds_configs" / f"{n}.json").read_text()) for n in ("zero2_fp16", "zero2_bf16"))
+    assert (fp16.pop("fp16")["enabled"], bf16.pop("bf16")["enabled"]) == (True, True)
+    assert (fp16.pop("communication_data_type"), bf16.pop("communication_data_type")) == ("fp16", "bf16")
+    assert fp16 == bf16
+
+
 def test_bf16_zero2_on_two_ranks_keeps_bf16_weights_and_resumes_exactly(tmp_path):
     """The GPU precision path through the trainer (gloo, CPU): the checkpointed module is bf16,
     and a run resumed from its step-3 checkpoint repeats steps 4-6 of the uninterrupted run."""
