@@ -339,17 +339,25 @@ def validate(cfg: Config) -> None:
         _check(0 < getattr(e, key) < math.inf, f"eval.{key}", "a positive number", getattr(e, key))
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def validate_mto(mto: "MTOConfig") -> None:
     """The `mto.*` values; also for the `mto` argument of create_mim_model."""
+    # Types too: a dict given to create_mim_model skips OmegaConf's (early_blocks=2.0 broke slicing later).
+    _check(isinstance(mto.enabled, bool), "mto.enabled", "true or false", mto.enabled)
     _check(mto.recalibrate in ("none", "early", "all"), "mto.recalibrate", "one of none, early, all",
            mto.recalibrate)
     if mto.early_blocks is not None:
-        _check(mto.early_blocks >= 0, "mto.early_blocks", "an integer >= 0 or null", mto.early_blocks)
+        _check(_is_int(mto.early_blocks) and mto.early_blocks >= 0, "mto.early_blocks", "an integer >= 0 or null",
+               mto.early_blocks)
     for key in ("lambda_spa", "lambda_e", "lambda_r", "delta"):
         value = getattr(mto, key)
-        _check(isinstance(value, (int, float)) and 0 <= value < math.inf, f"mto.{key}", "a finite number >= 0",
-               value)
-    _check(mto.warmup_steps >= 0, "mto.warmup_steps", "an integer >= 0", mto.warmup_steps)
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < math.inf,
+               f"mto.{key}", "a finite number >= 0", value)
+    _check(_is_int(mto.warmup_steps) and mto.warmup_steps >= 0, "mto.warmup_steps", "an integer >= 0",
+           mto.warmup_steps)
     _check(mto.kernel in MTO_KERNELS, "mto.kernel", f"one of {', '.join(MTO_KERNELS)}", mto.kernel)
 
 

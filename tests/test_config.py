@@ -116,6 +116,16 @@ def test_mto_values_given_to_the_python_api_are_checked_as_a_config_is():
         create_mim_model("vit_tiny_patch16", "mae", img_size=32, mto={"lambda_e": -0.1})
 
 
+@pytest.mark.parametrize("key, value", [("early_blocks", 2.0), ("early_blocks", True), ("warmup_steps", 10.5),
+                                        ("lambda_r", True), ("enabled", "yes")])
+def test_mto_values_of_the_wrong_type_given_to_the_python_api_are_refused_naming_the_key(key, value):
+    """A dict skips OmegaConf's type checks: early_blocks=2.0 built a model whose forward failed
+    on a float slice index; True counted as 1 and "yes" as on."""
+    from mto_ds.models import create_mim_model
+    with pytest.raises(ConfigError, match=rf"'mto.{key}': expected .*, got {value!r}"):
+        create_mim_model("vit_tiny_patch16", "simmim", img_size=32, mto={key: value})
+
+
 def test_override_without_equals_is_rejected():
     with pytest.raises(ConfigError, match="section.key=value"):
         load_config(DEMO, ["train.steps"])
