@@ -5,20 +5,20 @@ whichever fused attention kernel PyTorch picks (cuDNN or memory-efficient on a G
 tensor is stored and the backward pass is SDPA's own. The statistics are linear functionals of
 the attention rows, so they ride along as extra value columns:
 
-    V' = [ v | k - c_kind (detached) | m | e0 | 0 ... ]   m_j = 1 for masked keys, e0 marks a sentinel
-                                                        key, c_kind the mean key of j's kind (masked,
-                                                        visible)
+    V' = [ v | k - c_kind (detached) | m | e0 | 0 ... ]
+
+with m_j = 1 for masked keys, e0 marking a sentinel key (below), and c_kind the mean key of
+j's kind (c_M over masked keys, c_vis over visible ones):
+
     O'[:, :d]   = sum_j A_ij v_j                   the attention output
-    O'[:, d:2d] = sum_j A_ij (k_j - c_kind(j))     so that, with the mass below, sum_j A_ij s_ij =
-                                                   scale * q_i . (O'[:, d:2d] + mass_i c_M + (1 - mass_i) c_vis)
+    O'[:, d:2d] = sum_j A_ij (k_j - c_kind(j))
     O'[:, 2d]   = sum_j A_ij m_j = mass_i          the mass on masked keys
 
-and the entropy is H_i = lse_i - sum_j A_ij s_ij. Its gradient in the logits,
+so that sum_j A_ij s_ij = scale * q_i . (O'[:, d:2d] + mass_i c_M + (1 - mass_i) c_vis).
+The entropy is H_i = lse_i - sum_j A_ij s_ij. Its gradient in the logits,
 -A_ij (s_ij - sum_k A_ik s_ik), is exactly the gradient of -(that sum) taken through the
-probabilities alone (q_i and the k columns of V' detached), so lse_i only needs a value. Both are
-taken relative to the sentinel's logit (below), and the keys are centred before V' is rounded to
-the inputs' dtype, so that an offset common to a row's logits (the keys' shared component) never
-enters a rounded number: with raw keys in V' it lost 2^-9 of itself in bf16, then cancelled. That value comes from a sentinel key appended to the keys, whose logit is the mean
+probabilities alone (q_i and the k columns of V' detached), so lse_i only needs a value. That
+value comes from a sentinel key appended to the keys, whose logit is the mean
 logit of the keys row i may attend to (key = the mean of those keys): with p0_i the
 probability the row puts on it, lse_i = s0_i + log((1 - p0_i) / p0_i), and every other
 quantity is divided by (1 - p0_i), which removes the sentinel exactly. By Jensen's inequality
@@ -27,6 +27,11 @@ logit stands above its mean by more than about 87 (bf16, fp32) or 17 (fp16, whos
 subnormal, with fewer digits, from about 10); it is then clamped at the smallest positive value
 of its dtype, so lse_i and the entropy are lower bounds (the entropy's value clamped at 0): right
 for a row with one dominant key, below the truth for a row with several (log 2 for two).
+
+Both lse_i and the sum are taken relative to the sentinel's logit, and the keys are centred
+before V' is rounded to the inputs' dtype, so an offset common to a row's logits (the keys'
+shared component) never enters a rounded number: with raw keys in V' it lost 2^-9 of itself
+in bf16, then cancelled.
 
 A block whose entropy no loss reads (a late block off a logging step: L_r reads only the mass)
 asks for the mass alone, V' = [v | m | 0 ...]: no k columns, no sentinel, a value width of d + 1
