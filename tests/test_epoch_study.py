@@ -547,3 +547,15 @@ def test_a_trainer_that_exits_unfinished_stops_the_study(tmp_path, monkeypatch, 
                          "--launcher", _fake_trainer(tmp_path, monkeypatch)]) == 1
     assert _trainer_log(tmp_path) == ["baseline-ep2-s0 started"]
     assert "baseline-ep2-s0 exited without finishing (state.json: signal SIGTERM)" in capsys.readouterr().err
+
+
+def test_a_launcher_not_on_path_is_refused_naming_it_before_any_run_starts(tmp_path, monkeypatch, capsys):
+    # Copying STUDY.md's `--launcher "torchrun ..."` without the venv on PATH gave a
+    # FileNotFoundError traceback from subprocess (exit 1) instead of a usage error.
+    monkeypatch.setenv("PATH", str(tmp_path / "empty_bin"))
+    out = tmp_path / "s"
+    assert _tool().main(["run", "--config", "configs/demo.yaml", "--out", str(out), "--epochs", "2",
+                         "--launcher", "torchrun --nproc_per_node 2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("epoch_study.py run: error: --launcher") and "'torchrun' not found on PATH" in err
+    assert "Traceback" not in err and not out.exists()

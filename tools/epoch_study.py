@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import shutil
 import sys
 from pathlib import Path
 from typing import List
@@ -125,6 +126,9 @@ def _run(args, argv: List[str]) -> int:
         if not 0 <= args.index < len(planned):
             raise StudyError(f"--index {args.index} out of range 0..{len(planned) - 1}")
         planned = [planned[args.index]]
+    if planned and shutil.which(planned[0].argv[0]) is None:
+        raise StudyError(f"--launcher: {planned[0].argv[0]!r} not found on PATH (give its path, or activate "
+                         "the environment that has it)")
     # Before anything starts: a resumed run must go on with its own settings, and a finished
     # one's numbers must be of this command's settings, or the report would mix two studies.
     conflicts = {p.name: resume_conflicts(p) for p in planned}
