@@ -2,7 +2,7 @@
 """Train-step benchmark: images/s, TFLOP/s, MFU, peak memory and data wait, side by side with a
 plain baseline (the same timm ViT, SDPA, no DeepSpeed, no MTO) in the same run.
 
-    python tools/bench_step.py --arch vit_large_patch16 --method simmim mae --mto on off \
+    python tools/bench_step.py --arch vit_large_patch16 --method simmim mae --mto on off \\
         --zero 2 3 --batch 128 --steps 20             # on a GPU (bf16)
     python tools/bench_step.py --tiny                 # on CPU: vit_tiny at 64 px, fp32, a few steps
     python tools/bench_step.py --arch vit_large_patch16 --width 64 --bf16 --img 32 --batch 2 --data none

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Plan a run before queueing it: wall time, GPU-hours and per-step communication.
 
-    python tools/plan_run.py --arch vit_large_patch16 --method simmim --epochs 800 --gpus 64 \
-        --images-per-sec-per-gpu 450 --global-batch 2048 --micro-batch 64 --zero 2 --link-gbps 400
+    python tools/plan_run.py --arch vit_large_patch16 --method simmim --epochs 800 --gpus 32 \\
+        --images-per-sec-per-gpu 450 --global-batch 2048 --micro-batch 64 --zero 1 --link-gbps 400
 
 --images-per-sec-per-gpu is a measured rate (tools/bench_step.py on your GPU). --link-gbps is
 the inter-node bandwidth per GPU in Gbit/s (e.g. one 400 Gb/s InfiniBand NIC per GPU).
