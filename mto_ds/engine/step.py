@@ -38,7 +38,7 @@ def train_step(engine, micro_batches: List[dict], mto_scale: float, with_stats: 
     always their count as "samples": summed over ranks, the one over the other is the mean over
     the global batch; whether the step was skipped for a non-finite loss; whether DeepSpeed
     skipped it for non-finite gradients: fp16's loss scaler does that while it calibrates, bf16
-    only with check_grad_overflow on, fp32 when clipping).
+    only with check_grad_overflow on, fp32 by its gradient norm, with or without clipping).
     """
     sums: Dict[str, torch.Tensor] = {}
     samples = 0

@@ -42,7 +42,7 @@ class NonFiniteGradientsError(NonFiniteLossError):
 
 class NonFiniteWeightsError(NonFiniteLossError):
     """A non-finite gradient reached the weights. DeepSpeed applies one when nothing checks the
-    gradients: bf16 with check_grad_overflow off (the shipped configs), fp32 without clipping."""
+    gradients: bf16 with check_grad_overflow off (the shipped configs); fp32 skips such a step."""
 
 
 def weights_finite(module: torch.nn.Module, device: torch.device) -> bool:
