@@ -238,11 +238,9 @@ class Trainer:
         # A checkpoint of non-finite weights would be marked complete and become the resume
         # point; stop instead, so that the newest complete checkpoint stays the last good one.
         if not weights_finite(self.engine.module, self.dist.device):
-            newest = self.checkpointer.complete_tags()[:1]
             raise NonFiniteWeightsError(
                 f"the weights are not finite at step {self.global_step} (a non-finite gradient was "
-                f"applied); stopping without saving. The checkpoints are untouched; the newest is "
-                f"{newest[0] if newest else 'none (none was saved)'}")
+                f"applied); {self._stopping_without_saving()}")
         meta = {"zero_stage": zero_stage(self.ds_config), "epoch": self.global_step / self.steps_per_epoch}
         path = self.checkpointer.save(self.engine, self.global_step, self._client_state(), meta)
         self.last_saved_step = self.global_step
@@ -344,12 +342,10 @@ class Trainer:
             # DeepSpeed's loss scaler ends the run with a bare Exception (on every rank: the
             # overflow is agreed) when it cannot lower the scale any further.
             if self.dtype == torch.float16 and "loss scale already at minimum" in str(err):
-                newest = self.checkpointer.complete_tags()[:1]
                 raise NonFiniteGradientsError(
                     f"fp16: the gradients of step {step} overflowed at the minimum loss scale "
                     f"(fp16.min_loss_scale={self.ds_config['fp16'].get('min_loss_scale', 1)}) after "
-                    f"{self.overflow_total} steps skipped for overflows; stopping without saving. The "
-                    f"checkpoints are untouched; the newest is {newest[0] if newest else 'none (none was saved)'}"
+                    f"{self.overflow_total} steps skipped for overflows; {self._stopping_without_saving()}"
                 ) from err
             raise
         # fp16's loss scaler skips steps while it calibrates: expected, counted apart. In bf16 or
@@ -363,13 +359,16 @@ class Trainer:
         self.nonfinite_total += int(skipped)
         self._log(sums if log_now else None, lr)
         if self.nonfinite_streak >= self.cfg.train.max_nonfinite_steps:
-            newest = self.checkpointer.complete_tags()[:1]
             raise NonFiniteLossError(
                 f"{self.nonfinite_streak} optimizer steps in a row had a non-finite loss (steps "
                 f"{step - self.nonfinite_streak + 1}-{step}, train.max_nonfinite_steps="
-                f"{self.cfg.train.max_nonfinite_steps}); stopping without saving. The checkpoints are "
-                f"untouched; the newest is {newest[0] if newest else 'none (none was saved)'}")
+                f"{self.cfg.train.max_nonfinite_steps}); {self._stopping_without_saving()}")
         self.faults.exit_after(step, self.dist.rank, self.run_dir)
+
+    def _stopping_without_saving(self) -> str:
+        newest = self.checkpointer.complete_tags()[:1]
+        return ("stopping without saving. The checkpoints are untouched; the newest is "
+                f"{newest[0] if newest else 'none (none was saved)'}")
 
     @contextlib.contextmanager
     def _off_the_clock(self):
