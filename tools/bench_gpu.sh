@@ -20,6 +20,7 @@
 # `kernel`). BENCH_DRY_RUN=1 checks a part without a GPU, before a lease is spent on it: the
 # kernel tests are collected, not run; bench_attention runs its CPU smoke shape; bench_step lists
 # its rows and validates each engine row's DeepSpeed config (`--dry-run`).
+# PYTHON=INTERPRETER picks the Python that runs everything (default: python3 on PATH).
 set -euo pipefail
 out=${1:?usage: tools/bench_gpu.sh OUT_DIR [kernel|large|compiled|huge|all|quick]}
 part=${2:-all}
