@@ -91,10 +91,15 @@ def test_bench_step_host_floor_rows_run_bf16_on_cpu_with_the_gpu_deepspeed_file(
                             cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "bf16 matmul peak" in result.stdout
-    baseline, engine = json.loads(out.read_text())["rows"]
+    baseline, plain_mae, engine = json.loads(out.read_text())["rows"]
     assert baseline["config"] == "baseline timm vit_tiny_patch16 SDPA, no DS, no MTO width 32"
+    assert plain_mae["config"] == "baseline MAE vit_tiny_patch16 plain PyTorch, no DS, no MTO width 32"
     assert engine["config"] == "mae ZeRO-1 MTO off width 32"
     assert baseline["launches"]["after"] <= 3 and baseline["launches"]["syncs"] == 0  # fused AdamW
+    # The same MAE model and FLOPs with and without DeepSpeed: the plain loop's optimizer is a few
+    # fused kernels, DeepSpeed's step loops over the gradient tensors.
+    assert plain_mae["tflops"] * plain_mae["step_ms"] == pytest.approx(engine["tflops"] * engine["step_ms"])
+    assert plain_mae["launches"]["after"] <= 5 and plain_mae["launches"]["syncs"] == 1  # MAE's visible count
     assert engine["launches"]["after"] > 100 and engine["step_ms"] > 0  # DeepSpeed's per-tensor loops
 
 
@@ -129,6 +134,9 @@ def test_bench_step_compares_mto_on_with_off_and_each_row_with_the_baseline():
                              "MTO overhead, simmim ZeRO-2 MTO on [sdpa]: +1.0% step time",
                              "speed vs baseline, simmim ZeRO-2 MTO on [sdpa]: 0.99x",
                              "speed vs baseline, simmim ZeRO-2 MTO off: 1.00x"]
+    # MAE against its own plain twin (the same model without DeepSpeed), never the timm encoder.
+    plain = {"config": "baseline MAE vit plain PyTorch, no DS, no MTO", "images_per_sec": 25.0, "step_ms": 40.0}
+    assert compare(rows[:1] + [plain] + rows[4:]) == ["speed vs plain MAE, mae ZeRO-2 MTO on: 0.80x"]
 
 
 def test_kernel_busy_share_counts_overlapping_kernels_once_and_gaps_as_idle():
@@ -170,6 +178,7 @@ def test_bench_gpu_script_checks_every_part_without_a_gpu_before_a_lease_is_spen
     assert "sdpa-stats-padded" in (quick / "attention.md").read_text()
     assert _table_rows(quick / "vit_l_quick.md") == [
         "baseline timm vit_large_patch16 SDPA, no DS, no MTO",
+        "baseline MAE vit_large_patch16 plain PyTorch, no DS, no MTO",
         "simmim ZeRO-1 MTO on", "simmim ZeRO-1 MTO on [sdpa]", "simmim ZeRO-1 MTO off",
         "mae ZeRO-1 MTO on", "mae ZeRO-1 MTO on [sdpa]", "mae ZeRO-1 MTO off"]
     assert _table_rows(quick / "mae_compute_grad_norm.md") == [
@@ -180,7 +189,7 @@ def test_bench_gpu_script_checks_every_part_without_a_gpu_before_a_lease_is_spen
     assert _table_rows(quick / "host_floor.md") == [f"{name} width 64" for name in _table_rows(quick / "vit_l_quick.md")]
     assert _table_rows(quick / "host_floor_noncontiguous.md") == [
         f"{method} ZeRO-1 MTO off width 64 zero_optimization.contiguous_gradients=false" for method in ("simmim", "mae")]
-    assert len(_table_rows(full / "vit_l.md")) == 1 + 2 * 2 * 2  # baseline + method x stage x MTO
+    assert len(_table_rows(full / "vit_l.md")) == 2 + 2 * 2 * 2  # two baselines + method x stage x MTO
     assert _table_rows(full / "vit_l_compiled.md")[0].endswith("compiled")
     for batch in (64, 128):
         huge = (full / f"vit_h_b{batch}.md").read_text()

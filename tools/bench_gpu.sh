@@ -10,7 +10,8 @@
 #   tools/bench_gpu.sh OUT_DIR all        # the four in order
 #   tools/bench_gpu.sh OUT_DIR quick      # about 11 minutes (estimated, not yet run): CUDA tests of both statistics paths,
 #                                         # bench_attention, ViT-L SimMIM + MAE ZeRO-1 with MTO off, on
-#                                         # (fused kernel) and on (sdpa statistics), profiled; the same
+#                                         # (fused kernel) and on (sdpa statistics) beside the plain timm
+#                                         # and plain MAE baselines, profiled; the same
 #                                         # rows' host floor (width 64); MAE with DeepSpeed's host-side
 #                                         # options changed, and at batch 256
 #

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Train-step benchmark: images/s, TFLOP/s, MFU, peak memory and data wait, side by side with a
-plain baseline (the same timm ViT, SDPA, no DeepSpeed, no MTO) in the same run.
+"""Train-step benchmark: images/s, TFLOP/s, MFU, peak memory and data wait, side by side with
+plain baselines in the same run: the same timm ViT (SDPA, no DeepSpeed, no MTO), and with MAE rows
+the same MAE model in plain PyTorch (bf16 autocast, fused AdamW, no DeepSpeed, no MTO).
 
     python tools/bench_step.py --arch vit_large_patch16 --method simmim mae --mto on off \\
         --zero 2 3 --batch 128 --steps 20             # on a GPU (bf16)
@@ -261,6 +262,27 @@ def bench_baseline(arch, img, batch, device, dtype, compiled, width=None):
     return step, flops, base, lambda: None
 
 
+def bench_plain_mae(arch, img, batch, device, dtype, compiled, width=None):
+    """MAE's plain twin: the project's MAE model with MTO off, trained as facebookresearch/mae's
+    loop does (autocast, AdamW; here bf16 and fused), no DeepSpeed. Set against the MAE engine
+    rows, it tells what DeepSpeed's step adds from what the model's own shapes allow."""
+    from mto_ds.engine.builder import param_groups
+    from mto_ds.models import create_mim_model
+    flops = model_flops_per_image(arch, "mae", img, device, width) * batch
+    base = _allocated(device)
+    model = create_mim_model(arch, "mae", img_size=img, compile_blocks=compiled, **narrowed(width)).to(device)
+    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, fused=True)
+    images, mask = _inputs(model, "mae", batch, img, device, torch.float32)
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = model(images, mask, with_stats=False)["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step, flops, base, lambda: None
+
+
 def set_key(config: dict, assignment: str) -> None:
     """Apply one --ds-set KEY=VALUE (dotted KEY, JSON VALUE) to a DeepSpeed config dict."""
     key, sep, value = assignment.partition("=")
@@ -395,7 +417,7 @@ def main():
                    help="the data-wait column's source (synthetic renders images in Python: slower than "
                         "FFCV's JPEG decoding, so its wait is an upper bound); none: not measured")
     p.add_argument("--data-path", help="the ImageFolder or .beton for --data folder/ffcv")
-    p.add_argument("--no-baseline", action="store_true", help="skip the plain timm baseline row")
+    p.add_argument("--no-baseline", action="store_true", help="skip the plain baseline rows (timm; MAE's with --method mae)")
     p.add_argument("--json", help="also write the rows here (rewritten after every row)")
     p.add_argument("--ds-set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the shipped DeepSpeed config in the engine rows, e.g. "
@@ -488,7 +510,7 @@ def main():
                            "comparisons": compare(rows)}, f, indent=1)
 
     def method_of(name):
-        return "mae" if name.startswith("mae") else "simmim"
+        return "mae" if name.startswith(("mae", "baseline MAE")) else "simmim"
 
     print(f"| config | images/s | step ms (spread of {WINDOWS} windows) | TFLOP/s | MFU | peak GiB allocated / reserved | "
           f"data wait ({args.data}, {args.workers} workers) | GPU busy | launches forward / backward / after (syncs) |"
@@ -499,6 +521,8 @@ def main():
             print(f"| {name} | not run: {what} |", flush=True)
         elif kind == "baseline":
             run(name, bench_baseline, args.arch, args.img, args.batch, device, dtype, args.compile, args.width)
+        elif kind == "plain_mae":
+            run(name, bench_plain_mae, args.arch, args.img, args.batch, device, dtype, args.compile, args.width)
         else:
             method, zero, mto, kernel = what
             run(name, bench_engine, args.arch, method, mto, zero, args.img, args.batch, device, dtype,
@@ -510,13 +534,16 @@ def main():
 
 
 def planned_rows(args) -> list:
-    """The rows of a run, in order, as (name, kind, what): kind "baseline" (what: None), "engine"
-    (what: (method, ZeRO stage, MTO on, mto.kernel)) or "refused" (what: why it cannot run)."""
+    """The rows of a run, in order, as (name, kind, what): kind "baseline" or "plain_mae" (what:
+    None), "engine" (what: (method, ZeRO stage, MTO on, mto.kernel)) or "refused" (what: why it
+    cannot run)."""
     suffix = (" compiled" if args.compile else "") + ("" if args.width is None else f" width {args.width}")
     engine_suffix = suffix + "".join(f" {a}" for a in args.ds_set)
     rows = []
     if not args.no_baseline:
         rows.append((f"baseline timm {args.arch} SDPA, no DS, no MTO{suffix}", "baseline", None))
+        if "mae" in args.method:
+            rows.append((f"baseline MAE {args.arch} plain PyTorch, no DS, no MTO{suffix}", "plain_mae", None))
     for method in args.method:
         for zero in args.zero:
             if args.compile and zero == 3:
@@ -540,8 +567,9 @@ def dry_run(args) -> int:
     for name, kind, what in planned_rows(args):
         if kind == "refused":
             detail = f"not run: {what}"
-        elif kind == "baseline":
-            detail = f"would run: timm {args.arch}, {args.img} px, batch {args.batch}"
+        elif kind in ("baseline", "plain_mae"):
+            model = "timm" if kind == "baseline" else "MAE, plain PyTorch:"
+            detail = f"would run: {model} {args.arch}, {args.img} px, batch {args.batch}"
         else:
             method, zero, mto, kernel = what
             try:
@@ -563,19 +591,21 @@ def _compiled_frames() -> int:
 
 
 def compare(rows) -> list:
-    """The two relative targets, from the rows: MTO's share of step time (on vs off, same method
-    and stage) and SimMIM's speed relative to the plain baseline (the same encoder over all
-    tokens; MAE's encoder sees a quarter of them and adds a decoder, so it has no such twin)."""
+    """The relative figures, from the rows: MTO's share of step time (on vs off, same method and
+    stage), SimMIM's speed relative to the plain timm baseline (the same encoder over all tokens)
+    and MAE's relative to the plain MAE (the same model without DeepSpeed or MTO)."""
     timed = {r["config"]: r for r in rows if "step_ms" in r}
     lines = []
-    baseline = next((r for name, r in timed.items() if name.startswith("baseline")), None)
+    baselines = {"simmim": ("baseline timm", "speed vs baseline"), "mae": ("baseline MAE", "speed vs plain MAE")}
     for name, row in timed.items():
         twin = re.sub(r" MTO on( \[\w+\])?", " MTO off", name)
         if " MTO on" in name and twin in timed:
             off = timed[twin]
             lines.append(f"MTO overhead, {name}: {100 * (row['step_ms'] / off['step_ms'] - 1):+.1f}% step time")
-        if baseline is not None and name.startswith("simmim"):
-            lines.append(f"speed vs baseline, {name}: {row['images_per_sec'] / baseline['images_per_sec']:.2f}x")
+        prefix, label = baselines.get(name.split(" ", 1)[0], (None, None))
+        baseline = next((r for other, r in timed.items() if prefix and other.startswith(prefix)), None)
+        if baseline is not None:
+            lines.append(f"{label}, {name}: {row['images_per_sec'] / baseline['images_per_sec']:.2f}x")
     return lines
 
 
