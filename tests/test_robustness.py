@@ -733,3 +733,21 @@ def test_a_logged_step_with_a_nonfinite_loss_leaves_the_progress_bar_and_summary
         None, 0.75, 0.5, None]
     summary = telemetry.summary(tmp_path, 10.0, None)
     assert "0.7500 (step 2) -> 0.5000 (step 3)" in summary
+
+
+def test_pruning_a_universal_conversion_removes_the_latest_universal_pointer_that_names_it(tmp_path):
+    # ROBUSTNESS.md: `latest_universal` names the newest universal conversion. A run resumed
+    # from another world size's checkpoint kept the pointer after pruning deleted its folder.
+    ckpt = tmp_path / "checkpoints"
+    for step in (2, 3, 4):
+        (ckpt / f"step_{step:08d}").mkdir(parents=True)
+        (ckpt / f"step_{step:08d}" / MARKER).write_text(json.dumps({"step": step, "world_size": 1}))
+    (ckpt / "step_00000002_universal").mkdir()
+    (ckpt / "latest_universal").write_text("step_00000002_universal")
+    Checkpointer(ckpt, keep_last=2, rank=0, world_size=1)._prune()
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step_00000003", "step_00000004"]
+
+    (ckpt / "step_00000004_universal").mkdir()
+    (ckpt / "latest_universal").write_text("step_00000004_universal")
+    Checkpointer(ckpt, keep_last=2, rank=0, world_size=1)._prune()
+    assert (ckpt / "latest_universal").read_text() == "step_00000004_universal"

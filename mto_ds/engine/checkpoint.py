@@ -190,6 +190,10 @@ class Checkpointer:
             match = PRUNABLE.fullmatch(path.name)
             if match and (match.group(1) not in keep or match.group(3)):
                 shutil.rmtree(path, ignore_errors=True)
+        # A pointer to a conversion just removed would send DeepSpeed's tools to nothing.
+        pointer = self.dir / "latest_universal"
+        if pointer.is_file() and not (self.dir / pointer.read_text().strip()).is_dir():
+            pointer.unlink()
 
     # --- resuming -----------------------------------------------------------------------
     def candidates(self, resume: str, env=os.environ) -> List[Path]:
