@@ -68,3 +68,18 @@ def test_exported_encoder_loads_into_timm_without_missing_keys(tmp_path):
     assert not missing.missing_keys and not missing.unexpected_keys
     loaded = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=64, checkpoint_path=str(out))
     torch.testing.assert_close(loaded.blocks[0].attn.qkv.weight, state["blocks.0.attn.qkv.weight"])
+
+
+def test_every_python_tool_runs_from_a_checkout_without_installing():
+    # `python -S` with only site-packages on the path skips the editable install's .pth, as on a
+    # machine where the checkout was never installed: mto_ds is found only through the tool's own
+    # path entry for the checkout. export_encoder, epoch_study and plan_run lacked it.
+    site_packages = next(p for p in sys.path if p.endswith("site-packages"))
+    env = {**cpu_env(), "PYTHONPATH": site_packages}
+    failed = {}
+    for tool in sorted((REPO / "tools").glob("*.py")):
+        result = subprocess.run([sys.executable, "-S", str(tool), "--help"], cwd=REPO, env=env,
+                                capture_output=True, text=True, timeout=300)
+        if result.returncode != 0 or "usage:" not in result.stdout:
+            failed[tool.name] = result.stderr[-300:]
+    assert failed == {}

@@ -29,9 +29,13 @@ import sys
 from pathlib import Path
 from typing import List
 
-from mto_ds.config import ConfigError
-from mto_ds.eval.study import METRICS, StudyError, assemble, find_run_dirs, load_run, write_report
-from mto_ds.eval.study_runs import (ChildRunner, evaluate_last_checkpoints, not_evaluated_at_budget, plan_runs,
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from mto_ds.config import ConfigError  # noqa: E402
+from mto_ds.eval.study import (METRICS, StudyError, assemble, find_run_dirs, load_run,  # noqa: E402
+                               write_report)
+from mto_ds.eval.study_runs import (ChildRunner, evaluate_last_checkpoints,  # noqa: E402
+                                    not_evaluated_at_budget, plan_runs,
                                     resume_conflicts, run_study)
 
 

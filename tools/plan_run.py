@@ -28,6 +28,8 @@ import math
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
 IMAGENET_TRAIN = 1_281_167
 DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
 
