@@ -348,3 +348,20 @@ def _build_loader_in_fresh_process(beton, prelude: str, num_workers: int, report
                             env=cpu_env(PYTHONPATH=str(REPO)), timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout.splitlines()
+
+
+def test_too_many_decoding_threads_end_pretrain_as_a_config_error_exit_2(beton, tmp_path):
+    """README/ROBUSTNESS: a bad value stops the run with a message naming the key and exit code
+    2. The thread limit is the rank's own, so it is found when the loader is built, not when the
+    config loads; it ended as a ValueError traceback with exit code 1."""
+    import numba
+
+    from conftest import pretrain
+
+    limit = numba.config.NUMBA_NUM_THREADS
+    result = pretrain(tmp_path / "run", "data.source=ffcv", f"data.path={beton[0]}",
+                      f"data.num_workers={limit + 1}", "train.steps=1", check=False,
+                      env_extra={"NUMBA_NUM_THREADS": str(limit)})
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"mto-ds: config error: data.num_workers={limit + 1}: " in result.stderr
+    assert "Traceback" not in result.stderr

@@ -32,6 +32,7 @@ from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage  # noqa: E
 from ffcv.traversal_order import QuasiRandom  # noqa: E402
 from ffcv.traversal_order.base import TraversalOrder  # noqa: E402
 
+from ..config import ConfigError  # noqa: E402
 from .ffcv_crop import SeededResizedCropDecoder  # noqa: E402
 from .loader import MaskFn, batch_masks  # noqa: E402
 from .order import rank_indices, steps_per_epoch  # noqa: E402
@@ -105,7 +106,7 @@ class FFCVPretrainLoader:
         # FFCV would read 0 as the machine's cores, which numba refuses where a rank is bound to fewer.
         threads = numba.config.NUMBA_NUM_THREADS
         if num_workers > threads:
-            raise ValueError(f"data.num_workers={num_workers}: FFCV decodes in numba's threads, at most "
+            raise ConfigError(f"data.num_workers={num_workers}: FFCV decodes in numba's threads, at most "
                              f"{threads} on this machine; set it lower (0 means all {threads})")
         num_workers = num_workers or threads
         path = Path(path)
