@@ -187,3 +187,22 @@ def test_folder_eval_images_convert_odd_files_as_pretraining_does(tmp_path):
     Image.new("RGBA", (20, 20), (255, 0, 0, 0)).save(tmp_path / "cat" / "clear.png")  # fully transparent
     image, label = FolderEvalImages(tmp_path, 16, max_images=1, seed=0)[0]
     assert label == 0 and image.min() == 255  # composited over white (read_rgb), not its hidden red
+
+
+def test_evaluation_during_pretraining_without_its_folders_is_refused_before_the_first_step(tmp_path):
+    """README: a bad value fails before any work. The missing val/ of a folder run with
+    eval.every_epochs was found at the first evaluation, after a whole epoch of training."""
+    import json
+
+    from conftest import pretrain
+
+    _image_folder(tmp_path / "data", {"train": {"cat": 8, "dog": 8}})
+    run = tmp_path / "run"
+    result = pretrain(run, "data.source=folder", f"data.path={tmp_path / 'data' / 'train'}", "data.num_workers=0",
+                      "eval.every_epochs=1", "train.epochs=1", "train.global_batch_size=8", "model.img_size=32",
+                      "model.mask_patch_size=16", check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "mto-ds: config error: bad value for 'eval.every_epochs'" in result.stderr
+    assert str(tmp_path / "data" / "val") in result.stderr and "Traceback" not in result.stderr
+    assert json.loads((run / "state.json").read_text())["step"] is None
+    assert not (run / "metrics.jsonl").exists() or (run / "metrics.jsonl").read_text() == ""

@@ -159,6 +159,13 @@ class Trainer:
         if problem:
             raise ConfigError(f"run.output_dir={cfg.run.output_dir} must be one directory that every rank "
                               f"sees (shared storage, not a node-local disk): {problem}")
+        if cfg.eval.every_epochs:  # not found at the first evaluation, an epoch of training later
+            from ..eval.datasets import missing_eval_folders
+            missing = missing_eval_folders(cfg)
+            if missing:
+                raise ConfigError(f"bad value for 'eval.every_epochs': evaluating during pre-training needs the "
+                                  f"labelled ImageFolders {' and '.join(missing)} (set eval.path to the root of "
+                                  f"train/ and val/, or eval.every_epochs=0)")
         torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
         m = cfg.model
         model = create_mim_model(m.arch, m.method, img_size=m.img_size, mto=cfg.mto, drop_path=m.drop_path,
