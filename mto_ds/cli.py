@@ -55,7 +55,11 @@ def main(argv=None) -> int:
     if args.command == "export":
         _setup_environment()
         from .engine.export import export_encoder
-        print(export_encoder(args.run_dir, args.out))
+        try:
+            print(export_encoder(args.run_dir, args.out))
+        except FileNotFoundError as err:  # a path given on the command line: its message names it
+            print(f"mto-ds: {err}", file=sys.stderr)
+            return 2
         return 0
     try:
         cfg = load_config(args.config, args.overrides)
@@ -81,7 +85,11 @@ def main(argv=None) -> int:
     from .engine.distributed import init_distributed, shutdown_distributed
     from .eval.run import run_eval
     init_distributed()  # eval shards its feature extraction across ranks when launched on several
-    result = run_eval(cfg, args.checkpoint, args.finetune_epochs)
+    try:
+        result = run_eval(cfg, args.checkpoint, args.finetune_epochs)
+    except FileNotFoundError as err:  # --checkpoint or the evaluation folders: its message names it
+        print(f"mto-ds: {err}", file=sys.stderr)
+        return 2
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result))
     shutdown_distributed()

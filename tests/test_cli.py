@@ -41,6 +41,16 @@ def test_fused_mto_kernel_without_a_gpu_is_a_config_error_naming_the_key(tmp_pat
         assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_eval_and_export_name_a_missing_checkpoint_or_folder_with_exit_2_not_a_traceback(tmp_path):
+    missing = tmp_path / "no-run"
+    result = _cli("eval", "--config", "configs/demo.yaml", "--checkpoint", str(missing))
+    assert result.returncode == 2 and f"checkpoint not found: {missing}" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = _cli("export", str(missing), str(tmp_path / "encoder.pt"))
+    assert result.returncode == 2 and str(missing) in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "encoder.pt").exists()
+
+
 def test_the_readmes_deepspeed_launcher_command_trains(tmp_path):
     """`deepspeed --module mto_ds pretrain ...` runs `python -m mto_ds --local_rank=0 pretrain ...`:
     the flag comes before the command, which the CLI refused ("unrecognized arguments")."""
