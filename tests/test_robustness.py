@@ -677,15 +677,18 @@ def test_a_run_directory_that_not_every_rank_sees_is_found_before_training(tmp_p
 
 def test_a_final_evaluation_cut_short_is_done_by_the_next_start_and_only_then_is_the_run_finished(tmp_path):
     """The checkpoint of an epoch's last step is saved before that epoch's evaluation. When the
-    evaluation fails (here: its data is missing; in practice also a kill or a stop signal), the
-    run must not say finished, and the next start, with nothing left to train, evaluates it
-    (the study's point for that epoch was lost for good before). A third start adds nothing."""
+    evaluation fails (here: its folders hold no images; in practice also a kill or a stop
+    signal), the run must not say finished, and the next start, with nothing left to train,
+    evaluates it (the study's point for that epoch was lost for good before). A third start
+    adds nothing."""
     from mto_ds.engine.telemetry import evaluation_logged
     run = tmp_path / "run"
     small = ("data.synthetic_images=64", "train.epochs=1", "checkpoint.every_steps=2", "eval.every_epochs=1",
              "eval.num_train=32", "eval.num_val=16", "eval.linear_epochs=2", "run.log_every=1",
              "run.progress_bar=false")
     cmd = [sys.executable, "-m", "mto_ds", "pretrain", "--config", "configs/demo.yaml", f"run.output_dir={run}", *small]
+    for split in ("train", "val"):  # present, so set-up accepts them; empty, so the evaluation fails
+        (tmp_path / "no_eval_images" / split).mkdir(parents=True)
     broken = subprocess.run([*cmd, f"eval.path={tmp_path / 'no_eval_images'}"], cwd=REPO, env=cpu_env(),
                             capture_output=True, text=True, timeout=300)
     assert broken.returncode == 1 and "no_eval_images" in broken.stderr
