@@ -246,13 +246,7 @@ def bench_baseline(arch, img, batch, device, dtype, compiled, width=None):
                               **narrowed(width).get("encoder_overrides", {})).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # one kernel, on CPU too
     x = torch.randn(batch, 3, img, img, device=device)
-
-    def step():
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = model.forward_features(x).float().pow(2).mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    step = _plain_step(lambda: model.forward_features(x).float().pow(2).mean(), opt, device, dtype)
     # Counted before compiling: dynamo does not compile a frame first called under a dispatch
     # mode such as FlopCounterMode, and would leave the "compiled" baseline eager for good.
     flops = step_flops(step)
@@ -273,14 +267,20 @@ def bench_plain_mae(arch, img, batch, device, dtype, compiled, width=None):
     model = create_mim_model(arch, "mae", img_size=img, compile_blocks=compiled, **narrowed(width)).to(device)
     opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, fused=True)
     images, mask = _inputs(model, "mae", batch, img, device, torch.float32)
+    step = _plain_step(lambda: model(images, mask, with_stats=False)["loss"], opt, device, dtype)
+    return step, flops, base, lambda: None
 
+
+def _plain_step(loss_fn, opt, device, dtype):
+    """A plain PyTorch training step, as the reference repositories write it: the loss under
+    autocast (off in float32), backward, optimizer step, gradients set to None."""
     def step():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = model(images, mask, with_stats=False)["loss"]
+            loss = loss_fn()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return step, flops, base, lambda: None
+    return step
 
 
 def set_key(config: dict, assignment: str) -> None:
