@@ -403,20 +403,23 @@ class Trainer:
     def _evaluation_pending(self) -> bool:
         """Whether the current step ends an epoch whose evaluation is due and not in metrics.jsonl.
         Rank 0 reads the file and tells the others: they evaluate together."""
-        every = self.cfg.eval.every_epochs
-        epoch, into_epoch = divmod(self.global_step, self.steps_per_epoch)
-        if not every or self.global_step == 0 or into_epoch or epoch % every:
+        if not self._evaluation_due():
             return False
         pending = [self.dist.rank != 0 or not evaluation_logged(self.run_dir / "metrics.jsonl", self.global_step)]
         if dist.is_initialized() and self.dist.world_size > 1:
             dist.broadcast_object_list(pending, src=0, device=self.dist.device)
         return pending[0]
 
-    def _maybe_evaluate(self) -> None:
+    def _evaluation_due(self) -> bool:
+        """Whether the current step ends an epoch that eval.every_epochs evaluates."""
         every = self.cfg.eval.every_epochs
-        epoch = self.global_step // self.steps_per_epoch
-        if not every or epoch % every:
+        epoch, into_epoch = divmod(self.global_step, self.steps_per_epoch)
+        return bool(every) and self.global_step > 0 and not into_epoch and epoch % every == 0
+
+    def _maybe_evaluate(self) -> None:
+        if not self._evaluation_due():
             return
+        epoch = self.global_step // self.steps_per_epoch
         from ..eval import evaluate  # eval is optional on the hot path; imported when asked for
         encoder = self.engine.module.encoder
         gathered = contextlib.nullcontext()
