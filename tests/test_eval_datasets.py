@@ -72,6 +72,21 @@ def cfg_args(root):
             f"data.path={root / 'train'}", "eval.num_train=7", "eval.num_val=100"]
 
 
+def test_a_class_folder_missing_from_val_keeps_the_train_label_of_every_other_class(tmp_path):
+    # val/ without "dog": listed on its own, "fox" would become label 1, which is "dog" in train/.
+    _image_folder(tmp_path, {"train": {"cat": 2, "dog": 2, "fox": 2}, "val": {"cat": 1, "fox": 2}})
+    train, val = build_eval_sets(load_config(None, cfg_args(tmp_path)))
+    assert train.classes == val.classes == ["cat", "dog", "fox"]
+    assert train.num_classes == val.num_classes == 3
+    assert [val[i][1] for i in range(3)] == [0, 2, 2]
+
+
+def test_a_val_class_folder_that_train_lacks_is_refused_naming_it(tmp_path):
+    _image_folder(tmp_path, {"train": {"cat": 2, "dog": 2}, "val": {"cat": 1, "emu": 1, "dog": 1}})
+    with pytest.raises(ValueError, match=r"/val has class folders that the training split lacks: emu"):
+        build_eval_sets(load_config(None, cfg_args(tmp_path)))
+
+
 def test_folder_without_a_val_split_fails_naming_it(tmp_path):
     _image_folder(tmp_path, {"train": {"cat": 1, "dog": 1}})
     cfg = load_config(None, ["data.source=folder", f"data.path={tmp_path / 'train'}"])

@@ -11,7 +11,9 @@ evaluation view, 224 of 256).
 - data.source=folder or ffcv: ImageFolders ROOT/train and ROOT/val, ROOT = eval.path or,
   for folder, the parent of data.path (data.path=IMAGENET/train: ROOT=IMAGENET), each
   reduced to eval.num_train / eval.num_val images by a draw with a fixed seed when it holds
-  more (set them to the split sizes or larger for the full protocol). Listed and decoded as
+  more (set them to the split sizes or larger for the full protocol). Labels are train's class
+  folders sorted by name; val's follow them by name, so a val without some class folder keeps
+  every other class's label (a val folder that train lacks is refused). Listed and decoded as
   pre-training's folder source is (`ImageFolderSource`), so both agree on what is a sample and
   convert odd files alike; an undecodable image is an item of None, named in a warning, which
   the evaluation loaders leave out of its batch (features.sharded_batches).
@@ -58,11 +60,25 @@ class SyntheticEvalImages(Dataset):
 
 class FolderEvalImages(Dataset):
     """An ImageFolder split (class = sub-folder), optionally a seeded subset of it, center-resized;
-    an undecodable image gives None (see the module doc)."""
+    an undecodable image gives None (see the module doc).
 
-    def __init__(self, root: Path, img_size: int, max_images: int, seed: int):
+    `classes`: the label order to use (the train split's), when this split may lack some of its
+    folders; a folder not among them is refused.
+    """
+
+    def __init__(self, root: Path, img_size: int, max_images: int, seed: int,
+                 classes: Optional[Sequence[str]] = None):
         self.source = ImageFolderSource(root)
-        self.img_size, self.classes = img_size, self.source.classes
+        self.img_size = img_size
+        self.classes = list(classes) if classes is not None else self.source.classes
+        # Labels by class name: a val/ without one of train/'s folders would otherwise shift every
+        # later class down by one, and the probes would score right predictions as wrong.
+        index = {name: i for i, name in enumerate(self.classes)}
+        unknown = [name for name in self.source.classes if name not in index]
+        if unknown:
+            raise ValueError(f"{root} has class folders that the training split lacks: {', '.join(unknown)} "
+                             "(a classifier fitted on the training split cannot predict them)")
+        self._label_of = [index[name] for name in self.source.classes]
         self.num_classes = len(self.classes)
         count = len(self.source)
         if max_images < count:  # sorted: a subset read in directory order stays sequential on disk
@@ -78,7 +94,7 @@ class FolderEvalImages(Dataset):
         pixels = self.source.image(index)
         if pixels is None:  # undecodable: the source has named it; the loader's collate leaves it out
             return None
-        return center_resize(Image.fromarray(pixels), self.img_size), self.source.label(index)
+        return center_resize(Image.fromarray(pixels), self.img_size), self._label_of[self.source.label(index)]
 
 
 def build_eval_sets(cfg) -> Tuple[Dataset, Dataset]:
@@ -101,9 +117,7 @@ def build_eval_sets(cfg) -> Tuple[Dataset, Dataset]:
     root = eval_root(cfg)
     # Subsets drawn with a fixed seed, not run.seed: runs of a study compared on one evaluation set.
     train = FolderEvalImages(root / "train", size, ev.num_train, EVAL_SUBSET_SEED)
-    val = FolderEvalImages(root / "val", size, ev.num_val, EVAL_SUBSET_SEED)
-    if train.classes != val.classes:
-        raise ValueError(f"{root}/train and {root}/val have different class folders")
+    val = FolderEvalImages(root / "val", size, ev.num_val, EVAL_SUBSET_SEED, classes=train.classes)
     return train, val
 
 
