@@ -126,6 +126,25 @@ def test_seeds_are_paired_and_averaged(tmp_path):
                                            / 2 ** 0.5)
 
 
+def test_the_spread_over_seeds_states_how_many_seeds_each_number_is_over(tmp_path):
+    # Seed 2's MTO never reaches its baseline's final accuracy: its epochs-to-baseline and saving are
+    # missing, so their spread is over 2 of the 3 seeds, which the report must say, not hide.
+    for seed, mto_knn in ((0, MTO_KNN), (1, MTO_KNN), (2, {e: v - 30 for e, v in MTO_KNN.items()})):
+        fake_run(tmp_path / f"b{seed}", mto=False, seed=seed, knn=BASELINE_KNN)
+        fake_run(tmp_path / f"m{seed}", mto=True, seed=seed, knn=mto_knn)
+    study = assemble([load_run(d) for d in find_run_dirs([tmp_path])])
+    assert study.seeds == [0, 1, 2]
+    assert study.std_counts["rauc"] == 3 and study.std_counts["epoch_saving"] == 2
+    text = study_module.summary_markdown(study, "c.png", "h.png")
+    rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
+    assert "| mean of 3 seeds" in rows and "| std over 3 seeds" in rows
+    assert " 0.00 (2 of 3) " in rows["| std over 3 seeds"]  # epochs to baseline: 2 and 2
+    assert "never (to epoch 4)" in rows["| seed 2"]
+    paths = study_module.write_report(study, tmp_path / "report")
+    summary = json.loads(paths["summary.json"].read_text())
+    assert summary["seeds"] == [0, 1, 2] and summary["std_counts"]["epoch_saving"] == 2
+
+
 def test_budget_points_come_only_from_finished_runs_evaluated_at_their_budget(tmp_path):
     for budget in (2, 4):
         fake_run(tmp_path / f"mto-ep{budget}", mto=True, epochs=budget, knn={budget: MTO_KNN[budget]})

@@ -191,6 +191,10 @@ class Study:
     mean_curves: Dict[str, Curve]
     runs: List[Run]
     warnings: List[str]
+    seeds: List[int] = field(default_factory=list)   # the seeds with both curves: compared, averaged
+    # How many of `seeds` each "std over seeds" number is over: a seed where MTO never reached
+    # the baseline has no epochs-to-baseline, and leaving it out silently would narrow the spread.
+    std_counts: Dict[str, int] = field(default_factory=dict)
 
 
 def config_differences(a: Dict[str, object], b: Dict[str, object], ignore: Sequence[str] = ()) -> List[str]:
@@ -309,17 +313,47 @@ def assemble(runs: List[Run], metric: str = "knn_top1", mode: str = "auto") -> S
     if len(mean_curves) == 2:
         numbers["mean"] = compare_curves(*mean_curves["baseline"], *mean_curves["mto"])
     per_seed = [n for name, n in numbers.items() if name.startswith("seed ")]
+    std_counts: Dict[str, int] = {}
     if len(per_seed) > 1:  # the spread the mean hides: sample std over the seeds that have a value
-        numbers["std over seeds"] = {
-            key: (float(np.std(values, ddof=1)) if len(values) > 1 else None)
-            for key in per_seed[0] for values in [[n[key] for n in per_seed if n[key] is not None]]}
+        numbers["std over seeds"] = {}
+        for key in per_seed[0]:
+            values = [n[key] for n in per_seed if n[key] is not None]
+            numbers["std over seeds"][key] = float(np.std(values, ddof=1)) if len(values) > 1 else None
+            std_counts[key] = len(values)
     return Study(metric=metric, mode=mode, curves=curves, numbers=numbers, mean_curves=mean_curves,
-                 runs=runs, warnings=notes)
+                 runs=runs, warnings=notes, seeds=sorted(paired), std_counts=std_counts)
 
 
 # --- the report ----------------------------------------------------------------------------
 def _fmt(value, spec: str = ".2f") -> str:
     return "n/a" if value is None else format(value, spec)
+
+
+NUMBER_COLUMNS = (("rauc", ".4f"), ("baseline_final_top1", ".2f"), ("baseline_final_epoch", "g"),
+                  ("mto_final_top1", ".2f"), ("mto_epochs_to_baseline", ".2f"),
+                  ("baseline_epochs_to_final", ".2f"), ("epoch_saving", ".1f"))
+
+
+def _numbers_row(study: Study, name: str, n: Dict[str, Optional[float]]) -> str:
+    """One row of the numbers table. The mean and std rows say how many seeds they are over, and
+    a std cell over fewer seeds than that says how many; a curve that never reaches the baseline's
+    final accuracy says so instead of n/a."""
+    seeds = len(study.seeds)
+    spread = name == "std over seeds"
+    label = {"mean": f"mean of {seeds} seed{'s' * (seeds != 1)}",
+             "std over seeds": f"std over {seeds} seeds"}.get(name, name)
+    cells = [label]
+    for key, spec in NUMBER_COLUMNS:
+        value = n[key]
+        if key == "epoch_saving" and value is not None:
+            text = f"{100 * value:.1f} %"
+        elif key == "mto_epochs_to_baseline" and value is None and not spread:
+            text = f"never (to epoch {n['mto_final_epoch']:g})"
+        else:
+            text = _fmt(value, spec)
+        count = study.std_counts.get(key, seeds) if spread else seeds
+        cells.append(text + (f" ({count} of {seeds})" if count < seeds else ""))
+    return "| " + " | ".join(cells) + " |"
 
 
 def summary_markdown(study: Study, curves_png: str, heat_png: str) -> str:
@@ -333,11 +367,7 @@ def summary_markdown(study: Study, curves_png: str, heat_png: str) -> str:
              "baseline epochs to its final | epoch saving |",
              "|---|---|---|---|---|---|---|---|"]
     for name, n in study.numbers.items():
-        lines.append(f"| {name} | {_fmt(n['rauc'], '.4f')} | {_fmt(n['baseline_final_top1'])} | "
-                     f"{_fmt(n['baseline_final_epoch'], 'g')} | {_fmt(n['mto_final_top1'])} | "
-                     f"{_fmt(n['mto_epochs_to_baseline'], '.2f')} | {_fmt(n['baseline_epochs_to_final'], '.2f')} | "
-                     f"{_fmt(None if n['epoch_saving'] is None else 100 * n['epoch_saving'], '.1f')}"
-                     f"{'' if n['epoch_saving'] is None else ' %'} |")
+        lines.append(_numbers_row(study, name, n))
     lines += ["", f"![{metric} vs epoch]({curves_png})", "", f"![per-block heterogeneity]({heat_png})", "",
               f"## Curves ({metric}, %)", "", "| seed | method | epoch: accuracy |", "|---|---|---|"]
     for seed, by_method in sorted(study.curves.items()):
@@ -375,6 +405,7 @@ def write_report(study: Study, out_dir: Path) -> Dict[str, Path]:
     paths["summary.md"].write_text(summary_markdown(study, "curves.png", "heterogeneity.png"))
     paths["summary.json"].write_text(json.dumps({
         "metric": study.metric, "mode": study.mode, "numbers": study.numbers,
+        "seeds": study.seeds, "std_counts": study.std_counts,
         "curves": {str(s): {m: {"epochs": c[0], "values": c[1]} for m, c in by.items()}
                    for s, by in study.curves.items()},
         "runs": [{"path": str(r.path), "method": r.method, "seed": r.seed, "budget": r.budget,
