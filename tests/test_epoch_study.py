@@ -145,6 +145,20 @@ def test_the_spread_over_seeds_states_how_many_seeds_each_number_is_over(tmp_pat
     assert summary["seeds"] == [0, 1, 2] and summary["std_counts"]["epoch_saving"] == 2
 
 
+def test_the_figure_counts_only_the_seeds_its_mean_curve_averages(tmp_path, monkeypatch):
+    from mto_ds.eval import plots
+    for seed in (0, 1):
+        fake_run(tmp_path / f"b{seed}", mto=False, seed=seed, knn=BASELINE_KNN)
+        fake_run(tmp_path / f"m{seed}", mto=True, seed=seed, knn=MTO_KNN)
+    fake_run(tmp_path / "b2", mto=False, seed=2, knn=BASELINE_KNN)  # no MTO partner: not in the mean
+    study = assemble([load_run(d) for d in find_run_dirs([tmp_path])])
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig))
+    plots.plot_curves(tmp_path / "curves.png", study)
+    labels = figures[0].axes[0].get_legend_handles_labels()[1]
+    assert "baseline (mean of 2 seeds)" in labels and "MTO (mean of 2 seeds)" in labels
+
+
 def test_budget_points_come_only_from_finished_runs_evaluated_at_their_budget(tmp_path):
     for budget in (2, 4):
         fake_run(tmp_path / f"mto-ep{budget}", mto=True, epochs=budget, knn={budget: MTO_KNN[budget]})

@@ -37,7 +37,7 @@ def plot_curves(path: Path, study) -> None:
     if several:
         for method, (epochs, values) in study.mean_curves.items():
             ax.plot(epochs, values, marker="o", color=COLORS[method], lw=2.5,
-                    label=f"{LABELS[method]} (mean of {len(study.curves)} seeds)")
+                    label=f"{LABELS[method]} (mean of {len(study.seeds)} seeds)")  # the paired ones only
     numbers = study.numbers.get("mean")
     if numbers:
         ax.axhline(numbers["baseline_final_top1"], color=COLORS["baseline"], ls="--", lw=0.8,
