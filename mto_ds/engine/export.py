@@ -34,7 +34,12 @@ def load_encoder_state(path) -> dict:
     tag_dir = newest_complete(path)
     # Merges ZeRO-1/2/3 partitions into the fp32 master weights (not the bf16 working copy).
     full = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    return {k[len("encoder."):]: v.float().contiguous() for k, v in full.items() if k.startswith("encoder.")}
+    return encoder_state(full)
+
+
+def encoder_state(model_state: dict) -> dict:
+    """A MIM model's state dict -> its encoder's, fp32, with timm's key names (no decoder, no mask token)."""
+    return {k[len("encoder."):]: v.float().contiguous() for k, v in model_state.items() if k.startswith("encoder.")}
 
 
 def export_encoder(run_dir, out) -> str:
