@@ -221,3 +221,18 @@ def test_evaluation_during_pretraining_without_its_folders_is_refused_before_the
     assert str(tmp_path / "data" / "val") in result.stderr and "Traceback" not in result.stderr
     assert json.loads((run / "state.json").read_text())["step"] is None
     assert not (run / "metrics.jsonl").exists() or (run / "metrics.jsonl").read_text() == ""
+
+
+def test_a_subset_smaller_than_the_split_takes_every_class_in_turn_before_a_second_image_of_any(tmp_path):
+    # ImageNet-1k with eval.num_train=1024: a uniform draw leaves about a third of the classes
+    # without a training image, so k-NN and the probe cannot predict them at all.
+    counts = {"a": 40, "b": 3, "c": 10, "d": 1, "e": 25}
+    _image_folder(tmp_path, {"train": counts})
+    images = FolderEvalImages(tmp_path / "train", 16, max_images=9, seed=0)
+    per_class = np.bincount([images.source.labels[i] for i in images.positions], minlength=5)
+    # Two rounds over the five classes (d has one image), then the draw stops at 9.
+    assert sorted(per_class.tolist()) == [1, 2, 2, 2, 2]
+    assert per_class[3] == 1
+    assert images.positions == sorted(images.positions)  # read in directory order
+    again = FolderEvalImages(tmp_path / "train", 16, max_images=9, seed=0)
+    assert again.positions == images.positions
