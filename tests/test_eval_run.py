@@ -102,3 +102,16 @@ def test_eval_section_settings_reach_the_probes(monkeypatch):
     torch.manual_seed(0)
     evaluate(create_encoder("vit_tiny_patch16", img_size=32), cfg, torch.device("cpu"))
     assert seen == {"pooling": "cls", "batch_size": 5, "linear": (3, 0.5)}
+
+
+def test_evaluation_settings_name_the_folders_read_when_synthetic_pretraining_is_evaluated_on_eval_path(tmp_path):
+    # The cached-evaluation key must say which images were read: with eval.path set, those are
+    # its folders (class-balanced subsets), not the synthetic set's counts.
+    from mto_ds.eval.run import evaluation_settings
+    torch.save({}, tmp_path / "none.pt")
+    cfg = load_config(None, ["data.source=synthetic", f"eval.path={tmp_path}"])
+    images = evaluation_settings(cfg, str(tmp_path / "none.pt"), device=torch.device("cpu"))["images"]
+    assert images == {"source": "synthetic", "root": str(tmp_path.resolve()), "subset": "class-balanced"}
+    plain = evaluation_settings(load_config(None, ["data.source=synthetic"]), str(tmp_path / "none.pt"),
+                                device=torch.device("cpu"))["images"]
+    assert set(plain) == {"source", "synthetic_images", "synthetic_classes"}

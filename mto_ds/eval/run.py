@@ -114,8 +114,11 @@ def evaluation_settings(cfg, checkpoint: str, finetune_epochs: int = 0,
     section = dataclasses.asdict(cfg.eval)
     section.pop("every_epochs")  # when pre-training evaluates; run_eval does not read it
     data = cfg.data
-    images = ({"synthetic_images": data.synthetic_images, "synthetic_classes": data.synthetic_classes}
-              if data.source == "synthetic" else {"root": str(eval_root(cfg).resolve())})
+    if data.source == "synthetic" and not cfg.eval.path:
+        images = {"synthetic_images": data.synthetic_images, "synthetic_classes": data.synthetic_classes}
+    else:  # "subset": how build_eval_sets cuts a larger split down; rows cached from the earlier
+        # uniform draw (without this key) are evaluated again.
+        images = {"root": str(eval_root(cfg).resolve()), "subset": "class-balanced"}
     return {"eval": section, "images": {"source": data.source, **images},
             "model": dataclasses.asdict(cfg.model), "seed": cfg.run.seed, "finetune_epochs": finetune_epochs,
             "world_size": rank_and_world()[1], "device": torch.device(device or default_device()).type,
