@@ -145,11 +145,13 @@ def _attempt(fn: Callable, *args) -> Tuple[object, Optional[str]]:
 
 class Checkpointer:
     def __init__(self, directory: Path, keep_last: int, rank: int, world_size: int,
-                 faults: Optional[Faults] = None, zero_stage: Optional[int] = None, local_rank: int = 0):
+                 faults: Optional[Faults] = None, zero_stage: Optional[int] = None, local_rank: int = 0,
+                 model: Optional[dict] = None):
         self.dir, self.keep_last, self.rank, self.world_size = Path(directory), keep_last, rank, world_size
         self.flushes_node = local_rank == 0  # one process per node flushes the node's writes
         self.faults = faults or Faults()
         self.zero_stage = zero_stage  # of this run; a checkpoint of another stage does not load
+        self.model = model  # the config keys that shape this run's weights, as complete.json records them
 
     def complete_tags(self, root: Optional[Path] = None) -> List[Path]:
         """Complete checkpoints, newest first."""
@@ -247,6 +249,7 @@ class Checkpointer:
                               f"ZeRO-{self.zero_stage} (deepspeed.config); DeepSpeed loads a checkpoint "
                               f"only into the stage it was saved with (the universal format does not "
                               f"bridge stages either); resume with a ZeRO-{saved_stage} config")
+        self._check_model(tag_dir if problem is None else None)
         universal = problem is None and read_marker(tag_dir)["world_size"] != self.world_size
         if universal:  # saved on another world size: DeepSpeed's universal format re-partitions it
             if self.rank == 0:
@@ -268,6 +271,20 @@ class Checkpointer:
         engine._config.load_universal_checkpoint = universal
         client, problem = _attempt(self._load, engine, source)
         return client, agree(problem)
+
+    def _check_model(self, tag_dir: Optional[Path]) -> None:
+        """A checkpoint of another model (arch, method, image size) cannot load: DeepSpeed's error
+        would call every checkpoint damaged. Only keys both record are compared (MAE's decoder keys
+        against a SimMIM checkpoint would only repeat the method)."""
+        saved = read_marker(tag_dir).get("model") if tag_dir is not None else None
+        if saved is None or self.model is None:
+            return  # saved before checkpoints named their model: DeepSpeed's load decides
+        changed = [f"{k}={saved[k]} there, {self.model[k]} here" for k in saved
+                   if k in self.model and saved[k] != self.model[k]]
+        if changed:
+            raise ConfigError(f"checkpoint {tag_dir} holds another model than this run builds ("
+                              f"{'; '.join(changed)}): its weights do not fit. Resume with the saved "
+                              f"values, or start the new model in another run.output_dir")
 
     def _universal_for(self, tag_dir: Path) -> Path:
         """Where the universal conversion of `tag_dir` goes: beside it for this run's own

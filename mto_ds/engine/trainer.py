@@ -186,7 +186,8 @@ class Trainer:
         self.ds_config = deepspeed_config(cfg, self.batch)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep_last,
                                          self.dist.rank, self.dist.world_size, self.faults,
-                                         zero_stage(self.ds_config), local_rank=self.dist.local_rank)
+                                         zero_stage(self.ds_config), local_rank=self.dist.local_rank,
+                                         model=self._model_keys())
         candidates = self.checkpointer.candidates(cfg.checkpoint.resume)
         mark_zero3_leaf_blocks(model, self.ds_config)
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
@@ -207,6 +208,15 @@ class Trainer:
                  zero_stage(self.ds_config), precision(self.ds_config))
 
     # --- checkpoints -------------------------------------------------------------------
+    def _model_keys(self) -> dict:
+        """The settings that decide the shapes of the weights, saved in complete.json: a resume
+        with others is refused by name instead of failing in DeepSpeed's load."""
+        m = self.cfg.model
+        keys = {"model.arch": m.arch, "model.method": m.method, "model.img_size": m.img_size}
+        if m.method == "mae":
+            keys.update({"model.decoder_embed_dim": m.decoder_embed_dim, "model.decoder_depth": m.decoder_depth})
+        return keys
+
     def _data_plan(self) -> dict:
         """What the data position (epoch, step in epoch) is a function of, saved with it; and
         whether the loss depends on the micro-batch size (MTO's L_r)."""
@@ -248,7 +258,8 @@ class Trainer:
             raise NonFiniteWeightsError(
                 f"the weights are not finite at step {self.global_step} (a non-finite gradient was "
                 f"applied); {self._stopping_without_saving()}")
-        meta = {"zero_stage": zero_stage(self.ds_config), "epoch": self.global_step / self.steps_per_epoch}
+        meta = {"zero_stage": zero_stage(self.ds_config), "epoch": self.global_step / self.steps_per_epoch,
+                "model": self._model_keys()}
         path = self.checkpointer.save(self.engine, self.global_step, self._client_state(), meta)
         self.last_saved_step = self.global_step
         return path

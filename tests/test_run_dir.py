@@ -1,0 +1,62 @@
+"""The run directory as an operator meets it over a long run: resumed with other settings,
+extended after it finished, moved to another path, written on a full disk, started twice.
+
+The runs here are the demo shrunk to 64 synthetic images (2 steps per epoch), one process.
+"""
+import json
+import shutil
+
+import pytest
+
+from mto_ds.config import ConfigError
+from mto_ds.engine.checkpoint import MARKER, Checkpointer
+
+from conftest import pretrain, read_metrics
+
+TINY = ("data.synthetic_images=64", "data.num_workers=0", "run.log_every=1", "checkpoint.every_steps=2")
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished 4-step run with checkpoints at steps 2 and 4."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    pretrain(run, "train.steps=4", *TINY)
+    return run
+
+
+def _copy(run, to):
+    shutil.copytree(run, to)
+    return to
+
+
+def _marker(tag, **fields):
+    tag.mkdir(parents=True)
+    (tag / MARKER).write_text(json.dumps({"step": 4, "world_size": 1, "files": {}, **fields}))
+    return tag
+
+
+def test_a_resume_with_another_model_is_a_config_error_naming_the_keys_not_damage(finished, tmp_path):
+    """Resumed with another model.img_size (or arch, method), every checkpoint failed to load and
+    was reported damaged, then a RuntimeError traceback (exit 1): it is a configuration mistake,
+    named with the saved and the current value, before any work (exit 2)."""
+    run = _copy(finished, tmp_path / "run")
+    assert json.loads((run / "checkpoints" / "step_00000004" / MARKER).read_text())["model"] == {
+        "model.arch": "vit_tiny_patch16", "model.method": "simmim", "model.img_size": 64}
+    result = pretrain(run, "train.steps=6", *TINY, "model.img_size=96", check=False)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "model.img_size=64 there, 96 here" in result.stderr
+    assert "damaged" not in result.stderr
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000002", "step_00000004"]
+
+
+def test_the_model_check_compares_only_the_keys_both_models_have(tmp_path):
+    simmim = {"model.arch": "vit_tiny_patch16", "model.method": "simmim", "model.img_size": 64}
+    mae = dict(simmim, **{"model.method": "mae", "model.decoder_embed_dim": 512, "model.decoder_depth": 8})
+    tag = _marker(tmp_path / "checkpoints" / "step_00000004", model=simmim)
+    checkpointer = Checkpointer(tmp_path / "checkpoints", 3, rank=0, world_size=1, model=mae)
+    with pytest.raises(ConfigError) as err:
+        checkpointer.load_newest(engine=None, candidates=[tag])
+    assert "(model.method=simmim there, mae here)" in str(err.value)  # no decoder keys: SimMIM has none
+    old = _marker(tmp_path / "old" / "step_00000004")  # saved before checkpoints named their model
+    with pytest.raises(AttributeError, match="_config"):  # past the check, to DeepSpeed's load (engine=None)
+        Checkpointer(tmp_path / "old", 3, rank=0, world_size=1, model=mae).load_newest(None, [old])
