@@ -60,3 +60,36 @@ def test_the_model_check_compares_only_the_keys_both_models_have(tmp_path):
     old = _marker(tmp_path / "old" / "step_00000004")  # saved before checkpoints named their model
     with pytest.raises(AttributeError, match="_config"):  # past the check, to DeepSpeed's load (engine=None)
         Checkpointer(tmp_path / "old", 3, rank=0, world_size=1, model=mae).load_newest(None, [old])
+
+
+def test_a_finished_run_extended_in_a_moved_directory_continues_on_the_stretched_schedule_and_says_so(
+        finished, tmp_path):
+    """train.steps raised after the run ended, in a run directory moved to another path (no path
+    is baked into checkpoints or `latest`): it continues from its last checkpoint to the new total,
+    on the schedule of the new total (as MAE's and SimMIM's own scripts do), and warns that the LR
+    goes back up, with both values."""
+    from mto_ds.engine.builder import learning_rate
+    run = _copy(finished, tmp_path / "elsewhere" / "run")
+    result = pretrain(run, "train.steps=8", *TINY)
+    assert f"resumed from {run}/checkpoints/step_00000004 at step 4" in result.stderr
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    peak, warmup = 1e-3 * 32 / 256, 1  # the demo's blr x batch / 256; warm-up half an epoch of 2 steps
+    assert [r["lr"] for r in rows[4:]] == pytest.approx([learning_rate(s, 8, warmup, peak, 0.0) for s in range(4, 8)])
+    assert rows[3]["lr"] == pytest.approx(learning_rate(3, 4, warmup, peak, 0.0))
+    assert (f"the LR schedule differs from the saved run's (total steps 4 -> 8): step 5 runs at "
+            f"LR {learning_rate(4, 8, warmup, peak, 0.0):.3g}, where the saved schedule had "
+            f"{learning_rate(4, 4, warmup, peak, 0.0):.3g}") in result.stderr
+
+
+def test_resume_warnings_name_a_changed_lr_schedule_only_when_it_changed():
+    from mto_ds.engine.trainer import resume_warnings
+    plan = {"steps_per_epoch": 8, "num_samples": 256, "seed": 0, "order": "exact", "world_size": 1,
+            "micro_batch_size": 16,
+            "schedule": {"total_steps": 100, "warmup_steps": 10, "peak_lr": 1e-3, "min_lr_ratio": 0.0}}
+    saved = dict(plan, global_step=50)
+    assert resume_warnings(saved, plan) == []
+    assert resume_warnings({"global_step": 50}, plan) == []  # a checkpoint older than the key
+    (message,) = resume_warnings(saved, dict(plan, schedule=dict(plan["schedule"], peak_lr=2e-3, total_steps=200)))
+    assert message.startswith("the LR schedule differs from the saved run's (total steps 100 -> 200, "
+                              "peak LR 0.001 -> 0.002): step 51 runs at LR 0.00179, where the saved schedule had 0.000587.")

@@ -107,6 +107,18 @@ def resume_warnings(saved: dict, now: dict) -> list:
                         f"MTO's L_r is a hinge on each micro-batch's heterogeneity, so the objective "
                         f"differs from the saved run's (set train.micro_batch_size="
                         f"{saved['micro_batch_size']} to continue it exactly; docs/MTO.md, section 4)")
+    if changed("schedule"):
+        names = {"total_steps": "total steps", "warmup_steps": "warm-up steps", "peak_lr": "peak LR",
+                 "min_lr_ratio": "train.min_lr_ratio"}
+        diffs = ", ".join(f"{names[k]} {saved['schedule'][k]:.6g} -> {now['schedule'][k]:.6g}" for k in names
+                          if saved["schedule"].get(k) != now["schedule"][k])
+        step = int(saved.get("global_step", 0))
+        lr_saved, lr_now = (learning_rate(step, s["total_steps"], s["warmup_steps"], s["peak_lr"], s["min_lr_ratio"])
+                            for s in (saved["schedule"], now["schedule"]))
+        messages.append(f"the LR schedule differs from the saved run's ({diffs}): step {step + 1} runs at LR "
+                        f"{lr_now:.3g}, where the saved schedule had {lr_saved:.3g}. The warm-up and cosine "
+                        f"are functions of the total steps: a run extended after it ended goes back up "
+                        f"from its final LR (docs/ROBUSTNESS.md, extending a run)")
     if now["order"] == "quasi_random" and (changed("world_size") or changed("micro_batch_size")):
         messages.append(f"data.order=quasi_random was saved on {saved['world_size']} ranks x micro-batch "
                         f"{saved['micro_batch_size']}, this run has {now['world_size']} x "
@@ -218,12 +230,14 @@ class Trainer:
         return keys
 
     def _data_plan(self) -> dict:
-        """What the data position (epoch, step in epoch) is a function of, saved with it; and
-        whether the loss depends on the micro-batch size (MTO's L_r)."""
+        """What the data position (epoch, step in epoch) is a function of, saved with it; whether
+        the loss depends on the micro-batch size (MTO's L_r); and the LR schedule's inputs."""
+        schedule = {"total_steps": self.total_steps, "warmup_steps": self.warmup_steps, "peak_lr": self.peak_lr,
+                    "min_lr_ratio": self.cfg.train.min_lr_ratio}
         return {"steps_per_epoch": self.steps_per_epoch, "num_samples": self.loader.num_samples,
                 "seed": self.cfg.run.seed, "order": self.cfg.data.order,  # quasi_random: ffcv only (config)
                 "world_size": self.dist.world_size, "micro_batch_size": self.batch.micro_batch_size,
-                "hinge_on_micro_batch": self._l_r_active()}
+                "hinge_on_micro_batch": self._l_r_active(), "schedule": schedule}
 
     def _l_r_active(self) -> bool:
         """Whether this run's loss has MTO's L_r, whose value depends on the micro-batch size:
