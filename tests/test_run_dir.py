@@ -5,11 +5,12 @@ The runs here are the demo shrunk to 64 synthetic images (2 steps per epoch), on
 """
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
 from mto_ds.config import ConfigError
-from mto_ds.engine.checkpoint import MARKER, Checkpointer
+from mto_ds.engine.checkpoint import MARKER, Checkpointer, CheckpointWriteError, verify
 
 from conftest import pretrain, read_metrics
 
@@ -93,3 +94,41 @@ def test_resume_warnings_name_a_changed_lr_schedule_only_when_it_changed():
     (message,) = resume_warnings(saved, dict(plan, schedule=dict(plan["schedule"], peak_lr=2e-3, total_steps=200)))
     assert message.startswith("the LR schedule differs from the saved run's (total steps 100 -> 200, "
                               "peak LR 0.001 -> 0.002): step 51 runs at LR 0.00179, where the saved schedule had 0.000587.")
+
+
+class _DiskFullEngine:
+    """Stands in for DeepSpeed's engine on a disk that fills up: the model file is cut short."""
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        (Path(save_dir) / tag).mkdir(parents=True)
+        (Path(save_dir) / tag / "mp_rank_00_model_states.pt").write_bytes(b"m" * 10)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 41216 vs 41110")
+
+
+class _Engine:
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        (Path(save_dir) / tag).mkdir(parents=True)
+        (Path(save_dir) / tag / "mp_rank_00_model_states.pt").write_bytes(b"m" * 100)
+
+
+def test_a_save_that_fails_to_write_names_the_checkpoint_and_keeps_the_last_complete_one(tmp_path):
+    """torch.save on a full disk fails with 'unexpected pos 41216 vs 41110' and nothing else: the
+    error says which save failed, on which rank, the free space, and that the last complete
+    checkpoint is untouched; the next save of that step replaces what was left."""
+    ckpt = tmp_path / "checkpoints"
+    checkpointer = Checkpointer(ckpt, keep_last=2, rank=0, world_size=1)
+    checkpointer.save(_Engine(), 3, {}, {})
+    with pytest.raises(CheckpointWriteError) as err:
+        checkpointer.save(_DiskFullEngine(), 6, {}, {})
+    message = str(err.value)
+    assert message.startswith(f"saving checkpoint {ckpt}/step_00000006 failed on rank 0: RuntimeError: "
+                              "[enforce fail at inline_container.cc:672] . unexpected pos 41216 vs 41110 (")
+    assert "GB free on its file system" in message
+    assert message.endswith(f"the newest complete checkpoint, {ckpt}/step_00000003, is untouched, and a "
+                            "resume continues from it")
+    assert isinstance(err.value, OSError)
+    assert [p.name for p in checkpointer.complete_tags()] == ["step_00000003"]
+    assert verify(ckpt / "step_00000003") is None and (ckpt / "latest").read_text() == "step_00000003"
+    checkpointer.save(_Engine(), 6, {}, {})
+    assert [p.name for p in checkpointer.complete_tags()] == ["step_00000006", "step_00000003"]
+    assert verify(ckpt / "step_00000006") is None

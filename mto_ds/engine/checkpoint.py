@@ -20,6 +20,7 @@ of that step replaces it, and the next pruning removes it.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -47,6 +48,10 @@ RESUME_RECORD = "resume_applied.json"
 TAG = re.compile(r"step_\d{8}")
 # What pruning may delete: a tag, its universal conversion, and a conversion cut short.
 PRUNABLE = re.compile(r"(step_\d{8})(_universal(\.tmp)?)?")
+
+
+class CheckpointWriteError(OSError):
+    """A save that could not write its files (a full disk, a quota, an I/O error)."""
 
 
 def _barrier() -> None:
@@ -168,20 +173,38 @@ class Checkpointer:
             for old in (path, universal_dir(path)):
                 shutil.rmtree(old, ignore_errors=True)
         _barrier()
-        engine.save_checkpoint(str(self.dir), tag=path.name, client_state=client_state, save_latest=False)
+        with self._writing(path):
+            engine.save_checkpoint(str(self.dir), tag=path.name, client_state=client_state, save_latest=False)
         self.faults.stall_in_save(step, path.name)
         _barrier()  # every rank has written its part
         if self.flushes_node:
-            flush_to_storage(path)
+            with self._writing(path):
+                flush_to_storage(path)
         _barrier()  # and every node has it on storage: only now may complete.json name it
         if self.rank == 0:
             marker = {"step": step, "world_size": self.world_size, "time": time.time(), **meta,
                       "files": file_sizes(path)}
-            _atomic_write(path / MARKER, json.dumps(marker, indent=1))
+            with self._writing(path):
+                _atomic_write(path / MARKER, json.dumps(marker, indent=1))
             _atomic_write(self.dir / "latest", path.name)
             self._prune()
         _barrier()
         return path
+
+    @contextlib.contextmanager
+    def _writing(self, path: Path):
+        """A write of the save of `path` that fails says which save, the free space, and what is
+        left to resume from: torch.save on a full disk says only 'unexpected pos N vs M'."""
+        try:
+            yield
+        except Exception as err:
+            free = shutil.disk_usage(self.dir).free / 1e9 if self.dir.is_dir() else float("nan")
+            newest = next((p for p in self.complete_tags() if p.name != path.name), None)
+            kept = (f"the newest complete checkpoint, {newest}, is untouched, and a resume continues from it"
+                    if newest else "no complete checkpoint was saved before")
+            raise CheckpointWriteError(f"saving checkpoint {path} failed on rank {self.rank}: "
+                                       f"{type(err).__name__}: {err} ({free:.1f} GB free on its file system); "
+                                       f"{kept}") from err
 
     def _prune(self) -> None:
         """Keep the newest `keep_last` complete checkpoints; drop older ones and unfinished saves.
