@@ -1,6 +1,6 @@
 """SimMIM and MAE against their reference implementations (microsoft/SimMIM models/simmim.py,
 facebookresearch/mae models_mae.py), values computed here from the references' formulas; the
-encoder's interop with timm."""
+encoder's interop with timm; MAE's forward without host reads of the mask."""
 import numpy as np
 import pytest
 import timm
@@ -113,3 +113,42 @@ def test_exported_encoder_loads_into_timm_strictly_and_gives_the_same_features(m
         features = reference.forward_features(images)
         torch.testing.assert_close(model.encoder.forward_features(images), features, rtol=0, atol=0)
         torch.testing.assert_close(model.forward_encoder(images, nothing_masked), features, rtol=1e-6, atol=1e-6)
+
+
+def test_mae_forward_reads_no_mask_value_to_the_host_once_mask_fn_for_set_the_count(monkeypatch):
+    """On a GPU a read of the mask (int(mask[0].sum())) waits for the queue to drain every forward."""
+    model = tiny("mae")
+    fn = mask_fn_for(model, "mae", IMG)
+    mask, images = masks(fn, 3), torch.randn(3, 3, IMG, IMG)
+    assert model.num_visible == 4  # int(16 x 0.25)
+    with torch.no_grad():
+        known = model(images, mask, with_stats=False)["loss_mim"]
+        model.num_visible = None
+        read = model(images, mask, with_stats=False)["loss_mim"]
+    assert known == read
+
+    def host_read(*args):
+        raise AssertionError("a tensor was read to the host")
+
+    for name in ("__int__", "__index__", "__bool__", "__float__", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    model.num_visible = 4
+    with torch.no_grad():
+        out = model(images, mask, with_stats=False)
+    monkeypatch.undo()
+    assert out["loss_mim"] == known
+
+
+def test_mae_refuses_a_batch_whose_samples_keep_different_numbers_of_patches():
+    model = tiny("mae")
+    mask = masks(mask_fn_for(model, "mae", IMG), 2)
+    uneven = mask.clone()
+    uneven[1, torch.nonzero(~uneven[1])[0]] = True  # the second sample keeps 3, not 4
+    images = torch.randn(2, 3, IMG, IMG)
+    for num_visible in (4, None):  # from mask_fn_for, and read from the first sample
+        model.num_visible = num_visible
+        with pytest.raises(RuntimeError, match="same number of visible patches"):
+            model(images, uneven, with_stats=False)
+    model.num_visible = 3  # masks of another ratio than mask_fn_for's
+    with pytest.raises(RuntimeError, match=r"3 of 16, from num_visible"):
+        model(images, mask, with_stats=False)

@@ -1,6 +1,8 @@
 """MIM models on timm ViT encoders: `create_mim_model` and the mask generator that goes with it."""
 from __future__ import annotations
 
+import numpy as np
+
 from .mae import MAE
 from .masking import build_mask_fn
 from .simmim import SimMIM
@@ -33,8 +35,13 @@ def create_mim_model(arch: str, method: str, *, img_size: int = 224, mto=None, d
 
 
 def mask_fn_for(model, method: str, img_size: int, mask_ratio=None, mask_patch_size=None):
-    """The per-sample mask generator that matches `model`'s patch grid."""
-    return build_mask_fn(method, img_size, model.patch_size, mask_ratio, mask_patch_size)
+    """The per-sample mask generator that matches `model`'s patch grid. An MAE model also learns
+    how many patches these masks keep visible (the same in every mask), so its forward passes
+    need not read that from each mask on the device (MAE.visible_count)."""
+    fn = build_mask_fn(method, img_size, model.patch_size, mask_ratio, mask_patch_size)
+    if isinstance(model, MAE):
+        model.num_visible = int((~fn(np.random.default_rng(0))).sum())
+    return fn
 
 
 __all__ = ["create_mim_model", "mask_fn_for", "build_mask_fn", "SimMIM", "MAE", "TIMM_NAMES", "create_encoder"]

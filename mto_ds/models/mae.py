@@ -2,7 +2,7 @@
 whose blocks are where MTO acts; MSE on per-patch normalised pixels of masked patches."""
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from torch import nn
@@ -28,6 +28,10 @@ class MAE(MIMModel):
         self.num_patches = encoder.patch_embed.num_patches
         grid = encoder.patch_embed.grid_size[0]
         self.norm_pix_loss = norm_pix_loss
+        # Patches each mask keeps visible, when known before the masks come (mask_fn_for sets it
+        # from the generator): the encoder's sequence length then needs no read of a device mask,
+        # which would make the host wait for the GPU's queue to drain at every forward.
+        self.num_visible: Optional[int] = None
         # MAE keeps both position embeddings fixed (sin-cos).
         encoder.pos_embed.data.copy_(sincos_pos_embed(dim, grid))
         encoder.pos_embed.requires_grad_(False)
@@ -62,18 +66,32 @@ class MAE(MIMModel):
     def forward_encoder(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Encoder tokens of the visible patches [B, 1 + num_visible, D], CLS first.
 
-        Every sample must mask the same number of patches (the MAE mask generator does).
+        Every sample must mask the same number of patches (the MAE mask generator does); a batch
+        whose samples do not fails (visible_count).
         """
         enc = self.encoder
         # The input in the weights' dtype (bf16 under DeepSpeed); `images` stays float32 for the target.
         x = enc.patch_embed(images.to(enc.patch_embed.proj.weight.dtype)) + enc.pos_embed[:, 1:]
         B, L, D = x.shape
-        keep = visible_first(mask)[:, : L - int(mask[0].sum())]
+        keep = visible_first(mask)[:, : self.visible_count(mask)]
         x = torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, D))
         cls = (enc.cls_token + enc.pos_embed[:, :1]).expand(B, -1, -1)
         x = enc.norm_pre(torch.cat([cls, x], dim=1))
         x = run_plain_blocks(enc.blocks, x, self.activation_checkpointing, self.compile_blocks)
         return enc.norm(x)
+
+    def visible_count(self, mask: torch.Tensor) -> int:
+        """Patches each sample of `mask` keeps visible: `num_visible`, or read from the mask (a host
+        sync). The encoder keeps that many per sample, so a mask with other counts would be cut
+        silently: it fails instead, checked on the mask's device without waiting for it (on a GPU
+        a device-side assert that surfaces at the next synchronisation)."""
+        visible = mask.shape[1] - mask.sum(1)
+        count = int(visible[0]) if self.num_visible is None else self.num_visible
+        source = "num_visible" if self.num_visible is not None else "the first sample"
+        torch._assert_async((visible == count).all(),
+                            f"MAE needs the same number of visible patches in every sample's mask ({count} of "
+                            f"{mask.shape[1]}, from {source}); this batch's masks differ")
+        return count
 
     def forward_decoder(self, latent: torch.Tensor, mask: torch.Tensor, with_stats: bool):
         x = self.decoder_embed(latent)
