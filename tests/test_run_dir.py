@@ -3,8 +3,12 @@ extended after it finished, moved to another path, written on a full disk, start
 
 The runs here are the demo shrunk to 64 synthetic images (2 steps per epoch), one process.
 """
+import errno
 import json
+import logging
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +16,7 @@ import pytest
 from mto_ds.config import ConfigError
 from mto_ds.engine.checkpoint import MARKER, Checkpointer, CheckpointWriteError, verify
 
-from conftest import pretrain, read_metrics
+from conftest import REPO, cpu_env, pretrain, read_metrics
 
 TINY = ("data.synthetic_images=64", "data.num_workers=0", "run.log_every=1", "checkpoint.every_steps=2")
 
@@ -132,3 +136,31 @@ def test_a_save_that_fails_to_write_names_the_checkpoint_and_keeps_the_last_comp
     checkpointer.save(_Engine(), 6, {}, {})
     assert [p.name for p in checkpointer.complete_tags()] == ["step_00000006", "step_00000003"]
     assert verify(ckpt / "step_00000006") is None
+
+
+def test_a_run_stopped_by_a_write_error_in_its_telemetry_still_says_why_in_state_json(tmp_path):
+    """Files limited to 8 KiB (ulimit -f: a quota, a full disk) make the metrics or TensorBoard
+    write fail mid-run. Closing the telemetry failed again on the way out, and state.json, which
+    job scripts read, was never written."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "mto_ds", "pretrain", "--config", "configs/demo.yaml", f"run.output_dir={run}",
+           "run.progress_bar=false", "train.steps=30", "checkpoint.every_steps=0", *TINY[:3]]
+    result = subprocess.run(["bash", "-c", 'ulimit -f 8 && exec "$@"', "bash", *cmd], cwd=REPO, env=cpu_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    state = json.loads((run / "state.json").read_text())
+    assert state["finished"] is False and state["reason"].startswith("error: OSError: [Errno 27] File too large")
+
+
+def test_state_json_that_cannot_be_written_is_removed_rather_than_left_from_an_earlier_start(tmp_path, monkeypatch,
+                                                                                               caplog):
+    from mto_ds.engine import trainer
+    trainer.write_state(tmp_path, False, 5, 10, "signal SIGUSR1")
+
+    def disk_full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(trainer, "_write_atomic", disk_full)
+    with caplog.at_level(logging.ERROR, logger="mto_ds"):
+        trainer.write_state(tmp_path, False, 7, 10, "error: OSError: [Errno 28] No space left on device")
+    assert not (tmp_path / "state.json").exists()
+    assert f"could not write {tmp_path}/state.json (No space left on device)" in caplog.text

@@ -83,7 +83,15 @@ def write_config(run_dir: Path, text: str) -> None:
 def write_state(run_dir: Path, finished: bool, step: Optional[int], total_steps: Optional[int], reason: str) -> None:
     """RUN_DIR/state.json: whether the run finished, at which step, and why it stopped."""
     state = {"finished": finished, "step": step, "total_steps": total_steps, "reason": reason}
-    _write_atomic(run_dir / "state.json", json.dumps(state, indent=1))
+    path = run_dir / "state.json"
+    try:
+        _write_atomic(path, json.dumps(state, indent=1))
+    except OSError as err:
+        # A full disk: the error in flight must not be replaced by this one, and an earlier start's
+        # file must not speak for this start (a job script would requeue or stop on its word).
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
+        log.error("could not write %s (%s); this start's reason: %s", path, err.strerror or err, reason)
 
 
 def resume_warnings(saved: dict, now: dict) -> list:
@@ -343,8 +351,10 @@ class Trainer:
                       else f"error: {type(err).__name__}: {err}")
             raise
         finally:
-            self.telemetry.close()
-            self._write_state(reason)
+            try:
+                self.telemetry.close()  # fails again after a write error in the telemetry
+            finally:
+                self._write_state(reason)
         self.stop.close()
         elapsed = max(time.time() - start_time, 1e-9)
         ips = (self.global_step - start_step) * self.batch.global_batch_size / elapsed
