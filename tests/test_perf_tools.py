@@ -99,7 +99,7 @@ def test_bench_step_host_floor_rows_run_bf16_on_cpu_with_the_gpu_deepspeed_file(
     # The same MAE model and FLOPs with and without DeepSpeed: the plain loop's optimizer is a few
     # fused kernels, DeepSpeed's step loops over the gradient tensors.
     assert plain_mae["tflops"] * plain_mae["step_ms"] == pytest.approx(engine["tflops"] * engine["step_ms"])
-    assert plain_mae["launches"]["after"] <= 5 and plain_mae["launches"]["syncs"] == 1  # MAE's visible count
+    assert plain_mae["launches"]["after"] <= 5 and plain_mae["launches"]["syncs"] == 0  # MAE knows its visible count
     assert engine["launches"]["after"] > 100 and engine["step_ms"] > 0  # DeepSpeed's per-tensor loops
 
 
