@@ -115,3 +115,23 @@ def test_evaluation_settings_name_the_folders_read_when_synthetic_pretraining_is
     plain = evaluation_settings(load_config(None, ["data.source=synthetic"]), str(tmp_path / "none.pt"),
                                 device=torch.device("cpu"))["images"]
     assert set(plain) == {"source", "synthetic_images", "synthetic_classes"}
+
+
+def test_load_encoder_weights_takes_the_encoder_out_of_whole_mim_model_checkpoints(tmp_path):
+    # facebookresearch/mae's main_pretrain saves {"model": encoder and decoder keys side by side,
+    # "args": an argparse.Namespace, ...}; our own MIM model's state_dict has encoder.* and decoder
+    # keys. `mto-ds eval` reads the encoder out of both.
+    import argparse
+    from mto_ds.models import create_mim_model
+    torch.manual_seed(3)
+    mae = create_mim_model("vit_tiny_patch16", "mae", img_size=32)
+    ours = mae.state_dict()
+    reference = {k.removeprefix("encoder."): v for k, v in ours.items()}
+    reference["decoder_pos_embed"] = torch.zeros(1, 5, 512)
+    torch.save({"model": reference, "args": argparse.Namespace(model="mae_vit_tiny"), "epoch": 3},
+               tmp_path / "checkpoint-3.pth")
+    torch.save(ours, tmp_path / "ours.pt")
+    for name in ("checkpoint-3.pth", "ours.pt"):
+        fresh = create_encoder("vit_tiny_patch16", img_size=32)
+        load_encoder_weights(fresh, str(tmp_path / name))
+        assert all(torch.equal(v, mae.encoder.state_dict()[k]) for k, v in fresh.state_dict().items()), name

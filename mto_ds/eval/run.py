@@ -6,6 +6,7 @@ numbers are broadcast, so every rank returns the same dict.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 from pathlib import Path
@@ -67,7 +68,9 @@ def load_encoder_state(checkpoint: str) -> Dict[str, torch.Tensor]:
     """Encoder weights with timm key names from a state-dict file or a run/checkpoint directory.
 
     A file may hold `encoder.state_dict()`, an exported encoder (tools/export_encoder.py), a
-    timm classifier's weights (the head is dropped) or any of them under 'model'/'state_dict'.
+    timm classifier's weights (the head is dropped), a whole MIM model's state_dict (the
+    `encoder.` keys are read), a facebookresearch/mae checkpoint (its decoder and mask token
+    are dropped), or any of them under 'model'/'state_dict'.
     """
     path = Path(checkpoint)
     if path.is_dir():
@@ -76,12 +79,18 @@ def load_encoder_state(checkpoint: str) -> Dict[str, torch.Tensor]:
         return from_deepspeed_checkpoint(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    # facebookresearch/mae's training checkpoints keep their arguments as an argparse.Namespace.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        state = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
-    state = _strip_prefix(_strip_prefix(state, "module."), "encoder.")
-    return {k: v for k, v in state.items() if not k.startswith("head.")}
+    state = _strip_prefix(state, "module.")
+    if any(k.startswith("encoder.") for k in state):  # a whole MIM model of ours: its encoder
+        state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    # Not the encoder: a classifier's head; MAE's decoder and mask token (facebookresearch/mae
+    # keeps them beside the encoder's keys, without a prefix).
+    return {k: v for k, v in state.items() if not k.startswith(("head.", "decoder_", "mask_token"))}
 
 
 def checkpoint_evaluated(checkpoint: str) -> Optional[Dict[str, object]]:
