@@ -6,17 +6,23 @@ The runs here are the demo shrunk to 64 synthetic images (2 steps per epoch), on
 import errno
 import json
 import logging
+import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from mto_ds.config import ConfigError
 from mto_ds.engine.checkpoint import MARKER, Checkpointer, CheckpointWriteError, verify
+from mto_ds.engine.run_lock import LOCK, STALE_BEATS, RunDirectoryInUse, claim
 
 from conftest import REPO, cpu_env, pretrain, read_metrics
+from run_control import Run, metric_steps, state
 
 TINY = ("data.synthetic_images=64", "data.num_workers=0", "run.log_every=1", "checkpoint.every_steps=2")
 
@@ -164,3 +170,66 @@ def test_state_json_that_cannot_be_written_is_removed_rather_than_left_from_an_e
         trainer.write_state(tmp_path, False, 7, 10, "error: OSError: [Errno 28] No space left on device")
     assert not (tmp_path / "state.json").exists()
     assert f"could not write {tmp_path}/state.json (No space left on device)" in caplog.text
+
+
+# --- two starts on one run directory ---------------------------------------------------------
+
+def _held_by(run_dir, **owner):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / LOCK).write_text(json.dumps({"job": None, "host": "elsewhere", "pid": 1, "started": "then",
+                                            "token": "theirs", "beat": 0, **owner}))
+
+
+def test_a_live_start_keeps_the_run_directory_and_a_dead_ones_claim_is_taken_over(tmp_path):
+    beat = 0.2
+    first = claim(tmp_path, "slurm:41", beat=beat)
+    held = json.loads((tmp_path / LOCK).read_text())
+    assert (held["job"], held["host"], held["pid"]) == ("slurm:41", socket.gethostname(), os.getpid())
+    with pytest.raises(RunDirectoryInUse, match=f"run.output_dir={tmp_path} is in use by another start "
+                                                f"\\(slurm:41 on {socket.gethostname()}, pid {os.getpid()}"):
+        claim(tmp_path, "slurm:42", beat=beat)  # its heartbeat goes on while this one watches
+    first.release()
+    assert not (tmp_path / LOCK).exists()
+
+    # Left by a start that was killed: a process of this host that is gone is taken over at once,
+    # as is this Slurm job's own earlier start (a requeue); another host's only once it stopped beating.
+    dead, zombie = (subprocess.Popen([sys.executable, "-c", "pass"]) for _ in range(2))
+    dead.wait()
+    while Path(f"/proc/{zombie.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        time.sleep(0.01)  # ended, not yet reaped
+    for owner, job in [({"host": socket.gethostname(), "pid": dead.pid}, None),
+                       ({"host": socket.gethostname(), "pid": zombie.pid}, None),
+                       ({"job": "slurm:41"}, "slurm:41")]:
+        _held_by(tmp_path, **owner)
+        began = time.monotonic()
+        claim(tmp_path, job, beat=beat).release()
+        assert time.monotonic() - began < beat
+    _held_by(tmp_path)
+    began = time.monotonic()
+    lock = claim(tmp_path, None, beat=beat)
+    assert time.monotonic() - began >= STALE_BEATS * beat
+    assert json.loads((tmp_path / LOCK).read_text())["token"] == lock.owner["token"]
+    _held_by(tmp_path)  # taken over by another start while this one lived: not this one's to remove
+    lock.release()
+    assert json.loads((tmp_path / LOCK).read_text())["token"] == "theirs"
+    zombie.wait()
+
+
+def test_a_second_start_on_a_running_run_directory_stops_before_touching_it(tmp_path):
+    """A duplicate sbatch while the first job runs: the second start resumed from the first's
+    checkpoints, set aside and pruned its saves and moved its metrics rows (the first then failed
+    with FileNotFoundError in its next save). It now stops at once, naming the first, and the
+    first runs on undisturbed."""
+    run = tmp_path / "run"
+    first = Run(run, steps=200)
+    first.wait_for_step(2)
+    config = (run / "config.yaml").read_text()
+    second = pretrain(run, "train.steps=200", "train.blr=0.5", check=False)
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert f"mto-ds: config error: run.output_dir={run} is in use by another start (no scheduler job on " \
+           f"{socket.gethostname()}, pid {first.proc.pid}" in second.stderr
+    assert (run / "config.yaml").read_text() == config and not (run / "state.json").exists()
+    first.signal_ranks(signal.SIGUSR1)
+    first.finish()
+    assert state(run)["reason"] == "signal SIGUSR1" and metric_steps(run) == list(range(1, state(run)["step"] + 1))
+    assert not (run / LOCK).exists()  # released at the end: the next start need not wait

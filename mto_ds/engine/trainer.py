@@ -21,9 +21,10 @@ from ..mto.plan import STATS_WITH_GRADIENTS
 from ..mto.state import MTOState
 from .builder import (BatchPlan, deepspeed_config, learning_rate, mark_zero3_leaf_blocks, param_groups, peak_lr,
                       plan_batch, precision, schedule_steps, zero_stage)
-from .checkpoint import Checkpointer
-from .distributed import DistInfo, check_shared_directory, init_distributed
+from .checkpoint import Checkpointer, job_identity
+from .distributed import DistInfo, agree, check_shared_directory, init_distributed
 from .faults import Faults, SampleTrace
+from .run_lock import RunDirectoryInUse, RunLock, claim
 from .signals import StopRequest
 from .step import LOGGED, train_step
 from .telemetry import Telemetry, evaluation_logged
@@ -159,8 +160,8 @@ class Trainer:
                               f"{self.dist.device}; use auto (the fused kernel where it applies), sdpa or reference")
         self.faults = Faults.from_env()
         self.run_dir = Path(cfg.run.output_dir)
+        self.run_lock = self._claim_run_dir()  # before config.yaml: a duplicate start touches nothing
         if self.dist.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             write_config(self.run_dir, to_yaml(cfg))
         try:
             self._set_up(cfg)
@@ -169,7 +170,27 @@ class Trainer:
             # fails would otherwise leave the last one's "signal SIGUSR1" there).
             if self.dist.rank == 0:
                 write_state(self.run_dir, False, None, None, f"set-up failed: {type(err).__name__}: {err}")
+            self._release_run_dir()
             raise
+
+    def _claim_run_dir(self) -> Optional[RunLock]:
+        """Rank 0 claims the run directory (engine/run_lock.py); every rank stops if another live
+        start holds it."""
+        lock, problem = None, None
+        if self.dist.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                lock = claim(self.run_dir, job_identity())
+            except RunDirectoryInUse as err:
+                problem = str(err)
+        problem = agree(problem)
+        if problem:
+            raise RunDirectoryInUse(problem)
+        return lock
+
+    def _release_run_dir(self) -> None:
+        if self.run_lock is not None:
+            self.run_lock.release()
 
     def _set_up(self, cfg: Config) -> None:
         """Everything but the process group: model, data, engine, and the resume."""
@@ -355,6 +376,7 @@ class Trainer:
                 self.telemetry.close()  # fails again after a write error in the telemetry
             finally:
                 self._write_state(reason)
+                self._release_run_dir()
         self.stop.close()
         elapsed = max(time.time() - start_time, 1e-9)
         ips = (self.global_step - start_step) * self.batch.global_batch_size / elapsed
