@@ -205,7 +205,7 @@ def test_fp16_run_resumed_on_another_world_size_keeps_its_dynamic_loss_scale(tmp
 
 
 def test_resume_warnings_name_each_change_that_breaks_an_exact_continuation():
-    from mto_ds.engine.trainer import resume_warnings
+    from mto_ds.engine.run_dir import resume_warnings
     plan = {"steps_per_epoch": 8, "num_samples": 256, "seed": 0, "order": "exact",
             "world_size": 2, "micro_batch_size": 16}
     elastic = dict(plan, world_size=1, micro_batch_size=32)

@@ -708,7 +708,7 @@ def test_a_start_with_other_settings_keeps_the_earlier_config_and_names_what_cha
     learning rate (nothing left to train) then described settings its numbers never had."""
     import logging
     from mto_ds.config import load_config, to_yaml
-    from mto_ds.engine.trainer import write_config
+    from mto_ds.engine.run_dir import write_config
     first = to_yaml(load_config(REPO / "configs" / "demo.yaml"))
     write_config(tmp_path, first)
     write_config(tmp_path, first)  # the same settings: nothing kept, nothing said

@@ -19,7 +19,7 @@ import pytest
 
 from mto_ds.config import ConfigError
 from mto_ds.engine.checkpoint import MARKER, Checkpointer, CheckpointWriteError, verify
-from mto_ds.engine.run_lock import LOCK, STALE_BEATS, RunDirectoryInUse, claim
+from mto_ds.engine.run_dir import LOCK, STALE_BEATS, RunDirectoryInUse, claim
 
 from conftest import REPO, cpu_env, pretrain, read_metrics
 from run_control import Run, metric_steps, state
@@ -94,7 +94,7 @@ def test_a_finished_run_extended_in_a_moved_directory_continues_on_the_stretched
 
 
 def test_resume_warnings_name_a_changed_lr_schedule_only_when_it_changed():
-    from mto_ds.engine.trainer import resume_warnings
+    from mto_ds.engine.run_dir import resume_warnings
     plan = {"steps_per_epoch": 8, "num_samples": 256, "seed": 0, "order": "exact", "world_size": 1,
             "micro_batch_size": 16,
             "schedule": {"total_steps": 100, "warmup_steps": 10, "peak_lr": 1e-3, "min_lr_ratio": 0.0}}
@@ -160,14 +160,14 @@ def test_a_run_stopped_by_a_write_error_in_its_telemetry_still_says_why_in_state
 
 def test_state_json_that_cannot_be_written_is_removed_rather_than_left_from_an_earlier_start(tmp_path, monkeypatch,
                                                                                                caplog):
-    from mto_ds.engine import trainer
-    trainer.write_state(tmp_path, False, 5, 10, "signal SIGUSR1")
+    from mto_ds.engine import run_dir
+    run_dir.write_state(tmp_path, False, 5, 10, "signal SIGUSR1")
 
     def disk_full(path, text):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(trainer, "_write_atomic", disk_full)
+    monkeypatch.setattr(run_dir, "atomic_write", disk_full)
     with caplog.at_level(logging.ERROR, logger="mto_ds"):
-        trainer.write_state(tmp_path, False, 7, 10, "error: OSError: [Errno 28] No space left on device")
+        run_dir.write_state(tmp_path, False, 7, 10, "error: OSError: [Errno 28] No space left on device")
     assert not (tmp_path / "state.json").exists()
     assert f"could not write {tmp_path}/state.json (No space left on device)" in caplog.text
 

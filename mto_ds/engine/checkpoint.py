@@ -21,7 +21,6 @@ of that step replaces it, and the next pruning removes it.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -40,6 +39,7 @@ import torch.distributed as dist
 from ..config import ConfigError
 from .distributed import agree
 from .faults import Faults
+from .storage import atomic_write, flush_to_storage
 
 log = logging.getLogger("mto_ds")
 MARKER = "complete.json"
@@ -57,50 +57,6 @@ class CheckpointWriteError(OSError):
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_directory(path: Path) -> None:
-    """Makes a rename or a new file in `path` durable; a no-op where the file system cannot
-    (CIFS, 9p and others refuse fsync on a directory: their renames are synchronous anyway)."""
-    try:
-        _fsync(path)
-    except OSError as err:
-        if err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF):
-            raise
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_directory(path.parent)  # the rename itself
-
-
-def flush_to_storage(directory: Path) -> None:
-    """fsync every file under `directory` and the directories themselves.
-
-    torch.save leaves its bytes in the page cache; a node that loses power after complete.json
-    names a checkpoint could otherwise come back with that file present and the data files
-    short or empty. An fsync flushes what this node wrote to a file, whichever process wrote
-    it, so one process per node is enough."""
-    directory = Path(directory)
-    paths = sorted(directory.rglob("*"))
-    for path in paths:
-        if path.is_file():
-            _fsync(path)
-    for path in [directory, *(p for p in paths if p.is_dir())]:
-        _fsync_directory(path)
 
 
 def tag_for(step: int) -> str:
@@ -185,8 +141,8 @@ class Checkpointer:
             marker = {"step": step, "world_size": self.world_size, "time": time.time(), **meta,
                       "files": file_sizes(path)}
             with self._writing(path):
-                _atomic_write(path / MARKER, json.dumps(marker, indent=1))
-            _atomic_write(self.dir / "latest", path.name)
+                atomic_write(path / MARKER, json.dumps(marker, indent=1))
+            atomic_write(self.dir / "latest", path.name)
             self._prune()
         _barrier()
         return path
@@ -365,7 +321,7 @@ class Checkpointer:
         if moved:  # `latest` named a checkpoint set aside: it names the resume point, or nothing
             start = self.dir / tag_for(step)
             if (start / MARKER).is_file():
-                _atomic_write(self.dir / "latest", start.name)
+                atomic_write(self.dir / "latest", start.name)
             else:
                 (self.dir / "latest").unlink(missing_ok=True)
 
@@ -396,7 +352,7 @@ class Checkpointer:
         if self.rank == 0 and resume != "auto":
             self.dir.mkdir(parents=True, exist_ok=True)
             record = {"resume": _resume_key(resume), "job": job_identity(env), "step": step, "time": time.time()}
-            _atomic_write(self._resume_record(), json.dumps(record, indent=1))
+            atomic_write(self._resume_record(), json.dumps(record, indent=1))
 
 
 def job_identity(env=os.environ) -> Optional[str]:
@@ -472,5 +428,5 @@ def to_universal(tag_dir: Path, out: Optional[Path] = None) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     # ds_to_universal pointed its `latest_universal` at the folder it wrote, since renamed.
-    _atomic_write(out.parent / "latest_universal", out.name)
+    atomic_write(out.parent / "latest_universal", out.name)
     return out

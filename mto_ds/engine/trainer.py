@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from pathlib import Path
@@ -10,9 +9,8 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-import yaml
 
-from ..config import Config, ConfigError, flatten_config, to_yaml
+from ..config import Config, ConfigError, to_yaml
 from ..data import build_pretrain_loader
 from ..data.order import steps_per_epoch
 from ..models import create_mim_model, mask_fn_for
@@ -24,7 +22,7 @@ from .builder import (BatchPlan, deepspeed_config, learning_rate, mark_zero3_lea
 from .checkpoint import Checkpointer, job_identity
 from .distributed import DistInfo, agree, check_shared_directory, init_distributed
 from .faults import Faults, SampleTrace
-from .run_lock import RunDirectoryInUse, RunLock, claim
+from .run_dir import RunDirectoryInUse, RunLock, claim, resume_warnings, write_config, write_state
 from .signals import StopRequest
 from .step import LOGGED, train_step
 from .telemetry import Telemetry, evaluation_logged
@@ -55,85 +53,6 @@ def weights_finite(module: torch.nn.Module, device: torch.device) -> bool:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def write_config(run_dir: Path, text: str) -> None:
-    """RUN_DIR/config.yaml: the settings this start runs with. A start with other settings than
-    the last one's (another data path, batch, learning rate) keeps the earlier file as
-    config.<time>.yaml and names each changed key in a warning: the run's history stays readable."""
-    path = run_dir / "config.yaml"
-    if path.is_file():
-        before = path.read_text()
-        if before != text:
-            changed = flatten_config(yaml.safe_load(before) or {}), flatten_config(yaml.safe_load(text) or {})
-            keys = sorted(k for k in set(changed[0]) | set(changed[1]) if changed[0].get(k) != changed[1].get(k))
-            kept = run_dir / time.strftime("config.%Y%m%d-%H%M%S.yaml", time.localtime(path.stat().st_mtime))
-            path.replace(kept)
-            log.warning("%s: this start's settings differ from the last start's (%s); the earlier file is "
-                        "kept as %s", path, ", ".join(f"{k}: {changed[0].get(k)!r} -> {changed[1].get(k)!r}"
-                                                      for k in keys), kept.name)
-    path.write_text(text)
-
-
-def write_state(run_dir: Path, finished: bool, step: Optional[int], total_steps: Optional[int], reason: str) -> None:
-    """RUN_DIR/state.json: whether the run finished, at which step, and why it stopped."""
-    state = {"finished": finished, "step": step, "total_steps": total_steps, "reason": reason}
-    path = run_dir / "state.json"
-    try:
-        _write_atomic(path, json.dumps(state, indent=1))
-    except OSError as err:
-        # A full disk: the error in flight must not be replaced by this one, and an earlier start's
-        # file must not speak for this start (a job script would requeue or stop on its word).
-        with contextlib.suppress(OSError):
-            path.unlink(missing_ok=True)
-        log.error("could not write %s (%s); this start's reason: %s", path, err.strerror or err, reason)
-
-
-def resume_warnings(saved: dict, now: dict) -> list:
-    """Why this run cannot continue the saved one exactly (the rest of the current epoch's samples,
-    or the objective itself): one message per reason, empty when it can. `saved` and `now` are
-    `Trainer._data_plan()`s (a checkpoint older than a key gives no message about it)."""
-    def changed(key):
-        return key in saved and saved[key] != now[key]
-    repeat = "samples of the current epoch may repeat or be skipped (later epochs are whole)"
-    messages = []
-    if changed("steps_per_epoch") or changed("num_samples"):
-        messages.append(f"the checkpoint was saved with {saved.get('num_samples', '?')} samples and "
-                        f"{saved['steps_per_epoch']} steps per epoch, this run has {now['num_samples']} and "
-                        f"{now['steps_per_epoch']} (another data set or global batch): the data position is "
-                        f"re-derived from the step, and {repeat}")
-    if changed("seed"):
-        messages.append(f"run.seed was {saved['seed']}, now {now['seed']}: the sample order and masks "
-                        f"change, and {repeat}")
-    if now.get("hinge_on_micro_batch") and changed("micro_batch_size"):
-        messages.append(f"train.micro_batch_size was {saved['micro_batch_size']}, now {now['micro_batch_size']}: "
-                        f"MTO's L_r is a hinge on each micro-batch's heterogeneity, so the objective "
-                        f"differs from the saved run's (set train.micro_batch_size="
-                        f"{saved['micro_batch_size']} to continue it exactly; docs/MTO.md, section 4)")
-    if changed("schedule"):
-        names = {"total_steps": "total steps", "warmup_steps": "warm-up steps", "peak_lr": "peak LR",
-                 "min_lr_ratio": "train.min_lr_ratio"}
-        diffs = ", ".join(f"{names[k]} {saved['schedule'][k]:.6g} -> {now['schedule'][k]:.6g}" for k in names
-                          if saved["schedule"].get(k) != now["schedule"][k])
-        step = int(saved.get("global_step", 0))
-        lr_saved, lr_now = (learning_rate(step, s["total_steps"], s["warmup_steps"], s["peak_lr"], s["min_lr_ratio"])
-                            for s in (saved["schedule"], now["schedule"]))
-        messages.append(f"the LR schedule differs from the saved run's ({diffs}): step {step + 1} runs at LR "
-                        f"{lr_now:.3g}, where the saved schedule had {lr_saved:.3g}. The warm-up and cosine "
-                        f"are functions of the total steps: a run extended after it ended goes back up "
-                        f"from its final LR (docs/ROBUSTNESS.md, extending a run)")
-    if now["order"] == "quasi_random" and (changed("world_size") or changed("micro_batch_size")):
-        messages.append(f"data.order=quasi_random was saved on {saved['world_size']} ranks x micro-batch "
-                        f"{saved['micro_batch_size']}, this run has {now['world_size']} x "
-                        f"{now['micro_batch_size']}: its shards and order differ, so {repeat} "
-                        "(data.order=exact continues exactly on any world size)")
-    return messages
 
 
 class Trainer:
@@ -174,7 +93,7 @@ class Trainer:
             raise
 
     def _claim_run_dir(self) -> Optional[RunLock]:
-        """Rank 0 claims the run directory (engine/run_lock.py); every rank stops if another live
+        """Rank 0 claims the run directory (engine/run_dir.py); every rank stops if another live
         start holds it."""
         lock, problem = None, None
         if self.dist.rank == 0:

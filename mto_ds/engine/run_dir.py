@@ -1,0 +1,219 @@
+"""The run directory across starts: who holds it (running.json), the settings each start ran
+with (config.yaml and the earlier ones kept), why the last start stopped (state.json), and what
+a start with other settings than its checkpoint's is told (`resume_warnings`).
+
+One start at a time: two starts on one run directory (a duplicate sbatch while the first job
+runs) overwrite each other's checkpoints, prune and set aside each other's saves, and move each
+other's metrics rows. Rank 0 claims the directory by creating running.json exclusively and
+rewrites it every few seconds while the process lives (a heartbeat from a thread, so long saves
+and evaluations keep it going). A start that finds the file watches it instead of comparing
+clocks (nodes and file servers disagree about time): if it changes, its owner is alive and this
+start stops; if it stays the same for STALE_BEATS beats, its owner is gone (killed, node lost)
+and this start takes over. No flock: it does not work on every shared file system, and a lock
+held by a dead node's client may never be released. A claim is taken over at once, without
+watching, when it belongs to this same Slurm job (a requeue: the earlier start is dead) or to a
+process of this host that no longer exists.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from ..config import ConfigError, flatten_config
+from .builder import learning_rate
+from .storage import atomic_write
+
+log = logging.getLogger("mto_ds")
+LOCK = "running.json"
+BEAT_SECONDS = 5.0
+STALE_BEATS = 6
+
+
+class RunDirectoryInUse(ConfigError):
+    """Another live start holds the run directory."""
+
+
+def _read(path: Path) -> Optional[str]:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
+def _owner(text: Optional[str]) -> dict:
+    try:
+        owner = json.loads(text or "")
+    except ValueError:  # read while its owner rewrote it
+        return {}
+    return owner if isinstance(owner, dict) else {}
+
+
+def _gone_at_once(owner: dict, me: dict) -> bool:
+    """Whether the claim is known dead without watching it: this Slurm job's (a requeued job runs
+    again under its id only after its earlier start ended) or a process of this host that is gone."""
+    if me["job"] and me["job"].startswith("slurm:") and owner.get("job") == me["job"]:
+        return True
+    return owner.get("host") == me["host"] and isinstance(owner.get("pid"), int) and _ended(owner["pid"])
+
+
+def _ended(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    try:  # a zombie has ended; one whose parent died stays so where nothing reaps orphans
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _alive(path: Path, text: str, beat: float) -> bool:
+    """Whether running.json changes within STALE_BEATS beats: its owner's heartbeat."""
+    deadline = time.monotonic() + STALE_BEATS * beat
+    while time.monotonic() < deadline:
+        time.sleep(min(1.0, beat / 4))
+        now = _read(path)
+        if now != text:
+            return now is not None  # rewritten: alive; removed: its owner ended
+    return False
+
+
+class RunLock:
+    def __init__(self, path: Path, owner: dict, beat: float):
+        self.path, self.owner, self.beat = path, owner, beat
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="run-dir-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.beat):
+            if _owner(_read(self.path)).get("token") != self.owner["token"]:
+                log.warning("%s was taken over by another start (its heartbeat stalled for %.0f s?): two "
+                            "starts now write this run directory", self.path, STALE_BEATS * self.beat)
+                return
+            self.owner["beat"] += 1
+            try:
+                with open(self.path, "w") as f:  # in place: a reader on NFS sees it at its next open
+                    f.write(json.dumps(self.owner))
+            except OSError as err:  # a full disk: the run's own writes will say so
+                log.warning("could not refresh %s: %s", self.path, err)
+
+    def release(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        if _owner(_read(self.path)).get("token") == self.owner["token"]:
+            self.path.unlink(missing_ok=True)
+
+
+def claim(run_dir: Path, job: Optional[str], beat: float = BEAT_SECONDS) -> RunLock:
+    """Claim `run_dir` for this process (rank 0), or raise RunDirectoryInUse naming the holder."""
+    path = Path(run_dir) / LOCK
+    me = {"job": job, "host": socket.gethostname(), "pid": os.getpid(),
+          "started": time.strftime("%Y-%m-%d %H:%M:%S"), "token": os.urandom(8).hex(), "beat": 0}
+    for _ in range(3):  # a claim that vanished or was taken over between two looks: look again
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            text = _read(path)
+            if text is None:
+                continue
+            owner = _owner(text)
+            if not _gone_at_once(owner, me) and _alive(path, text, beat):
+                raise RunDirectoryInUse(
+                    f"run.output_dir={run_dir} is in use by another start ({owner.get('job') or 'no scheduler job'} "
+                    f"on {owner.get('host', '?')}, pid {owner.get('pid', '?')}, started {owner.get('started', '?')}; "
+                    f"its {LOCK} is alive): two starts on one run directory overwrite each other's checkpoints "
+                    f"and metrics. Stop that one first, or give this one another run.output_dir")
+            log.warning("%s: taking the run directory over from a start that has ended (%s on %s, pid %s)",
+                        path, owner.get("job") or "no scheduler job", owner.get("host", "?"), owner.get("pid", "?"))
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(me))
+        return RunLock(path, me, beat)
+    raise RunDirectoryInUse(f"run.output_dir={run_dir}: {path} keeps changing hands; is another start "
+                            f"starting on it at the same time?")
+
+
+def write_config(run_dir: Path, text: str) -> None:
+    """RUN_DIR/config.yaml: the settings this start runs with. A start with other settings than
+    the last one's (another data path, batch, learning rate) keeps the earlier file as
+    config.<time>.yaml and names each changed key in a warning: the run's history stays readable."""
+    path = run_dir / "config.yaml"
+    if path.is_file():
+        before = path.read_text()
+        if before != text:
+            changed = flatten_config(yaml.safe_load(before) or {}), flatten_config(yaml.safe_load(text) or {})
+            keys = sorted(k for k in set(changed[0]) | set(changed[1]) if changed[0].get(k) != changed[1].get(k))
+            kept = run_dir / time.strftime("config.%Y%m%d-%H%M%S.yaml", time.localtime(path.stat().st_mtime))
+            path.replace(kept)
+            log.warning("%s: this start's settings differ from the last start's (%s); the earlier file is "
+                        "kept as %s", path, ", ".join(f"{k}: {changed[0].get(k)!r} -> {changed[1].get(k)!r}"
+                                                      for k in keys), kept.name)
+    path.write_text(text)
+
+
+def write_state(run_dir: Path, finished: bool, step: Optional[int], total_steps: Optional[int], reason: str) -> None:
+    """RUN_DIR/state.json: whether the run finished, at which step, and why it stopped."""
+    state = {"finished": finished, "step": step, "total_steps": total_steps, "reason": reason}
+    path = run_dir / "state.json"
+    try:
+        atomic_write(path, json.dumps(state, indent=1))
+    except OSError as err:
+        # A full disk: the error in flight must not be replaced by this one, and an earlier start's
+        # file must not speak for this start (a job script would requeue or stop on its word).
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
+        log.error("could not write %s (%s); this start's reason: %s", path, err.strerror or err, reason)
+
+
+def resume_warnings(saved: dict, now: dict) -> list:
+    """Why this run cannot continue the saved one exactly (the rest of the current epoch's samples,
+    or the objective itself): one message per reason, empty when it can. `saved` and `now` are
+    `Trainer._data_plan()`s (a checkpoint older than a key gives no message about it)."""
+    def changed(key):
+        return key in saved and saved[key] != now[key]
+    repeat = "samples of the current epoch may repeat or be skipped (later epochs are whole)"
+    messages = []
+    if changed("steps_per_epoch") or changed("num_samples"):
+        messages.append(f"the checkpoint was saved with {saved.get('num_samples', '?')} samples and "
+                        f"{saved['steps_per_epoch']} steps per epoch, this run has {now['num_samples']} and "
+                        f"{now['steps_per_epoch']} (another data set or global batch): the data position is "
+                        f"re-derived from the step, and {repeat}")
+    if changed("seed"):
+        messages.append(f"run.seed was {saved['seed']}, now {now['seed']}: the sample order and masks "
+                        f"change, and {repeat}")
+    if now.get("hinge_on_micro_batch") and changed("micro_batch_size"):
+        messages.append(f"train.micro_batch_size was {saved['micro_batch_size']}, now {now['micro_batch_size']}: "
+                        f"MTO's L_r is a hinge on each micro-batch's heterogeneity, so the objective "
+                        f"differs from the saved run's (set train.micro_batch_size="
+                        f"{saved['micro_batch_size']} to continue it exactly; docs/MTO.md, section 4)")
+    if changed("schedule"):
+        names = {"total_steps": "total steps", "warmup_steps": "warm-up steps", "peak_lr": "peak LR",
+                 "min_lr_ratio": "train.min_lr_ratio"}
+        diffs = ", ".join(f"{names[k]} {saved['schedule'][k]:.6g} -> {now['schedule'][k]:.6g}" for k in names
+                          if saved["schedule"].get(k) != now["schedule"][k])
+        step = int(saved.get("global_step", 0))
+        lr_saved, lr_now = (learning_rate(step, s["total_steps"], s["warmup_steps"], s["peak_lr"], s["min_lr_ratio"])
+                            for s in (saved["schedule"], now["schedule"]))
+        messages.append(f"the LR schedule differs from the saved run's ({diffs}): step {step + 1} runs at LR "
+                        f"{lr_now:.3g}, where the saved schedule had {lr_saved:.3g}. The warm-up and cosine "
+                        f"are functions of the total steps: a run extended after it ended goes back up "
+                        f"from its final LR (docs/ROBUSTNESS.md, extending a run)")
+    if now["order"] == "quasi_random" and (changed("world_size") or changed("micro_batch_size")):
+        messages.append(f"data.order=quasi_random was saved on {saved['world_size']} ranks x micro-batch "
+                        f"{saved['micro_batch_size']}, this run has {now['world_size']} x "
+                        f"{now['micro_batch_size']}: its shards and order differ, so {repeat} "
+                        "(data.order=exact continues exactly on any world size)")
+    return messages

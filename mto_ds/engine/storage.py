@@ -1,0 +1,50 @@
+"""Writes that survive a crash or a lost node: atomic replacement, fsync of files and folders."""
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+
+def fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_directory(path: Path) -> None:
+    """Makes a rename or a new file in `path` durable; a no-op where the file system cannot
+    (CIFS, 9p and others refuse fsync on a directory: their renames are synchronous anyway)."""
+    try:
+        fsync(path)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF):
+            raise
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_directory(path.parent)  # the rename itself
+
+
+def flush_to_storage(directory: Path) -> None:
+    """fsync every file under `directory` and the directories themselves.
+
+    torch.save leaves its bytes in the page cache; a node that loses power after complete.json
+    names a checkpoint could otherwise come back with that file present and the data files
+    short or empty. An fsync flushes what this node wrote to a file, whichever process wrote
+    it, so one process per node is enough."""
+    directory = Path(directory)
+    paths = sorted(directory.rglob("*"))
+    for path in paths:
+        if path.is_file():
+            fsync(path)
+    for path in [directory, *(p for p in paths if p.is_dir())]:
+        fsync_directory(path)
