@@ -166,6 +166,14 @@ mto_record_start() {
 # After the training step: done, requeue (USR1 and not finished), or fail.
 mto_finish() {
     local rc=$1 restart=$2 finished='' step='' total='' reason=''
+    # Exit status 2 is a config error of this start: a bad key, or the run directory held by
+    # another live start (a duplicate sbatch). Another start would stop the same way, and a
+    # state.json there is not this start's but the live one's, which may say finished or
+    # "signal SIGUSR1" and would have this job exit 0 or requeue itself.
+    if ((rc == 2)); then
+        mto_log "training step stopped on a config error (exit status 2, named above); not requeueing"
+        exit 2
+    fi
     # `|| true`: no state.json is an answer, also under a site's `set -euo pipefail`.
     read -r finished step total reason < <(mto_read_state "$MTO_RUN_DIR") || true
     if [[ $finished == true ]]; then

@@ -271,6 +271,24 @@ def test_job_requeues_only_after_usr1_on_an_unfinished_run_within_the_restart_li
     assert (calls.read_text() if calls.exists() else "") == ("scontrol requeue 42\n" if requeued else "")
 
 
+@pytest.mark.parametrize("signals, state_json", [
+    # The live start's state.json, written while this one was stopping: checkpointed or finished.
+    ("", {"finished": False, "step": 3, "total_steps": 8, "reason": "signal SIGUSR1"}),
+    ("", {"finished": True, "step": 8, "total_steps": 8, "reason": "completed"}),
+    (" USR1", None),  # preempted while it started
+])
+def test_step_stopped_by_a_config_error_is_not_requeued_nor_judged_by_another_starts_state_json(
+        tmp_path, signals, state_json):
+    """A duplicate sbatch on a live run directory stops with exit 2 (docs/ROBUSTNESS.md, running.json).
+    It must not requeue itself, nor pass for finished, on the word of the live start's state.json."""
+    if state_json is not None:
+        (tmp_path / "state.json").write_text(json.dumps(state_json))
+    out = run_lib(f'MTO_SIGNALS="{signals}"; mto_finish 2 0', tmp_path)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "training step stopped on a config error (exit status 2, named above); not requeueing" in out.stdout
+    assert not (tmp_path / "scontrol.calls").exists(), out.stdout
+
+
 @pytest.mark.parametrize("signals, exit_code, requeued, message", [
     (" USR1", 0, True, "checkpointed at step ? of ? (no state.json); requeueing as restart 1"),
     ("", 1, False, "run not finished (step ? of ?, no state.json); not requeueing"),
