@@ -124,10 +124,11 @@ LAUNCHERS = ["srun"] + [x for x in os.environ.get("MTO_DS_SLURM_LAUNCHERS", "").
 
 
 def signal_batch_shell_after_two_steps(slurm_cluster, run_dir: Path, tmp_path: Path, launcher: str,
-                                       signal_name: str, *overrides: str) -> dict:
+                                       signal_name: str, *overrides: str, between_starts=None) -> dict:
     """Submit the pretrain template, wait until it has logged two steps, signal its batch shell
     alone (as `--signal=B:<SIG>@T` does; by hand so the test does not wait for Slurm's 30-60 s
-    signal timer) and return the job once it has ended."""
+    signal timer) and return the job once it has ended. `between_starts(job_id)` runs while the
+    requeued job waits to start again."""
     job_id = slurm_cluster.sbatch(PRETRAIN, f"train.steps={STEPS}", *overrides,
                                   env=cpu_env(run_dir, MTO_LAUNCHER=launcher),
                                   cwd=REPO, options=(*CPU_OPTIONS, f"--output={tmp_path}/%x-%j.out"))
@@ -138,8 +139,24 @@ def signal_batch_shell_after_two_steps(slurm_cluster, run_dir: Path, tmp_path: P
         assert time.monotonic() < deadline, f"no training progress\n{job_log(job)}"
         time.sleep(0.2)
     slurm_cluster.run("scancel", "--batch", f"--signal={signal_name}", job_id)
+    if between_starts is not None:
+        while True:
+            [job] = slurm_cluster.jobs(job_id)
+            if (job["JobState"], job["Restarts"]) == ("PENDING", "1"):
+                break
+            assert job["JobState"] == "RUNNING" and time.monotonic() < deadline, job_log(job)
+            time.sleep(0.2)
+        between_starts(job_id)
     [job] = slurm_cluster.wait_final(job_id, timeout=480)
     return job
+
+
+def log_seconds(log: str, pattern: str) -> int:
+    """Seconds since midnight of the first log line that matches `pattern` (the batch shell's
+    `[mto_ds slurm DATE HH:MM:SS]` and the ranks' `[HH:MM:SS rankR]` stamps)."""
+    line = next(line for line in log.splitlines() if re.search(pattern, line))
+    hours, minutes, seconds = map(int, re.search(r"\b(\d\d):(\d\d):(\d\d)\b", line).groups())
+    return hours * 3600 + minutes * 60 + seconds
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
@@ -149,10 +166,29 @@ def test_signalled_job_checkpoints_requeues_itself_and_resumes_to_the_exact_step
     was submitted with `checkpoint.resume=none` (start over in this directory): the requeued job
     runs the same command and must continue from its own checkpoint, not start over again."""
     run_dir = tmp_path / "run"
+    left = {}
+
+    def leave_a_claim_of_this_job(job_id):
+        # The first start exited cleanly and gave the run directory back. Then leave the claim a
+        # start of this job killed while saving leaves (ranks killed, node lost), held by a live
+        # pid so that only its job id can tell that it is dead: the requeued start must take it
+        # over at once, not after 30 s without a heartbeat.
+        left["running.json"] = (run_dir / "running.json").exists()
+        (run_dir / "running.json").write_text(json.dumps({
+            "job": f"slurm:{job_id}", "host": socket.gethostname(), "pid": os.getpid(),
+            "started": "2026-01-01 00:00:00", "token": "0" * 16, "beat": 0}))
+
     job = signal_batch_shell_after_two_steps(slurm_cluster, run_dir, tmp_path, launcher, "USR1",
-                                             "checkpoint.resume=none")
+                                             "checkpoint.resume=none", between_starts=leave_a_claim_of_this_job)
     log = job_log(job)
     assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), log
+    assert left == {"running.json": False}, log
+    taken = (rf"running.json: taking the run directory over from a start that has ended "
+             rf"\(slurm:{job['JobId']} on {re.escape(socket.gethostname())}, pid {os.getpid()}\)")
+    from mto_ds.engine.run_dir import BEAT_SECONDS, STALE_BEATS
+    waited = (log_seconds(log, taken) - log_seconds(log, rf"job {job['JobId']} restart 1 ")) % 86400
+    assert waited < STALE_BEATS * BEAT_SECONDS, log
+    assert not (run_dir / "running.json").exists(), log
     # The first start stopped part-way with a complete checkpoint and requeued itself ...
     stopped = re.search(r"checkpointed at step (\d+) of (\d+) \(signal SIGUSR1\); requeueing as restart 1", log)
     assert stopped, log
@@ -190,6 +226,40 @@ def test_term_to_the_batch_shell_reaches_the_ranks_which_save_and_the_job_is_not
     assert "not requeueing" in log
 
 
+def test_duplicate_sbatch_on_a_live_run_stops_with_exit_2_without_requeueing_and_the_first_job_finishes(
+        slurm_cluster, tmp_path):
+    """A second sbatch with the same MTO_RUN_DIR while the first job runs (docs/ROBUSTNESS.md,
+    running.json). The first job stalls 30 s in its last save, its heartbeat going on, so that
+    the duplicate finds it alive."""
+    run_dir, steps = tmp_path / "run", 4
+    options = (*CPU_OPTIONS, "--oversubscribe", f"--output={tmp_path}/%x-%j.out")
+    first = slurm_cluster.sbatch(PRETRAIN, f"train.steps={steps}", cwd=REPO, options=options,
+                                 env=cpu_env(run_dir, MTO_DS_FAULT_SAVE_STALL=f"{steps}:30"))
+    deadline = time.monotonic() + 480
+    while True:
+        [job] = slurm_cluster.jobs(first)
+        if "fault injection: stalling" in job_log(job):
+            break
+        assert job["JobState"] in ("PENDING", "RUNNING") and time.monotonic() < deadline, job_log(job)
+        time.sleep(0.2)
+    duplicate = slurm_cluster.sbatch(PRETRAIN, f"train.steps={steps}", env=cpu_env(run_dir), cwd=REPO,
+                                     options=options)
+    [dup] = slurm_cluster.wait_final(duplicate, timeout=120)
+    dup_log = job_log(dup)
+    assert slurm_cluster.jobs(first)[0]["JobState"] == "RUNNING", dup_log  # it met a live start
+    assert (dup["JobState"], dup["ExitCode"], dup["Restarts"]) == ("FAILED", "2:0", "0"), dup_log
+    assert f"is in use by another start (slurm:{first} on {socket.gethostname()}" in dup_log
+    assert "training step stopped on a config error (exit status 2, named above); not requeueing" in dup_log
+
+    [job] = slurm_cluster.wait_final(first, timeout=240)
+    log = job_log(job)
+    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "0"), log
+    assert state(run_dir) == {"finished": True, "step": steps, "total_steps": steps, "reason": "completed"}, log
+    assert metric_steps(run_dir) == list(range(1, steps + 1)), log
+    assert (run_dir / "checkpoints" / f"step_{steps:08d}" / "complete.json").is_file(), log
+    assert not (run_dir / "running.json").exists() and not list(run_dir.glob("config.*.yaml")), log
+
+
 def test_sweep_array_runs_each_element_in_its_own_run_dir(slurm_cluster, tmp_path):
     sweep_dir, steps = tmp_path / "study", 3
     # One rank per element so both elements run at once on this node.
@@ -210,6 +280,14 @@ def test_sweep_array_runs_each_element_in_its_own_run_dir(slurm_cluster, tmp_pat
         config = yaml.safe_load((run_dir / "config.yaml").read_text())
         assert (config["mto"]["enabled"], config["train"]["epochs"], config["run"]["seed"]) == (mto_enabled, 100, 0)
         assert config["run"]["output_dir"] == str(run_dir)
+        assert not (run_dir / "running.json").exists(), logs
+    # Each element is its own Slurm job: a claim it leaves is never taken for a sibling's.
+    job_ids = {j["ArrayTaskId"]: j["JobId"] for j in jobs}
+    for name, task in (("baseline-ep100-s0", "0"), ("mto-ep100-s0", "1")):
+        starts = (sweep_dir / name / "slurm_jobs.log").read_text().splitlines()
+        assert [(s.split()[3], Path(s.split()[-1]).name) for s in starts] == [
+            (job_ids[task], f"mto-sweep-{job_id}_{task}.out")], starts
+    assert "is in use by another start" not in logs and "taking the run directory over" not in logs, logs
 
 
 def test_sweep_lists_baseline_and_mto_side_by_side_for_each_budget():
