@@ -72,14 +72,17 @@ def main(argv=None) -> int:
         from .engine.trainer import NonFiniteLossError, Trainer
         try:
             Trainer(cfg, stop).train()
-            shutdown_distributed()
+            code = 0
         except ConfigError as err:
             print(f"mto-ds: config error: {err}", file=sys.stderr)
-            return 2
+            code = 2
         except NonFiniteLossError as err:
             print(f"mto-ds: {err}", file=sys.stderr)
-            return 1
-        return 0
+            code = 1
+        # Also after these errors, which every rank raises together: a process group left to the
+        # interpreter's exit can abort the rank, and exit 134 would hide a config error's 2.
+        shutdown_distributed()
+        return code
     import json
 
     from .engine.distributed import init_distributed, shutdown_distributed
@@ -89,6 +92,7 @@ def main(argv=None) -> int:
         result = run_eval(cfg, args.checkpoint, args.finetune_epochs)
     except FileNotFoundError as err:  # --checkpoint or the evaluation folders: its message names it
         print(f"mto-ds: {err}", file=sys.stderr)
+        shutdown_distributed()
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result))

@@ -93,3 +93,30 @@ def test_every_python_tool_runs_from_a_checkout_without_installing():
         if result.returncode != 0 or "usage:" not in result.stdout:
             failed[tool.name] = result.stderr[-300:]
     assert failed == {}
+
+
+def test_a_config_error_after_the_process_group_is_up_destroys_it_before_exit_2():
+    # Left to the interpreter's exit, gloo's teardown sometimes aborts ("terminate called without
+    # an active exception"): the rank exits 134 instead of 2, and a Slurm job can then not tell a
+    # config error (never requeued: a duplicate start on a live run directory) from a crash.
+    script = f"""
+import sys
+import torch.distributed as dist
+from mto_ds import cli
+from mto_ds.config import ConfigError
+from mto_ds.engine import trainer
+
+class Refused:
+    def __init__(self, cfg, stop=None):
+        dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        raise ConfigError("run.output_dir=x is in use by another start")
+
+trainer.Trainer = Refused
+code = cli.main(["pretrain", "--config", "configs/demo.yaml"])
+print("exit", code, "group left up", dist.is_initialized())
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=cpu_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "config error: run.output_dir=x is in use by another start" in result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "exit 2 group left up False"

@@ -122,8 +122,9 @@ def check_shared_directory(directory: Path, rank: int, world_size: int, device) 
 
 
 def shutdown_distributed() -> None:
-    """Destroy the process group at the end of a successful run. Left to the interpreter's exit,
-    the gloo backend's teardown sometimes aborts the process ("terminate called without an active
-    exception", about 1 run in 8 here), which fails a run that had finished and saved."""
+    """Destroy the process group at the end of a run, or after an error every rank raised together
+    (a config error, a non-finite stop). Left to the interpreter's exit, the gloo backend's teardown
+    sometimes aborts the process ("terminate called without an active exception", about 1 run in 8
+    here), which fails a run that had finished and saved, or turns a config error's exit 2 into 134."""
     if dist.is_initialized():
         dist.destroy_process_group()
