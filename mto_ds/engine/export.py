@@ -24,11 +24,10 @@ def newest_complete(path: Path) -> Path:
     raise FileNotFoundError(f"no complete checkpoint under {path}")
 
 
-def load_encoder_state(path) -> dict:
-    """fp32 encoder weights with timm key names from a run dir, checkpoint dir or exported .pt."""
+def checkpoint_encoder_state(path) -> dict:
+    """fp32 encoder weights with timm key names from a run directory's newest complete checkpoint,
+    or from a checkpoint directory (files: eval/run.py's load_encoder_state reads them)."""
     path = Path(path)
-    if path.is_file():
-        return torch.load(path, map_location="cpu", weights_only=True)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     tag_dir = newest_complete(path)
@@ -44,7 +43,7 @@ def encoder_state(model_state: dict) -> dict:
 
 def export_encoder(run_dir, out) -> str:
     run_dir = Path(run_dir)
-    state = load_encoder_state(run_dir)
+    state = checkpoint_encoder_state(run_dir)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, out)

@@ -75,8 +75,8 @@ def load_encoder_state(checkpoint: str) -> Dict[str, torch.Tensor]:
     path = Path(checkpoint)
     if path.is_dir():
         # DeepSpeed checkpoints (ZeRO partitions merged into fp32) through the engine's exporter.
-        from mto_ds.engine.export import load_encoder_state as from_deepspeed_checkpoint
-        return from_deepspeed_checkpoint(path)
+        from mto_ds.engine.export import checkpoint_encoder_state
+        return checkpoint_encoder_state(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     # facebookresearch/mae's training checkpoints keep their arguments as an argparse.Namespace.
@@ -87,7 +87,8 @@ def load_encoder_state(checkpoint: str) -> Dict[str, torch.Tensor]:
             state = state[key]
     state = _strip_prefix(state, "module.")
     if any(k.startswith("encoder.") for k in state):  # a whole MIM model of ours: its encoder
-        state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+        from mto_ds.engine.export import encoder_state
+        state = encoder_state(state)
     # Not the encoder: a classifier's head; MAE's decoder and mask token (facebookresearch/mae
     # keeps them beside the encoder's keys, without a prefix).
     return {k: v for k, v in state.items() if not k.startswith(("head.", "decoder_", "mask_token"))}
