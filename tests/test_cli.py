@@ -1,4 +1,5 @@
 """The CLI's errors: bad input fails before any work, with the key named; export for timm."""
+import json
 import subprocess
 import sys
 
@@ -120,3 +121,48 @@ print("exit", code, "group left up", dist.is_initialized())
     assert result.returncode == 0, result.stderr[-3000:]
     assert "config error: run.output_dir=x is in use by another start" in result.stderr
     assert result.stdout.strip().splitlines()[-1] == "exit 2 group left up False"
+
+
+def test_a_missing_data_path_or_resume_checkpoint_is_a_config_error_before_the_model_is_built(tmp_path):
+    """data.path and checkpoint.resume name files a start reads: missing, they are config errors
+    (exit 2, which a Slurm job never requeues), named, without a traceback, and found before the
+    model is built (a ViT-H takes a while): the model builder here raises if it is reached."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("not images")
+    cases = {
+        "folder_missing": ["data.source=folder", f"data.path={tmp_path / 'no-images'}"],
+        "folder_is_a_file": ["data.source=folder", f"data.path={tmp_path / 'notes.txt'}"],
+        "folder_without_classes": ["data.source=folder", f"data.path={tmp_path / 'empty'}"],
+        "ffcv_missing": ["data.source=ffcv", f"data.path={tmp_path / 'train.beton'}"],
+        "resume_missing": [f"checkpoint.resume={tmp_path / 'no-run'}"],
+    }
+    script = f"""
+import json, sys
+from mto_ds import cli
+from mto_ds.engine import trainer
+
+def never(*args, **kwargs):
+    raise AssertionError("the model was built before the inputs were checked")
+
+trainer.create_mim_model = never
+for name, overrides in json.loads(sys.argv[1]).items():
+    code = cli.main(["pretrain", "--config", "configs/demo.yaml", "run.output_dir={tmp_path}/" + name, *overrides])
+    print("case", name, code, flush=True)
+    print("end", name, file=sys.stderr, flush=True)
+"""
+    result = subprocess.run([sys.executable, "-c", script, json.dumps(cases)], cwd=REPO, env=cpu_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    outcomes = [line.split()[1:] for line in result.stdout.splitlines() if line.startswith("case ")]
+    assert outcomes == [[name, "2"] for name in cases]
+    errors = dict(zip(cases, result.stderr.split("\nend ")))
+    assert f"config error: bad value for 'data.path': data.path={tmp_path / 'no-images'}: not found" \
+        in errors["folder_missing"]
+    assert "notes.txt: a file, not a folder" in errors["folder_is_a_file"]
+    assert "empty has no class folders" in errors["folder_without_classes"]
+    assert "train.beton: not found (data.source=ffcv reads a .beton" in errors["ffcv_missing"]
+    assert f"config error: bad value for 'checkpoint.resume': {tmp_path / 'no-run'} holds no complete" \
+        in errors["resume_missing"]
+    state = json.loads((tmp_path / "resume_missing" / "state.json").read_text())
+    assert state["reason"].startswith("set-up failed: ConfigError: bad value for 'checkpoint.resume'")

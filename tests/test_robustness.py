@@ -330,11 +330,11 @@ def test_a_run_that_fails_in_set_up_says_so_in_state_json(tmp_path):
     result = subprocess.run([sys.executable, "-m", "mto_ds", "pretrain", "--config", "configs/demo.yaml",
                              f"run.output_dir={run_dir}", f"checkpoint.resume={missing}", "data.synthetic_images=64"],
                             cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.returncode == 2, result.stderr[-2000:]
     assert state(run_dir) == {"finished": False, "step": None, "total_steps": None,
-                              "reason": f"set-up failed: FileNotFoundError: checkpoint.resume={missing}: no complete "
-                                        f"checkpoint there (a directory with complete.json, or a checkpoints/ "
-                                        f"folder holding some)"}
+                              "reason": f"set-up failed: ConfigError: bad value for 'checkpoint.resume': {missing} "
+                                        f"holds no complete checkpoint (a directory with complete.json, or a "
+                                        f"checkpoints/ folder holding some)"}
 
 
 # --- non-finite losses ----------------------------------------------------------------------

@@ -7,6 +7,7 @@ works on machines without it.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -15,6 +16,26 @@ from ..config import CROP_SCALE
 from .imagefolder import ImageFolderSource, UndecodableImage, list_image_folder, read_rgb
 from .loader import PretrainLoader, normalize
 from .synthetic import SyntheticImages, write_image_folder
+
+
+def data_path_problem(data_cfg) -> Optional[str]:
+    """Why `data.path` cannot be what `data.source` reads, or None: a look at the path only (no
+    listing, no decoding), so a start can refuse it before it builds a model. The loaders check
+    the rest (an empty class folder, a file that is not an FFCV .beton) as they open it."""
+    if data_cfg.source == "synthetic":
+        return None
+    path = Path(data_cfg.path)
+    if data_cfg.source == "ffcv":
+        if path.is_file():
+            return None
+        what = "a directory, not an FFCV file" if path.is_dir() else "not found"
+        return f"data.path={path}: {what} (data.source=ffcv reads a .beton made by tools/make_ffcv.py)"
+    if not path.is_dir():
+        what = "a file, not a folder" if path.exists() else "not found"
+        return f"data.path={path}: {what} (data.source=folder reads ROOT/<class>/<image>)"
+    if not any(entry.is_dir() and not entry.name.startswith(".") for entry in path.iterdir()):
+        return f"data.path={path} has no class folders (data.source=folder reads ROOT/<class>/<image>)"
+    return None
 
 
 def build_pretrain_loader(data_cfg, *, method: str, img_size: int, seed: int, global_batch_size: int,
@@ -50,5 +71,5 @@ def build_pretrain_loader(data_cfg, *, method: str, img_size: int, seed: int, gl
     return PretrainLoader(source, **common)
 
 
-__all__ = ["build_pretrain_loader", "normalize", "SyntheticImages", "PretrainLoader", "ImageFolderSource",
+__all__ = ["build_pretrain_loader", "data_path_problem", "normalize", "SyntheticImages", "PretrainLoader", "ImageFolderSource",
            "write_image_folder", "list_image_folder", "read_rgb", "UndecodableImage", "CROP_SCALE"]

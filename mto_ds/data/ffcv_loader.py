@@ -116,11 +116,12 @@ class FFCVPretrainLoader:
         try:
             fields = Reader(str(path)).field_names
         except AssertionError as err:  # FFCV's header check ("file format mismatch") is an assert
-            raise ValueError(f"data.path={path} is not an FFCV .beton ({err}); make one with "
-                             f"tools/make_ffcv.py") from None
+            raise ConfigError(f"bad value for 'data.path': {path} is not an FFCV .beton ({err}); make one "
+                              f"with tools/make_ffcv.py") from None
         missing = {"image", "label"} - set(fields)
         if missing:
-            raise ValueError(f"{path} lacks the field(s) {sorted(missing)}; it has {fields}")
+            raise ConfigError(f"bad value for 'data.path': {path} lacks the field(s) {sorted(missing)}; it has "
+                              f"{fields} (make it with tools/make_ffcv.py)")
         self.seed = seed
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.mask_fn = mask_fn

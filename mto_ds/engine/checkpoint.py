@@ -191,8 +191,8 @@ class Checkpointer:
         path = Path(resume)
         found = self.complete_tags(path) if path.is_dir() else []
         if not found:
-            raise FileNotFoundError(f"checkpoint.resume={resume}: no complete checkpoint there "
-                                    f"(a directory with {MARKER}, or a checkpoints/ folder holding some)")
+            raise ConfigError(f"bad value for 'checkpoint.resume': {resume} holds no complete checkpoint "
+                              f"(a directory with {MARKER}, or a checkpoints/ folder holding some)")
         return found
 
     def load_newest(self, engine, candidates: List[Path]) -> Tuple[Optional[Path], dict]:

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import Config, ConfigError, to_yaml
-from ..data import build_pretrain_loader
+from ..data import build_pretrain_loader, data_path_problem
 from ..data.order import steps_per_epoch
 from ..models import create_mim_model, mask_fn_for
 from ..mto.fused_attention import fused_kernel_available
@@ -126,6 +126,16 @@ class Trainer:
                 raise ConfigError(f"bad value for 'eval.every_epochs': evaluating during pre-training needs the "
                                   f"labelled ImageFolders {' and '.join(missing)} (set eval.path to the root of "
                                   f"train/ and val/, or eval.every_epochs=0)")
+        self.batch = plan_batch(cfg.train.global_batch_size, cfg.train.micro_batch_size, self.dist.world_size)
+        self.ds_config = deepspeed_config(cfg, self.batch)
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep_last,
+                                         self.dist.rank, self.dist.world_size, self.faults,
+                                         zero_stage(self.ds_config), local_rank=self.dist.local_rank,
+                                         model=self._model_keys())
+        candidates, problem = self._find_inputs(cfg)
+        problem = agree(problem)  # one rank's missing file (node-local data) stops every rank
+        if problem:
+            raise ConfigError(problem)
         torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
         m = cfg.model
         model = create_mim_model(m.arch, m.method, img_size=m.img_size, mto=cfg.mto, drop_path=m.drop_path,
@@ -133,7 +143,6 @@ class Trainer:
                                  compile_blocks=cfg.train.compile,
                                  decoder_embed_dim=m.decoder_embed_dim, decoder_depth=m.decoder_depth,
                                  decoder_num_heads=m.decoder_num_heads, norm_pix_loss=m.norm_pix_loss)
-        self.batch = plan_batch(cfg.train.global_batch_size, cfg.train.micro_batch_size, self.dist.world_size)
         mask_fn = mask_fn_for(model, m.method, m.img_size, m.mask_ratio, m.mask_patch_size)
         self.loader = build_pretrain_loader(
             cfg.data, method=m.method, img_size=m.img_size, seed=cfg.run.seed,
@@ -143,12 +152,6 @@ class Trainer:
         self.total_steps, self.warmup_steps = schedule_steps(cfg, self.steps_per_epoch)
         self.peak_lr = peak_lr(cfg)
 
-        self.ds_config = deepspeed_config(cfg, self.batch)
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep_last,
-                                         self.dist.rank, self.dist.world_size, self.faults,
-                                         zero_stage(self.ds_config), local_rank=self.dist.local_rank,
-                                         model=self._model_keys())
-        candidates = self.checkpointer.candidates(cfg.checkpoint.resume)
         mark_zero3_leaf_blocks(model, self.ds_config)
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
                                                config=self.ds_config)
@@ -168,6 +171,16 @@ class Trainer:
                  zero_stage(self.ds_config), precision(self.ds_config))
 
     # --- checkpoints -------------------------------------------------------------------
+    def _find_inputs(self, cfg: Config):
+        """The checkpoints to resume from, and why checkpoint.resume or data.path cannot be read
+        (None when both can): looked up on every rank before the model is built."""
+        try:
+            candidates = self.checkpointer.candidates(cfg.checkpoint.resume)
+        except ConfigError as err:
+            return [], str(err)
+        problem = data_path_problem(cfg.data)
+        return candidates, problem and f"bad value for 'data.path': {problem}"
+
     def _model_keys(self) -> dict:
         """The settings that decide the shapes of the weights, saved in complete.json: a resume
         with others is refused by name instead of failing in DeepSpeed's load."""
