@@ -42,8 +42,20 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _parse(argv) -> argparse.Namespace:
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse gives a positional list only one run of words: overrides on both sides of --config
+    # (`pretrain train.steps=9 --config c.yaml run.output_dir=r`) leave the second run unparsed.
+    if extra and hasattr(args, "overrides") and not any(word.startswith("-") for word in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     stop = None
     if args.command == "pretrain":
         # First, before the imports that take seconds: a scheduler's SIGTERM/SIGUSR1 in that

@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import timm
 import torch
 
@@ -166,3 +167,19 @@ for name, overrides in json.loads(sys.argv[1]).items():
         in errors["resume_missing"]
     state = json.loads((tmp_path / "resume_missing" / "state.json").read_text())
     assert state["reason"].startswith("set-up failed: ConfigError: bad value for 'checkpoint.resume'")
+
+
+def test_overrides_on_both_sides_of_config_are_all_applied_in_order():
+    """argparse takes one run of positional words: `pretrain a=1 --config c.yaml b=2` left b=2
+    "unrecognized". Both runs are overrides, in the order given (a later one wins)."""
+    from mto_ds.cli import _parse
+    args = _parse(["pretrain", "train.steps=9", "--config", "configs/demo.yaml", "run.output_dir=r", "train.steps=5"])
+    assert (args.config, args.overrides) == ("configs/demo.yaml", ["train.steps=9", "run.output_dir=r", "train.steps=5"])
+    from mto_ds.config import load_config
+    assert load_config(REPO / args.config, args.overrides).train.steps == 5
+    args = _parse(["eval", "eval.k=5", "--config", "c.yaml", "--checkpoint", "run", "eval.num_train=64"])
+    assert (args.checkpoint, args.overrides) == ("run", ["eval.k=5", "eval.num_train=64"])
+    for argv in (["pretrain", "--config", "c.yaml", "a=1", "--bogus"], ["export", "run", "out.pt", "extra"]):
+        with pytest.raises(SystemExit) as exit_:
+            _parse(argv)
+        assert exit_.value.code == 2
