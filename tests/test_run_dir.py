@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -233,3 +234,26 @@ def test_a_second_start_on_a_running_run_directory_stops_before_touching_it(tmp_
     first.finish()
     assert state(run)["reason"] == "signal SIGUSR1" and metric_steps(run) == list(range(1, state(run)["step"] + 1))
     assert not (run / LOCK).exists()  # released at the end: the next start need not wait
+
+
+def test_a_claim_read_while_its_owner_rewrote_it_is_refused_naming_the_owner(tmp_path):
+    """The heartbeat rewrites running.json in place, so a start can read it empty. It must still
+    refuse (the file changes: its owner lives) and name the owner from the rewritten file, not "?"."""
+    beat = 0.2
+    first = claim(tmp_path, "slurm:41", beat=beat)
+    first._stop.set()  # this test writes the beats: empty first, then the owner's next beat
+    first._thread.join()
+    (tmp_path / LOCK).write_text("")
+
+    def next_beat():
+        time.sleep(beat)
+        (tmp_path / LOCK).write_text(json.dumps(dict(first.owner, beat=1)))
+
+    writer = threading.Thread(target=next_beat)
+    writer.start()
+    with pytest.raises(RunDirectoryInUse, match=f"in use by another start \\(slurm:41 on {socket.gethostname()}, "
+                                                f"pid {os.getpid()}"):
+        claim(tmp_path, "slurm:42", beat=beat)
+    writer.join()
+    first.release()
+    assert not (tmp_path / LOCK).exists()

@@ -78,15 +78,16 @@ def _ended(pid: int) -> bool:
         return False
 
 
-def _alive(path: Path, text: str, beat: float) -> bool:
-    """Whether running.json changes within STALE_BEATS beats: its owner's heartbeat."""
+def _heartbeat(path: Path, text: str, beat: float) -> Optional[str]:
+    """running.json as its owner rewrote it within STALE_BEATS beats (its heartbeat: the owner
+    is alive), or None: it stayed the same or was removed (the owner ended)."""
     deadline = time.monotonic() + STALE_BEATS * beat
     while time.monotonic() < deadline:
         time.sleep(min(1.0, beat / 4))
         now = _read(path)
         if now != text:
-            return now is not None  # rewritten: alive; removed: its owner ended
-    return False
+            return now
+    return None
 
 
 class RunLock:
@@ -129,7 +130,10 @@ def claim(run_dir: Path, job: Optional[str], beat: float = BEAT_SECONDS) -> RunL
             if text is None:
                 continue
             owner = _owner(text)
-            if not _gone_at_once(owner, me) and _alive(path, text, beat):
+            rewritten = None if _gone_at_once(owner, me) else _heartbeat(path, text, beat)
+            if rewritten is not None:
+                # The first read may have caught the owner's rewrite half done (an empty file).
+                owner = _owner(rewritten) or owner or _owner(_read(path))
                 raise RunDirectoryInUse(
                     f"run.output_dir={run_dir} is in use by another start ({owner.get('job') or 'no scheduler job'} "
                     f"on {owner.get('host', '?')}, pid {owner.get('pid', '?')}, started {owner.get('started', '?')}; "
