@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 
-from mto_ds.engine.export import encoder_state
+from mto_ds.models.weights import encoder_state
 from mto_ds.models import create_mim_model, mask_fn_for
 from mto_ds.models.simmim import patchify
 

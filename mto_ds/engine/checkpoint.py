@@ -37,15 +37,14 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
+from ..models.weights import MARKER, complete_checkpoints, read_marker
 from .distributed import agree
 from .faults import Faults
 from .storage import atomic_write, flush_to_storage
 
 log = logging.getLogger("mto_ds")
-MARKER = "complete.json"
 # Which explicit checkpoint.resume a job applied, so that its restarts do not apply it again.
 RESUME_RECORD = "resume_applied.json"
-TAG = re.compile(r"step_\d{8}")
 # What pruning may delete: a tag, its universal conversion, and a conversion cut short.
 PRUNABLE = re.compile(r"(step_\d{8})(_universal(\.tmp)?)?")
 
@@ -65,10 +64,6 @@ def tag_for(step: int) -> str:
 
 def universal_dir(tag_dir: Path) -> Path:
     return tag_dir.with_name(tag_dir.name + "_universal")
-
-
-def read_marker(tag_dir: Path) -> dict:
-    return json.loads((Path(tag_dir) / MARKER).read_text())
 
 
 def file_sizes(tag_dir: Path) -> dict:
@@ -116,11 +111,7 @@ class Checkpointer:
 
     def complete_tags(self, root: Optional[Path] = None) -> List[Path]:
         """Complete checkpoints, newest first."""
-        root = Path(root or self.dir)
-        if (root / MARKER).is_file():  # a single checkpoint directory was named
-            return [root]
-        tags = [p for p in root.glob("step_*") if TAG.fullmatch(p.name) and (p / MARKER).is_file()]
-        return sorted(tags, key=lambda p: p.name, reverse=True)  # zero-padded: name order is step order
+        return complete_checkpoints(root or self.dir)
 
     # --- saving -------------------------------------------------------------------------
     def save(self, engine, step: int, client_state: dict, meta: dict) -> Path:

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..models.weights import checkpoint_encoder_state, encoder_state, newest_complete, read_marker
 from .datasets import build_eval_sets
 from .features import extract_features, rank_and_world
 from .finetune import finetune_top1
@@ -74,9 +75,7 @@ def load_encoder_state(checkpoint: str) -> Dict[str, torch.Tensor]:
     """
     path = Path(checkpoint)
     if path.is_dir():
-        # DeepSpeed checkpoints (ZeRO partitions merged into fp32) through the engine's exporter.
-        from mto_ds.engine.export import checkpoint_encoder_state
-        return checkpoint_encoder_state(path)
+        return checkpoint_encoder_state(path)  # DeepSpeed's ZeRO partitions merged into fp32
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     # facebookresearch/mae's training checkpoints keep their arguments as an argparse.Namespace.
@@ -87,7 +86,6 @@ def load_encoder_state(checkpoint: str) -> Dict[str, torch.Tensor]:
             state = state[key]
     state = _strip_prefix(state, "module.")
     if any(k.startswith("encoder.") for k in state):  # a whole MIM model of ours: its encoder
-        from mto_ds.engine.export import encoder_state
         state = encoder_state(state)
     # Not the encoder: a classifier's head; MAE's decoder and mask token (facebookresearch/mae
     # keeps them beside the encoder's keys, without a prefix).
@@ -100,8 +98,6 @@ def checkpoint_evaluated(checkpoint: str) -> Optional[Dict[str, object]]:
     path, size and mtime."""
     path = Path(checkpoint)
     if path.is_dir():
-        from mto_ds.engine.checkpoint import read_marker
-        from mto_ds.engine.export import newest_complete  # the loader's own choice
         try:
             tag_dir = newest_complete(path)
         except FileNotFoundError:

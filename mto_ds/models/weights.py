@@ -1,0 +1,59 @@
+"""A run's weights on disk, read without the engine: the complete checkpoints of a run directory
+(the layout engine/checkpoint.py writes) and a MIM model's encoder with timm's key names.
+
+eval/ reads checkpoints through this module and engine/ writes them by its names, so the
+package's imports keep one direction (engine -> eval -> models), as timm keeps its checkpoint
+helpers beside its models.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import List
+
+# Written last into a checkpoint directory, once every rank's files are on storage: a directory
+# without it is a save that did not finish, never read.
+MARKER = "complete.json"
+TAG = re.compile(r"step_\d{8}")
+
+
+def read_marker(tag_dir: Path) -> dict:
+    return json.loads((Path(tag_dir) / MARKER).read_text())
+
+
+def complete_checkpoints(root: Path) -> List[Path]:
+    """The complete checkpoints under a checkpoints directory, newest first; a complete checkpoint
+    directory itself is the one."""
+    root = Path(root)
+    if (root / MARKER).is_file():
+        return [root]
+    tags = [p for p in root.glob("step_*") if TAG.fullmatch(p.name) and (p / MARKER).is_file()]
+    return sorted(tags, key=lambda p: p.name, reverse=True)  # zero-padded: name order is step order
+
+
+def newest_complete(path: Path) -> Path:
+    """The newest complete checkpoint of a run directory, a checkpoints directory or a checkpoint."""
+    path = Path(path)
+    for root in (path / "checkpoints", path):
+        if root.is_dir():
+            found = complete_checkpoints(root)
+            if found:
+                return found[0]
+    raise FileNotFoundError(f"no complete checkpoint under {path}")
+
+
+def encoder_state(model_state: dict) -> dict:
+    """A MIM model's state dict -> its encoder's, fp32, with timm's key names (no decoder, no mask token)."""
+    return {k[len("encoder."):]: v.float().contiguous() for k, v in model_state.items() if k.startswith("encoder.")}
+
+
+def checkpoint_encoder_state(path) -> dict:
+    """fp32 encoder weights with timm key names from the newest complete DeepSpeed checkpoint of a
+    run directory, a checkpoints directory or a checkpoint directory."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    tag_dir = newest_complete(path)
+    # Merges ZeRO-1/2/3 partitions into the fp32 master weights (not the bf16 working copy).
+    full = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    return encoder_state(full)

@@ -1,0 +1,60 @@
+"""The package's imports keep one direction (shared design: cli -> engine -> (eval, models, mto,
+data) -> config), lazy imports inside functions included: a cycle hidden in a function body is
+still a cycle, and it makes the lower package unusable without the upper one."""
+import ast
+from pathlib import Path
+
+from conftest import REPO
+
+PACKAGE = REPO / "mto_ds"
+# What each part of the package may not import (absolute or relative), lazily or not.
+FORBIDDEN = {
+    "config": {"cli", "engine", "eval", "models", "mto", "data"},
+    "mto": {"cli", "engine", "eval", "data", "models"},
+    "models": {"cli", "engine", "eval", "data"},
+    "data": {"cli", "engine", "eval", "models", "mto"},
+    "eval": {"cli", "engine"},
+    "engine": {"cli"},
+}
+
+
+def _imported_parts(path: Path, root: Path = REPO):
+    """The mto_ds parts (first component below mto_ds) that `path` imports, with line numbers."""
+    package = path.relative_to(root).parts[:-1]  # ("mto_ds", "eval") for mto_ds/eval/run.py
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[:len(package) - node.level + 1]
+                target = (*base, *(node.module.split(".") if node.module else ()))
+                names = [".".join(target)] if node.module else [".".join((*base, a.name)) for a in node.names]
+            else:
+                names = [node.module]
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "mto_ds" and len(parts) > 1:
+                yield parts[1], node.lineno
+            if parts[0] == "tools":
+                yield "tools", node.lineno
+
+
+def test_the_package_imports_in_one_direction_and_never_imports_tools():
+    wrong = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        part = path.relative_to(PACKAGE).parts[0].removesuffix(".py")
+        for imported, line in _imported_parts(path):
+            if imported == "tools" or imported in FORBIDDEN.get(part, set()):
+                wrong.append(f"{path.relative_to(REPO)}:{line} imports mto_ds.{imported}")
+    assert wrong == []
+
+
+def test_the_import_check_sees_relative_and_lazy_imports(tmp_path):
+    """The checker itself: imports inside a function body, relative ones up one and two levels,
+    and absolute ones are all found, with their lines."""
+    fake = tmp_path / "mto_ds" / "eval" / "x.py"
+    fake.parent.mkdir(parents=True)
+    fake.write_text("import os\nfrom . import knn\n\n\ndef f():\n    from ..engine.export import export_encoder\n"
+                    "    import mto_ds.cli\n    from .. import data\n")
+    assert sorted(_imported_parts(fake, tmp_path)) == [("cli", 7), ("data", 8), ("engine", 6), ("eval", 2)]
