@@ -48,3 +48,15 @@ def test_standardise_uses_training_statistics_for_every_set():
     train_s, val_s = standardise(train, val)
     assert torch.allclose(train_s, torch.tensor([[-1.0, -1.0], [1.0, 1.0]]), atol=1e-5)
     assert torch.allclose(val_s, torch.tensor([[0.0, 0.0], [2.0, 2.0]]), atol=1e-5)
+
+
+def test_standardise_is_mae_s_batchnorm_without_affine_also_for_near_constant_features():
+    """MAE's probe puts BatchNorm1d(affine=False, eps=1e-6) before the head: x / sqrt(var + eps).
+    Dividing by std + eps instead differs where std is near sqrt(eps) (a near-constant feature)."""
+    torch.manual_seed(0)
+    train = torch.randn(64, 3, dtype=torch.float64) * torch.tensor([1.0, 1e-3, 0.0], dtype=torch.float64) \
+        + torch.tensor([5.0, -2.0, 7.0], dtype=torch.float64)
+    (ours,) = standardise(train)
+    batchnorm = torch.nn.functional.batch_norm(train, None, None, training=True, eps=1e-6)
+    torch.testing.assert_close(ours, batchnorm, rtol=1e-5, atol=1e-5)
+    assert ours[:, 2].abs().max() == 0  # a constant feature becomes 0, not inf or NaN

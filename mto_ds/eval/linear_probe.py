@@ -19,10 +19,11 @@ from .features import top1_accuracy
 
 
 def standardise(train_features: torch.Tensor, *others: torch.Tensor, eps: float = 1e-6):
-    """Each tensor shifted and scaled by the training features' per-dimension statistics."""
+    """Each tensor shifted and scaled by the training features' per-dimension statistics, as
+    BatchNorm1d(affine=False, eps=1e-6) in MAE's probe does: (x - mean) / sqrt(var + eps)."""
     mean = train_features.mean(dim=0)
-    std = train_features.std(dim=0, unbiased=False) + eps
-    return tuple((x - mean) / std for x in (train_features, *others))
+    scale = torch.sqrt(train_features.var(dim=0, unbiased=False) + eps)
+    return tuple((x - mean) / scale for x in (train_features, *others))
 
 
 def linear_probe_top1(train_features: torch.Tensor, train_labels: torch.Tensor, val_features: torch.Tensor,

@@ -108,6 +108,11 @@ def checkpoint_evaluated(checkpoint: str) -> Optional[Dict[str, object]]:
     return {"file": str(path.resolve()), "bytes": stat.st_size, "modified": stat.st_mtime}
 
 
+# Raised when the way a number is computed changes, so that a study's cached rows computed the old
+# way are evaluated again. 2: the linear probe standardises as BatchNorm does, sqrt(var + eps).
+PROTOCOL = 2
+
+
 def evaluation_settings(cfg, checkpoint: str, finetune_epochs: int = 0,
                         device: Optional[torch.device] = None) -> Dict[str, object]:
     """What `run_eval(cfg, checkpoint, finetune_epochs)`'s numbers depend on: the eval section,
@@ -125,7 +130,7 @@ def evaluation_settings(cfg, checkpoint: str, finetune_epochs: int = 0,
     else:  # "subset": how build_eval_sets cuts a larger split down; rows cached from the earlier
         # uniform draw (without this key) are evaluated again.
         images = {"root": str(eval_root(cfg).resolve()), "subset": "class-balanced"}
-    return {"eval": section, "images": {"source": data.source, **images},
+    return {"protocol": PROTOCOL, "eval": section, "images": {"source": data.source, **images},
             "model": dataclasses.asdict(cfg.model), "seed": cfg.run.seed, "finetune_epochs": finetune_epochs,
             "world_size": rank_and_world()[1], "device": torch.device(device or default_device()).type,
             "checkpoint": checkpoint_evaluated(checkpoint)}
