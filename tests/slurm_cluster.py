@@ -6,6 +6,14 @@ their own munge socket, state and spool directories, so several clusters can sha
 machine), waits until `sinfo` shows the node idle and stops everything afterwards, also
 when a test fails. Errors carry the daemons' logs.
 
+The `slurm_cluster_2nodes` fixture does the same with two nodes on this one host: two
+slurmd, each started with `-N <node>` on a port, spool directory, pid file and log of its
+own (`%n` in slurm.conf), both with this host's name as NodeHostname and 127.0.0.1 as
+NodeAddr. One node is named after the host, as the single node is, the other `localhost`,
+so that each name resolves (to this host) as a rendezvous address; a job's node list has
+them sorted by name (`localhost,<host>` here). Both nodes see the same file system,
+node-local directories included.
+
 Without root or without Debian's `slurm-wlm` and `munge` the tests that use it skip with
 the reason; with CI or MTO_DS_REQUIRE_SLURM set in the environment they fail instead, so a
 CI image that lost Slurm cannot pass quietly.
@@ -67,12 +75,16 @@ def parse_job_line(line: str) -> Dict[str, str]:
 
 
 class SlurmCluster:
-    """One node (this host, on 127.0.0.1) in one partition; every job runs as root."""
+    """One node (this host, on 127.0.0.1) in one partition, or two slurmd of this host as two
+    nodes; every job runs as root."""
 
-    def __init__(self, root: Path, cpus: int = 4):
+    def __init__(self, root: Path, cpus: int = 4, nodes: int = 1):
         self.root = root
-        self.node = socket.gethostname().split(".")[0]
-        self.cpus = cpus
+        self.node = socket.gethostname().split(".")[0]  # the first node
+        if nodes not in (1, 2) or (nodes == 2 and self.node == "localhost"):
+            raise ValueError(f"{nodes} nodes on a host named {self.node}: 1, or 2 on a host not named localhost")
+        self.nodes = [self.node, "localhost"][:nodes]
+        self.cpus = cpus  # per node
         self.conf = root / "slurm.conf"
         self.logs = root / "log"
         # munged wants its socket's directories searchable by all (pytest's are not) and
@@ -101,8 +113,13 @@ class SlurmCluster:
         self._wait(lambda: self.munge_socket.exists(), 15, "munged did not create its socket")
         self.conf.write_text(self._slurm_conf())
         self._spawn("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)])
-        self._spawn("slurmd", ["slurmd", "-D", "-f", str(self.conf), "-N", self.node])
-        self._wait(self._node_idle, timeout, f"node {self.node} did not become idle in {timeout:.0f} s")
+        if len(self.nodes) == 1:
+            self._spawn("slurmd", ["slurmd", "-D", "-f", str(self.conf), "-N", self.node])
+        else:
+            for node in self.nodes:
+                (self.root / "spool" / node).mkdir(exist_ok=True)
+                self._spawn(f"slurmd-{node}", ["slurmd", "-D", "-f", str(self.conf), "-N", node])
+        self._wait(self._nodes_idle, timeout, f"node(s) {','.join(self.nodes)} did not become idle in {timeout:.0f} s")
         return self
 
     def stop(self) -> None:
@@ -114,7 +131,8 @@ class SlurmCluster:
                 deadline = time.monotonic() + 30
                 while time.monotonic() < deadline and self.run("squeue", "-h", check=False).stdout.strip():
                     time.sleep(0.5)
-        for name in ("slurmd", "slurmctld", "munged"):
+        slurmds = [name for name in self.procs if name.startswith("slurmd")]
+        for name in (*slurmds, "slurmctld", "munged"):
             proc = self.procs.pop(name, None)
             if proc is None or proc.poll() is not None:
                 continue
@@ -143,12 +161,26 @@ class SlurmCluster:
             time.sleep(0.3)
         raise RuntimeError(f"{what}\n{self.daemon_logs()}")
 
-    def _node_idle(self) -> bool:
-        out = self.run("sinfo", "-h", "-n", self.node, "-o", "%t", check=False, timeout=10)
-        return out.returncode == 0 and out.stdout.strip() == "idle"
+    def _nodes_idle(self) -> bool:
+        out = self.run("sinfo", "-h", "-N", "-o", "%N %t", check=False, timeout=10)
+        return out.returncode == 0 and sorted(out.stdout.split()) == sorted(
+            [*self.nodes, *["idle"] * len(self.nodes)])
+
+    def slurmd_log(self, node: str) -> str:
+        """What the slurmd of `node` logged (every slurmd of a 2-node cluster has its own log)."""
+        name = "slurmd.log" if len(self.nodes) == 1 else f"slurmd.{node}.log"
+        return (self.logs / name).read_text(errors="replace")
 
     def _slurm_conf(self) -> str:
         r = self.root
+        one = len(self.nodes) == 1
+        if one:
+            nodes = [f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN"]
+        else:
+            # Several slurmd on one host: each finds its node by `-N`, its port by the node's
+            # Port=, and its spool directory, pid file and log by %n (the node's name).
+            nodes = [f"NodeName={node} NodeHostname={self.node} NodeAddr=127.0.0.1 Port={_free_port()} "
+                     f"CPUs={self.cpus} State=UNKNOWN" for node in self.nodes]
         return "\n".join([
             f"ClusterName=mto{os.getpid()}",
             # Job ids, and so the templates' job-id-derived MASTER_PORTs, differ between
@@ -156,18 +188,18 @@ class SlurmCluster:
             f"FirstJobId={random.randrange(1000, 1_000_000)}",
             f"SlurmctldHost={self.node}(127.0.0.1)",
             f"SlurmctldPort={_free_port()}",
-            f"SlurmdPort={_free_port()}",
+            *([f"SlurmdPort={_free_port()}"] if one else []),
             "SlurmUser=root",
             "SlurmdUser=root",
             "AuthType=auth/munge",
             "CredType=cred/munge",
             f"AuthInfo=socket={self.munge_socket},cred_expire={CRED_EXPIRE_S}",
             f"StateSaveLocation={r / 'state'}",
-            f"SlurmdSpoolDir={r / 'spool'}",
+            f"SlurmdSpoolDir={r / 'spool' if one else r / 'spool' / '%n'}",
             f"SlurmctldPidFile={r / 'slurmctld.pid'}",
-            f"SlurmdPidFile={r / 'slurmd.pid'}",
+            f"SlurmdPidFile={r / ('slurmd.pid' if one else 'slurmd.%n.pid')}",
             f"SlurmctldLogFile={self.logs / 'slurmctld.log'}",
-            f"SlurmdLogFile={self.logs / 'slurmd.log'}",
+            f"SlurmdLogFile={self.logs / ('slurmd.log' if one else 'slurmd.%n.log')}",
             "SlurmctldDebug=info",
             "SlurmdDebug=info",
             # No cgroups in containers: track processes by parentage, no task binding.
@@ -188,8 +220,8 @@ class SlurmCluster:
             "JobCompType=jobcomp/none",
             # The node may declare more CPUs than the machine has (tests oversubscribe).
             "SlurmdParameters=config_overrides",
-            f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN",
-            f"PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP",
+            *nodes,
+            f"PartitionName=test Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP",
             "",
         ])
 
@@ -234,16 +266,26 @@ class SlurmCluster:
         return "\n".join(parts)
 
 
-@pytest.fixture(scope="module")
-def slurm_cluster(tmp_path_factory) -> Iterator[SlurmCluster]:
+def _started_cluster(tmp_path_factory, nodes: int) -> Iterator[SlurmCluster]:
     reason = unavailable_reason()
     if reason:
         if os.environ.get("CI") or os.environ.get("MTO_DS_REQUIRE_SLURM"):
             pytest.fail(f"Slurm tests must run here (CI / MTO_DS_REQUIRE_SLURM is set): {reason}")
         pytest.skip(reason)
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"), nodes=nodes)
     try:
         cluster.start()
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster(tmp_path_factory) -> Iterator[SlurmCluster]:
+    yield from _started_cluster(tmp_path_factory, nodes=1)
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster_2nodes(tmp_path_factory) -> Iterator[SlurmCluster]:
+    """Two nodes (two slurmd of this host) in one partition."""
+    yield from _started_cluster(tmp_path_factory, nodes=2)
