@@ -101,13 +101,15 @@ mto_stage_data() {
     local dst
     dst="$dir/$(basename "$src")"
     mto_log "staging $src to $dst on each of $SLURM_JOB_NUM_NODES node(s)" >&2
-    # Copy to a temporary name and rename, so a preempted copy never looks complete.
+    # Copy to a temporary name and rename, so a preempted copy never looks complete. The name
+    # is the node's own: nodes that share the directory would otherwise rename each other's.
     # shellcheck disable=SC2016  # expanded by the remote bash
     srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 \
         --kill-on-bad-exit=1 bash -c '
             set -e; mkdir -p "$2"
             if [[ $(stat -c %s "$1") != $(stat -c %s "$3" 2>/dev/null) ]]; then
-                cp "$1" "$3.part.$SLURM_JOB_ID" && mv -f "$3.part.$SLURM_JOB_ID" "$3"
+                part=$3.part.$SLURM_JOB_ID.$SLURM_NODEID
+                cp "$1" "$part" && mv -f "$part" "$3"
             fi' _ "$src" "$dir" "$dst" >&2 || mto_die "staging $src to $dir failed" >&2
     printf '%s\n' "$dst"
 }

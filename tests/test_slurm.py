@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -554,6 +555,32 @@ def test_staging_failure_is_named_in_the_job_log(tmp_path, data_path, srun_exit,
     out = subprocess.run(["bash", str(PRETRAIN)], env=job_env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2, out.stdout + out.stderr
     assert f"error: {message}" in out.stdout + out.stderr, out.stdout + out.stderr
+
+
+def test_staging_onto_a_directory_that_the_nodes_share_copies_on_each_node_without_failing(tmp_path):
+    """Two nodes whose staging directory is one (two slurmd of one host, or a scratch shared by
+    mistake) copy at the same time: each node must write its own temporary copy. A temporary name
+    shared by the nodes had the second `mv` find it gone (the job failed, 12 stagings in 20 with
+    1 MB on the 2-node test cluster)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    # srun runs the command once per node, at the same time; each copy finishes before either
+    # node renames its copy, as two copies of a large file do.
+    (bin_dir / "srun").write_text('#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\n'
+                                  'SLURM_NODEID=0 "$@" & a=$!; SLURM_NODEID=1 "$@" & b=$!\n'
+                                  'wait $a && wait $b\n')
+    (bin_dir / "cp").write_text(f'#!/bin/bash\n{shutil.which("cp")} "$@" && sleep 1\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    beton = tmp_path / "train.beton"
+    beton.write_bytes(os.urandom(4096))
+    stage = tmp_path / "stage"
+    out = run_lib(f"mto_stage_data {beton} {stage}", tmp_path, PATH=f"{bin_dir}:{os.environ['PATH']}",
+                  SLURM_JOB_NUM_NODES="2")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.splitlines() == [str(stage / "train.beton")], out.stdout + out.stderr
+    assert sorted(p.name for p in stage.iterdir()) == ["train.beton"]
+    assert (stage / "train.beton").read_bytes() == beton.read_bytes()
 
 
 def test_slurm_tests_skip_with_the_reason_without_root_or_without_slurm(monkeypatch):
