@@ -1,4 +1,5 @@
-"""The Slurm templates, submitted to a real single-host Slurm (tests/slurm_cluster.py).
+"""The Slurm templates, submitted to a real Slurm on this host (tests/slurm_cluster.py): one node,
+and for one test two nodes (two slurmd of this host).
 
 Each job is slurm/pretrain.sbatch or slurm/sweep.sbatch as users submit it, with the CPU
 overrides that turn the 8-node GPU example into 2 gloo ranks of the demo config: sbatch
@@ -24,7 +25,8 @@ try:
 except ImportError:
     import slurm_cluster as harness
 
-slurm_cluster = harness.slurm_cluster  # the fixture
+slurm_cluster = harness.slurm_cluster  # the fixtures
+slurm_cluster_2nodes = harness.slurm_cluster_2nodes
 
 REPO = Path(__file__).resolve().parents[1]
 PRETRAIN = REPO / "slurm" / "pretrain.sbatch"
@@ -125,14 +127,15 @@ LAUNCHERS = ["srun"] + [x for x in os.environ.get("MTO_DS_SLURM_LAUNCHERS", "").
 
 
 def signal_batch_shell_after_two_steps(slurm_cluster, run_dir: Path, tmp_path: Path, launcher: str,
-                                       signal_name: str, *overrides: str, between_starts=None) -> dict:
+                                       signal_name: str, *overrides: str, between_starts=None,
+                                       options=CPU_OPTIONS, env=None) -> dict:
     """Submit the pretrain template, wait until it has logged two steps, signal its batch shell
     alone (as `--signal=B:<SIG>@T` does; by hand so the test does not wait for Slurm's 30-60 s
     signal timer) and return the job once it has ended. `between_starts(job_id)` runs while the
-    requeued job waits to start again."""
+    requeued job waits to start again; `env` adds MTO_* variables to cpu_env's."""
     job_id = slurm_cluster.sbatch(PRETRAIN, f"train.steps={STEPS}", *overrides,
-                                  env=cpu_env(run_dir, MTO_LAUNCHER=launcher),
-                                  cwd=REPO, options=(*CPU_OPTIONS, f"--output={tmp_path}/%x-%j.out"))
+                                  env=cpu_env(run_dir, MTO_LAUNCHER=launcher, **(env or {})),
+                                  cwd=REPO, options=(*options, f"--output={tmp_path}/%x-%j.out"))
     deadline = time.monotonic() + 480
     while len(metric_steps(run_dir)) < 2:
         [job] = slurm_cluster.jobs(job_id)
@@ -145,7 +148,8 @@ def signal_batch_shell_after_two_steps(slurm_cluster, run_dir: Path, tmp_path: P
             [job] = slurm_cluster.jobs(job_id)
             if (job["JobState"], job["Restarts"]) == ("PENDING", "1"):
                 break
-            assert job["JobState"] == "RUNNING" and time.monotonic() < deadline, job_log(job)
+            # COMPLETING: the requeued job's processes are ending (seen on 2 nodes).
+            assert job["JobState"] in ("RUNNING", "COMPLETING") and time.monotonic() < deadline, job_log(job)
             time.sleep(0.2)
         between_starts(job_id)
     [job] = slurm_cluster.wait_final(job_id, timeout=480)
@@ -205,6 +209,92 @@ def test_signalled_job_checkpoints_requeues_itself_and_resumes_to_the_exact_step
     assert [r["loss"] for r in metrics(run_dir)] == pytest.approx(reference, rel=1e-5)
     starts = (run_dir / "slurm_jobs.log").read_text().splitlines()
     assert [re.search(r"restart (\d+)", s).group(1) for s in starts] == ["0", "1"]
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_run_preempted_on_2_nodes_continues_on_1_node_of_another_job_with_the_losses_of_the_uninterrupted_run(
+        slurm_cluster_2nodes, uninterrupted_job, tmp_path, launcher):
+    """A run on 2 nodes x 1 rank (one GPU each, say) with the .beton staged on each node gets USR1 in
+    its batch shell after two steps: it checkpoints and requeues itself. Its user would rather not
+    wait for 2 nodes again: they cancel the pending job and submit the run again on 1 node
+    (`MTO_RUN_DIR=<its run dir> sbatch --nodes=1`), while the node that ran the first batch shell
+    and rank 0 is drained. The new job runs on the other node alone: another first node and
+    rendezvous, 1 rank loading the 2-rank checkpoint as a universal checkpoint. The run must end
+    with every step once and the losses of the uninterrupted job (1 node x 2 ranks)."""
+    from test_resume import ELASTIC_RTOL
+    cluster = slurm_cluster_2nodes
+    run_dir = tmp_path / "run"
+    beton = tmp_path / "shared" / "train.beton"
+    beton.parent.mkdir()
+    beton.write_bytes(os.urandom(1 << 20))
+    stage = tmp_path / "node_local"  # both nodes are this host: they share this directory
+    data = {"MTO_DATA_PATH": str(beton), "MTO_DATA_STAGE_DIR": str(stage)}
+    first, other = sorted(cluster.nodes)  # Slurm lists a job's nodes by name: localhost first
+    two_nodes = ("--nodes=2", "--ntasks-per-node=1", *CPU_OPTIONS[2:])
+
+    def cancel_and_drain(job_id):
+        cluster.run("scancel", job_id)
+        cluster.run("scontrol", "update", f"NodeName={first}", "State=DRAIN", "Reason=maintenance")
+
+    # 1 rank accumulates 2 micro-batches of 16 where 2 ranks had one each: MTO's L_r (a hinge on
+    # each micro-batch) stays the same objective (docs/ROBUSTNESS.md).
+    micro = "train.micro_batch_size=16"
+    try:
+        stopped_job = signal_batch_shell_after_two_steps(cluster, run_dir, tmp_path, launcher, "USR1", micro,
+                                                         between_starts=cancel_and_drain, options=two_nodes,
+                                                         env=data)
+        job_id = cluster.sbatch(PRETRAIN, f"train.steps={STEPS}", micro, cwd=REPO,
+                                env=cpu_env(run_dir, MTO_LAUNCHER=launcher, **data),
+                                options=("--nodes=1", "--ntasks-per-node=1", *CPU_OPTIONS[2:],
+                                         f"--output={tmp_path}/%x-%j.out"))
+        [job] = cluster.wait_final(job_id, timeout=480)
+    finally:
+        cluster.run("scontrol", "update", f"NodeName={first}", "State=RESUME", check=False)
+    stopped_log, log = job_log(stopped_job), job_log(job)
+    assert (stopped_job["JobState"], stopped_job["Restarts"]) == ("CANCELLED", "1"), stopped_log
+    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "0"), log
+    assert (job["NumNodes"], job["NodeList"], job["BatchHost"]) == ("1", other, other), log
+    # Each start's nodes as its batch shell recorded them, and the rendezvous on its first node.
+    starts = [re.search(r" job (\d+) restart (\d) nodes (\d) \((\S+)\) ", line).groups()
+              for line in (run_dir / "slurm_jobs.log").read_text().splitlines()]
+    assert starts == [(stopped_job["JobId"], "0", "2", f"{first},{other}"), (job_id, "0", "1", other)], log
+    masters = re.findall(rf"launcher {launcher}; master (\S+):", stopped_log + log)
+    pinned = cpu_env().get("MTO_MASTER_ADDR")  # where this host's name does not resolve
+    assert masters == ([pinned] * 2 if pinned else [first, other]), stopped_log + log
+    # Slurm's own record: the first job ran its staging step (.0) and its training step (.1) on
+    # both nodes, the second job both steps on the node left.
+    jobs = rf"(?:{stopped_job['JobId']}|{job_id})"
+    launched = {node: re.findall(rf"launch task StepId=({jobs}\.\d+) ", cluster.slurmd_log(node))
+                for node in (first, other)}
+    ran = [f"{stopped_job['JobId']}.0", f"{stopped_job['JobId']}.1"]
+    assert launched == {first: ran, other: ran + [f"{job_id}.0", f"{job_id}.1"]}, launched
+    # The staged copy is the .beton, no temporary copy is left, and the run read it.
+    assert sorted(p.name for p in stage.iterdir()) == ["train.beton"]
+    assert (stage / "train.beton").read_bytes() == beton.read_bytes()
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["path"] == str(stage / "train.beton")
+    # 2 ranks on 2 nodes saved one ZeRO shard each; 1 rank loaded them and saved one.
+    stopped = re.search(rf"checkpointed at step (\d+) of {STEPS} \(signal SIGUSR1\); requeueing as restart 1",
+                        stopped_log)
+    assert stopped, stopped_log
+    stop = int(stopped.group(1))
+    assert 2 <= stop < STEPS, stopped_log
+    saved = run_dir / "checkpoints" / f"step_{stop:08d}"
+    assert json.loads((saved / "complete.json").read_text())["world_size"] == 2
+    assert zero_shards(saved) == ["zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                  "zero_pp_rank_1_mp_rank_00_optim_states.pt"], stopped_log
+    assert f"checkpoint {saved} was saved on 2 ranks, this run has 1: loading it as a universal checkpoint" in log
+    assert f"resumed from {saved} at step {stop}" in log
+    assert "train.micro_batch_size was" not in log and "accumulation=2, world_size=1" in log, log
+    assert zero_shards(run_dir / "checkpoints" / f"step_{STEPS:08d}") == ["zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+    # Every step once, and the losses of the job that was never stopped: the same up to the stop
+    # (the same 2 ranks, on 2 nodes instead of 1), within ELASTIC_RTOL after it (1 rank).
+    assert state(run_dir) == {"finished": True, "step": STEPS, "total_steps": STEPS, "reason": "completed"}, log
+    assert metric_steps(run_dir) == list(range(1, STEPS + 1)), log
+    losses = [r["loss"] for r in metrics(run_dir)]
+    reference = [r["loss"] for r in metrics(uninterrupted_job[1])]
+    assert losses[:stop] == pytest.approx(reference[:stop], rel=1e-5)
+    assert losses == pytest.approx(reference, rel=ELASTIC_RTOL)
+    assert not (run_dir / "running.json").exists(), log
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
