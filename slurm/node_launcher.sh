@@ -28,8 +28,9 @@ case $MTO_LAUNCHER in
         # sets its own handler (TERM to the ranks, SIGKILL after 30 s).
         trap '' TERM
         # --no_ssh: every node runs its own launcher (no pdsh); the hostfile only tells it
-        # the world layout. Written per node, so no shared scratch is assumed.
-        hostfile=${TMPDIR:-/tmp}/mto_ds-hostfile-$SLURM_JOB_ID-$SLURM_STEP_ID
+        # the world layout. Written per node, so no shared scratch is assumed; named per node
+        # too, so that nodes sharing TMPDIR never truncate a file another one is reading.
+        hostfile=${TMPDIR:-/tmp}/mto_ds-hostfile-$SLURM_JOB_ID-$SLURM_STEP_ID-$node_rank
         scontrol show hostnames "$SLURM_JOB_NODELIST" |
             sed "s/\$/ slots=$MTO_RANKS_PER_NODE/" >"$hostfile"
         exec "$MTO_PYTHON" -m deepspeed.launcher.runner \
