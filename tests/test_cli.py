@@ -127,7 +127,8 @@ print("exit", code, "group left up", dist.is_initialized())
 def test_a_missing_data_path_or_resume_checkpoint_is_a_config_error_before_the_model_is_built(tmp_path):
     """data.path and checkpoint.resume name files a start reads: missing, they are config errors
     (exit 2, which a Slurm job never requeues), named, without a traceback, and found before the
-    model is built (a ViT-H takes a while): the model builder here raises if it is reached."""
+    model is built (a ViT-H takes a while): the model builder here raises if it is reached.
+    Class folders without an image show only when the loader lists them, after the model."""
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes.txt").write_text("not images")
     cases = {
@@ -136,7 +137,10 @@ def test_a_missing_data_path_or_resume_checkpoint_is_a_config_error_before_the_m
         "folder_without_classes": ["data.source=folder", f"data.path={tmp_path / 'empty'}"],
         "ffcv_missing": ["data.source=ffcv", f"data.path={tmp_path / 'train.beton'}"],
         "resume_missing": [f"checkpoint.resume={tmp_path / 'no-run'}"],
+        "folder_without_images": ["data.source=folder", f"data.path={tmp_path / 'no-images-inside'}"],
     }
+    (tmp_path / "no-images-inside" / "class_a").mkdir(parents=True)
+    (tmp_path / "no-images-inside" / "class_a" / "notes.txt").write_text("not an image")
     script = f"""
 import json, sys
 from mto_ds import cli
@@ -145,8 +149,10 @@ from mto_ds.engine import trainer
 def never(*args, **kwargs):
     raise AssertionError("the model was built before the inputs were checked")
 
-trainer.create_mim_model = never
+built = trainer.create_mim_model
 for name, overrides in json.loads(sys.argv[1]).items():
+    # Class folders without an image are found only by listing them, after the model is built.
+    trainer.create_mim_model = built if name == "folder_without_images" else never
     code = cli.main(["pretrain", "--config", "configs/demo.yaml", "run.output_dir={tmp_path}/" + name, *overrides])
     print("case", name, code, flush=True)
     print("end", name, file=sys.stderr, flush=True)
@@ -165,6 +171,8 @@ for name, overrides in json.loads(sys.argv[1]).items():
     assert "train.beton: not found (data.source=ffcv reads a .beton" in errors["ffcv_missing"]
     assert f"config error: bad value for 'checkpoint.resume': {tmp_path / 'no-run'} holds no complete" \
         in errors["resume_missing"]
+    assert "config error: bad value for 'data.path': no image files under the class folders of" \
+        in errors["folder_without_images"]
     state = json.loads((tmp_path / "resume_missing" / "state.json").read_text())
     assert state["reason"].startswith("set-up failed: ConfigError: bad value for 'checkpoint.resume'")
 

@@ -144,10 +144,13 @@ class Trainer:
                                  decoder_embed_dim=m.decoder_embed_dim, decoder_depth=m.decoder_depth,
                                  decoder_num_heads=m.decoder_num_heads, norm_pix_loss=m.norm_pix_loss)
         mask_fn = mask_fn_for(model, m.method, m.img_size, m.mask_ratio, m.mask_patch_size)
-        self.loader = build_pretrain_loader(
-            cfg.data, method=m.method, img_size=m.img_size, seed=cfg.run.seed,
-            global_batch_size=self.batch.global_batch_size, micro_batch_size=self.batch.micro_batch_size,
-            rank=self.dist.rank, world_size=self.dist.world_size, mask_fn=mask_fn)
+        try:
+            self.loader = build_pretrain_loader(
+                cfg.data, method=m.method, img_size=m.img_size, seed=cfg.run.seed,
+                global_batch_size=self.batch.global_batch_size, micro_batch_size=self.batch.micro_batch_size,
+                rank=self.dist.rank, world_size=self.dist.world_size, mask_fn=mask_fn)
+        except FileNotFoundError as err:  # class folders without an image: seen only by listing them
+            raise ConfigError(f"bad value for 'data.path': {err}") from None
         self.steps_per_epoch = steps_per_epoch(self.loader.num_samples, self.batch.global_batch_size)
         self.total_steps, self.warmup_steps = schedule_steps(cfg, self.steps_per_epoch)
         self.peak_lr = peak_lr(cfg)
