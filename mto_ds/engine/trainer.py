@@ -119,13 +119,6 @@ class Trainer:
         if problem:
             raise ConfigError(f"run.output_dir={cfg.run.output_dir} must be one directory that every rank "
                               f"sees (shared storage, not a node-local disk): {problem}")
-        if cfg.eval.every_epochs:  # not found at the first evaluation, an epoch of training later
-            from ..eval.datasets import missing_eval_folders
-            missing = missing_eval_folders(cfg)
-            if missing:
-                raise ConfigError(f"bad value for 'eval.every_epochs': evaluating during pre-training needs the "
-                                  f"labelled ImageFolders {' and '.join(missing)} (set eval.path to the root of "
-                                  f"train/ and val/, or eval.every_epochs=0)")
         self.batch = plan_batch(cfg.train.global_batch_size, cfg.train.micro_batch_size, self.dist.world_size)
         self.ds_config = deepspeed_config(cfg, self.batch)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep_last,
@@ -175,14 +168,23 @@ class Trainer:
 
     # --- checkpoints -------------------------------------------------------------------
     def _find_inputs(self, cfg: Config):
-        """The checkpoints to resume from, and why checkpoint.resume or data.path cannot be read
-        (None when both can): looked up on every rank before the model is built."""
+        """The checkpoints to resume from, and why checkpoint.resume, data.path or the evaluation
+        folders cannot be read (None when all can): looked up on every rank before the model is
+        built, not at the first evaluation, an epoch of training later."""
         try:
             candidates = self.checkpointer.candidates(cfg.checkpoint.resume)
         except ConfigError as err:
             return [], str(err)
         problem = data_path_problem(cfg.data)
-        return candidates, problem and f"bad value for 'data.path': {problem}"
+        if problem:
+            return candidates, f"bad value for 'data.path': {problem}"
+        from ..eval.datasets import missing_eval_folders  # eval is imported only where it is used
+        missing = missing_eval_folders(cfg) if cfg.eval.every_epochs else []
+        if missing:
+            return candidates, (f"bad value for 'eval.every_epochs': evaluating during pre-training needs the "
+                                f"labelled ImageFolders {' and '.join(missing)} (set eval.path to the root of "
+                                f"train/ and val/, or eval.every_epochs=0)")
+        return candidates, None
 
     def _model_keys(self) -> dict:
         """The settings that decide the shapes of the weights, saved in complete.json: a resume
