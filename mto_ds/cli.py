@@ -81,7 +81,8 @@ def main(argv=None) -> int:
     _setup_environment()
     if args.command == "pretrain":
         from .engine.distributed import shutdown_distributed
-        from .engine.trainer import NonFiniteLossError, Trainer
+        from .engine.step import NonFiniteLossError
+        from .engine.trainer import Trainer
         try:
             Trainer(cfg, stop).train()
             code = 0

@@ -1,4 +1,5 @@
-"""The train step: one optimizer step of the DeepSpeed engine over its micro-batches."""
+"""The train step: one optimizer step of the DeepSpeed engine over its micro-batches, and the
+checks of non-finite values around it (every rank agrees on each)."""
 from __future__ import annotations
 
 from typing import Dict, List
@@ -12,12 +13,37 @@ LOGGED = ("loss", "loss_mim", "loss_mto", "loss_spa", "loss_e", "loss_r",
           "heterogeneity", "entropy_masked", "entropy_visible")
 
 
-def _all_finite(loss: torch.Tensor) -> bool:
-    """Agreement across ranks, so every rank skips the same step."""
-    flag = torch.isfinite(loss.detach()).float().reshape(1)
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class NonFiniteGradientsError(NonFiniteLossError):
+    """fp16's gradients overflow at the loss scaler's minimum scale: DeepSpeed gives up."""
+
+
+class NonFiniteWeightsError(NonFiniteLossError):
+    """A non-finite gradient reached the weights. DeepSpeed applies one when nothing checks the
+    gradients: bf16 with check_grad_overflow off (the shipped configs); fp32 skips such a step."""
+
+
+def _true_on_every_rank(flag: torch.Tensor, device: torch.device) -> bool:
+    """One all-reduce (MIN) of a boolean and one read to the host."""
+    flag = flag.to(device=device, dtype=torch.float32).reshape(1)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
+
+
+def _all_finite(loss: torch.Tensor) -> bool:
+    """Agreement across ranks, so every rank skips the same step."""
+    return _true_on_every_rank(torch.isfinite(loss.detach()), loss.device)
+
+
+def weights_finite(module: torch.nn.Module, device: torch.device) -> bool:
+    """Whether every rank's weights are finite: ZeRO-3's partitions, else the full tensors.
+    Once per checkpoint, not per step."""
+    tensors = [getattr(p, "ds_tensor", p) for p in module.parameters()]
+    return _true_on_every_rank(torch.stack([torch.isfinite(t).all() for t in tensors if t.numel()]).all(), device)
 
 
 def train_step(engine, micro_batches: List[dict], mto_scale: float, with_stats: bool, micro_batch_size: int,

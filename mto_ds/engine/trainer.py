@@ -24,35 +24,12 @@ from .distributed import DistInfo, agree, check_shared_directory, init_distribut
 from .faults import Faults, SampleTrace
 from .run_dir import RunDirectoryInUse, RunLock, claim, resume_warnings, write_config, write_state
 from .signals import StopRequest
-from .step import LOGGED, train_step
+from .step import (LOGGED, NonFiniteGradientsError, NonFiniteLossError, NonFiniteWeightsError, train_step,
+                   weights_finite)
 from .telemetry import Telemetry, evaluation_logged
 
 log = logging.getLogger("mto_ds")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
-
-
-class NonFiniteGradientsError(NonFiniteLossError):
-    """fp16's gradients overflow at the loss scaler's minimum scale: DeepSpeed gives up."""
-
-
-class NonFiniteWeightsError(NonFiniteLossError):
-    """A non-finite gradient reached the weights. DeepSpeed applies one when nothing checks the
-    gradients: bf16 with check_grad_overflow off (the shipped configs); fp32 skips such a step."""
-
-
-def weights_finite(module: torch.nn.Module, device: torch.device) -> bool:
-    """Whether every rank's weights are finite: ZeRO-3's partitions, else the full tensors.
-    One all-reduce and one read to the host: once per checkpoint, not per step."""
-    tensors = [getattr(p, "ds_tensor", p) for p in module.parameters()]
-    finite = torch.stack([torch.isfinite(t).all() for t in tensors if t.numel()]).all()
-    flag = finite.to(device=device, dtype=torch.float32).reshape(1)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
 
 
 class Trainer:
