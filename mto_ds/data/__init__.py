@@ -19,9 +19,10 @@ from .synthetic import SyntheticImages, write_image_folder
 
 
 def data_path_problem(data_cfg) -> Optional[str]:
-    """Why `data.path` cannot be what `data.source` reads, or None: a look at the path only (no
-    listing, no decoding), so a start can refuse it before it builds a model. The loaders check
-    the rest (an empty class folder, a file that is not an FFCV .beton) as they open it."""
+    """Why `data.path` cannot be what `data.source` reads, or None: a look at the path and a
+    folder's top level only (nothing decoded, no class folder listed), so a start can refuse it
+    before it builds a model. The loaders check the rest (class folders without an image, a
+    file that is not an FFCV .beton) as they open it."""
     if data_cfg.source == "synthetic":
         return None
     path = Path(data_cfg.path)
@@ -71,5 +72,5 @@ def build_pretrain_loader(data_cfg, *, method: str, img_size: int, seed: int, gl
     return PretrainLoader(source, **common)
 
 
-__all__ = ["build_pretrain_loader", "data_path_problem", "normalize", "SyntheticImages", "PretrainLoader", "ImageFolderSource",
-           "write_image_folder", "list_image_folder", "read_rgb", "UndecodableImage", "CROP_SCALE"]
+__all__ = ["build_pretrain_loader", "data_path_problem", "normalize", "SyntheticImages", "PretrainLoader",
+           "ImageFolderSource", "write_image_folder", "list_image_folder", "read_rgb", "UndecodableImage", "CROP_SCALE"]
