@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 ARCHS = ("vit_tiny_patch16", "vit_small_patch16", "vit_base_patch16",
          "vit_large_patch16", "vit_huge_patch14")
 METHODS = ("simmim", "mae")
+BASE_KEY = "_base_"  # a YAML config's parent file(s), as in mmengine's configs
 
 
 class ConfigError(ValueError):
@@ -196,18 +197,38 @@ def _merge(base, other, source: str):
         raise ConfigError(f"{source}: {err}") from None
 
 
+def _yaml_layers(path: Path, chain: tuple = ()) -> list:
+    """(file, its contents) of a YAML config, after those of the files its `_base_` names (a path
+    relative to it, or a list of them, merged in order), so that a study's config can change a
+    few keys of a recipe. Each file is merged on its own: an error names the file it is in."""
+    if path in chain:
+        raise ConfigError(f"{chain[-1]}: _base_ leads back to {path} ({' -> '.join(map(str, (*chain, path)))})")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}" + (f" (the _base_ of {chain[-1]})" if chain else ""))
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as err:  # yaml's scanner/parser errors, OmegaConf's duplicate keys
+        raise ConfigError(f"{path} is not a valid YAML config: {err}") from None
+    bases = loaded.pop(BASE_KEY, None) if isinstance(loaded, DictConfig) else None
+    if bases is None:
+        return [(path, loaded)]
+    names = [bases] if isinstance(bases, str) else list(bases) if isinstance(bases, ListConfig) else None
+    if not names or not all(isinstance(name, str) for name in names):
+        raise ConfigError(f"{path}: bad value for '{BASE_KEY}': expected a path or a list of paths, got {bases!r}")
+    layers = []
+    for name in names:
+        layers += _yaml_layers((path.parent / name).resolve(), (*chain, path))
+    return [*layers, (path, loaded)]
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Config:
-    """Schema defaults <- YAML file <- `section.key=value` overrides, then `validate`."""
+    """Schema defaults <- YAML file (after its `_base_` files) <- `section.key=value` overrides,
+    then `validate`."""
     cfg = OmegaConf.structured(Config)
     if path is not None:
         path = resolve_path(str(path))  # configs/*.yaml from any working directory, as ds_configs/
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = OmegaConf.load(path)
-        except Exception as err:  # yaml's scanner/parser errors, OmegaConf's duplicate keys
-            raise ConfigError(f"{path} is not a valid YAML config: {err}") from None
-        cfg = _merge(cfg, loaded, str(path))
+        for source, loaded in _yaml_layers(path.resolve()):
+            cfg = _merge(cfg, loaded, str(source))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form section.key=value")

@@ -163,3 +163,35 @@ def test_a_shipped_config_loads_by_its_repository_path_from_any_working_director
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "demo.yaml").write_text("model:\n  arch: vit_small_patch16\n")
     assert load_config("configs/demo.yaml").model.arch == "vit_small_patch16"
+
+
+def test_a_config_extends_its_base_files_which_the_overrides_then_change(tmp_path):
+    """`_base_` (a path relative to the file, or a list merged in order) lets a study's config
+    change a few keys of a shipped recipe; the command line's overrides still come last, and the
+    resolved config (what the run directory keeps) has no `_base_` left."""
+    (tmp_path / "short.yaml").write_text("train:\n  epochs: 100\n  warmup_epochs: 5\n")
+    (tmp_path / "study.yaml").write_text(f"_base_: [{REPO / 'configs' / 'vit_l_simmim.yaml'}, short.yaml]\n"
+                                         "train:\n  warmup_epochs: 8\n")
+    cfg = load_config(tmp_path / "study.yaml", ["run.seed=3"])
+    assert (cfg.model.arch, cfg.train.blr, cfg.train.clip_grad) == ("vit_large_patch16", 5e-05, 5.0)  # the recipe
+    assert (cfg.train.epochs, cfg.train.warmup_epochs, cfg.run.seed) == (100, 8, 3)  # later layers win
+    assert "_base_" not in to_yaml(cfg)
+    (tmp_path / "resolved.yaml").write_text(to_yaml(cfg))
+    assert load_config(tmp_path / "resolved.yaml") == cfg
+
+
+def test_a_bad_base_names_the_file_it_comes_from(tmp_path):
+    (tmp_path / "a.yaml").write_text("_base_: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("_base_: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"b.yaml: _base_ leads back to .*a.yaml \(.*a.yaml -> .*b.yaml -> .*a.yaml\)"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("_base_: missing.yaml\n")
+    with pytest.raises(ConfigError, match=r"config file not found: .*missing.yaml \(the _base_ of .*c.yaml\)"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("_base_: {train: 1}\n")
+    with pytest.raises(ConfigError, match="d.yaml: bad value for '_base_': expected a path or a list of paths"):
+        load_config(tmp_path / "d.yaml")
+    (tmp_path / "e.yaml").write_text("train:\n  epocs: 3\n")  # the typo is in the base: named there
+    (tmp_path / "f.yaml").write_text("_base_: e.yaml\n")
+    with pytest.raises(ConfigError, match=r"e.yaml: unknown config key 'train.epocs'"):
+        load_config(tmp_path / "f.yaml")
