@@ -94,6 +94,7 @@ def main(argv=None) -> int:
             code = 1
         # Also after these errors, which every rank raises together: a process group left to the
         # interpreter's exit can abort the rank, and exit 134 would hide a config error's 2.
+        stop.ignore_from_now()  # nor may a TERM meant for a rank still exiting (signals.py)
         shutdown_distributed()
         return code
     import json

@@ -59,6 +59,14 @@ class StopRequest:
             self.signum = signum
         return bool(signum)
 
+    def ignore_from_now(self) -> None:
+        """For a rank that only exits now. Python's exit resets a handler it installed to the
+        default action, and srun --kill-on-bad-exit sends TERM to the ranks still exiting once
+        one rank exits: killed by it, a rank would turn the step's exit status (2 for a config
+        error, which the Slurm templates never requeue) into 143. Ignored, it keeps its own."""
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
     def close(self) -> None:
         """Wait for the reduction still in flight (every rank issued it at its last `agreed`), so
         that the process group is not torn down with work pending (shutdown_distributed)."""
