@@ -57,6 +57,10 @@ def _owner(text: Optional[str]) -> dict:
     return owner if isinstance(owner, dict) else {}
 
 
+def _holder(owner: dict) -> str:
+    return f"{owner.get('job') or 'no scheduler job'} on {owner.get('host', '?')}, pid {owner.get('pid', '?')}"
+
+
 def _gone_at_once(owner: dict, me: dict) -> bool:
     """Whether the claim is known dead without watching it: this Slurm job's (a requeued job runs
     again under its id only after its earlier start ended) or a process of this host that is gone."""
@@ -135,12 +139,11 @@ def claim(run_dir: Path, job: Optional[str], beat: float = BEAT_SECONDS) -> RunL
                 # The first read may have caught the owner's rewrite half done (an empty file).
                 owner = _owner(rewritten) or owner or _owner(_read(path))
                 raise RunDirectoryInUse(
-                    f"run.output_dir={run_dir} is in use by another start ({owner.get('job') or 'no scheduler job'} "
-                    f"on {owner.get('host', '?')}, pid {owner.get('pid', '?')}, started {owner.get('started', '?')}; "
-                    f"its {LOCK} is alive): two starts on one run directory overwrite each other's checkpoints "
-                    f"and metrics. Stop that one first, or give this one another run.output_dir")
-            log.warning("%s: taking the run directory over from a start that has ended (%s on %s, pid %s)",
-                        path, owner.get("job") or "no scheduler job", owner.get("host", "?"), owner.get("pid", "?"))
+                    f"run.output_dir={run_dir} is in use by another start ({_holder(owner)}, started "
+                    f"{owner.get('started', '?')}; its {LOCK} is alive): two starts on one run directory overwrite "
+                    f"each other's checkpoints and metrics. Stop that one first, or give this one another "
+                    f"run.output_dir")
+            log.warning("%s: taking the run directory over from a start that has ended (%s)", path, _holder(owner))
             path.unlink(missing_ok=True)
             continue
         with os.fdopen(fd, "w") as f:
