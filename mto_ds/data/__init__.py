@@ -13,9 +13,16 @@ from typing import Optional
 import torch
 
 from ..config import CROP_SCALE
-from .imagefolder import ImageFolderSource, UndecodableImage, list_image_folder, read_rgb
+from .imagefolder import ImageFolderSource, UndecodableImage, folder_problem, list_image_folder, read_rgb
 from .loader import PretrainLoader, normalize
 from .synthetic import SyntheticImages, write_image_folder
+
+
+def beton_problem(path: Path) -> Optional[str]:
+    """Why `path` is not an FFCV file to open, or None (the header is FFCV's to check)."""
+    if path.is_file():
+        return None
+    return f"{path}: {'a directory, not an FFCV file' if path.is_dir() else 'not found'}"
 
 
 def data_path_problem(data_cfg) -> Optional[str]:
@@ -23,19 +30,12 @@ def data_path_problem(data_cfg) -> Optional[str]:
     folder's top level only (nothing decoded, no class folder listed), so a start can refuse it
     before it builds a model. The loaders check the rest (class folders without an image, a
     file that is not an FFCV .beton) as they open it."""
-    if data_cfg.source == "synthetic":
-        return None
-    path = Path(data_cfg.path)
     if data_cfg.source == "ffcv":
-        if path.is_file():
-            return None
-        what = "a directory, not an FFCV file" if path.is_dir() else "not found"
-        return f"data.path={path}: {what} (data.source=ffcv reads a .beton made by tools/make_ffcv.py)"
-    if not path.is_dir():
-        what = "a file, not a folder" if path.exists() else "not found"
-        return f"data.path={path}: {what} (data.source=folder reads ROOT/<class>/<image>)"
-    if not any(entry.is_dir() and not entry.name.startswith(".") for entry in path.iterdir()):
-        return f"data.path={path} has no class folders (data.source=folder reads ROOT/<class>/<image>)"
+        problem = beton_problem(Path(data_cfg.path))
+        return problem and f"data.path={problem} (data.source=ffcv reads a .beton made by tools/make_ffcv.py)"
+    if data_cfg.source == "folder":
+        problem = folder_problem(Path(data_cfg.path))
+        return problem and f"data.path={problem} (data.source=folder reads ROOT/<class>/<image>)"
     return None
 
 

@@ -33,6 +33,7 @@ from ffcv.traversal_order import QuasiRandom  # noqa: E402
 from ffcv.traversal_order.base import TraversalOrder  # noqa: E402
 
 from ..config import ConfigError  # noqa: E402
+from . import beton_problem  # noqa: E402
 from .ffcv_crop import SeededResizedCropDecoder  # noqa: E402
 from .loader import MaskFn, batch_masks  # noqa: E402
 from .order import rank_indices, steps_per_epoch  # noqa: E402
@@ -110,9 +111,9 @@ class FFCVPretrainLoader:
                              f"{threads} on this machine; set it lower (0 means all {threads})")
         num_workers = num_workers or threads
         path = Path(path)
-        if not path.is_file():
-            what = "a directory, not an FFCV file" if path.is_dir() else "not found"
-            raise FileNotFoundError(f"data.path={path}: {what} (make a .beton with tools/make_ffcv.py)")
+        problem = beton_problem(path)
+        if problem:
+            raise FileNotFoundError(f"data.path={problem} (make a .beton with tools/make_ffcv.py)")
         try:
             fields = Reader(str(path)).field_names
         except AssertionError as err:  # FFCV's header check ("file format mismatch") is an assert

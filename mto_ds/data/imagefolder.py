@@ -44,14 +44,22 @@ class ImageFolderListing:
         return path.relative_to(self.root).as_posix()
 
 
+def folder_problem(root: Path) -> Optional[str]:
+    """Why `root` is not a class root (ROOT/<class>/...), or None: from its top level alone."""
+    if not root.is_dir():
+        return f"{root}: {'a file, not a folder' if root.exists() else 'not found'}"
+    if not any(entry.is_dir() and not entry.name.startswith(".") for entry in os.scandir(root)):
+        return f"{root} has no class folders"
+    return None
+
+
 def list_image_folder(root) -> ImageFolderListing:
     """Class folders sorted by name give the labels; image files below them, recursively."""
     root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root}")
+    problem = folder_problem(root)
+    if problem:
+        raise FileNotFoundError(f"image folder {problem} (expected ROOT/<class>/<image>)")
     classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
-    if not classes:
-        raise FileNotFoundError(f"{root} has no class folders (expected ROOT/<class>/<image>)")
     listing = ImageFolderListing(root, classes)
     for label, name in enumerate(classes):
         found = []
