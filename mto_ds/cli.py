@@ -20,6 +20,14 @@ def _setup_environment() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _recorded(fn):
+    """`fn` under torchrun's `record`: a rank's uncaught exception goes to the error file torchrun
+    gives each rank, so its summary names the first rank that failed with that rank's traceback,
+    not only exit codes (faulthandler on, too). Without torchrun it only runs `fn`."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+    return record(fn)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mto-ds", description="MIM pre-training with Masked Token Optimization")
     # DeepSpeed's launcher runs `python -m mto_ds --local_rank=N <command> ...` (the rank is also in
@@ -84,7 +92,7 @@ def main(argv=None) -> int:
         from .engine.step import NonFiniteLossError
         from .engine.trainer import Trainer
         try:
-            Trainer(cfg, stop).train()
+            _recorded(lambda: Trainer(cfg, stop).train())()
             code = 0
         except ConfigError as err:
             print(f"mto-ds: config error: {err}", file=sys.stderr)
@@ -103,7 +111,7 @@ def main(argv=None) -> int:
     from .eval.run import run_eval
     init_distributed()  # eval shards its feature extraction across ranks when launched on several
     try:
-        result = run_eval(cfg, args.checkpoint, args.finetune_epochs)
+        result = _recorded(run_eval)(cfg, args.checkpoint, args.finetune_epochs)
     except FileNotFoundError as err:  # --checkpoint or the evaluation folders: its message names it
         print(f"mto-ds: {err}", file=sys.stderr)
         shutdown_distributed()

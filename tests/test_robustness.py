@@ -460,6 +460,35 @@ def test_torchrun_restarts_a_job_whose_rank_died_and_it_resumes_to_the_exact_ste
     assert final == pytest.approx(losses_by_step(reference), rel=1e-5)
 
 
+
+def test_a_rank_that_fails_alone_is_named_with_its_error_in_state_json_and_by_torchrun(tmp_path):
+    """A Python error on rank 1 alone (as a CUDA out-of-memory on one GPU is): rank 0 fails after
+    it only of its absence. state.json keeps rank 1's reason, not rank 0's closed connection nor
+    an earlier start's "finished", and torchrun's summary names rank 1 with its traceback."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "state.json").write_text(json.dumps({"finished": True, "step": 4, "total_steps": 4,
+                                                    "reason": "completed"}))
+    run = Run(run_dir, nproc=2, steps=4, env={"MTO_DS_FAULT_RAISE_AT_STEP": "2"})
+    assert run.wait() != 0
+    assert state(run_dir) == {"finished": False, "step": 2, "total_steps": 4, "reason":
+                              "error: rank 1 of 2: InjectedFault: fault injection: rank 1 fails after step 2"}
+    root_cause = run.output.split("Root Cause (first observed failure)")[1]
+    assert "rank      : 1 (local_rank: 1)" in root_cause
+    assert "mto_ds.engine.faults.InjectedFault: fault injection: rank 1 fails after step 2" in root_cause
+
+
+def test_a_start_killed_before_it_writes_state_json_leaves_none_of_an_earlier_start(tmp_path):
+    """An earlier start's state.json must not speak for this one: killed hard (os._exit, as by
+    kill -9 or a lost node), this start leaves no state.json, not the earlier "finished"."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "state.json").write_text(json.dumps({"finished": True, "step": 2, "total_steps": 2,
+                                                    "reason": "completed"}))
+    Run(run_dir, steps=3, env={"MTO_DS_FAULT_EXIT_AT_STEP": "1", "MTO_DS_FAULT_EXIT_RANK": "0"}).finish(expect=17)
+    assert not (run_dir / "state.json").exists()
+
+
 # --- batch geometry and DeepSpeed settings ---------------------------------------------------
 
 @pytest.mark.parametrize("world, micro, expected", [

@@ -164,13 +164,34 @@ def test_state_json_that_cannot_be_written_is_removed_rather_than_left_from_an_e
     from mto_ds.engine import run_dir
     run_dir.write_state(tmp_path, False, 5, 10, "signal SIGUSR1")
 
-    def disk_full(path, text):
+    def disk_full(path, text, only_if_absent=False):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(run_dir, "atomic_write", disk_full)
     with caplog.at_level(logging.ERROR, logger="mto_ds"):
         run_dir.write_state(tmp_path, False, 7, 10, "error: OSError: [Errno 28] No space left on device")
     assert not (tmp_path / "state.json").exists()
     assert f"could not write {tmp_path}/state.json (No space left on device)" in caplog.text
+
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_of_the_failures_written_to_state_json_the_first_stays(tmp_path, monkeypatch, caplog, hard_links):
+    """Where one rank fails, the others fail after it, of its absence: their reasons must not
+    replace the first one's. Without hard links (some shared file systems) the same holds."""
+    from mto_ds.engine import run_dir, storage
+    if not hard_links:
+        def no_links(src, dst):
+            raise OSError(errno.EPERM, "Operation not permitted")
+        monkeypatch.setattr(storage.os, "link", no_links)
+    first = "error: rank 3 of 8: OutOfMemoryError: CUDA out of memory"
+    run_dir.write_state(tmp_path, False, 7, 10, first, first=True)
+    with caplog.at_level(logging.ERROR, logger="mto_ds"):
+        run_dir.write_state(tmp_path, False, 7, 10, "error: rank 0 of 8: DistBackendError: timeout", first=True)
+    assert state(tmp_path)["reason"] == first
+    assert "this rank's reason, after another rank's" in caplog.text and "DistBackendError" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]  # no temporary file left
+    run_dir.write_state(tmp_path, True, 10, 10, "completed")  # a start's own outcome replaces it
+    assert state(tmp_path)["reason"] == "completed"
 
 
 # --- two starts on one run directory ---------------------------------------------------------

@@ -11,7 +11,9 @@ metrics.jsonl: step N is the N-th optimizer step.
                                     DeepSpeed applies when it does not scan gradients for overflow
     MTO_DS_FAULT_EXIT_AT_STEP=N     one rank exits hard (os._exit) right after step N, once per
                                     run directory (a marker file there records that it happened)
-    MTO_DS_FAULT_EXIT_RANK=1        ... that rank (default 1)
+    MTO_DS_FAULT_EXIT_RANK=1        ... that rank (default 1); also for the next one
+    MTO_DS_FAULT_RAISE_AT_STEP=N    that rank raises InjectedFault right after step N, every time:
+                                    a Python error on one rank, as a CUDA out-of-memory is
     MTO_DS_FAULT_SAVE_STALL=N[:S]   every rank sleeps S seconds (default 3600) inside the save of
                                     step N, after DeepSpeed wrote its files and before the
                                     checkpoint is marked complete: the window a kill -9 tests
@@ -30,6 +32,10 @@ from typing import FrozenSet, List, Optional
 
 log = logging.getLogger("mto_ds")
 EXIT_CODE = 17
+
+
+class InjectedFault(RuntimeError):
+    """MTO_DS_FAULT_RAISE_AT_STEP's error."""
 
 
 def _int(env, name: str) -> Optional[int]:
@@ -57,6 +63,7 @@ class Faults:
     nan_grad_steps: FrozenSet[int] = frozenset()
     exit_at_step: Optional[int] = None
     exit_rank: int = 1
+    raise_at_step: Optional[int] = None
     save_stall_step: Optional[int] = None
     save_stall_seconds: float = 3600.0
 
@@ -73,6 +80,7 @@ class Faults:
         exit_rank = _int(env, "MTO_DS_FAULT_EXIT_RANK")
         return cls(nan_steps=nan_steps, nan_rank=_int(env, "MTO_DS_FAULT_NAN_RANK"), nan_grad_steps=nan_grad_steps,
                    exit_at_step=_int(env, "MTO_DS_FAULT_EXIT_AT_STEP"),
+                   raise_at_step=_int(env, "MTO_DS_FAULT_RAISE_AT_STEP"),
                    exit_rank=1 if exit_rank is None else exit_rank,
                    save_stall_step=stall_step, save_stall_seconds=seconds)
 
@@ -83,6 +91,8 @@ class Faults:
         return step in self.nan_grad_steps and self.nan_rank in (None, rank)
 
     def exit_after(self, step: int, rank: int, run_dir: Path) -> None:
+        if step == self.raise_at_step and rank == self.exit_rank:
+            raise InjectedFault(f"fault injection: rank {rank} fails after step {step}")
         if step != self.exit_at_step or rank != self.exit_rank:
             return
         marker = Path(run_dir) / f"fault_exit_at_step_{step}.done"

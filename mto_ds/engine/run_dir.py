@@ -171,18 +171,32 @@ def write_config(run_dir: Path, text: str) -> None:
     path.write_text(text)
 
 
-def write_state(run_dir: Path, finished: bool, step: Optional[int], total_steps: Optional[int], reason: str) -> None:
-    """RUN_DIR/state.json: whether the run finished, at which step, and why it stopped."""
+def write_state(run_dir: Path, finished: bool, step: Optional[int], total_steps: Optional[int], reason: str,
+                first: bool = False) -> None:
+    """RUN_DIR/state.json: whether the run finished, at which step, and why it stopped.
+
+    `first`: write only if no rank of this start has (clear_state ran at its start): where one
+    rank fails, the others fail after it, of its absence (a closed connection, a timeout), and the
+    first reason is the one that says what happened."""
     state = {"finished": finished, "step": step, "total_steps": total_steps, "reason": reason}
     path = run_dir / "state.json"
     try:
-        atomic_write(path, json.dumps(state, indent=1))
+        if not atomic_write(path, json.dumps(state, indent=1), only_if_absent=first):
+            log.error("this rank's reason, after another rank's in %s: %s", path, reason)
     except OSError as err:
         # A full disk: the error in flight must not be replaced by this one, and an earlier start's
         # file must not speak for this start (a job script would requeue or stop on its word).
-        with contextlib.suppress(OSError):
-            path.unlink(missing_ok=True)
+        if not first:
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
         log.error("could not write %s (%s); this start's reason: %s", path, err.strerror or err, reason)
+
+
+def clear_state(run_dir: Path) -> None:
+    """Removes an earlier start's state.json: it must not speak for this start, which may be
+    killed before it writes its own (a job script would stop on an earlier "finished")."""
+    with contextlib.suppress(FileNotFoundError):
+        (run_dir / "state.json").unlink()
 
 
 def resume_warnings(saved: dict, now: dict) -> list:

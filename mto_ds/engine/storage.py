@@ -24,14 +24,31 @@ def fsync_directory(path: Path) -> None:
             raise
 
 
-def atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str, only_if_absent: bool = False) -> bool:
+    """Writes `text` to `path` whole or not at all. With `only_if_absent`, the first of several
+    writers wins: returns False, writing nothing, when `path` exists (a hard link, which no
+    other writer can replace, where the file system has them)."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    if only_if_absent:
+        try:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            except OSError:  # no hard links here: check, then rename (a narrow race, no torn file)
+                if path.exists():
+                    return False
+                os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    else:
+        os.replace(tmp, path)
     fsync_directory(path.parent)  # the rename itself
+    return True
 
 
 def flush_to_storage(directory: Path) -> None:

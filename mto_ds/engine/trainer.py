@@ -22,13 +22,15 @@ from .builder import (BatchPlan, deepspeed_config, learning_rate, mark_zero3_lea
 from .checkpoint import Checkpointer, job_identity
 from .distributed import DistInfo, agree, check_shared_directory, init_distributed
 from .faults import Faults, SampleTrace
-from .run_dir import RunDirectoryInUse, RunLock, claim, resume_warnings, write_config, write_state
+from .run_dir import RunDirectoryInUse, RunLock, claim, clear_state, resume_warnings, write_config, write_state
 from .signals import StopRequest
 from .step import (LOGGED, NonFiniteGradientsError, NonFiniteLossError, NonFiniteWeightsError, train_step,
                    weights_finite)
 from .telemetry import Telemetry, evaluation_logged
 
 log = logging.getLogger("mto_ds")
+# Raised on every rank together (the ranks decided them together), so rank 0's reason is everyone's.
+AGREED_ERRORS = (ConfigError, NonFiniteLossError)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -58,14 +60,12 @@ class Trainer:
         self.run_dir = Path(cfg.run.output_dir)
         self.run_lock = self._claim_run_dir()  # before config.yaml: a duplicate start touches nothing
         if self.dist.rank == 0:
+            clear_state(self.run_dir)
             write_config(self.run_dir, to_yaml(cfg))
         try:
             self._set_up(cfg)
         except BaseException as err:
-            # A state.json of an earlier start must not speak for this one (every start that
-            # fails would otherwise leave the last one's "signal SIGUSR1" there).
-            if self.dist.rank == 0:
-                write_state(self.run_dir, False, None, None, f"set-up failed: {type(err).__name__}: {err}")
+            self._write_state(f"set-up failed: {self._where(err)}{type(err).__name__}: {err}", err, in_set_up=True)
             self._release_run_dir()
             raise
 
@@ -259,7 +259,7 @@ class Trainer:
         self.last_saved_step = self.global_step if self.resumed_from else -1
         start_step, start_time = self.global_step, time.time()
         self._window_start, self._window_steps = time.time(), 0  # throughput between logged rows
-        reason = "completed"
+        reason, failure = "completed", None
         try:
             if self._evaluation_pending():
                 # The epoch this run resumes at ended, but its evaluation was cut short (an error, a
@@ -280,16 +280,16 @@ class Trainer:
             if self.last_saved_step != self.global_step:
                 self.save()
         except BaseException as err:
-            reason = (f"non-finite weights: {err}" if isinstance(err, NonFiniteWeightsError)
-                      else f"non-finite gradients: {err}" if isinstance(err, NonFiniteGradientsError)
-                      else f"non-finite loss: {err}" if isinstance(err, NonFiniteLossError)
-                      else f"error: {type(err).__name__}: {err}")
+            reason, failure = (f"non-finite weights: {err}" if isinstance(err, NonFiniteWeightsError)
+                               else f"non-finite gradients: {err}" if isinstance(err, NonFiniteGradientsError)
+                               else f"non-finite loss: {err}" if isinstance(err, NonFiniteLossError)
+                               else f"error: {self._where(err)}{type(err).__name__}: {err}"), err
             raise
         finally:
             try:
                 self.telemetry.close()  # fails again after a write error in the telemetry
             finally:
-                self._write_state(reason)
+                self._write_state(reason, failure)
                 self._release_run_dir()
         self.stop.close()
         elapsed = max(time.time() - start_time, 1e-9)
@@ -402,9 +402,19 @@ class Trainer:
         self.engine.module.train()
         self.telemetry.log({"step": self.global_step, "epoch": float(epoch), **result})
 
-    def _write_state(self, reason: str) -> None:
-        if self.dist.rank == 0:
+    def _where(self, err: BaseException) -> str:
+        """'rank R of W: ' for a failure of this rank's own, which another rank sees only as its
+        absence (a closed connection, a timeout) if at all; '' for one every rank raised together."""
+        return "" if isinstance(err, AGREED_ERRORS) or self.dist.world_size == 1 else \
+            f"rank {self.dist.rank} of {self.dist.world_size}: "
+
+    def _write_state(self, reason: str, failure: Optional[BaseException] = None, in_set_up: bool = False) -> None:
+        """Rank 0 writes why this start stopped; a rank that failed on its own writes its failure
+        too, and of the failures the first one written stays (write_state's `first`)."""
+        own = failure is not None and not isinstance(failure, AGREED_ERRORS)
+        if self.dist.rank == 0 or own:
+            step, total = (None, None) if in_set_up else (self.global_step, self.total_steps)
             # Finished means every step and every due evaluation done: an error or a stop signal in
             # the last step's evaluation leaves it for the next start (_evaluation_pending).
-            finished = reason == "completed" and self.global_step >= self.total_steps
-            write_state(self.run_dir, finished, self.global_step, self.total_steps, reason)
+            finished = failure is None and reason == "completed" and step >= total
+            write_state(self.run_dir, finished, step, total, reason, first=failure is not None)
