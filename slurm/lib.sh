@@ -159,9 +159,10 @@ mto_record_start() {
     local restart=$1 log
     mkdir -p "$MTO_RUN_DIR"
     # One record a line: an array job's id is also one of its elements' ids, and scontrol lists
-    # every element under it; take this job's record.
+    # every element under it; take this job's record. The path runs to the next " Key=" (spaces
+    # allowed in it) or the end of the record.
     log=$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null |
-        sed -n "s/^JobId=$SLURM_JOB_ID .* StdOut=\([^ ]*\).*/\1/p") || true
+        sed -n "s/^JobId=$SLURM_JOB_ID .* StdOut=//p" | sed 's/ [A-Za-z][A-Za-z:]*=.*//') || true
     printf '%(%F %T)T job %s restart %s nodes %s (%s) log %s\n' -1 "$SLURM_JOB_ID" "$restart" \
         "$SLURM_JOB_NUM_NODES" "$SLURM_JOB_NODELIST" "${log:-?}" >>"$MTO_RUN_DIR/slurm_jobs.log"
     mto_log "job $SLURM_JOB_ID restart $restart (at most $MTO_MAX_RESTARTS) on $SLURM_JOB_NUM_NODES node(s) $SLURM_JOB_NODELIST"

@@ -70,8 +70,9 @@ def _die_with_parent() -> None:
 
 
 def parse_job_line(line: str) -> Dict[str, str]:
-    """`scontrol show job -o` prints one job as `Key=Value` pairs separated by spaces."""
-    return dict(re.findall(r"(?:^|\s)([A-Za-z][\w:/]*)=(\S*)", line))
+    """`scontrol show job -o` prints one job as `Key=Value` pairs separated by spaces; a value
+    (a path) may hold spaces and runs to the next ` Key=`."""
+    return dict(re.findall(r"(?:^|\s)([A-Za-z][\w:/]*)=(.*?)(?=\s[A-Za-z][\w:/]*=|$)", line))
 
 
 class SlurmCluster:

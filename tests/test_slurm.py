@@ -97,8 +97,9 @@ def uninterrupted_job(slurm_cluster, tmp_path_factory):
     beton.parent.mkdir()
     beton.write_bytes(b"not a real beton: staging only copies it")
     env = cpu_env(run_dir, MTO_DATA_PATH=str(beton), MTO_DATA_STAGE_DIR=str(tmp / "node_local"))
+    (tmp / "job logs").mkdir()  # a space in the log's path, which slurm_jobs.log names
     job_id = slurm_cluster.sbatch(PRETRAIN, f"train.steps={STEPS}", env=env, cwd=REPO,
-                                  options=(*CPU_OPTIONS, f"--output={tmp}/%x-%j.out"))
+                                  options=(*CPU_OPTIONS, f"--output={tmp}/job logs/%x-%j.out"))
     [job] = slurm_cluster.wait_final(job_id, timeout=480)
     return job, run_dir, beton, tmp / "node_local" / "train.beton"
 
@@ -118,7 +119,9 @@ def test_pretrain_template_trains_two_gloo_ranks_to_the_end(uninterrupted_job):
     assert config["data"]["path"] == str(staged)
     assert config["data"]["num_workers"] == 1  # MTO_WORKERS_PER_GPU defaults to --cpus-per-task
     assert f"run finished: step {STEPS} of {STEPS}" in log
-    assert len((run_dir / "slurm_jobs.log").read_text().splitlines()) == 1
+    [start] = (run_dir / "slurm_jobs.log").read_text().splitlines()
+    assert start.endswith(f" job {job['JobId']} restart 0 nodes 1 ({job['NodeList']}) log {job['StdOut']}"), start
+    assert job["StdOut"] == f"{run_dir.parent}/job logs/{job['JobName']}-{job['JobId']}.out"
 
 
 # srun's one task per rank always; the per-node launchers on request (about 2 min each):
