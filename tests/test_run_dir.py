@@ -54,11 +54,14 @@ def test_a_resume_with_another_model_is_a_config_error_naming_the_keys_not_damag
     run = _copy(finished, tmp_path / "run")
     assert json.loads((run / "checkpoints" / "step_00000004" / MARKER).read_text())["model"] == {
         "model.arch": "vit_tiny_patch16", "model.method": "simmim", "model.img_size": 64}
+    config = (run / "config.yaml").read_text()
     result = pretrain(run, "train.steps=6", *TINY, "model.img_size=96", check=False)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "model.img_size=64 there, 96 here" in result.stderr
     assert "damaged" not in result.stderr
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000002", "step_00000004"]
+    # The refused start's settings are not the run's: config.yaml (which the study reads) stays.
+    assert (run / "config.yaml").read_text() == config and not list(run.glob("config.*.yaml"))
 
 
 def test_the_model_check_compares_only_the_keys_both_models_have(tmp_path):

@@ -58,16 +58,19 @@ class Trainer:
                               f"{self.dist.device}; use auto (the fused kernel where it applies), sdpa or reference")
         self.faults = Faults.from_env()
         self.run_dir = Path(cfg.run.output_dir)
-        self.run_lock = self._claim_run_dir()  # before config.yaml: a duplicate start touches nothing
+        self.run_lock = self._claim_run_dir()  # first: a duplicate start touches nothing
         if self.dist.rank == 0:
             clear_state(self.run_dir)
-            write_config(self.run_dir, to_yaml(cfg))
         try:
             self._set_up(cfg)
         except BaseException as err:
             self._write_state(f"set-up failed: {self._where(err)}{type(err).__name__}: {err}", err, in_set_up=True)
             self._release_run_dir()
             raise
+        if self.dist.rank == 0:
+            # Only a start that set up trains with its settings: config.yaml, which the study reads
+            # for the run's method and model, keeps those of the checkpoints when one is refused.
+            write_config(self.run_dir, to_yaml(cfg))
 
     def _claim_run_dir(self) -> Optional[RunLock]:
         """Rank 0 claims the run directory (engine/run_dir.py); every rank stops if another live
