@@ -22,8 +22,8 @@ def _setup_environment() -> None:
 
 def _recorded(fn):
     """`fn` under torchrun's `record`: a rank's uncaught exception goes to the error file torchrun
-    gives each rank, so its summary names the first rank that failed with that rank's traceback,
-    not only exit codes (faulthandler on, too). Without torchrun it only runs `fn`."""
+    gives each rank, so its closing summary shows each failed rank's traceback, not only exit
+    codes (faulthandler on, too). Without torchrun it only runs `fn`."""
     from torch.distributed.elastic.multiprocessing.errors import record
     return record(fn)
 
