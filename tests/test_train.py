@@ -118,16 +118,17 @@ def test_two_rank_zero3_with_mto_and_accumulation(tmp_path):
 def test_images_per_sec_leaves_out_the_time_spent_saving_checkpoints(tmp_path):
     """metrics.jsonl's images_per_sec is the training rate over the steps since the previous
     row (global batch x steps / wall time, the data wait included); a checkpoint save (here
-    stalled 4 s in the save of step 2) or an evaluation between two rows is not training time.
+    stalled 8 s in the save of step 2) or an evaluation between two rows is not training time.
     Counted in, the row after every save read several times too slow."""
     run = tmp_path / "run"
     pretrain(run, "train.steps=6", "run.log_every=2", "checkpoint.every_steps=2",
-             env_extra={"MTO_DS_FAULT_SAVE_STALL": "2:4"})
+             env_extra={"MTO_DS_FAULT_SAVE_STALL": "2:8"})
     rows = read_metrics(run)
     assert [r["step"] for r in rows] == [2, 4, 6]
-    # Steps 3-4 take about as long as steps 5-6 (about 1 s on one CPU core): the 4 s stall
-    # counted in would make the row of step 4 read about 5 times slower than that of step 6.
-    assert rows[1]["images_per_sec"] > 0.6 * rows[2]["images_per_sec"], rows
+    # Steps 3-4 take about as long as steps 5-6 (0.5-2 s a step on one CPU core, the other test
+    # worker's load included): the 8 s stall counted in would make the row of step 4 read 3 to
+    # 9 times slower than that of step 6, where the load alone moves the two rows by up to 2x.
+    assert rows[1]["images_per_sec"] > 0.4 * rows[2]["images_per_sec"], rows
 
 
 class _AccumulatingEngine:
