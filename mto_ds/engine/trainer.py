@@ -419,5 +419,5 @@ class Trainer:
             step, total = (None, None) if in_set_up else (self.global_step, self.total_steps)
             # Finished means every step and every due evaluation done: an error or a stop signal in
             # the last step's evaluation leaves it for the next start (_evaluation_pending).
-            finished = failure is None and reason == "completed" and step >= total
+            finished = reason == "completed" and step >= total
             write_state(self.run_dir, finished, step, total, reason, first=failure is not None)
