@@ -460,7 +460,6 @@ def test_torchrun_restarts_a_job_whose_rank_died_and_it_resumes_to_the_exact_ste
     assert final == pytest.approx(losses_by_step(reference), rel=1e-5)
 
 
-
 def test_a_rank_that_fails_alone_is_named_with_its_error_in_state_json_and_by_torchrun(tmp_path):
     """A Python error on rank 1 alone (as a CUDA out-of-memory on one GPU is): rank 0 fails after
     it only of its absence. state.json keeps rank 1's reason, not rank 0's closed connection nor

@@ -176,7 +176,6 @@ def test_state_json_that_cannot_be_written_is_removed_rather_than_left_from_an_e
     assert f"could not write {tmp_path}/state.json (No space left on device)" in caplog.text
 
 
-
 @pytest.mark.parametrize("hard_links", [True, False])
 def test_of_the_failures_written_to_state_json_the_first_stays(tmp_path, monkeypatch, caplog, hard_links):
     """Where one rank fails, the others fail after it, of its absence: their reasons must not
