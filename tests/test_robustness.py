@@ -784,3 +784,32 @@ def test_pruning_a_universal_conversion_removes_the_latest_universal_pointer_tha
     (ckpt / "latest_universal").write_text("step_00000004_universal")
     Checkpointer(ckpt, keep_last=2, rank=0, world_size=1)._prune()
     assert (ckpt / "latest_universal").read_text() == "step_00000004_universal"
+
+
+# --- every rank must read the same data set ---------------------------------------------------
+
+def test_ranks_whose_node_local_copies_of_the_data_differ_are_refused_naming_both(tmp_path):
+    """Each rank lists data.path itself. A node-local copy short of one image gives that rank
+    another sample count and so another order every epoch (samples read twice, others never):
+    the start must stop before training, naming each rank's data set, and write no checkpoint."""
+    from mto_ds.data import write_image_folder
+    nodes = [tmp_path / f"node{rank}" for rank in (0, 1)]
+    for node in nodes:  # the same relative data.path on two "nodes", as node-local disks hold it
+        write_image_folder(node / "images", num_images=16, num_classes=2, size=40)
+    next((nodes[1] / "images").rglob("*.JPEG")).unlink()
+    run_dir, port = tmp_path / "run", free_port()
+    args = [sys.executable, "-m", "mto_ds", "pretrain", "--config", str(REPO / "configs" / "demo.yaml"),
+            f"run.output_dir={run_dir}", "run.progress_bar=false", "data.source=folder", "data.path=images",
+            "data.num_workers=0", "model.img_size=32", "model.mask_patch_size=16", "train.global_batch_size=4",
+            "train.steps=2"]
+    ranks = [subprocess.Popen(args, cwd=node, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=cpu_env(PYTHONPATH=str(REPO), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0",
+                                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+             for rank, node in enumerate(nodes)]
+    outputs = [rank.communicate(timeout=300)[0] for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [2, 2], outputs
+    for output in outputs:
+        assert "the ranks read different data sets at images" in output, output[-3000:]
+        assert "rank 0: 16 samples" in output and "rank 1: 15 samples" in output
+    assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").iterdir())
+    assert json.loads((run_dir / "state.json").read_text())["finished"] is False

@@ -7,6 +7,7 @@ works on machines without it.
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Optional
 
@@ -37,6 +38,23 @@ def data_path_problem(data_cfg) -> Optional[str]:
         problem = folder_problem(Path(data_cfg.path))
         return problem and f"data.path={problem} (data.source=folder reads ROOT/<class>/<image>)"
     return None
+
+
+def data_fingerprint(data_cfg, loader) -> str:
+    """What this rank's loader reads, in words that differ where two ranks' data sets differ: the
+    order of every epoch is a function of the sample count, and a sample's index must mean the
+    same image on every rank. A folder: its count and a hash of the listing (paths and labels);
+    a .beton: its count and size in bytes (its header holds the count and its table the sizes);
+    the synthetic set: its count (the rest follows from the config)."""
+    count = f"{loader.num_samples} samples"
+    if data_cfg.source == "folder":
+        source, listing = loader.source, hashlib.sha256()
+        for path, label in zip(source.files, source.labels):
+            listing.update(f"{Path(path).relative_to(source.root).as_posix()}\t{label}\n".encode())
+        return f"{count}, listing sha256 {listing.hexdigest()[:16]}"
+    if data_cfg.source == "ffcv":
+        return f"{count}, {Path(data_cfg.path).stat().st_size} bytes"
+    return count
 
 
 def build_pretrain_loader(data_cfg, *, method: str, img_size: int, seed: int, global_batch_size: int,
@@ -72,5 +90,5 @@ def build_pretrain_loader(data_cfg, *, method: str, img_size: int, seed: int, gl
     return PretrainLoader(source, **common)
 
 
-__all__ = ["build_pretrain_loader", "data_path_problem", "normalize", "SyntheticImages", "PretrainLoader",
+__all__ = ["build_pretrain_loader", "data_fingerprint", "data_path_problem", "normalize", "SyntheticImages", "PretrainLoader",
            "ImageFolderSource", "write_image_folder", "list_image_folder", "read_rgb", "UndecodableImage", "CROP_SCALE"]

@@ -96,6 +96,19 @@ def agree(problem: Optional[str]) -> Optional[str]:
     return next((f"on rank {rank}: {other}" for rank, other in enumerate(problems) if other), None)
 
 
+def differing_from_rank_0(value: str) -> Optional[str]:
+    """None when every rank holds the same `value` (one all-gather), else which ranks hold what,
+    the same text on every rank."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    others = [f"rank {rank}: {other}" for rank, other in enumerate(values) if other != values[0]]
+    if not others:
+        return None
+    return f"rank 0: {values[0]}; " + "; ".join(others[:3]) + (f"; and {len(others) - 3} more" if len(others) > 3 else "")
+
+
 def check_shared_directory(directory: Path, rank: int, world_size: int, device) -> Optional[str]:
     """None if every rank sees what rank 0 writes into `directory`, else why not (on every rank).
 

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import Config, ConfigError, to_yaml
-from ..data import build_pretrain_loader, data_path_problem
+from ..data import build_pretrain_loader, data_fingerprint, data_path_problem
 from ..data.order import steps_per_epoch
 from ..models import create_mim_model, mask_fn_for
 from ..mto.fused_attention import fused_kernel_available
@@ -20,7 +20,7 @@ from ..mto.state import MTOState
 from .builder import (BatchPlan, deepspeed_config, learning_rate, mark_zero3_leaf_blocks, param_groups, peak_lr,
                       plan_batch, precision, schedule_steps, zero_stage)
 from .checkpoint import Checkpointer, job_identity
-from .distributed import DistInfo, agree, check_shared_directory, init_distributed
+from .distributed import DistInfo, agree, check_shared_directory, differing_from_rank_0, init_distributed
 from .faults import Faults, SampleTrace
 from .run_dir import RunDirectoryInUse, RunLock, claim, clear_state, resume_warnings, write_config, write_state
 from .signals import StopRequest
@@ -124,6 +124,13 @@ class Trainer:
                 rank=self.dist.rank, world_size=self.dist.world_size, mask_fn=mask_fn)
         except FileNotFoundError as err:  # class folders without an image: seen only by listing them
             raise ConfigError(f"bad value for 'data.path': {err}") from None
+        # Each rank lists the folder or opens the .beton itself: a node-local copy short of one
+        # file would shift every epoch's order on that rank (samples read twice, others never).
+        differing = differing_from_rank_0(data_fingerprint(cfg.data, self.loader))
+        if differing:
+            raise ConfigError(f"bad value for 'data.path': the ranks read different data sets at "
+                              f"{cfg.data.path} ({differing}); every rank must read the same one (a "
+                              "node-local copy incomplete or out of date?)")
         self.steps_per_epoch = steps_per_epoch(self.loader.num_samples, self.batch.global_batch_size)
         self.total_steps, self.warmup_steps = schedule_steps(cfg, self.steps_per_epoch)
         self.peak_lr = peak_lr(cfg)
