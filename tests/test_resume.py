@@ -219,6 +219,16 @@ def test_resume_warnings_name_each_change_that_breaks_an_exact_continuation():
     grown = dict(plan, num_samples=300, steps_per_epoch=9)
     (message,) = resume_warnings(plan, grown)
     assert "256 samples and 8 steps per epoch, this run has 300 and 9" in message
+    # Another global batch moves the position the step maps to, across whole epochs far into a run.
+    imagenet = {"steps_per_epoch": 312, "num_samples": 1281167, "seed": 0, "order": "exact", "global_step": 100000}
+    (message,) = resume_warnings(imagenet, dict(imagenet, steps_per_epoch=317))
+    assert ("step 100000 was step 160 of epoch 320 and is now step 145 of epoch 315" in message
+            and message.endswith("epochs 315 to 319 are read again"))
+    (message,) = resume_warnings(dict(imagenet, steps_per_epoch=317), imagenet)
+    assert message.endswith("epochs 315 to 319 are skipped")
+    # The order itself: the rest of the epoch is drawn anew.
+    (message,) = resume_warnings(plan, dict(plan, order="quasi_random"))
+    assert message.startswith("data.order was exact, now quasi_random: the rest of the current epoch")
     # MTO's L_r is a hinge per micro-batch: another micro-batch size is another objective.
     with_l_r = dict(plan, hinge_on_micro_batch=True)
     assert resume_warnings(with_l_r, dict(with_l_r, world_size=1)) == []  # same micro-batch, more accumulation

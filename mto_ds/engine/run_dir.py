@@ -199,6 +199,23 @@ def clear_state(run_dir: Path) -> None:
         (run_dir / "state.json").unlink()
 
 
+def _position_shift(saved: dict, now: dict, repeat: str) -> str:
+    """What re-deriving the data position from the step with another number of steps per epoch
+    does: the epoch it lands in can be another one (a global batch 4096 -> 4032 at step 100000 of
+    ImageNet moves it from epoch 320 back to 315)."""
+    if "global_step" not in saved or not saved.get("steps_per_epoch"):
+        return repeat
+    step = int(saved["global_step"])
+    (was, was_in), (now_epoch, now_in) = divmod(step, saved["steps_per_epoch"]), divmod(step, now["steps_per_epoch"])
+    where = (f"step {step} was step {was_in} of epoch {was} and is now step {now_in} of epoch {now_epoch}, "
+             "so the logged epoch and the epoch-end evaluations follow the new count")
+    if now_epoch < was:
+        return f"{where}: epochs {now_epoch} to {was - 1} are read again"
+    if now_epoch > was:
+        return f"{where}: epochs {was} to {now_epoch - 1} are skipped"
+    return f"{where}; {repeat}"
+
+
 def resume_warnings(saved: dict, now: dict) -> list:
     """Why this run cannot continue the saved one exactly (the rest of the current epoch's samples,
     or the objective itself): one message per reason, empty when it can. `saved` and `now` are
@@ -211,7 +228,10 @@ def resume_warnings(saved: dict, now: dict) -> list:
         messages.append(f"the checkpoint was saved with {saved.get('num_samples', '?')} samples and "
                         f"{saved['steps_per_epoch']} steps per epoch, this run has {now['num_samples']} and "
                         f"{now['steps_per_epoch']} (another data set or global batch): the data position is "
-                        f"re-derived from the step, and {repeat}")
+                        f"re-derived from the step, and {_position_shift(saved, now, repeat)}")
+    if changed("order"):
+        messages.append(f"data.order was {saved['order']}, now {now['order']}: the rest of the current epoch is "
+                        f"drawn in the other order, so {repeat}")
     if changed("seed"):
         messages.append(f"run.seed was {saved['seed']}, now {now['seed']}: the sample order and masks "
                         f"change, and {repeat}")
