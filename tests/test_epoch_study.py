@@ -15,6 +15,7 @@ import pytest
 
 from mto_ds.config import Config, load_config, to_yaml
 from mto_ds.eval import study as study_module
+from mto_ds.eval import study_report
 from mto_ds.eval.plots import bin_rows
 from mto_ds.eval.study import StudyError, assemble, find_run_dirs, load_run
 from mto_ds.eval.study_runs import default_eval_every, final_evaluation, plan_runs
@@ -135,12 +136,12 @@ def test_the_spread_over_seeds_states_how_many_seeds_each_number_is_over(tmp_pat
     study = assemble([load_run(d) for d in find_run_dirs([tmp_path])])
     assert study.seeds == [0, 1, 2]
     assert study.std_counts["rauc"] == 3 and study.std_counts["epoch_saving"] == 2
-    text = study_module.summary_markdown(study, "c.png", "h.png")
+    text = study_report.summary_markdown(study, "c.png", "h.png")
     rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
     assert "| mean of 3 seeds" in rows and "| std over 3 seeds" in rows
     assert " 0.00 (2 of 3) " in rows["| std over 3 seeds"]  # epochs to baseline: 2 and 2
     assert "never (to epoch 4)" in rows["| seed 2"]
-    paths = study_module.write_report(study, tmp_path / "report")
+    paths = study_report.write_report(study, tmp_path / "report")
     summary = json.loads(paths["summary.json"].read_text())
     assert summary["seeds"] == [0, 1, 2] and summary["std_counts"]["epoch_saving"] == 2
 
@@ -190,12 +191,13 @@ def test_a_pair_that_differs_beyond_mto_is_reported(tmp_path):
 
 
 def test_metric_choice_and_eval_prefixed_keys_and_repeated_epochs(tmp_path):
-    # A resumed run logs epoch 4 again (the later row wins); some writers prefix keys with 'eval/'.
+    # A resumed run logs epoch 4 again (the later row replaces the earlier whole); some writers
+    # prefix keys with 'eval/'.
     extra = [{"step": 20, "epoch": 4.0, "eval/linear_top1": 99.0}]
     fake_run(tmp_path / "b", mto=False, knn=BASELINE_KNN, extra_rows=extra)
     run = load_run(tmp_path / "b")
     assert run.curve("linear_top1") == ([1.0, 2.0, 3.0, 4.0], [25.0, 45.0, 55.0, 99.0])
-    assert run.curve("knn_top1")[1][-1] == 60.0
+    assert run.curve("knn_top1") == ([1.0, 2.0, 3.0], [20.0, 40.0, 50.0])
 
 
 def test_heterogeneity_matrix_has_a_row_per_logged_step_and_nan_for_missing_blocks(tmp_path):
@@ -237,7 +239,8 @@ def test_plan_runs_refuses_overrides_of_what_the_study_controls_and_uneven_eval_
 
 
 def test_plan_runs_defaults_to_about_ten_evaluations_for_any_budget():
-    every = {n: plan_runs("c.yaml", Path("s"), epochs=[n], seeds=[0])[0].argv[-1] for n in (100, 25, 97, 199, 3)}
+    every = {n: plan_runs("configs/demo.yaml", Path("s"), epochs=[n], seeds=[0])[0].argv[-1]
+             for n in (100, 25, 97, 199, 3)}
     assert every == {100: "eval.every_epochs=10", 25: "eval.every_epochs=3", 97: "eval.every_epochs=10",
                      199: "eval.every_epochs=20", 3: "eval.every_epochs=1"}
     # During training: every epoch up to 14, then 7 to 14 evaluations (documented in docs/STUDY.md);
@@ -245,7 +248,7 @@ def test_plan_runs_defaults_to_about_ten_evaluations_for_any_budget():
     during = {n: n // default_eval_every(n) for n in range(1, 2001)}
     assert all(during[n] == n for n in range(1, 15))
     assert min(during[n] for n in range(15, 2001)) == 7 and max(during[n] for n in range(15, 2001)) == 12
-    deepspeed = plan_runs("c.yaml", Path("s"), epochs=[4], seeds=[0], launcher="deepspeed --num_gpus 8")
+    deepspeed = plan_runs("configs/demo.yaml", Path("s"), epochs=[4], seeds=[0], launcher="deepspeed --num_gpus 8")
     assert deepspeed[0].argv[:5] == ["deepspeed", "--num_gpus", "8", "--module", "mto_ds"]
 
 
@@ -592,3 +595,229 @@ def test_a_launcher_not_on_path_is_refused_naming_it_before_any_run_starts(tmp_p
     err = capsys.readouterr().err
     assert err.startswith("epoch_study.py run: error: --launcher") and "'torchrun' not found on PATH" in err
     assert "Traceback" not in err and not out.exists()
+
+
+# --- what the second audit found: stale or unlike final evaluations, incomplete seeds ---------
+def _markdown_rows(study) -> dict:
+    """The numbers table's rows of summary.md (not its header), by their label."""
+    text = study_report.summary_markdown(study, "c.png", "h.png")
+    rows = [line for line in text[:text.index("![")].splitlines() if line.startswith("| ")][1:]
+    return {line.split(" | ")[0][2:]: line for line in rows}
+
+
+def _write_final_eval(run_dir: Path, epoch: float, knn: float, settings=None, **metrics) -> None:
+    row = {"epoch": epoch, "knn_top1": knn, "linear_top1": knn + 5, **metrics}
+    (run_dir / "final_eval.json").write_text(json.dumps({**row, **({"settings": settings} if settings else {})}))
+
+
+def test_collect_does_not_use_the_final_eval_row_of_a_run_it_could_not_evaluate_again(tmp_path, monkeypatch):
+    study_dir = tmp_path / "s"
+    fake_run(study_dir / "baseline-ep4-s0", mto=False, knn=BASELINE_KNN)
+    mto_dir = fake_run(study_dir / "mto-ep4-s0", mto=True, knn={e: MTO_KNN[e] for e in (1, 2, 3)})
+    _write_final_eval(mto_dir, 4.0, 99.0)  # from before: its checkpoint has been deleted since
+
+    def fake_final_evaluation(run_dir, finetune_epochs=0):
+        if Path(run_dir).name.startswith("mto"):
+            raise RuntimeError(f"{run_dir} has no complete checkpoint to evaluate, and no final_eval.json "
+                               "computed with the same evaluation settings")
+        return {"epoch": 4.0, "knn_top1": 60.0, "linear_top1": 65.0}
+
+    monkeypatch.setattr("mto_ds.eval.study_runs.final_evaluation", fake_final_evaluation)
+    assert _tool().main(["collect", str(study_dir), "--out", str(tmp_path / "r"), "--final-eval"]) == 0
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["curves"]["0"]["mto"] == {"epochs": [1.0, 2.0, 3.0], "values": [40.0, 60.0, 65.0]}
+    note = next(w for w in summary["warnings"] if str(mto_dir) in w and "final_eval.json" in w)
+    assert "not used" in note and "has no complete checkpoint to evaluate" in note
+    assert load_run(mto_dir, final_eval=False).curve("knn_top1")[0] == [1.0, 2.0, 3.0]
+
+
+def test_final_eval_rows_computed_with_other_settings_are_refused_naming_the_runs_and_keys(tmp_path):
+    settings = {"protocol": 2, "eval": {"pooling": "mean", "knn_k": 20}, "seed": 0, "finetune_epochs": 0,
+                "checkpoint": {"tag": "step_00000020"}}
+    base = fake_run(tmp_path / "baseline-ep4-s0", mto=False)
+    mto = fake_run(tmp_path / "mto-ep4-s0", mto=True)
+    _write_final_eval(base, 4.0, 60.0, settings, finetune_top1=70.0)
+    # Another checkpoint, seed and fine-tune length: the k-NN numbers are still computed alike.
+    _write_final_eval(mto, 4.0, 70.0, {**settings, "seed": 3, "finetune_epochs": 2,
+                                       "checkpoint": {"tag": "step_00000025"}}, finetune_top1=75.0)
+    runs = [load_run(base), load_run(mto)]
+    assert assemble(runs).numbers["seed 0"]["mto_final_top1"] == 70.0
+    with pytest.raises(StudyError, match=r"baseline-ep4-s0 and .*mto-ep4-s0.*finetune_epochs: 0 vs 2.*"
+                                         r"collect --final-eval --finetune-epochs N` evaluates them all alike"):
+        assemble(runs, metric="finetune_top1")
+
+    _write_final_eval(mto, 4.0, 70.0, {**settings, "eval": {"pooling": "cls", "knn_k": 20}})
+    with pytest.raises(StudyError, match=r"eval.pooling: 'mean' vs 'cls'.*collect --final-eval` evaluates"):
+        assemble([load_run(base), load_run(mto)])
+    _write_final_eval(mto, 4.0, 70.0)  # an older file, without settings: not known to be alike
+    with pytest.raises(StudyError, match=r"mto-ep4-s0.*no settings"):
+        assemble([load_run(base), load_run(mto)])
+    _write_final_eval(base, 4.0, 60.0)  # neither says: compared as such, alike
+    assert assemble([load_run(base), load_run(mto)]).numbers["seed 0"]["rauc"] is None
+
+
+def test_a_repeated_epoch_row_replaces_the_earlier_one_whole(tmp_path):
+    # Resumed from epoch 2: epoch 3 evaluated again, and only its k-NN logged this time.
+    extra = [{"step": 15, "epoch": 3.0, "knn_top1": 99.0}]
+    run = load_run(fake_run(tmp_path / "b", mto=False, knn=BASELINE_KNN, extra_rows=extra))
+    assert run.curve("knn_top1") == ([1.0, 2.0, 3.0, 4.0], [20.0, 40.0, 99.0, 60.0])
+    assert run.curve("linear_top1") == ([1.0, 2.0, 4.0], [25.0, 45.0, 65.0])
+
+
+def test_a_periodic_seed_with_an_unfinished_run_keeps_its_row_but_is_not_averaged(tmp_path, monkeypatch):
+    from mto_ds.eval import plots
+    fake_run(tmp_path / "baseline-ep4-s0", mto=False, seed=0, knn=BASELINE_KNN)
+    fake_run(tmp_path / "mto-ep4-s0", mto=True, seed=0, knn=MTO_KNN)
+    # Killed at epoch 3 of 4: its "final" accuracy is mid-schedule.
+    fake_run(tmp_path / "baseline-ep4-s1", mto=False, seed=1, epochs=3, budget=4,
+             knn={e: BASELINE_KNN[e] for e in (1, 2, 3)}, finished=False)
+    fake_run(tmp_path / "mto-ep4-s1", mto=True, seed=1, knn=MTO_KNN)
+    study = assemble([load_run(d) for d in find_run_dirs([tmp_path])])
+    assert study.seeds == [0]
+    assert study.numbers["mean"] == study.numbers["seed 0"] and "std over seeds" not in study.numbers
+    assert study.numbers["seed 1"]["baseline_final_top1"] == 50.0  # its own row stays
+    why = "baseline-ep4-s1 unfinished (state.json: signal SIGTERM), 3 of 4 epochs trained"
+    rows = _markdown_rows(study)
+    assert f"seed 1 (not in the mean: {why})" in rows
+    assert not any(label.startswith(("mean", "std")) for label in rows)  # a mean of 1 seed is seed 0's row
+    assert any(w.startswith("seed 1: not in the mean or the std over seeds") and why in w for w in study.warnings)
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig))
+    paths = study_report.write_report(study, tmp_path / "report")
+    labels = figures[0].axes[0].get_legend_handles_labels()[1]  # curves.png
+    assert "MTO (mean of 1 seed)" in labels and "baseline, seed 1 (not in the mean)" in labels
+    summary = json.loads(paths["summary.json"].read_text())
+    assert summary["seeds"] == [0] and summary["excluded_seeds"] == {"1": why}
+
+
+def test_a_budget_seed_without_a_point_at_every_budget_is_not_averaged(tmp_path):
+    base = {0: {2: 50.0, 4: 60.0}, 1: {2: 52.0, 4: 62.0}, 2: {2: 48.0, 4: 58.0}, 3: {2: 40.0, 4: 50.0}}
+    mto = {0: {2: 55.0, 4: 70.0}, 1: {2: 50.0, 4: 61.0}, 2: {2: 59.0, 4: 66.0}, 3: {2: 45.0, 4: 55.0}}
+    for seed in base:
+        for budget in (2, 4):
+            killed = seed == 2 and budget == 4  # seed 2's MTO 4-epoch run: killed after 3 epochs
+            fake_run(tmp_path / f"mto-ep{budget}-s{seed}", mto=True, seed=seed, epochs=3 if killed else budget,
+                     budget=budget, knn={} if killed else {budget: mto[seed][budget]}, finished=not killed)
+            unevaluated = seed == 3 and budget == 4  # finished, but no evaluation at its budget
+            fake_run(tmp_path / f"baseline-ep{budget}-s{seed}", mto=False, seed=seed, epochs=budget,
+                     knn={} if unevaluated else {budget: base[seed][budget]})
+    study = assemble([load_run(d) for d in find_run_dirs([tmp_path])])
+    assert study.mode == "budget" and study.seeds == [0, 1]
+    assert study.excluded == {2: "mto-ep4-s2 unfinished (state.json: signal SIGTERM), 3 of 4 epochs trained",
+                              3: "baseline-ep4-s3 has no knn_top1 at its budget 4"}
+    assert study.mean_curves["mto"] == ([2.0, 4.0], [52.5, 65.5])
+    assert study.numbers["mean"]["baseline_final_top1"] == 61.0
+    assert study.numbers["std over seeds"]["baseline_final_top1"] == pytest.approx(2 / 2 ** 0.5)
+    assert study.std_counts["rauc"] == 2
+    rows = _markdown_rows(study)
+    assert "mean of 2 seeds" in rows and "std over 2 seeds" in rows and "seed 0" in rows
+    assert "seed 3 (not in the mean: baseline-ep4-s3 has no knn_top1 at its budget 4)" in rows
+
+
+def test_no_mean_row_when_no_seed_is_complete(tmp_path):
+    fake_run(tmp_path / "b", mto=False, knn=BASELINE_KNN)
+    fake_run(tmp_path / "m", mto=True, epochs=2, budget=4, knn={1: 40.0, 2: 60.0}, finished=None)
+    study = assemble([load_run(tmp_path / "b"), load_run(tmp_path / "m")])
+    assert set(study.numbers) == {"seed 0"} and study.seeds == [] and study.mean_curves == {}
+    assert any(w.startswith("no seed is complete") for w in study.warnings)
+    assert "seed 0 (not in the mean: m unfinished: no state.json" in " ".join(_markdown_rows(study))
+
+
+def _set_config(run_dir: Path, section: str, key: str, value) -> None:
+    cfg = load_config(run_dir / "config.yaml")
+    setattr(getattr(cfg, section), key, value)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+
+
+def test_runs_of_one_method_that_differ_across_budgets_or_seeds_are_reported(tmp_path):
+    # The 4-epoch runs come from another sweep, at 5x the learning rate.
+    for budget, blr in ((2, 1e-3), (4, 5e-3)):
+        for method in ("baseline", "mto"):
+            fake_run(tmp_path / "sweep" / f"{method}-ep{budget}-s0", mto=method == "mto", epochs=budget,
+                     knn={budget: 50.0 + budget}, blr=blr)
+    notes = assemble([load_run(d) for d in find_run_dirs([tmp_path / "sweep"])]).warnings
+    for method in ("baseline", "mto"):
+        assert (f"{method} runs {tmp_path}/sweep/{method}-ep2-s0 and {tmp_path}/sweep/{method}-ep4-s0 differ beyond "
+                "seed and budget: train.blr: 0.001 vs 0.005") in notes
+    # Seeds on other data: averaging them would mix two studies. MTO's own settings must match too.
+    for seed in (0, 1):
+        fake_run(tmp_path / "seeds" / f"b{seed}", mto=False, seed=seed, knn=BASELINE_KNN)
+        fake_run(tmp_path / "seeds" / f"m{seed}", mto=True, seed=seed, knn=MTO_KNN)
+    for run in ("b1", "m1"):
+        _set_config(tmp_path / "seeds" / run, "data", "synthetic_classes", 100)
+    _set_config(tmp_path / "seeds" / "m1", "mto", "lambda_e", 0.5)
+    notes = assemble([load_run(d) for d in find_run_dirs([tmp_path / "seeds"])]).warnings
+    assert any(w.startswith("baseline runs") and w.endswith("differ beyond seed and budget: "
+                                                           "data.synthetic_classes: 10 vs 100") for w in notes)
+    assert any(w.startswith("mto runs") and w.endswith("data.synthetic_classes: 10 vs 100; mto.lambda_e: 0.1 vs 0.5")
+               for w in notes)
+
+
+def test_the_summary_counts_its_warnings_right_under_the_definitions(tmp_path):
+    fake_run(tmp_path / "b", mto=False, knn=BASELINE_KNN, blr=1e-3)
+    fake_run(tmp_path / "m", mto=True, knn=MTO_KNN, blr=2e-3)
+    study = assemble([load_run(tmp_path / "b"), load_run(tmp_path / "m")])
+    lines = study_report.summary_markdown(study, "c.png", "h.png").splitlines()
+    top = lines.index("Definitions (RAUC, epochs-to-baseline, epoch saving): docs/STUDY.md.")
+    assert lines[top + 1:top + 3] == ["", f"**{len(study.warnings)} warning{'s' * (len(study.warnings) > 1)}** "
+                                      "(end of this page): the numbers below may not mean what they say."]
+    assert lines.index("## Warnings") > top + 3
+
+
+@pytest.mark.parametrize("baseline_knn, mto_knn, cells", [
+    # MTO is already past the baseline's final 60 at its first evaluation: it got there at epoch 1 or before.
+    (BASELINE_KNN, {1: 60.0, 2: 65.0, 3: 66.0, 4: 70.0}, ["≤ 1.00", "4.00", "≥ 75.0 %"]),
+    # The baseline was already at its final accuracy at epoch 1: its own epochs to it are a bound.
+    ({1: 60.0, 2: 60.0, 3: 60.0, 4: 60.0}, {1: 40.0, 2: 60.0, 3: 65.0, 4: 70.0}, ["2.00", "≤ 1.00", "≤ -100.0 %"]),
+    ({1: 60.0, 2: 60.0, 3: 60.0, 4: 60.0}, {1: 61.0, 2: 61.0, 3: 61.0, 4: 61.0},
+     ["≤ 1.00", "≤ 1.00", "n/a (both bounds)"]),
+])
+def test_epochs_reached_at_the_first_evaluation_are_printed_as_bounds(tmp_path, baseline_knn, mto_knn, cells):
+    fake_run(tmp_path / "b", mto=False, knn=baseline_knn)
+    fake_run(tmp_path / "m", mto=True, knn=mto_knn)
+    study = assemble([load_run(tmp_path / "b"), load_run(tmp_path / "m")])
+    assert _markdown_rows(study)["seed 0"].split(" | ")[-3:] == [*cells[:2], cells[2] + " |"]
+
+
+def test_the_summary_gives_the_mto_final_epoch_and_the_paired_final_difference(tmp_path):
+    for seed, shift in ((0, 0.0), (1, 5.0)):  # MTO - baseline at epoch 4: +10 and +15
+        fake_run(tmp_path / f"b{seed}", mto=False, seed=seed, knn=BASELINE_KNN)
+        fake_run(tmp_path / f"m{seed}", mto=True, seed=seed, knn={e: v + shift for e, v in MTO_KNN.items()})
+    study = assemble([load_run(d) for d in find_run_dirs([tmp_path])])
+    assert study.numbers["seed 1"]["mto_minus_baseline_final_top1"] == 15.0
+    assert study.numbers["mean"]["mto_minus_baseline_final_top1"] == 12.5
+    spread = study.numbers["std over seeds"]
+    assert spread["mto_minus_baseline_final_top1"] == pytest.approx(5 / 2 ** 0.5)
+    assert not any(key.endswith("_is_bound") for key in spread)
+    text = study_report.summary_markdown(study, "c.png", "h.png")
+    assert "| MTO final | MTO final at epoch | MTO − baseline final | MTO epochs to baseline final |" in text
+    assert "| seed 1 | 1.5000 | 60.00 | 4 | 75.00 | 4 | +15.00 | " in text
+    assert "| std over 2 seeds | 0.0816 | 0.00 | 0 | 3.54 | 0 | 3.54 | " in text
+    numbers = json.loads(study_report.write_report(study, tmp_path / "report")["summary.json"].read_text())["numbers"]
+    assert numbers["seed 0"]["mto_final_epoch"] == 4.0 and numbers["seed 0"]["mto_minus_baseline_final_top1"] == 10.0
+    assert numbers["seed 0"]["mto_epochs_to_baseline_is_bound"] is False
+
+
+def test_a_one_seed_summary_has_no_mean_row_repeating_the_seed_row(tmp_path):
+    fake_run(tmp_path / "b", mto=False, knn=BASELINE_KNN)
+    fake_run(tmp_path / "m", mto=True, knn=MTO_KNN)
+    study = assemble([load_run(tmp_path / "b"), load_run(tmp_path / "m")])
+    assert study.numbers["mean"] == study.numbers["seed 0"]  # summary.json keeps it
+    assert list(_markdown_rows(study)) == ["seed 0"]
+
+
+def test_run_refuses_a_periodic_curve_over_several_budgets_before_any_training(tmp_path, monkeypatch, capsys):
+    assert _tool().main(["run", "--config", "configs/demo.yaml", "--out", str(tmp_path / "s"), "--epochs", "2", "4",
+                         "--curve", "periodic", "--launcher", _fake_trainer(tmp_path, monkeypatch)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("epoch_study.py run: error:") and "--curve periodic" in err and "2 4" in err
+    assert _trainer_log(tmp_path) == []
+    with pytest.raises(StudyError, match="--curve periodic"):
+        plan_runs("configs/demo.yaml", Path("s"), epochs=[2, 4], seeds=[0], curve="periodic")
+
+
+def test_plan_runs_refuses_train_steps_set_in_the_config_file(tmp_path):
+    config = tmp_path / "steps.yaml"
+    config.write_text(f"_base_: {TOOL.parents[1] / 'configs' / 'demo.yaml'}\ntrain:\n  steps: 6\n")
+    with pytest.raises(StudyError, match=r"steps.yaml sets train.steps=6, which overrides every budget"):
+        plan_runs(str(config), tmp_path / "s", epochs=[4], seeds=[0])

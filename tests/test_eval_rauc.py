@@ -81,3 +81,20 @@ def test_compare_curves_says_none_when_mto_never_reaches_the_baseline():
 def test_curves_must_have_increasing_epochs():
     with pytest.raises(ValueError, match="increasing"):
         epochs_to_reach([10, 5], [1, 2], 1)
+
+
+def test_compare_curves_flags_epochs_reached_at_the_first_evaluation_as_bounds():
+    # MTO's first evaluation (epoch 10) is already past the baseline's final 40: it got there at 10 or before.
+    n = compare_curves([10, 20, 30, 40], [10, 20, 30, 40], [10, 20, 30, 40], [45, 50, 55, 60])
+    assert n["mto_epochs_to_baseline"] == 10.0 and n["mto_epochs_to_baseline_is_bound"] is True
+    assert n["baseline_epochs_to_final"] == 40.0 and n["baseline_epochs_to_final_is_bound"] is False
+    flat = compare_curves([10, 20], [50, 50], [10, 20], [40, 60])
+    assert flat["baseline_epochs_to_final_is_bound"] is True and flat["mto_epochs_to_baseline_is_bound"] is False
+    # At epoch 0 nothing is trained yet: a curve reaching the target there reaches it at exactly 0.
+    assert compare_curves([0, 10], [50, 50], [0, 10], [60, 60])["mto_epochs_to_baseline_is_bound"] is False
+    assert compare_curves([1, 2], [50, 60], [1, 2], [40, 50])["mto_epochs_to_baseline_is_bound"] is False  # never
+
+
+def test_compare_curves_gives_the_paired_final_difference_only_at_equal_final_epochs():
+    assert compare_curves([1, 2], [50, 60], [1, 2], [55, 64.5])["mto_minus_baseline_final_top1"] == pytest.approx(4.5)
+    assert compare_curves([1, 2, 3], [50, 60, 62], [1, 2], [55, 64.5])["mto_minus_baseline_final_top1"] is None

@@ -27,23 +27,27 @@ import shlex
 import shutil
 import sys
 from pathlib import Path
-from typing import List
+from typing import Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from mto_ds.config import ConfigError  # noqa: E402
-from mto_ds.eval.study import (METRICS, StudyError, assemble, find_run_dirs, load_run,  # noqa: E402
-                               write_report)
+from mto_ds.eval.study import METRICS, StudyError, assemble, find_run_dirs, load_runs  # noqa: E402
+from mto_ds.eval.study_report import write_report  # noqa: E402
 from mto_ds.eval.study_runs import (ChildRunner, evaluate_last_checkpoints,  # noqa: E402
                                     not_evaluated_at_budget, plan_runs,
                                     resume_conflicts, run_study)
 
 
-def collect(paths, out: Path, metric: str, mode: str, final_eval: bool, finetune_epochs: int) -> int:
+def collect(paths, out: Path, metric: str, mode: str, final_eval: bool, finetune_epochs: int,
+            skipped: Optional[Dict[Path, str]] = None) -> int:
+    """The report of the runs under `paths`. A run whose final evaluation was refused (`skipped`,
+    with why) is read without its final_eval.json, which may be from before its last training."""
     run_dirs = find_run_dirs(paths)
+    skipped = dict(skipped or {})
     if final_eval:
-        evaluate_last_checkpoints(run_dirs, finetune_epochs)
-    study = assemble([load_run(d) for d in run_dirs], metric=metric, mode=mode)
+        skipped.update(evaluate_last_checkpoints(run_dirs, finetune_epochs))
+    study = assemble(load_runs(run_dirs, skipped), metric=metric, mode=mode)
     paths = write_report(study, out)
     print(paths["summary.md"].read_text())
     print(f"report: {', '.join(str(p) for p in paths.values())}")
@@ -121,7 +125,7 @@ def main(argv=None) -> int:
 def _run(args, argv: List[str]) -> int:
     _split_overrides(args, argv)
     planned = plan_runs(args.config, args.out, epochs=args.epochs, seeds=args.seeds, eval_every=args.eval_every,
-                        overrides=args.overrides, launcher=args.launcher)
+                        overrides=args.overrides, launcher=args.launcher, curve=args.curve)
     if args.list:
         for i, p in enumerate(planned):
             print(f"{i} {shlex.join(p.argv)}")
@@ -146,11 +150,10 @@ def _run(args, argv: List[str]) -> int:
     if code != 0:
         return code
     missing = not_evaluated_at_budget([p.run_dir for p in planned])
-    if missing:
-        evaluate_last_checkpoints(missing, 0)
+    skipped = evaluate_last_checkpoints(missing, 0) if missing else {}
     if args.index is not None:
         return 0  # other elements may still be running: collect once all have finished
-    return collect([args.out], args.out / "report", args.metric, args.curve, False, 0)
+    return collect([args.out], args.out / "report", args.metric, args.curve, False, 0, skipped)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Evaluation of frozen and fine-tuned encoders, and the epoch-efficiency study's curves.
 
 Trainer hook: `evaluate(encoder, cfg, device)`; `mto-ds eval`: `run_eval(cfg, checkpoint,
-finetune_epochs)`; study: `mto_ds.eval.study` (reading runs, the report) and
-`mto_ds.eval.study_runs` (launching them), driven by tools/epoch_study.py.
+finetune_epochs)`; study: `mto_ds.eval.study` (reading and assembling runs),
+`mto_ds.eval.study_report` (the report) and `mto_ds.eval.study_runs` (launching them), driven by
+tools/epoch_study.py.
 """
 from .datasets import build_eval_sets
 from .features import extract_features, feature_fn, pool_tokens

@@ -25,19 +25,23 @@ def _save(fig: Figure, path: Path) -> None:
 
 def plot_curves(path: Path, study) -> None:
     """Each seed's curve thin, the mean over seeds bold; the baseline's final accuracy and the
-    epoch MTO reaches it marked."""
+    epoch MTO reaches it marked. A seed left out of the mean (incomplete) is drawn dashed."""
     fig = Figure(figsize=(7, 4.5))
     ax = fig.add_subplot()
     several = len(study.curves) > 1
     for seed, by_method in sorted(study.curves.items()):
+        excluded = seed in study.excluded
         for method, (epochs, values) in by_method.items():
+            label = None if several else LABELS[method]
+            if excluded:
+                label = f"{LABELS[method]}, seed {seed} (not in the mean)"
             ax.plot(epochs, values, marker="o", ms=3, color=COLORS[method], lw=1 if several else 2,
-                    alpha=0.45 if several else 1.0,
-                    label=None if several else LABELS[method])
+                    alpha=0.45 if several else 1.0, ls="--" if excluded else "-", label=label)
     if several:
+        seeds = len(study.seeds)  # the complete seeds with both curves: those averaged
         for method, (epochs, values) in study.mean_curves.items():
             ax.plot(epochs, values, marker="o", color=COLORS[method], lw=2.5,
-                    label=f"{LABELS[method]} (mean of {len(study.seeds)} seeds)")  # the paired ones only
+                    label=f"{LABELS[method]} (mean of {seeds} seed{'s' * (seeds != 1)})")
     numbers = study.numbers.get("mean")
     if numbers:
         ax.axhline(numbers["baseline_final_top1"], color=COLORS["baseline"], ls="--", lw=0.8,

@@ -59,6 +59,13 @@ def epochs_to_reach(epochs: Sequence[float], values: Sequence[float], target: fl
     return None
 
 
+def epochs_to_reach_is_bound(epochs: Sequence[float], values: Sequence[float], target: float) -> bool:
+    """Whether epochs_to_reach(...) is only an upper bound: the curve's first point, after some
+    training (epoch > 0), already reaches `target`, so it got there at that epoch or before."""
+    x, y = _as_curve(epochs, values)
+    return bool(y[0] >= target and x[0] > 0)
+
+
 def compare_curves(baseline_epochs: Sequence[float], baseline_values: Sequence[float],
                    mto_epochs: Sequence[float], mto_values: Sequence[float]) -> Dict[str, Optional[float]]:
     """The study's numbers for one baseline/MTO pair (keys documented in docs/STUDY.md)."""
@@ -77,7 +84,11 @@ def compare_curves(baseline_epochs: Sequence[float], baseline_values: Sequence[f
         "baseline_final_top1": target,
         "mto_final_epoch": float(mx[-1]),
         "mto_final_top1": float(my[-1]),
+        # Paired only at the same epoch: a shorter curve's last point is not a final accuracy.
+        "mto_minus_baseline_final_top1": float(my[-1]) - target if mx[-1] == bx[-1] else None,
         "baseline_epochs_to_final": baseline_reach,
         "mto_epochs_to_baseline": reach,
         "epoch_saving": None if reach is None or not baseline_reach else 1.0 - reach / baseline_reach,
+        "baseline_epochs_to_final_is_bound": epochs_to_reach_is_bound(bx, by, target),
+        "mto_epochs_to_baseline_is_bound": reach is not None and epochs_to_reach_is_bound(mx, my, target),
     }

@@ -4,6 +4,7 @@ A run is known by what it wrote, not by its directory name: RUN/config.yaml says
 (mto.enabled), seed and budget; RUN/metrics.jsonl holds its evaluation rows (`epoch` plus
 `knn_top1`, `linear_top1`, ... ) and its training rows (`step`, `epoch`, `heterogeneity`);
 RUN/final_eval.json, when present, one more evaluation row (written by `final_evaluation`).
+The report made of a study is in study_report.py.
 
 Two kinds of curve (docs/STUDY.md):
 - periodic: one run per method and seed, evaluated every E epochs during pre-training;
@@ -57,6 +58,9 @@ class Run:
     heterogeneity: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # [rows, blocks]
     finished: bool = False                   # only state.json's "finished": true counts
     stop_reason: Optional[str] = None        # state.json's "reason"; None when there is no state.json
+    final_eval: Optional[dict] = None        # RUN/final_eval.json's row, when it was read
+    final_eval_unused: Optional[str] = None  # why RUN/final_eval.json was not read (collect --final-eval
+                                             # could not evaluate the run again: the row may be stale)
 
     @property
     def trained(self) -> float:
@@ -126,18 +130,21 @@ def says_finished(state: Optional[dict]) -> bool:
     return bool(state) and state.get("finished") is True
 
 
-def load_run(path: Path) -> Run:
+def load_run(path: Path, final_eval: bool = True) -> Run:
+    """The run in directory `path`; final_eval=False leaves RUN/final_eval.json out."""
     path = Path(path)
     config = read_config(path / "config.yaml")
     rows = _read_rows(path / "metrics.jsonl")
-    if (path / FINAL_EVAL).is_file():
-        rows.append(json.loads((path / FINAL_EVAL).read_text()))
+    final_row = None
+    if final_eval and (path / FINAL_EVAL).is_file():
+        final_row = json.loads((path / FINAL_EVAL).read_text())
+        rows.append(final_row)
 
     evals: Dict[float, dict] = {}
-    for row in rows:  # a resumed run may log an epoch twice: the later row wins
-        parsed = _eval_row(row)
+    for row in rows:  # a resumed run may log an epoch twice: the later row replaces the earlier whole,
+        parsed = _eval_row(row)  # so no epoch mixes the k-NN of one evaluation with the probe of another
         if parsed:
-            evals.setdefault(parsed["epoch"], {}).update(parsed)
+            evals[parsed["epoch"]] = parsed
     train = {}
     for row in rows:
         if isinstance(row.get("heterogeneity"), list) and "step" in row:
@@ -156,7 +163,21 @@ def load_run(path: Path) -> Run:
     return Run(path=path, method="mto" if config.get("mto.enabled") else "baseline",
                seed=int(config.get("run.seed", 0)), budget=budget, config=config,
                evals=[evals[e] for e in sorted(evals)], het_epochs=het_epochs, heterogeneity=het,
-               finished=finished, stop_reason=None if state is None else str(state.get("reason")))
+               finished=finished, stop_reason=None if state is None else str(state.get("reason")),
+               final_eval=final_row)
+
+
+def load_runs(run_dirs: Iterable[Path], skipped: Optional[Dict[Path, str]] = None) -> List[Run]:
+    """load_run of each directory; one in `skipped` (directory -> why `collect --final-eval` did not
+    evaluate it) without its final_eval.json, which may be older than its training, and with why."""
+    reasons = {Path(p).resolve(): why for p, why in (skipped or {}).items()}
+    runs = []
+    for run_dir in run_dirs:
+        why = reasons.get(Path(run_dir).resolve())
+        run = load_run(run_dir, final_eval=why is None)
+        run.final_eval_unused = why
+        runs.append(run)
+    return runs
 
 
 def find_run_dirs(paths: Iterable[Path]) -> List[Path]:
@@ -191,7 +212,9 @@ class Study:
     mean_curves: Dict[str, Curve]
     runs: List[Run]
     warnings: List[str]
-    seeds: List[int] = field(default_factory=list)   # the seeds with both curves: compared, averaged
+    seeds: List[int] = field(default_factory=list)   # the seeds averaged: both curves, complete
+    # Seeds with both curves left out of the mean and std, with why (`incomplete_seeds`).
+    excluded: Dict[int, str] = field(default_factory=dict)
     # How many of `seeds` each "std over seeds" number is over: a seed where MTO never reached
     # the baseline has no epochs-to-baseline, and leaving it out silently would narrow the spread.
     std_counts: Dict[str, int] = field(default_factory=dict)
@@ -272,6 +295,7 @@ def assemble(runs: List[Run], metric: str = "knn_top1", mode: str = "auto") -> S
         mode = "budget" if any(len(g) > 1 for g in groups.values()) else "periodic"
     if mode not in ("periodic", "budget"):
         raise StudyError(f"mode must be auto, periodic or budget, got {mode!r}")
+    _refuse_unlike_final_evals(runs, metric)
 
     curves: Dict[int, Dict[str, Curve]] = {}
     partners: Dict[Tuple[int, float], Dict[str, Run]] = {}
@@ -286,11 +310,7 @@ def assemble(runs: List[Run], metric: str = "knn_top1", mode: str = "auto") -> S
         if curve[0]:
             curves.setdefault(seed, {})[method] = curve
 
-    for (seed, _), pair in sorted(partners.items()):
-        if len(pair) == 2:
-            diffs = config_differences(pair["baseline"].config, pair["mto"].config, INCIDENTAL)
-            if diffs:
-                notes.append(f"seed {seed}: baseline and MTO differ beyond MTO: " + "; ".join(diffs))
+    notes += _pair_differences(partners) + _method_differences(runs) + _final_evals_not_used(runs)
 
     numbers: Dict[str, Dict[str, Optional[float]]] = {}
     for seed, by_method in sorted(curves.items()):
@@ -300,116 +320,133 @@ def assemble(runs: List[Run], metric: str = "knn_top1", mode: str = "auto") -> S
                 notes.append(f"seed {seed}: no RAUC; it needs two evaluation epochs both curves cover")
         else:
             notes.append(f"seed {seed}: only {', '.join(by_method)}; not compared")
-    mean_curves: Dict[str, Curve] = {}
-    paired = [s for s, by_method in curves.items() if set(by_method) == set(METHODS)]
+    excluded = incomplete_seeds(groups, curves, mode, metric)
+    notes += [f"seed {seed}: not in the mean or the std over seeds: {why}" for seed, why in sorted(excluded.items())]
+    paired = sorted(seed for seed, by_method in curves.items() if set(by_method) == set(METHODS))
+    complete = [seed for seed in paired if seed not in excluded]
+    if paired and not complete:
+        notes.append("no seed is complete (why: above): no mean over seeds; each seed's row is its own")
+    mean_curves, std_counts = _over_seeds(curves, complete, numbers, notes)
+    return Study(metric=metric, mode=mode, curves=curves, numbers=numbers, mean_curves=mean_curves,
+                 runs=runs, warnings=notes, seeds=complete, std_counts=std_counts, excluded=excluded)
+
+
+def _pair_differences(partners: Dict[Tuple[int, float], Dict[str, Run]]) -> List[str]:
+    """A baseline and its MTO partner may differ only in MTO and incidental keys."""
+    notes = []
+    for (seed, _), pair in sorted(partners.items()):
+        if len(pair) == 2:
+            diffs = config_differences(pair["baseline"].config, pair["mto"].config, INCIDENTAL)
+            if diffs:
+                notes.append(f"seed {seed}: baseline and MTO differ beyond MTO: " + "; ".join(diffs))
+    return notes
+
+
+def _method_differences(runs: List[Run]) -> List[str]:
+    """Runs of one method may differ only in seed, budget and incidental keys (MTO runs share their
+    mto.* too): a budget from another sweep, or a seed on other data, would be averaged unseen."""
+    ignore = RESUME_INCIDENTAL + ("train.epochs", "run.seed")
+    notes = []
     for method in METHODS:
-        mean = _mean_curve([curves[s][method] for s in paired]) if paired else None
+        same = sorted((r for r in runs if r.method == method), key=lambda r: (r.seed, r.budget, str(r.path)))
+        for run in same[1:]:
+            diffs = config_differences(same[0].config, run.config, ignore)
+            if diffs:
+                notes.append(f"{method} runs {same[0].path} and {run.path} differ beyond seed and budget: "
+                             + "; ".join(diffs))
+    return notes
+
+
+def _final_evals_not_used(runs: List[Run]) -> List[str]:
+    notes = []
+    for run in runs:
+        if run.final_eval_unused:
+            older = (f"its older {FINAL_EVAL} is not used" if (run.path / FINAL_EVAL).is_file()
+                     else "it has no final evaluation")
+            notes.append(f"{run.path}: final evaluation skipped ({run.final_eval_unused}); {older}")
+    return notes
+
+
+def _refuse_unlike_final_evals(runs: List[Run], metric: str) -> None:
+    """The final_eval.json rows that give `metric`'s points must be computed with the same settings,
+    but for the checkpoint and the seed (each run's own) and, unless the metric is the fine-tune,
+    the fine-tune's length. A row without settings (an older file) is alike only to another such."""
+    finetune = metric == "finetune_top1"
+    ignore = ("checkpoint", "seed") + (() if finetune else ("finetune_epochs",))
+    rows = [r for r in sorted(runs, key=lambda r: (r.method, r.seed, r.budget, str(r.path)))
+            if r.final_eval and r.final_eval.get(metric) is not None]
+    for run in rows[1:]:
+        first = rows[0]
+        settings = [r.final_eval.get("settings") for r in (first, run)]
+        if (settings[0] is None) != (settings[1] is None):
+            older = first if settings[0] is None else run
+            diffs = [f"{older.path}'s has no settings (written before they were recorded)"]
+        else:
+            diffs = config_differences(*(flatten_config(s or {}) for s in settings), ignore)
+        if diffs:
+            raise StudyError(f"{first.path} and {run.path}: their {FINAL_EVAL} rows of {metric} were computed "
+                             f"with other evaluation settings ({'; '.join(diffs)}); `tools/epoch_study.py "
+                             f"collect --final-eval{' --finetune-epochs N' if finetune else ''}` evaluates them "
+                             "all alike")
+
+
+def incomplete_seeds(groups: Dict[Tuple[str, int], List[Run]], curves: Dict[int, Dict[str, Curve]],
+                     mode: str, metric: str) -> Dict[int, str]:
+    """Why each seed with both curves is incomplete, and so kept out of the mean and the std: in a
+    periodic study a run of it unfinished; in a budget study a method's curve without a point at a
+    budget that the study's runs of that method have. Averaged in, it would compare a full schedule
+    with one stopped part-way, or a mean curve shortened by one seed with a full one."""
+    budgets = {method: {r.budget for (m, _), group in groups.items() if m == method for r in group}
+               for method in METHODS}
+    excluded = {}
+    for seed, by_method in curves.items():
+        if set(by_method) != set(METHODS):
+            continue
+        reasons = []
+        for method in METHODS:
+            group = groups[(method, seed)]
+            if mode == "periodic":
+                reasons += [f"{r.path.name} {unfinished_reason(r)}" for r in group if unfinished_reason(r)]
+            else:
+                reasons += [_no_point(method, budget, group, metric)
+                            for budget in sorted(budgets[method] - set(by_method[method][0]))]
+        if reasons:
+            excluded[seed] = "; ".join(reasons)
+    return excluded
+
+
+def _no_point(method: str, budget: float, group: List[Run], metric: str) -> str:
+    """Why the runs of one method and seed have no point at `budget`."""
+    run = next((r for r in group if r.budget == budget), None)
+    if run is None:
+        return f"no {method} run with budget {budget:g}"
+    reason = unfinished_reason(run)
+    return f"{run.path.name} {reason}" if reason else f"{run.path.name} has no {metric} at its budget {budget:g}"
+
+
+def _over_seeds(curves: Dict[int, Dict[str, Curve]], seeds: List[int], numbers: Dict[str, Dict[str, Optional[float]]],
+                notes: List[str]) -> Tuple[Dict[str, Curve], Dict[str, int]]:
+    """The mean curves over `seeds`, compared into numbers["mean"], and the sample std of those seeds'
+    rows into numbers["std over seeds"]; returns the mean curves and how many seeds each std is over."""
+    mean_curves: Dict[str, Curve] = {}
+    for method in METHODS:
+        mean = _mean_curve([curves[s][method] for s in seeds]) if seeds else None
         if mean:
             mean_curves[method] = mean
-            dropped = sorted(set().union(*(curves[s][method][0] for s in paired)) - set(mean[0]))
+            dropped = sorted(set().union(*(curves[s][method][0] for s in seeds)) - set(mean[0]))
             if dropped:
                 notes.append(f"{method} mean curve: epochs {', '.join(f'{e:g}' for e in dropped)} left out "
-                             f"(not evaluated for every one of the seeds {', '.join(map(str, paired))})")
+                             f"(not evaluated for every one of the seeds {', '.join(map(str, seeds))})")
     if len(mean_curves) == 2:
         numbers["mean"] = compare_curves(*mean_curves["baseline"], *mean_curves["mto"])
-    per_seed = [n for name, n in numbers.items() if name.startswith("seed ")]
+    per_seed = [numbers[f"seed {s}"] for s in seeds]
     std_counts: Dict[str, int] = {}
     if len(per_seed) > 1:  # the spread the mean hides: sample std over the seeds that have a value
         numbers["std over seeds"] = {}
         for key in per_seed[0]:
+            if key.endswith("_is_bound"):  # flags, not numbers
+                continue
             values = [n[key] for n in per_seed if n[key] is not None]
             numbers["std over seeds"][key] = float(np.std(values, ddof=1)) if len(values) > 1 else None
             std_counts[key] = len(values)
-    return Study(metric=metric, mode=mode, curves=curves, numbers=numbers, mean_curves=mean_curves,
-                 runs=runs, warnings=notes, seeds=sorted(paired), std_counts=std_counts)
-
-
-# --- the report ----------------------------------------------------------------------------
-def _fmt(value, spec: str = ".2f") -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
-NUMBER_COLUMNS = (("rauc", ".4f"), ("baseline_final_top1", ".2f"), ("baseline_final_epoch", "g"),
-                  ("mto_final_top1", ".2f"), ("mto_epochs_to_baseline", ".2f"),
-                  ("baseline_epochs_to_final", ".2f"), ("epoch_saving", ".1f"))
-
-
-def _numbers_row(study: Study, name: str, n: Dict[str, Optional[float]]) -> str:
-    """One row of the numbers table. The mean and std rows say how many seeds they are over, and
-    a std cell over fewer seeds than that says how many; a curve that never reaches the baseline's
-    final accuracy says so instead of n/a."""
-    seeds = len(study.seeds)
-    spread = name == "std over seeds"
-    label = {"mean": f"mean of {seeds} seed{'s' * (seeds != 1)}",
-             "std over seeds": f"std over {seeds} seeds"}.get(name, name)
-    cells = [label]
-    for key, spec in NUMBER_COLUMNS:
-        value = n[key]
-        if key == "epoch_saving" and value is not None:
-            text = f"{100 * value:.1f} %"
-        elif key == "mto_epochs_to_baseline" and value is None and not spread:
-            text = f"never (to epoch {n['mto_final_epoch']:g})"
-        else:
-            text = _fmt(value, spec)
-        count = study.std_counts.get(key, seeds) if spread else seeds
-        cells.append(text + (f" ({count} of {seeds})" if count < seeds else ""))
-    return "| " + " | ".join(cells) + " |"
-
-
-def summary_markdown(study: Study, curves_png: str, heat_png: str) -> str:
-    metric = study.metric
-    lines = [f"# Epoch-efficiency study: baseline vs MTO ({metric})", "",
-             f"Curve kind: **{study.mode}** "
-             + ("(accuracy evaluated every few epochs within each run)." if study.mode == "periodic"
-                else "(final accuracy of runs with different epoch budgets)."),
-             "Definitions (RAUC, epochs-to-baseline, epoch saving): docs/STUDY.md.", "",
-             "| | RAUC | baseline final | at epoch | MTO final | MTO epochs to baseline final | "
-             "baseline epochs to its final | epoch saving |",
-             "|---|---|---|---|---|---|---|---|"]
-    for name, n in study.numbers.items():
-        lines.append(_numbers_row(study, name, n))
-    lines += ["", f"![{metric} vs epoch]({curves_png})", "", f"![per-block heterogeneity]({heat_png})", "",
-              f"## Curves ({metric}, %)", "", "| seed | method | epoch: accuracy |", "|---|---|---|"]
-    for seed, by_method in sorted(study.curves.items()):
-        for method, (epochs, values) in sorted(by_method.items()):
-            points = ", ".join(f"{e:g}: {v:.2f}" for e, v in zip(epochs, values))
-            lines.append(f"| {seed} | {method} | {points} |")
-    lines += ["", "## Runs", "", "| run | method | seed | budget | epochs trained | finished |",
-              "|---|---|---|---|---|---|"]
-    for run in sorted(study.runs, key=lambda r: (r.seed, r.method, r.budget)):
-        lines.append(f"| {run.path} | {run.method} | {run.seed} | {run.budget:g} | {run.trained:g} | "
-                     f"{unfinished_reason(run) or 'yes'} |")
-    if study.warnings:
-        lines += ["", "## Warnings", ""] + [f"- {w}" for w in study.warnings]
-    return "\n".join(lines) + "\n"
-
-
-def heat_map_runs(study: Study) -> List[Run]:
-    """One run per method for the heat-map: the lowest seed's longest run with telemetry."""
-    chosen = []
-    for method in METHODS:
-        candidates = [r for r in study.runs if r.method == method and r.heterogeneity.size]
-        if candidates:
-            chosen.append(min(candidates, key=lambda r: (r.seed, -r.budget)))
-    return chosen
-
-
-def write_report(study: Study, out_dir: Path) -> Dict[str, Path]:
-    """curves.png, heterogeneity.png, summary.md and summary.json in `out_dir`."""
-    from .plots import plot_curves, plot_heterogeneity  # matplotlib only when a report is written
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {name: out_dir / name for name in ("curves.png", "heterogeneity.png", "summary.md", "summary.json")}
-    plot_curves(paths["curves.png"], study)
-    plot_heterogeneity(paths["heterogeneity.png"], heat_map_runs(study))
-    paths["summary.md"].write_text(summary_markdown(study, "curves.png", "heterogeneity.png"))
-    paths["summary.json"].write_text(json.dumps({
-        "metric": study.metric, "mode": study.mode, "numbers": study.numbers,
-        "seeds": study.seeds, "std_counts": study.std_counts,
-        "curves": {str(s): {m: {"epochs": c[0], "values": c[1]} for m, c in by.items()}
-                   for s, by in study.curves.items()},
-        "runs": [{"path": str(r.path), "method": r.method, "seed": r.seed, "budget": r.budget,
-                  "trained": r.trained, "finished": r.finished, "unfinished": unfinished_reason(r)}
-                 for r in study.runs],
-        "warnings": study.warnings}, indent=1))
-    return paths
+    return mean_curves, std_counts

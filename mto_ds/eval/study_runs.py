@@ -16,7 +16,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from omegaconf import OmegaConf
 
@@ -53,15 +53,20 @@ def _refuse_repeats(option: str, values: Sequence[int]) -> None:
 
 def plan_runs(config: str, out_dir: Path, *, epochs: Sequence[int], seeds: Sequence[int],
               eval_every: Optional[int] = None, overrides: Sequence[str] = (),
-              launcher: Optional[str] = None) -> List[PlannedRun]:
+              launcher: Optional[str] = None, curve: str = "auto") -> List[PlannedRun]:
     """The pre-training commands of a study, baseline and MTO neighbours per (seed, budget).
 
     Run directories are named as slurm/sweep.sbatch names them: <method>-ep<epochs>-s<seed>.
     `launcher` replaces the Python interpreter, e.g. "torchrun --nproc_per_node 2" or
-    "srun python"; with DeepSpeed's launcher the module flag is --module.
+    "srun python"; with DeepSpeed's launcher the module flag is --module. `curve` is the
+    report's (--curve): refused here, before any training, when the runs cannot make it.
     """
     if not epochs or not seeds:
         raise StudyError(f"no {'budget (--epochs)' if not epochs else 'seed (--seeds)'} given")
+    if curve == "periodic" and len(epochs) > 1:
+        raise StudyError(f"--curve periodic takes one budget, got --epochs {' '.join(map(str, epochs))}: a periodic "
+                         "curve is one run per method and seed; several budgets make a budget curve (--curve "
+                         "budget or auto)")
     bad = [e for e in epochs if e <= 0]
     if bad:
         raise StudyError(f"--epochs must be whole numbers of epochs >= 1, got {' '.join(map(str, bad))}")
@@ -79,6 +84,7 @@ def plan_runs(config: str, out_dir: Path, *, epochs: Sequence[int], seeds: Seque
     if uneven:
         raise StudyError(f"--eval-every {eval_every} does not divide the budget {' '.join(map(str, uneven))}: its "
                          "last epoch would not be evaluated during training; give a divisor, or leave it out")
+    _refuse_steps(config, overrides)
     prefix = shlex.split(launcher) if launcher else [sys.executable]
     module_flag = "--module" if Path(prefix[0]).name == "deepspeed" else "-m"
     planned = []
@@ -94,6 +100,17 @@ def plan_runs(config: str, out_dir: Path, *, epochs: Sequence[int], seeds: Seque
                 argv = [*prefix, module_flag, "mto_ds", "pretrain", "--config", str(config), *settings]
                 planned.append(PlannedRun(name, run_dir, argv, str(config), settings))
     return planned
+
+
+def _refuse_steps(config: str, overrides: Sequence[str]) -> None:
+    """train.steps wins over train.epochs: set in the config (file or its _base_), it would give
+    every budget the same length."""
+    from mto_ds.config import load_config
+
+    steps = load_config(config, overrides).train.steps
+    if steps is not None:
+        raise StudyError(f"{config} sets train.steps={steps}, which overrides every budget (--epochs): use a "
+                         "config without train.steps (null) for a study")
 
 
 def resume_conflicts(planned: PlannedRun) -> List[str]:
@@ -205,17 +222,21 @@ class ChildRunner:
         return self.child.wait()
 
 
-def evaluate_last_checkpoints(run_dirs, finetune_epochs: int) -> None:
-    """final_evaluation of each run; a run it cannot evaluate is named and skipped."""
+def evaluate_last_checkpoints(run_dirs, finetune_epochs: int) -> Dict[Path, str]:
+    """final_evaluation of each run; a run it cannot evaluate is named and skipped. Returns the
+    skipped runs with why: their final_eval.json, if any, is not what was asked for."""
     import torch
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the checkpoint loader imports DeepSpeed
+    skipped = {}
     for run_dir in run_dirs:
         try:
             row = final_evaluation(run_dir, finetune_epochs)
             print(f"{run_dir}: " + ", ".join(f"{m} {row[m]:.2f}" for m in METRICS if m in row))
         except RuntimeError as err:
             print(f"skipped: {err}", file=sys.stderr)
+            skipped[Path(run_dir)] = str(err)
+    return skipped
 
 
 def not_evaluated_at_budget(run_dirs) -> List[Path]:
