@@ -267,6 +267,9 @@ def read_deepspeed_json(cfg: "Config") -> dict:
 def validate(cfg: Config) -> None:
     """Choices and ranges OmegaConf's types cannot express."""
     m, d, t, c, mto = cfg.model, cfg.data, cfg.train, cfg.checkpoint, cfg.mto
+    # numpy's generators refuse a negative seed, late (after DeepSpeed's set-up); its legacy seeding
+    # (np.random.seed, as numba compiles it for FFCV's quasi_random order) keeps 32 bits.
+    _check(0 <= cfg.run.seed < 2 ** 32, "run.seed", "an integer in [0, 2**32)", cfg.run.seed)
     _check(cfg.run.log_every >= 1, "run.log_every", "a positive integer (optimizer steps between rows)",
            cfg.run.log_every)
     _check(m.arch in ARCHS, "model.arch", f"one of {list(ARCHS)}", m.arch)

@@ -195,3 +195,14 @@ def test_a_bad_base_names_the_file_it_comes_from(tmp_path):
     (tmp_path / "f.yaml").write_text("_base_: e.yaml\n")
     with pytest.raises(ConfigError, match=r"e.yaml: unknown config key 'train.epocs'"):
         load_config(tmp_path / "f.yaml")
+
+
+@pytest.mark.parametrize("seed", [-1, 2 ** 32])
+def test_a_seed_outside_0_to_2_pow_32_fails_naming_run_seed_before_any_work(seed):
+    """A negative seed used to load and then crash in numpy ('expected non-negative integer')
+    once the model and DeepSpeed were built. The upper bound is numpy's legacy seeding (32 bits),
+    which FFCV's quasi_random order uses."""
+    with pytest.raises(ConfigError) as err:
+        load_config(DEMO, [f"run.seed={seed}"])
+    assert str(err.value) == f"bad value for 'run.seed': expected an integer in [0, 2**32), got {seed}"
+    assert load_config(DEMO, [f"run.seed={2 ** 32 - 1}"]).run.seed == 2 ** 32 - 1

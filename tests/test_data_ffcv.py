@@ -293,6 +293,27 @@ def test_a_data_path_that_is_not_a_beton_is_named_as_such(tmp_path):
         make_loader(text, 0, 1)
 
 
+@pytest.mark.parametrize("cut", ["two_thirds", "inside_the_header", "last_allocation_entry"])
+def test_a_truncated_beton_is_named_with_its_size_and_what_to_do(beton, tmp_path, cut):
+    """A copy that did not finish: FFCV's reader failed with numpy's 'negative dimensions are not
+    allowed' (or an IndexError) naming neither the file nor the cause, and a file missing only the
+    end of its allocation table opened and gave a black image in place of a sample."""
+    from ffcv.types import ALLOC_TABLE_TYPE
+
+    from mto_ds.config import ConfigError
+
+    data = beton[0].read_bytes()
+    keep = {"two_thirds": len(data) * 2 // 3, "inside_the_header": 10,
+            "last_allocation_entry": len(data) - ALLOC_TABLE_TYPE.itemsize}[cut]
+    path = tmp_path / "cut.beton"
+    path.write_bytes(data[:keep])
+    with pytest.raises(ConfigError) as err:
+        make_loader(path, 0, 1)
+    message = str(err.value)
+    assert message.startswith(f"data.path={path} ({keep} bytes) is truncated or not an FFCV file: ")
+    assert message.endswith("; copy it again or rebuild it with tools/make_ffcv.py")
+
+
 def test_building_an_ffcv_loader_keeps_the_callers_torch_thread_count(beton):
     """FFCV sets torch's thread count to 1 when it is imported (ffcv.pipeline.compiler) and to
     its worker count when a Loader is built: the first time a run builds its FFCV loader, its

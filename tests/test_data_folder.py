@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from mto_ds.data import ImageFolderSource, PretrainLoader, SyntheticImages, build_pretrain_loader, write_image_folder
+from mto_ds.data.imagefolder import UndecodableImage, read_rgb
 from mto_ds.data.order import rank_indices, sample_rng
 
 from conftest import REPO, cpu_env
@@ -95,14 +96,66 @@ def test_a_truncated_image_is_used_as_the_converter_keeps_it_and_named_in_one_wa
     assert len(messages) == 1 and "cut.JPEG" in messages[0] and "truncated" in messages[0]
 
 
-def test_a_micro_batch_of_only_undecodable_images_is_an_error_not_an_empty_batch(tmp_path):
+def test_a_16_bit_grayscale_image_keeps_its_tones_instead_of_turning_white(tmp_path):
+    """PIL's convert("RGB") clips 16-bit values at 255: a 0..65535 ramp became ~254 everywhere.
+    16-bit files are scaled by their full range, named as converted in the report's terms."""
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")  # PIL opens it as mode I;16
+    Image.frombytes("I;16B", (64, 64), ramp.astype(">u2").tobytes()).save(tmp_path / "ramp_big_endian.tif")
+    for name in ("ramp.png", "ramp_big_endian.tif"):
+        pixels, notes = read_rgb(tmp_path / name)
+        assert notes == ["grayscale_16bit"], name
+        assert pixels.dtype == np.uint8 and pixels.shape == (64, 64, 3)
+        assert (pixels == pixels[..., :1]).all()  # R = G = B
+        assert pixels[0, 0, 0] == 0 and pixels[-1, -1, 0] == 255 and abs(pixels.mean() - 127.5) < 0.5
+        assert np.abs(pixels[..., 0].astype(int) - np.round(ramp / 257)).max() == 0
+
+
+@pytest.mark.parametrize("dtype, mode, note", [(np.int32, "I", "grayscale_32bit"),
+                                               (np.float32, "F", "grayscale_float")])
+def test_32_bit_and_float_grayscale_images_are_scaled_by_their_own_range(tmp_path, dtype, mode, note):
+    """No format fixes what 32-bit or float values mean, so the image's own min..max becomes 0..255;
+    a flat image (no range) is black, not a division by zero."""
+    ramp = (np.linspace(-3, 5, 64 * 64).reshape(64, 64) * 1000).astype(dtype)
+    Image.fromarray(ramp).save(tmp_path / "ramp.tif")
+    Image.fromarray(np.full((8, 8), 7000, dtype)).save(tmp_path / "flat.tif")
+    pixels, notes = read_rgb(tmp_path / "ramp.tif")
+    assert Image.open(tmp_path / "ramp.tif").mode == mode and notes == [note]
+    assert pixels[0, 0].tolist() == [0, 0, 0] and pixels[-1, -1].tolist() == [255, 255, 255]
+    assert abs(pixels.mean() - 127.5) < 0.5
+    flat, notes = read_rgb(tmp_path / "flat.tif")
+    assert notes == [note] and (flat == 0).all()
+
+
+def test_a_jpeg_over_pils_pixel_limit_is_decoded_when_max_side_makes_libjpeg_decode_it_small(tmp_path, monkeypatch):
+    """Pillow refuses an image of more than 2 x MAX_IMAGE_PIXELS (about 179 MP) as a decompression
+    bomb when it opens it, so make_ffcv skipped such a JPEG even at --max-side 512, where libjpeg
+    decodes it at 1/8 scale. A limit of 1000 pixels stands in for Pillow's; it is left as it was."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # refused above 2000: the 200 x 160 images are
+    Image.new("RGB", (200, 160), (200, 100, 50)).save(tmp_path / "big.JPEG", quality=95)
+    Image.new("RGB", (200, 160), (200, 100, 50)).save(tmp_path / "big.png")
+    pixels, notes = read_rgb(tmp_path / "big.JPEG", max_side=25)  # decoded at 1/8: 25 x 20
+    assert pixels.shape == (20, 25, 3) and notes == []
+    assert np.abs(pixels.astype(float) - [200, 100, 50]).max() < 4
+    assert Image.MAX_IMAGE_PIXELS == 1000
+    for path, max_side in (("big.JPEG", None),  # decoded whole: refused as before
+                           ("big.JPEG", 150),  # libjpeg's 1/2 would be smaller than asked: decoded whole
+                           ("big.png", 25)):  # no reduced-scale decoding
+        with pytest.raises(UndecodableImage, match="DecompressionBombError"):
+            read_rgb(tmp_path / path, max_side=max_side)
+
+
+def test_a_micro_batch_of_only_undecodable_images_is_one_black_stand_in_of_no_sample(tmp_path):
+    """The rank must still step with the others (their gradient reduction waits for it); the
+    stand-in has no index, so the train step weighs it 0 and no sample is counted as read."""
     (tmp_path / "c0").mkdir()
     for name in ("a", "b"):
         (tmp_path / "c0" / f"{name}.JPEG").write_bytes(b"not a jpeg")
     loader = PretrainLoader(ImageFolderSource(tmp_path), img_size=32, scale=(0.5, 1.0), seed=0,
                             global_batch_size=2, micro_batch_size=2, rank=0, world_size=1, mask_fn=mask_fn)
-    with pytest.raises(RuntimeError, match="all 2 images of a micro-batch are undecodable"):
-        next(loader.micro_batches(0))
+    batch = next(loader.micro_batches(0))
+    assert batch["images"].shape == (1, 3, 32, 32) and not batch["images"].any()
+    assert batch["mask"].shape == (1, 4) and batch["index"].numel() == 0 and batch["label"].numel() == 0
 
 
 @pytest.mark.parametrize("height, width", [(200, 500), (500, 200), (333, 500), (40, 40)])
@@ -226,9 +279,15 @@ from mto_ds.data import build_pretrain_loader
 from mto_ds.engine.signals import StopRequest
 stop = StopRequest()  # as in a training rank
 cfg = SimpleNamespace(source="folder", path=sys.argv[1], crop_scale_min=None, crop_scale_max=1.0, num_workers=1)
+
+
+def mask_fn(rng):
+    raise ValueError("the mask generator failed in the worker")
+
+
 loader = build_pretrain_loader(cfg, method="simmim", img_size=32, seed=0, global_batch_size=2, micro_batch_size=2,
-                               rank=0, world_size=1, mask_fn=lambda rng: rng.random(4) < 0.5)
-next(loader.micro_batches(0, 0))  # every image is broken: the worker's error ends the process
+                               rank=0, world_size=1, mask_fn=mask_fn)
+next(loader.micro_batches(0, 0))  # the worker's error ends the process
 """
 
 
@@ -237,15 +296,13 @@ def test_a_worker_error_ends_the_process_instead_of_hanging_at_exit(tmp_path):
     at exit multiprocessing sent the worker a SIGTERM, which workers ignore (they must live
     through a job-wide stop signal), and waited for it forever: a damaged data set held its
     allocation until SIGKILL. The rank must exit with the error instead."""
-    (tmp_path / "images" / "c0").mkdir(parents=True)
-    for name in ("a", "b", "c"):
-        (tmp_path / "images" / "c0" / f"{name}.JPEG").write_bytes(b"not a jpeg")
+    write_image_folder(tmp_path / "images", num_images=3, num_classes=1, size=40)
     script = tmp_path / "worker_error.py"
     script.write_text(WORKER_ERROR_UNCAUGHT)
     result = subprocess.run([sys.executable, str(script), str(tmp_path / "images")], cwd=REPO,
                             env=cpu_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, result.stderr[-3000:]
-    assert "all 2 images of a micro-batch are undecodable" in result.stderr
+    assert "the mask generator failed in the worker" in result.stderr
 
 
 EPOCH_LEFT_OPEN_AT_EXIT = r"""

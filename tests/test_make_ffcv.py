@@ -169,6 +169,26 @@ def test_folder_without_any_decodable_image_fails_naming_the_count(tmp_path):
     assert not (tmp_path / "out.beton").exists() and not (tmp_path / "out.beton.partial").exists()
 
 
+def test_a_jpeg_over_pils_pixel_limit_is_kept_at_max_side_and_skipped_without_it(tmp_path, monkeypatch):
+    """A JPEG above Pillow's decompression-bomb limit: with --max-side, only libjpeg's reduced-scale
+    decode is made, so it is kept; with --max-side 0 it would be decoded whole, and both passes
+    refuse it (the first pass must, or the second writes a black image). A limit of 1000 pixels
+    stands in for Pillow's ~179 MP."""
+    (tmp_path / "src" / "c0").mkdir(parents=True)
+    Image.fromarray(_picture(0, 24, 32)).save(tmp_path / "src" / "c0" / "a.JPEG", quality=95)
+    Image.fromarray(_picture(1, 160, 200)).save(tmp_path / "src" / "c0" / "huge.JPEG", quality=95)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # before the writer forks its workers
+    report = convert_image_folder(tmp_path / "src", tmp_path / "small.beton", max_side=25, workers=1,
+                                  progress=False)
+    assert report.written == 2 and report.skipped == [] and report.converted == {}
+    image = Reader(str(tmp_path / "small.beton")).metadata["f0"]
+    assert list(zip(image["width"].tolist(), image["height"].tolist())) == [(25, 18), (25, 20)]
+    report = convert_image_folder(tmp_path / "src", tmp_path / "whole.beton", max_side=None, workers=1,
+                                  progress=False)
+    assert report.written == 1 and [path for path, _ in report.skipped] == ["c0/huge.JPEG"]
+    assert "DecompressionBombError" in report.skipped[0][1] and report.converted == {}
+
+
 def test_cli_reports_skipped_files_and_is_idempotent(odd_folder, tmp_path, capsys):
     root, expected = odd_folder
     spec = importlib.util.spec_from_file_location("make_ffcv_cli", REPO / "tools" / "make_ffcv.py")
@@ -203,7 +223,24 @@ def test_cli_refuses_bad_options_naming_them_and_writes_nothing(odd_folder, tmp_
     assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
     assert cli.main([str(tmp_path / "missing"), str(out), "--no-progress"]) == 2
-    assert "missing is not a directory" in capsys.readouterr().err
+    assert f"make_ffcv: source {tmp_path / 'missing'}: not found (expected one sub-folder per class" in \
+        capsys.readouterr().err
+
+
+def test_cli_on_a_flat_folder_without_class_folders_says_so_with_exit_2(tmp_path, capsys):
+    """ImageNet's val/ is flat (images, no class folders): the tool ended with a FileNotFoundError
+    traceback and exit code 1, unlike every other bad source."""
+    spec = importlib.util.spec_from_file_location("make_ffcv_cli", REPO / "tools" / "make_ffcv.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    (tmp_path / "val").mkdir()
+    for i in range(2):
+        Image.fromarray(_picture(i)).save(tmp_path / "val" / f"ILSVRC2012_val_{i:08d}.JPEG")
+    out = tmp_path / "val.beton"
+    assert cli.main([str(tmp_path / "val"), str(out), "--workers", "1", "--no-progress"]) == 2
+    assert capsys.readouterr().err == (f"make_ffcv: source {tmp_path / 'val'} has no class folders (expected "
+                                       "one sub-folder per class; sort a flat folder into them first)\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["val"]
 
 
 def test_an_image_more_elongated_than_max_side_to_one_is_kept_not_a_hang(tmp_path):

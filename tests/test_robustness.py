@@ -21,7 +21,7 @@ from mto_ds.engine.checkpoint import MARKER, Checkpointer, file_sizes, verify
 from mto_ds.engine.faults import Faults
 from mto_ds.models import create_mim_model
 
-from conftest import REPO, cpu_env, free_port, read_metrics
+from conftest import REPO, cpu_env, free_port, pretrain, read_metrics
 from run_control import STEPS, Run, losses_by_step, metric_steps, reference_run, state, tags
 
 
@@ -812,4 +812,39 @@ def test_ranks_whose_node_local_copies_of_the_data_differ_are_refused_naming_bot
         assert "the ranks read different data sets at images" in output, output[-3000:]
         assert "rank 0: 16 samples" in output and "rank 1: 15 samples" in output
     assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").iterdir())
+    assert json.loads((run_dir / "state.json").read_text())["finished"] is False
+
+
+# --- undecodable images -----------------------------------------------------------------------
+
+FOLDER_RUN = ("data.source=folder", "data.num_workers=0", "model.img_size=32", "model.mask_patch_size=16",
+              "run.log_every=1")
+
+
+def test_a_micro_batch_with_no_image_decoded_is_a_stand_in_of_weight_zero_and_the_run_finishes(tmp_path):
+    """Micro-batches of 1 on 2 ranks: the one holding the zero-byte file has nothing decoded. Its
+    rank used to raise alone (the other waited in the collective until its timeout, and every
+    requeue met the file at the same step); now it steps with a stand-in that is no sample."""
+    from mto_ds.data import write_image_folder
+    images = write_image_folder(tmp_path / "images", num_images=8, num_classes=2, size=40)
+    broken = sorted(images.rglob("*.JPEG"))[3]
+    broken.write_bytes(b"")
+    run_dir = tmp_path / "run"
+    result = pretrain(run_dir, *FOLDER_RUN, f"data.path={images}", "train.global_batch_size=2",
+                      "train.micro_batch_size=1", "train.steps=4", nproc=2)  # one epoch: every image once
+    assert broken.name in result.stdout + result.stderr
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in rows)
+    assert json.loads((run_dir / "state.json").read_text())["finished"] is True
+
+
+def test_a_global_batch_with_no_image_decoded_stops_the_run_naming_the_data_path(tmp_path):
+    (tmp_path / "images" / "c0").mkdir(parents=True)
+    for name in ("a", "b", "c", "d"):
+        (tmp_path / "images" / "c0" / f"{name}.JPEG").write_bytes(b"not a jpeg")
+    run_dir = tmp_path / "run"
+    result = pretrain(run_dir, *FOLDER_RUN, f"data.path={tmp_path / 'images'}", "train.global_batch_size=2",
+                      "train.steps=2", check=False)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "no image of step 1's global batch could be decoded" in result.stderr
     assert json.loads((run_dir / "state.json").read_text())["finished"] is False

@@ -4,10 +4,10 @@
     python tools/make_ffcv.py SRC OUT.beton [--max-side 512] [--quality 90]
         [--write-mode jpg|raw|smart|proportion] [--workers N] [--overwrite]
 
-Odd files are converted (CMYK, grayscale, palette, alpha, PNG named .JPEG, truncated);
-undecodable ones are skipped; the closing report names every skipped file and the counts,
-and OUT.beton.report.json keeps it with the class names. An existing OUT is left as it is
-(exit 0) unless --overwrite.
+Odd files are converted (CMYK, grayscale incl. 16-bit and float, palette, alpha, PNG named
+.JPEG, truncated); undecodable ones are skipped; the closing report names every skipped file
+and the counts, and OUT.beton.report.json keeps it with the class names. An existing OUT is
+left as it is (exit 0) unless --overwrite. A bad option or source: a message, exit code 2.
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ def main(argv=None) -> int:
     parser.add_argument("source", help="folder with one sub-folder per class")
     parser.add_argument("output", help="the .beton to write")
     parser.add_argument("--max-side", type=int, default=512,
-                        help="resize so the longer side is at most this (0: keep sizes; default 512)")
+                        help="resize so the longer side is at most this (default 512; 0 keeps sizes, and FFCV's "
+                             "loader then holds buffers sized by the largest image: docs/DATA.md)")
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality of stored images (default 90)")
     parser.add_argument("--write-mode", choices=WRITE_MODES, default="jpg",
                         help="jpg: JPEG (small file); raw: pixels (fastest to read, large); smart: JPEG "

@@ -15,6 +15,7 @@ Sample indices come from the order, so masks are computed in the main process fr
 """
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 from typing import Iterator, Optional, Tuple
 
@@ -94,6 +95,31 @@ class ShardedQuasiRandomOrder(_PlannedOrder):
         return order[self.start_step * self.per_rank:]
 
 
+def _open_beton(path: Path) -> Reader:
+    """FFCV's Reader on `path`, or a ConfigError that says what is wrong with the file. FFCV
+    writes the allocation table (where each sample's data is) last, so a cut-short copy lacks it,
+    or its end: FFCV's reader fails on the first with numpy's bare 'negative dimensions are not
+    allowed' and opens the second, which can then give a black image for a sample it lost."""
+    try:
+        reader = Reader(str(path))
+    except AssertionError as err:  # FFCV's header check ("file format mismatch") is an assert
+        raise ConfigError(f"bad value for 'data.path': {path} is not an FFCV .beton ({err}); make one "
+                          f"with tools/make_ffcv.py") from None
+    except (ValueError, IndexError, OSError, struct.error) as err:
+        problem = f"{type(err).__name__}: {err}"
+    else:
+        lost = np.zeros(len(reader.metadata), dtype=bool)
+        for name in reader.metadata.dtype.names:  # a column per field; one whose data lies elsewhere points to it
+            column = reader.metadata[name]
+            if "data_ptr" in (column.dtype.names or ()):
+                lost |= np.isin(column["data_ptr"], reader.alloc_table["ptr"], invert=True)
+        if not lost.any():
+            return reader
+        problem = f"its allocation table lacks the data of {lost.sum()} of its {len(lost)} samples"
+    raise ConfigError(f"data.path={path} ({path.stat().st_size} bytes) is truncated or not an FFCV file: "
+                      f"{problem}; copy it again or rebuild it with tools/make_ffcv.py")
+
+
 class FFCVPretrainLoader:
     """Same interface as `PretrainLoader`: `num_samples`, `micro_batches(epoch, start_step)`."""
 
@@ -114,11 +140,7 @@ class FFCVPretrainLoader:
         problem = beton_problem(path)
         if problem:
             raise FileNotFoundError(f"data.path={problem} (make a .beton with tools/make_ffcv.py)")
-        try:
-            fields = Reader(str(path)).field_names
-        except AssertionError as err:  # FFCV's header check ("file format mismatch") is an assert
-            raise ConfigError(f"bad value for 'data.path': {path} is not an FFCV .beton ({err}); make one "
-                              f"with tools/make_ffcv.py") from None
+        fields = _open_beton(path).field_names
         missing = {"image", "label"} - set(fields)
         if missing:
             raise ConfigError(f"bad value for 'data.path': {path} lacks the field(s) {sorted(missing)}; it has "

@@ -8,6 +8,7 @@ The output is written under a temporary name and renamed when complete.
 """
 from __future__ import annotations
 
+import functools
 import json
 import multiprocessing
 import os
@@ -16,7 +17,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from .imagefolder import UndecodableImage, list_image_folder, read_rgb
+from PIL import Image
+
+from .imagefolder import UndecodableImage, folder_problem, list_image_folder, open_image, read_rgb
 
 WRITE_MODES = ("jpg", "raw", "smart", "proportion")
 _MIN_PAGE_SIZE = 8 << 20  # FFCV's default page; a sample must fit in one page
@@ -49,15 +52,18 @@ class ConversionReport:
         return "\n".join(lines)
 
 
-def _inspect(path: Path):
-    """(None, notes, (width, height)) if decodable, (reason, None, None) if not."""
-    from PIL import Image
+def _inspect(path: Path, max_side: Optional[int]):
+    """(None, notes, (width, height) as decoded for `max_side`) if decodable, (reason, None, None)
+    if not. The size comes from opening the file as the second pass does, so a JPEG too large for
+    Pillow unless decoded at a reduced scale is refused here when `max_side` does not allow that."""
     try:
         notes = read_rgb(path, max_side=32)[1]
-        with Image.open(path) as image:
+        with open_image(path, max_side) as image:
             return None, notes, image.size
     except UndecodableImage as err:
         return str(err), None, None
+    except Image.DecompressionBombError as err:
+        return f"{type(err).__name__}: {err}", None, None
 
 
 CHANGED_KIND = "black_image_failed_second_read"  # report.converted key
@@ -114,7 +120,8 @@ def convert_image_folder(source, output, *, max_side: Optional[int] = 512, jpeg_
                          smart_threshold: Optional[int] = None, workers: int = 0,
                          overwrite: bool = False, progress: bool = True) -> Optional[ConversionReport]:
     """Write `output` from the ImageFolder `source`; None (and nothing touched) if `output`
-    exists and `overwrite` is False. Raises ValueError if no file is decodable."""
+    exists and `overwrite` is False. Raises ValueError for a bad option, a source that is not a
+    folder of class folders, or one without a decodable file."""
     from tqdm import tqdm
 
     if write_mode not in WRITE_MODES:
@@ -127,8 +134,9 @@ def convert_image_folder(source, output, *, max_side: Optional[int] = 512, jpeg_
         raise ValueError(f"compress_probability must be in [0, 1], got {compress_probability}")
     if smart_threshold is not None and smart_threshold <= 0:
         raise ValueError(f"smart_threshold must be positive or None, got {smart_threshold}")
-    if not Path(source).is_dir():
-        raise ValueError(f"source {source} is not a directory (expected one sub-folder per class)")
+    problem = folder_problem(Path(source))
+    if problem:  # ImageNet's val/ is flat: images, no class folders
+        raise ValueError(f"source {problem} (expected one sub-folder per class; sort a flat folder into them first)")
     output = Path(output)
     if output.exists() and not overwrite:
         return None
@@ -145,13 +153,13 @@ def convert_image_folder(source, output, *, max_side: Optional[int] = 512, jpeg_
     if workers > 1 and len(listing.files) > 1:
         with multiprocessing.get_context("fork").Pool(workers) as pool:
             results = []
-            for result in pool.imap(_inspect, listing.files, chunksize=32):
+            for result in pool.imap(functools.partial(_inspect, max_side=max_side), listing.files, chunksize=32):
                 results.append(result)
                 bar.update()
     else:
         results = []
         for path in listing.files:
-            results.append(_inspect(path))
+            results.append(_inspect(path, max_side))
             bar.update()
     bar.close()
 

@@ -2,7 +2,8 @@
 
 One decoder serves both the fallback source and `make_ffcv`, so the two agree on what an
 odd file becomes. Real ImageNet holds CMYK JPEGs, a PNG named .JPEG, grayscale and
-truncated files: `read_rgb` turns all of them into RGB uint8 and says what it converted;
+truncated files; other sets add 16-bit and float grayscale: `read_rgb` turns all of them into
+RGB uint8 and says what it converted;
 files PIL cannot read at all (empty, not an image) raise `UndecodableImage`.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, JpegImagePlugin
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +25,10 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 # What `read_rgb` converts, by the mode PIL decodes to.
-_MODE_NOTE = {"CMYK": "cmyk", "L": "grayscale", "1": "grayscale", "I": "grayscale", "I;16": "grayscale",
-              "F": "grayscale", "P": "palette", "RGBA": "alpha", "LA": "alpha", "PA": "alpha"}
+_WIDE_GRAY = {"I;16": "grayscale_16bit", "I;16B": "grayscale_16bit", "I;16L": "grayscale_16bit",
+              "I;16N": "grayscale_16bit", "I": "grayscale_32bit", "F": "grayscale_float"}
+_MODE_NOTE = {"CMYK": "cmyk", "L": "grayscale", "1": "grayscale", "P": "palette", "RGBA": "alpha", "LA": "alpha",
+              "PA": "alpha", **_WIDE_GRAY}
 
 
 class UndecodableImage(Exception):
@@ -85,20 +88,67 @@ def _truncated_allowed(allowed: bool):
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
+def _wide_gray_to_uint8(image: Image.Image) -> np.ndarray:
+    """Grayscale wider than 8 bits as [H, W, 3] uint8; PIL's convert("RGB") clips it at 255, so a
+    16-bit image came out almost white. 16-bit by the full 16-bit range; 32-bit and float, whose
+    range no format fixes, by the image's own (a flat image becomes black)."""
+    values = np.asarray(image)
+    if image.mode.startswith("I;16"):
+        gray = (values.astype(np.uint32) * 255 + 32767) // 65535  # value / 257, rounded
+    else:
+        values = values.astype(np.float64)
+        finite = values[np.isfinite(values)]
+        low, high = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
+        values = np.nan_to_num(values, nan=low, posinf=high, neginf=low)
+        gray = np.round((values - low) * (255 / (high - low) if high > low else 0.0))
+    return np.repeat(gray.astype(np.uint8)[..., None], 3, axis=2)
+
+
 def _draft_size(width: int, height: int, max_side: int) -> Optional[Tuple[int, int]]:
     scale = max_side / max(width, height)
     return (max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))) if scale < 1 else None
 
 
+def _reduce_scale(image: Image.Image, max_side: Optional[int]) -> None:
+    """libjpeg decodes at 1/2, 1/4 or 1/8 scale for free; draft keeps the result >= the size asked."""
+    size = max_side and image.format == "JPEG" and _draft_size(*image.size, max_side)
+    if size:
+        image.draft(image.mode, size)
+
+
+def open_image(path, max_side: Optional[int] = None) -> Image.Image:
+    """`Image.open`, with a JPEG larger than `max_side` set to decode at libjpeg's reduced scale.
+
+    Pillow refuses an image above 2 x `Image.MAX_IMAGE_PIXELS` (about 179 MP) as a decompression
+    bomb as it opens it, before a reduced scale can be asked. Such a JPEG is opened anyway when
+    what it decodes to at that scale is within the limit; Pillow's limit itself is left as it is.
+    """
+    try:
+        image = Image.open(path)
+    except Image.DecompressionBombError:
+        with open(path, "rb") as f:
+            jpeg = f.read(3) == b"\xff\xd8\xff"  # what Pillow's JPEG plugin accepts
+        if not (max_side and jpeg):
+            raise
+        image = JpegImagePlugin.JpegImageFile(path)  # the plugin alone: no size check on opening
+        _reduce_scale(image, max_side)
+        width, height = image.size
+        if width * height > 2 * Image.MAX_IMAGE_PIXELS:
+            image.close()
+            raise Image.DecompressionBombError(
+                f"{width} x {height} pixels at libjpeg's scale for max side {max_side}, still over twice "
+                f"Pillow's MAX_IMAGE_PIXELS ({Image.MAX_IMAGE_PIXELS})") from None
+        return image
+    _reduce_scale(image, max_side)
+    return image
+
+
 def _decode(path: Path, max_side: Optional[int], allow_truncated: bool):
-    with _truncated_allowed(allow_truncated), Image.open(path) as image:
+    with _truncated_allowed(allow_truncated), open_image(path, max_side) as image:
         fmt, mode = image.format, image.mode
-        if max_side and fmt == "JPEG":
-            # libjpeg decodes at 1/2, 1/4 or 1/8 scale for free; draft keeps the result >= the size asked
-            size = _draft_size(*image.size, max_side)
-            if size:
-                image.draft(image.mode, size)
         image.load()
+        if mode in _WIDE_GRAY:
+            return _wide_gray_to_uint8(image), fmt, mode
         if mode == "RGB":
             rgb = image
         elif _MODE_NOTE.get(mode) == "alpha" or (mode == "P" and "transparency" in image.info):
@@ -111,8 +161,9 @@ def _decode(path: Path, max_side: Optional[int], allow_truncated: bool):
 
 
 def read_rgb(path, max_side: Optional[int] = None) -> Tuple[np.ndarray, List[str]]:
-    """RGB uint8 [H, W, 3] and what was converted (cmyk, grayscale, palette, alpha, truncated,
-    not_<format> for content that is not what the extension says).
+    """RGB uint8 [H, W, 3] and what was converted (cmyk, grayscale, grayscale_16bit,
+    grayscale_32bit, grayscale_float, palette, alpha, truncated, not_<format> for content that
+    is not what the extension says).
 
     `max_side` lets libjpeg decode a large JPEG at a reduced scale that is still at least
     that size; the caller resizes the rest of the way. Raises `UndecodableImage`.

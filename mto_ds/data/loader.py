@@ -3,7 +3,8 @@
 Yields micro-batches as dicts: `images` uint8 [B, 3, S, S], `mask` bool [B, L],
 `index` and `label` int64 [B]. Crops, flips and masks are deterministic from
 (seed, epoch, sample index), so a resumed run sees the same pixels as an uninterrupted one.
-An undecodable image is left out of its micro-batch (B is then one smaller), never replaced.
+An undecodable image is left out of its micro-batch (B is then one smaller), never replaced; a
+micro-batch with none decoded holds one black stand-in that is no sample (`index` empty).
 """
 from __future__ import annotations
 
@@ -70,10 +71,13 @@ class PretrainDataset(Dataset):
         return len(self.source)
 
     def __getitem__(self, item):
+        """(pixels uint8 [3, S, S], mask, index, label, decoded). An undecodable image (the source
+        has reported it) comes as black pixels with decoded=False; the collate leaves it out."""
         epoch, index = item
+        mask, label = sample_mask(self.mask_fn, self.seed, epoch, index), self.source.label(index)
         image = self.source.image(index)
-        if image is None:  # undecodable: the source has reported it; the collate leaves it out
-            return None
+        if image is None:
+            return torch.zeros(3, self.img_size, self.img_size, dtype=torch.uint8), mask, index, label, False
         pil = Image.fromarray(image)
         rng = sample_rng(self.seed, epoch, index, 0)
         top, left, h, w = crop_box(rng, pil.height, pil.width, self.scale)
@@ -81,15 +85,19 @@ class PretrainDataset(Dataset):
         if rng.uniform() < 0.5:
             pil = pil.transpose(Image.FLIP_LEFT_RIGHT)
         pixels = torch.from_numpy(np.asarray(pil, dtype=np.uint8).copy()).permute(2, 0, 1)
-        return pixels, sample_mask(self.mask_fn, self.seed, epoch, index), index, self.source.label(index)
+        return pixels, mask, index, label, True
 
 
 def _collate(items):
-    decoded = [item for item in items if item is not None]
+    """The decoded items; where none is, one black stand-in of no sample (`index` and `label`
+    empty), which the train step weighs 0: the rank still runs its forward and backward, in step
+    with the other ranks, whose gradient reduction waits for it. Raising instead stopped this rank
+    alone, the others waited in the collective until its timeout, and a requeued job met the same
+    images at the same step again."""
+    decoded = [item for item in items if item[4]]
+    images, masks, indices, labels, _ = zip(*(decoded or items[:1]))
     if not decoded:
-        raise RuntimeError(f"all {len(items)} images of a micro-batch are undecodable (each named in a "
-                           "warning above): is the data set damaged or still being written?")
-    images, masks, indices, labels = zip(*decoded)
+        indices = labels = ()
     return {"images": torch.stack(images), "mask": torch.stack(masks),
             "index": torch.as_tensor(indices, dtype=torch.long),
             "label": torch.as_tensor(labels, dtype=torch.long)}

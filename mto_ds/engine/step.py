@@ -56,7 +56,8 @@ def train_step(engine, micro_batches: List[dict], mto_scale: float, with_stats: 
     optimizer still counts the step: its moment estimates decay, fed by the gradients of the
     step's finite micro-batches, if any).
     A micro-batch short of `micro_batch_size` (undecodable images left out) backpropagates its
-    loss, a mean over its samples, times its share of a full one: DeepSpeed divides every
+    loss, a mean over its samples, times its share of a full one (0 for the stand-in of one with
+    none decoded): DeepSpeed divides every
     micro-batch's loss by the accumulation and averages the ranks, so each decoded sample of the
     step weighs 1 / global batch, as if a missing one contributed zero.
     `poison` (fault injection) makes this rank's loss NaN, `poison_gradient` its gradient.
@@ -79,7 +80,7 @@ def train_step(engine, micro_batches: List[dict], mto_scale: float, with_stats: 
             out["loss"] = out["loss"] * float("nan")
         if poison_gradient:  # + sqrt(0 * loss): the same value, and d/dloss = 1 + 0 * inf = NaN
             out["loss"] = out["loss"] + (out["loss"] * 0.0).sqrt()
-        size = len(batch["images"])
+        size = len(batch["index"])  # 0 for a stand-in of a micro-batch with no image decoded
         # Read only on logged steps (with_stats): other steps queue no work for them.
         logged = {key: out[key].detach().float() * size for key in LOGGED} if with_stats else {}
         if _all_finite(out["loss"]):

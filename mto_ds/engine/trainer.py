@@ -248,8 +248,12 @@ class Trainer:
         packed = torch.cat([sums[k].reshape(-1) for k in LOGGED] + [sums["loss"].new_tensor([sums["samples"]])])
         if dist.is_initialized() and self.dist.world_size > 1:
             dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-        packed = packed[:-1] / packed[-1]
-        flat, values, offset = packed.tolist(), {}, 0  # one device-to-host copy for the row
+        *flat, samples = packed.tolist()  # one device-to-host copy for the row
+        if not samples:  # every rank's micro-batches were stand-ins (loader.py: _collate)
+            raise ConfigError(f"bad value for 'data.path': no image of step {self.global_step}'s global batch "
+                              f"could be decoded (each named in a warning): is {self.cfg.data.path} damaged or "
+                              "still being written?")
+        flat, values, offset = [value / samples for value in flat], {}, 0
         for k in LOGGED:
             n = sums[k].numel()
             chunk = flat[offset:offset + n]
