@@ -172,8 +172,10 @@ def test_a_micro_batch_short_of_undecodable_images_weighs_each_of_its_samples_as
     from mto_ds.engine.step import train_step
     torch.manual_seed(0)
     images = torch.randint(0, 256, (8, 3, 4, 4), dtype=torch.uint8)
-    micro_batches = [{"images": images[:4], "mask": torch.zeros(4, 1, dtype=torch.bool)},
-                     {"images": images[4:7], "mask": torch.zeros(3, 1, dtype=torch.bool)}]  # one left out
+    def micro_batch(start, stop):
+        return {"images": images[start:stop], "mask": torch.zeros(stop - start, 1, dtype=torch.bool),
+                "index": torch.arange(start, stop)}
+    micro_batches = [micro_batch(0, 4), micro_batch(4, 7)]  # one left out
     engine = _AccumulatingEngine(accumulation=2)
     sums, skipped, overflowed = train_step(engine, micro_batches, 1.0, True, micro_batch_size=4)
     per_sample = normalize(images[:7]).mean(dim=(1, 2, 3))
@@ -182,7 +184,15 @@ def test_a_micro_batch_short_of_undecodable_images_weighs_each_of_its_samples_as
     assert (sums["loss"] / sums["samples"]).item() == pytest.approx(per_sample.mean().item(), rel=1e-5)
     # Whole micro-batches: each loss backpropagated as the model gave it.
     engine = _AccumulatingEngine(accumulation=2)
-    micro_batches[1] = {"images": images[4:], "mask": torch.zeros(4, 1, dtype=torch.bool)}
+    micro_batches[1] = micro_batch(4, 8)
     sums, _, _ = train_step(engine, micro_batches, 1.0, True, micro_batch_size=4)
     assert engine.weight.grad.item() == pytest.approx(normalize(images).mean().item(), rel=1e-5)
     assert (sums["loss"] / sums["samples"]).item() == pytest.approx(normalize(images).mean().item(), rel=1e-5)
+    # Nothing decoded: the loader's stand-in (one image, no index) runs forward and backward, weighing 0.
+    engine = _AccumulatingEngine(accumulation=2)
+    micro_batches[1] = dict(micro_batch(4, 5), index=torch.zeros(0, dtype=torch.long))
+    sums, skipped, _ = train_step(engine, micro_batches, 1.0, True, micro_batch_size=4)
+    assert engine.weight.grad.item() == pytest.approx(normalize(images[:4]).mean(dim=(1, 2, 3)).sum().item() / 8,
+                                                      rel=1e-5)
+    assert sums["samples"] == 4 and not skipped
+    assert (sums["loss"] / sums["samples"]).item() == pytest.approx(normalize(images[:4]).mean().item(), rel=1e-5)

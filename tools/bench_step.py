@@ -332,7 +332,7 @@ def bench_engine(arch, method, mto, zero, img, batch, device, dtype, ckpt, compi
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.05), config=ds)
     images, mask = _inputs(model, method, batch, img, device, torch.float32)
     images = (images * 40 + 120).clamp(0, 255).to(torch.uint8)
-    micro = [{"images": images, "mask": mask}]
+    micro = [{"images": images, "mask": mask, "index": torch.arange(batch)}]
 
     def step():
         train_step(engine, micro, 1.0, False, batch)
