@@ -114,6 +114,30 @@ MTO_KERNELS = ("auto", "fused", "sdpa", "reference")
 CROP_SCALE = {"simmim": (0.67, 1.0), "mae": (0.2, 1.0)}
 
 
+MASK_RATIO = {"simmim": 0.6, "mae": 0.75}  # what a null model.mask_ratio means: SimMIM's and MAE's
+
+
+def masked_count(method: str, units: int, ratio: float) -> int:
+    """How many of a sample's `units` the mask generators (models/masking.py) mask: SimMIM
+    ceil(ratio x cells) whole cells of patches, MAE all patches but int(patches x (1 - ratio))."""
+    return math.ceil(units * ratio) if method == "simmim" else units - int(units * (1 - ratio))
+
+
+def mask_units(model: "ModelConfig") -> int:
+    """What a mask draws from: SimMIM's cells of model.mask_patch_size, MAE's patches."""
+    patch = 14 if model.arch.endswith("patch14") else 16
+    if model.method == "simmim":
+        patch = model.mask_patch_size or default_mask_patch_size(patch)
+    return (model.img_size // patch) ** 2
+
+
+def realised_mask_ratio(model: "ModelConfig") -> float:
+    """The share of patches masked: the requested ratio rounded to whole units, which at small
+    images or large SimMIM cells is far from it (64 px in 32 px cells: 3 of 4 cells at 0.6)."""
+    units = mask_units(model)
+    return masked_count(model.method, units, model.mask_ratio or MASK_RATIO[model.method]) / units
+
+
 def default_mask_patch_size(patch_size: int) -> int:
     """What a null model.mask_patch_size means: SimMIM's 32 px, or two patches where the patch
     does not divide 32 (28 px for /14)."""
@@ -286,6 +310,14 @@ def validate(cfg: Config) -> None:
                "model.mask_patch_size", f"a multiple of {patch} that divides model.img_size={m.img_size}"
                + (f" (null means {mask_patch}, which does not: set it)" if m.mask_patch_size is None else ""),
                m.mask_patch_size)
+    # The mask the ratio and the cells make together: whole units, some masked and some visible.
+    units, ratio = mask_units(m), m.mask_ratio or MASK_RATIO[m.method]
+    masked = masked_count(m.method, units, ratio)
+    unit = "cells of model.mask_patch_size" if m.method == "simmim" else "patches"
+    _check(0 < masked < units, "model.mask_patch_size" if m.method == "simmim" else "model.mask_ratio",
+           f"settings whose mask leaves some of the {units} {unit} visible and masks some (mask ratio {ratio} "
+           f"masks {masked} at model.img_size={m.img_size})",
+           m.mask_patch_size if m.method == "simmim" else m.mask_ratio)
     for key in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
         _check(getattr(m, key) > 0, f"model.{key}", "a positive integer", getattr(m, key))
     _check(m.decoder_embed_dim % m.decoder_num_heads == 0, "model.decoder_embed_dim",

@@ -1,4 +1,5 @@
 """Config validation: bad input fails before any work, naming the key."""
+import numpy as np
 import pytest
 
 from mto_ds.config import ConfigError, load_config, to_yaml
@@ -82,6 +83,30 @@ def test_a_null_key_whose_default_does_not_fit_the_other_settings_is_named_with_
     assert key in str(err.value) and default in str(err.value)
     # MAE has no mask patch: its random mask takes any size that fits the patch.
     assert load_config(DEMO, ["model.img_size=80", "model.mask_patch_size=null", "model.method=mae"]).model.img_size == 80
+
+
+@pytest.mark.parametrize("overrides,key,masked", [
+    (["model.img_size=32", "model.mask_patch_size=32"], "model.mask_patch_size", "1 cells"),  # ceil(0.6 x 1)
+    (["model.method=mae", "model.mask_ratio=0.99"], "model.mask_ratio", "masks 16 at"),        # all 16 patches
+])
+def test_a_mask_that_leaves_nothing_visible_is_refused_naming_the_key(overrides, key, masked):
+    """Masks are whole units: a ratio valid on its own can round up to every SimMIM cell or MAE
+    patch, leaving nothing but CLS visible, so MIM and recalibration mean nothing."""
+    with pytest.raises(ConfigError, match=f"bad value for '{key}'") as err:
+        load_config(DEMO, overrides)
+    assert masked in str(err.value)
+
+
+def test_the_realised_mask_ratio_is_the_share_the_mask_generators_mask():
+    from mto_ds.config import realised_mask_ratio
+    from mto_ds.models import build_mask_fn
+    for overrides, ratio in ((["model.mask_patch_size=32"], 0.75), ([], 0.625),  # 3 of 4 cells; 10 of 16
+                             (["model.method=mae"], 0.75)):
+        model = load_config(DEMO, overrides).model
+        mask = build_mask_fn(model.method, model.img_size, 16, model.mask_ratio, model.mask_patch_size)(
+            np.random.default_rng(0))
+        assert realised_mask_ratio(model) == ratio == mask.mean()
+    assert realised_mask_ratio(load_config("configs/vit_l_simmim.yaml").model) == 30 / 49  # SimMIM's 224 px
 
 
 def test_a_config_file_that_is_not_valid_yaml_or_does_not_resolve_is_a_config_error(tmp_path, monkeypatch):

@@ -833,6 +833,8 @@ def test_a_micro_batch_with_no_image_decoded_is_a_stand_in_of_weight_zero_and_th
     result = pretrain(run_dir, *FOLDER_RUN, f"data.path={images}", "train.global_batch_size=2",
                       "train.micro_batch_size=1", "train.steps=4", nproc=2)  # one epoch: every image once
     assert broken.name in result.stdout + result.stderr
+    # 32 px in 16 px cells: ceil(0.6 x 4) = 3 of 4 cells, said once (rank 0), not silently trained.
+    assert (result.stdout + result.stderr).count("model.mask_ratio=0.6 masks 0.75 of the patches") == 1
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in rows)
     assert json.loads((run_dir / "state.json").read_text())["finished"] is True

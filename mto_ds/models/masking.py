@@ -10,7 +10,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..config import default_mask_patch_size
+from ..config import MASK_RATIO, default_mask_patch_size, masked_count
 
 MaskFn = Callable[[np.random.Generator], np.ndarray]
 
@@ -21,7 +21,7 @@ def block_mask(rng: np.random.Generator, grid: int, cell: int, ratio: float) -> 
     cells_per_side = grid // cell
     num_cells = cells_per_side ** 2
     chosen = np.zeros(num_cells, dtype=bool)
-    chosen[rng.permutation(num_cells)[: int(np.ceil(num_cells * ratio))]] = True
+    chosen[rng.permutation(num_cells)[: masked_count("simmim", num_cells, ratio)]] = True
     cells = chosen.reshape(cells_per_side, cells_per_side)
     return np.kron(cells, np.ones((cell, cell), dtype=bool)).reshape(-1).astype(bool)
 
@@ -30,15 +30,12 @@ def random_mask(rng: np.random.Generator, num_patches: int, ratio: float) -> np.
     """MAE: the same number of random patches masked in every sample, all but MAE's
     len_keep = int(num_patches * (1 - ratio)) (147 of 196 at 0.75)."""
     mask = np.zeros(num_patches, dtype=bool)
-    mask[rng.permutation(num_patches)[: num_patches - int(num_patches * (1 - ratio))]] = True
+    mask[rng.permutation(num_patches)[: masked_count("mae", num_patches, ratio)]] = True
     return mask
 
 
-DEFAULT_RATIO = {"simmim": 0.6, "mae": 0.75}
-
-
 def build_mask_fn(method: str, img_size: int, patch_size: int, ratio=None, mask_patch_size=None) -> MaskFn:
-    ratio = DEFAULT_RATIO[method] if ratio is None else ratio
+    ratio = MASK_RATIO[method] if ratio is None else ratio
     grid = img_size // patch_size
     if method == "mae":
         return partial(random_mask, num_patches=grid * grid, ratio=ratio)
