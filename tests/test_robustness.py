@@ -850,3 +850,40 @@ def test_a_global_batch_with_no_image_decoded_stops_the_run_naming_the_data_path
     assert result.returncode == 2, result.stderr[-3000:]
     assert "no image of step 1's global batch could be decoded" in result.stderr
     assert json.loads((run_dir / "state.json").read_text())["finished"] is False
+
+
+# --- Ctrl-C ----------------------------------------------------------------------------------
+
+def test_a_first_ctrl_c_saves_like_sigterm_and_the_same_command_resumes_there(tmp_path):
+    """A terminal sends SIGINT to its whole process group (the rank and its loader worker). It
+    used to end the run with a KeyboardInterrupt traceback and lose the steps since the last
+    periodic checkpoint, while the epoch study told the user that the trainer had checkpointed."""
+    import signal
+    run_dir = tmp_path / "run"
+    run = Run(run_dir, "data.num_workers=1", "checkpoint.every_steps=100")
+    run.wait_for_step(2)
+    run.signal_all_processes(signal.SIGINT)
+    run.finish(expect=0)
+    stop = state(run_dir)["step"]
+    assert state(run_dir)["reason"] == "signal SIGINT" and 2 <= stop < STEPS
+    assert tags(run_dir) == [f"step_{stop:08d}"]  # saved at the stop, not only at every_steps
+    assert "Ctrl-C again stops at once, without saving" in run.output and "Traceback" not in run.output
+    resumed = Run(run_dir, "checkpoint.every_steps=100").finish()
+    assert f"resumed from {run_dir}/checkpoints/step_{stop:08d} at step {stop}" in resumed.output
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    import signal
+    from mto_ds.engine.signals import StopRequest
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    try:
+        stop = StopRequest()
+        stop._handle(signal.SIGINT, None)
+        assert stop.signal_name == "SIGINT" and stop.agreed()
+        with pytest.raises(KeyboardInterrupt):
+            stop._handle(signal.SIGINT, None)
+        stop._handle(signal.SIGTERM, None)  # a scheduler's TERM after it changes nothing
+        assert stop.signal_name == "SIGINT"
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -162,11 +162,12 @@ def _stop_open_workers() -> None:
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader workers live on through SIGTERM/SIGUSR1, which ask their rank to checkpoint:
-    schedulers signal every process of a job, and torch's own worker handler dies of a SIGTERM
-    from anyone but the rank, whose next step then fails (mid-save, too). A worker still ends
-    when the loader closes it (a message), its rank dies (torch's watchdog) or by SIGKILL."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    """DataLoader workers live on through SIGTERM/SIGUSR1/SIGINT, which ask their rank to
+    checkpoint: schedulers signal every process of a job, a Ctrl-C reaches the terminal's whole
+    process group, and a worker dying of one (torch's own handler, or KeyboardInterrupt) fails the
+    rank's next step (mid-save, too). A worker still ends when the loader closes it (a message),
+    its rank dies (torch's watchdog) or by SIGKILL."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
 
 

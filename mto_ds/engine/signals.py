@@ -1,4 +1,5 @@
-"""Preemption: SIGTERM / SIGUSR1 ask the run to finish its step, checkpoint and exit cleanly."""
+"""Preemption: SIGTERM / SIGUSR1 ask the run to finish its step, checkpoint and exit cleanly, and
+so does a first Ctrl-C (SIGINT); a second Ctrl-C stops at once (KeyboardInterrupt), without saving."""
 from __future__ import annotations
 
 import logging
@@ -10,7 +11,7 @@ from typing import Optional
 # imports (torch, deepspeed, timm), so a signal during them is neither lost nor fatal.
 
 log = logging.getLogger("mto_ds")
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class StopRequest:
@@ -28,9 +29,13 @@ class StopRequest:
         # this handler: it must not act or speak for the rank.
         if os.getpid() != self.pid:
             return
+        if signum == signal.SIGINT and self.signum is not None:
+            raise KeyboardInterrupt  # Ctrl-C again: the user will not wait for the save
         # Only a flag: the step in flight finishes, then all ranks agree and save together.
         self.signum = self.signum or signum
-        log.warning("received %s: stopping after the current step with a checkpoint", self.signal_name)
+        again = " (Ctrl-C again stops at once, without saving)" if signum == signal.SIGINT else ""
+        log.warning("received %s: stopping after the current step with a checkpoint%s",
+                    signal.Signals(signum).name, again)
 
     @property
     def signal_name(self) -> Optional[str]:
