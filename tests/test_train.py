@@ -23,9 +23,12 @@ def _head_mean(rows, key, n):
 
 def test_one_process_run_writes_the_run_directory(tmp_path):
     run = tmp_path / "run"
-    result = pretrain(run, "train.steps=4", "run.log_every=1")
+    result = pretrain(run, "train.steps=4", "run.log_every=1", "checkpoint.resume=none")
     assert (run / "config.yaml").is_file()
-    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["steps"] == 4
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    # config.yaml is how to continue the run: `--config RUN/config.yaml` with resume=none there
+    # would set every checkpoint aside and start over at each start.
+    assert saved["train"]["steps"] == 4 and saved["checkpoint"]["resume"] == "auto"
     rows = read_metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for key in ("step", "epoch", "loss", "loss_mim", "loss_mto", "lr", "images_per_sec"):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -70,7 +71,10 @@ class Trainer:
         if self.dist.rank == 0:
             # Only a start that set up trains with its settings: config.yaml, which the study reads
             # for the run's method and model, keeps those of the checkpoints when one is refused.
-            write_config(self.run_dir, to_yaml(cfg))
+            # It is also how to continue the run (`--config RUN/config.yaml`), so it says resume=auto:
+            # a `none` or a path there would start afresh, or from that old checkpoint, every time.
+            write_config(self.run_dir, to_yaml(dataclasses.replace(
+                cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume="auto"))))
 
     def _claim_run_dir(self) -> Optional[RunLock]:
         """Rank 0 claims the run directory (engine/run_dir.py); every rank stops if another live
