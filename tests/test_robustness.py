@@ -764,8 +764,24 @@ def test_a_logged_step_with_a_nonfinite_loss_leaves_the_progress_bar_and_summary
     telemetry.close()
     assert [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [
         None, 0.75, 0.5, None]
-    summary = telemetry.summary(tmp_path, 10.0, None)
+    summary = telemetry.summary(tmp_path, 10.0, None, 4, 4, "completed")
     assert "0.7500 (step 2) -> 0.5000 (step 3)" in summary
+
+
+def test_the_closing_summary_says_how_the_start_ended_and_how_to_go_on(tmp_path):
+    """After a stop signal it used to say 'pre-training finished' while state.json said not; a
+    start of a finished run printed only 'No steps logged'."""
+    from mto_ds.engine.telemetry import Telemetry
+    telemetry = Telemetry(tmp_path, enabled=True, total_steps=8, start_step=2, progress_bar=False)
+    telemetry.log({"step": 3, "loss": 0.5, "images_per_sec": 10.0})
+    telemetry.close()
+    stopped = telemetry.summary(tmp_path, 10.0, None, 3, 8, "signal SIGTERM").splitlines()
+    assert stopped[1] == "mto_ds pre-training stopped at step 3 of 8 (signal SIGTERM); the same command resumes it"
+    assert stopped[2].split() == ["loss", "0.5000", "(step", "3)"]  # one row: no "a -> a"
+    idle = Telemetry(tmp_path / "again", enabled=True, total_steps=8, start_step=8, progress_bar=False)
+    idle.close()
+    assert idle.summary(tmp_path, 0.0, None, 8, 8, "completed") == (
+        f"mto_ds pre-training finished: step 8 of 8: nothing left to train. Run directory: {tmp_path}")
 
 
 def test_pruning_a_universal_conversion_removes_the_latest_universal_pointer_that_names_it(tmp_path):

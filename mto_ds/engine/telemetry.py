@@ -119,14 +119,25 @@ class Telemetry:
             self.writer.close()
             self.file.close()
 
-    def summary(self, run_dir: Path, images_per_sec: float, checkpoint: Optional[Path]) -> str:
+    def summary(self, run_dir: Path, images_per_sec: float, checkpoint: Optional[Path], step: int,
+                total_steps: int, reason: str) -> str:
+        """The closing lines: how the start ended (finished, or stopped and how to go on), the loss
+        it logged from first to last, and where its outputs are."""
+        if reason == "completed":
+            ended = f"mto_ds pre-training finished: step {step} of {total_steps}"
+        else:
+            ended = (f"mto_ds pre-training stopped at step {step} of {total_steps} ({reason}); the same command "
+                     "resumes it")
         if self.first is None:
-            return f"No steps logged. Run directory: {run_dir}"
+            nothing = "nothing left to train" if reason == "completed" else "no step logged"
+            return f"{ended}: {nothing}. Run directory: {run_dir}"
+        loss = f"{self.first['loss']:.4f} (step {self.first['step']})"
+        if self.last is not self.first:
+            loss += f" -> {self.last['loss']:.4f} (step {self.last['step']})"
         lines = [
             "",
-            "mto_ds pre-training finished",
-            f"  loss            {self.first['loss']:.4f} (step {self.first['step']}) -> "
-            f"{self.last['loss']:.4f} (step {self.last['step']})",
+            ended,
+            f"  loss            {loss}",
             f"  throughput      {images_per_sec:.1f} images/s (mean over the run)",
             f"  run directory   {run_dir}",
             f"  metrics         {self.metrics_path}",

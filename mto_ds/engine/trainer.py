@@ -319,7 +319,8 @@ class Trainer:
         ips = (self.global_step - start_step) * self.batch.global_batch_size / elapsed
         if self.dist.rank == 0:
             newest = self.checkpointer.complete_tags()[:1]
-            print(self.telemetry.summary(self.run_dir, ips, newest[0] if newest else None), flush=True)
+            print(self.telemetry.summary(self.run_dir, ips, newest[0] if newest else None, self.global_step,
+                                         self.total_steps, reason), flush=True)
         return {"step": self.global_step, "reason": reason, "images_per_sec": ips}
 
     def _step(self, micro_batches) -> None:
