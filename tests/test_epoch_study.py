@@ -821,3 +821,19 @@ def test_plan_runs_refuses_train_steps_set_in_the_config_file(tmp_path):
     config.write_text(f"_base_: {TOOL.parents[1] / 'configs' / 'demo.yaml'}\ntrain:\n  steps: 6\n")
     with pytest.raises(StudyError, match=r"steps.yaml sets train.steps=6, which overrides every budget"):
         plan_runs(str(config), tmp_path / "s", epochs=[4], seeds=[0])
+
+
+@pytest.mark.parametrize("baseline, mto, says", [
+    ({1: 100.0, 2: 100.0}, {1: 99.5, 2: 100.0}, "every knn_top1 evaluation is at 99 % or above"),
+    ({1: 75.0, 2: 75.0}, {1: 75.0, 2: 75.0}, "every knn_top1 evaluation is 75 %"),
+])
+def test_a_metric_that_cannot_tell_the_encoders_apart_is_named_in_the_warnings(tmp_path, baseline, mto, says):
+    """The demo's synthetic classes: a random encoder scores 100 % as a trained one does, and the
+    study's numbers then compare noise; the report must say so, not print a RAUC of 1."""
+    fake_run(tmp_path / "b", mto=False, epochs=2, knn=baseline)
+    fake_run(tmp_path / "m", mto=True, epochs=2, knn=mto)
+    study = assemble([load_run(tmp_path / "b"), load_run(tmp_path / "m")])
+    assert any(w.startswith(says) and "saturated" in w for w in study.warnings)
+    informative = assemble([load_run(d) for d in (fake_run(tmp_path / "b2", mto=False, knn=BASELINE_KNN),
+                                                  fake_run(tmp_path / "m2", mto=True, knn=MTO_KNN))])
+    assert not any("saturated" in w for w in informative.warnings)

@@ -311,6 +311,7 @@ def assemble(runs: List[Run], metric: str = "knn_top1", mode: str = "auto") -> S
             curves.setdefault(seed, {})[method] = curve
 
     notes += _pair_differences(partners) + _method_differences(runs) + _final_evals_not_used(runs)
+    notes += _uninformative(curves, metric)
 
     numbers: Dict[str, Dict[str, Optional[float]]] = {}
     for seed, by_method in sorted(curves.items()):
@@ -355,6 +356,22 @@ def _method_differences(runs: List[Run]) -> List[str]:
                 notes.append(f"{method} runs {same[0].path} and {run.path} differ beyond seed and budget: "
                              + "; ".join(diffs))
     return notes
+
+
+def _uninformative(curves: Dict[int, Dict[str, Curve]], metric: str) -> List[str]:
+    """A metric that cannot tell the encoders apart: every evaluation at 99 % or above, or all the
+    same value (the demo's 10 synthetic classes: a random encoder scores 100 % there too)."""
+    values = [v for by_method in curves.values() for _, vs in by_method.values() for v in vs]
+    if len(values) < 2:
+        return []
+    if min(values) >= 99.0:
+        why = f"every {metric} evaluation is at 99 % or above"
+    elif min(values) == max(values):
+        why = f"every {metric} evaluation is {values[0]:g} %"
+    else:
+        return []
+    return [f"{why}: the metric is saturated and cannot tell the methods apart; use a harder evaluation "
+            "set (more classes, docs/STUDY.md) and look at a random encoder's accuracy first"]
 
 
 def _final_evals_not_used(runs: List[Run]) -> List[str]:
