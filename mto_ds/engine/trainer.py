@@ -79,14 +79,19 @@ class Trainer:
     def _claim_run_dir(self) -> Optional[RunLock]:
         """Rank 0 claims the run directory (engine/run_dir.py); every rank stops if another live
         start holds it."""
-        lock, problem = None, None
+        lock, problem, unusable = None, None, None
         if self.dist.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
                 lock = claim(self.run_dir, job_identity())
             except RunDirectoryInUse as err:
                 problem = str(err)
-        problem = agree(problem)
+            except OSError as err:  # a file of that name, a read-only file system
+                unusable = (f"bad value for 'run.output_dir': {self.run_dir} cannot be made or written as the run "
+                            f"directory ({err.strerror or err})")
+        problem, unusable = agree(problem), agree(unusable)
+        if unusable:
+            raise ConfigError(unusable)
         if problem:
             raise RunDirectoryInUse(problem)
         return lock
