@@ -5,6 +5,8 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
+from typing import Optional
 
 
 def _setup_environment() -> None:
@@ -26,6 +28,20 @@ def _recorded(fn):
     codes (faulthandler on, too). Without torchrun it only runs `fn`."""
     from torch.distributed.elastic.multiprocessing.errors import record
     return record(fn)
+
+
+def unwritable_output(out) -> Optional[str]:
+    """Why no file can be written at `out` (its missing folders made on the way), or None: asked
+    before the work whose result it receives (export, tools/make_ffcv.py), not after it."""
+    out = Path(out)
+    if out.is_dir():
+        return f"cannot write {out}: it is a directory (name the file to write)"
+    existing = next((p for p in (out.parent, *out.parent.parents) if p.exists()), out.parent)
+    if not existing.is_dir():
+        return f"cannot write {out}: {existing} is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"cannot write {out}: {existing} is not writable"
+    return None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -73,6 +89,10 @@ def main(argv=None) -> int:
     from .config import ConfigError, load_config
 
     if args.command == "export":
+        problem = unwritable_output(args.out)
+        if problem:
+            print(f"mto-ds: {problem}", file=sys.stderr)
+            return 2
         _setup_environment()
         from .engine.export import export_encoder
         try:
@@ -112,8 +132,10 @@ def main(argv=None) -> int:
     init_distributed()  # eval shards its feature extraction across ranks when launched on several
     try:
         result = _recorded(run_eval)(cfg, args.checkpoint, args.finetune_epochs)
-    except FileNotFoundError as err:  # --checkpoint or the evaluation folders: its message names it
-        print(f"mto-ds: {err}", file=sys.stderr)
+    except (FileNotFoundError, ValueError) as err:
+        # --checkpoint or the evaluation folders missing, weights of another model than the
+        # config's, settings that cannot be evaluated: each message names its cause.
+        print(f"mto-ds: {'config error: ' if isinstance(err, ConfigError) else ''}{err}", file=sys.stderr)
         shutdown_distributed()
         return 2
     if int(os.environ.get("RANK", "0")) == 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
@@ -209,6 +210,20 @@ def _unknown_key_message(key: str) -> str:
     return f"unknown config key '{key}'{hint}"
 
 
+# The lines OmegaConf appends to each message (`full_key: train.steps`, `reference_type=TrainConfig`,
+# `object_type=TrainConfig`): its internals, and the key is named before the message already.
+_OMEGACONF_CONTEXT = re.compile(r"\n[ \t]+(full_key: |reference_type=|object_type=).*")
+
+
+def _omegaconf_message(err: OmegaConfBaseException) -> str:
+    return _OMEGACONF_CONTEXT.sub("", str(getattr(err, "msg", None) or err))
+
+
+def _bad_value(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None)
+    return f"bad value for '{key}': {_omegaconf_message(err)}" if key else f"bad value: {_omegaconf_message(err)}"
+
+
 def _merge(base, other, source: str):
     try:
         return OmegaConf.merge(base, other)
@@ -216,9 +231,9 @@ def _merge(base, other, source: str):
         key = err.full_key or str(err.key)
         raise ConfigError(f"{source}: {_unknown_key_message(key)}") from None
     except ValidationError as err:
-        raise ConfigError(f"{source}: bad value for '{err.full_key}': {err.msg}") from None
+        raise ConfigError(f"{source}: {_bad_value(err)}") from None
     except OmegaConfBaseException as err:
-        raise ConfigError(f"{source}: {err}") from None
+        raise ConfigError(f"{source}: {_omegaconf_message(err)}") from None
 
 
 def _yaml_layers(path: Path, chain: tuple = ()) -> list:
@@ -250,7 +265,11 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
     then `validate`."""
     cfg = OmegaConf.structured(Config)
     if path is not None:
+        given = Path(path)
         path = resolve_path(str(path))  # configs/*.yaml from any working directory, as ds_configs/
+        if not path.is_file() and not given.is_absolute():  # both places resolve_path looks
+            raise ConfigError(f"config file not found: {given} (neither {Path.cwd() / given}, relative to "
+                              f"the working directory, nor {REPO_ROOT / given}, in the checkout)")
         for source, loaded in _yaml_layers(path.resolve()):
             cfg = _merge(cfg, loaded, str(source))
     for item in overrides:
@@ -263,7 +282,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
     try:
         config: Config = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:  # an interpolation that does not resolve, e.g. ${oc.env:X}
-        raise ConfigError(f"bad value for '{getattr(err, 'full_key', None) or '?'}': {err}") from None
+        raise ConfigError(_bad_value(err)) from None
     validate(config)
     return config
 

@@ -1,11 +1,13 @@
 """The CLI's errors: bad input fails before any work, with the key named; export for timm."""
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 import timm
 import torch
+from PIL import Image
 
 from conftest import REPO, cpu_env, free_port, pretrain
 
@@ -205,3 +207,98 @@ def test_overrides_on_both_sides_of_config_are_all_applied_in_order():
         with pytest.raises(SystemExit) as exit_:
             _parse(argv)
         assert exit_.value.code == 2
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A run of the demo config (vit_tiny_patch16 at 64 px) with one complete checkpoint."""
+    run = tmp_path_factory.mktemp("tiny") / "run"
+    pretrain(run, "train.steps=2", "data.synthetic_images=64")
+    return run
+
+
+def _one_line_error(result, code=2):
+    assert result.returncode == code, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    return result.stderr
+
+
+def test_eval_of_a_run_pretrained_with_another_model_names_the_keys_not_every_tensors_size(tiny_run):
+    """Was a 177-line traceback of torch's `size mismatch for ...`, exit 1."""
+    err = _one_line_error(_cli("eval", "--config", "configs/demo.yaml", "--checkpoint", str(tiny_run),
+                               "model.arch=vit_small_patch16", "model.img_size=32"))
+    assert "config error:" in err and "size mismatch" not in err
+    assert f"model.arch: vit_tiny_patch16 in {tiny_run / 'config.yaml'}, vit_small_patch16 here" in err
+    assert f"model.img_size: 64 in {tiny_run / 'config.yaml'}, 32 here" in err
+    # A checkpoint directory says what it holds in its complete.json.
+    tag_dir = tiny_run / "checkpoints" / "step_00000002"
+    err = _one_line_error(_cli("eval", "--config", "configs/demo.yaml", "--checkpoint", str(tag_dir),
+                               "model.img_size=32"))
+    assert f"model.img_size: 64 in {tag_dir / 'complete.json'}, 32 here" in err and "model.arch" not in err
+
+
+def test_eval_of_an_ffcv_run_without_eval_path_says_to_set_it_with_exit_2(tiny_run, tmp_path):
+    err = _one_line_error(_cli("eval", "--config", "configs/demo.yaml", "--checkpoint", str(tiny_run),
+                               "data.source=ffcv", f"data.path={tmp_path / 'train.beton'}"))
+    assert "mto-ds: evaluation with data.source=ffcv reads labelled train/ and val/ ImageFolders: set eval.path" \
+        in err
+
+
+def test_export_refuses_an_output_it_cannot_write_before_loading_and_names_a_missing_run(tiny_run, tmp_path):
+    """Was torch's `RuntimeError: [enforce fail at inline_container.cc] open file failed` after the
+    weights were merged; and a missing run was "no complete checkpoint under" it."""
+    (tmp_path / "notes.txt").write_text("a file")
+    cases = {tmp_path: f"cannot write {tmp_path}: it is a directory",
+             tmp_path / "notes.txt" / "encoder.pt": f"{tmp_path / 'notes.txt'} is not a directory"}
+    if os.geteuid() != 0:  # root writes into a read-only folder anyway
+        (tmp_path / "read-only").mkdir(mode=0o555)
+        cases[tmp_path / "read-only" / "encoder.pt"] = f"{tmp_path / 'read-only'} is not writable"
+    for out, message in cases.items():
+        result = _cli("export", str(tiny_run), str(out))
+        assert message in _one_line_error(result), out
+        assert "Reconstructed" not in result.stdout  # DeepSpeed's merge of the weights never ran
+    missing = tmp_path / "no-run"
+    err = _one_line_error(_cli("export", str(missing), str(tmp_path / "encoder.pt")))
+    assert f"mto-ds: {missing} does not exist" in err
+
+
+def test_export_of_a_checkpoint_directory_prints_the_timm_call_with_its_img_size(tiny_run, tmp_path):
+    out = tmp_path / "encoder.pt"
+    result = _cli("export", str(tiny_run / "checkpoints" / "step_00000002"), str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (f"load with timm.create_model('vit_tiny_patch16_224', num_classes=0, img_size=64, "
+            f"checkpoint_path='{out}')") in result.stdout
+
+
+def test_make_ffcv_refuses_an_output_it_cannot_write_before_reading_the_source(tmp_path):
+    """Was an OSError traceback (exit 1) after the checking pass over every image."""
+    (tmp_path / "src" / "c0").mkdir(parents=True)
+    Image.new("RGB", (8, 8), (200, 40, 40)).save(tmp_path / "src" / "c0" / "a.png")
+    (tmp_path / "notes.txt").write_text("a file")
+    (tmp_path / "folder.beton").mkdir()
+    cases = {tmp_path / "notes.txt" / "x.beton": f"{tmp_path / 'notes.txt'} is not a directory",
+             tmp_path / "folder.beton": f"cannot write {tmp_path / 'folder.beton'}: it is a directory"}
+    if os.geteuid() != 0:  # root writes into a read-only folder anyway
+        (tmp_path / "read-only").mkdir(mode=0o555)
+        cases[tmp_path / "read-only" / "x.beton"] = f"{tmp_path / 'read-only'} is not writable"
+    for out, message in cases.items():
+        result = subprocess.run([sys.executable, "tools/make_ffcv.py", str(tmp_path / "src"), str(out),
+                                 "--workers", "1", "--no-progress"], cwd=REPO, env=cpu_env(),
+                                capture_output=True, text=True, timeout=300)
+        err = _one_line_error(result)
+        assert err.startswith(f"make_ffcv: cannot write {out}") and message in err, out
+
+
+def test_a_missing_config_names_both_places_it_was_looked_for(tmp_path):
+    """From another working directory the message named only the checkout's fallback path."""
+    result = subprocess.run([sys.executable, "-m", "mto_ds", "pretrain", "--config", "nope.yaml"], cwd=tmp_path,
+                            env=cpu_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=300)
+    err = _one_line_error(result)
+    assert "config file not found: nope.yaml" in err
+    assert str(tmp_path / "nope.yaml") in err and str(REPO / "nope.yaml") in err
+
+
+def test_a_value_of_the_wrong_type_is_named_without_omegaconfs_internals():
+    result = _cli("pretrain", "--config", "configs/demo.yaml", "train.steps=abc")
+    assert _one_line_error(result) == ("mto-ds: config error: override 'train.steps=abc': bad value for "
+                                       "'train.steps': Value 'abc' of type 'str' could not be converted to Integer\n")

@@ -231,3 +231,24 @@ def test_a_seed_outside_0_to_2_pow_32_fails_naming_run_seed_before_any_work(seed
         load_config(DEMO, [f"run.seed={seed}"])
     assert str(err.value) == f"bad value for 'run.seed': expected an integer in [0, 2**32), got {seed}"
     assert load_config(DEMO, [f"run.seed={2 ** 32 - 1}"]).run.seed == 2 ** 32 - 1
+
+
+def test_a_missing_config_file_names_the_working_directory_and_the_checkout(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/nope.yaml")
+    assert str(err.value) == (f"config file not found: configs/nope.yaml (neither {tmp_path / 'configs/nope.yaml'}, "
+                              f"relative to the working directory, nor {REPO / 'configs/nope.yaml'}, in the checkout)")
+
+
+def test_a_value_of_the_wrong_type_names_key_type_and_value_without_omegaconfs_internals(tmp_path):
+    """OmegaConf appends `full_key: ... / reference_type=TrainConfig / object_type=TrainConfig`."""
+    with pytest.raises(ConfigError) as err:
+        load_config(DEMO, ["train.steps=abc"])
+    assert str(err.value) == ("override 'train.steps=abc': bad value for 'train.steps': Value 'abc' of type 'str' "
+                              "could not be converted to Integer")
+    (tmp_path / "bad.yaml").write_text("train:\n  betas: [0.9, high]\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(tmp_path / "bad.yaml")
+    assert str(err.value) == (f"{tmp_path / 'bad.yaml'}: bad value for 'train.betas[1]': Value 'high' of type "
+                              "'str' could not be converted to Float")

@@ -9,8 +9,9 @@ from mto_ds.eval import evaluate, load_encoder_weights, run_eval
 from mto_ds.models import create_encoder
 
 
+# 16 px mask cells: SimMIM's default 32 px cell would be the whole 32 px image, which validate refuses.
 COMMON = ["deepspeed.config=ds_configs/cpu_zero2.json", "model.arch=vit_tiny_patch16", "model.img_size=32",
-          "data.num_workers=0"]
+          "model.mask_patch_size=16", "data.num_workers=0"]
 
 
 def _solid_colour_folder(root):
@@ -135,3 +136,13 @@ def test_load_encoder_weights_takes_the_encoder_out_of_whole_mim_model_checkpoin
         fresh = create_encoder("vit_tiny_patch16", img_size=32)
         load_encoder_weights(fresh, str(tmp_path / name))
         assert all(torch.equal(v, mae.encoder.state_dict()[k]) for k, v in fresh.state_dict().items()), name
+
+
+def test_load_encoder_weights_names_tensors_of_another_shape_in_a_value_error(tmp_path):
+    """Weights of another model.img_size (or arch) raised torch's RuntimeError, one line per tensor."""
+    torch.save(create_encoder("vit_tiny_patch16", img_size=64).state_dict(), tmp_path / "at64.pt")
+    with pytest.raises(ValueError) as err:
+        load_encoder_weights(create_encoder("vit_tiny_patch16", img_size=32), str(tmp_path / "at64.pt"))
+    assert "(model.arch, model.img_size): 1 tensors differ in shape: pos_embed [1, 17, 192] there, " \
+           "[1, 5, 192] here" in str(err.value)
+    assert "\n" not in str(err.value)

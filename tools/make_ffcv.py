@@ -7,7 +7,8 @@
 Odd files are converted (CMYK, grayscale incl. 16-bit and float, palette, alpha, PNG named
 .JPEG, truncated); undecodable ones are skipped; the closing report names every skipped file
 and the counts, and OUT.beton.report.json keeps it with the class names. An existing OUT is
-left as it is (exit 0) unless --overwrite. A bad option or source: a message, exit code 2.
+left as it is (exit 0) unless --overwrite. A bad option or source, or an OUT that cannot be
+written: a message, exit code 2.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from mto_ds.data.ffcv_writer import WRITE_MODES, convert_image_folder  # noqa: E402
+from mto_ds.cli import unwritable_output  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -41,6 +43,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.max_side < 0:
         parser.error(f"--max-side must be >= 0 (0 keeps sizes), got {args.max_side}")
+    # Checked before the checking pass, which on ImageNet takes a while; an existing OUT that is
+    # left as it is needs no writable folder.
+    problem = None if Path(args.output).is_file() and not args.overwrite else unwritable_output(args.output)
+    if problem:
+        print(f"make_ffcv: {problem}", file=sys.stderr)
+        return 2
     try:
         report = convert_image_folder(args.source, args.output, max_side=args.max_side or None,
                                       jpeg_quality=args.quality, write_mode=args.write_mode,

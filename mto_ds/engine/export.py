@@ -9,21 +9,24 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import yaml
 
 from ..models import TIMM_NAMES
-from ..models.weights import checkpoint_encoder_state
+from ..models.weights import checkpoint_encoder_state, saved_model_settings
 
 
 def export_encoder(run_dir, out) -> str:
     run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise FileNotFoundError(f"{run_dir} does not exist (export reads a run directory or a checkpoint directory)")
     state = checkpoint_encoder_state(run_dir)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, out)
-    config = run_dir / "config.yaml"
-    if config.is_file():
-        model = yaml.safe_load(config.read_text())["model"]
-        return (f"wrote {out} ({len(state)} tensors); load with timm.create_model('{TIMM_NAMES[model['arch']]}', "
-                f"num_classes=0, img_size={model['img_size']}, checkpoint_path='{out}')")
+    # A checkpoint directory (RUN/checkpoints/step_N) too: its complete.json or its run's config.yaml.
+    saved = saved_model_settings(run_dir)
+    model = saved[1] if saved else {}
+    if model.get("model.arch") in TIMM_NAMES and "model.img_size" in model:
+        return (f"wrote {out} ({len(state)} tensors); load with timm.create_model("
+                f"'{TIMM_NAMES[model['model.arch']]}', num_classes=0, img_size={model['model.img_size']}, "
+                f"checkpoint_path='{out}')")
     return f"wrote {out} ({len(state)} tensors)"

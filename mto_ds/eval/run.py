@@ -16,7 +16,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..models.weights import checkpoint_encoder_state, encoder_state, newest_complete, read_marker
+from ..config import ConfigError
+from ..models.weights import (checkpoint_encoder_state, encoder_state, newest_complete, read_marker,
+                              saved_model_settings)
 from .datasets import build_eval_sets
 from .features import extract_features, rank_and_world
 from .finetune import finetune_top1
@@ -136,9 +138,36 @@ def evaluation_settings(cfg, checkpoint: str, finetune_epochs: int = 0,
             "checkpoint": checkpoint_evaluated(checkpoint)}
 
 
+# The model.* keys that decide the encoder's shapes: of the trainer's `_model_keys`, the method and
+# MAE's decoder change only what pre-training adds around the encoder.
+ENCODER_KEYS = ("model.arch", "model.img_size")
+
+
+def check_checkpoint_model(cfg, checkpoint: str) -> None:
+    """A run pre-trained with another model.arch or model.img_size than `cfg` builds: its weights
+    do not fit, and torch's load would list every tensor's shape. Fails naming the keys."""
+    saved = saved_model_settings(checkpoint)
+    if saved is None:
+        return  # a file, or a checkpoint that does not say: load_encoder_weights compares shapes
+    source, saved_keys = saved
+    here = {key: getattr(cfg.model, key.removeprefix("model.")) for key in ENCODER_KEYS}
+    differ = [key for key in ENCODER_KEYS if key in saved_keys and saved_keys[key] != here[key]]
+    if differ:
+        found = "; ".join(f"{key}: {saved_keys[key]} in {source}, {here[key]} here" for key in differ)
+        raise ConfigError(f"{checkpoint} was pre-trained with another model than this config builds ({found}): "
+                          f"its weights do not fit; evaluate with {' '.join(f'{k}={saved_keys[k]}' for k in differ)}")
+
+
 def load_encoder_weights(encoder: nn.Module, checkpoint: str) -> None:
-    """Loads `checkpoint` into `encoder`, failing with the missing/unexpected keys if they differ."""
-    missing, unexpected = encoder.load_state_dict(load_encoder_state(checkpoint), strict=False)
+    """Loads `checkpoint` into `encoder`, failing with the missing/unexpected keys or the tensors
+    whose shapes differ (weights of another model.arch or model.img_size)."""
+    state, own = load_encoder_state(checkpoint), encoder.state_dict()
+    resized = sorted(k for k, v in state.items() if k in own and v.shape != own[k].shape)
+    if resized:
+        shapes = ", ".join(f"{k} {list(state[k].shape)} there, {list(own[k].shape)} here" for k in resized[:3])
+        raise ValueError(f"{checkpoint} does not match the encoder of this config (model.arch, model.img_size): "
+                         f"{len(resized)} tensors differ in shape: {shapes}{', ...' if len(resized) > 3 else ''}")
+    missing, unexpected = encoder.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{checkpoint} does not match the encoder of this config: "
                          f"missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}")
@@ -157,6 +186,7 @@ def run_eval(cfg, checkpoint: str, finetune_epochs: int = 0,
     Call it on every rank once torch.distributed is initialised (or in one process).
     """
     device = device or default_device()
+    check_checkpoint_model(cfg, checkpoint)
     encoder = build_encoder(cfg)
     load_encoder_weights(encoder, checkpoint)
     encoder.to(device)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import List
+from typing import Dict, List, Optional, Tuple
+
+import yaml
 
 # Written last into a checkpoint directory, once every rank's files are on storage: a directory
 # without it is a save that did not finish, never read.
@@ -57,3 +59,29 @@ def checkpoint_encoder_state(path) -> dict:
     # Merges ZeRO-1/2/3 partitions into the fp32 master weights (not the bf16 working copy).
     full = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     return encoder_state(full)
+
+
+def saved_model_settings(checkpoint) -> Optional[Tuple[Path, Dict[str, object]]]:
+    """(the file that says so, its model.* keys) for the model a run or checkpoint directory was
+    pre-trained with: a run directory's config.yaml, else the checkpoint's complete.json (which
+    names its model since checkpoints do), else the config.yaml of the run holding it
+    (RUN/checkpoints/step_N). None for a file, or where none of them says."""
+    path = Path(checkpoint)
+    if not path.is_dir():
+        return None
+    if (path / "config.yaml").is_file():
+        return _config_model_keys(path / "config.yaml")
+    try:
+        tag_dir = newest_complete(path)
+    except FileNotFoundError:
+        return None
+    saved = read_marker(tag_dir).get("model")
+    if saved:
+        return tag_dir / MARKER, saved
+    run_config = tag_dir.parent.parent / "config.yaml"
+    return _config_model_keys(run_config) if run_config.is_file() else None
+
+
+def _config_model_keys(path: Path) -> Tuple[Path, Dict[str, object]]:
+    model = (yaml.safe_load(path.read_text()) or {}).get("model") or {}
+    return path, {f"model.{key}": value for key, value in model.items()}
