@@ -332,11 +332,12 @@ def validate(cfg: Config) -> None:
     # The mask the ratio and the cells make together: whole units, some masked and some visible.
     units, ratio = mask_units(m), m.mask_ratio or MASK_RATIO[m.method]
     masked = masked_count(m.method, units, ratio)
-    unit = "cells of model.mask_patch_size" if m.method == "simmim" else "patches"
-    _check(0 < masked < units, "model.mask_patch_size" if m.method == "simmim" else "model.mask_ratio",
+    simmim = m.method == "simmim"
+    unit = "cells of model.mask_patch_size" if simmim else "patches"
+    null = f" (null means {default_mask_patch_size(patch)})" if simmim and m.mask_patch_size is None else ""
+    _check(0 < masked < units, "model.mask_patch_size" if simmim else "model.mask_ratio",
            f"settings whose mask leaves some of the {units} {unit} visible and masks some (mask ratio {ratio} "
-           f"masks {masked} at model.img_size={m.img_size})",
-           m.mask_patch_size if m.method == "simmim" else m.mask_ratio)
+           f"masks {masked} at model.img_size={m.img_size}){null}", m.mask_patch_size if simmim else m.mask_ratio)
     for key in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
         _check(getattr(m, key) > 0, f"model.{key}", "a positive integer", getattr(m, key))
     _check(m.decoder_embed_dim % m.decoder_num_heads == 0, "model.decoder_embed_dim",

@@ -8,9 +8,12 @@ from mto_ds.data import SyntheticImages
 from mto_ds.eval.datasets import FolderEvalImages, build_eval_sets, center_resize
 from mto_ds.eval.features import extract_features
 
+# 32 px images: masks of 16 px cells (SimMIM's default 32 px cell would be the whole image).
+SMALL_IMAGES = ("model.img_size=32", "model.mask_patch_size=16")
+
 
 def _synthetic_cfg(**extra):
-    overrides = ["model.arch=vit_tiny_patch16", "model.img_size=32", "run.seed=3", "data.synthetic_images=50",
+    overrides = ["model.arch=vit_tiny_patch16", *SMALL_IMAGES, "run.seed=3", "data.synthetic_images=50",
                  "data.synthetic_classes=4", "eval.num_train=20", "eval.num_val=10"]
     return load_config(None, overrides + [f"{k}={v}" for k, v in extra.items()])
 
@@ -55,7 +58,7 @@ def _image_folder(root, counts):
 
 def test_folder_eval_sets_read_train_and_val_splits_and_subsample_to_the_configured_size(tmp_path):
     _image_folder(tmp_path, {"train": {"cat": 5, "dog": 6}, "val": {"cat": 2, "dog": 2}})
-    cfg = load_config(None, ["model.arch=vit_tiny_patch16", "model.img_size=32", "data.source=folder",
+    cfg = load_config(None, ["model.arch=vit_tiny_patch16", *SMALL_IMAGES, "data.source=folder",
                              f"data.path={tmp_path / 'train'}", "eval.num_train=7", "eval.num_val=100"])
     train, val = build_eval_sets(cfg)  # ImageNet's layout: the parent of data.path holds both splits
     assert (len(train), len(val)) == (7, 4)
@@ -68,7 +71,7 @@ def test_folder_eval_sets_read_train_and_val_splits_and_subsample_to_the_configu
 
 
 def cfg_args(root):
-    return ["model.arch=vit_tiny_patch16", "model.img_size=32", "data.source=folder",
+    return ["model.arch=vit_tiny_patch16", *SMALL_IMAGES, "data.source=folder",
             f"data.path={root / 'train'}", "eval.num_train=7", "eval.num_val=100"]
 
 
@@ -105,7 +108,7 @@ def test_ffcv_runs_evaluate_on_the_folders_under_eval_path(tmp_path):
     ffcv = ["data.source=ffcv", "data.path=train.beton", "eval.every_epochs=1"]
     with pytest.raises(ConfigError, match="eval.path"):  # before any compute, not at the first evaluation
         load_config(None, ffcv)
-    cfg = load_config(None, [*ffcv, "model.img_size=32", f"eval.path={tmp_path / 'imagenet'}"])
+    cfg = load_config(None, [*ffcv, *SMALL_IMAGES, f"eval.path={tmp_path / 'imagenet'}"])
     train, val = build_eval_sets(cfg)
     assert (len(train), len(val), train.classes) == (4, 2, ["cat", "dog"])
 
@@ -115,7 +118,7 @@ def test_eval_path_is_what_a_synthetic_pretraining_run_is_evaluated_on_when_it_i
     """eval.path was silently ignored with data.source=synthetic: `mto-ds eval` of the demo on a
     folder of real images reported the synthetic set's accuracy instead."""
     _image_folder(tmp_path / "imagenet", {"train": {"cat": 2, "dog": 2}, "val": {"cat": 1, "dog": 1}})
-    cfg = load_config(None, ["data.source=synthetic", "model.img_size=32", f"eval.path={tmp_path / 'imagenet'}"])
+    cfg = load_config(None, ["data.source=synthetic", *SMALL_IMAGES, f"eval.path={tmp_path / 'imagenet'}"])
     train, val = build_eval_sets(cfg)
     assert (len(train), len(val), train.classes) == (4, 2, ["cat", "dog"])
 
@@ -147,7 +150,7 @@ def test_folder_eval_sets_leave_out_undecodable_images_and_name_each_in_one_warn
     _jpeg_folder(tmp_path / "train", 2)
     _jpeg_folder(tmp_path / "val", 3)
     broken = _broken_files(tmp_path / "val")
-    cfg = load_config(None, ["model.arch=vit_tiny_patch16", "model.img_size=32", "data.source=folder",
+    cfg = load_config(None, ["model.arch=vit_tiny_patch16", *SMALL_IMAGES, "data.source=folder",
                              f"data.path={tmp_path / 'train'}", "eval.num_train=100", "eval.num_val=100"])
     _, val = build_eval_sets(cfg)
     assert len(val) == 11  # 9 images and the 2 broken files: listed as samples, as pre-training lists them

@@ -12,7 +12,7 @@ from mto_ds.eval.datasets import build_eval_sets
 from mto_ds.models import create_encoder
 
 # Sizes that do not divide by 2 ranks: the padding must be cut off again.
-OVERRIDES = ["deepspeed.config=ds_configs/cpu_zero2.json", "model.arch=vit_tiny_patch16", "model.img_size=32",
+OVERRIDES = ["deepspeed.config=ds_configs/cpu_zero2.json", "model.arch=vit_tiny_patch16", "model.img_size=32", "model.mask_patch_size=16",
              "data.num_workers=0", "data.synthetic_images=64", "data.synthetic_classes=4", "eval.num_train=41",
              "eval.num_val=23", "eval.knn_k=5"]
 
