@@ -132,11 +132,16 @@ def mask_units(model: "ModelConfig") -> int:
     return (model.img_size // patch) ** 2
 
 
+def mask_ratio(model: "ModelConfig") -> float:
+    """model.mask_ratio, or the method's default where it is null."""
+    return MASK_RATIO[model.method] if model.mask_ratio is None else model.mask_ratio
+
+
 def realised_mask_ratio(model: "ModelConfig") -> float:
     """The share of patches masked: the requested ratio rounded to whole units, which at small
     images or large SimMIM cells is far from it (64 px in 32 px cells: 3 of 4 cells at 0.6)."""
     units = mask_units(model)
-    return masked_count(model.method, units, model.mask_ratio or MASK_RATIO[model.method]) / units
+    return masked_count(model.method, units, mask_ratio(model)) / units
 
 
 def default_mask_patch_size(patch_size: int) -> int:
@@ -330,7 +335,7 @@ def validate(cfg: Config) -> None:
                + (f" (null means {mask_patch}, which does not: set it)" if m.mask_patch_size is None else ""),
                m.mask_patch_size)
     # The mask the ratio and the cells make together: whole units, some masked and some visible.
-    units, ratio = mask_units(m), m.mask_ratio or MASK_RATIO[m.method]
+    units, ratio = mask_units(m), mask_ratio(m)
     masked = masked_count(m.method, units, ratio)
     simmim = m.method == "simmim"
     unit = "cells of model.mask_patch_size" if simmim else "patches"

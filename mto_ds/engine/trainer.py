@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..config import MASK_RATIO, Config, ConfigError, mask_units, realised_mask_ratio, to_yaml
+from ..config import Config, ConfigError, mask_ratio, mask_units, realised_mask_ratio, to_yaml
 from ..data import build_pretrain_loader, data_fingerprint, data_path_problem
 from ..data.order import steps_per_epoch
 from ..models import create_mim_model, mask_fn_for
@@ -126,7 +126,7 @@ class Trainer:
                                  decoder_embed_dim=m.decoder_embed_dim, decoder_depth=m.decoder_depth,
                                  decoder_num_heads=m.decoder_num_heads, norm_pix_loss=m.norm_pix_loss)
         mask_fn = mask_fn_for(model, m.method, m.img_size, m.mask_ratio, m.mask_patch_size)
-        asked, realised = m.mask_ratio or MASK_RATIO[m.method], realised_mask_ratio(m)
+        asked, realised = mask_ratio(m), realised_mask_ratio(m)
         if abs(realised - asked) > 0.05 and self.dist.rank == 0:
             log.warning("model.mask_ratio=%g masks %.3g of the patches: masks are whole %s, %d of them per "
                         "image at model.img_size=%d (smaller SimMIM cells, model.mask_patch_size, come closer)",
