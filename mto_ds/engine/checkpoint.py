@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
-from ..models.weights import MARKER, complete_checkpoints, read_marker
+from ..models.weights import MARKER, complete_checkpoints, model_differences, read_marker
 from .distributed import agree
 from .faults import Faults
 from .storage import atomic_write, flush_to_storage
@@ -249,8 +249,7 @@ class Checkpointer:
         saved = read_marker(tag_dir).get("model") if tag_dir is not None else None
         if saved is None or self.model is None:
             return  # saved before checkpoints named their model: DeepSpeed's load decides
-        changed = [f"{k}={saved[k]} there, {self.model[k]} here" for k in saved
-                   if k in self.model and saved[k] != self.model[k]]
+        changed = [f"{k}={saved[k]} there, {self.model[k]} here" for k in model_differences(saved, self.model)]
         if changed:
             raise ConfigError(f"checkpoint {tag_dir} holds another model than this run builds ("
                               f"{'; '.join(changed)}): its weights do not fit. Resume with the saved "

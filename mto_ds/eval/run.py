@@ -17,8 +17,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import ConfigError
-from ..models.weights import (checkpoint_encoder_state, encoder_state, newest_complete, read_marker,
-                              saved_model_settings)
+from ..models.weights import (checkpoint_encoder_state, encoder_state, model_differences, newest_complete,
+                              read_marker, saved_model_settings)
 from .datasets import build_eval_sets
 from .features import extract_features, rank_and_world
 from .finetune import finetune_top1
@@ -151,7 +151,7 @@ def check_checkpoint_model(cfg, checkpoint: str) -> None:
         return  # a file, or a checkpoint that does not say: load_encoder_weights compares shapes
     source, saved_keys = saved
     here = {key: getattr(cfg.model, key.removeprefix("model.")) for key in ENCODER_KEYS}
-    differ = [key for key in ENCODER_KEYS if key in saved_keys and saved_keys[key] != here[key]]
+    differ = model_differences(saved_keys, here)
     if differ:
         found = "; ".join(f"{key}: {saved_keys[key]} in {source}, {here[key]} here" for key in differ)
         raise ConfigError(f"{checkpoint} was pre-trained with another model than this config builds ({found}): "

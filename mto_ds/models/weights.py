@@ -61,6 +61,12 @@ def checkpoint_encoder_state(path) -> dict:
     return encoder_state(full)
 
 
+def model_differences(saved: dict, here: dict) -> List[str]:
+    """The model.* keys both record with other values: the weights of the one do not fit the other
+    (a checkpoint that does not record a key leaves it to the weights' own shapes)."""
+    return [key for key in saved if key in here and saved[key] != here[key]]
+
+
 def saved_model_settings(checkpoint) -> Optional[Tuple[Path, Dict[str, object]]]:
     """(the file that says so, its model.* keys) for the model a run or checkpoint directory was
     pre-trained with: a run directory's config.yaml, else the checkpoint's complete.json (which
