@@ -68,7 +68,7 @@ class TrainConfig:
     epochs: int = 1
     steps: Optional[int] = None              # total optimizer steps; wins over epochs
     global_batch_size: int = 256
-    micro_batch_size: Optional[int] = None   # per rank; null: global / world (no accumulation)
+    micro_batch_size: Optional[int] = None   # per rank, at most; null: the rank's share (no accumulation)
     blr: float = 1.5e-4                      # base LR; lr = blr * global_batch_size / 256
     lr: Optional[float] = None               # absolute LR; wins over blr
     min_lr_ratio: float = 0.0

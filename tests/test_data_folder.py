@@ -219,10 +219,10 @@ def test_folder_resume_on_another_world_size_reads_the_rest_of_the_epoch_once_wi
                 assert torch.equal(image, pixels[i][0]) and torch.equal(mask, pixels[i][1])
 
 
-def test_build_pretrain_loader_rejects_batches_that_do_not_split(jpeg_folder):
-    with pytest.raises(ValueError, match="micro-batches of 3"):
+def test_build_pretrain_loader_rejects_more_ranks_than_samples_in_a_global_batch(jpeg_folder):
+    with pytest.raises(ValueError, match="a global batch of 8 cannot give each of 9 ranks a sample"):
         build_pretrain_loader(folder_cfg(jpeg_folder), method="mae", img_size=32, seed=0, global_batch_size=8,
-                              micro_batch_size=3, rank=0, world_size=2, mask_fn=mask_fn)
+                              micro_batch_size=3, rank=0, world_size=9, mask_fn=mask_fn)
 
 
 def test_make_synthetic_cli_writes_once_and_leaves_an_existing_folder(tmp_path, capsys):
@@ -328,3 +328,38 @@ def test_an_epoch_left_open_at_exit_does_not_hang_the_process(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "RESULT 4" in result.stdout.splitlines()
+
+
+@pytest.mark.parametrize("world", [3, 5, 7])
+def test_ranks_that_do_not_divide_the_global_batch_read_its_samples_once_in_shares_that_differ_by_one(world):
+    """A run of global batch 32 resumed on 3, 5 or 7 ranks: each step's samples, rank by rank,
+    are the 1-rank order's (so the data position and the samples of every step do not depend on
+    the number of ranks), each rank's share is 32 // W or one more, and the places beyond a
+    share are PAD, at the end of the rank's step."""
+    from mto_ds.data.order import PAD, micro_batch_split
+    size, accumulation = micro_batch_split(32, world, 4)
+    steps = 3
+    one_rank = rank_indices(100, 5, 2, 32, 0, 1)
+    per_rank = [rank_indices(100, 5, 2, 32, r, world, 0, 4).reshape(steps, size * accumulation) for r in range(world)]
+    for step in range(steps):
+        shares = [row[step][row[step] != PAD] for row in per_rank]
+        assert np.array_equal(np.concatenate(shares), one_rank[step * 32:(step + 1) * 32])
+        assert {len(share) for share in shares} == {32 // world, 32 // world + 1}
+        for row, share in zip(per_rank, shares):  # the share first, then the pads
+            assert (row[step][:len(share)] != PAD).all() and (row[step][len(share):] == PAD).all()
+
+
+def test_a_rank_whose_share_leaves_a_micro_batch_place_empty_gets_a_stand_in_that_is_no_sample():
+    """Global batch 8 over 3 ranks in micro-batches of at most 2: shares 2, 3, 3, so every rank
+    runs 2 micro-batches and rank 0's second holds no sample. It comes as one black image with an
+    empty index (the train step weighs it 0), not as a sample read twice."""
+    source = SyntheticImages(40, 4, size=40, seed=0)
+    loaders = [PretrainLoader(source, img_size=32, scale=(0.5, 1.0), seed=0, global_batch_size=8,
+                              micro_batch_size=2, rank=r, world_size=3, mask_fn=mask_fn) for r in range(3)]
+    first_step = [list(loader.micro_batches(1))[:2] for loader in loaders]
+    assert [[len(b["index"]) for b in batches] for batches in first_step] == [[2, 0], [2, 1], [2, 1]]
+    stand_in = first_step[0][1]
+    assert stand_in["images"].shape == (1, 3, 32, 32) and stand_in["images"].max() == 0
+    assert stand_in["mask"].shape == (1, PATCHES) and len(stand_in["label"]) == 0
+    samples = torch.cat([b["index"] for batches in first_step for b in batches]).numpy()
+    assert np.array_equal(samples, rank_indices(40, 0, 1, 8, 0, 1)[:8])

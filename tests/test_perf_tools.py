@@ -43,8 +43,12 @@ def test_plan_run_splits_the_batch_by_the_trainers_rule():
     common = dict(params=300_000_000, epochs=1, dataset=1_281_167, rate_per_gpu=100.0, zero=2, link_gbps=400)
     r = plan_run.plan(gpus=64, global_batch=2048, micro_batch=64, **common)
     assert (r["micro_batch"], r["accumulation"]) == (32, 1)  # 2048 over 64 GPUs leaves 32 each
-    with pytest.raises(ConfigError, match="not divisible by the 48 data-parallel ranks"):
-        plan_run.plan(gpus=48, global_batch=2048, micro_batch=64, **common)
+    # 48 GPUs: shares of 42 and 43; the larger sets the step's compute time.
+    r = plan_run.plan(gpus=48, global_batch=2048, micro_batch=64, **common)
+    assert (r["micro_batch"], r["accumulation"]) == (43, 1)
+    assert r["compute_s_per_step"] == pytest.approx(43 / 100.0)
+    with pytest.raises(ConfigError, match="smaller than the 4096 data-parallel ranks"):
+        plan_run.plan(gpus=4096, global_batch=2048, micro_batch=64, **common)
 
 
 def test_plan_run_counts_vit_large_parameters():
@@ -254,7 +258,7 @@ def test_fused_attention_backward_counts_four_matmuls_not_the_recomputed_scores(
     (["--gpus", "0"], "--gpus"), (["--images-per-sec-per-gpu", "-5"], "--images-per-sec-per-gpu"),
     (["--link-gbps", "0"], "--link-gbps"), (["--epochs", "0"], "--epochs"), (["--micro-batch", "0"], "--micro-batch"),
     (["--arch", "vit_giant"], "vit_giant"), (["--dataset-size", "100"], "fewer than one global batch"),
-    (["--gpus", "48"], "not divisible by the 48 data-parallel ranks")])
+    (["--gpus", "4096"], "smaller than the 4096 data-parallel ranks")])
 def test_plan_run_refuses_bad_input_by_name_without_a_traceback_or_a_negative_plan(argv, named, capsys):
     """Zero GPUs or a zero link divided by zero, a negative rate printed negative hours, a data set
     smaller than a batch planned 0 steps, and a batch that does not split raised a traceback."""

@@ -1,5 +1,5 @@
-"""Resume after a preemption signal: exact on the same world size, and elastic (2 -> 1 -> 2
-ranks) with every sample of the epoch seen once and the losses of the uninterrupted run.
+"""Resume after a preemption signal: exact on the same world size, and elastic (2 -> 1 -> 3
+ranks, 3 not dividing the global batch) with every sample of the epoch seen once and the losses of the uninterrupted run.
 
 All runs are the 12-step, 2-rank demo of run_control.py; each interrupted run is compared with
 the uninterrupted one (`reference`), step by step.
@@ -90,7 +90,9 @@ def test_run_resumed_after_a_signal_logs_the_losses_of_the_uninterrupted_run(sto
     assert _global_batches(run_dir) == _global_batches(reference)
 
 
-def test_elastic_resume_2_to_1_to_2_ranks_sees_each_sample_once_with_the_same_losses(stopped, reference, tmp_path):
+def test_elastic_resume_2_to_1_to_3_ranks_sees_each_sample_once_with_the_same_losses(stopped, reference, tmp_path):
+    """The last start runs on 3 ranks, which do not divide the global batch of 32: shares of 10,
+    11 and 11 samples, each sample weighted 1/32 as on 1 or 2 ranks (before, a config error)."""
     run_dir, first_stop = stopped
     run_dir = _copy(run_dir, tmp_path)
     # One rank, with a DataLoader worker process; SIGTERM to every process of the job, as Slurm
@@ -103,17 +105,19 @@ def test_elastic_resume_2_to_1_to_2_ranks_sees_each_sample_once_with_the_same_lo
     assert state(run_dir)["reason"] == "signal SIGTERM" and first_stop + 3 <= second_stop < STEPS
     assert f"resumed from {run_dir}/checkpoints/step_{first_stop:08d} at step {first_stop}" in one.output
     assert "was saved on 2 ranks, this run has 1: loading it as a universal checkpoint" in one.output
-    two = Run(run_dir, nproc=2, env=TRACE).finish()
-    assert f"resumed from {run_dir}/checkpoints/step_{second_stop:08d} at step {second_stop}" in two.output
-    assert "was saved on 1 ranks, this run has 2: loading it as a universal checkpoint" in two.output
+    three = Run(run_dir, nproc=3, env=TRACE).finish()
+    assert f"resumed from {run_dir}/checkpoints/step_{second_stop:08d} at step {second_stop}" in three.output
+    assert "was saved on 1 ranks, this run has 3: loading it as a universal checkpoint" in three.output
+    assert "global batch 32 = 3 ranks x 10-11 samples (the ranks do not divide it)" in three.output
     assert state(run_dir) == {"finished": True, "step": STEPS, "total_steps": STEPS, "reason": "completed"}
     assert metric_steps(run_dir) == list(range(1, STEPS + 1))
 
     batches = _global_batches(run_dir)
     assert sorted(batches) == list(range(1, STEPS + 1))
     worlds = {step: world for step, (world, _, _) in batches.items()}
-    assert worlds == {s: 1 if first_stop < s <= second_stop else 2 for s in range(1, STEPS + 1)}
-    # The global batch stays 32: one rank accumulates 2 micro-batches of 16, two ranks take one each.
+    assert worlds == {s: 2 if s <= first_stop else 1 if s <= second_stop else 3 for s in range(1, STEPS + 1)}
+    # The global batch stays 32: one rank accumulates 2 micro-batches of 16, two or three ranks take
+    # one each (of 16, or of 10 and 11).
     for step, (world, samples, micro_counts) in batches.items():
         assert len(samples) == 32 and micro_counts == {2 if world == 1 else 1}, step
     # Epoch 0 (steps 1-8) visits all 256 samples exactly once; epoch 1 starts a new permutation.
@@ -233,8 +237,16 @@ def test_resume_warnings_name_each_change_that_breaks_an_exact_continuation():
     with_l_r = dict(plan, hinge_on_micro_batch=True)
     assert resume_warnings(with_l_r, dict(with_l_r, world_size=1)) == []  # same micro-batch, more accumulation
     (message,) = resume_warnings(with_l_r, dict(with_l_r, world_size=1, micro_batch_size=32))
-    assert message.startswith("train.micro_batch_size was 16, now 32: MTO's L_r is a hinge on each micro-batch")
-    assert "set train.micro_batch_size=16 to continue it exactly" in message
+    assert message.startswith("the micro-batches were 16 samples on 2 ranks, now 32 on 1, and group the global "
+                              "batch's samples otherwise: MTO's L_r is a hinge on each micro-batch")
+    assert "with train.micro_batch_size=16, continues it exactly" in message
+    # With the global batch saved, what counts is which samples share a micro-batch: 3 ranks with
+    # the same micro-batch size cut the global batch of 32 elsewhere (shares of 10, 11, 11).
+    with_batch = dict(with_l_r, global_batch_size=32)
+    assert resume_warnings(with_batch, dict(with_batch, world_size=1)) == []
+    assert resume_warnings(with_batch, dict(with_batch, world_size=4, micro_batch_size=8)) != []
+    (message,) = resume_warnings(with_batch, dict(with_batch, world_size=3, micro_batch_size=11))
+    assert message.startswith("the micro-batches were 16 samples on 2 ranks, now 11 on 3")
     assert resume_warnings(plan, elastic) == []  # without L_r the micro-batch size changes nothing
     assert [m.split(":")[0] for m in resume_warnings(plan, dict(grown, seed=4))] == [
         "the checkpoint was saved with 256 samples and 8 steps per epoch, this run has 300 and 9 (another "
@@ -247,7 +259,8 @@ def test_a_run_with_mto_l_r_resumed_with_another_micro_batch_size_is_warned_its_
     run = tmp_path / "run"
     pretrain(run, "train.steps=2", "data.synthetic_images=64")  # the demo: MTO on, 8 late blocks
     result = pretrain(run, "train.steps=3", "data.synthetic_images=64", "train.micro_batch_size=16")
-    assert "train.micro_batch_size was 32, now 16: MTO's L_r is a hinge" in result.stderr
+    assert "the micro-batches were 32 samples on 1 ranks, now 16 on 1, and group the global batch's samples " \
+           "otherwise: MTO's L_r is a hinge" in result.stderr
     baseline = tmp_path / "baseline"
     pretrain(baseline, "train.steps=2", "data.synthetic_images=64", "mto.lambda_r=0")
     result = pretrain(baseline, "train.steps=3", "data.synthetic_images=64", "mto.lambda_r=0",

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from mto_ds.config import ConfigError
-from mto_ds.engine.builder import plan_batch
+from mto_ds.engine.builder import describe_batch, plan_batch
 from mto_ds.engine.checkpoint import MARKER, Checkpointer, file_sizes, verify
 from mto_ds.engine.faults import Faults
 from mto_ds.models import create_mim_model
@@ -497,14 +497,32 @@ def test_a_start_killed_before_it_writes_state_json_leaves_none_of_an_earlier_st
 def test_global_batch_stays_the_users_and_accumulation_follows_the_world_size(world, micro, expected):
     plan = plan_batch(32, micro, world)
     assert (plan.micro_batch_size, plan.accumulation) == expected
-    assert plan.micro_batch_size * plan.accumulation * world == 32 == plan.global_batch_size
+    assert plan.places == 32 == plan.global_batch_size
+    assert plan.samples_per_micro_batch == plan.micro_batch_size  # whole micro-batches: weight 1
 
 
-def test_batch_that_does_not_split_over_the_ranks_is_a_config_error():
-    with pytest.raises(ConfigError, match="not divisible by the 3 data-parallel ranks"):
-        plan_batch(32, 16, 3)
-    with pytest.raises(ConfigError, match="train.micro_batch_size=10 does not divide the per-rank batch 24"):
-        plan_batch(48, 10, 2)
+@pytest.mark.parametrize("global_batch, micro, world, expected", [
+    (32, 16, 3, (11, 1)),      # shares 10, 11, 11: one micro-batch of at most 11
+    (4096, 32, 48, (29, 3)),   # 6 nodes x 8 GPUs: shares 85 and 86, in 3 micro-batches of at most 29
+    (48, 10, 2, (8, 3)),       # micro-batches of at most 10 that split 24 evenly
+    (2048, 128, 40, (52, 1))])
+def test_a_global_batch_the_ranks_do_not_divide_is_kept_in_shares_that_differ_by_a_sample(
+        global_batch, micro, world, expected):
+    """Coming back after a preemption on 6 nodes of 8 GPUs, a run of global batch 4096 stopped
+    with a config error: the global batch had to divide over the ranks, and changing it moves the
+    data position by whole epochs and changes the LR. Now the ranks take shares that differ by one
+    sample and the micro-batch is the most a rank runs at once."""
+    plan = plan_batch(global_batch, micro, world)
+    assert (plan.micro_batch_size, plan.accumulation) == expected
+    assert plan.global_batch_size == global_batch and plan.micro_batch_size <= micro
+    assert plan.places >= global_batch > plan.places - plan.accumulation * world
+    assert plan.samples_per_micro_batch == pytest.approx(global_batch / (plan.accumulation * world))
+    assert "(the ranks do not divide it)" in describe_batch(plan, micro) or global_batch % world == 0
+
+
+def test_more_ranks_than_samples_in_a_global_batch_is_a_config_error():
+    with pytest.raises(ConfigError, match="train.global_batch_size=4 is smaller than the 8 data-parallel ranks"):
+        plan_batch(4, 1, 8)
 
 
 def test_activation_checkpointing_recomputes_blocks_and_leaves_gradients_unchanged():

@@ -180,7 +180,7 @@ def test_a_micro_batch_short_of_undecodable_images_weighs_each_of_its_samples_as
                 "index": torch.arange(start, stop)}
     micro_batches = [micro_batch(0, 4), micro_batch(4, 7)]  # one left out
     engine = _AccumulatingEngine(accumulation=2)
-    sums, skipped, overflowed = train_step(engine, micro_batches, 1.0, True, micro_batch_size=4)
+    sums, skipped, overflowed = train_step(engine, micro_batches, 1.0, True, samples_per_micro_batch=4)
     per_sample = normalize(images[:7]).mean(dim=(1, 2, 3))
     assert engine.weight.grad.item() == pytest.approx(per_sample.sum().item() / 8, rel=1e-5)
     assert sums["samples"] == 7 and not skipped and not overflowed
@@ -188,14 +188,19 @@ def test_a_micro_batch_short_of_undecodable_images_weighs_each_of_its_samples_as
     # Whole micro-batches: each loss backpropagated as the model gave it.
     engine = _AccumulatingEngine(accumulation=2)
     micro_batches[1] = micro_batch(4, 8)
-    sums, _, _ = train_step(engine, micro_batches, 1.0, True, micro_batch_size=4)
+    sums, _, _ = train_step(engine, micro_batches, 1.0, True, samples_per_micro_batch=4)
     assert engine.weight.grad.item() == pytest.approx(normalize(images).mean().item(), rel=1e-5)
     assert (sums["loss"] / sums["samples"]).item() == pytest.approx(normalize(images).mean().item(), rel=1e-5)
     # Nothing decoded: the loader's stand-in (one image, no index) runs forward and backward, weighing 0.
     engine = _AccumulatingEngine(accumulation=2)
     micro_batches[1] = dict(micro_batch(4, 5), index=torch.zeros(0, dtype=torch.long))
-    sums, skipped, _ = train_step(engine, micro_batches, 1.0, True, micro_batch_size=4)
+    sums, skipped, _ = train_step(engine, micro_batches, 1.0, True, samples_per_micro_batch=4)
     assert engine.weight.grad.item() == pytest.approx(normalize(images[:4]).mean(dim=(1, 2, 3)).sum().item() / 8,
                                                       rel=1e-5)
     assert sums["samples"] == 4 and not skipped
     assert (sums["loss"] / sums["samples"]).item() == pytest.approx(normalize(images[:4]).mean().item(), rel=1e-5)
+    # A global batch of 7 in micro-batches of 4 and 3 (ranks whose shares differ by a sample):
+    # against 3.5 samples per micro-batch, each of the 7 weighs 1/7, not 1/8 or 1/6.
+    engine = _AccumulatingEngine(accumulation=2)
+    sums, _, _ = train_step(engine, [micro_batch(0, 4), micro_batch(4, 7)], 1.0, True, samples_per_micro_batch=3.5)
+    assert engine.weight.grad.item() == pytest.approx(normalize(images[:7]).mean().item(), rel=1e-5)

@@ -64,7 +64,8 @@ def plan(params: int, epochs: float, dataset: int, gpus: int, rate_per_gpu: floa
     batch = plan_batch(global_batch, micro_batch, gpus)
     accumulation = batch.accumulation
     steps = int(math.ceil(epochs * steps_per_epoch(dataset, global_batch)))
-    compute_s = global_batch / (rate_per_gpu * gpus)
+    # The largest share sets the pace where the GPUs do not divide the global batch (shares differ by one).
+    compute_s = math.ceil(global_batch / gpus) / rate_per_gpu
     comm = comm_bytes_per_step(params, zero, accumulation, gpus)
     bytes_per_s = link_gbps * 1e9 / 8
     comm_s = comm / bytes_per_s
@@ -113,7 +114,7 @@ def main(argv=None) -> int:
         r = plan(count_params(args.arch, args.method), args.epochs, args.dataset_size, args.gpus,
                  args.images_per_sec_per_gpu, args.global_batch, args.micro_batch, args.zero, args.link_gbps,
                  overlap)
-    except (ConfigError, ValueError) as err:  # a batch that does not split, a data set under one batch
+    except (ConfigError, ValueError) as err:  # fewer images per step than GPUs, a data set under one batch
         p.error(str(err))
     print(f"{args.arch} {args.method}: {r['params'] / 1e6:.0f}M trainable parameters, {args.epochs:g} epochs of "
           f"{args.dataset_size} images on {args.gpus} GPUs")

@@ -37,7 +37,7 @@ from ..config import ConfigError  # noqa: E402
 from . import beton_problem  # noqa: E402
 from .ffcv_crop import SeededResizedCropDecoder  # noqa: E402
 from .loader import MaskFn, batch_masks  # noqa: E402
-from .order import rank_indices, steps_per_epoch  # noqa: E402
+from .order import PAD, micro_batch_split, rank_indices, rank_share, steps_per_epoch  # noqa: E402
 
 torch.set_num_threads(_caller_threads)
 
@@ -48,10 +48,12 @@ class _PlannedOrder(TraversalOrder):
     """Base of the orders below. FFCV's Loader accepts a custom order as an instance and
     calls it with itself (`order(loader)`); `start_step` is set before each epoch."""
 
-    def __init__(self, seed: int, global_batch_size: int, rank: int, world_size: int):
-        self.run_seed, self.global_batch_size = seed, global_batch_size
+    def __init__(self, seed: int, global_batch_size: int, micro_batch_size: int, rank: int, world_size: int):
+        self.run_seed, self.global_batch_size, self.micro_batch_size = seed, global_batch_size, micro_batch_size
         self.rank, self.world_size = rank, world_size
-        self.per_rank = global_batch_size // world_size
+        self.share = rank_share(global_batch_size, world_size, rank)
+        size, accumulation = micro_batch_split(global_batch_size, world_size, micro_batch_size)
+        self.places = size * accumulation  # per step: the share, then PAD
         self.start_step = 0
         self.last: Optional[np.ndarray] = None
 
@@ -63,7 +65,8 @@ class _PlannedOrder(TraversalOrder):
 
     def sample_order(self, epoch: int) -> np.ndarray:
         self.last = self.plan(epoch).astype(np.int64)
-        return self.last
+        # FFCV reads every place: one of no sample reads sample 0, which micro_batches leaves out.
+        return np.where(self.last == PAD, 0, self.last)
 
     def plan(self, epoch: int) -> np.ndarray:
         raise NotImplementedError
@@ -72,7 +75,7 @@ class _PlannedOrder(TraversalOrder):
 class ExactOrder(_PlannedOrder):
     def plan(self, epoch: int) -> np.ndarray:
         return rank_indices(self.num_samples, self.run_seed, epoch, self.global_batch_size,
-                            self.rank, self.world_size, self.start_step)
+                            self.rank, self.world_size, self.start_step, self.micro_batch_size)
 
 
 class ShardedQuasiRandomOrder(_PlannedOrder):
@@ -82,8 +85,18 @@ class ShardedQuasiRandomOrder(_PlannedOrder):
         return self
 
     def shard(self, epoch: int) -> np.ndarray:
-        shards = np.array_split(np.arange(self.num_samples, dtype=np.uint64), self.world_size)
-        return shards[(self.rank + epoch) % self.world_size]
+        """This rank's contiguous part of the file this epoch: shard (rank + epoch) mod W."""
+        world, shard = self.world_size, (self.rank + epoch) % self.world_size
+        if self.global_batch_size % world == 0:
+            return np.array_split(np.arange(self.num_samples, dtype=np.uint64), world)[shard]
+        # Shares that differ by a sample: each shard in proportion to the share of the rank that
+        # reads it this epoch, so that it holds at least steps x that share.
+        sizes = [0]
+        for k in range(world):
+            start, stop = rank_share(self.global_batch_size, world, (k - epoch) % world)
+            sizes.append(stop - start)
+        bounds = self.num_samples * np.cumsum(sizes) // self.global_batch_size
+        return np.arange(bounds[shard], bounds[shard + 1], dtype=np.uint64)
 
     def plan(self, epoch: int) -> np.ndarray:
         # QuasiRandom shuffles its page tables in place; rebuilding them for this epoch's
@@ -91,8 +104,11 @@ class ShardedQuasiRandomOrder(_PlannedOrder):
         # is what lets a resumed run on the same world size continue exactly.
         self.quasi.indices = self.shard(epoch)
         self.quasi.prepare_data_structures()
-        order = np.asarray(self.quasi.sample_order(epoch))[: self.steps * self.per_rank]
-        return order[self.start_step * self.per_rank:]
+        start, stop = self.share
+        order = np.asarray(self.quasi.sample_order(epoch))[: self.steps * (stop - start)]
+        by_step = np.full((self.steps, self.places), PAD, dtype=np.int64)
+        by_step[:, : stop - start] = order.reshape(self.steps, stop - start)
+        return by_step[self.start_step:].reshape(-1)
 
 
 def _open_beton(path: Path) -> Reader:
@@ -149,7 +165,7 @@ class FFCVPretrainLoader:
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.mask_fn = mask_fn
         planned = ExactOrder if order == "exact" else ShardedQuasiRandomOrder
-        self.order = planned(seed, global_batch_size, rank, world_size)
+        self.order = planned(seed, global_batch_size, micro_batch_size, rank, world_size)
         self._reading = False  # an epoch's generator is open
 
         self.decoder = SeededResizedCropDecoder((img_size, img_size), seed, scale)
@@ -190,9 +206,16 @@ class FFCVPretrainLoader:
             for images, labels in batches:
                 index = indices[done:done + len(labels)]
                 done += len(labels)
+                masked = index
+                if (index == PAD).any():  # places of no sample are left out, as in loader.PretrainLoader
+                    kept = index != PAD
+                    # With none left, one place stands in (no index: the train step weighs it 0).
+                    rows = kept if kept.any() else torch.arange(len(index)) == 0
+                    images, labels, index, masked = images[rows.to(images.device)], labels[kept], index[kept], \
+                        index[rows].clamp(min=0)
                 # FFCV reuses its output buffers a few batches later: hand out owned tensors.
                 yield {"images": images.clone(memory_format=torch.contiguous_format),
-                       "mask": batch_masks(self.mask_fn, self.seed, epoch, index),
+                       "mask": batch_masks(self.mask_fn, self.seed, epoch, masked),
                        "index": index, "label": labels.to(torch.int64, copy=True)}
             finished = True  # FFCV closed the epoch itself
         finally:

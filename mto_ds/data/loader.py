@@ -3,8 +3,9 @@
 Yields micro-batches as dicts: `images` uint8 [B, 3, S, S], `mask` bool [B, L],
 `index` and `label` int64 [B]. Crops, flips and masks are deterministic from
 (seed, epoch, sample index), so a resumed run sees the same pixels as an uninterrupted one.
-An undecodable image is left out of its micro-batch (B is then one smaller), never replaced; a
-micro-batch with none decoded holds one black stand-in that is no sample (`index` empty).
+An undecodable image is left out of its micro-batch (B is then one smaller), never replaced, and
+so is a place of no sample (order.PAD, where the ranks' shares differ); a micro-batch with none
+decoded holds one black stand-in that is no sample (`index` empty).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .order import rank_indices, sample_rng, steps_per_epoch
+from .order import PAD, rank_indices, sample_rng, steps_per_epoch
 
 MaskFn = Callable[[np.random.Generator], np.ndarray]
 
@@ -74,6 +75,9 @@ class PretrainDataset(Dataset):
         """(pixels uint8 [3, S, S], mask, index, label, decoded). An undecodable image (the source
         has reported it) comes as black pixels with decoded=False; the collate leaves it out."""
         epoch, index = item
+        if index == PAD:  # a place of no sample (order.rank_indices): left out like an undecodable image
+            return (torch.zeros(3, self.img_size, self.img_size, dtype=torch.uint8),
+                    sample_mask(self.mask_fn, self.seed, epoch, 0), index, 0, False)
         mask, label = sample_mask(self.mask_fn, self.seed, epoch, index), self.source.label(index)
         image = self.source.image(index)
         if image is None:
@@ -124,7 +128,7 @@ class PretrainLoader:
 
     def micro_batches(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
         indices = rank_indices(len(self.source), self.seed, epoch, self.global_batch_size,
-                               self.rank, self.world_size, start_step)
+                               self.rank, self.world_size, start_step, self.micro_batch_size)
         items = [(epoch, int(i)) for i in indices]
         batches = [items[i:i + self.micro_batch_size] for i in range(0, len(items), self.micro_batch_size)]
         loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers,

@@ -5,10 +5,20 @@ epoch takes the global batch perm[t*G : (t+1)*G]; data-parallel rank r of W take
 contiguous share of it, split into micro-batches for gradient accumulation. The samples a
 step sees are therefore the same on 1, 2 or 64 ranks, which is what makes resume on another
 world size exact: the data position is just (epoch, step in epoch).
+
+W need not divide G: the shares then differ by one sample (r*G//W to (r+1)*G//W), and every
+rank runs the same number of micro-batch places per step (DeepSpeed accumulates in lockstep),
+its share followed by `PAD` places that hold no sample. The loaders leave those out of their
+micro-batches as they leave out an undecodable image, and the train step weighs each sample
+1/G whatever the size of its micro-batch.
 """
 from __future__ import annotations
 
+from typing import Tuple
+
 import numpy as np
+
+PAD = -1  # a place of a rank's step that holds no sample
 
 
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
@@ -24,16 +34,40 @@ def steps_per_epoch(num_samples: int, global_batch_size: int) -> int:
     return steps
 
 
+def rank_share(global_batch_size: int, world_size: int, rank: int) -> Tuple[int, int]:
+    """[start, stop) of rank `rank`'s samples within each global batch."""
+    if not 0 < world_size <= global_batch_size:
+        raise ValueError(f"a global batch of {global_batch_size} cannot give each of {world_size} ranks a sample")
+    return rank * global_batch_size // world_size, (rank + 1) * global_batch_size // world_size
+
+
+def micro_batch_split(global_batch_size: int, world_size: int, micro_batch_size: int) -> Tuple[int, int]:
+    """(micro-batch size, micro-batches per step) of every rank: the fewest micro-batches of at
+    most `micro_batch_size` that hold the largest share, as equal as whole samples allow."""
+    largest = -(-global_batch_size // world_size)
+    accumulation = -(-largest // min(micro_batch_size, largest))
+    return -(-largest // accumulation), accumulation
+
+
+def micro_batch_starts(global_batch_size: int, world_size: int, micro_batch_size: int) -> Tuple[int, ...]:
+    """Where each micro-batch of a step starts within the global batch: what groups the samples
+    that a per-micro-batch statistic (MTO's L_r) sees together."""
+    size, _ = micro_batch_split(global_batch_size, world_size, micro_batch_size)
+    return tuple(start for rank in range(world_size)
+                 for start in range(*rank_share(global_batch_size, world_size, rank), size))
+
+
 def rank_indices(num_samples: int, seed: int, epoch: int, global_batch_size: int,
-                 rank: int, world_size: int, start_step: int = 0) -> np.ndarray:
-    """The sample indices rank `rank` reads, in order, from step `start_step` to the epoch's end."""
-    if global_batch_size % world_size:
-        raise ValueError(f"global batch {global_batch_size} is not divisible by {world_size} ranks")
-    per_rank = global_batch_size // world_size
+                 rank: int, world_size: int, start_step: int = 0, micro_batch_size: int = 0) -> np.ndarray:
+    """The sample indices rank `rank` reads, in order, from step `start_step` to the epoch's end:
+    per step its share, then PAD up to the step's places (micro_batch_split; 0: one micro-batch)."""
+    start, stop = rank_share(global_batch_size, world_size, rank)
+    size, accumulation = micro_batch_split(global_batch_size, world_size, micro_batch_size or global_batch_size)
     steps = steps_per_epoch(num_samples, global_batch_size)
     perm = epoch_permutation(num_samples, seed, epoch)[: steps * global_batch_size]
-    by_step = perm.reshape(steps, world_size, per_rank)
-    return by_step[start_step:, rank].reshape(-1)
+    by_step = np.full((steps - start_step, size * accumulation), PAD, dtype=np.int64)
+    by_step[:, : stop - start] = perm.reshape(steps, global_batch_size)[start_step:, start:stop]
+    return by_step.reshape(-1)
 
 
 def sample_rng(seed: int, epoch: int, index: int, stream: int) -> np.random.Generator:

@@ -8,28 +8,50 @@ from typing import Dict, List
 from torch import nn
 
 from ..config import Config, ConfigError, read_deepspeed_json
+from ..data.order import micro_batch_split
 from ..models.vit import MTOBlock
 
 
 @dataclass(frozen=True)
 class BatchPlan:
     global_batch_size: int
-    micro_batch_size: int     # per rank
+    micro_batch_size: int     # per rank, at most (a rank's share may leave its last one short)
     accumulation: int         # micro-batches per optimizer step
     world_size: int
 
+    @property
+    def samples_per_micro_batch(self) -> float:
+        """The global batch over all micro-batches of a step: what a micro-batch's loss is
+        weighed against (train_step), so that each sample weighs 1 / global batch."""
+        return self.global_batch_size / (self.accumulation * self.world_size)
+
+    @property
+    def places(self) -> int:
+        """Micro-batch places of a step on all ranks, DeepSpeed's train_batch_size; more than the
+        global batch where the ranks' shares differ (the places beyond a share hold no sample)."""
+        return self.micro_batch_size * self.accumulation * self.world_size
+
 
 def plan_batch(global_batch_size: int, micro_batch_size, world_size: int) -> BatchPlan:
-    """The user's global batch is fixed; accumulation follows from it, the micro-batch and ranks."""
-    if global_batch_size % world_size:
-        raise ConfigError(f"train.global_batch_size={global_batch_size} is not divisible by the "
-                          f"{world_size} data-parallel ranks")
-    per_rank = global_batch_size // world_size
-    micro = min(micro_batch_size or per_rank, per_rank)
-    if per_rank % micro:
-        raise ConfigError(f"train.micro_batch_size={micro} does not divide the per-rank batch {per_rank} "
-                          f"(train.global_batch_size={global_batch_size} over {world_size} ranks)")
-    return BatchPlan(global_batch_size, micro, per_rank // micro, world_size)
+    """The user's global batch is fixed, on any number of ranks up to it: each rank takes its share
+    (they differ by one sample where the ranks do not divide the batch) in the fewest micro-batches
+    of at most train.micro_batch_size (order.micro_batch_split)."""
+    if world_size > global_batch_size:
+        raise ConfigError(f"train.global_batch_size={global_batch_size} is smaller than the {world_size} "
+                          "data-parallel ranks: each rank needs a sample of every step")
+    micro, accumulation = micro_batch_split(global_batch_size, world_size, micro_batch_size or global_batch_size)
+    return BatchPlan(global_batch_size, micro, accumulation, world_size)
+
+
+def describe_batch(batch: BatchPlan, asked_micro_batch_size) -> str:
+    """How the global batch splits over the ranks, for the start's log."""
+    low, high = batch.global_batch_size // batch.world_size, -(-batch.global_batch_size // batch.world_size)
+    shares = f"{high} samples" if low == high else f"{low}-{high} samples (the ranks do not divide it)"
+    text = (f"global batch {batch.global_batch_size} = {batch.world_size} ranks x {shares}, in "
+            f"{batch.accumulation} micro-batch(es) of at most {batch.micro_batch_size}")
+    if asked_micro_batch_size and batch.micro_batch_size < min(asked_micro_batch_size, high):
+        text += f" (train.micro_batch_size={asked_micro_batch_size} does not split {high} evenly)"
+    return text
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
@@ -79,7 +101,7 @@ def deepspeed_config(cfg: Config, batch: BatchPlan) -> dict:
     """The chosen ds_configs/ JSON with the run's batch and optimizer filled in (the LR schedule
     is the trainer's: `learning_rate`)."""
     ds = read_deepspeed_json(cfg)
-    ds["train_batch_size"] = batch.global_batch_size
+    ds["train_batch_size"] = batch.places
     ds["train_micro_batch_size_per_gpu"] = batch.micro_batch_size
     ds["gradient_accumulation_steps"] = batch.accumulation
     optimizer = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})

@@ -29,6 +29,7 @@ from typing import Optional
 import yaml
 
 from ..config import ConfigError, flatten_config
+from ..data.order import micro_batch_starts
 from .builder import learning_rate
 from .storage import atomic_write
 
@@ -216,6 +217,14 @@ def _position_shift(saved: dict, now: dict, repeat: str) -> str:
     return f"{where}; {repeat}"
 
 
+def _micro_batches_differ(saved: dict, now: dict) -> bool:
+    """Whether the micro-batches of a step group the global batch's samples otherwise."""
+    if "global_batch_size" not in saved:  # a checkpoint from before shares could differ by a sample
+        return saved.get("micro_batch_size", now["micro_batch_size"]) != now["micro_batch_size"]
+    return (micro_batch_starts(saved["global_batch_size"], saved["world_size"], saved["micro_batch_size"])
+            != micro_batch_starts(now["global_batch_size"], now["world_size"], now["micro_batch_size"]))
+
+
 def resume_warnings(saved: dict, now: dict) -> list:
     """Why this run cannot continue the saved one exactly (the rest of the current epoch's samples,
     or the objective itself): one message per reason, empty when it can. `saved` and `now` are
@@ -235,11 +244,13 @@ def resume_warnings(saved: dict, now: dict) -> list:
     if changed("seed"):
         messages.append(f"run.seed was {saved['seed']}, now {now['seed']}: the sample order and masks "
                         f"change, and {repeat}")
-    if now.get("hinge_on_micro_batch") and changed("micro_batch_size"):
-        messages.append(f"train.micro_batch_size was {saved['micro_batch_size']}, now {now['micro_batch_size']}: "
-                        f"MTO's L_r is a hinge on each micro-batch's heterogeneity, so the objective "
-                        f"differs from the saved run's (set train.micro_batch_size="
-                        f"{saved['micro_batch_size']} to continue it exactly; docs/MTO.md, section 4)")
+    if now.get("hinge_on_micro_batch") and _micro_batches_differ(saved, now):
+        messages.append(f"the micro-batches were {saved['micro_batch_size']} samples on {saved['world_size']} "
+                        f"ranks, now {now['micro_batch_size']} on {now['world_size']}, and group the global "
+                        f"batch's samples otherwise: MTO's L_r is a hinge on each micro-batch's "
+                        f"heterogeneity, so the objective differs from the saved run's (a number of ranks "
+                        f"that divides the global batch, with train.micro_batch_size="
+                        f"{saved['micro_batch_size']}, continues it exactly; docs/MTO.md, section 4)")
     if changed("schedule"):
         names = {"total_steps": "total steps", "warmup_steps": "warm-up steps", "peak_lr": "peak LR",
                  "min_lr_ratio": "train.min_lr_ratio"}

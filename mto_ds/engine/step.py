@@ -46,8 +46,8 @@ def weights_finite(module: torch.nn.Module, device: torch.device) -> bool:
     return _true_on_every_rank(torch.stack([torch.isfinite(t).all() for t in tensors if t.numel()]).all(), device)
 
 
-def train_step(engine, micro_batches: List[dict], mto_scale: float, with_stats: bool, micro_batch_size: int,
-               poison: bool = False, poison_gradient: bool = False):
+def train_step(engine, micro_batches: List[dict], mto_scale: float, with_stats: bool,
+               samples_per_micro_batch: float, poison: bool = False, poison_gradient: bool = False):
     """Forward (MIM + MTO terms), engine.backward and engine.step for each micro-batch.
 
     DeepSpeed accumulates gradients and steps the optimizer at the last micro-batch. A
@@ -55,11 +55,12 @@ def train_step(engine, micro_batches: List[dict], mto_scale: float, with_stats: 
     backward runs on zero-weighted clean inputs and the step's learning rate is 0 (the
     optimizer still counts the step: its moment estimates decay, fed by the gradients of the
     step's finite micro-batches, if any).
-    A micro-batch short of `micro_batch_size` (undecodable images left out) backpropagates its
-    loss, a mean over its samples, times its share of a full one (0 for the stand-in of one with
-    none decoded): DeepSpeed divides every
-    micro-batch's loss by the accumulation and averages the ranks, so each decoded sample of the
-    step weighs 1 / global batch, as if a missing one contributed zero.
+    Each micro-batch backpropagates its loss, a mean over its samples, times its samples over
+    `samples_per_micro_batch` (global batch / (accumulation x ranks); BatchPlan): DeepSpeed
+    divides every micro-batch's loss by the accumulation and averages the ranks, so each sample
+    of the step weighs 1 / global batch. That holds for a micro-batch short of undecodable
+    images (as if a missing one contributed zero), for the stand-in of one with none decoded
+    (0), and for ranks whose shares differ by a sample (order.rank_share).
     `poison` (fault injection) makes this rank's loss NaN, `poison_gradient` its gradient.
     Returns (the logged outputs summed over this rank's samples, only with `with_stats`, and
     always their count as "samples": summed over ranks, the one over the other is the mean over
@@ -84,7 +85,8 @@ def train_step(engine, micro_batches: List[dict], mto_scale: float, with_stats: 
         # Read only on logged steps (with_stats): other steps queue no work for them.
         logged = {key: out[key].detach().float() * size for key in LOGGED} if with_stats else {}
         if _all_finite(out["loss"]):
-            engine.backward(out["loss"] if size == micro_batch_size else out["loss"] * (size / micro_batch_size))
+            weight = size / samples_per_micro_batch
+            engine.backward(out["loss"] if weight == 1 else out["loss"] * weight)
         else:
             skipped = True
             del out  # its graph goes before the stand-in forward instead of doubling activation memory

@@ -18,7 +18,7 @@ from ..models import create_mim_model, mask_fn_for
 from ..mto.fused_attention import fused_kernel_available
 from ..mto.plan import STATS_WITH_GRADIENTS
 from ..mto.state import MTOState
-from .builder import (BatchPlan, deepspeed_config, learning_rate, mark_zero3_leaf_blocks, param_groups, peak_lr,
+from .builder import (BatchPlan, deepspeed_config, describe_batch, learning_rate, mark_zero3_leaf_blocks, param_groups, peak_lr,
                       plan_batch, precision, schedule_steps, zero_stage)
 from .checkpoint import Checkpointer, job_identity
 from .distributed import DistInfo, agree, check_shared_directory, differing_from_rank_0, init_distributed
@@ -163,8 +163,8 @@ class Trainer:
         self.trace = SampleTrace(self.run_dir, self.dist.rank, self.dist.world_size)
         self.telemetry = Telemetry(self.run_dir, self.dist.rank == 0, self.total_steps, self.global_step,
                                    cfg.run.progress_bar)
-        log.info("world %d, batch %s, %d steps/epoch, %d steps in all, ZeRO-%d, %s",
-                 self.dist.world_size, self.batch, self.steps_per_epoch, self.total_steps,
+        log.info("%s, %d steps/epoch, %d steps in all, ZeRO-%d, %s",
+                 describe_batch(self.batch, cfg.train.micro_batch_size), self.steps_per_epoch, self.total_steps,
                  zero_stage(self.ds_config), precision(self.ds_config))
 
     # --- checkpoints -------------------------------------------------------------------
@@ -203,7 +203,8 @@ class Trainer:
                     "min_lr_ratio": self.cfg.train.min_lr_ratio}
         return {"steps_per_epoch": self.steps_per_epoch, "num_samples": self.loader.num_samples,
                 "seed": self.cfg.run.seed, "order": self.cfg.data.order,  # quasi_random: ffcv only (config)
-                "world_size": self.dist.world_size, "micro_batch_size": self.batch.micro_batch_size,
+                "global_batch_size": self.batch.global_batch_size, "world_size": self.dist.world_size,
+                "micro_batch_size": self.batch.micro_batch_size,
                 "hinge_on_micro_batch": self._l_r_active(), "schedule": schedule}
 
     def _l_r_active(self) -> bool:
@@ -342,7 +343,7 @@ class Trainer:
         self.trace.record(step, micro_batches)
         try:
             sums, skipped, overflowed = train_step(self.engine, micro_batches, self.mto_state.loss_scale, log_now,
-                                                   self.batch.micro_batch_size,
+                                                   self.batch.samples_per_micro_batch,
                                                    poison=self.faults.nan_loss(step, self.dist.rank),
                                                    poison_gradient=self.faults.nan_gradient(step, self.dist.rank))
         except Exception as err:
