@@ -363,3 +363,10 @@ def test_a_rank_whose_share_leaves_a_micro_batch_place_empty_gets_a_stand_in_tha
     assert stand_in["mask"].shape == (1, PATCHES) and len(stand_in["label"]) == 0
     samples = torch.cat([b["index"] for batches in first_step for b in batches]).numpy()
     assert np.array_equal(samples, rank_indices(40, 0, 1, 8, 0, 1)[:8])
+    # A micro-batch size that does not split a share evenly is the plan's (at most the one asked):
+    # 4 per rank in micro-batches of at most 3 are 2 of 2, never one that runs into the next step.
+    loader = PretrainLoader(source, img_size=32, scale=(0.5, 1.0), seed=0, global_batch_size=8,
+                            micro_batch_size=3, rank=0, world_size=2, mask_fn=mask_fn)
+    batches = [b["index"].tolist() for b in loader.micro_batches(1)]
+    assert [len(b) for b in batches] == [2] * 10
+    assert sum(batches[:2], []) == rank_indices(40, 0, 1, 8, 0, 2)[:4].tolist()

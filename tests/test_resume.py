@@ -211,7 +211,7 @@ def test_fp16_run_resumed_on_another_world_size_keeps_its_dynamic_loss_scale(tmp
 def test_resume_warnings_name_each_change_that_breaks_an_exact_continuation():
     from mto_ds.engine.run_dir import resume_warnings
     plan = {"steps_per_epoch": 8, "num_samples": 256, "seed": 0, "order": "exact",
-            "world_size": 2, "micro_batch_size": 16}
+            "global_batch_size": 32, "world_size": 2, "micro_batch_size": 16}
     elastic = dict(plan, world_size=1, micro_batch_size=32)
     assert resume_warnings(plan, elastic) == []            # exact order: any world size
     assert resume_warnings({"global_step": 3}, plan) == []  # a checkpoint older than the keys
@@ -239,14 +239,18 @@ def test_resume_warnings_name_each_change_that_breaks_an_exact_continuation():
     (message,) = resume_warnings(with_l_r, dict(with_l_r, world_size=1, micro_batch_size=32))
     assert message.startswith("the micro-batches were 16 samples on 2 ranks, now 32 on 1, and group the global "
                               "batch's samples otherwise: MTO's L_r is a hinge on each micro-batch")
-    assert "with train.micro_batch_size=16, continues it exactly" in message
-    # With the global batch saved, what counts is which samples share a micro-batch: 3 ranks with
-    # the same micro-batch size cut the global batch of 32 elsewhere (shares of 10, 11, 11).
-    with_batch = dict(with_l_r, global_batch_size=32)
-    assert resume_warnings(with_batch, dict(with_batch, world_size=1)) == []
-    assert resume_warnings(with_batch, dict(with_batch, world_size=4, micro_batch_size=8)) != []
-    (message,) = resume_warnings(with_batch, dict(with_batch, world_size=3, micro_batch_size=11))
+    assert "(2 ranks with train.micro_batch_size=16 continue it exactly" in message
+    # What counts is which samples share a micro-batch: 3 ranks cut the global batch of 32
+    # elsewhere (shares of 10, 11, 11).
+    assert resume_warnings(with_l_r, dict(with_l_r, world_size=4, micro_batch_size=8)) != []
+    (message,) = resume_warnings(with_l_r, dict(with_l_r, world_size=3, micro_batch_size=11))
     assert message.startswith("the micro-batches were 16 samples on 2 ranks, now 11 on 3")
+    # A checkpoint from before the global batch was saved (its ranks divided it): 4 ranks x 2
+    # regroup on 5 ranks (shares 6, 6, 7, 6, 7) at the same micro-batch size of 2.
+    old = {key: value for key, value in dict(with_l_r, world_size=4, micro_batch_size=2).items()
+           if key != "global_batch_size"}
+    assert resume_warnings(old, dict(with_l_r, world_size=5, micro_batch_size=2)) != []
+    assert resume_warnings(old, dict(with_l_r, world_size=2, micro_batch_size=2)) == []
     assert resume_warnings(plan, elastic) == []  # without L_r the micro-batch size changes nothing
     assert [m.split(":")[0] for m in resume_warnings(plan, dict(grown, seed=4))] == [
         "the checkpoint was saved with 256 samples and 8 steps per epoch, this run has 300 and 9 (another "

@@ -58,7 +58,7 @@ def comm_bytes_per_step(params: int, zero: int, accumulation: int, gpus: int, by
 def plan(params: int, epochs: float, dataset: int, gpus: int, rate_per_gpu: float, global_batch: int,
          micro_batch: int, zero: int, link_gbps: float, overlap_comm=None) -> dict:
     """The plan's figures; overlap_comm None: as the shipped config of the stage has it."""
-    # The trainer's own rule (a ConfigError names a batch that does not split over the GPUs).
+    # The trainer's own rule (a ConfigError names more GPUs than images in a global batch).
     from mto_ds.data.order import steps_per_epoch
     from mto_ds.engine.builder import plan_batch
     batch = plan_batch(global_batch, micro_batch, gpus)
@@ -121,8 +121,8 @@ def main(argv=None) -> int:
     print(f"  optimizer steps        {r['steps']} (global batch {args.global_batch}: micro-batch {r['micro_batch']} "
           f"per GPU, accumulation {r['accumulation']})")
     if r["micro_batch"] != args.micro_batch:
-        print(f"  note: {args.global_batch} images over {args.gpus} GPUs leave {r['micro_batch']} per GPU, not "
-              f"{args.micro_batch}: measure the rate at that micro-batch")
+        print(f"  note: {args.global_batch} images over {args.gpus} GPUs run in micro-batches of at most "
+              f"{r['micro_batch']}, not {args.micro_batch}: measure the rate at that micro-batch")
     print(f"  compute per step       {r['compute_s_per_step'] * 1e3:.0f} ms at {args.images_per_sec_per_gpu:g} images/s/GPU")
     print(f"  ZeRO-{args.zero} traffic per step {r['comm_gb_per_step']:.2f} GB per GPU -> "
           f"{r['comm_s_per_step'] * 1e3:.0f} ms at {args.link_gbps:g} Gb/s ({100 * r['comm_to_compute']:.0f}% of compute)")

@@ -162,6 +162,8 @@ class FFCVPretrainLoader:
             raise ConfigError(f"bad value for 'data.path': {path} lacks the field(s) {sorted(missing)}; it has "
                               f"{fields} (make it with tools/make_ffcv.py)")
         self.seed = seed
+        # The plan's micro-batch (at most the one asked), so that micro-batches never straddle steps.
+        micro_batch_size, _ = micro_batch_split(global_batch_size, world_size, micro_batch_size)
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.mask_fn = mask_fn
         planned = ExactOrder if order == "exact" else ShardedQuasiRandomOrder
@@ -207,12 +209,12 @@ class FFCVPretrainLoader:
                 index = indices[done:done + len(labels)]
                 done += len(labels)
                 masked = index
-                if (index == PAD).any():  # places of no sample are left out, as in loader.PretrainLoader
-                    kept = index != PAD
-                    # With none left, one place stands in (no index: the train step weighs it 0).
-                    rows = kept if kept.any() else torch.arange(len(index)) == 0
-                    images, labels, index, masked = images[rows.to(images.device)], labels[kept], index[kept], \
-                        index[rows].clamp(min=0)
+                if index[-1] == PAD:  # places of no sample, the micro-batch's last: left out as in loader.py
+                    kept = int((index != PAD).sum())
+                    # With none left, one place stands in (no index: the train step weighs it 0). A slice,
+                    # not a boolean mask: on a GPU that would wait for the copy.
+                    images, labels, index, masked = images[:max(kept, 1)], labels[:kept], index[:kept], \
+                        index[:max(kept, 1)].clamp(min=0)
                 # FFCV reuses its output buffers a few batches later: hand out owned tensors.
                 yield {"images": images.clone(memory_format=torch.contiguous_format),
                        "mask": batch_masks(self.mask_fn, self.seed, epoch, masked),

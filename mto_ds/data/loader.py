@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .order import PAD, rank_indices, sample_rng, steps_per_epoch
+from .order import PAD, micro_batch_split, rank_indices, sample_rng, steps_per_epoch
 
 MaskFn = Callable[[np.random.Generator], np.ndarray]
 
@@ -115,6 +115,8 @@ class PretrainLoader:
                  mask_fn: MaskFn, num_workers: int = 0):
         self.source = source
         self.dataset = PretrainDataset(source, img_size, scale, seed, mask_fn)
+        # The plan's micro-batch (at most the one asked), so that micro-batches never straddle steps.
+        micro_batch_size, _ = micro_batch_split(global_batch_size, world_size, micro_batch_size)
         self.seed, self.global_batch_size, self.micro_batch_size = seed, global_batch_size, micro_batch_size
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
 

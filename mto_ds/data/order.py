@@ -43,9 +43,10 @@ def rank_share(global_batch_size: int, world_size: int, rank: int) -> Tuple[int,
 
 def micro_batch_split(global_batch_size: int, world_size: int, micro_batch_size: int) -> Tuple[int, int]:
     """(micro-batch size, micro-batches per step) of every rank: the fewest micro-batches of at
-    most `micro_batch_size` that hold the largest share, as equal as whole samples allow."""
+    most `micro_batch_size` (None or 0: the whole share) that hold the largest share, each of
+    ceil(largest share / their number) places."""
     largest = -(-global_batch_size // world_size)
-    accumulation = -(-largest // min(micro_batch_size, largest))
+    accumulation = -(-largest // min(micro_batch_size or largest, largest))
     return -(-largest // accumulation), accumulation
 
 
@@ -62,7 +63,7 @@ def rank_indices(num_samples: int, seed: int, epoch: int, global_batch_size: int
     """The sample indices rank `rank` reads, in order, from step `start_step` to the epoch's end:
     per step its share, then PAD up to the step's places (micro_batch_split; 0: one micro-batch)."""
     start, stop = rank_share(global_batch_size, world_size, rank)
-    size, accumulation = micro_batch_split(global_batch_size, world_size, micro_batch_size or global_batch_size)
+    size, accumulation = micro_batch_split(global_batch_size, world_size, micro_batch_size)
     steps = steps_per_epoch(num_samples, global_batch_size)
     perm = epoch_permutation(num_samples, seed, epoch)[: steps * global_batch_size]
     by_step = np.full((steps - start_step, size * accumulation), PAD, dtype=np.int64)

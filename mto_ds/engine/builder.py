@@ -39,7 +39,7 @@ def plan_batch(global_batch_size: int, micro_batch_size, world_size: int) -> Bat
     if world_size > global_batch_size:
         raise ConfigError(f"train.global_batch_size={global_batch_size} is smaller than the {world_size} "
                           "data-parallel ranks: each rank needs a sample of every step")
-    micro, accumulation = micro_batch_split(global_batch_size, world_size, micro_batch_size or global_batch_size)
+    micro, accumulation = micro_batch_split(global_batch_size, world_size, micro_batch_size)
     return BatchPlan(global_batch_size, micro, accumulation, world_size)
 
 

@@ -219,9 +219,12 @@ def _position_shift(saved: dict, now: dict, repeat: str) -> str:
 
 def _micro_batches_differ(saved: dict, now: dict) -> bool:
     """Whether the micro-batches of a step group the global batch's samples otherwise."""
-    if "global_batch_size" not in saved:  # a checkpoint from before shares could differ by a sample
-        return saved.get("micro_batch_size", now["micro_batch_size"]) != now["micro_batch_size"]
-    return (micro_batch_starts(saved["global_batch_size"], saved["world_size"], saved["micro_batch_size"])
+    if "micro_batch_size" not in saved:  # a checkpoint older than the key
+        return False
+    # A checkpoint from before the global batch was saved: its ranks divided it; where the global
+    # batch changed, the data-position warning says so.
+    global_batch = saved.get("global_batch_size", now["global_batch_size"])
+    return (micro_batch_starts(global_batch, saved["world_size"], saved["micro_batch_size"])
             != micro_batch_starts(now["global_batch_size"], now["world_size"], now["micro_batch_size"]))
 
 
@@ -248,9 +251,9 @@ def resume_warnings(saved: dict, now: dict) -> list:
         messages.append(f"the micro-batches were {saved['micro_batch_size']} samples on {saved['world_size']} "
                         f"ranks, now {now['micro_batch_size']} on {now['world_size']}, and group the global "
                         f"batch's samples otherwise: MTO's L_r is a hinge on each micro-batch's "
-                        f"heterogeneity, so the objective differs from the saved run's (a number of ranks "
-                        f"that divides the global batch, with train.micro_batch_size="
-                        f"{saved['micro_batch_size']}, continues it exactly; docs/MTO.md, section 4)")
+                        f"heterogeneity, so the objective differs from the saved run's ({saved['world_size']} "
+                        f"ranks with train.micro_batch_size={saved['micro_batch_size']} continue it exactly; "
+                        f"docs/MTO.md, section 4)")
     if changed("schedule"):
         names = {"total_steps": "total steps", "warmup_steps": "warm-up steps", "peak_lr": "peak LR",
                  "min_lr_ratio": "train.min_lr_ratio"}
