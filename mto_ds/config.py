@@ -161,7 +161,7 @@ class EvalConfig:
     batch_size: int = 128                    # per rank, feature extraction
     linear_epochs: int = 100
     linear_lr: float = 1e-2
-    finetune_batch_size: int = 64            # per rank
+    finetune_batch_size: int = 64            # global, split over the ranks
     finetune_lr: float = 1e-3
     finetune_layer_decay: float = 0.75
     # Root of the labelled train/ and val/ ImageFolders to evaluate on, whatever data.source; null:

@@ -8,6 +8,7 @@ import torch.multiprocessing as mp
 
 from mto_ds.config import load_config
 from mto_ds.eval import evaluate, extract_features, finetune_top1
+from mto_ds.eval.finetune import finetune
 from mto_ds.eval.datasets import build_eval_sets
 from mto_ds.models import create_encoder
 
@@ -26,9 +27,12 @@ def _everything(cfg):
     encoder = _encoder()
     train, val = build_eval_sets(cfg)
     features, labels = extract_features(encoder, val, torch.device("cpu"), batch_size=4)
+    # A global batch of 7: shares of 3 and 4 on 2 ranks.
+    tuned = finetune(encoder, train, 4, torch.device("cpu"), epochs=2, batch_size=7)
     return {"features": features.tolist(), "labels": labels.tolist(),
             **evaluate(encoder, cfg, torch.device("cpu")),
-            "finetune_top1": finetune_top1(encoder, train, val, 4, torch.device("cpu"), epochs=1, batch_size=8)}
+            "finetune_top1": finetune_top1(encoder, train, val, 4, torch.device("cpu"), epochs=1, batch_size=8),
+            "finetuned": torch.cat([p.detach().flatten() for p in tuned.parameters()]).tolist()}
 
 
 def _rank_main(rank: int, init_file: str, out_dir: str) -> None:
@@ -54,4 +58,8 @@ def test_two_ranks_gather_features_in_order_and_agree_with_one_process(tmp_path)
     assert torch.allclose(torch.tensor(ranks[0]["features"]), torch.tensor(single["features"]), atol=1e-5)
     assert ranks[0]["knn_top1"] == single["knn_top1"]
     assert ranks[0]["linear_top1"] == pytest.approx(single["linear_top1"], abs=100 / 23 + 1e-6)
-    assert 0.0 <= ranks[0]["finetune_top1"] <= 100.0
+    assert ranks[0]["finetune_top1"] == pytest.approx(single["finetune_top1"], abs=100 / 23 + 1e-6)
+    # The fine-tune's global batch is split over the ranks, each sample weighing 1/batch: 2 ranks
+    # train the weights one process does (before, the batch was per rank: twice the batch, half
+    # the steps, another result on every number of ranks).
+    assert torch.allclose(torch.tensor(ranks[0]["finetuned"]), torch.tensor(single["finetuned"]), atol=1e-5)

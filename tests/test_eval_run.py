@@ -76,9 +76,14 @@ def test_run_eval_on_a_saved_encoder_reports_knn_linear_and_finetune(tmp_path):
     torch.manual_seed(2)
     torch.save(create_encoder("vit_tiny_patch16", img_size=32).state_dict(), tmp_path / "encoder.pt")
     cfg = load_config(None, COMMON + ["data.synthetic_images=64", "data.synthetic_classes=4",
-                                      "eval.num_train=32", "eval.num_val=16"])
+                                      "eval.num_train=32", "eval.num_val=16", "eval.finetune_batch_size=16"])
     result = run_eval(cfg, str(tmp_path / "encoder.pt"), finetune_epochs=1, device=torch.device("cpu"))
     assert set(result) == {"knn_top1", "linear_top1", "finetune_top1"}
+    # A fine-tune batch larger than the training images is refused before the probes run.
+    cfg = load_config(None, COMMON + ["data.synthetic_images=64", "data.synthetic_classes=4",
+                                      "eval.num_train=32", "eval.num_val=16"])
+    with pytest.raises(ValueError, match="eval.finetune_batch_size=64 is more than the 32 training images"):
+        run_eval(cfg, str(tmp_path / "encoder.pt"), finetune_epochs=1, device=torch.device("cpu"))
     assert all(0.0 <= v <= 100.0 for v in result.values())
     json.dumps(result)  # what the CLI and final_eval.json write
 

@@ -27,7 +27,7 @@ from typing import Callable, List, Tuple, Union
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from mto_ds.data import normalize
 
@@ -98,8 +98,14 @@ def sharded_batches(dataset: Dataset, positions: List[int], batch_size: int,
     K items that decoded, and `kept` bool [B] marking which of the batch's B positions they are.
     A batch where nothing decoded holds one black stand-in image (kept all False): every rank
     still runs the same number of forwards, which are collectives under ZeRO-3 and DDP."""
-    return DataLoader(Subset(dataset, positions), batch_size=batch_size, shuffle=False,
-                      num_workers=num_workers, collate_fn=functools.partial(_collate, image_size=dataset.img_size))
+    return batches_of(dataset, [positions[i:i + batch_size] for i in range(0, len(positions), batch_size)],
+                      num_workers)
+
+
+def batches_of(dataset: Dataset, batches: List[List[int]], num_workers: int = 0) -> DataLoader:
+    """`sharded_batches` for batches given as lists of positions, of any sizes."""
+    return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
+                      collate_fn=functools.partial(_collate, image_size=dataset.img_size))
 
 
 def _collate(items, image_size: int):

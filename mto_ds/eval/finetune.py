@@ -5,8 +5,9 @@ the pooled tokens, AdamW with layer-wise
 learning-rate decay (block i of L gets lr * decay^(L + 1 - i), so early blocks move
 least), no weight decay on biases, norms and position/class tokens, linear warm-up then
 cosine, label smoothing 0.1, random horizontal flips. It trains a copy, so the encoder
-passed in is left as it was. Across ranks it is data-parallel (DDP over shards of a seeded
-per-epoch permutation); the validation accuracy is gathered over all ranks. An undecodable
+passed in is left as it was. Across ranks it is data-parallel (DDP, each rank a share of every
+global batch of a seeded per-epoch permutation), with the result of one process on any number of
+ranks; the validation accuracy is gathered over all ranks. An undecodable
 image is left out of its batch, in training and validation alike (features.py).
 """
 from __future__ import annotations
@@ -21,8 +22,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from mto_ds.data import normalize
+from mto_ds.data.order import rank_share
 
-from .features import (DROPPED, at_positions, autocast, gather_kept, pool_tokens, rank_and_world,
+from .features import (DROPPED, at_positions, autocast, batches_of, gather_kept, pool_tokens, rank_and_world,
                        shard_positions, sharded_batches, top1_accuracy)
 
 
@@ -69,10 +71,9 @@ def layer_decay_groups(model: PooledClassifier, weight_decay: float, layer_decay
     return list(groups.values())
 
 
-def _flip_some(images: torch.Tensor, kept: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    # One draw per position of the batch, decoded or not: the generator, which also draws each
-    # epoch's permutation, must stay in step on every rank.
-    flip = torch.rand(kept.numel(), generator=generator) < 0.5
+def _flip_some(images: torch.Tensor, kept: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Mirror the images whose position's `flip` is set: `flip` [B] covers the batch's positions,
+    decoded or not, `images` [K] the kept ones (one stand-in where none is)."""
     flip = (flip[kept] if kept.any() else flip[:1]).to(images.device)
     return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
 
@@ -82,29 +83,70 @@ def finetune_top1(encoder: nn.Module, train_set: Dataset, val_set: Dataset, num_
                   lr: float = 1e-3, layer_decay: float = 0.75, weight_decay: float = 0.05,
                   warmup_fraction: float = 0.1, label_smoothing: float = 0.1, seed: int = 0,
                   num_workers: int = 0) -> float:
-    """Top-1 accuracy in [0, 100] on `val_set` after fine-tuning a copy of `encoder` on `train_set`.
+    """Top-1 accuracy in [0, 100] on `val_set` after fine-tuning a copy of `encoder` on `train_set`
+    (`finetune`); `batch_size` is the global batch, and per rank the batch of the validation."""
+    device = torch.device(device)
+    model = finetune(encoder, train_set, num_classes, device, epochs=epochs, pooling=pooling,
+                     batch_size=batch_size, lr=lr, layer_decay=layer_decay, weight_decay=weight_decay,
+                     warmup_fraction=warmup_fraction, label_smoothing=label_smoothing, seed=seed,
+                     num_workers=num_workers)
+    rank, world_size = rank_and_world()
+    model.eval()
+    predictions, targets = [], []
+    with torch.no_grad():
+        for images, labels, kept in sharded_batches(val_set, shard_positions(len(val_set), rank, world_size),
+                                                    batch_size, num_workers):
+            with autocast(device):
+                predictions.append(at_positions(model(normalize(images, device)).argmax(dim=1), kept))
+            targets.append(at_positions(labels.to(device), kept, DROPPED))
+    return top1_accuracy(*gather_kept(torch.cat(predictions), torch.cat(targets), len(val_set)))
 
-    `batch_size` is per rank; `encoder` is a plain module (under ZeRO-3, pass a gathered copy).
+
+def check_batch(num_train: int, batch_size: int) -> None:
+    """A ValueError naming eval.finetune_batch_size where it cannot be a fine-tune's global batch."""
+    world_size = rank_and_world()[1]
+    if num_train < batch_size:
+        raise ValueError(f"eval.finetune_batch_size={batch_size} is more than the {num_train} training images of "
+                         "the evaluation: each step takes a whole batch (the last partial one is dropped)")
+    if world_size > batch_size:
+        raise ValueError(f"eval.finetune_batch_size={batch_size} is smaller than the {world_size} ranks: each rank "
+                         "needs a sample of every batch")
+
+
+def finetune(encoder: nn.Module, train_set: Dataset, num_classes: int, device: torch.device, *, epochs: int,
+             pooling: str = "mean", batch_size: int = 64, lr: float = 1e-3, layer_decay: float = 0.75,
+             weight_decay: float = 0.05, warmup_fraction: float = 0.1, label_smoothing: float = 0.1,
+             seed: int = 0, num_workers: int = 0) -> PooledClassifier:
+    """A copy of `encoder` with a linear head, fine-tuned on `train_set`; `encoder` is a plain
+    module (under ZeRO-3, pass a gathered copy).
+
+    `batch_size` is the global batch: each step takes the next `batch_size` samples of the epoch's
+    seeded permutation (the last partial batch is dropped, as MAE's loader does) and rank r of W
+    their share r*B//W to (r+1)*B//W, with the flips drawn for the whole batch; each rank's loss
+    counts its decoded samples times W / B, so each sample weighs 1/B (DDP averages the ranks).
+    The result is therefore that of one process, whatever the number of ranks, up to the order
+    of floating-point sums.
     """
     if epochs <= 0:
         raise ValueError(f"epochs must be positive, got {epochs}")
+    check_batch(len(train_set), batch_size)
+    steps_per_epoch = len(train_set) // batch_size
     device = torch.device(device)
     # Seeded for the head init (and anything stochastic an encoder passed in may hold), without
     # disturbing the caller's random state.
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        return _finetune(encoder, train_set, val_set, num_classes, device, epochs=epochs, pooling=pooling,
-                         batch_size=batch_size, lr=lr, layer_decay=layer_decay, weight_decay=weight_decay,
-                         warmup_fraction=warmup_fraction, label_smoothing=label_smoothing, seed=seed,
-                         num_workers=num_workers)
+        return _train(PooledClassifier(copy.deepcopy(encoder), num_classes, pooling).to(device), train_set, device,
+                      epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size, lr=lr,
+                      layer_decay=layer_decay, weight_decay=weight_decay, warmup_fraction=warmup_fraction,
+                      label_smoothing=label_smoothing, seed=seed, num_workers=num_workers)
 
 
-def _finetune(encoder, train_set, val_set, num_classes, device, *, epochs, pooling, batch_size, lr,
-              layer_decay, weight_decay, warmup_fraction, label_smoothing, seed, num_workers) -> float:
+def _train(model, train_set, device, *, epochs, steps_per_epoch, batch_size, lr, layer_decay, weight_decay,
+           warmup_fraction, label_smoothing, seed, num_workers) -> PooledClassifier:
     rank, world_size = rank_and_world()
-    model = PooledClassifier(copy.deepcopy(encoder), num_classes, pooling).to(device)
-    groups = layer_decay_groups(model, weight_decay, layer_decay)
-    optimizer = torch.optim.AdamW(groups, lr=lr)
+    start, stop = rank_share(batch_size, world_size, rank)
+    optimizer = torch.optim.AdamW(layer_decay_groups(model, weight_decay, layer_decay), lr=lr)
     trained = model
     if world_size > 1:
         device_ids = [device.index if device.index is not None else torch.cuda.current_device()] \
@@ -112,39 +154,28 @@ def _finetune(encoder, train_set, val_set, num_classes, device, *, epochs, pooli
         trained = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
     generator = torch.Generator().manual_seed(seed)
-    per_rank = -(-len(train_set) // world_size)
-    steps_per_epoch = math.ceil(per_rank / batch_size)
     total_steps, warmup_steps = epochs * steps_per_epoch, int(warmup_fraction * epochs * steps_per_epoch)
     step = 0
     model.train()
     for _ in range(epochs):
-        # The same permutation on every rank (same generator state); each takes its shard of it.
+        # The same permutation on every rank (same generator state); each takes its share of each batch.
         order = torch.randperm(len(train_set), generator=generator).tolist()
-        positions = [order[p] for p in shard_positions(len(train_set), rank, world_size)]
-        for images, labels, kept in sharded_batches(train_set, positions, batch_size, num_workers):
+        shares = [order[s * batch_size + start:s * batch_size + stop] for s in range(steps_per_epoch)]
+        for images, labels, kept in batches_of(train_set, shares, num_workers):
             if step < warmup_steps:
                 scale = (step + 1) / warmup_steps
             else:
                 scale = 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
             for group in optimizer.param_groups:
                 group["lr"] = lr * scale * group["lr_scale"]
-            images = _flip_some(normalize(images, device), kept, generator)
+            flip = torch.rand(batch_size, generator=generator) < 0.5  # the whole batch's, on every rank
+            images = _flip_some(normalize(images, device), kept, flip[start:stop])
             with autocast(device):
                 logits = trained(images)
             loss = F.cross_entropy(logits.float(), labels.to(device), label_smoothing=label_smoothing)
-            if not kept.any():  # the stand-in of a batch where nothing decoded: in step with DDP, no gradient
-                loss = loss * 0
+            weight = int(kept.sum()) * world_size / batch_size  # 0 for the stand-in of a batch with none decoded
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss if weight == 1 else loss * weight).backward()
             optimizer.step()
             step += 1
-
-    model.eval()
-    positions = shard_positions(len(val_set), rank, world_size)
-    predictions, targets = [], []
-    with torch.no_grad():
-        for images, labels, kept in sharded_batches(val_set, positions, batch_size, num_workers):
-            with autocast(device):
-                predictions.append(at_positions(model(normalize(images, device)).argmax(dim=1), kept))
-            targets.append(at_positions(labels.to(device), kept, DROPPED))
-    return top1_accuracy(*gather_kept(torch.cat(predictions), torch.cat(targets), len(val_set)))
+    return model

@@ -21,7 +21,7 @@ from ..models.weights import (checkpoint_encoder_state, encoder_state, model_dif
                               read_marker, saved_model_settings)
 from .datasets import build_eval_sets
 from .features import extract_features, rank_and_world
-from .finetune import finetune_top1
+from .finetune import check_batch as check_finetune_batch, finetune_top1
 from .knn import knn_top1
 from .linear_probe import linear_probe_top1
 
@@ -112,17 +112,18 @@ def checkpoint_evaluated(checkpoint: str) -> Optional[Dict[str, object]]:
 
 # Raised when the way a number is computed changes, so that a study's cached rows computed the old
 # way are evaluated again. 2: the linear probe standardises as BatchNorm does, sqrt(var + eps).
-PROTOCOL = 2
+# 3: eval.finetune_batch_size is the fine-tune's global batch, split over the ranks, and its last
+# partial batch is dropped (it was per rank, so the fine-tune differed with the number of ranks).
+PROTOCOL = 3
 
 
 def evaluation_settings(cfg, checkpoint: str, finetune_epochs: int = 0,
                         device: Optional[torch.device] = None) -> Dict[str, object]:
     """What `run_eval(cfg, checkpoint, finetune_epochs)`'s numbers depend on: the eval section,
     the images it reads, the encoder's shape, the seed of the probes, the fine-tune length, the
-    number of ranks (the fine-tune batch is per rank), the device type (autocast on GPUs) and
-    the weights it loads."""
+    device type (autocast on GPUs) and the weights it loads. Not the number of ranks: the numbers
+    are those of one process on any number (up to the order of floating-point sums)."""
     from .datasets import eval_root
-    from .features import rank_and_world
 
     section = dataclasses.asdict(cfg.eval)
     section.pop("every_epochs")  # when pre-training evaluates; run_eval does not read it
@@ -134,7 +135,7 @@ def evaluation_settings(cfg, checkpoint: str, finetune_epochs: int = 0,
         images = {"root": str(eval_root(cfg).resolve()), "subset": "class-balanced"}
     return {"protocol": PROTOCOL, "eval": section, "images": {"source": data.source, **images},
             "model": dataclasses.asdict(cfg.model), "seed": cfg.run.seed, "finetune_epochs": finetune_epochs,
-            "world_size": rank_and_world()[1], "device": torch.device(device or default_device()).type,
+            "device": torch.device(device or default_device()).type,
             "checkpoint": checkpoint_evaluated(checkpoint)}
 
 
@@ -187,13 +188,15 @@ def run_eval(cfg, checkpoint: str, finetune_epochs: int = 0,
     """
     device = device or default_device()
     check_checkpoint_model(cfg, checkpoint)
+    if finetune_epochs > 0:  # before the probes: a batch the fine-tune cannot run fails first
+        train_set, val_set = build_eval_sets(cfg)
+        check_finetune_batch(len(train_set), cfg.eval.finetune_batch_size)
     encoder = build_encoder(cfg)
     load_encoder_weights(encoder, checkpoint)
     encoder.to(device)
     results = evaluate(encoder, cfg, device)
     if finetune_epochs > 0:
         opts = cfg.eval
-        train_set, val_set = build_eval_sets(cfg)
         results["finetune_top1"] = finetune_top1(
             encoder, train_set, val_set, train_set.num_classes, device, epochs=finetune_epochs,
             pooling=opts.pooling, batch_size=opts.finetune_batch_size, lr=opts.finetune_lr,
