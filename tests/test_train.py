@@ -204,3 +204,17 @@ def test_a_micro_batch_short_of_undecodable_images_weighs_each_of_its_samples_as
     engine = _AccumulatingEngine(accumulation=2)
     sums, _, _ = train_step(engine, [micro_batch(0, 4), micro_batch(4, 7)], 1.0, True, samples_per_micro_batch=3.5)
     assert engine.weight.grad.item() == pytest.approx(normalize(images[:7]).mean().item(), rel=1e-5)
+
+
+def test_drop_path_draws_follow_the_micro_batch_so_one_and_two_ranks_log_the_same_losses(tmp_path):
+    """The SimMIM recipes train with drop-path (0.1-0.3). Its masks were drawn per (seed, step,
+    rank), so a run resumed on another number of ranks drew others and left the uninterrupted
+    run's losses. Drawn per (seed, step, the micro-batch's first place in the global batch), the
+    micro-batches of 16 that 1 rank accumulates and 2 ranks take one each draw the same masks."""
+    losses = {}
+    for nproc in (1, 2):
+        run = tmp_path / f"ranks{nproc}"
+        pretrain(run, "model.drop_path=0.3", "train.steps=3", "run.log_every=1", "checkpoint.every_steps=0",
+                 "train.micro_batch_size=16", "data.synthetic_images=64", nproc=nproc)
+        losses[nproc] = [r["loss"] for r in read_metrics(run)]
+    assert len(losses[1]) == 3 and losses[2] == pytest.approx(losses[1], rel=1e-5)

@@ -2,7 +2,7 @@
 checks of non-finite values around it (every rank agrees on each)."""
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -47,7 +47,7 @@ def weights_finite(module: torch.nn.Module, device: torch.device) -> bool:
 
 
 def train_step(engine, micro_batches: List[dict], mto_scale: float, with_stats: bool,
-               samples_per_micro_batch: float, poison: bool = False, poison_gradient: bool = False):
+               samples_per_micro_batch: float, seeds: Optional[List[int]] = None, poison: bool = False, poison_gradient: bool = False):
     """Forward (MIM + MTO terms), engine.backward and engine.step for each micro-batch.
 
     DeepSpeed accumulates gradients and steps the optimizer at the last micro-batch. A
@@ -61,6 +61,7 @@ def train_step(engine, micro_batches: List[dict], mto_scale: float, with_stats: 
     of the step weighs 1 / global batch. That holds for a micro-batch short of undecodable
     images (as if a missing one contributed zero), for the stand-in of one with none decoded
     (0), and for ranks whose shares differ by a sample (order.rank_share).
+    `seeds`, one per micro-batch, reseed torch's generator before its forward (dropout, drop-path).
     `poison` (fault injection) makes this rank's loss NaN, `poison_gradient` its gradient.
     Returns (the logged outputs summed over this rank's samples, only with `with_stats`, and
     always their count as "samples": summed over ranks, the one over the other is the mean over
@@ -71,7 +72,9 @@ def train_step(engine, micro_batches: List[dict], mto_scale: float, with_stats: 
     sums: Dict[str, torch.Tensor] = {}
     samples = 0
     skipped = overflowed = False
-    for batch in micro_batches:
+    for k, batch in enumerate(micro_batches):
+        if seeds:
+            torch.manual_seed(seeds[k])
         # float32: the reconstruction target is these pixels; the model casts its input to its
         # weights' dtype, so a bf16 run does not round the target to 3 significant digits.
         images = normalize(batch["images"], engine.device)

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from ..config import Config, ConfigError, mask_ratio, mask_units, realised_mask_ratio, to_yaml
 from ..data import build_pretrain_loader, data_fingerprint, data_path_problem
-from ..data.order import steps_per_epoch
+from ..data.order import rank_share, steps_per_epoch
 from ..models import create_mim_model, mask_fn_for
 from ..mto.fused_attention import fused_kernel_available
 from ..mto.plan import STATS_WITH_GRADIENTS
@@ -332,9 +332,6 @@ class Trainer:
     def _step(self, micro_batches) -> None:
         """One optimizer step: train, count a non-finite loss, log; the fault hooks act here."""
         step = self.global_step + 1
-        # Dropout and drop-path draw from a generator fixed by (seed, step, rank): exact resume
-        # needs no saved RNG state.
-        torch.manual_seed(hash((self.cfg.run.seed, self.global_step, self.dist.rank)) % 2 ** 62)
         log_now = step % self.cfg.run.log_every == 0 or step == self.total_steps
         lr = learning_rate(self.global_step, self.total_steps, self.warmup_steps, self.peak_lr,
                            self.cfg.train.min_lr_ratio)
@@ -343,7 +340,7 @@ class Trainer:
         self.trace.record(step, micro_batches)
         try:
             sums, skipped, overflowed = train_step(self.engine, micro_batches, self.mto_state.loss_scale, log_now,
-                                                   self.batch.samples_per_micro_batch,
+                                                   self.batch.samples_per_micro_batch, self._micro_batch_seeds(),
                                                    poison=self.faults.nan_loss(step, self.dist.rank),
                                                    poison_gradient=self.faults.nan_gradient(step, self.dist.rank))
         except Exception as err:
@@ -372,6 +369,15 @@ class Trainer:
                 f"{step - self.nonfinite_streak + 1}-{step}, train.max_nonfinite_steps="
                 f"{self.cfg.train.max_nonfinite_steps}); {self._stopping_without_saving()}")
         self.faults.exit_after(step, self.dist.rank, self.run_dir)
+
+    def _micro_batch_seeds(self) -> list:
+        """Dropout and drop-path draw, per micro-batch, from a generator fixed by (seed, step, the
+        micro-batch's first place in the global batch): exact resume needs no saved RNG state, and
+        on another number of ranks whose micro-batches group the same samples (1 rank accumulating
+        2 of 16 where 2 ranks took one each) the same masks are drawn."""
+        first = rank_share(self.batch.global_batch_size, self.dist.world_size, self.dist.rank)[0]
+        return [hash((self.cfg.run.seed, self.global_step, first + k * self.batch.micro_batch_size)) % 2 ** 62
+                for k in range(self.batch.accumulation)]
 
     def _stopping_without_saving(self) -> str:
         newest = self.checkpointer.complete_tags()[:1]
