@@ -47,7 +47,8 @@ def weights_finite(module: torch.nn.Module, device: torch.device) -> bool:
 
 
 def train_step(engine, micro_batches: List[dict], mto_scale: float, with_stats: bool,
-               samples_per_micro_batch: float, seeds: Optional[List[int]] = None, poison: bool = False, poison_gradient: bool = False):
+               samples_per_micro_batch: float, seeds: Optional[List[int]] = None, poison: bool = False,
+               poison_gradient: bool = False):
     """Forward (MIM + MTO terms), engine.backward and engine.step for each micro-batch.
 
     DeepSpeed accumulates gradients and steps the optimizer at the last micro-batch. A

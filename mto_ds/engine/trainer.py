@@ -18,8 +18,8 @@ from ..models import create_mim_model, mask_fn_for
 from ..mto.fused_attention import fused_kernel_available
 from ..mto.plan import STATS_WITH_GRADIENTS
 from ..mto.state import MTOState
-from .builder import (BatchPlan, deepspeed_config, describe_batch, learning_rate, mark_zero3_leaf_blocks, param_groups, peak_lr,
-                      plan_batch, precision, schedule_steps, zero_stage)
+from .builder import (BatchPlan, deepspeed_config, describe_batch, learning_rate, mark_zero3_leaf_blocks,
+                      param_groups, peak_lr, plan_batch, precision, schedule_steps, zero_stage)
 from .checkpoint import Checkpointer, job_identity
 from .distributed import DistInfo, agree, check_shared_directory, differing_from_rank_0, init_distributed
 from .faults import Faults, SampleTrace
