@@ -16,7 +16,6 @@ import torch
 from ..config import CROP_SCALE
 from .imagefolder import ImageFolderSource, UndecodableImage, folder_problem, list_image_folder, read_rgb
 from .loader import PretrainLoader, normalize
-from .order import rank_share
 from .synthetic import SyntheticImages, write_image_folder
 
 
@@ -66,7 +65,6 @@ def build_pretrain_loader(data_cfg, *, method: str, img_size: int, seed: int, gl
     `device` matters for FFCV only: on CUDA the uint8 crops are copied there inside FFCV's
     pipeline. None means the current CUDA device when there is one, else the CPU.
     """
-    rank_share(global_batch_size, world_size, rank)  # a ValueError where some rank would have no sample
     scale = (data_cfg.crop_scale_min or CROP_SCALE[method][0], data_cfg.crop_scale_max)
     common = dict(img_size=img_size, scale=scale, seed=seed, global_batch_size=global_batch_size,
                   micro_batch_size=micro_batch_size, rank=rank, world_size=world_size, mask_fn=mask_fn,

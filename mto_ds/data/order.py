@@ -34,10 +34,14 @@ def steps_per_epoch(num_samples: int, global_batch_size: int) -> int:
     return steps
 
 
-def rank_share(global_batch_size: int, world_size: int, rank: int) -> Tuple[int, int]:
-    """[start, stop) of rank `rank`'s samples within each global batch."""
+def _check_ranks(global_batch_size: int, world_size: int) -> None:
     if not 0 < world_size <= global_batch_size:
         raise ValueError(f"a global batch of {global_batch_size} cannot give each of {world_size} ranks a sample")
+
+
+def rank_share(global_batch_size: int, world_size: int, rank: int) -> Tuple[int, int]:
+    """[start, stop) of rank `rank`'s samples within each global batch."""
+    _check_ranks(global_batch_size, world_size)
     return rank * global_batch_size // world_size, (rank + 1) * global_batch_size // world_size
 
 
@@ -45,6 +49,7 @@ def micro_batch_split(global_batch_size: int, world_size: int, micro_batch_size:
     """(micro-batch size, micro-batches per step) of every rank: the fewest micro-batches of at
     most `micro_batch_size` (None or 0: the whole share) that hold the largest share, each of
     ceil(largest share / their number) places."""
+    _check_ranks(global_batch_size, world_size)
     largest = -(-global_batch_size // world_size)
     accumulation = -(-largest // min(micro_batch_size or largest, largest))
     return -(-largest // accumulation), accumulation
