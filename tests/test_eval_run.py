@@ -151,3 +151,18 @@ def test_load_encoder_weights_names_tensors_of_another_shape_in_a_value_error(tm
     assert "(model.arch, model.img_size): 1 tensors differ in shape: pos_embed [1, 17, 192] there, " \
            "[1, 5, 192] here" in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_run_eval_fails_on_missing_evaluation_folders_before_it_reads_the_weights(tmp_path, monkeypatch):
+    """A ViT-H checkpoint takes minutes to load from a shared file system; an evaluation of an FFCV
+    run without eval.path, or with folders that are not there, must fail before that, naming the key."""
+    import mto_ds.eval.run as run_module
+    loaded = []
+    monkeypatch.setattr(run_module, "load_encoder_state", lambda checkpoint: loaded.append(checkpoint))
+    ffcv = load_config(None, COMMON + ["data.source=ffcv", "data.path=train.beton"])
+    with pytest.raises(ValueError, match="set eval.path"):
+        run_eval(ffcv, str(tmp_path / "encoder.pt"), device=torch.device("cpu"))
+    missing = load_config(None, COMMON + ["data.source=ffcv", "data.path=train.beton", f"eval.path={tmp_path}"])
+    with pytest.raises(FileNotFoundError, match="not found: .*train"):
+        run_eval(missing, str(tmp_path / "encoder.pt"), device=torch.device("cpu"))
+    assert loaded == []

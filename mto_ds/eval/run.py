@@ -10,11 +10,12 @@ import argparse
 import dataclasses
 import os
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.data import Dataset
 
 from ..config import ConfigError
 from ..models.weights import (checkpoint_encoder_state, encoder_state, model_differences, newest_complete,
@@ -35,13 +36,15 @@ def _same_on_all_ranks(results: Dict[str, float]) -> Dict[str, float]:
     return box[0]
 
 
-def evaluate(encoder: nn.Module, cfg, device: torch.device) -> Dict[str, float]:
-    """{'knn_top1', 'linear_top1'} in [0, 100] of `encoder`'s frozen features on `build_eval_sets(cfg)`.
+def evaluate(encoder: nn.Module, cfg, device: torch.device,
+             eval_sets: Optional[Tuple[Dataset, Dataset]] = None) -> Dict[str, float]:
+    """{'knn_top1', 'linear_top1'} in [0, 100] of `encoder`'s frozen features on `eval_sets`
+    (built by `build_eval_sets(cfg)` when not given).
 
     Call it on every rank (it all-gathers). The encoder's train/eval mode is restored.
     """
     opts = cfg.eval
-    train_set, val_set = build_eval_sets(cfg)
+    train_set, val_set = eval_sets or build_eval_sets(cfg)
     extract = dict(pooling=opts.pooling, batch_size=opts.batch_size, num_workers=cfg.data.num_workers)
     train_x, train_y = extract_features(encoder, train_set, device, **extract)
     val_x, val_y = extract_features(encoder, val_set, device, **extract)
@@ -188,13 +191,15 @@ def run_eval(cfg, checkpoint: str, finetune_epochs: int = 0,
     """
     device = device or default_device()
     check_checkpoint_model(cfg, checkpoint)
-    if finetune_epochs > 0:  # before the probes: a batch the fine-tune cannot run fails first
-        train_set, val_set = build_eval_sets(cfg)
+    # Before the weights load (minutes for a ViT-H on a shared file system): missing image
+    # folders, and a batch the fine-tune cannot run, fail first.
+    train_set, val_set = build_eval_sets(cfg)
+    if finetune_epochs > 0:
         check_finetune_batch(len(train_set), cfg.eval.finetune_batch_size)
     encoder = build_encoder(cfg)
     load_encoder_weights(encoder, checkpoint)
     encoder.to(device)
-    results = evaluate(encoder, cfg, device)
+    results = evaluate(encoder, cfg, device, (train_set, val_set))
     if finetune_epochs > 0:
         opts = cfg.eval
         results["finetune_top1"] = finetune_top1(
