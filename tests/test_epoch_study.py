@@ -690,6 +690,22 @@ def test_a_periodic_seed_with_an_unfinished_run_keeps_its_row_but_is_not_average
     assert summary["seeds"] == [0] and summary["excluded_seeds"] == {"1": why}
 
 
+def test_a_periodic_run_finished_but_last_evaluated_before_its_budget_is_named_and_not_averaged(tmp_path):
+    """Collected runs launched directly (eval.every_epochs=3, train.epochs=4) end without an
+    evaluation at their budget: their 'final' accuracy is of epoch 3, so the seed is flagged."""
+    fake_run(tmp_path / "baseline-ep4-s0", mto=False, seed=0, knn=BASELINE_KNN)
+    fake_run(tmp_path / "mto-ep4-s0", mto=True, seed=0, knn=MTO_KNN)
+    fake_run(tmp_path / "baseline-ep4-s1", mto=False, seed=1, knn={e: BASELINE_KNN[e] for e in (1, 2, 3)})
+    fake_run(tmp_path / "mto-ep4-s1", mto=True, seed=1, knn=MTO_KNN)
+    study = assemble([load_run(d) for d in find_run_dirs([tmp_path])])
+    assert study.seeds == [0]
+    assert study.excluded == {1: "baseline-ep4-s1 last evaluated at epoch 3 of 4"}
+    assert study.numbers["seed 1"]["baseline_final_top1"] == 50.0  # its own row stays, flagged
+    note = next(w for w in study.warnings if "baseline-ep4-s1:" in w)
+    assert "finished at 4 epochs, but its last knn_top1 evaluation is at epoch 3" in note
+    assert "collect --final-eval` evaluates its last checkpoint" in note
+
+
 def test_a_budget_seed_without_a_point_at_every_budget_is_not_averaged(tmp_path):
     base = {0: {2: 50.0, 4: 60.0}, 1: {2: 52.0, 4: 62.0}, 2: {2: 48.0, 4: 58.0}, 3: {2: 40.0, 4: 50.0}}
     mto = {0: {2: 55.0, 4: 70.0}, 1: {2: 50.0, 4: 61.0}, 2: {2: 59.0, 4: 66.0}, 3: {2: 45.0, 4: 55.0}}

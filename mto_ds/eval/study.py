@@ -244,7 +244,8 @@ def what_to_do(run: Run) -> str:
 
 
 def _periodic_curve(run: Run, metric: str, notes: List[str]) -> Curve:
-    """The run's evaluations during training; an unfinished run's curve is kept, and flagged."""
+    """The run's evaluations during training; an unfinished run's curve, or a finished one's that
+    ends before its budget, is kept, and flagged."""
     curve = run.curve(metric)
     reason = unfinished_reason(run)
     if reason:
@@ -252,7 +253,14 @@ def _periodic_curve(run: Run, metric: str, notes: List[str]) -> Curve:
         notes.append(f"{run.path}: {reason}; {ends}: {what_to_do(run)}")
     elif not curve[0]:
         notes.append(f"{run.path}: no {metric} evaluation during training; {final_eval_hint(metric)}")
+    elif _ends_before_budget(run, curve):
+        notes.append(f"{run.path}: finished at {run.budget:g} epochs, but its last {metric} evaluation is at epoch "
+                     f"{curve[0][-1]:g}, so its final accuracy is not at its budget; {final_eval_hint(metric)}")
     return curve
+
+
+def _ends_before_budget(run: Run, curve: Curve) -> bool:
+    return bool(curve[0]) and not math.isclose(curve[0][-1], run.budget)
 
 
 def _budget_curve(group: List[Run], metric: str, notes: List[str]) -> Curve:
@@ -410,9 +418,10 @@ def _refuse_unlike_final_evals(runs: List[Run], metric: str) -> None:
 def incomplete_seeds(groups: Dict[Tuple[str, int], List[Run]], curves: Dict[int, Dict[str, Curve]],
                      mode: str, metric: str) -> Dict[int, str]:
     """Why each seed with both curves is incomplete, and so kept out of the mean and the std: in a
-    periodic study a run of it unfinished; in a budget study a method's curve without a point at a
-    budget that the study's runs of that method have. Averaged in, it would compare a full schedule
-    with one stopped part-way, or a mean curve shortened by one seed with a full one."""
+    periodic study a run of it unfinished, or finished with its last evaluation before its budget;
+    in a budget study a method's curve without a point at a budget that the study's runs of that
+    method have. Averaged in, it would compare a full schedule with one stopped part-way, or a mean
+    curve shortened by one seed with a full one."""
     budgets = {method: {r.budget for (m, _), group in groups.items() if m == method for r in group}
                for method in METHODS}
     excluded = {}
@@ -424,6 +433,8 @@ def incomplete_seeds(groups: Dict[Tuple[str, int], List[Run]], curves: Dict[int,
             group = groups[(method, seed)]
             if mode == "periodic":
                 reasons += [f"{r.path.name} {unfinished_reason(r)}" for r in group if unfinished_reason(r)]
+                reasons += [f"{r.path.name} last evaluated at epoch {by_method[method][0][-1]:g} of {r.budget:g}"
+                            for r in group if not unfinished_reason(r) and _ends_before_budget(r, by_method[method])]
             else:
                 reasons += [_no_point(method, budget, group, metric)
                             for budget in sorted(budgets[method] - set(by_method[method][0]))]
