@@ -175,12 +175,12 @@ def test_budget_points_come_only_from_finished_runs_evaluated_at_their_budget(tm
 
 def test_mean_curve_names_the_epochs_that_not_every_seed_evaluated(tmp_path):
     for seed in (0, 1):
-        knn = BASELINE_KNN if seed == 0 else {e: v for e, v in BASELINE_KNN.items() if e != 4}
+        knn = BASELINE_KNN if seed == 0 else {e: v for e, v in BASELINE_KNN.items() if e != 3}
         fake_run(tmp_path / f"b{seed}", mto=False, seed=seed, knn=knn)
         fake_run(tmp_path / f"m{seed}", mto=True, seed=seed, knn=MTO_KNN)
     study = assemble([load_run(d) for d in find_run_dirs([tmp_path])])
-    assert study.mean_curves["baseline"][0] == [1.0, 2.0, 3.0]
-    assert "baseline mean curve: epochs 4 left out (not evaluated for every one of the seeds 0, 1)" in study.warnings
+    assert study.seeds == [0, 1] and study.mean_curves["baseline"][0] == [1.0, 2.0, 4.0]
+    assert "baseline mean curve: epochs 3 left out (not evaluated for every one of the seeds 0, 1)" in study.warnings
 
 
 def test_a_pair_that_differs_beyond_mto_is_reported(tmp_path):
@@ -410,6 +410,10 @@ def test_a_run_given_twice_to_collect_counts_once(tmp_path, capsys):
     (["collect", "{tmp}/empty", "--out", "{tmp}/r"], "no run directories (with config.yaml) under"),
     (["collect", "{tmp}/sweep", "--out", "{tmp}/r", "--curve", "periodic"], "use --curve budget"),
     (["collect", "{tmp}/sweep", "--out", "{tmp}/r", "--finetune-epochs", "2"], "add --final-eval"),
+    (["collect", "{tmp}/sweep", "--out", "{tmp}/r", "--set", "eval.knn_k=5"], "--set changes how the final"),
+    (["collect", "{tmp}/sweep", "--out", "{tmp}/r", "--final-eval", "--set", "model.arch=vit_large_patch16"],
+     "--set takes eval.KEY=VALUE or data.num_workers=N"),
+    (["collect", "{tmp}/sweep", "--out", "{tmp}/r", "--final-eval", "--set", "eval.knn_kk=5"], "eval.knn_kk"),
     (["run", "--config", "configs/demo.yaml", "--out", "{tmp}/s", "--epochs", "10", "--eval-every", "3"],
      "--eval-every 3 does not divide the budget 10"),
     (["run", "--config", "configs/demo.yaml", "--out", "{tmp}/s", "--epochs", "10", "--eval-every", "0"],
@@ -504,7 +508,7 @@ def test_run_evaluates_the_last_epoch_skips_finished_runs_and_refuses_other_sett
     tool, out = _tool(), tmp_path / "study"
     evaluated = []
 
-    def fake_final_evaluation(run_dir, finetune_epochs=0):
+    def fake_final_evaluation(run_dir, finetune_epochs=0, overrides=()):
         evaluated.append(Path(run_dir).name)
         row = {"epoch": 17.0, "knn_top1": 60.0, "linear_top1": 65.0}
         (Path(run_dir) / "final_eval.json").write_text(json.dumps(row))
@@ -531,6 +535,14 @@ def test_run_evaluates_the_last_epoch_skips_finished_runs_and_refuses_other_sett
     assert "baseline-ep17-s0: data.synthetic_images: 512 vs 1024" in err
     assert "mto-ep17-s0: data.synthetic_images: 512 vs 1024" in err and "new --out" in err
     assert len(_trainer_log(tmp_path)) == 2
+
+    # Another budget into the same --out: its report is of its own runs, a periodic curve, not a
+    # budget curve mixing in the 17-epoch runs; those are named.
+    assert tool.main([*command[:6], "8", *command[7:]]) == 0
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    assert summary["mode"] == "periodic" and summary["curves"]["0"]["baseline"]["epochs"] == [1, 2, 3, 4, 5, 6, 7, 8]
+    err = capsys.readouterr().err
+    assert "left out of this report, not runs of this command" in err and "baseline-ep17-s0" in err
 
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
@@ -616,7 +628,7 @@ def test_collect_does_not_use_the_final_eval_row_of_a_run_it_could_not_evaluate_
     mto_dir = fake_run(study_dir / "mto-ep4-s0", mto=True, knn={e: MTO_KNN[e] for e in (1, 2, 3)})
     _write_final_eval(mto_dir, 4.0, 99.0)  # from before: its checkpoint has been deleted since
 
-    def fake_final_evaluation(run_dir, finetune_epochs=0):
+    def fake_final_evaluation(run_dir, finetune_epochs=0, overrides=()):
         if Path(run_dir).name.startswith("mto"):
             raise RuntimeError(f"{run_dir} has no complete checkpoint to evaluate, and no final_eval.json "
                                "computed with the same evaluation settings")
@@ -647,13 +659,65 @@ def test_final_eval_rows_computed_with_other_settings_are_refused_naming_the_run
         assemble(runs, metric="finetune_top1")
 
     _write_final_eval(mto, 4.0, 70.0, {**settings, "eval": {"pooling": "cls", "knn_k": 20}})
-    with pytest.raises(StudyError, match=r"eval.pooling: 'mean' vs 'cls'.*collect --final-eval` evaluates"):
+    with pytest.raises(StudyError, match=r"eval.pooling: 'mean' vs 'cls'.*come from the runs' own config.yaml: "
+                                         r"`tools/epoch_study.py collect --final-eval --set eval.KEY=VALUE"):
         assemble([load_run(base), load_run(mto)])
+    _write_final_eval(mto, 4.0, 70.0, {**settings, "model": {"arch": "vit_large_patch16"}})
+    with pytest.raises(StudyError, match=r"model.arch: None vs 'vit_large_patch16'.*pre-trained other models"):
+        assemble([load_run(base), load_run(mto)])
+    # A fine-tune setting does not make k-NN rows unlike.
+    _write_final_eval(mto, 4.0, 70.0, {**settings, "eval": {**settings["eval"], "finetune_lr": 0.5}})
+    assert assemble([load_run(base), load_run(mto)]).numbers["seed 0"]["mto_final_top1"] == 70.0
     _write_final_eval(mto, 4.0, 70.0)  # an older file, without settings: not known to be alike
     with pytest.raises(StudyError, match=r"mto-ep4-s0.*no settings"):
         assemble([load_run(base), load_run(mto)])
     _write_final_eval(base, 4.0, 60.0)  # neither says: compared as such, alike
     assert assemble([load_run(base), load_run(mto)]).numbers["seed 0"]["rauc"] is None
+
+
+def test_collect_skips_runs_it_cannot_evaluate_and_set_gives_the_evaluation_folders(tmp_path, monkeypatch, capsys):
+    """The documented sweep: configs/vit_*.yaml pre-train on an FFCV file without eval.path. A run
+    whose evaluation images are not found was a traceback that lost the whole report."""
+    study_dir = tmp_path / "sweep"
+    for mto in (False, True):
+        run_dir = fake_run(study_dir / f"{'mto' if mto else 'baseline'}-ep4-s0", mto=mto)
+        _set_config(run_dir, "data", "path", "train.beton")
+        _set_config(run_dir, "data", "source", "ffcv")
+        fake_checkpoint(run_dir, 20)
+    out = ["--out", str(tmp_path / "r"), "--final-eval"]
+    assert _tool().main(["collect", str(study_dir), *out]) == 0
+    err = capsys.readouterr().err
+    assert err.count("skipped:") == 2 and "set eval.path" in err and "collect --set eval.path=DIR" in err
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert sum("final evaluation skipped" in w for w in summary["warnings"]) == 2
+
+    seen = []
+
+    def fake_run_eval(cfg, checkpoint, finetune_epochs, device=None):
+        seen.append((cfg.eval.path, cfg.data.num_workers))
+        return {"knn_top1": 60.0 + 10 * cfg.mto.enabled, "linear_top1": 65.0}
+
+    monkeypatch.setattr("mto_ds.eval.run.run_eval", fake_run_eval)
+    (tmp_path / "imagenet" / "train").mkdir(parents=True)
+    (tmp_path / "imagenet" / "val").mkdir()
+    assert _tool().main(["collect", str(study_dir), *out, "--set", f"eval.path={tmp_path / 'imagenet'}",
+                         "data.num_workers=2"]) == 0
+    assert seen == [(str(tmp_path / "imagenet"), 2)] * 2
+    row = json.loads((study_dir / "mto-ep4-s0" / "final_eval.json").read_text())
+    assert row["knn_top1"] == 70.0 and row["settings"]["images"]["root"] == str((tmp_path / "imagenet").resolve())
+    assert not list(study_dir.rglob(".final_eval.json.partial"))
+
+
+def test_a_final_eval_file_cut_short_is_left_out_with_a_warning_and_evaluated_again(tmp_path, monkeypatch):
+    run_dir = fake_run(tmp_path / "b", mto=False, knn=BASELINE_KNN)
+    fake_checkpoint(run_dir, 20)
+    (run_dir / "final_eval.json").write_text('{"epoch": 4.0, "knn_to')
+    with pytest.warns(UserWarning, match="final_eval.json: not JSON"):
+        assert load_run(run_dir).curve("knn_top1")[1][-1] == 60.0
+    monkeypatch.setattr("mto_ds.eval.run.run_eval", lambda *a, **k: {"knn_top1": 61.0, "linear_top1": 66.0})
+    with pytest.warns(UserWarning, match="not JSON"):
+        assert final_evaluation(run_dir)["knn_top1"] == 61.0
+    assert json.loads((run_dir / "final_eval.json").read_text())["knn_top1"] == 61.0
 
 
 def test_a_repeated_epoch_row_replaces_the_earlier_one_whole(tmp_path):

@@ -17,7 +17,8 @@
            --final-eval evaluates each finished run's last checkpoint first (needed where the
            runs did not evaluate at their last epoch, e.g. eval.every_epochs=0 as in
            configs/vit_*.yaml; with --finetune-epochs N also fine-tunes it: the paper's metric,
-           --metric finetune_top1).
+           --metric finetune_top1). --set eval.KEY=VALUE ... changes how every run is evaluated
+           there, e.g. --set eval.path=/data/imagenet for runs pre-trained on an FFCV file.
 Bad arguments end with a message naming the problem and exit code 2.
 """
 from __future__ import annotations
@@ -27,26 +28,26 @@ import shlex
 import shutil
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from mto_ds.config import ConfigError  # noqa: E402
 from mto_ds.eval.study import METRICS, StudyError, assemble, find_run_dirs, load_runs  # noqa: E402
 from mto_ds.eval.study_report import write_report  # noqa: E402
-from mto_ds.eval.study_runs import (ChildRunner, evaluate_last_checkpoints,  # noqa: E402
-                                    not_evaluated_at_budget, plan_runs,
-                                    resume_conflicts, run_study)
+from mto_ds.eval.study_runs import (ChildRunner, check_eval_overrides, evaluate_last_checkpoints,  # noqa: E402
+                                    not_evaluated_at_budget, plan_runs, resume_conflicts, run_study)
 
 
 def collect(paths, out: Path, metric: str, mode: str, final_eval: bool, finetune_epochs: int,
-            skipped: Optional[Dict[Path, str]] = None) -> int:
+            skipped: Optional[Dict[Path, str]] = None, eval_overrides: Sequence[str] = ()) -> int:
     """The report of the runs under `paths`. A run whose final evaluation was refused (`skipped`,
     with why) is read without its final_eval.json, which may be from before its last training."""
     run_dirs = find_run_dirs(paths)
     skipped = dict(skipped or {})
     if final_eval:
-        skipped.update(evaluate_last_checkpoints(run_dirs, finetune_epochs))
+        check_eval_overrides(eval_overrides, run_dirs)
+        skipped.update(evaluate_last_checkpoints(run_dirs, finetune_epochs, eval_overrides))
     study = assemble(load_runs(run_dirs, skipped), metric=metric, mode=mode)
     paths = write_report(study, out)
     print(paths["summary.md"].read_text())
@@ -90,6 +91,9 @@ def _parser() -> argparse.ArgumentParser:
     col.add_argument("--out", required=True, type=Path)
     col.add_argument("--final-eval", action="store_true", help="evaluate each finished run's last checkpoint first")
     col.add_argument("--finetune-epochs", type=int, default=0, help="with --final-eval: fine-tune N epochs too")
+    col.add_argument("--set", dest="eval_overrides", nargs="+", default=[], metavar="eval.KEY=VALUE",
+                     help="with --final-eval: evaluate every run with these eval.* (or data.num_workers) values "
+                          "instead of its config.yaml's, e.g. eval.path=/data/imagenet")
     for p in (run, col):
         p.add_argument("--metric", choices=METRICS, default="knn_top1")
         p.add_argument("--curve", choices=("auto", "periodic", "budget"), default="auto",
@@ -115,7 +119,10 @@ def main(argv=None) -> int:
                 raise StudyError("--finetune-epochs fine-tunes in the final evaluation: add --final-eval")
             if args.finetune_epochs < 0:
                 raise StudyError(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
-            return collect(args.paths, args.out, args.metric, args.curve, args.final_eval, args.finetune_epochs)
+            if args.eval_overrides and not args.final_eval:
+                raise StudyError("--set changes how the final evaluation evaluates the runs: add --final-eval")
+            return collect(args.paths, args.out, args.metric, args.curve, args.final_eval, args.finetune_epochs,
+                           eval_overrides=args.eval_overrides)
         return _run(args, argv)
     except (StudyError, ConfigError) as err:
         print(f"epoch_study.py {args.command}: error: {err}", file=sys.stderr)
@@ -153,7 +160,14 @@ def _run(args, argv: List[str]) -> int:
     skipped = evaluate_last_checkpoints(missing, 0) if missing else {}
     if args.index is not None:
         return 0  # other elements may still be running: collect once all have finished
-    return collect([args.out], args.out / "report", args.metric, args.curve, False, 0, skipped)
+    # The report is of this command's runs: others under --out (an earlier command's budgets)
+    # would turn a periodic study into a budget curve unseen.
+    ours = {p.run_dir.resolve() for p in planned}
+    others = [d for d in find_run_dirs([args.out]) if d.resolve() not in ours]
+    if others:
+        print(f"left out of this report, not runs of this command: {', '.join(map(str, others))} "
+              f"(`tools/epoch_study.py collect {args.out} --out DIR` reports on every run there)", file=sys.stderr)
+    return collect([p.run_dir for p in planned], args.out / "report", args.metric, args.curve, False, 0, skipped)
 
 
 if __name__ == "__main__":

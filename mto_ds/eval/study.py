@@ -115,6 +115,19 @@ def _eval_row(row: dict) -> Optional[dict]:
     return {"epoch": float(row["epoch"]), **found}
 
 
+def read_final_eval(run_dir: Path) -> Optional[dict]:
+    """RUN/final_eval.json's row; None when there is none, or it is not JSON (a file cut short by
+    a kill before it was written atomically: warned, and then evaluated again)."""
+    path = Path(run_dir) / FINAL_EVAL
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        warnings.warn(f"{path}: not JSON (cut short?), left out; collect --final-eval evaluates the run again")
+        return None
+
+
 def read_config(path: Path) -> Dict[str, object]:
     return flatten_config(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
 
@@ -135,9 +148,8 @@ def load_run(path: Path, final_eval: bool = True) -> Run:
     path = Path(path)
     config = read_config(path / "config.yaml")
     rows = _read_rows(path / "metrics.jsonl")
-    final_row = None
-    if final_eval and (path / FINAL_EVAL).is_file():
-        final_row = json.loads((path / FINAL_EVAL).read_text())
+    final_row = read_final_eval(path) if final_eval else None
+    if final_row:
         rows.append(final_row)
 
     evals: Dict[float, dict] = {}
@@ -397,7 +409,7 @@ def _refuse_unlike_final_evals(runs: List[Run], metric: str) -> None:
     but for the checkpoint and the seed (each run's own) and, unless the metric is the fine-tune,
     the fine-tune's length. A row without settings (an older file) is alike only to another such."""
     finetune = metric == "finetune_top1"
-    ignore = ("checkpoint", "seed") + (() if finetune else ("finetune_epochs",))
+    ignore = ("checkpoint", "seed") + (() if finetune else ("finetune_epochs", "eval.finetune_"))
     rows = [r for r in sorted(runs, key=lambda r: (r.method, r.seed, r.budget, str(r.path)))
             if r.final_eval and r.final_eval.get(metric) is not None]
     for run in rows[1:]:
@@ -410,9 +422,21 @@ def _refuse_unlike_final_evals(runs: List[Run], metric: str) -> None:
             diffs = config_differences(*(flatten_config(s or {}) for s in settings), ignore)
         if diffs:
             raise StudyError(f"{first.path} and {run.path}: their {FINAL_EVAL} rows of {metric} were computed "
-                             f"with other evaluation settings ({'; '.join(diffs)}); `tools/epoch_study.py "
-                             f"collect --final-eval{' --finetune-epochs N' if finetune else ''}` evaluates them "
-                             "all alike")
+                             f"with other evaluation settings ({'; '.join(diffs)}); {_how_to_align(diffs, finetune)}")
+
+
+def _how_to_align(diffs: List[str], finetune: bool) -> str:
+    """What evaluates runs whose final_eval.json rows differ in `diffs` ('key: a vs b') alike."""
+    keys = [d.split(":", 1)[0] for d in diffs]
+    if any(k.startswith("model.") for k in keys):
+        return ("their runs pre-trained other models (the runs' config.yaml): they are not one study; "
+                "collect the runs of one model")
+    command = f"`tools/epoch_study.py collect --final-eval{' --finetune-epochs N' if finetune else ''}"
+    from_configs = [k for k in keys if k.startswith(("eval.", "images."))]
+    if from_configs:  # each run is evaluated with its own config.yaml's eval section
+        return (f"{', '.join(from_configs)} come from the runs' own config.yaml: {command} --set eval.KEY=VALUE "
+                "...` evaluates them all with the same values (eval.path for the images)")
+    return f"{command}` evaluates them all alike, on this machine's device"
 
 
 def incomplete_seeds(groups: Dict[Tuple[str, int], List[Run]], curves: Dict[int, Dict[str, Curve]],

@@ -22,8 +22,8 @@ from omegaconf import OmegaConf
 
 from ..config import flatten_config
 from .study import (CONTROLLED_KEYS, FINAL_EVAL, METHODS, METRICS, RESUME_INCIDENTAL, StudyError, config_differences,
-                    evaluated_at_budget, load_run, read_config, read_state, says_finished, unfinished_reason,
-                    what_to_do)
+                    evaluated_at_budget, load_run, read_config, read_final_eval, read_state, says_finished,
+                    unfinished_reason, what_to_do)
 
 
 @dataclass(frozen=True)
@@ -131,8 +131,10 @@ def resume_conflicts(planned: PlannedRun) -> List[str]:
     return config_differences({k: existing[k] for k in common}, {k: wanted[k] for k in common}, RESUME_INCIDENTAL)
 
 
-def final_evaluation(run_dir: Path, finetune_epochs: int = 0, device=None) -> dict:
-    """Evaluates a finished run's last checkpoint (fine-tune too if asked) into RUN/final_eval.json.
+def final_evaluation(run_dir: Path, finetune_epochs: int = 0, device=None, overrides: Sequence[str] = ()) -> dict:
+    """Evaluates a finished run's last checkpoint (fine-tune too if asked) into RUN/final_eval.json,
+    with RUN/config.yaml's settings after `overrides` (`eval.*` and `data.num_workers`, checked by
+    `check_eval_overrides`).
 
     The row keeps what it was computed from (`run.evaluation_settings`) and is reused only while
     that is what an evaluation now would use, so a study is collected again cheaply, never stale.
@@ -147,11 +149,11 @@ def final_evaluation(run_dir: Path, finetune_epochs: int = 0, device=None) -> di
     if reason:  # its last checkpoint is from part-way through the schedule, not at its budget
         raise RuntimeError(f"{run_dir}: {reason}; not evaluated as if at its budget of {run.budget:g} epochs: "
                            f"{what_to_do(run)}")
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_config(run_dir / "config.yaml", overrides)
     # Through JSON, as the cached row holds them, so equal settings compare equal.
     settings = json.loads(json.dumps(evaluation_settings(cfg, str(run_dir), finetune_epochs, device)))
     cached = run_dir / FINAL_EVAL
-    row = json.loads(cached.read_text()) if cached.is_file() else {}
+    row = read_final_eval(run_dir) or {}
     # Checkpoints pruned or deleted since: a row of the same other settings still counts.
     checkpoint_gone = settings["checkpoint"] is None
     if row and _reusable(row, settings, compare_checkpoint=not checkpoint_gone):
@@ -164,8 +166,30 @@ def final_evaluation(run_dir: Path, finetune_epochs: int = 0, device=None) -> di
                            "computed with the same evaluation settings")
     result = run_eval(cfg, str(run_dir), finetune_epochs, device=device)
     row = {"epoch": run.budget, **result, "settings": settings}
-    cached.write_text(json.dumps(row))
+    # Whole or not at all: a collect killed mid-write must not leave a row every later one trips on.
+    partial = cached.with_name(f".{FINAL_EVAL}.partial")
+    partial.write_text(json.dumps(row))
+    partial.replace(cached)
     return row
+
+
+# What a collect may change in the runs' configs for their final evaluation: how they are
+# evaluated (e.g. eval.path for runs pre-trained on an FFCV file) and with how many loader
+# workers, never what was pre-trained.
+EVAL_OVERRIDE_PREFIXES = ("eval.", "data.num_workers=")
+
+
+def check_eval_overrides(overrides: Sequence[str], run_dirs: Sequence[Path]) -> None:
+    """A StudyError naming an override that is not `eval.*` or `data.num_workers`, and the
+    ConfigError of one the schema refuses, before any run is evaluated."""
+    from mto_ds.config import load_config
+
+    bad = [item for item in overrides if "=" not in item or not item.startswith(EVAL_OVERRIDE_PREFIXES)]
+    if bad:
+        raise StudyError(f"--set takes eval.KEY=VALUE or data.num_workers=N (how the runs are evaluated, not what "
+                         f"they pre-trained), got {' '.join(bad)}")
+    for run_dir in run_dirs[:1]:
+        load_config(Path(run_dir) / "config.yaml", overrides)
 
 
 def _reusable(row: dict, settings: dict, compare_checkpoint: bool = True) -> bool:
@@ -222,20 +246,24 @@ class ChildRunner:
         return self.child.wait()
 
 
-def evaluate_last_checkpoints(run_dirs, finetune_epochs: int) -> Dict[Path, str]:
-    """final_evaluation of each run; a run it cannot evaluate is named and skipped. Returns the
-    skipped runs with why: their final_eval.json, if any, is not what was asked for."""
+def evaluate_last_checkpoints(run_dirs, finetune_epochs: int, overrides: Sequence[str] = ()) -> Dict[Path, str]:
+    """final_evaluation of each run; a run it cannot evaluate (unfinished, no checkpoint, its
+    evaluation images not found, a batch its images cannot fill) is named and skipped. Returns
+    the skipped runs with why: their final_eval.json, if any, is not what was asked for."""
     import torch
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the checkpoint loader imports DeepSpeed
     skipped = {}
     for run_dir in run_dirs:
         try:
-            row = final_evaluation(run_dir, finetune_epochs)
+            row = final_evaluation(run_dir, finetune_epochs, overrides=overrides)
             print(f"{run_dir}: " + ", ".join(f"{m} {row[m]:.2f}" for m in METRICS if m in row))
-        except RuntimeError as err:
-            print(f"skipped: {err}", file=sys.stderr)
-            skipped[Path(run_dir)] = str(err)
+        except (RuntimeError, ValueError, OSError) as err:
+            why = str(err) if isinstance(err, RuntimeError) else f"{run_dir}: {err}"
+            if "eval.path" in why:
+                why += " (for the final evaluation only: collect --set eval.path=DIR)"
+            print(f"skipped: {why}", file=sys.stderr)
+            skipped[Path(run_dir)] = why
     return skipped
 
 
