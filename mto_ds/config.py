@@ -153,6 +153,9 @@ def default_mask_patch_size(patch_size: int) -> int:
 @dataclass
 class EvalConfig:
     every_epochs: int = 0                    # 0: no evaluation during pre-training
+    # Also evaluate the initial (random) encoder before the first step, logged at epoch 0: the
+    # curve's starting point, where an epoch-efficiency study reads how far above chance it got.
+    at_start: bool = False
     knn_k: int = 20
     knn_temperature: float = 0.07
     num_train: int = 1024
@@ -409,7 +412,7 @@ def validate(cfg: Config) -> None:
     _check(e.every_epochs >= 0, "eval.every_epochs", "an integer >= 0", e.every_epochs)
     for key in ("num_train", "num_val"):
         _check(getattr(e, key) > 0, f"eval.{key}", "a positive integer", getattr(e, key))
-    _check(not (e.every_epochs and d.source == "ffcv" and not e.path), "eval.path",
+    _check(not ((e.every_epochs or e.at_start) and d.source == "ffcv" and not e.path), "eval.path",
            "the root of labelled train/ and val/ ImageFolders (evaluation during pre-training on "
            "data.source=ffcv reads its images from there)", e.path)
     _check(e.knn_k > 0, "eval.knn_k", "a positive integer", e.knn_k)

@@ -113,6 +113,25 @@ def test_a_sweep_of_budgets_gives_a_budget_curve_of_final_accuracies(tmp_path):
     assert study.numbers["seed 0"]["rauc"] == pytest.approx((60 + 70) / (40 + 60))
 
 
+def test_a_budget_curve_starts_at_the_initial_encoders_evaluation_when_a_run_logged_it(tmp_path):
+    """eval.at_start logs the initial encoder at epoch 0 in every run of a seed; the budget curve
+    takes it as its budget-0 point, so MTO's crossing of the baseline's final accuracy inside the
+    first budget is interpolated from there rather than an upper bound at that budget."""
+    at_start = [{"step": 0, "epoch": 0.0, "knn_top1": 10.0, "linear_top1": 12.0}]
+    for budget in (2, 4):
+        fake_run(tmp_path / f"baseline-ep{budget}-s0", mto=False, epochs=budget, knn={budget: BASELINE_KNN[budget]},
+                 extra_rows=at_start)
+        # MTO's 2-epoch run was killed: no budget point, but its epoch-0 evaluation stands.
+        fake_run(tmp_path / f"mto-ep{budget}-s0", mto=True, epochs=budget, knn={budget: 65.0 + budget},
+                 extra_rows=at_start, finished=budget == 4)
+    study = assemble([load_run(d) for d in find_run_dirs([tmp_path])])
+    assert study.curves[0]["baseline"] == ([0.0, 2.0, 4.0], [10.0, 40.0, 60.0])
+    assert study.curves[0]["mto"] == ([0.0, 4.0], [10.0, 69.0])
+    # MTO reaches the baseline's final 60 at 4 * 50 / 59 epochs, on the line from (0, 10) to (4, 69).
+    assert study.numbers["seed 0"]["mto_epochs_to_baseline"] == pytest.approx(4 * 50 / 59)
+    assert not study.numbers["seed 0"]["mto_epochs_to_baseline_is_bound"]
+
+
 def test_seeds_are_paired_and_averaged(tmp_path):
     for seed, shift in ((0, 0.0), (1, 10.0)):
         fake_run(tmp_path / f"b{seed}", mto=False, seed=seed, knn={e: v + shift for e, v in BASELINE_KNN.items()})
@@ -222,7 +241,7 @@ def test_plan_runs_builds_baseline_and_mto_commands_with_the_same_seed_data_and_
     assert [p.name for p in planned] == ["baseline-ep20-s0", "mto-ep20-s0", "baseline-ep20-s1", "mto-ep20-s1"]
     assert shlex.join(planned[1].argv) == (
         "torchrun --nproc_per_node 2 -m mto_ds pretrain --config configs/demo.yaml mto.enabled=true "
-        "run.output_dir=study/mto-ep20-s0 run.seed=0 train.epochs=20 eval.every_epochs=5 "
+        "run.output_dir=study/mto-ep20-s0 run.seed=0 train.epochs=20 eval.every_epochs=5 eval.at_start=true "
         "data.synthetic_images=512")
     base, mto = (set(p.argv) for p in planned[:2])
     assert base ^ mto == {"mto.enabled=false", "mto.enabled=true",
@@ -239,7 +258,7 @@ def test_plan_runs_refuses_overrides_of_what_the_study_controls_and_uneven_eval_
 
 
 def test_plan_runs_defaults_to_about_ten_evaluations_for_any_budget():
-    every = {n: plan_runs("configs/demo.yaml", Path("s"), epochs=[n], seeds=[0])[0].argv[-1]
+    every = {n: plan_runs("configs/demo.yaml", Path("s"), epochs=[n], seeds=[0])[0].argv[-2]
              for n in (100, 25, 97, 199, 3)}
     assert every == {100: "eval.every_epochs=10", 25: "eval.every_epochs=3", 97: "eval.every_epochs=10",
                      199: "eval.every_epochs=20", 3: "eval.every_epochs=1"}

@@ -108,6 +108,8 @@ def test_ffcv_runs_evaluate_on_the_folders_under_eval_path(tmp_path):
     ffcv = ["data.source=ffcv", "data.path=train.beton", "eval.every_epochs=1"]
     with pytest.raises(ConfigError, match="eval.path"):  # before any compute, not at the first evaluation
         load_config(None, ffcv)
+    with pytest.raises(ConfigError, match="eval.path"):  # the initial encoder's evaluation reads them too
+        load_config(None, ["data.source=ffcv", "data.path=train.beton", "eval.at_start=true"])
     cfg = load_config(None, [*ffcv, *SMALL_IMAGES, f"eval.path={tmp_path / 'imagenet'}"])
     train, val = build_eval_sets(cfg)
     assert (len(train), len(val), train.classes) == (4, 2, ["cat", "dog"])

@@ -613,6 +613,13 @@ def test_metrics_rows_after_the_resume_point_are_set_aside_not_duplicated(tmp_pa
     superseded = (tmp_path / "metrics.jsonl.superseded").read_text().splitlines()
     assert [_json.loads(l)["step"] for l in superseded] == [5, 6, 7]
 
+    # Started afresh (no checkpoint to resume), even step 0's evaluation of the initial encoder
+    # (eval.at_start) is of an earlier start: set aside, so this start evaluates its own.
+    path.write_text(_json.dumps({"step": 0, "epoch": 0.0, "knn_top1": 10.0}) + "\n")
+    Telemetry(tmp_path, enabled=True, total_steps=10, start_step=0, progress_bar=False, resumed=False).close()
+    assert path.read_text() == ""
+    assert _json.loads((tmp_path / "metrics.jsonl.superseded").read_text().splitlines()[-1])["knn_top1"] == 10.0
+
 
 AGREE = r"""
 import json, os, signal

@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 
+from mto_ds.config import load_config
 from mto_ds.models import create_mim_model
 
 from conftest import REPO, cpu_env, pretrain, read_metrics
@@ -90,11 +91,12 @@ def test_two_rank_zero3_with_mto_and_accumulation(tmp_path):
     each epoch's end gathers the partitioned encoder and gives what `mto-ds eval` gives on the
     checkpoint of the same step."""
     run = tmp_path / "run"
-    evaluation = ("eval.every_epochs=1", "eval.num_train=64", "eval.num_val=32")
+    evaluation = ("eval.every_epochs=1", "eval.at_start=true", "eval.num_train=64", "eval.num_val=32")
     pretrain(run, "deepspeed.config=ds_configs/cpu_zero3.json", "train.steps=24", "train.micro_batch_size=8",
              "run.log_every=1", "mto.warmup_steps=10", "data.synthetic_images=384", *evaluation, nproc=2)
     evals = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "knn_top1" in r]
-    assert [(r["step"], r["epoch"]) for r in evals] == [(12, 1.0), (24, 2.0)]  # 12 steps of 32 per epoch
+    # eval.at_start: the initial encoder at step 0, then 12 steps of 32 per epoch.
+    assert [(r["step"], r["epoch"]) for r in evals] == [(0, 0.0), (12, 1.0), (24, 2.0)]
     assert all(0 <= r[k] <= 100 for r in evals for k in ("knn_top1", "linear_top1"))
     offline = subprocess.run([sys.executable, "-m", "mto_ds", "eval", "--config", str(run / "config.yaml"),
                               "--checkpoint", str(run)], cwd=REPO, env=cpu_env(), capture_output=True,
@@ -116,6 +118,10 @@ def test_two_rank_zero3_with_mto_and_accumulation(tmp_path):
     initial = create_mim_model("vit_tiny_patch16", "simmim", img_size=64, mto={"enabled": True})
     assert trained["mask_token"].shape == initial.mask_token.shape
     assert not torch.allclose(trained["mask_token"], initial.mask_token.detach(), atol=1e-6)
+    # The step-0 row is the evaluation of the initial weights, gathered from their ZeRO-3 shards.
+    from mto_ds.eval import evaluate
+    at_start = evaluate(initial.encoder, load_config(run / "config.yaml"), torch.device("cpu"))
+    assert at_start == pytest.approx({k: evals[0][k] for k in at_start}, abs=1e-6)
 
 
 def test_images_per_sec_leaves_out_the_time_spent_saving_checkpoints(tmp_path):

@@ -40,7 +40,8 @@ def evaluation_logged(metrics_path: Path, step: int) -> bool:
 
 
 class Telemetry:
-    def __init__(self, run_dir: Path, enabled: bool, total_steps: int, start_step: int, progress_bar: bool):
+    def __init__(self, run_dir: Path, enabled: bool, total_steps: int, start_step: int, progress_bar: bool,
+                 resumed: bool = True):
         self.enabled = enabled
         self.metrics_path = Path(run_dir) / "metrics.jsonl"
         self.tb_dir = Path(run_dir) / "tensorboard"
@@ -52,8 +53,11 @@ class Telemetry:
             from torch.utils.tensorboard import SummaryWriter
             # Events of steps after the one this run starts from (logged before a crash, or by a
             # history an explicit checkpoint.resume left) are hidden, as their rows are moved below.
-            self.writer = SummaryWriter(str(self.tb_dir), purge_step=start_step + 1)
-            self._set_aside_rows_after(start_step)
+            # Started afresh (no checkpoint), nothing earlier is kept, step 0's evaluation of the
+            # initial encoder (eval.at_start) included: it is of this start's settings.
+            kept_through = start_step if resumed else -1
+            self.writer = SummaryWriter(str(self.tb_dir), purge_step=kept_through + 1)
+            self._set_aside_rows_after(kept_through)
             self.file = open(self.metrics_path, "a")
             if progress_bar:
                 self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)

@@ -162,7 +162,7 @@ class Trainer:
         self.checkpointer.record_resume(cfg.checkpoint.resume, self.global_step)
         self.trace = SampleTrace(self.run_dir, self.dist.rank, self.dist.world_size)
         self.telemetry = Telemetry(self.run_dir, self.dist.rank == 0, self.total_steps, self.global_step,
-                                   cfg.run.progress_bar)
+                                   cfg.run.progress_bar, resumed=bool(self.resumed_from))
         log.info("%s, %d steps/epoch, %d steps in all, ZeRO-%d, %s",
                  describe_batch(self.batch, cfg.train.micro_batch_size), self.steps_per_epoch, self.total_steps,
                  zero_stage(self.ds_config), precision(self.ds_config))
@@ -180,11 +180,13 @@ class Trainer:
         if problem:
             return candidates, f"bad value for 'data.path': {problem}"
         from ..eval.datasets import missing_eval_folders  # eval is imported only where it is used
-        missing = missing_eval_folders(cfg) if cfg.eval.every_epochs else []
+        asked = "eval.every_epochs" if cfg.eval.every_epochs else "eval.at_start" if cfg.eval.at_start else None
+        missing = missing_eval_folders(cfg) if asked else []
         if missing:
-            return candidates, (f"bad value for 'eval.every_epochs': evaluating during pre-training needs the "
+            off = "eval.every_epochs=0" if asked == "eval.every_epochs" else "eval.at_start=false"
+            return candidates, (f"bad value for '{asked}': evaluating during pre-training needs the "
                                 f"labelled ImageFolders {' and '.join(missing)} (set eval.path to the root of "
-                                f"train/ and val/, or eval.every_epochs=0)")
+                                f"train/ and val/, or {off})")
         return candidates, None
 
     def _model_keys(self) -> dict:
@@ -291,8 +293,9 @@ class Trainer:
         reason, failure = "completed", None
         try:
             if self._evaluation_pending():
-                # The epoch this run resumes at ended, but its evaluation was cut short (an error, a
-                # kill, a stop signal at that step): do it now, or its point is missing for good.
+                # Step 0 with eval.at_start, or the epoch this run resumes at ended but its evaluation
+                # was cut short (an error, a kill, a stop signal at that step): do it now, or its
+                # point is missing for good.
                 with self._off_the_clock():
                     self._maybe_evaluate()
             for micro_batches in self._micro_batches():
@@ -418,10 +421,13 @@ class Trainer:
         return pending[0]
 
     def _evaluation_due(self) -> bool:
-        """Whether the current step ends an epoch that eval.every_epochs evaluates."""
+        """Whether the current step ends an epoch that eval.every_epochs evaluates, or is step 0
+        with eval.at_start."""
+        if self.global_step == 0:
+            return self.cfg.eval.at_start
         every = self.cfg.eval.every_epochs
         epoch, into_epoch = divmod(self.global_step, self.steps_per_epoch)
-        return bool(every) and self.global_step > 0 and not into_epoch and epoch % every == 0
+        return bool(every) and not into_epoch and epoch % every == 0
 
     def _maybe_evaluate(self) -> None:
         if not self._evaluation_due():

@@ -129,7 +129,8 @@ def evaluation_settings(cfg, checkpoint: str, finetune_epochs: int = 0,
     from .datasets import eval_root
 
     section = dataclasses.asdict(cfg.eval)
-    section.pop("every_epochs")  # when pre-training evaluates; run_eval does not read it
+    for key in ("every_epochs", "at_start"):  # when pre-training evaluates; run_eval does not read them
+        section.pop(key)
     data = cfg.data
     if data.source == "synthetic" and not cfg.eval.path:
         images = {"synthetic_images": data.synthetic_images, "synthetic_classes": data.synthetic_classes}

@@ -33,7 +33,7 @@ FINAL_EVAL = "final_eval.json"
 CONTROLLED_KEYS = ("mto.enabled", "run.output_dir", "run.seed", "train.epochs", "train.steps", "eval.every_epochs")
 # Keys that may differ between a baseline and its MTO partner without making them incomparable.
 INCIDENTAL = ("run.output_dir", "run.progress_bar", "run.log_every", "data.num_workers", "checkpoint.",
-              "eval.every_epochs", "mto.")
+              "eval.every_epochs", "eval.at_start", "mto.")
 # Keys a run may be resumed with changed without changing what its numbers mean (mto.* does).
 RESUME_INCIDENTAL = tuple(key for key in INCIDENTAL if key != "mto.")
 RESUME = "resume it by running the same command again, then collect again"
@@ -301,6 +301,12 @@ def _budget_curve(group: List[Run], metric: str, notes: List[str]) -> Curve:
                          f"{run.budget:g}; left out of the curve ({final_eval_hint(metric)} at its budget)")
         else:
             points.append((run.budget, values[-1]))
+    # Every budget of a seed starts from the same initial encoder: its evaluation at epoch 0
+    # (eval.at_start), in any of the runs, is the curve's budget-0 point.
+    at_start = next((run.curve(metric)[1][0] for run in sorted(group, key=lambda r: r.budget)
+                     if run.curve(metric)[0][:1] == [0.0]), None)
+    if points and at_start is not None:
+        points.insert(0, (0.0, at_start))
     return [p[0] for p in points], [p[1] for p in points]
 
 

@@ -96,7 +96,7 @@ def plan_runs(config: str, out_dir: Path, *, epochs: Sequence[int], seeds: Seque
                 run_dir = Path(out_dir) / name
                 settings = (f"mto.enabled={'true' if method == 'mto' else 'false'}", f"run.output_dir={run_dir}",
                             f"run.seed={seed}", f"train.epochs={budget}", f"eval.every_epochs={every}",
-                            *overrides)
+                            "eval.at_start=true", *overrides)
                 argv = [*prefix, module_flag, "mto_ds", "pretrain", "--config", str(config), *settings]
                 planned.append(PlannedRun(name, run_dir, argv, str(config), settings))
     return planned
