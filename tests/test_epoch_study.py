@@ -340,6 +340,10 @@ def test_final_evaluation_is_reused_only_under_the_settings_and_checkpoint_it_wa
     assert final_evaluation(run_dir, finetune_epochs=3)["knn_top1"] == 5.0
     assert calls == [("mean", 0), ("cls", 0), ("cls", 0), ("cls", 2), ("cls", 3)]
     assert load_run(run_dir).curve("knn_top1")[1][-1] == 5.0
+    # Nothing computed is lost: each replaced row, the 2-epoch fine-tune's too, is kept in order.
+    superseded = [json.loads(line) for line in (run_dir / "final_eval.superseded.jsonl").read_text().splitlines()]
+    assert [r["knn_top1"] for r in superseded] == [99.0, 1.0, 2.0, 3.0, 4.0]
+    assert superseded[-1]["finetune_top1"] == 60.0 and superseded[-1]["settings"]["finetune_epochs"] == 2
 
     # The checkpoints deleted since: the row still serves the same settings, with a warning ...
     shutil.rmtree(run_dir / "checkpoints")

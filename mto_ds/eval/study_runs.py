@@ -131,6 +131,10 @@ def resume_conflicts(planned: PlannedRun) -> List[str]:
     return config_differences({k: existing[k] for k in common}, {k: wanted[k] for k in common}, RESUME_INCIDENTAL)
 
 
+# Where final_evaluation keeps each row it replaces, one JSON row a line.
+SUPERSEDED_FINAL_EVALS = "final_eval.superseded.jsonl"
+
+
 def final_evaluation(run_dir: Path, finetune_epochs: int = 0, device=None, overrides: Sequence[str] = ()) -> dict:
     """Evaluates a finished run's last checkpoint (fine-tune too if asked) into RUN/final_eval.json,
     with RUN/config.yaml's settings after `overrides` (`eval.*` and `data.num_workers`, checked by
@@ -165,6 +169,9 @@ def final_evaluation(run_dir: Path, finetune_epochs: int = 0, device=None, overr
         raise RuntimeError(f"{run_dir} has no complete checkpoint to evaluate, and no {FINAL_EVAL} "
                            "computed with the same evaluation settings")
     result = run_eval(cfg, str(run_dir), finetune_epochs, device=device)
+    if row:  # of other settings (a GPU fine-tune, say, before a collect on another device): kept
+        with open(run_dir / SUPERSEDED_FINAL_EVALS, "a") as superseded:
+            superseded.write(json.dumps(row) + "\n")
     row = {"epoch": run.budget, **result, "settings": settings}
     # Whole or not at all: a collect killed mid-write must not leave a row every later one trips on.
     partial = cached.with_name(f".{FINAL_EVAL}.partial")
