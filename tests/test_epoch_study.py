@@ -723,12 +723,28 @@ def test_collect_skips_runs_it_cannot_evaluate_and_set_gives_the_evaluation_fold
     monkeypatch.setattr("mto_ds.eval.run.run_eval", fake_run_eval)
     (tmp_path / "imagenet" / "train").mkdir(parents=True)
     (tmp_path / "imagenet" / "val").mkdir()
-    assert _tool().main(["collect", str(study_dir), *out, "--set", f"eval.path={tmp_path / 'imagenet'}",
-                         "data.num_workers=2"]) == 0
+    # --set before and after the paths: each takes one value, never a run directory.
+    assert _tool().main(["collect", "--final-eval", "--set", f"eval.path={tmp_path / 'imagenet'}", str(study_dir),
+                         "--set", "data.num_workers=2", *out[:2]]) == 0
     assert seen == [(str(tmp_path / "imagenet"), 2)] * 2
     row = json.loads((study_dir / "mto-ep4-s0" / "final_eval.json").read_text())
     assert row["knn_top1"] == 70.0 and row["settings"]["images"]["root"] == str((tmp_path / "imagenet").resolve())
     assert not list(study_dir.rglob(".final_eval.json.partial"))
+
+
+def test_a_curve_whose_final_evaluation_used_other_eval_settings_than_its_training_is_named(tmp_path):
+    """collect --final-eval --set eval.num_train=... gives the budget's point another protocol than
+    the evaluations during training on the same curve: warned, naming the keys."""
+    base = fake_run(tmp_path / "baseline-ep4-s0", mto=False, knn={e: BASELINE_KNN[e] for e in (1, 2, 3)})
+    mto = fake_run(tmp_path / "mto-ep4-s0", mto=True, knn={e: MTO_KNN[e] for e in (1, 2, 3)})
+    same = {"eval": {"num_train": 1024, "knn_k": 20, "every_epochs": 3}}
+    _write_final_eval(base, 4.0, 80.0, {"eval": {"num_train": 10000, "knn_k": 20}})
+    _write_final_eval(mto, 4.0, 85.0, {"eval": {"num_train": 10000, "knn_k": 20}})
+    notes = [w for w in assemble([load_run(base), load_run(mto)]).warnings if "mixes the two" in w]
+    assert len(notes) == 2 and all("eval.num_train: 1024 vs 10000" in w for w in notes)
+    _write_final_eval(base, 4.0, 80.0, same)  # the config's own values (every_epochs is not compared)
+    _write_final_eval(mto, 4.0, 85.0, same)
+    assert not any("mixes the two" in w for w in assemble([load_run(base), load_run(mto)]).warnings)
 
 
 def test_a_final_eval_file_cut_short_is_left_out_with_a_warning_and_evaluated_again(tmp_path, monkeypatch):

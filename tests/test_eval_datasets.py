@@ -209,9 +209,12 @@ def test_folder_eval_images_convert_odd_files_as_pretraining_does(tmp_path):
     assert label == 0 and image.min() == 255  # composited over white (read_rgb), not its hidden red
 
 
-def test_evaluation_during_pretraining_without_its_folders_is_refused_before_the_first_step(tmp_path):
+@pytest.mark.parametrize("asks, key", [("eval.every_epochs=1", "eval.every_epochs"),
+                                       ("eval.at_start=true", "eval.at_start")])
+def test_evaluation_during_pretraining_without_its_folders_is_refused_before_the_first_step(tmp_path, asks, key):
     """README: a bad value fails before any work. The missing val/ of a folder run with
-    eval.every_epochs was found at the first evaluation, after a whole epoch of training."""
+    eval.every_epochs was found at the first evaluation, after a whole epoch of training; the
+    error names the key that asked for an evaluation."""
     import json
 
     from conftest import pretrain
@@ -219,10 +222,10 @@ def test_evaluation_during_pretraining_without_its_folders_is_refused_before_the
     _image_folder(tmp_path / "data", {"train": {"cat": 8, "dog": 8}})
     run = tmp_path / "run"
     result = pretrain(run, "data.source=folder", f"data.path={tmp_path / 'data' / 'train'}", "data.num_workers=0",
-                      "eval.every_epochs=1", "train.epochs=1", "train.global_batch_size=8", "model.img_size=32",
+                      asks, "train.epochs=1", "train.global_batch_size=8", "model.img_size=32",
                       "model.mask_patch_size=16", check=False)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "mto-ds: config error: bad value for 'eval.every_epochs'" in result.stderr
+    assert f"mto-ds: config error: bad value for '{key}'" in result.stderr
     assert str(tmp_path / "data" / "val") in result.stderr and "Traceback" not in result.stderr
     assert json.loads((run / "state.json").read_text())["step"] is None
     assert not (run / "metrics.jsonl").exists() or (run / "metrics.jsonl").read_text() == ""

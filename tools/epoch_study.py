@@ -17,8 +17,8 @@
            --final-eval evaluates each finished run's last checkpoint first (needed where the
            runs did not evaluate at their last epoch, e.g. eval.every_epochs=0 as in
            configs/vit_*.yaml; with --finetune-epochs N also fine-tunes it: the paper's metric,
-           --metric finetune_top1). --set eval.KEY=VALUE ... changes how every run is evaluated
-           there, e.g. --set eval.path=/data/imagenet for runs pre-trained on an FFCV file.
+           --metric finetune_top1). --set eval.KEY=VALUE (repeatable) changes how every run is
+           evaluated there, e.g. --set eval.path=/data/imagenet for runs pre-trained on FFCV.
 Bad arguments end with a message naming the problem and exit code 2.
 """
 from __future__ import annotations
@@ -46,7 +46,7 @@ def collect(paths, out: Path, metric: str, mode: str, final_eval: bool, finetune
     run_dirs = find_run_dirs(paths)
     skipped = dict(skipped or {})
     if final_eval:
-        check_eval_overrides(eval_overrides, run_dirs)
+        check_eval_overrides(eval_overrides)
         skipped.update(evaluate_last_checkpoints(run_dirs, finetune_epochs, eval_overrides))
     study = assemble(load_runs(run_dirs, skipped), metric=metric, mode=mode)
     paths = write_report(study, out)
@@ -91,9 +91,9 @@ def _parser() -> argparse.ArgumentParser:
     col.add_argument("--out", required=True, type=Path)
     col.add_argument("--final-eval", action="store_true", help="evaluate each finished run's last checkpoint first")
     col.add_argument("--finetune-epochs", type=int, default=0, help="with --final-eval: fine-tune N epochs too")
-    col.add_argument("--set", dest="eval_overrides", nargs="+", default=[], metavar="eval.KEY=VALUE",
-                     help="with --final-eval: evaluate every run with these eval.* (or data.num_workers) values "
-                          "instead of its config.yaml's, e.g. eval.path=/data/imagenet")
+    col.add_argument("--set", dest="eval_overrides", action="append", default=None, metavar="eval.KEY=VALUE",
+                     help="with --final-eval: evaluate every run with this eval.* (or data.num_workers) value "
+                          "instead of its config.yaml's, e.g. eval.path=/data/imagenet; repeat for several")
     for p in (run, col):
         p.add_argument("--metric", choices=METRICS, default="knn_top1")
         p.add_argument("--curve", choices=("auto", "periodic", "budget"), default="auto",
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
             if args.eval_overrides and not args.final_eval:
                 raise StudyError("--set changes how the final evaluation evaluates the runs: add --final-eval")
             return collect(args.paths, args.out, args.metric, args.curve, args.final_eval, args.finetune_epochs,
-                           eval_overrides=args.eval_overrides)
+                           eval_overrides=args.eval_overrides or [])
         return _run(args, argv)
     except (StudyError, ConfigError) as err:
         print(f"epoch_study.py {args.command}: error: {err}", file=sys.stderr)

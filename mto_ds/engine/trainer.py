@@ -411,7 +411,8 @@ class Trainer:
         self.telemetry.tick(self.global_step)
 
     def _evaluation_pending(self) -> bool:
-        """Whether the current step ends an epoch whose evaluation is due and not in metrics.jsonl.
+        """Whether the current step ends an epoch (or is step 0 with eval.at_start) whose evaluation
+        is due and not in metrics.jsonl.
         Rank 0 reads the file and tells the others: they evaluate together."""
         if not self._evaluation_due():
             return False

@@ -337,6 +337,7 @@ def assemble(runs: List[Run], metric: str = "knn_top1", mode: str = "auto") -> S
             curves.setdefault(seed, {})[method] = curve
 
     notes += _pair_differences(partners) + _method_differences(runs) + _final_evals_not_used(runs)
+    notes += _curves_of_two_settings(runs, metric)
     notes += _uninformative(curves, metric)
 
     numbers: Dict[str, Dict[str, Optional[float]]] = {}
@@ -400,6 +401,23 @@ def _uninformative(curves: Dict[int, Dict[str, Curve]], metric: str) -> List[str
             "set (more classes, docs/STUDY.md) and look at a random encoder's accuracy first"]
 
 
+def _curves_of_two_settings(runs: List[Run], metric: str) -> List[str]:
+    """Runs whose final_eval.json row was computed with other eval.* values (collect --set) than
+    their config.yaml's, by which their evaluations during training (epoch 0 included) were: their
+    curves mix the two."""
+    notes = []
+    for run in runs:
+        section = ((run.final_eval or {}).get("settings") or {}).get("eval") or {}
+        diffs = [f"eval.{key}: {run.config.get(f'eval.{key}')!r} vs {value!r}" for key, value in sorted(section.items())
+                 if key not in ("every_epochs", "at_start") and run.config.get(f"eval.{key}") != value]
+        if diffs and len(run.curve(metric)[0]) > 1:
+            notes.append(f"{run.path}: its {FINAL_EVAL} was computed with other evaluation settings than its "
+                         f"evaluations during training ({'; '.join(diffs)}, config.yaml vs {FINAL_EVAL}), so its "
+                         f"{metric} curve mixes the two; set those values in the runs' config.yaml, or compare "
+                         "final evaluations only (a budget study of runs with eval.every_epochs=0)")
+    return notes
+
+
 def _final_evals_not_used(runs: List[Run]) -> List[str]:
     notes = []
     for run in runs:
@@ -440,8 +458,8 @@ def _how_to_align(diffs: List[str], finetune: bool) -> str:
     command = f"`tools/epoch_study.py collect --final-eval{' --finetune-epochs N' if finetune else ''}"
     from_configs = [k for k in keys if k.startswith(("eval.", "images."))]
     if from_configs:  # each run is evaluated with its own config.yaml's eval section
-        return (f"{', '.join(from_configs)} come from the runs' own config.yaml: {command} --set eval.KEY=VALUE "
-                "...` evaluates them all with the same values (eval.path for the images)")
+        return (f"{', '.join(from_configs)} come from the runs' own config.yaml: {command} --set eval.KEY=VALUE` "
+                "(once per key) evaluates them all with the same values (eval.path for the images)")
     return f"{command}` evaluates them all alike, on this machine's device"
 
 

@@ -186,17 +186,18 @@ def final_evaluation(run_dir: Path, finetune_epochs: int = 0, device=None, overr
 EVAL_OVERRIDE_PREFIXES = ("eval.", "data.num_workers=")
 
 
-def check_eval_overrides(overrides: Sequence[str], run_dirs: Sequence[Path]) -> None:
+def check_eval_overrides(overrides: Sequence[str]) -> None:
     """A StudyError naming an override that is not `eval.*` or `data.num_workers`, and the
-    ConfigError of one the schema refuses, before any run is evaluated."""
+    ConfigError of one the schema refuses, before any run is evaluated (a run's own config.yaml
+    that no longer loads is that run's problem: it is skipped, named)."""
     from mto_ds.config import load_config
 
     bad = [item for item in overrides if "=" not in item or not item.startswith(EVAL_OVERRIDE_PREFIXES)]
     if bad:
         raise StudyError(f"--set takes eval.KEY=VALUE or data.num_workers=N (how the runs are evaluated, not what "
                          f"they pre-trained), got {' '.join(bad)}")
-    for run_dir in run_dirs[:1]:
-        load_config(Path(run_dir) / "config.yaml", overrides)
+    if overrides:
+        load_config(None, overrides)
 
 
 def _reusable(row: dict, settings: dict, compare_checkpoint: bool = True) -> bool:
@@ -267,7 +268,7 @@ def evaluate_last_checkpoints(run_dirs, finetune_epochs: int, overrides: Sequenc
             print(f"{run_dir}: " + ", ".join(f"{m} {row[m]:.2f}" for m in METRICS if m in row))
         except (RuntimeError, ValueError, OSError) as err:
             why = str(err) if isinstance(err, RuntimeError) else f"{run_dir}: {err}"
-            if "eval.path" in why:
+            if "eval.path" in why and not any(item.startswith("eval.path=") for item in overrides):
                 why += " (for the final evaluation only: collect --set eval.path=DIR)"
             print(f"skipped: {why}", file=sys.stderr)
             skipped[Path(run_dir)] = why
