@@ -132,6 +132,17 @@ def test_a_budget_curve_starts_at_the_initial_encoders_evaluation_when_a_run_log
     assert not study.numbers["seed 0"]["mto_epochs_to_baseline_is_bound"]
 
 
+def test_a_curve_that_ends_no_higher_than_its_initial_encoder_is_named(tmp_path):
+    """The demo set: a random encoder scores 99.8 % k-NN at epoch 0 and pre-training lowers it."""
+    at_start = [{"step": 0, "epoch": 0.0, "knn_top1": 99.8}]
+    fake_run(tmp_path / "b", mto=False, knn={1: 99.2, 2: 99.0}, epochs=2, extra_rows=at_start)
+    fake_run(tmp_path / "m", mto=True, knn={1: 99.4, 2: 99.9}, epochs=2, extra_rows=at_start)
+    notes = [w for w in assemble([load_run(tmp_path / "b"), load_run(tmp_path / "m")]).warnings
+             if "has not improved" in w]
+    assert notes == ["seed 0 baseline: knn_top1 99 at epoch 2 is no higher than the initial encoder's 99.8 "
+                     "(epoch 0): pre-training has not improved on a random encoder by this metric"]
+
+
 def test_seeds_are_paired_and_averaged(tmp_path):
     for seed, shift in ((0, 0.0), (1, 10.0)):
         fake_run(tmp_path / f"b{seed}", mto=False, seed=seed, knn={e: v + shift for e, v in BASELINE_KNN.items()})

@@ -338,7 +338,7 @@ def assemble(runs: List[Run], metric: str = "knn_top1", mode: str = "auto") -> S
 
     notes += _pair_differences(partners) + _method_differences(runs) + _final_evals_not_used(runs)
     notes += _curves_of_two_settings(runs, metric)
-    notes += _uninformative(curves, metric)
+    notes += _uninformative(curves, metric) + _no_gain_over_the_start(curves, metric)
 
     numbers: Dict[str, Dict[str, Optional[float]]] = {}
     for seed, by_method in sorted(curves.items()):
@@ -415,6 +415,20 @@ def _curves_of_two_settings(runs: List[Run], metric: str) -> List[str]:
                          f"evaluations during training ({'; '.join(diffs)}, config.yaml vs {FINAL_EVAL}), so its "
                          f"{metric} curve mixes the two; set those values in the runs' config.yaml, or compare "
                          "final evaluations only (a budget study of runs with eval.every_epochs=0)")
+    return notes
+
+
+def _no_gain_over_the_start(curves: Dict[int, Dict[str, Curve]], metric: str) -> List[str]:
+    """Curves whose final accuracy is no higher than their initial encoder's (epoch 0,
+    eval.at_start): pre-training has not improved on a random encoder by this metric, so
+    epochs-to-baseline measures nothing (it is 0: the start already reaches the target)."""
+    notes = []
+    for seed, by_method in sorted(curves.items()):
+        for method, (epochs, values) in sorted(by_method.items()):
+            if len(epochs) > 1 and epochs[0] == 0.0 and values[-1] <= values[0]:
+                notes.append(f"seed {seed} {method}: {metric} {values[-1]:g} at epoch {epochs[-1]:g} is no higher than "
+                             f"the initial encoder's {values[0]:g} (epoch 0): pre-training has not improved on a "
+                             "random encoder by this metric")
     return notes
 
 
