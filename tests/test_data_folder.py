@@ -370,3 +370,24 @@ def test_a_rank_whose_share_leaves_a_micro_batch_place_empty_gets_a_stand_in_tha
     batches = [b["index"].tolist() for b in loader.micro_batches(1)]
     assert [len(b) for b in batches] == [2] * 10
     assert sum(batches[:2], []) == rank_indices(40, 0, 1, 8, 0, 2)[:4].tolist()
+
+
+def test_make_synthetic_writes_train_and_val_of_the_same_classes_that_evaluation_reads(tmp_path):
+    """Two runs of the tool with other seeds draw other classes, so a held-out split comes from
+    one set: --val-images writes OUT/train and OUT/val, the layout the evaluation reads."""
+    from mto_ds.config import load_config
+    from mto_ds.eval.datasets import build_eval_sets
+    spec = importlib.util.spec_from_file_location("make_synthetic_cli", REPO / "tools" / "make_synthetic.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    out = tmp_path / "synth"
+    assert cli.main([str(out), "--images", "12", "--classes", "3", "--size", "32", "--val-images", "6"]) == 0
+    train, val = (list((out / split).rglob("*.JPEG")) for split in ("train", "val"))
+    assert sorted(int(p.stem) for p in train) == list(range(12))
+    assert sorted(int(p.stem) for p in val) == list(range(12, 18))
+    truth = SyntheticImages(18, 3, 32)  # one set: image i and its class depend on (seed, i) only
+    assert all(p.parent.name == f"class_{truth.label(int(p.stem))}" for p in train + val)
+    cfg = load_config(None, ["data.source=folder", f"data.path={out / 'train'}", "model.img_size=32",
+                             "model.mask_patch_size=16", "eval.num_train=12", "eval.num_val=6"])
+    train_set, val_set = build_eval_sets(cfg)
+    assert (len(train_set), len(val_set), train_set.classes) == (12, 6, ["class_0", "class_1", "class_2"])

@@ -52,8 +52,11 @@ class SyntheticImages:
 
 
 def write_image_folder(out_dir, num_images: int, num_classes: int, size: int, seed: int = 0,
-                       quality: int = 90) -> Path:
-    """The synthetic set as an ImageNet-layout folder of JPEGs: OUT/class_<c>/<i>.JPEG.
+                       quality: int = 90, val_images: int = 0) -> Path:
+    """The synthetic set as an ImageNet-layout folder of JPEGs: OUT/class_<c>/<i>.JPEG, or with
+    `val_images`, OUT/train/class_<c>/ (images 0 to num_images - 1) and OUT/val/class_<c>/ (the
+    next `val_images`): one set of classes, as an evaluation needs (another seed draws other
+    classes).
 
     Class folders are zero-padded so their sorted order is the label order. Written under a
     temporary name and renamed at the end; an existing `out_dir` is an error.
@@ -61,16 +64,19 @@ def write_image_folder(out_dir, num_images: int, num_classes: int, size: int, se
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} exists")
-    images = SyntheticImages(num_images, num_classes, size, seed)
+    images = SyntheticImages(num_images + val_images, num_classes, size, seed)
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    class_width, image_width = len(str(num_classes - 1)), len(str(num_images - 1))
+    class_width, image_width = len(str(num_classes - 1)), len(str(len(images) - 1))
+    splits = {partial / "train": range(num_images), partial / "val": range(num_images, len(images))} \
+        if val_images else {partial: range(num_images)}
     try:
-        for c in range(num_classes):
-            (partial / f"class_{c:0{class_width}d}").mkdir(parents=True)
-        for i in range(num_images):
-            path = partial / f"class_{images.label(i):0{class_width}d}" / f"{i:0{image_width}d}.JPEG"
-            Image.fromarray(images.image(i)).save(path, format="JPEG", quality=quality)
+        for root, indices in splits.items():
+            for c in range(num_classes):
+                (root / f"class_{c:0{class_width}d}").mkdir(parents=True)
+            for i in indices:
+                path = root / f"class_{images.label(i):0{class_width}d}" / f"{i:0{image_width}d}.JPEG"
+                Image.fromarray(images.image(i)).save(path, format="JPEG", quality=quality)
         partial.rename(out_dir)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
