@@ -72,3 +72,24 @@ def test_each_kept_image_is_flipped_as_its_position_says_when_images_are_left_ou
     kept = torch.tensor([True, False, True, False])
     assert torch.equal(_flip_some(images[kept], kept, flip), flipped[kept])
     assert _flip_some(images[:1], torch.zeros(4, dtype=torch.bool), flip).shape == (1, 3, 2, 2)  # the stand-in
+
+
+class NothingDecodes(BrightChannel):
+    """Every image undecodable (the loader's None), as a batch of broken files would be."""
+
+    def __getitem__(self, i):
+        return None
+
+
+def test_a_batch_with_no_decoded_image_does_not_step_the_optimizer():
+    """Its loss is a zero-weight stand-in, so its gradients are 0; AdamW's step would still decay
+    the weights (weight decay 0.05) and move them: the fine-tuned copy must equal its start."""
+    from mto_ds.eval.finetune import finetune
+    encoder = _tiny_vit()
+    torch.manual_seed(0)
+    tuned = finetune(encoder, NothingDecodes(8, seed=0), 3, torch.device("cpu"), epochs=1, batch_size=8, lr=1e-2,
+                     warmup_fraction=0.0)
+    assert all(torch.equal(encoder.state_dict()[k], v) for k, v in tuned.encoder.state_dict().items())
+    learned = finetune(encoder, BrightChannel(8, seed=0), 3, torch.device("cpu"), epochs=1, batch_size=8, lr=1e-2,
+                       warmup_fraction=0.0)
+    assert not all(torch.equal(encoder.state_dict()[k], v) for k, v in learned.encoder.state_dict().items())

@@ -17,6 +17,7 @@ import math
 from typing import List
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
@@ -142,6 +143,15 @@ def finetune(encoder: nn.Module, train_set: Dataset, num_classes: int, device: t
                       label_smoothing=label_smoothing, seed=seed, num_workers=num_workers)
 
 
+def _decoded_anywhere(decoded: int, world_size: int, device: torch.device) -> bool:
+    """Whether any rank decoded an image of this global batch (all ranks get the same answer)."""
+    if world_size == 1:
+        return decoded > 0
+    total = torch.tensor([decoded], device=device)
+    dist.all_reduce(total)
+    return int(total) > 0
+
+
 def _train(model, train_set, device, *, epochs, steps_per_epoch, batch_size, lr, layer_decay, weight_decay,
            warmup_fraction, label_smoothing, seed, num_workers) -> PooledClassifier:
     rank, world_size = rank_and_world()
@@ -173,9 +183,13 @@ def _train(model, train_set, device, *, epochs, steps_per_epoch, batch_size, lr,
             with autocast(device):
                 logits = trained(images)
             loss = F.cross_entropy(logits.float(), labels.to(device), label_smoothing=label_smoothing)
-            weight = int(kept.sum()) * world_size / batch_size  # 0 for the stand-in of a batch with none decoded
+            decoded = int(kept.sum())
+            weight = decoded * world_size / batch_size  # 0 for the stand-in of a batch with none decoded
             optimizer.zero_grad(set_to_none=True)
             (loss if weight == 1 else loss * weight).backward()
-            optimizer.step()
+            # A global batch none of whose images decoded has zero gradients, on which AdamW would
+            # still decay the weights and move them by its momentum: no step, as for a skipped one.
+            if _decoded_anywhere(decoded, world_size, device):
+                optimizer.step()
             step += 1
     return model
