@@ -296,15 +296,15 @@ def _budget_curve(group: List[Run], metric: str, notes: List[str]) -> Curve:
         epochs, values = run.curve(metric)
         if not values:
             notes.append(f"{run.path}: no {metric} evaluation; left out of the curve ({final_eval_hint(metric)})")
-        elif not math.isclose(epochs[-1], run.budget):
+        elif _ends_before_budget(run, (epochs, values)):
             notes.append(f"{run.path}: last {metric} evaluation at epoch {epochs[-1]:g}, not at its budget "
                          f"{run.budget:g}; left out of the curve ({final_eval_hint(metric)} at its budget)")
         else:
             points.append((run.budget, values[-1]))
     # Every budget of a seed starts from the same initial encoder: its evaluation at epoch 0
     # (eval.at_start), in any of the runs, is the curve's budget-0 point.
-    at_start = next((run.curve(metric)[1][0] for run in sorted(group, key=lambda r: r.budget)
-                     if run.curve(metric)[0][:1] == [0.0]), None)
+    curves = (run.curve(metric) for run in sorted(group, key=lambda r: r.budget))
+    at_start = next((values[0] for epochs, values in curves if epochs[:1] == [0.0]), None)
     if points and at_start is not None:
         points.insert(0, (0.0, at_start))
     return [p[0] for p in points], [p[1] for p in points]
