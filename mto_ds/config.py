@@ -89,7 +89,7 @@ class DeepSpeedSection:
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 0                     # 0: only at the end (and on signal)
+    every_steps: int = 0                     # 0: only at the end (and on signal, and before an epoch's evaluation)
     resume: str = "auto"                     # auto | none | a checkpoint directory
     keep_last: int = 3
 

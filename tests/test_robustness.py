@@ -731,14 +731,15 @@ def test_a_run_directory_that_not_every_rank_sees_is_found_before_training(tmp_p
 
 
 def test_a_final_evaluation_cut_short_is_done_by_the_next_start_and_only_then_is_the_run_finished(tmp_path):
-    """The checkpoint of an epoch's last step is saved before that epoch's evaluation. When the
-    evaluation fails (here: its folders hold no images; in practice also a kill or a stop
-    signal), the run must not say finished, and the next start, with nothing left to train,
-    evaluates it (the study's point for that epoch was lost for good before). A third start
-    adds nothing."""
+    """The checkpoint of an epoch's last step is saved before that epoch's evaluation, also where
+    checkpoint.every_steps does not fall on it (0 here: only at the end; every step since the
+    last save was lost and trained again). When the evaluation fails (here: its folders hold no
+    images; in practice also a kill or a stop signal), the run must not say finished, and the
+    next start evaluates it first, from that checkpoint (the study's point for that epoch was
+    lost for good before), then trains on. A third start adds nothing."""
     from mto_ds.engine.telemetry import evaluation_logged
     run = tmp_path / "run"
-    small = ("data.synthetic_images=64", "train.epochs=1", "checkpoint.every_steps=2", "eval.every_epochs=1",
+    small = ("data.synthetic_images=64", "train.epochs=2", "checkpoint.every_steps=0", "eval.every_epochs=1",
              "eval.num_train=32", "eval.num_val=16", "eval.linear_epochs=2", "run.log_every=1",
              "run.progress_bar=false")
     cmd = [sys.executable, "-m", "mto_ds", "pretrain", "--config", "configs/demo.yaml", f"run.output_dir={run}", *small]
@@ -752,10 +753,10 @@ def test_a_final_evaluation_cut_short_is_done_by_the_next_start_and_only_then_is
     for _ in range(2):
         again = subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)
         assert again.returncode == 0, again.stderr[-3000:]
-        assert state(run) == {"finished": True, "step": 2, "total_steps": 2, "reason": "completed"}
+        assert state(run) == {"finished": True, "step": 4, "total_steps": 4, "reason": "completed"}
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "knn_top1" in r] == [2]  # evaluated once, by the second start
-    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+    assert [r["step"] for r in rows if "knn_top1" in r] == [2, 4]  # each evaluated once, by the second start
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
 
 
 def test_a_start_with_other_settings_keeps_the_earlier_config_and_names_what_changed(tmp_path, caplog):

@@ -305,9 +305,12 @@ class Trainer:
                     break
                 every = self.cfg.checkpoint.every_steps
                 with self._off_the_clock():
-                    if every and self.global_step % every == 0:
+                    # An epoch's evaluation comes after its checkpoint, whatever every_steps is: an
+                    # evaluation that fails or is killed is done again from it, not after retraining.
+                    evaluate = self._evaluation_due()
+                    if (every and self.global_step % every == 0) or evaluate:
                         self.save()
-                    if self.global_step % self.steps_per_epoch == 0:
+                    if evaluate:
                         self._maybe_evaluate()
             if self.last_saved_step != self.global_step:
                 self.save()
