@@ -253,6 +253,9 @@ def test_an_explicit_resume_applies_once_per_job_and_the_jobs_restarts_continue_
     _complete_tags(tmp_path / "elsewhere", 5)
     if resume == "PATH":
         resume = str(tmp_path / "elsewhere" / "step_00000005")
+        # The run's own earlier history, older than the checkpoint it is told to start from
+        # (the start that applies the value sets aside only what is newer).
+        _complete_tags(ckpt, 3)
     applied = [] if resume == "none" else [Path(resume)]
     checkpointer = Checkpointer(ckpt, keep_last=3, rank=0, world_size=1)
     first_start = {"SLURM_JOB_ID": "41", "SLURM_RESTART_COUNT": "0"}
@@ -261,13 +264,23 @@ def test_an_explicit_resume_applies_once_per_job_and_the_jobs_restarts_continue_
     # A restart before the first start recorded anything (it died in set-up) applies the value.
     assert checkpointer.candidates(resume, env=requeued) == applied
     checkpointer.record_resume(resume, step=0 if resume == "none" else 5, env=first_start)
-    # Recorded, but nothing saved since: applying it again is the same start.
+    # Recorded, but nothing saved since: applying it again is the same start (step 3 is the
+    # history the value replaced: continuing from it went back to that history unseen).
     assert checkpointer.candidates(resume, env=requeued) == applied
     _complete_tags(ckpt, 9, 12)
-    assert checkpointer.candidates(resume, env=requeued) == [ckpt / "step_00000012", ckpt / "step_00000009"]
+    # The job's progress first; should it all be damaged, the value, never the older history.
+    progress = [ckpt / "step_00000012", ckpt / "step_00000009"]
+    assert checkpointer.candidates(resume, env=requeued) == progress + applied
+    # The restart that continued keeps the record: a later requeue before any new save still
+    # tells the job's progress from the older history.
+    checkpointer.record_resume(resume, step=12, env=requeued)
+    assert json.loads((ckpt / "resume_applied.json").read_text())["step"] == (0 if resume == "none" else 5)
+    assert checkpointer.candidates(resume, env={"SLURM_JOB_ID": "41", "SLURM_RESTART_COUNT": "2"}) == progress + applied
     elastic = {"TORCHELASTIC_RUN_ID": "r1", "TORCHELASTIC_RESTART_COUNT": "1"}
-    checkpointer.record_resume(resume, step=0, env={"TORCHELASTIC_RUN_ID": "r1", "TORCHELASTIC_RESTART_COUNT": "0"})
-    assert checkpointer.candidates(resume, env=elastic) == [ckpt / "step_00000012", ckpt / "step_00000009"]
+    checkpointer = Checkpointer(ckpt, keep_last=3, rank=0, world_size=1)  # another job's first start
+    checkpointer.record_resume(resume, step=0 if resume == "none" else 5,
+                               env={"TORCHELASTIC_RUN_ID": "r1", "TORCHELASTIC_RESTART_COUNT": "0"})
+    assert checkpointer.candidates(resume, env=elastic) == progress + applied
     # Applied again: by a new job, by a first start in the same allocation, by a plain process,
     # and for another value than the one recorded.
     for env in ({"SLURM_JOB_ID": "42", "SLURM_RESTART_COUNT": "1"}, {"SLURM_JOB_ID": "41"}, {},

@@ -108,6 +108,7 @@ class Checkpointer:
         self.faults = faults or Faults()
         self.zero_stage = zero_stage  # of this run; a checkpoint of another stage does not load
         self.model = model  # the config keys that shape this run's weights, as complete.json records them
+        self.continuing = False  # candidates() found this job's progress since its explicit resume
 
     def complete_tags(self, root: Optional[Path] = None) -> List[Path]:
         """Complete checkpoints, newest first."""
@@ -169,12 +170,17 @@ class Checkpointer:
 
     # --- resuming -----------------------------------------------------------------------
     def candidates(self, resume: str, env=os.environ) -> List[Path]:
-        if self.continues_instead_of(resume, env):
+        since = self.saved_since_applied(resume, env)
+        self.continuing = bool(since)
+        if since:
             if self.rank == 0:
                 log.warning("checkpoint.resume=%s was applied by an earlier start of this job, which has "
                             "checkpoints of its own since: this restart continues from the newest of them "
                             "(as resume=auto would); a new job applies the value again", resume)
-            resume = "auto"
+            # Should all of them be damaged, the value itself is the fallback; never an older
+            # checkpoint of the history it replaced.
+            path = Path(resume)
+            return since + (self.complete_tags(path) if resume != "none" and path.is_dir() else [])
         if resume == "none":
             return []
         if resume == "auto":
@@ -319,27 +325,33 @@ class Checkpointer:
     def _resume_record(self) -> Path:
         return self.dir / RESUME_RECORD
 
-    def continues_instead_of(self, resume: str, env=os.environ) -> bool:
-        """Whether an explicit `checkpoint.resume` (none or a path) was applied by an earlier start
-        of this same job, which has saved checkpoints since: then this start is the job's restart
-        (a Slurm requeue, a torchrun elastic restart) and continues from them (as resume=auto).
-        Applied again, the value would throw away every restart's progress. A new job (sbatch,
-        a command typed again) applies it again."""
+    def saved_since_applied(self, resume: str, env=os.environ) -> List[Path]:
+        """The complete checkpoints, newest first, saved since an earlier start of this same job
+        applied the explicit `checkpoint.resume` (none or a path); [] where there is none. This
+        start is then the job's restart (a Slurm requeue, a torchrun elastic restart) and
+        continues from them (as resume=auto). Applied again, the value would throw away every
+        restart's progress. A new job (sbatch, a command typed again) applies it again.
+        Saved since means past the step it started from: the start that applied it set every
+        checkpoint after that step aside, and the older ones (another history, when the value
+        was another run's checkpoint) must not be taken for the job's progress."""
         job = job_identity(env)
         if resume == "auto" or job is None or not is_restart(env):
-            return False
+            return []
         try:
             record = json.loads(self._resume_record().read_text())
         except (OSError, ValueError):
-            return False
-        return record.get("resume") == _resume_key(resume) and record.get("job") == job and \
-            bool(self.complete_tags())
+            return []
+        if record.get("resume") != _resume_key(resume) or record.get("job") != job:
+            return []
+        return [t for t in self.complete_tags() if int(t.name[len("step_"):]) > int(record.get("step", 0))]
 
     def record_resume(self, resume: str, step: int, env=os.environ) -> None:
         """After a start that applied an explicit `checkpoint.resume`: say so for its restarts.
+        A restart that continued keeps the record as it is: it names the step the value started
+        from, and a later restart must still tell the job's progress from the history before it.
         Collective: no rank may still be deciding from an older record."""
         _barrier()
-        if self.rank == 0 and resume != "auto":
+        if self.rank == 0 and resume != "auto" and not self.continuing:
             self.dir.mkdir(parents=True, exist_ok=True)
             record = {"resume": _resume_key(resume), "job": job_identity(env), "step": step, "time": time.time()}
             atomic_write(self._resume_record(), json.dumps(record, indent=1))
