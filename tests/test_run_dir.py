@@ -216,17 +216,17 @@ def test_a_live_start_keeps_the_run_directory_and_a_dead_ones_claim_is_taken_ove
     assert not (tmp_path / LOCK).exists()
 
     # Left by a start that was killed: a process of this host that is gone is taken over at once,
-    # as is this Slurm job's own earlier start (a requeue); another host's only once it stopped beating.
+    # as is this Slurm job's own earlier run (a requeue); another host's only once it stopped beating.
     dead, zombie = (subprocess.Popen([sys.executable, "-c", "pass"]) for _ in range(2))
     dead.wait()
     while Path(f"/proc/{zombie.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
         time.sleep(0.01)  # ended, not yet reaped
     for owner, job in [({"host": socket.gethostname(), "pid": dead.pid}, None),
                        ({"host": socket.gethostname(), "pid": zombie.pid}, None),
-                       ({"job": "slurm:41"}, "slurm:41")]:
+                       ({"job": "slurm:41", "restart": 0}, "slurm:41")]:
         _held_by(tmp_path, **owner)
         began = time.monotonic()
-        claim(tmp_path, job, beat=beat).release()
+        claim(tmp_path, job, beat=beat, restart=1).release()
         assert time.monotonic() - began < beat
     _held_by(tmp_path)
     began = time.monotonic()
@@ -237,6 +237,21 @@ def test_a_live_start_keeps_the_run_directory_and_a_dead_ones_claim_is_taken_ove
     lock.release()
     assert json.loads((tmp_path / LOCK).read_text())["token"] == "theirs"
     zombie.wait()
+
+
+def test_a_live_start_of_the_same_slurm_job_run_is_watched_not_taken_over(tmp_path):
+    """Two sruns in one allocation (or two commands in one salloc shell) share SLURM_JOB_ID: the
+    second took the first's live claim at once, as if it were a requeue's dead start, and both
+    then wrote the run directory. Only a higher SLURM_RESTART_COUNT means the claim's run ended."""
+    beat = 0.5  # the suite runs beside another worker: a beat must not be late by STALE_BEATS of these
+    first = claim(tmp_path, "slurm:41", beat=beat, restart=2)
+    assert json.loads((tmp_path / LOCK).read_text())["restart"] == 2
+    for restart in (2, 1):  # the same run of the job, and a lower count: watched, refused while it beats
+        with pytest.raises(RunDirectoryInUse, match=f"in use by another start \\(slurm:41 on {socket.gethostname()}, "
+                                                    f"pid {os.getpid()}"):
+            claim(tmp_path, "slurm:41", beat=beat, restart=restart)
+    assert json.loads((tmp_path / LOCK).read_text())["token"] == first.owner["token"]
+    first.release()
 
 
 def test_a_second_start_on_a_running_run_directory_stops_before_touching_it(tmp_path):

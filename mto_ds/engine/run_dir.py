@@ -11,8 +11,9 @@ clocks (nodes and file servers disagree about time): if it changes, its owner is
 start stops; if it stays the same for STALE_BEATS beats, its owner is gone (killed, node lost)
 and this start takes over. No flock: it does not work on every shared file system, and a lock
 held by a dead node's client may never be released. A claim is taken over at once, without
-watching, when it belongs to this same Slurm job (a requeue: the earlier start is dead) or to a
-process of this host that no longer exists.
+watching, when it belongs to an earlier run of this same Slurm job (a requeue, SLURM_RESTART_COUNT
+higher than the claim's: the earlier start is dead) or to a process of this host that no longer
+exists. Two starts in one run of a job (two sruns in one allocation) watch each other like any.
 """
 from __future__ import annotations
 
@@ -63,9 +64,11 @@ def _holder(owner: dict) -> str:
 
 
 def _gone_at_once(owner: dict, me: dict) -> bool:
-    """Whether the claim is known dead without watching it: this Slurm job's (a requeued job runs
-    again under its id only after its earlier start ended) or a process of this host that is gone."""
-    if me["job"] and me["job"].startswith("slurm:") and owner.get("job") == me["job"]:
+    """Whether the claim is known dead without watching it: an earlier run's of this Slurm job (a
+    requeued job runs again under its id only after its earlier run ended) or a process of this
+    host that is gone."""
+    if me["job"] and me["job"].startswith("slurm:") and owner.get("job") == me["job"] and \
+            isinstance(owner.get("restart", 0), int) and owner.get("restart", 0) < me["restart"]:
         return True
     return owner.get("host") == me["host"] and isinstance(owner.get("pid"), int) and _ended(owner["pid"])
 
@@ -122,10 +125,13 @@ class RunLock:
             self.path.unlink(missing_ok=True)
 
 
-def claim(run_dir: Path, job: Optional[str], beat: float = BEAT_SECONDS) -> RunLock:
-    """Claim `run_dir` for this process (rank 0), or raise RunDirectoryInUse naming the holder."""
+def claim(run_dir: Path, job: Optional[str], beat: float = BEAT_SECONDS, restart: Optional[int] = None) -> RunLock:
+    """Claim `run_dir` for this process (rank 0), or raise RunDirectoryInUse naming the holder.
+    `restart`: how many times Slurm requeued the job (default: SLURM_RESTART_COUNT)."""
     path = Path(run_dir) / LOCK
-    me = {"job": job, "host": socket.gethostname(), "pid": os.getpid(),
+    if restart is None:
+        restart = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    me = {"job": job, "restart": restart, "host": socket.gethostname(), "pid": os.getpid(),
           "started": time.strftime("%Y-%m-%d %H:%M:%S"), "token": os.urandom(8).hex(), "beat": 0}
     for _ in range(3):  # a claim that vanished or was taken over between two looks: look again
         try:
