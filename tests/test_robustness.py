@@ -716,6 +716,26 @@ def test_pretrain_takes_stop_signals_before_loading_the_config_or_importing_torc
         assert [type(getattr(h, "__self__", None)) for h in handlers] == [StopRequest, StopRequest]
 
 
+def test_the_universal_conversion_lives_on_through_stop_signals(tmp_path):
+    """ds_to_universal ran with the default dispositions: a SIGUSR1/SIGTERM during set-up (Slurm
+    signals every process of the step; a Ctrl-C reaches the whole process group) killed it, and
+    set-up failed with 'converting ... failed' after minutes of conversion, where the rank itself
+    only notes the stop for after its first step. The child now ignores them before it imports
+    anything, and gets its module's arguments as `python -m` would give them."""
+    from mto_ds.engine.checkpoint import run_module_ignoring_stop_signals
+    (tmp_path / "probe_module.py").write_text(
+        "import os, signal, sys\n"
+        "print([signal.getsignal(s) is signal.SIG_IGN for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)])\n"
+        "print(sys.argv[1:])\n"
+        "for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):\n"
+        "    os.kill(os.getpid(), s)\n"
+        "print('alive')\n")
+    result = run_module_ignoring_stop_signals("probe_module", ["--input_folder", "a b", "-x"],
+                                              env=dict(os.environ, PYTHONPATH=str(tmp_path)))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["[True, True, True]", "['--input_folder', 'a b', '-x']", "alive"]
+
+
 SHARED_DIR = r"""
 import json, os
 from pathlib import Path

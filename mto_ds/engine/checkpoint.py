@@ -410,6 +410,25 @@ def _converted_from(out: Path, tag_dir: Path) -> bool:
     return (out / MARKER).is_file() and (out / MARKER).read_bytes() == (tag_dir / MARKER).read_bytes()
 
 
+# The child ignores the stop signals before it imports anything; its pool workers inherit that.
+_IGNORE_STOP_SIGNALS_AND_RUN = (
+    "import runpy, signal, sys\n"
+    "for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):\n"
+    "    signal.signal(sig, signal.SIG_IGN)\n"
+    "sys.argv = sys.argv[1:]\n"
+    "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n")
+
+
+def run_module_ignoring_stop_signals(module: str, args: List[str], env=None) -> subprocess.CompletedProcess:
+    """`python -m module args` that lives on through SIGTERM/SIGUSR1/SIGINT: Slurm signals every
+    process of the step and a Ctrl-C reaches the terminal's whole process group, and a stop asked
+    for during set-up is the rank's to act on after its first step (signals.py), not a reason to
+    kill minutes of conversion. A second Ctrl-C still ends it: subprocess.run kills its child when
+    KeyboardInterrupt interrupts the wait."""
+    return subprocess.run([sys.executable, "-c", _IGNORE_STOP_SIGNALS_AND_RUN, module, *args],
+                          capture_output=True, text=True, env=env)
+
+
 def to_universal(tag_dir: Path, out: Optional[Path] = None) -> Path:
     """Convert a ZeRO checkpoint to DeepSpeed's universal format (for another world size), into
     `out` (default: `step_N_universal` beside it)."""
@@ -419,10 +438,10 @@ def to_universal(tag_dir: Path, out: Optional[Path] = None) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     workers = str(max(1, min(4, (os.cpu_count() or 1) // 2)))  # each holds a shard or parameter in memory
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
-           "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", workers,
-           "--num_merge_workers", workers]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    result = run_module_ignoring_stop_signals(
+        "deepspeed.checkpoint.ds_to_universal",
+        ["--input_folder", str(tag_dir), "--output_folder", str(tmp), "--inject_missing_state",
+         "--num_extract_workers", workers, "--num_merge_workers", workers])
     if result.returncode != 0:
         raise RuntimeError(f"ds_to_universal failed on {tag_dir}:\n{result.stderr[-3000:]}")
     shutil.copy(tag_dir / MARKER, tmp / MARKER)
