@@ -31,6 +31,17 @@ trap 'mto_on_signal TERM' TERM
 mto_log() { printf '[mto_ds slurm %(%F %T)T] %s\n' -1 "$*"; }
 mto_die() { mto_log "error: $*"; exit 2; }
 
+# This job as scontrol and scancel must be told it. One element of an array job keeps the
+# array's own id as its SLURM_JOB_ID, and that bare id names the whole array: requeueing or
+# signalling it would act on every element. ARRAY_TASK names the element alone.
+mto_job_ref() {
+    if [[ -n ${SLURM_ARRAY_JOB_ID:-} && -n ${SLURM_ARRAY_TASK_ID:-} ]]; then
+        printf '%s_%s\n' "$SLURM_ARRAY_JOB_ID" "$SLURM_ARRAY_TASK_ID"
+    else
+        printf '%s\n' "$SLURM_JOB_ID"
+    fi
+}
+
 mto_on_signal() {
     MTO_SIGNALS+=" $1"
     MTO_NSIG=$((MTO_NSIG + 1))
@@ -44,8 +55,10 @@ mto_on_signal() {
 mto_forward() {
     MTO_NFWD=$MTO_NSIG
     if [[ $1 == TERM ]]; then
+        local job
+        job=$(mto_job_ref)
         mto_log "batch shell got SIGTERM: passing it to the training step's processes (scancel --signal=TERM)"
-        scancel --signal=TERM "$SLURM_JOB_ID" || mto_log "scancel --signal=TERM $SLURM_JOB_ID failed"
+        scancel --signal=TERM "$job" || mto_log "scancel --signal=TERM $job failed"
     else
         mto_log "batch shell got SIG$1: forwarding it to the training step"
         kill -s "$1" "$MTO_STEP_PID" 2>/dev/null || true
@@ -85,7 +98,9 @@ mto_run_step() {
 # ephemeral range (32768-60999) so no outgoing connection holds it. Same rule as
 # mto_ds.engine.distributed.job_port.
 mto_set_master() {
-    MASTER_ADDR=${MTO_MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
+    # `|| true` and sed, not head: a failing scontrol must reach the message below, also under a
+    # site's `set -euo pipefail` (head leaving a long list unread would fail the pipe too).
+    MASTER_ADDR=${MTO_MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null | sed -n 1p || true)}
     MASTER_PORT=${MTO_MASTER_PORT:-$((12000 + SLURM_JOB_ID % 20000))}
     # An empty MASTER_ADDR would reach every rank, which would fail or hang one by one.
     [[ -n $MASTER_ADDR ]] || mto_die "cannot name the first node of SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST (scontrol show hostnames printed none): set MTO_MASTER_ADDR"
@@ -197,7 +212,9 @@ mto_finish() {
         # Even if the step failed while saving, the requeued job resumes from the newest
         # complete checkpoint, so the job is worth another start.
         mto_log "checkpointed at step ${step:-?} of ${total:-?} (${reason:-no state.json}); requeueing as restart $((restart + 1))"
-        scontrol requeue "$SLURM_JOB_ID" || mto_die "scontrol requeue $SLURM_JOB_ID failed"
+        local job
+        job=$(mto_job_ref)
+        scontrol requeue "$job" || mto_die "scontrol requeue $job failed"
         exit 0
     fi
     mto_log "run not finished (step ${step:-?} of ${total:-?}, ${reason:-no state.json}${MTO_SIGNALS:+, signals:$MTO_SIGNALS}); not requeueing"

@@ -478,6 +478,45 @@ def test_requeue_decision_survives_set_euo_pipefail_in_the_site_set_up(tmp_path,
     assert (calls.read_text() if calls.exists() else "") == ("scontrol requeue 42\n" if requeued else "")
 
 
+def test_an_array_element_requeues_and_signals_itself_not_the_whole_array(tmp_path):
+    """One element of an array keeps the array's own id as its SLURM_JOB_ID, and that bare id
+    names every element: its `scontrol requeue` requeued all the running siblings (killed, no
+    save) and re-ran the finished ones, and its TERM reached them all. ARRAY_TASK is the element."""
+    element = {"SLURM_JOB_ID": "1234", "SLURM_ARRAY_JOB_ID": "1234", "SLURM_ARRAY_TASK_ID": "7"}
+    (tmp_path / "state.json").write_text(json.dumps({"finished": False, "step": 3, "total_steps": 8,
+                                                     "reason": "signal SIGUSR1"}))
+    out = run_lib('MTO_SIGNALS=" USR1"; mto_finish 0 0', tmp_path, **element)
+    assert out.returncode == 0 and (tmp_path / "scontrol.calls").read_text() == "scontrol requeue 1234_7\n", \
+        out.stdout + out.stderr
+    script = (f"scancel() {{ echo \"scancel $*\" >>{tmp_path / 'scancel.calls'}; }}\n"
+              "(sleep 1; kill -TERM $$) & mto_run_step sleep 2")
+    out = run_lib(script, tmp_path, **element)
+    assert (tmp_path / "scancel.calls").read_text() == "scancel --signal=TERM 1234_7\n", out.stdout + out.stderr
+
+
+def test_a_usr1_during_the_site_set_up_is_kept_and_the_job_requeues(tmp_path):
+    """The traps came with lib.sh, sourced after the site set-up (module load, conda, a
+    container): a USR1 then (a short --time, an early preemption notice) killed the batch shell,
+    no requeue. Now it is noted, and the job requeues without starting the training step, as a
+    USR1 during staging does (nothing to checkpoint yet)."""
+    template = tmp_path / "pretrain.sbatch"
+    text = PRETRAIN.read_text()
+    assert "#   module load cuda/12.4 nccl\n" in text
+    template.write_text(text.replace("#   module load cuda/12.4 nccl\n", "kill -USR1 $$; sleep 0.5\n"))
+    bin_dir = Path(fake_slurm_bin(tmp_path, srun_exit=1).split(":")[0])
+    (bin_dir / "srun").write_text("#!/bin/bash\necho srun ran\nexit 1\n")
+    (bin_dir / "scontrol").write_text(f"#!/bin/bash\n[[ $1 == requeue ]] && echo \"scontrol $*\" >>{tmp_path / 'calls'}\n"
+                                      "[[ \"$1 $2\" == 'show hostnames' ]] && echo node1\nexit 0\n")
+    job_env = {**cpu_env(tmp_path / "run"), "PATH": f"{bin_dir}:{os.environ['PATH']}", "MTO_ROOT": str(REPO),
+               "SLURM_JOB_ID": "42", "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "node1",
+               "MTO_RUN_DIR": str(tmp_path / "run")}
+    out = subprocess.run(["bash", str(template)], env=job_env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "batch shell got SIGUSR1 before training started" in out.stdout
+    assert "got SIGUSR1 before training started; not starting it" in out.stdout and "srun ran" not in out.stdout
+    assert (tmp_path / "calls").read_text() == "scontrol requeue 42\n"
+
+
 def test_batch_shell_forwards_usr1_to_the_step_and_returns_its_exit_status(tmp_path):
     # The step stands in for srun: it exits 7 once it has received USR1.
     step = "trap 'echo step got USR1; exit 7' USR1; echo started; while :; do sleep 0.1; done"
