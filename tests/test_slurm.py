@@ -560,11 +560,13 @@ def test_batch_shell_that_cannot_name_the_first_node_stops_before_any_rank_start
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text("#!/bin/bash\necho 'scontrol: fatal: no configuration' >&2\nexit 1\n")
     (bin_dir / "scontrol").chmod(0o755)
-    out = run_lib("mto_set_master; echo started", tmp_path, SLURM_JOB_NODELIST="gpu[01-02]",
-                  PATH=f"{bin_dir}:{os.environ['PATH']}")
-    assert out.returncode == 2 and "started" not in out.stdout, out.stdout + out.stderr
-    assert ("error: cannot name the first node of SLURM_JOB_NODELIST=gpu[01-02] (scontrol show hostnames "
-            "printed none): set MTO_MASTER_ADDR") in out.stdout
+    # Also under a site's `set -euo pipefail`, where the failed scontrol ended the shell silently.
+    for strict in ("", "set -euo pipefail; "):
+        out = run_lib(f"{strict}mto_set_master; echo started", tmp_path, SLURM_JOB_NODELIST="gpu[01-02]",
+                      PATH=f"{bin_dir}:{os.environ['PATH']}")
+        assert out.returncode == 2 and "started" not in out.stdout, out.stdout + out.stderr
+        assert ("error: cannot name the first node of SLURM_JOB_NODELIST=gpu[01-02] (scontrol show hostnames "
+                "printed none): set MTO_MASTER_ADDR") in out.stdout, strict
     out = run_lib("mto_set_master; echo $MASTER_ADDR", tmp_path, SLURM_JOB_NODELIST="gpu[01-02]",
                   MTO_MASTER_ADDR="gpu01-ib", PATH=f"{bin_dir}:{os.environ['PATH']}")
     assert out.stdout.split() == ["gpu01-ib"], out.stdout + out.stderr
