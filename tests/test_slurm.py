@@ -324,12 +324,14 @@ def test_term_to_the_batch_shell_reaches_the_ranks_which_save_and_the_job_is_not
 def test_duplicate_sbatch_on_a_live_run_stops_with_exit_2_without_requeueing_and_the_first_job_finishes(
         slurm_cluster, tmp_path):
     """A second sbatch with the same MTO_RUN_DIR while the first job runs (docs/ROBUSTNESS.md,
-    running.json). The first job stalls 30 s in its last save, its heartbeat going on, so that
-    the duplicate finds it alive."""
-    run_dir, steps = tmp_path / "run", 4
+    running.json). The first job stalls in its last save, its heartbeat going on, until the
+    duplicate has ended, so that the duplicate finds it alive however slowly its ranks start (a
+    fixed 30 s stall ended first on a loaded machine: the duplicate then resumed the finished run)."""
+    run_dir, steps, release = tmp_path / "run", 4, tmp_path / "end_the_stall"
     options = (*CPU_OPTIONS, "--oversubscribe", f"--output={tmp_path}/%x-%j.out")
     first = slurm_cluster.sbatch(PRETRAIN, f"train.steps={steps}", cwd=REPO, options=options,
-                                 env=cpu_env(run_dir, MTO_DS_FAULT_SAVE_STALL=f"{steps}:30"))
+                                 env=cpu_env(run_dir, MTO_DS_FAULT_SAVE_STALL=f"{steps}:400",
+                                             MTO_DS_FAULT_SAVE_STALL_UNTIL=str(release)))
     deadline = time.monotonic() + 480
     while True:
         [job] = slurm_cluster.jobs(first)
@@ -339,9 +341,10 @@ def test_duplicate_sbatch_on_a_live_run_stops_with_exit_2_without_requeueing_and
         time.sleep(0.2)
     duplicate = slurm_cluster.sbatch(PRETRAIN, f"train.steps={steps}", env=cpu_env(run_dir), cwd=REPO,
                                      options=options)
-    [dup] = slurm_cluster.wait_final(duplicate, timeout=120)
+    [dup] = slurm_cluster.wait_final(duplicate, timeout=300)
     dup_log = job_log(dup)
     assert slurm_cluster.jobs(first)[0]["JobState"] == "RUNNING", dup_log  # it met a live start
+    release.touch()
     assert (dup["JobState"], dup["ExitCode"], dup["Restarts"]) == ("FAILED", "2:0", "0"), dup_log
     assert f"is in use by another start (slurm:{first} on {socket.gethostname()}" in dup_log
     assert "training step stopped on a config error (exit status 2, named above); not requeueing" in dup_log

@@ -17,6 +17,8 @@ metrics.jsonl: step N is the N-th optimizer step.
     MTO_DS_FAULT_SAVE_STALL=N[:S]   every rank sleeps S seconds (default 3600) inside the save of
                                     step N, after DeepSpeed wrote its files and before the
                                     checkpoint is marked complete: the window a kill -9 tests
+    MTO_DS_FAULT_SAVE_STALL_UNTIL=P ... or until the file P exists (a test ends the stall when it
+                                    has seen what it waited for, on a machine of any speed)
     MTO_DS_TRACE_SAMPLES=1          each rank appends the sample indices of every step to
                                     RUN_DIR/samples/rank<R>.jsonl
 """
@@ -66,6 +68,7 @@ class Faults:
     raise_at_step: Optional[int] = None
     save_stall_step: Optional[int] = None
     save_stall_seconds: float = 3600.0
+    save_stall_until: Optional[str] = None
 
     @classmethod
     def from_env(cls, env=os.environ) -> "Faults":
@@ -82,7 +85,8 @@ class Faults:
                    exit_at_step=_int(env, "MTO_DS_FAULT_EXIT_AT_STEP"),
                    raise_at_step=_int(env, "MTO_DS_FAULT_RAISE_AT_STEP"),
                    exit_rank=1 if exit_rank is None else exit_rank,
-                   save_stall_step=stall_step, save_stall_seconds=seconds)
+                   save_stall_step=stall_step, save_stall_seconds=seconds,
+                   save_stall_until=env.get("MTO_DS_FAULT_SAVE_STALL_UNTIL") or None)
 
     def nan_loss(self, step: int, rank: int) -> bool:
         return step in self.nan_steps and self.nan_rank in (None, rank)
@@ -106,7 +110,9 @@ class Faults:
     def stall_in_save(self, step: int, tag: str) -> None:
         if step == self.save_stall_step:
             log.warning("fault injection: stalling %.0f s inside the save of %s", self.save_stall_seconds, tag)
-            time.sleep(self.save_stall_seconds)
+            deadline = time.monotonic() + self.save_stall_seconds
+            while time.monotonic() < deadline and not (self.save_stall_until and Path(self.save_stall_until).exists()):
+                time.sleep(min(0.2, max(deadline - time.monotonic(), 0.0)))
 
 
 class SampleTrace:
