@@ -18,6 +18,8 @@ from typing import Tuple
 
 import numpy as np
 
+from ..config import ConfigError
+
 PAD = -1  # a place of a rank's step that holds no sample
 
 
@@ -28,9 +30,9 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
 def steps_per_epoch(num_samples: int, global_batch_size: int) -> int:
     """Whole global batches per epoch; the remainder of the permutation is dropped."""
     steps = num_samples // global_batch_size
-    if steps == 0:
-        raise ValueError(f"the data set has {num_samples} samples, fewer than one global batch "
-                         f"of {global_batch_size}; lower train.global_batch_size")
+    if steps == 0:  # a config error: exit status 2 and one line, not a traceback
+        raise ConfigError(f"bad value for 'train.global_batch_size': the data set has {num_samples} samples, "
+                          f"fewer than one global batch of {global_batch_size}; lower train.global_batch_size")
     return steps
 
 
