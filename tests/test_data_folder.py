@@ -145,6 +145,17 @@ def test_a_jpeg_over_pils_pixel_limit_is_decoded_when_max_side_makes_libjpeg_dec
             read_rgb(tmp_path / path, max_side=max_side)
 
 
+def test_a_multi_picture_jpeg_from_a_phone_is_read_as_a_jpeg_at_reduced_scale(tmp_path):
+    """MPO (a JPEG followed by more pictures, as phone cameras save .jpg): reported as not_jpeg,
+    a false mismatch in make_ffcv's report, and always decoded at full size."""
+    first = Image.new("RGB", (200, 160), (200, 100, 50))
+    first.save(tmp_path / "phone.jpg", format="MPO", save_all=True, append_images=[Image.new("RGB", (200, 160))])
+    assert Image.open(tmp_path / "phone.jpg").format == "MPO"
+    pixels, notes = read_rgb(tmp_path / "phone.jpg", max_side=25)  # libjpeg's 1/8: 25 x 20
+    assert pixels.shape == (20, 25, 3) and notes == []
+    assert np.abs(pixels.astype(float) - [200, 100, 50]).max() < 4  # the first picture
+
+
 def test_a_micro_batch_of_only_undecodable_images_is_one_black_stand_in_of_no_sample(tmp_path):
     """The rank must still step with the others (their gradient reduction waits for it); the
     stand-in has no index, so the train step weighs it 0 and no sample is counted as read."""
@@ -235,6 +246,11 @@ def test_make_synthetic_cli_writes_once_and_leaves_an_existing_folder(tmp_path, 
     assert len(files) == 6
     assert cli.main(argv[:1] + ["--images", "2"]) == 0
     assert "left as it is" in capsys.readouterr().out
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "out").rglob("*.JPEG")) == files
+    # A bad argument with --overwrite is refused before the folder is deleted (it was deleted first).
+    with pytest.raises(SystemExit) as refused:
+        cli.main(argv[:1] + ["--images", "0", "--overwrite"])
+    assert refused.value.code == 2 and "--images, --classes and --size must be positive" in capsys.readouterr().err
     assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "out").rglob("*.JPEG")) == files
 
 

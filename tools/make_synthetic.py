@@ -31,14 +31,15 @@ def main(argv=None) -> int:
                         help="also write this many held-out images: OUT_DIR/train and OUT_DIR/val")
     parser.add_argument("--overwrite", action="store_true", help="delete OUT_DIR first if it exists")
     args = parser.parse_args(argv)
+    # Checked first: a bad argument must not cost an existing OUT_DIR under --overwrite.
+    if min(args.images, args.classes, args.size) <= 0 or args.val_images < 0:
+        parser.error("--images, --classes and --size must be positive, --val-images >= 0")
     out = Path(args.out_dir)
     if out.exists():
         if not args.overwrite:
             print(f"make_synthetic: {out} exists; left as it is (pass --overwrite to rebuild it)")
             return 0
         shutil.rmtree(out)
-    if min(args.images, args.classes, args.size) <= 0 or args.val_images < 0:
-        parser.error("--images, --classes and --size must be positive, --val-images >= 0")
     write_image_folder(out, args.images, args.classes, args.size, args.seed, quality=args.quality,
                        val_images=args.val_images)
     split = f" (+ {args.val_images} in val/)" if args.val_images else ""

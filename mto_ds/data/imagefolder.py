@@ -109,9 +109,14 @@ def _draft_size(width: int, height: int, max_side: int) -> Optional[Tuple[int, i
     return (max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))) if scale < 1 else None
 
 
+# MPO is a JPEG with more pictures after the first (phone cameras, as .jpg); Pillow decodes the
+# first with libjpeg, as a JPEG.
+JPEG_FORMATS = ("JPEG", "MPO")
+
+
 def _reduce_scale(image: Image.Image, max_side: Optional[int]) -> None:
     """libjpeg decodes at 1/2, 1/4 or 1/8 scale for free; draft keeps the result >= the size asked."""
-    size = max_side and image.format == "JPEG" and _draft_size(*image.size, max_side)
+    size = max_side and image.format in JPEG_FORMATS and _draft_size(*image.size, max_side)
     if size:
         image.draft(image.mode, size)
 
@@ -194,7 +199,7 @@ def read_rgb(path, max_side: Optional[int] = None) -> Tuple[np.ndarray, List[str
     elif mode != "RGB":
         notes.append(f"mode_{mode}")
     expected = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}.get(path.suffix.lower())
-    if expected and fmt != expected:
+    if expected and ("JPEG" if fmt in JPEG_FORMATS else fmt) != expected:
         notes.append(f"not_{expected.lower()}")
     return pixels, notes
 
