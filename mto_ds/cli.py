@@ -44,6 +44,24 @@ def unwritable_output(out) -> Optional[str]:
     return None
 
 
+class _Once(argparse.Action):
+    """An option that may be given once: argparse keeps the last of two, silently."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)}, {values}): give one"
+                         + (" (a YAML file combines others with _base_: [a.yaml, b.yaml])"
+                            if option_string == "--config" else ""))
+        setattr(namespace, self.dest, values)
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative: expected an integer >= 0")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mto-ds", description="MIM pre-training with Masked Token Optimization")
     # DeepSpeed's launcher runs `python -m mto_ds --local_rank=N <command> ...` (the rank is also in
@@ -51,13 +69,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
     pre = sub.add_parser("pretrain", help="pre-train a ViT with SimMIM/MAE (+MTO) under DeepSpeed")
-    pre.add_argument("--config", required=True, help="run YAML (configs/*.yaml)")
+    pre.add_argument("--config", required=True, action=_Once, help="run YAML (configs/*.yaml)")
     pre.add_argument("--local_rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     pre.add_argument("overrides", nargs="*", help="section.key=value overrides")
     ev = sub.add_parser("eval", help="k-NN / linear probe / fine-tune of a checkpoint's encoder")
-    ev.add_argument("--config", required=True, help="the run YAML the encoder was pre-trained with")
-    ev.add_argument("--checkpoint", required=True, help="run directory, checkpoint directory or encoder .pt")
-    ev.add_argument("--finetune-epochs", type=int, default=0,
+    ev.add_argument("--config", required=True, action=_Once, help="the run YAML the encoder was pre-trained with")
+    ev.add_argument("--checkpoint", required=True, action=_Once,
+                    help="run directory, checkpoint directory or encoder .pt")
+    ev.add_argument("--finetune-epochs", type=_count, default=0,
                     help="also fine-tune end to end for this many epochs (default 0: k-NN and linear probe only)")
     ev.add_argument("overrides", nargs="*", help="section.key=value overrides (eval.*, data.*)")
     ex = sub.add_parser("export", help="write the encoder as a timm state dict")

@@ -204,6 +204,20 @@ def test_overrides_on_both_sides_of_config_are_all_applied_in_order():
         assert exit_.value.code == 2
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["pretrain", "--config", "a.yaml", "--config", "b.yaml"], "--config given twice (a.yaml, b.yaml): give one"),
+    (["eval", "--config", "c.yaml", "--checkpoint", "r1", "--checkpoint", "r2"], "--checkpoint given twice (r1, r2)"),
+    (["eval", "--config", "c.yaml", "--checkpoint", "r", "--finetune-epochs", "-5"], "-5 is negative"),
+])
+def test_a_repeated_option_or_a_negative_epoch_count_is_refused_not_silently_replaced(argv, message, capsys):
+    """argparse kept the last of two --config (the first file dropped unseen: a user may expect
+    them merged) and took --finetune-epochs -5 as 0."""
+    from mto_ds.cli import _parse
+    with pytest.raises(SystemExit) as exit_:
+        _parse(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A run of the demo config (vit_tiny_patch16 at 64 px) with one complete checkpoint."""
