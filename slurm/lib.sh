@@ -147,10 +147,16 @@ mto_step_command() {
                  "$MTO_PYTHON" -u -m mto_ds "$@")
             ;;
         torchrun | deepspeed)
-            local per_node=${SLURM_NTASKS_PER_NODE:-$((SLURM_NTASKS / SLURM_JOB_NUM_NODES))}
-            per_node=${per_node%%(*}   # "8(x2)" in heterogeneous layouts
+            # The launchers start one number of ranks on every node: SLURM_TASKS_PER_NODE is
+            # "8(x2)" for that, "4(x2),2" for an allocation of unequal nodes (--ntasks without
+            # --ntasks-per-node), where SLURM_NTASKS / nodes would leave ranks out.
+            local layout=${SLURM_TASKS_PER_NODE:-}
+            [[ $layout != *,* ]] || mto_die "MTO_LAUNCHER=$MTO_LAUNCHER starts as many ranks on every node, and this allocation has SLURM_TASKS_PER_NODE=$layout: submit with --ntasks-per-node, or use MTO_LAUNCHER=srun"
+            local per_node=${SLURM_NTASKS_PER_NODE:-${layout%%(*}}
+            [[ -n $per_node ]] || per_node=$((SLURM_NTASKS / SLURM_JOB_NUM_NODES))
             export MTO_LAUNCHER MTO_PYTHON MTO_RANKS_PER_NODE=$per_node
-            # One task per node with all of the node's CPUs; the launcher does not bind.
+            # One task per node with all of the node's CPUs (the batch node's count: the nodes of
+            # a GPU partition are alike); the launcher does not bind.
             _cmd=(srun --kill-on-bad-exit=1 --nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES"
                  --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_ON_NODE" --cpu-bind=none "${srun_args[@]}"
                  bash "$MTO_ROOT/slurm/node_launcher.sh" "$@")

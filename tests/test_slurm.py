@@ -520,6 +520,25 @@ def test_a_usr1_during_the_site_set_up_is_kept_and_the_job_requeues(tmp_path):
     assert (tmp_path / "calls").read_text() == "scontrol requeue 42\n"
 
 
+@pytest.mark.parametrize("layout, ranks", [({"SLURM_TASKS_PER_NODE": "4(x2)", "SLURM_NTASKS": "8"}, "4"),
+                                           ({"SLURM_NTASKS_PER_NODE": "4", "SLURM_TASKS_PER_NODE": "4(x2)"}, "4"),
+                                           ({"SLURM_NTASKS": "8"}, "4"),
+                                           ({"SLURM_TASKS_PER_NODE": "4(x2),2", "SLURM_NTASKS": "10"}, None)])
+def test_the_per_node_launchers_start_each_nodes_ranks_or_refuse_an_unequal_layout(tmp_path, layout, ranks):
+    """torchrun/deepspeed start one number of ranks per node. `--ntasks=10` on 3 nodes gives
+    SLURM_TASKS_PER_NODE=4(x2),2 and no SLURM_NTASKS_PER_NODE: 10 // 3 = 3 per node ran a world
+    of 9, one sample share short, without a word."""
+    env = {"SLURM_JOB_NUM_NODES": "2" if ranks else "3", "SLURM_CPUS_ON_NODE": "16", "MTO_LAUNCHER": "torchrun",
+           "MTO_ROOT": str(REPO), **layout}
+    out = run_lib('mto_step_command cmd pretrain; echo "ranks $MTO_RANKS_PER_NODE: ${cmd[*]}"', tmp_path, **env)
+    if ranks:
+        assert out.returncode == 0 and f"ranks {ranks}: srun" in out.stdout, out.stdout + out.stderr
+    else:
+        assert out.returncode == 2, out.stdout + out.stderr
+        assert "MTO_LAUNCHER=torchrun starts as many ranks on every node, and this allocation has " \
+               "SLURM_TASKS_PER_NODE=4(x2),2: submit with --ntasks-per-node" in out.stdout
+
+
 def test_batch_shell_forwards_usr1_to_the_step_and_returns_its_exit_status(tmp_path):
     # The step stands in for srun: it exits 7 once it has received USR1.
     step = "trap 'echo step got USR1; exit 7' USR1; echo started; while :; do sleep 0.1; done"
