@@ -145,6 +145,23 @@ def test_a_jpeg_over_pils_pixel_limit_is_decoded_when_max_side_makes_libjpeg_dec
             read_rgb(tmp_path / path, max_side=max_side)
 
 
+def test_a_jpeg_cut_soon_after_its_headers_is_skipped_naming_how_much_is_grey_fill(tmp_path):
+    """Kept as a truncated image, a file cut a few bytes into its scan was nearly all the decoder's
+    grey (make_ffcv wrote it, the folder source trained on it), named only as 'truncated'. Beyond
+    half grey it is undecodable; half or less is kept as before (the test above)."""
+    import io
+    noise = np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, format="JPEG", quality=90)
+    data = buffer.getvalue()
+    (tmp_path / "headers.JPEG").write_bytes(data[:data.index(b"\xff\xda") + 200])  # the scan's first bytes
+    with pytest.raises(UndecodableImage, match=r"truncated: [89]\d% of the image is the decoder's grey fill, more than 50%"):
+        read_rgb(tmp_path / "headers.JPEG")
+    (tmp_path / "most.JPEG").write_bytes(data[:len(data) * 3 // 4])
+    pixels, notes = read_rgb(tmp_path / "most.JPEG")
+    assert notes == ["truncated"] and 0.1 < (pixels == 128).all(axis=2).mean() < 0.5
+
+
 def test_a_multi_picture_jpeg_from_a_phone_is_read_as_a_jpeg_at_reduced_scale(tmp_path):
     """MPO (a JPEG followed by more pictures, as phone cameras save .jpg): reported as not_jpeg,
     a false mismatch in make_ffcv's report, and always decoded at full size."""

@@ -165,6 +165,20 @@ def _decode(path: Path, max_side: Optional[int], allow_truncated: bool):
         return np.asarray(rgb, dtype=np.uint8).copy(), fmt, mode
 
 
+# A truncated JPEG is kept with the missing part filled (grey) up to this share of its pixels;
+# beyond it, a sample would teach little but grey (one cut after its headers is all grey).
+MAX_FILLED_SHARE = 0.5
+JPEG_FILL = 128  # libjpeg's value for the blocks a truncated file lacks, in every channel
+
+
+def _filled_share(pixels: np.ndarray) -> float:
+    """The share of a truncated JPEG's pixels that the decoder filled: the run of its fill grey
+    at the end in raster order (blocks are decoded in that order, so the missing part is a tail)."""
+    flat = pixels.reshape(-1, pixels.shape[-1])
+    decoded = np.flatnonzero((flat != JPEG_FILL).any(axis=1))
+    return 1.0 - (decoded[-1] + 1 if decoded.size else 0) / len(flat)
+
+
 def read_rgb(path, max_side: Optional[int] = None) -> Tuple[np.ndarray, List[str]]:
     """RGB uint8 [H, W, 3] and what was converted (cmyk, grayscale, grayscale_16bit,
     grayscale_32bit, grayscale_float, palette, alpha, truncated, not_<format> for content that
@@ -185,6 +199,10 @@ def read_rgb(path, max_side: Optional[int] = None) -> Tuple[np.ndarray, List[str
                 raise
             # Decodable up to where the file ends; the decoder fills the rest (grey for JPEG).
             pixels, fmt, mode = _decode(path, max_side, allow_truncated=True)
+            missing = _filled_share(pixels) if fmt in JPEG_FORMATS else 0.0
+            if missing > MAX_FILLED_SHARE:
+                raise UndecodableImage(f"truncated: {missing:.0%} of the image is the decoder's grey fill, "
+                                       f"more than {MAX_FILLED_SHARE:.0%}")
             notes.append("truncated")
     except UndecodableImage:
         raise
