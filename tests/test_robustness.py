@@ -907,3 +907,27 @@ def test_a_run_directory_that_cannot_be_made_is_a_config_error_naming_it(tmp_pat
         assert f"bad value for 'run.output_dir': {output_dir} cannot be made or written" in result.stderr
         assert "Traceback" not in result.stderr
     assert taken.read_text() == "not a directory"
+
+
+def test_the_sample_trace_sets_aside_the_steps_a_resume_runs_again(tmp_path):
+    """MTO_DS_TRACE_SAMPLES rows were only appended: after a crash between saves, the steps the
+    resumed start ran again were in samples/rank*.jsonl twice (metrics.jsonl moves them aside).
+    Rank 0 also trims the files of ranks an earlier, larger world had."""
+    from mto_ds.engine.faults import SampleTrace
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    for rank in range(3):  # a 3-rank start logged steps 1-5, then crashed; its last save was step 3
+        (samples / f"rank{rank}.jsonl").write_text("".join(
+            json.dumps({"step": s, "rank": rank, "world_size": 3, "micro_batches": [[s]]}) + "\n" for s in range(1, 6))
+            + '{"step": 6, "ra')  # cut short by the crash
+    for rank in (1, 0):  # resumed on 2 ranks from step 3
+        SampleTrace(tmp_path, rank, 2, enabled=True, start_step=3)
+    for rank in range(3):
+        kept = [json.loads(line)["step"] for line in (samples / f"rank{rank}.jsonl").read_text().splitlines()]
+        moved = (samples / f"rank{rank}.jsonl.superseded").read_text().splitlines()
+        assert kept == [1, 2, 3] and [json.loads(line)["step"] for line in moved[:2]] == [4, 5], rank
+        assert moved[2] == '{"step": 6, "ra'
+    trace = SampleTrace(tmp_path, 0, 2, enabled=True, start_step=3)
+    trace.record(4, [{"index": torch.tensor([7, 8])}])
+    assert json.loads((samples / "rank0.jsonl").read_text().splitlines()[-1]) == {
+        "step": 4, "rank": 0, "world_size": 2, "micro_batches": [[7, 8]]}

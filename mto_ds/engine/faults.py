@@ -20,7 +20,8 @@ metrics.jsonl: step N is the N-th optimizer step.
     MTO_DS_FAULT_SAVE_STALL_UNTIL=P ... or until the file P exists (a test ends the stall when it
                                     has seen what it waited for, on a machine of any speed)
     MTO_DS_TRACE_SAMPLES=1          each rank appends the sample indices of every step to
-                                    RUN_DIR/samples/rank<R>.jsonl
+                                    RUN_DIR/samples/rank<R>.jsonl (a resume sets aside the rows of
+                                    the steps it runs again, as metrics.jsonl's)
 """
 from __future__ import annotations
 
@@ -115,16 +116,40 @@ class Faults:
                 time.sleep(min(0.2, max(deadline - time.monotonic(), 0.0)))
 
 
+def _set_aside_steps_after(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    keep, later = [], []
+    for line in path.read_text().splitlines():
+        try:
+            ran_again = json.loads(line)["step"] > step
+        except (ValueError, KeyError, TypeError):  # a write cut short by the crash
+            ran_again = True
+        (later if ran_again else keep).append(line + "\n")
+    if later:
+        with open(path.with_name(path.name + ".superseded"), "a") as f:
+            f.writelines(later)
+        path.write_text("".join(keep))
+
+
 class SampleTrace:
     """Which samples each rank consumed at each step, for sample-by-sample accounting."""
 
-    def __init__(self, run_dir: Path, rank: int, world_size: int, enabled: Optional[bool] = None):
+    def __init__(self, run_dir: Path, rank: int, world_size: int, enabled: Optional[bool] = None,
+                 start_step: int = 0):
         if enabled is None:
             enabled = os.environ.get("MTO_DS_TRACE_SAMPLES", "") not in ("", "0")
         self.path = Path(run_dir) / "samples" / f"rank{rank}.jsonl" if enabled else None
         self.rank, self.world_size = rank, world_size
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Steps after the checkpoint this start resumes from (a crash between saves) run
+            # again: their earlier rows go to .superseded, as metrics.jsonl's do. Rank 0 also
+            # trims the files of ranks this start does not have (an earlier, larger world).
+            mine = [self.path] + ([p for p in self.path.parent.glob("rank*.jsonl")
+                                   if int(p.stem[len("rank"):]) >= world_size] if rank == 0 else [])
+            for path in mine:
+                _set_aside_steps_after(path, start_step)
 
     def record(self, step: int, micro_batches: List[dict]) -> None:
         if self.path is None:

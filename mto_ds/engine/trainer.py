@@ -160,7 +160,7 @@ class Trainer:
         self.overflow_total = 0      # fp16 steps DeepSpeed's loss scaler skipped
         self.resumed_from = self._resume(candidates)
         self.checkpointer.record_resume(cfg.checkpoint.resume, self.global_step)
-        self.trace = SampleTrace(self.run_dir, self.dist.rank, self.dist.world_size)
+        self.trace = SampleTrace(self.run_dir, self.dist.rank, self.dist.world_size, start_step=self.global_step)
         self.telemetry = Telemetry(self.run_dir, self.dist.rank == 0, self.total_steps, self.global_step,
                                    cfg.run.progress_bar, resumed=bool(self.resumed_from))
         log.info("%s, %d steps/epoch, %d steps in all, ZeRO-%d, %s",
