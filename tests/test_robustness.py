@@ -931,3 +931,58 @@ def test_the_sample_trace_sets_aside_the_steps_a_resume_runs_again(tmp_path):
     trace.record(4, [{"index": torch.tensor([7, 8])}])
     assert json.loads((samples / "rank0.jsonl").read_text().splitlines()[-1]) == {
         "step": 4, "rank": 0, "world_size": 2, "micro_batches": [[7, 8]]}
+
+
+CLIP_ON_RESUME = r"""
+import json, os
+import deepspeed, numpy as np, torch
+from mto_ds.engine.builder import param_groups, skip_unread_grad_norm
+from mto_ds.engine.checkpoint import Checkpointer
+from mto_ds.engine.step import train_step
+from mto_ds.models import create_mim_model, mask_fn_for
+deepspeed.init_distributed(dist_backend="gloo")
+out = os.environ["OUT_DIR"]
+
+def engine(clip, bf16):
+    torch.manual_seed(0)
+    model = create_mim_model("vit_tiny_patch16", "simmim", img_size=32, mto={},
+                             encoder_overrides={"embed_dim": 48, "num_heads": 2, "depth": 2})
+    ds = json.load(open("ds_configs/cpu_zero2.json"))
+    ds.update(train_batch_size=4, train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=1,
+              gradient_clipping=clip)
+    if bf16:
+        ds.update(bf16={"enabled": True})
+    skip_unread_grad_norm(ds)  # as builder.deepspeed_config does: no clipping in bf16, no norm
+    return deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.05), config=ds)[0], model
+
+results = []
+for bf16, saved, now in ((False, 5.0, 1.0), (True, 5.0, 0.0)):
+    first, model = engine(saved, bf16)
+    mask_fn = mask_fn_for(model, "simmim", 32, None, 16)
+    batch = {"images": torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), "index": torch.arange(4),
+             "mask": torch.stack([torch.from_numpy(mask_fn(np.random.default_rng(i))) for i in range(4)])}
+    train_step(first, [batch], 1.0, False, 4.0, seeds=[0])
+    tag = f"{out}/checkpoints/step_{len(results):08d}"
+    first.save_checkpoint(f"{out}/checkpoints", tag=os.path.basename(tag))
+    second, _ = engine(now, bf16)
+    try:
+        Checkpointer._load(second, __import__("pathlib").Path(tag))
+        results.append([second.optimizer.clip_grad, getattr(second.optimizer, "compute_grad_norm", None)])
+    except Exception as err:
+        results.append(f"{type(err).__name__}: {err}")
+json.dump(results, open(f"{out}/rank0.json", "w"))
+"""
+
+
+def test_a_resume_clips_gradients_as_the_runs_train_clip_grad_says_not_as_the_checkpoint_did(tmp_path):
+    """DeepSpeed's ZeRO-1/2 optimizer takes the clip value saved in the checkpoint: a run resumed
+    with another train.clip_grad kept the old one (5.0 for 1.0; unclipped for 5.0), and a bf16
+    run that stopped clipping could not load any of its checkpoints (DeepSpeed refuses a clipped
+    one with the gradient norm off), each called damaged. ROBUSTNESS.md: the new value applies."""
+    (tmp_path / "script.py").write_text(CLIP_ON_RESUME)
+    result = subprocess.run([sys.executable, str(tmp_path / "script.py")], cwd=REPO, capture_output=True, text=True,
+                            env=cpu_env(OUT_DIR=str(tmp_path), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # fp32 keeps the norm (its non-finite check reads it); bf16 without clipping has it off again.
+    assert json.loads((tmp_path / "rank0.json").read_text()) == [[1.0, True], [0.0, False]]

@@ -290,12 +290,25 @@ class Checkpointer:
 
     @staticmethod
     def _load(engine, source: Path) -> dict:
-        configured = [{k: v for k, v in g.items() if k not in ("params", "lr")}
-                      for g in engine.optimizer.param_groups]
-        path, client = engine.load_checkpoint(str(source.parent), tag=source.name)
+        optimizer = engine.optimizer
+        configured = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in optimizer.param_groups]
+        # DeepSpeed's ZeRO-1/2 and bf16 optimizers (0.19) take the checkpoint's gradient clipping
+        # over the run's, and ZeRO-1/2 refuses a clipped checkpoint where the norm is off (no
+        # clipping now: builder.skip_unread_grad_norm). train.clip_grad is the run's to decide,
+        # as its weight decay is: the norm is on for the load only, the run's clip put back.
+        clip, norm = getattr(optimizer, "clip_grad", None), getattr(optimizer, "compute_grad_norm", None)
+        if norm is False:
+            optimizer.compute_grad_norm = True
+        try:
+            path, client = engine.load_checkpoint(str(source.parent), tag=source.name)
+        finally:
+            if norm is False:
+                optimizer.compute_grad_norm = False
+            if clip is not None:
+                optimizer.clip_grad = clip
         if path is None or client is None:
             raise RuntimeError("DeepSpeed found nothing to load there")
-        _repair_optimizer(engine.optimizer, configured)
+        _repair_optimizer(optimizer, configured)
         return client
 
     def set_aside_newer_than(self, step: int, damaged: List[Path]) -> None:
