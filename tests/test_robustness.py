@@ -358,7 +358,7 @@ def test_nonfinite_losses_skip_their_steps_and_k_in_a_row_stop_the_run(tmp_path)
     run_dir = tmp_path / "run"
     run = Run(run_dir, "checkpoint.every_steps=2", "train.max_nonfinite_steps=3", nproc=2,
               env={"MTO_DS_FAULT_NAN_STEPS": "3,5,6,7", "MTO_DS_FAULT_NAN_RANK": "1"}).finish(expect=1)
-    assert "3 optimizer steps in a row had a non-finite loss (steps 5-7, train.max_nonfinite_steps=3)" in run.output
+    assert "3 optimizer steps in a row had a non-finite loss or gradients (steps 5-7, train.max_nonfinite_steps=3)" in run.output
     assert state(run_dir)["reason"].startswith("non-finite loss: 3 optimizer steps in a row")
     assert (state(run_dir)["finished"], state(run_dir)["step"]) == (False, 7)
     rows = {r["step"]: r for r in (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())}

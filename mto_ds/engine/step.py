@@ -22,8 +22,9 @@ class NonFiniteGradientsError(NonFiniteLossError):
 
 
 class NonFiniteWeightsError(NonFiniteLossError):
-    """A non-finite gradient reached the weights. DeepSpeed applies one when nothing checks the
-    gradients: bf16 with check_grad_overflow off (the shipped configs); fp32 skips such a step."""
+    """A non-finite gradient reached the weights. DeepSpeed's ZeRO-1/2 applies one when nothing
+    checks the gradients: bf16 with check_grad_overflow off (the shipped ZeRO-1/2 configs); fp32
+    skips such a step, and so does ZeRO-3 in every dtype (it always checks the gradient norm)."""
 
 
 def _true_on_every_rank(flag: torch.Tensor, device: torch.device) -> bool:
@@ -68,7 +69,8 @@ def train_step(engine, micro_batches: List[dict], mto_scale: float, with_stats: 
     always their count as "samples": summed over ranks, the one over the other is the mean over
     the global batch; whether the step was skipped for a non-finite loss; whether DeepSpeed
     skipped it for non-finite gradients: fp16's loss scaler does that while it calibrates, bf16
-    only with check_grad_overflow on, fp32 by its gradient norm, with or without clipping).
+    under ZeRO-1/2 only with check_grad_overflow on, fp32 and ZeRO-3 by the gradient norm, with
+    or without clipping).
     """
     sums: Dict[str, torch.Tensor] = {}
     samples = 0

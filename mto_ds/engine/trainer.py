@@ -371,7 +371,7 @@ class Trainer:
         self._log(sums if log_now else None, lr)
         if self.nonfinite_streak >= self.cfg.train.max_nonfinite_steps:
             raise NonFiniteLossError(
-                f"{self.nonfinite_streak} optimizer steps in a row had a non-finite loss (steps "
+                f"{self.nonfinite_streak} optimizer steps in a row had a non-finite loss or gradients (steps "
                 f"{step - self.nonfinite_streak + 1}-{step}, train.max_nonfinite_steps="
                 f"{self.cfg.train.max_nonfinite_steps}); {self._stopping_without_saving()}")
         self.faults.exit_after(step, self.dist.rank, self.run_dir)
