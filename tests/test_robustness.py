@@ -811,6 +811,24 @@ def test_a_start_with_other_settings_keeps_the_earlier_config_and_names_what_cha
     assert "eval.num_val: 512 -> 16, train.blr: 0.001 -> 0.5" in message and kept.name in message
 
 
+def test_an_unreadable_earlier_config_is_kept_aside_and_the_start_goes_on(tmp_path, caplog):
+    """A config.yaml edited by hand into bad YAML (or cut short: it was not written atomically)
+    failed the next start after its set-up with a YAML traceback, leaving running.json, no
+    state.json and the telemetry unclosed. It is kept as config.<time>.yaml, with a warning."""
+    import logging
+    from mto_ds.config import load_config, to_yaml
+    from mto_ds.engine.run_dir import write_config
+    (tmp_path / "config.yaml").write_text("train: {blr: 0.5, epochs: [")
+    text = to_yaml(load_config(REPO / "configs" / "demo.yaml"))
+    with caplog.at_level(logging.WARNING, logger="mto_ds"):
+        write_config(tmp_path, text)
+    assert (tmp_path / "config.yaml").read_text() == text
+    (kept,) = [p for p in tmp_path.iterdir() if p.name != "config.yaml"]
+    assert kept.read_text() == "train: {blr: 0.5, epochs: ["
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert "the earlier file is not a readable config" in message and kept.name in message
+
+
 def test_a_logged_step_with_a_nonfinite_loss_leaves_the_progress_bar_and_summary_working(tmp_path):
     """A skipped step's row has loss null (ROBUSTNESS.md: non-finite losses). With the progress bar
     on (the default), formatting that null stopped the run with a TypeError at the first such

@@ -166,16 +166,22 @@ def write_config(run_dir: Path, text: str) -> None:
     config.<time>.yaml and names each changed key in a warning: the run's history stays readable."""
     path = run_dir / "config.yaml"
     if path.is_file():
-        before = path.read_text()
+        before = path.read_text(errors="replace")
         if before != text:
-            changed = flatten_config(yaml.safe_load(before) or {}), flatten_config(yaml.safe_load(text) or {})
-            keys = sorted(k for k in set(changed[0]) | set(changed[1]) if changed[0].get(k) != changed[1].get(k))
+            try:
+                earlier = yaml.safe_load(before) or {}
+                if not isinstance(earlier, dict):
+                    raise ValueError(f"a {type(earlier).__name__}, not a mapping")
+                changed = flatten_config(earlier), flatten_config(yaml.safe_load(text) or {})
+                keys = sorted(k for k in set(changed[0]) | set(changed[1]) if changed[0].get(k) != changed[1].get(k))
+                what = ", ".join(f"{k}: {changed[0].get(k)!r} -> {changed[1].get(k)!r}" for k in keys)
+            except (yaml.YAMLError, ValueError) as err:  # edited by hand, or cut short: kept, not fatal
+                what = f"the earlier file is not a readable config: {str(err).splitlines()[0]}"
             kept = run_dir / time.strftime("config.%Y%m%d-%H%M%S.yaml", time.localtime(path.stat().st_mtime))
             path.replace(kept)
             log.warning("%s: this start's settings differ from the last start's (%s); the earlier file is "
-                        "kept as %s", path, ", ".join(f"{k}: {changed[0].get(k)!r} -> {changed[1].get(k)!r}"
-                                                      for k in keys), kept.name)
-    path.write_text(text)
+                        "kept as %s", path, what, kept.name)
+    atomic_write(path, text)
 
 
 def write_state(run_dir: Path, finished: bool, step: Optional[int], total_steps: Optional[int], reason: str,

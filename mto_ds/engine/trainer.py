@@ -62,19 +62,23 @@ class Trainer:
         self.run_lock = self._claim_run_dir()  # first: a duplicate start touches nothing
         if self.dist.rank == 0:
             clear_state(self.run_dir)
+        self.telemetry = None
         try:
             self._set_up(cfg)
+            if self.dist.rank == 0:
+                # Only a start that set up trains with its settings: config.yaml, which the study reads
+                # for the run's method and model, keeps those of the checkpoints when one is refused.
+                # It is also how to continue the run (`--config RUN/config.yaml`), so it says resume=auto:
+                # a `none` or a path there would start afresh, or from that old checkpoint, every time.
+                write_config(self.run_dir, to_yaml(dataclasses.replace(
+                    cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume="auto"))))
         except BaseException as err:
+            if self.telemetry is not None:  # opened at the end of the set-up: flushed and closed
+                with contextlib.suppress(Exception):
+                    self.telemetry.close()
             self._write_state(f"set-up failed: {self._where(err)}{type(err).__name__}: {err}", err, in_set_up=True)
             self._release_run_dir()
             raise
-        if self.dist.rank == 0:
-            # Only a start that set up trains with its settings: config.yaml, which the study reads
-            # for the run's method and model, keeps those of the checkpoints when one is refused.
-            # It is also how to continue the run (`--config RUN/config.yaml`), so it says resume=auto:
-            # a `none` or a path there would start afresh, or from that old checkpoint, every time.
-            write_config(self.run_dir, to_yaml(dataclasses.replace(
-                cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume="auto"))))
 
     def _claim_run_dir(self) -> Optional[RunLock]:
         """Rank 0 claims the run directory (engine/run_dir.py); every rank stops if another live
