@@ -160,6 +160,37 @@ def test_bench_step_dry_run_rejects_a_misspelt_deepspeed_override_before_any_dev
     assert len(row) == 1 and "invalid" in row[0] and "compute_grad_norms" in row[0], result.stdout
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--json", "{file}/rows.json"], "--json: cannot write {file}/rows.json: {file} is not a directory"),
+    (["--steps", "0"], "--steps must be a positive integer, got 0"),
+])
+def test_bench_step_refuses_an_unwritable_json_or_a_zero_step_count_in_its_dry_run(tmp_path, argv, message):
+    """--json into a folder that could not be made was found after the first row's minutes of a GPU
+    lease (a traceback, the other rows never ran), and --dry-run passed it; --steps 0 ran every
+    row into a ZeroDivisionError and exited 0."""
+    (tmp_path / "a_file").write_text("")
+    argv = [arg.format(file=tmp_path / "a_file") for arg in argv]
+    result = subprocess.run([sys.executable, "tools/bench_step.py", "--dry-run", "--arch", "vit_tiny_patch16", *argv],
+                            cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and message.format(file=tmp_path / "a_file") in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("tool, argv, message", [
+    ("bench_loader", ["--workers", "a"], "--workers 'a': expected comma-separated integers >= 0"),
+    ("bench_loader", ["--epochs", "0"], "--epochs must be a positive integer, got 0"),
+    ("bench_loader", ["--images", "4"], "--images 4 is fewer than one batch (--batch 32)"),
+    ("bench_loader", ["--src", "/no/such/folder"], "--src /no/such/folder is not a folder"),
+    ("bench_attention", ["--tiles", "64x"], "'64x': expected positive integers MxN[xW[xS]]"),
+    ("bench_attention", ["--paths", "sdap"], "invalid choice: 'sdap'"),
+])
+def test_the_benchmark_tools_name_a_bad_argument_with_exit_2_not_a_traceback(tool, argv, message):
+    """Each of these ended in a traceback (bench_loader's --epochs 0 after writing and converting
+    the images first), or, for a misspelt --paths, an empty table and exit 0."""
+    result = subprocess.run([sys.executable, f"tools/{tool}.py", *argv], cwd=REPO, env=cpu_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
 def _table_rows(path):
     """The first cell of each table row of a bench_gpu.sh .md file."""
     return [line.split("|")[1].strip() for line in path.read_text().splitlines() if line.startswith("| ")]

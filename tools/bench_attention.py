@@ -39,6 +39,18 @@ from mto_ds.mto.stats import attention_with_row_stats  # noqa: E402
 SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}
 
 
+PATHS = ["sdpa", "reference", "fused", "sdpa-stats", "sdpa-stats-cudnn", "sdpa-stats-efficient", "sdpa-mass",
+         "sdpa-stats-padded", "sdpa-mass-padded"]
+
+
+def tile(text: str) -> str:
+    """An MxN[xW[xS]] tile, checked as it is parsed (a typo failed later with a traceback)."""
+    parts = text.lower().split("x")
+    if not 2 <= len(parts) <= 4 or not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected positive integers MxN[xW[xS]], e.g. 64x64x8")
+    return text
+
+
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=64)
@@ -49,12 +61,10 @@ def parse_args():
     p.add_argument("--mask-ratio", type=float, default=0.6)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--tiles", nargs="*", default=[], metavar="MxN[xW[xS]]",
+    p.add_argument("--tiles", nargs="*", default=[], metavar="MxN[xW[xS]]", type=tile,
                    help="extra fused rows with these BLOCK_M x BLOCK_N tiles [x num_warps [x num_stages]], "
                         "e.g. 64x64x8 128x64x8x3")
-    p.add_argument("--paths", nargs="*", default=["sdpa", "reference", "fused", "sdpa-stats", "sdpa-stats-cudnn",
-                                                  "sdpa-stats-efficient", "sdpa-mass", "sdpa-stats-padded",
-                                                  "sdpa-mass-padded"],
+    p.add_argument("--paths", nargs="*", default=PATHS, choices=PATHS,
                    help="which of the standard rows to run (the --tiles rows always run; the forced SDPA "
                         "backends only on CUDA)")
     return p.parse_args()

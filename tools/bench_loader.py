@@ -65,9 +65,23 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs per loader and worker count")
     parser.add_argument("--work-dir", help="where the synthetic JPEGs and the .beton go (default: a temp dir)")
     args = parser.parse_args(argv)
+    # Checked before any image is written or converted.
+    for flag in ("images", "size", "crop", "batch", "epochs"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be a positive integer, got {getattr(args, flag)}")
+    if not args.src and args.images < args.batch:
+        parser.error(f"--images {args.images} is fewer than one batch (--batch {args.batch})")
+    if args.src and not Path(args.src).is_dir():
+        parser.error(f"--src {args.src} is not a folder")
+    try:
+        counts = [int(w) for w in args.workers.split(",")]
+    except ValueError:
+        parser.error(f"--workers {args.workers!r}: expected comma-separated integers >= 0, e.g. 1,0")
+    if min(counts) < 0:
+        parser.error(f"--workers {args.workers!r}: expected integers >= 0 (0 = all cores)")
 
     cores = os.cpu_count() or 1
-    workers = [int(w) or cores for w in args.workers.split(",")]
+    workers = [w or cores for w in counts]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work_dir or tmp)
         work.mkdir(parents=True, exist_ok=True)

@@ -430,6 +430,18 @@ def main():
         args.arch, args.img, args.batch, args.steps, args.warmup = "vit_tiny_patch16", 64, 8, 2, 1
     if args.width is not None and args.width < 1:
         p.error(f"--width must be a positive number of channels, got {args.width}")
+    for flag, value in (("--img", args.img), ("--batch", args.batch), ("--steps", args.steps)):
+        if value < 1:
+            p.error(f"{flag} must be a positive integer, got {value}")
+    if args.warmup < 0 or args.workers < 0:
+        p.error(f"--warmup and --workers must be >= 0, got {args.warmup} and {args.workers}")
+    # Before any row (and in --dry-run, the check made before a GPU lease): a file that cannot be
+    # written was found after the first row's minutes, and ended the run there.
+    from mto_ds.cli import unwritable_output
+    for flag, out in (("--json", args.json), ("--profile", args.profile and Path(args.profile) / "x")):
+        problem = out and unwritable_output(out)
+        if problem:
+            p.error(f"{flag}: {problem}")
     if args.data in ("folder", "ffcv") and not args.data_path:
         p.error(f"--data {args.data} needs --data-path")
     for assignment in args.ds_set:
@@ -505,6 +517,7 @@ def main():
 
     def write_json():
         if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             with open(args.json, "w") as f:
                 json.dump({"device": device_name, "peak_tflops": peak, "argv": sys.argv[1:], "rows": rows,
                            "comparisons": compare(rows)}, f, indent=1)
