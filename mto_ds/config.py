@@ -33,7 +33,7 @@ class RunConfig:
     output_dir: str = "runs/default"
     seed: int = 0
     log_every: int = 10          # optimizer steps between metrics.jsonl / TensorBoard rows
-    progress_bar: bool = True
+    progress_bar: bool = True                # tqdm on stderr; into a file (a Slurm log) redrawn once a minute
 
 
 @dataclass

@@ -845,6 +845,20 @@ def test_a_logged_step_with_a_nonfinite_loss_leaves_the_progress_bar_and_summary
     assert "0.7500 (step 2) -> 0.5000 (step 3)" in summary
 
 
+def test_the_progress_bar_into_a_file_refreshes_once_a_minute(tmp_path, monkeypatch):
+    """tqdm redraws every 0.1 s; into a Slurm log each redraw is kept (a line of `\r` updates
+    that grows tens of MB over a long run). On a terminal it stays as it was."""
+    import io
+    from mto_ds.engine.telemetry import Telemetry
+    for tty, interval in ((False, 60.0), (True, 0.1)):
+        stream = io.StringIO()
+        stream.isatty = lambda: tty
+        monkeypatch.setattr(sys, "stderr", stream)
+        telemetry = Telemetry(tmp_path / str(tty), enabled=True, total_steps=8, start_step=0, progress_bar=True)
+        assert telemetry.bar.mininterval == interval
+        telemetry.close()
+
+
 def test_the_closing_summary_says_how_the_start_ended_and_how_to_go_on(tmp_path):
     """After a stop signal it used to say 'pre-training finished' while state.json said not; a
     start of a finished run printed only 'No steps logged'."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -60,7 +61,10 @@ class Telemetry:
             self._set_aside_rows_after(kept_through)
             self.file = open(self.metrics_path, "a")
             if progress_bar:
-                self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+                # Into a file (a Slurm job's log) each refresh is one more line of `\r` updates
+                # that is never overwritten: there, one a minute.
+                self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                                mininterval=0.1 if sys.stderr.isatty() else 60.0)
 
     def _set_aside_rows_after(self, step: int) -> None:
         """Rows logged after the checkpoint this run starts from (a crash between saves) are
