@@ -357,8 +357,6 @@ def validate(cfg: Config) -> None:
     else:  # the default source: a path given without the source would train on generated images
         _check(not d.path, "data.path", "unset with data.source=synthetic (which reads no files): set "
                "data.source=ffcv for a .beton or data.source=folder for an ImageFolder", d.path)
-        _check(d.synthetic_images >= t.global_batch_size, "data.synthetic_images",
-               f"at least one global batch (train.global_batch_size={t.global_batch_size})", d.synthetic_images)
     _check(d.order in ("exact", "quasi_random"), "data.order", "one of exact, quasi_random", d.order)
     _check(d.order == "exact" or d.source == "ffcv", "data.order",
            f"exact with data.source={d.source} (quasi_random is FFCV's page-wise order)", d.order)

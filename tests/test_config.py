@@ -57,10 +57,8 @@ def test_wrong_type_says_what_was_expected():
     ("data.crop_scale_max=1.5", "data.crop_scale_max"),
     ("eval.num_train=-1", "eval.num_train"),
     ("eval.num_val=0", "eval.num_val"),
-    # A .beton given without data.source trained on generated images (the default source) and
-    # exited 0; a synthetic set under one batch failed with a traceback after the model was built.
+    # A .beton given without data.source trained on generated images (the default source) and exited 0.
     ("data.path=/data/imagenet/train.beton", "unset with data.source=synthetic"),
-    ("data.synthetic_images=16", "data.synthetic_images"),  # the demo's global batch is 32
 ])
 def test_bad_values_fail_naming_the_key(override, key):
     with pytest.raises(ConfigError) as err:
@@ -259,8 +257,9 @@ def test_a_value_of_the_wrong_type_names_key_type_and_value_without_omegaconfs_i
 
 
 def test_a_data_set_under_one_global_batch_is_a_config_error_naming_the_batch():
-    """Files or a .beton with fewer samples than one global batch: a ValueError traceback (exit 1)
-    from the loader, not the one-line config error (exit 2) the CLI gives for bad settings."""
+    """A data set (files, a .beton, data.synthetic_images) with fewer samples than one global batch:
+    a ValueError traceback (exit 1) from the loader, not the one-line config error (exit 2) the
+    CLI gives for bad settings."""
     from mto_ds.data.order import steps_per_epoch
     assert steps_per_epoch(64, 32) == 2
     with pytest.raises(ConfigError, match="bad value for 'train.global_batch_size': the data set has 10 samples, "
