@@ -354,9 +354,6 @@ def validate(cfg: Config) -> None:
     _check(d.source in ("synthetic", "folder", "ffcv"), "data.source", "one of synthetic, folder, ffcv", d.source)
     if d.source != "synthetic":
         _check(bool(d.path), "data.path", f"a path (data.source={d.source} reads from it)", d.path)
-    else:  # the default source: a path given without the source would train on generated images
-        _check(not d.path, "data.path", "unset with data.source=synthetic (which reads no files): set "
-               "data.source=ffcv for a .beton or data.source=folder for an ImageFolder", d.path)
     _check(d.order in ("exact", "quasi_random"), "data.order", "one of exact, quasi_random", d.order)
     _check(d.order == "exact" or d.source == "ffcv", "data.order",
            f"exact with data.source={d.source} (quasi_random is FFCV's page-wise order)", d.order)

@@ -57,8 +57,6 @@ def test_wrong_type_says_what_was_expected():
     ("data.crop_scale_max=1.5", "data.crop_scale_max"),
     ("eval.num_train=-1", "eval.num_train"),
     ("eval.num_val=0", "eval.num_val"),
-    # A .beton given without data.source trained on generated images (the default source) and exited 0.
-    ("data.path=/data/imagenet/train.beton", "unset with data.source=synthetic"),
 ])
 def test_bad_values_fail_naming_the_key(override, key):
     with pytest.raises(ConfigError) as err:

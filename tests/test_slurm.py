@@ -117,6 +117,9 @@ def test_pretrain_template_trains_two_gloo_ranks_to_the_end(uninterrupted_job):
     assert staged.read_bytes() == beton.read_bytes()
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["data"]["path"] == str(staged)
+    # The demo config trains on generated images: a .beton given to it is said not to be read
+    # (a user who forgot data.source=ffcv trained on them unseen).
+    assert f"data.path={staged} is not read: data.source=synthetic trains on 1024 generated images" in log
     assert config["data"]["num_workers"] == 1  # MTO_WORKERS_PER_GPU defaults to --cpus-per-task
     assert f"run finished: step {STEPS} of {STEPS}" in log
     [start] = (run_dir / "slurm_jobs.log").read_text().splitlines()

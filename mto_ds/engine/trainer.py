@@ -170,6 +170,12 @@ class Trainer:
         log.info("%s, %d steps/epoch, %d steps in all, ZeRO-%d, %s",
                  describe_batch(self.batch, cfg.train.micro_batch_size), self.steps_per_epoch, self.total_steps,
                  zero_stage(self.ds_config), precision(self.ds_config))
+        if cfg.data.source == "synthetic" and cfg.data.path and self.dist.rank == 0:
+            # A smoke test of a real config on generated images, or a .beton given without its
+            # source (which would train on generated images unseen): said either way.
+            log.warning("data.path=%s is not read: data.source=synthetic trains on %d generated images (set "
+                        "data.source=ffcv for a .beton, folder for an ImageFolder)", cfg.data.path,
+                        cfg.data.synthetic_images)
 
     # --- checkpoints -------------------------------------------------------------------
     def _find_inputs(self, cfg: Config):
