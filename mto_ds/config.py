@@ -391,6 +391,19 @@ def validate(cfg: Config) -> None:
            "deepspeed.config", "an existing DeepSpeed .json file (e.g. ds_configs/cpu_zero2.json)",
            cfg.deepspeed.config)
     ds = read_deepspeed_json(cfg)  # parsed now, so a broken file fails before any work
+    # Keys the run fills in itself (engine/builder.py: deepspeed_config): a value of the file's
+    # would be replaced without a word (a clipping of 1.0 from another project's JSON, under MAE's
+    # recipe, trained unclipped), and DeepSpeed would step a scheduler the trainer overrides.
+    owned = {"train_batch_size": "train.global_batch_size", "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+             "gradient_accumulation_steps": "train.global_batch_size / train.micro_batch_size",
+             "gradient_clipping": "train.clip_grad", "scheduler": "train.warmup_epochs and train.min_lr_ratio"}
+    params = (ds.get("optimizer") or {}).get("params") or {}
+    for key, value, ours in [*((k, ds.get(k), owned[k]) for k in owned),
+                             *((f"optimizer.params.{k}", params.get(k), o) for k, o in
+                               (("lr", "train.lr / train.blr"), ("betas", "train.betas"),
+                                ("weight_decay", "train.weight_decay")))]:
+        _check(value in (None, "auto"), "deepspeed.config",
+               f"a file that leaves {key} out (or 'auto'): {ours} sets it", f"{cfg.deepspeed.config} with {key}={value!r}")
     if t.compile:
         # DeepSpeed's ZeRO-3 gathers parameters in module hooks that split every compiled block
         # graph; past torch._dynamo's recompile limit the blocks silently run eager again.

@@ -1,4 +1,6 @@
 """Config validation: bad input fails before any work, naming the key."""
+import json
+
 import numpy as np
 import pytest
 
@@ -130,6 +132,23 @@ def test_a_deepspeed_file_that_is_not_a_json_object_is_a_config_error(tmp_path):
     listed.write_text("[1, 2]")
     with pytest.raises(ConfigError, match="must hold a JSON object .*not a list"):
         load_config(DEMO, [f"deepspeed.config={listed}"])
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"gradient_clipping": 1.0}, ("leaves gradient_clipping out", "train.clip_grad sets it", "gradient_clipping=1.0")),
+    ({"scheduler": {"type": "WarmupLR"}}, ("leaves scheduler out", "train.warmup_epochs", "scheduler={'type'")),
+    ({"train_batch_size": 64}, ("leaves train_batch_size out", "train.global_batch_size sets", "train_batch_size=64")),
+    ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}},
+     ("leaves optimizer.params.lr out", "train.lr / train.blr", "optimizer.params.lr=0.001")),
+])
+def test_a_deepspeed_file_setting_what_the_run_sets_is_refused_naming_the_key(tmp_path, change, named):
+    """The run fills these in itself: a file's value was replaced without a word (another project's
+    "gradient_clipping": 1.0 under MAE's recipe trained unclipped), a scheduler stepped for nothing."""
+    ds = {**json.loads((REPO / "ds_configs" / "cpu_zero2.json").read_text()), **change}
+    (tmp_path / "theirs.json").write_text(json.dumps(ds))
+    with pytest.raises(ConfigError, match="bad value for 'deepspeed.config'") as err:
+        load_config(DEMO, [f"deepspeed.config={tmp_path / 'theirs.json'}"])
+    assert all(part in str(err.value) for part in named), str(err.value)
 
 
 def test_mto_values_given_to_the_python_api_are_checked_as_a_config_is():
