@@ -639,14 +639,17 @@ import json, os, signal
 import torch.distributed as dist
 from mto_ds.engine.signals import StopRequest
 dist.init_process_group("gloo")
-stop, seen = StopRequest(), []
-for step in range(1, 5):
+stop, seen, codes = StopRequest(), [], []
+for step in range(1, 7):
     if step == 2 and dist.get_rank() == 1:
         os.kill(os.getpid(), signal.SIGUSR1)  # rank 1 only, during step 2
+    if step == 4 and dist.get_rank() == 0:
+        stop.taken_over = True  # rank 0's run directory lock was lost during step 4
     seen.append(stop.agreed())
+    codes.append(stop.agreed_code)
 stop.close()  # as the trainer does: no reduction left in flight at exit
 with open(os.path.join(os.environ["OUT_DIR"], f"rank{dist.get_rank()}.json"), "w") as f:
-    json.dump({"seen": seen, "signal": stop.signal_name}, f)
+    json.dump({"seen": seen, "codes": codes, "signal": stop.signal_name}, f)
 dist.destroy_process_group()  # as mto-ds does (shutdown_distributed)
 """
 
@@ -664,9 +667,14 @@ def _two_gloo_ranks(script: str, tmp_path) -> list:
 
 def test_stop_agreement_reaches_every_rank_one_step_after_the_signal(tmp_path):
     """The per-step all-reduce is read at the next step (no GPU drain), so the ranks agree on a
-    signal that one rank got during step 2 at step 3, all at the same step, naming it."""
+    signal that one rank got during step 2 at step 3, all at the same step, naming it. A run
+    directory taken over on rank 0 (stop without saving) is agreed the same way, over the signal."""
+    import signal
+    from mto_ds.engine.signals import TAKEN_OVER
     for rank, row in enumerate(_two_gloo_ranks(AGREE, tmp_path)):
-        assert row == {"seen": [False, False, True, True], "signal": "SIGUSR1"}, (rank, row)
+        assert row == {"seen": [False, False, True, True, True, True],
+                       "codes": [0, 0, signal.SIGUSR1, signal.SIGUSR1, TAKEN_OVER, TAKEN_OVER],
+                       "signal": "SIGUSR1"}, (rank, row)
 
 
 # --- a stop signal before training starts -----------------------------------------------------

@@ -274,6 +274,22 @@ def test_a_second_start_on_a_running_run_directory_stops_before_touching_it(tmp_
     assert not (run / LOCK).exists()  # released at the end: the next start need not wait
 
 
+def test_a_start_whose_run_directory_was_taken_over_stops_without_saving(tmp_path):
+    """A start whose heartbeat stalled (a file server's pause) while a duplicate watched is taken
+    over; it only warned and trained on, both starts then saving, pruning and moving metrics in
+    one directory. It now stops within a beat and a step, exit 2, saving nothing and leaving
+    state.json and running.json to the start that holds the directory."""
+    run = tmp_path / "run"
+    first = Run(run, "checkpoint.every_steps=0", steps=400)  # saves only at the end or on a stop
+    first.wait_for_step(2)
+    theirs = {"job": "slurm:42", "host": "elsewhere", "pid": 1, "started": "now", "token": "theirs", "beat": 0}
+    (run / LOCK).write_text(json.dumps(theirs))  # what a start that took the directory over writes
+    first.finish(expect=2)
+    assert f"run.output_dir={run} was taken over by another start while this one ran" in first.output
+    assert json.loads((run / LOCK).read_text()) == theirs and not (run / "state.json").exists()
+    assert max(metric_steps(run)) < 400 and not list(run.glob("checkpoints/step_*"))
+
+
 def test_a_claim_read_while_its_owner_rewrote_it_is_refused_naming_the_owner(tmp_path):
     """The heartbeat rewrites running.json in place, so a start can read it empty. It must still
     refuse (the file changes: its owner lives) and name the owner from the rewritten file, not "?"."""

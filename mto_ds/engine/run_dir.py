@@ -101,6 +101,7 @@ def _heartbeat(path: Path, text: str, beat: float) -> Optional[str]:
 class RunLock:
     def __init__(self, path: Path, owner: dict, beat: float):
         self.path, self.owner, self.beat = path, owner, beat
+        self.lost = threading.Event()  # another start took the directory over: this one must stop
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="run-dir-heartbeat", daemon=True)
         self._thread.start()
@@ -108,8 +109,9 @@ class RunLock:
     def _beat(self) -> None:
         while not self._stop.wait(self.beat):
             if _owner(_read(self.path)).get("token") != self.owner["token"]:
-                log.warning("%s was taken over by another start (its heartbeat stalled for %.0f s?): two "
-                            "starts now write this run directory", self.path, STALE_BEATS * self.beat)
+                log.error("%s was taken over by another start (this one's heartbeat stalled for %.0f s?): "
+                          "this start stops after its step, without saving", self.path, STALE_BEATS * self.beat)
+                self.lost.set()
                 return
             self.owner["beat"] += 1
             try:

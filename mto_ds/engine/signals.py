@@ -14,11 +14,18 @@ log = logging.getLogger("mto_ds")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
+# Not a signal: the run directory was taken over by another start (run_dir.RunLock.lost). Above
+# every signal's number, so the ranks' MAX agreement carries it over a signal at the same step.
+TAKEN_OVER = 255
+
+
 class StopRequest:
     """Installed before anything slow starts, so a signal during set-up is not lost either."""
 
     def __init__(self):
         self.signum: Optional[int] = None
+        self.taken_over = False  # set by the trainer when its run directory was taken over
+        self.agreed_code = 0     # what the last `agreed` found: a signal's number, TAKEN_OVER or 0
         self.pid = os.getpid()
         self._pending: Optional[_ReducedFlag] = None  # last step's agreement, still in flight
         for sig in STOP_SIGNALS:
@@ -50,19 +57,23 @@ class StopRequest:
         to finish on the GPU before queueing the next, and a signal is only acted on one step
         later. All ranks read the same reduced value, so they stop after the same step.
         `device` (default CPU) holds the flag: the rank's device, where the backend reduces.
+        A rank whose run directory was taken over (`taken_over`) sends TAKEN_OVER instead, which
+        the MAX carries over any signal; `agreed_code` holds what was agreed.
         """
         import torch
         import torch.distributed as dist
+        local = TAKEN_OVER if self.taken_over else (self.signum or 0)
         if not (dist.is_initialized() and dist.get_world_size() > 1):
-            return self.signum is not None
+            self.agreed_code = local
+            return bool(local)
         previous = self._pending
-        self._pending = _ReducedFlag(float(self.signum or 0), device or torch.device("cpu"))
+        self._pending = _ReducedFlag(float(local), device or torch.device("cpu"))
         if previous is None:
             return False
-        signum = int(previous.value())
-        if signum and not self.signum:
-            self.signum = signum
-        return bool(signum)
+        self.agreed_code = int(previous.value())
+        if self.agreed_code and self.agreed_code != TAKEN_OVER and not self.signum:
+            self.signum = self.agreed_code
+        return bool(self.agreed_code)
 
     def ignore_from_now(self) -> None:
         """For a rank that only exits now. Python's exit resets a handler it installed to the

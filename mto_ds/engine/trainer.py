@@ -24,7 +24,7 @@ from .checkpoint import Checkpointer, job_identity
 from .distributed import DistInfo, agree, check_shared_directory, differing_from_rank_0, init_distributed
 from .faults import Faults, SampleTrace
 from .run_dir import RunDirectoryInUse, RunLock, claim, clear_state, resume_warnings, write_config, write_state
-from .signals import StopRequest
+from .signals import TAKEN_OVER, StopRequest
 from .step import (LOGGED, NonFiniteGradientsError, NonFiniteLossError, NonFiniteWeightsError, train_step,
                    weights_finite)
 from .telemetry import Telemetry, evaluation_logged
@@ -62,7 +62,7 @@ class Trainer:
         self.run_lock = self._claim_run_dir()  # first: a duplicate start touches nothing
         if self.dist.rank == 0:
             clear_state(self.run_dir)
-        self.telemetry = None
+        self.telemetry, self.taken_over = None, False
         try:
             self._set_up(cfg)
             if self.dist.rank == 0:
@@ -310,7 +310,16 @@ class Trainer:
                     self._maybe_evaluate()
             for micro_batches in self._micro_batches():
                 self._step(micro_batches)
+                if self.run_lock is not None and self.run_lock.lost.is_set():
+                    self.stop.taken_over = True  # agreed as a signal is, a step later
                 if self.stop.agreed(self.dist.device):
+                    if self.stop.agreed_code == TAKEN_OVER:
+                        # Saving, state.json, the lock: all the other start's now.
+                        self.taken_over = True
+                        raise RunDirectoryInUse(
+                            f"run.output_dir={self.run_dir} was taken over by another start while this one ran "
+                            f"(its running.json heartbeat stalled): this start stopped at step {self.global_step} "
+                            "without saving; the other one goes on")
                     reason = f"signal {self.stop.signal_name}"
                     break
                 every = self.cfg.checkpoint.every_steps
@@ -334,7 +343,8 @@ class Trainer:
             try:
                 self.telemetry.close()  # fails again after a write error in the telemetry
             finally:
-                self._write_state(reason, failure)
+                if not self.taken_over:
+                    self._write_state(reason, failure)
                 self._release_run_dir()
         self.stop.close()
         elapsed = max(time.time() - start_time, 1e-9)
