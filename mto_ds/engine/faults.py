@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import FrozenSet, List, Optional
 
+from .telemetry import set_aside_rows_after
+
 log = logging.getLogger("mto_ds")
 EXIT_CODE = 17
 
@@ -116,22 +118,6 @@ class Faults:
                 time.sleep(min(0.2, max(deadline - time.monotonic(), 0.0)))
 
 
-def _set_aside_steps_after(path: Path, step: int) -> None:
-    if not path.is_file():
-        return
-    keep, later = [], []
-    for line in path.read_text().splitlines():
-        try:
-            ran_again = json.loads(line)["step"] > step
-        except (ValueError, KeyError, TypeError):  # a write cut short by the crash
-            ran_again = True
-        (later if ran_again else keep).append(line + "\n")
-    if later:
-        with open(path.with_name(path.name + ".superseded"), "a") as f:
-            f.writelines(later)
-        path.write_text("".join(keep))
-
-
 class SampleTrace:
     """Which samples each rank consumed at each step, for sample-by-sample accounting."""
 
@@ -149,7 +135,7 @@ class SampleTrace:
             mine = [self.path] + ([p for p in self.path.parent.glob("rank*.jsonl")
                                    if int(p.stem[len("rank"):]) >= world_size] if rank == 0 else [])
             for path in mine:
-                _set_aside_steps_after(path, start_step)
+                set_aside_rows_after(path, start_step)
 
     def record(self, step: int, micro_batches: List[dict]) -> None:
         if self.path is None:

@@ -31,6 +31,30 @@ def _row(line: str) -> Optional[dict]:
     return row if isinstance(step, (int, float)) and not isinstance(step, bool) else None
 
 
+def set_aside_rows_after(path: Path, step: int) -> int:
+    """Moves the rows of a JSON-lines file (one {"step": ...} a line) after `step`, and every line
+    that is not a row, to PATH.superseded; the file keeps the rest, replaced whole. Returns how
+    many lines were not rows. For the steps a resume runs again: metrics.jsonl, the sample trace."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    keep, later, unreadable = [], [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        row = _row(line)
+        if row is None:
+            unreadable += 1
+        (later if row is None or row.get("step", 0) > step else keep).append(line)
+    if later:
+        with open(path.with_name(path.name + ".superseded"), "a") as f:
+            f.write("\n".join(later) + "\n")
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.replace(path)
+    return unreadable
+
+
 def evaluation_logged(metrics_path: Path, step: int) -> bool:
     """Whether metrics.jsonl holds an evaluation row (k-NN / probe accuracies) for `step`."""
     if not Path(metrics_path).is_file():
@@ -71,25 +95,10 @@ class Telemetry:
         logged again by this run: move them to metrics.jsonl.superseded so each step is in
         metrics.jsonl once, and nothing is lost. So is a line that is not a row (a write cut
         short by a crash or a full disk), with a warning: it must not stop the run's resume."""
-        if not self.metrics_path.is_file():
-            return
-        keep, later, unreadable = [], [], 0
-        for line in self.metrics_path.read_text(errors="replace").splitlines():
-            if not line.strip():
-                continue
-            row = _row(line)
-            if row is None:
-                unreadable += 1
-            (later if row is None or row.get("step", 0) > step else keep).append(line)
+        unreadable = set_aside_rows_after(self.metrics_path, step)
         if unreadable:
             log.warning("%s: %d line(s) that are not a JSON row (a write cut short?) moved to "
                         "metrics.jsonl.superseded", self.metrics_path, unreadable)
-        if later:
-            with open(self.metrics_path.with_name("metrics.jsonl.superseded"), "a") as f:
-                f.write("\n".join(later) + "\n")
-            tmp = self.metrics_path.with_name("metrics.jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in keep))
-            tmp.replace(self.metrics_path)
 
     def tick(self, step: int) -> None:
         if self.bar is not None:
