@@ -108,7 +108,6 @@ class Checkpointer:
         self.faults = faults or Faults()
         self.zero_stage = zero_stage  # of this run; a checkpoint of another stage does not load
         self.model = model  # the config keys that shape this run's weights, as complete.json records them
-        self.continuing = False  # candidates() found this job's progress since its explicit resume
 
     def complete_tags(self, root: Optional[Path] = None) -> List[Path]:
         """Complete checkpoints, newest first."""
@@ -171,7 +170,6 @@ class Checkpointer:
     # --- resuming -----------------------------------------------------------------------
     def candidates(self, resume: str, env=os.environ) -> List[Path]:
         since = self.saved_since_applied(resume, env)
-        self.continuing = bool(since)
         if since:
             if self.rank == 0:
                 log.warning("checkpoint.resume=%s was applied by an earlier start of this job, which has "
@@ -364,7 +362,7 @@ class Checkpointer:
         from, and a later restart must still tell the job's progress from the history before it.
         Collective: no rank may still be deciding from an older record."""
         _barrier()
-        if self.rank == 0 and resume != "auto" and not self.continuing:
+        if self.rank == 0 and resume != "auto" and not self.saved_since_applied(resume, env):
             self.dir.mkdir(parents=True, exist_ok=True)
             record = {"resume": _resume_key(resume), "job": job_identity(env), "step": step, "time": time.time()}
             atomic_write(self._resume_record(), json.dumps(record, indent=1))

@@ -62,7 +62,7 @@ class Trainer:
         self.run_lock = self._claim_run_dir()  # first: a duplicate start touches nothing
         if self.dist.rank == 0:
             clear_state(self.run_dir)
-        self.telemetry, self.taken_over = None, False
+        self.telemetry = None
         try:
             self._set_up(cfg)
             if self.dist.rank == 0:
@@ -315,7 +315,6 @@ class Trainer:
                 if self.stop.agreed(self.dist.device):
                     if self.stop.agreed_code == TAKEN_OVER:
                         # Saving, state.json, the lock: all the other start's now.
-                        self.taken_over = True
                         raise RunDirectoryInUse(
                             f"run.output_dir={self.run_dir} was taken over by another start while this one ran "
                             f"(its running.json heartbeat stalled): this start stopped at step {self.global_step} "
@@ -343,7 +342,7 @@ class Trainer:
             try:
                 self.telemetry.close()  # fails again after a write error in the telemetry
             finally:
-                if not self.taken_over:
+                if self.stop.agreed_code != TAKEN_OVER:
                     self._write_state(reason, failure)
                 self._release_run_dir()
         self.stop.close()
