@@ -40,6 +40,7 @@ from ..config import ConfigError
 from ..models.weights import MARKER, complete_checkpoints, model_differences, read_marker
 from .distributed import agree
 from .faults import Faults
+from .signals import STOP_SIGNALS
 from .storage import atomic_write, flush_to_storage
 
 log = logging.getLogger("mto_ds")
@@ -424,7 +425,7 @@ def _converted_from(out: Path, tag_dir: Path) -> bool:
 # The child ignores the stop signals before it imports anything; its pool workers inherit that.
 _IGNORE_STOP_SIGNALS_AND_RUN = (
     "import runpy, signal, sys\n"
-    "for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):\n"
+    f"for sig in {tuple(int(sig) for sig in STOP_SIGNALS)}:\n"
     "    signal.signal(sig, signal.SIG_IGN)\n"
     "sys.argv = sys.argv[1:]\n"
     "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n")
