@@ -151,6 +151,20 @@ def test_kernel_busy_share_counts_overlapping_kernels_once_and_gaps_as_idle():
     assert math.isnan(share([]))
 
 
+def test_bench_step_overrides_are_the_users_json_so_fp32_accumulation_keeps_the_norm_its_optimizer_needs():
+    """--ds-set stands for a user's JSON, which the trainer adjusts after reading it: MAE (no
+    clipping) under ZeRO-1 bf16 skips DeepSpeed's unread gradient norm, but not with fp32
+    gradient accumulation, whose BF16 optimizer refuses to start without it (the override applied
+    after the adjustment ended the GPU row in a ValueError)."""
+    config = _load("bench_step").engine_ds_config
+    assert config("mae", 1, 8, True)["zero_optimization"]["compute_grad_norm"] is False
+    fp32_accumulation = config("mae", 1, 8, True, ["data_types.grad_accum_dtype=fp32"])
+    assert fp32_accumulation["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert fp32_accumulation["zero_optimization"].get("compute_grad_norm") is not False
+    asked = config("mae", 1, 8, True, ["zero_optimization.compute_grad_norm=true"])
+    assert asked["zero_optimization"]["compute_grad_norm"] is True
+
+
 def test_bench_step_dry_run_rejects_a_misspelt_deepspeed_override_before_any_device_time():
     result = subprocess.run([sys.executable, "tools/bench_step.py", "--dry-run", "--method", "mae", "--mto", "off",
                              "--zero", "1", "--no-baseline", "--ds-set", "zero_optimization.compute_grad_norms=true"],
@@ -224,6 +238,8 @@ def test_bench_gpu_script_checks_every_part_without_a_gpu_before_a_lease_is_spen
     assert _table_rows(quick / "mae_contiguous_gradients.md") == [
         "mae ZeRO-1 MTO off zero_optimization.contiguous_gradients=false"]
     assert "batch 256" in (quick / "mae_b256.md").read_text()
+    assert _table_rows(quick / "fp32_grad_accum.md") == [
+        f"{method} ZeRO-1 MTO off data_types.grad_accum_dtype=fp32" for method in ("simmim", "mae")]
     assert _table_rows(quick / "host_floor.md") == [f"{name} width 64" for name in _table_rows(quick / "vit_l_quick.md")]
     assert _table_rows(quick / "host_floor_noncontiguous.md") == [
         f"{method} ZeRO-1 MTO off width 64 zero_optimization.contiguous_gradients=false" for method in ("simmim", "mae")]

@@ -13,7 +13,8 @@
 #                                         # (fused kernel) and on (sdpa statistics) beside the plain timm
 #                                         # and plain MAE baselines, profiled; the same
 #                                         # rows' host floor (width 64); MAE with DeepSpeed's host-side
-#                                         # options changed, and at batch 256
+#                                         # options changed, and at batch 256; SimMIM + MAE with
+#                                         # fp32 gradient accumulation
 #
 # BENCH_TIMEOUT=SECONDS bounds each process (default: none), so a slow one cannot take the
 # next ones' time: SIGTERM then, and SIGKILL BENCH_KILL_AFTER seconds later (default 30) if it
@@ -103,6 +104,12 @@ if [[ $part == quick ]]; then
     # The ViT-L MAE recipe's micro-batch (256), chosen because 128 was host-bound.
     run mae_b256 "$py" tools/bench_step.py "${step_flags[@]}" --arch vit_large_patch16 --method mae --mto on off --zero 1 \
         --batch 256 --steps 10 --data none --no-baseline --json "$out/mae_b256.json"
+    # fp32 gradient accumulation (DeepSpeed's BF16 optimizer under ZeRO-1) against the shipped bf16
+    # accumulation in the rows above: its time and memory. On one GPU nothing is all-reduced, so
+    # communication_data_type=fp32 (twice a reduction's bytes) is not measured here.
+    run fp32_grad_accum "$py" tools/bench_step.py "${step_flags[@]}" --arch vit_large_patch16 --method simmim mae \
+        --mto off --zero 1 --batch 128 --steps 10 --data none --no-baseline \
+        --ds-set data_types.grad_accum_dtype=fp32 --json "$out/fp32_grad_accum.json"
 fi
 if [[ $part == large || $part == all ]]; then
     run vit_l "$py" tools/bench_step.py "${step_flags[@]}" --arch vit_large_patch16 --method simmim mae --mto on off \

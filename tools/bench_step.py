@@ -302,16 +302,18 @@ def set_key(config: dict, assignment: str) -> None:
 def engine_ds_config(method: str, zero: int, batch: int, bf16: bool, ds_set=()) -> dict:
     """The DeepSpeed config of an engine row: the shipped file of this stage (the bf16 one for a
     bf16 row: every GPU row, and CPU's with --bf16; else the fp32 gloo one), one micro-batch per step, clipping as the recipes in configs/ have it
-    (SimMIM 5.0, MAE none), the trainer's own adjustments, then the --ds-set overrides."""
+    (SimMIM 5.0, MAE none), the --ds-set overrides (what a user's JSON would change), then the
+    trainer's own adjustments, which read them (fp32 gradient accumulation under ZeRO-1 bf16 keeps
+    DeepSpeed's gradient norm, which its BF16 optimizer needs)."""
     from mto_ds.engine.builder import skip_unread_grad_norm
     name = f"zero{zero}_bf16.json" if bf16 else f"cpu_zero{zero}.json"
     ds = json.loads((REPO / "ds_configs" / name).read_text())
     ds.update(train_batch_size=batch, train_micro_batch_size_per_gpu=batch, gradient_accumulation_steps=1,
               gradient_clipping=5.0 if method == "simmim" else 0.0)
     ds["optimizer"]["params"]["lr"] = 1e-4
-    skip_unread_grad_norm(ds)  # as the trainer builds it (engine/builder.py)
     for assignment in ds_set:
         set_key(ds, assignment)
+    skip_unread_grad_norm(ds)  # as the trainer builds it from the user's JSON (engine/builder.py)
     return ds
 
 
