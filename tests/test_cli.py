@@ -64,9 +64,23 @@ def test_the_readmes_deepspeed_launcher_command_trains(tmp_path):
     assert (run / "checkpoints" / "step_00000002" / "complete.json").is_file()
 
 
-def test_exported_encoder_loads_into_timm_without_missing_keys(tmp_path):
+MAE = ("model.method=mae", "model.mask_patch_size=null")
+
+
+@pytest.mark.parametrize("case", ["simmim_zero2", "mae_zero1", "mae_bf16_optimizer"])
+def test_exported_encoder_loads_into_timm_without_missing_keys(tmp_path, case):
+    """Every parameter reaches the file, the frozen ones included: under ZeRO-1 DeepSpeed's fp32
+    merge leaves out MAE's fixed sin-cos pos_embed (it records frozen parameters only when it
+    partitions gradients), and the checkpoints of its BF16 optimizer (ZeRO-1 bf16 with fp32
+    gradient accumulation) it refuses to merge at all; those weights come from the universal
+    format, fp32 masters and not the bf16 working copy."""
     run = tmp_path / "run"
-    pretrain(run, "train.steps=2")
+    overrides = {"simmim_zero2": (), "mae_zero1": (*MAE, "deepspeed.config=ds_configs/cpu_zero1.json")}.get(case)
+    if case == "mae_bf16_optimizer":
+        ds = json.loads((REPO / "ds_configs" / "zero1_bf16.json").read_text())
+        (tmp_path / "ds.json").write_text(json.dumps({**ds, "data_types": {"grad_accum_dtype": "fp32"}}))
+        overrides = (*MAE, f"deepspeed.config={tmp_path / 'ds.json'}")
+    pretrain(run, "train.steps=2", *overrides)
     out = tmp_path / "encoder.pt"
     result = subprocess.run([sys.executable, "tools/export_encoder.py", str(run), str(out)], cwd=REPO,
                             env=cpu_env(), capture_output=True, text=True, timeout=300)
@@ -77,6 +91,15 @@ def test_exported_encoder_loads_into_timm_without_missing_keys(tmp_path):
     assert not missing.missing_keys and not missing.unexpected_keys
     loaded = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=64, checkpoint_path=str(out))
     torch.testing.assert_close(loaded.blocks[0].attn.qkv.weight, state["blocks.0.attn.qkv.weight"])
+    (states,) = (run / "checkpoints" / "step_00000002").glob("mp_rank_00_model_states.pt")
+    module = torch.load(states, map_location="cpu", weights_only=False)["module"]
+    if case != "simmim_zero2":  # the frozen sin-cos table the model trained with
+        assert torch.equal(state["pos_embed"], module["encoder.pos_embed"].float())
+    if case == "mae_bf16_optimizer":  # fp32 masters: their bf16 rounding is the module's working copy
+        qkv = state["blocks.0.attn.qkv.weight"]
+        assert state["blocks.0.attn.qkv.weight"].dtype == torch.float32
+        assert torch.equal(qkv.bfloat16(), module["encoder.blocks.0.attn.qkv.weight"])
+        assert not torch.equal(qkv, module["encoder.blocks.0.attn.qkv.weight"].float())
 
 
 def test_every_python_tool_runs_from_a_checkout_without_installing():

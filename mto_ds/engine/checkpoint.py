@@ -37,7 +37,8 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
-from ..models.weights import MARKER, complete_checkpoints, model_differences, read_marker
+from ..models.weights import (MARKER, complete_checkpoints, converted_from, model_differences, read_marker,
+                              universal_conversion_args, universal_dir)
 from .distributed import agree
 from .faults import Faults
 from .signals import STOP_SIGNALS
@@ -61,10 +62,6 @@ def _barrier() -> None:
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def universal_dir(tag_dir: Path) -> Path:
-    return tag_dir.with_name(tag_dir.name + "_universal")
 
 
 def file_sizes(tag_dir: Path) -> dict:
@@ -283,7 +280,7 @@ class Checkpointer:
             if problem:
                 failed.write_text(problem)
         else:
-            while not (_converted_from(out, tag_dir) or failed.is_file()):
+            while not (converted_from(out, tag_dir) or failed.is_file()):
                 time.sleep(1.0)
         return agree(problem)
 
@@ -417,11 +414,6 @@ def _repair_optimizer(optimizer, configured: List[dict]) -> None:
             state["step"] = state["step"].clone()
 
 
-def _converted_from(out: Path, tag_dir: Path) -> bool:
-    """Whether `out` is a finished universal conversion of this very save of `tag_dir`."""
-    return (out / MARKER).is_file() and (out / MARKER).read_bytes() == (tag_dir / MARKER).read_bytes()
-
-
 # The child ignores the stop signals before it imports anything; its pool workers inherit that.
 _IGNORE_STOP_SIGNALS_AND_RUN = (
     "import runpy, signal, sys\n"
@@ -445,15 +437,12 @@ def to_universal(tag_dir: Path, out: Optional[Path] = None) -> Path:
     """Convert a ZeRO checkpoint to DeepSpeed's universal format (for another world size), into
     `out` (default: `step_N_universal` beside it)."""
     out = Path(out) if out is not None else universal_dir(tag_dir)
-    if _converted_from(out, tag_dir):
+    if converted_from(out, tag_dir):
         return out  # converted before, from this very save
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    workers = str(max(1, min(4, (os.cpu_count() or 1) // 2)))  # each holds a shard or parameter in memory
-    result = run_module_ignoring_stop_signals(
-        "deepspeed.checkpoint.ds_to_universal",
-        ["--input_folder", str(tag_dir), "--output_folder", str(tmp), "--inject_missing_state",
-         "--num_extract_workers", workers, "--num_merge_workers", workers])
+    result = run_module_ignoring_stop_signals("deepspeed.checkpoint.ds_to_universal",
+                                              universal_conversion_args(tag_dir, tmp))
     if result.returncode != 0:
         raise RuntimeError(f"ds_to_universal failed on {tag_dir}:\n{result.stderr[-3000:]}")
     shutil.copy(tag_dir / MARKER, tmp / MARKER)

@@ -8,7 +8,11 @@ helpers beside its models.
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -53,12 +57,62 @@ def encoder_state(model_state: dict) -> dict:
 def checkpoint_encoder_state(path) -> dict:
     """fp32 encoder weights with timm key names from the newest complete DeepSpeed checkpoint of a
     run directory, a checkpoints directory or a checkpoint directory."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     tag_dir = newest_complete(path)
+    if any(tag_dir.glob("bf16_zero_pp_rank_*_optim_states.pt")):
+        # DeepSpeed's BF16 optimizer (ZeRO-1 with fp32 gradient accumulation) saves a layout that
+        # its zero_to_fp32 refuses ("not a zero checkpoint") and ds_to_universal reads.
+        return encoder_state(_universal_fp32_state(tag_dir, "encoder."))
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    import torch
+
     # Merges ZeRO-1/2/3 partitions into the fp32 master weights (not the bf16 working copy).
     full = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    # DeepSpeed 0.19 records frozen parameters (MAE's fixed sin-cos pos_embed) for the merge only
+    # when it partitions gradients (ZeRO-2/3): under ZeRO-1 the merge leaves them out, while the
+    # model-states file holds every parameter in full (ZeRO-3 there: empty placeholders).
+    states = tag_dir / "mp_rank_00_model_states.pt"
+    if states.is_file():
+        module = torch.load(states, map_location="cpu", weights_only=False, mmap=True)["module"]
+        full.update({k: v for k, v in module.items() if k not in full and v.numel()})
     return encoder_state(full)
+
+
+def universal_dir(tag_dir: Path) -> Path:
+    """Where a checkpoint's conversion to DeepSpeed's universal format goes (engine/checkpoint.py)."""
+    return tag_dir.with_name(tag_dir.name + "_universal")
+
+
+def converted_from(out: Path, tag_dir: Path) -> bool:
+    """Whether `out` is a finished universal conversion of this very save of `tag_dir`."""
+    return (out / MARKER).is_file() and (out / MARKER).read_bytes() == (tag_dir / MARKER).read_bytes()
+
+
+def universal_conversion_args(tag_dir: Path, out: Path) -> List[str]:
+    """The arguments of `python -m deepspeed.checkpoint.ds_to_universal` converting `tag_dir` into `out`."""
+    workers = str(max(1, min(4, (os.cpu_count() or 1) // 2)))  # each holds a shard or parameter in memory
+    return ["--input_folder", str(tag_dir), "--output_folder", str(out), "--inject_missing_state",
+            "--num_extract_workers", workers, "--num_merge_workers", workers]
+
+
+def _universal_fp32_state(tag_dir: Path, prefix: str) -> dict:
+    """The fp32 weights named `prefix`* of a checkpoint, read from its universal conversion: the one
+    a resume on another world size left beside it, else one made in a temporary directory
+    (TMPDIR), never in the run directory, which the reader may not own."""
+    import torch
+
+    def read(universal: Path) -> dict:
+        return {d.name: torch.load(d / "fp32.pt", map_location="cpu", weights_only=True)["param"]
+                for d in (universal / "zero").iterdir() if d.name.startswith(prefix)}
+
+    if converted_from(universal_dir(tag_dir), tag_dir):
+        return read(universal_dir(tag_dir))
+    with tempfile.TemporaryDirectory(prefix="mto_ds_universal_") as tmp:
+        result = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                                 *universal_conversion_args(tag_dir, Path(tmp) / "out")],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"ds_to_universal failed on {tag_dir}:\n{result.stderr[-3000:]}")
+        return read(Path(tmp) / "out")
 
 
 def model_differences(saved: dict, here: dict) -> List[str]:
