@@ -5,7 +5,7 @@ from PIL import Image
 
 from mto_ds.config import ConfigError, load_config
 from mto_ds.data import SyntheticImages
-from mto_ds.eval.datasets import FolderEvalImages, build_eval_sets, center_resize
+from mto_ds.eval.datasets import FolderEvalImages, build_eval_sets, center_resize, eval_root
 from mto_ds.eval.features import extract_features
 
 # 32 px images: masks of 16 px cells (SimMIM's default 32 px cell would be the whole image).
@@ -229,6 +229,47 @@ def test_evaluation_during_pretraining_without_its_folders_is_refused_before_the
     assert str(tmp_path / "data" / "val") in result.stderr and "Traceback" not in result.stderr
     assert json.loads((run / "state.json").read_text())["step"] is None
     assert not (run / "metrics.jsonl").exists() or (run / "metrics.jsonl").read_text() == ""
+
+
+@pytest.mark.parametrize("val, named", [
+    ("flat", "has no class folders"),
+    ("foreign class", "class folders that the training split lacks: fox"),
+])
+def test_a_val_folder_that_cannot_be_evaluated_is_refused_before_the_first_step(tmp_path, val, named):
+    """Only the folders' existence was checked at set-up: a flat val/ (as ImageNet's validation
+    set is distributed) or one with a class train/ lacks ended the run in a traceback at its first
+    evaluation, an epoch of training later. The evaluation sets are built at set-up now."""
+    import json
+
+    from conftest import pretrain
+
+    _image_folder(tmp_path / "data", {"train": {"cat": 8, "dog": 8}})
+    if val == "flat":
+        (tmp_path / "data" / "val").mkdir()
+        Image.new("RGB", (20, 24)).save(tmp_path / "data" / "val" / "0.png")
+    else:
+        _image_folder(tmp_path / "data", {"val": {"cat": 2, "fox": 2}})
+    run = tmp_path / "run"
+    result = pretrain(run, "data.source=folder", f"data.path={tmp_path / 'data' / 'train'}", "data.num_workers=0",
+                      "eval.every_epochs=1", "train.epochs=1", "train.global_batch_size=8", "model.img_size=32",
+                      "model.mask_patch_size=16", check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "mto-ds: config error: bad value for 'eval.every_epochs'" in result.stderr
+    assert named in result.stderr and "Traceback" not in result.stderr
+    assert json.loads((run / "state.json").read_text())["step"] is None
+
+
+def test_the_default_evaluation_root_is_the_parent_of_data_path_as_named_not_of_its_link_target(tmp_path):
+    """IMAGENET/train linked to a staged copy: the evaluation reads IMAGENET/val, not a val/ that
+    happens to sit beside the copy (resolving the link read that one)."""
+    _image_folder(tmp_path / "staged", {"train": {"cat": 2, "dog": 2}, "val": {"cat": 1}})
+    _image_folder(tmp_path / "imagenet", {"val": {"cat": 1, "dog": 1}})
+    (tmp_path / "imagenet" / "train").symlink_to(tmp_path / "staged" / "train")
+    cfg = load_config(None, ["model.arch=vit_tiny_patch16", *SMALL_IMAGES, "data.source=folder",
+                             f"data.path={tmp_path / 'imagenet' / 'train'}"])
+    assert eval_root(cfg) == tmp_path / "imagenet"
+    train, val = build_eval_sets(cfg)
+    assert (len(train), len(val)) == (4, 2)
 
 
 def test_a_subset_smaller_than_the_split_takes_every_class_in_turn_before_a_second_image_of_any(tmp_path):

@@ -181,7 +181,8 @@ class Trainer:
     def _find_inputs(self, cfg: Config):
         """The checkpoints to resume from, and why checkpoint.resume, data.path or the evaluation
         folders cannot be read (None when all can): looked up on every rank before the model is
-        built, not at the first evaluation, an epoch of training later."""
+        built, not at the first evaluation, an epoch of training later. Sets `eval_sets`, the
+        evaluation's images, when pre-training evaluates."""
         try:
             candidates = self.checkpointer.candidates(cfg.checkpoint.resume)
         except ConfigError as err:
@@ -189,14 +190,20 @@ class Trainer:
         problem = data_path_problem(cfg.data)
         if problem:
             return candidates, f"bad value for 'data.path': {problem}"
-        from ..eval.datasets import missing_eval_folders  # eval is imported only where it is used
         asked = "eval.every_epochs" if cfg.eval.every_epochs else "eval.at_start" if cfg.eval.at_start else None
-        missing = missing_eval_folders(cfg) if asked else []
-        if missing:
-            off = "eval.every_epochs=0" if asked == "eval.every_epochs" else "eval.at_start=false"
-            return candidates, (f"bad value for '{asked}': evaluating during pre-training needs the "
-                                f"labelled ImageFolders {' and '.join(missing)} (set eval.path to the root of "
-                                f"train/ and val/, or {off})")
+        self.eval_sets = None
+        if asked:
+            from ..eval.datasets import build_eval_sets  # eval is imported only where it is used
+            # Built (listed, subsets drawn) once: what cannot be read fails here, not at the first
+            # evaluation epochs later (a flat val/, a class train/ lacks), and no evaluation walks
+            # ImageNet's folders again.
+            try:
+                self.eval_sets = build_eval_sets(cfg)
+            except (FileNotFoundError, ValueError) as err:
+                off = "eval.every_epochs=0" if asked == "eval.every_epochs" else "eval.at_start=false"
+                return candidates, (f"bad value for '{asked}': evaluating during pre-training reads labelled "
+                                    f"train/ and val/ ImageFolders: {err} (set eval.path to the root of "
+                                    f"train/ and val/, or {off})")
         return candidates, None
 
     def _model_keys(self) -> dict:
@@ -463,7 +470,7 @@ class Trainer:
             import deepspeed
             gathered = deepspeed.zero.GatheredParameters(list(encoder.parameters()))
         with gathered:
-            result = evaluate(encoder, self.cfg, self.dist.device)
+            result = evaluate(encoder, self.cfg, self.dist.device, self.eval_sets)
         self.engine.module.train()
         self.telemetry.log({"step": self.global_step, "epoch": float(epoch), **result})
 

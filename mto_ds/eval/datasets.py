@@ -20,6 +20,7 @@ evaluation view, 224 of 256).
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -151,6 +152,8 @@ def eval_root(cfg) -> Path:
     if cfg.eval.path:
         return Path(cfg.eval.path)
     if cfg.data.source == "folder":
-        return Path(cfg.data.path).resolve().parent
+        # The parent as named, links not followed: IMAGENET/train linked to a staged copy still
+        # evaluates on IMAGENET/val, not on whatever val/ sits beside the copy.
+        return Path(os.path.abspath(cfg.data.path)).parent
     raise ValueError(f"evaluation with data.source={cfg.data.source} reads labelled train/ and val/ "
                      "ImageFolders: set eval.path to their root")
