@@ -44,10 +44,19 @@ def test_knn_chunking_does_not_change_predictions():
     assert torch.equal(whole, knn_predict(train, train_labels, val, 5, k=20, chunk_size=7))
 
 
-def test_knn_with_k_larger_than_the_training_set_uses_all_of_it():
+def test_knn_with_k_larger_than_the_training_set_uses_all_of_it_and_says_so(caplog):
+    """Not the protocol asked for (eval.num_train under eval.knn_k, or undecodable images), so the
+    number reported is named as such instead of silently being k-NN with another k."""
     train = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.1, 1.0]])
     labels = torch.tensor([0, 1, 1])
-    assert knn_predict(train, labels, torch.tensor([[1.0, 0.02]]), 2, k=50).tolist() == [0]
+    with caplog.at_level("WARNING", logger="mto_ds.eval.knn"):
+        assert knn_predict(train, labels, torch.tensor([[1.0, 0.02]]), 2, k=50).tolist() == [0]
+    assert [r.getMessage() for r in caplog.records] == [
+        "eval.knn_k=50 is more than the 3 training features: k-NN votes over all of them "
+        "(raise eval.num_train or lower eval.knn_k)"]
+    caplog.clear()
+    knn_predict(train, labels, torch.tensor([[1.0, 0.02]]), 2, k=3)
+    assert caplog.records == []
 
 
 def test_knn_small_temperature_does_not_overflow():

@@ -6,10 +6,14 @@ by chunk_size x num_train similarities whatever the size of the validation set.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
-from .features import top1_accuracy
+from .features import rank_and_world, top1_accuracy
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -21,7 +25,11 @@ def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, query_
         raise ValueError(f"k and temperature must be positive, got k={k}, temperature={temperature}")
     bank = F.normalize(train_features.float(), dim=1)
     train_labels = train_labels.to(bank.device)
-    k = min(k, bank.shape[0])
+    if k > bank.shape[0]:  # not the protocol asked for: said, not silently changed
+        if rank_and_world()[0] == 0:
+            log.warning("eval.knn_k=%d is more than the %d training features: k-NN votes over all of them "
+                        "(raise eval.num_train or lower eval.knn_k)", k, bank.shape[0])
+        k = bank.shape[0]
     predictions = []
     for start in range(0, query_features.shape[0], chunk_size):
         queries = F.normalize(query_features[start:start + chunk_size].float().to(bank.device), dim=1)
