@@ -57,13 +57,17 @@ def encoder_state(model_state: dict) -> dict:
 def checkpoint_encoder_state(path) -> dict:
     """fp32 encoder weights with timm key names from the newest complete DeepSpeed checkpoint of a
     run directory, a checkpoints directory or a checkpoint directory."""
-    tag_dir = newest_complete(path)
-    if any(tag_dir.glob("bf16_zero_pp_rank_*_optim_states.pt")):
-        # DeepSpeed's BF16 optimizer (ZeRO-1 with fp32 gradient accumulation) saves a layout that
-        # its zero_to_fp32 refuses ("not a zero checkpoint") and ds_to_universal reads.
-        return encoder_state(_universal_fp32_state(tag_dir, "encoder."))
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     import torch
+    from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, ZERO_STAGE
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    tag_dir = newest_complete(path)
+    optimizer_files = sorted(tag_dir.glob("*_optim_states.pt"))
+    if optimizer_files and ZERO_STAGE not in torch.load(optimizer_files[0], map_location="cpu", weights_only=False,
+                                                        mmap=True)[OPTIMIZER_STATE_DICT]:
+        # DeepSpeed's BF16 optimizer (ZeRO-1 bf16 with fp32 gradient accumulation) records no ZeRO
+        # stage: its zero_to_fp32 refuses the layout ("not a zero checkpoint"), ds_to_universal reads it.
+        return encoder_state(_universal_fp32_state(tag_dir, "encoder."))
 
     # Merges ZeRO-1/2/3 partitions into the fp32 master weights (not the bf16 working copy).
     full = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
