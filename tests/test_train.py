@@ -224,3 +224,63 @@ def test_drop_path_draws_follow_the_micro_batch_so_one_and_two_ranks_log_the_sam
                  "train.micro_batch_size=16", "data.synthetic_images=64", nproc=nproc)
         losses[nproc] = [r["loss"] for r in read_metrics(run)]
     assert len(losses[1]) == 3 and losses[2] == pytest.approx(losses[1], rel=1e-5)
+
+
+MASTERS_SCRIPT = r'''
+import json, sys, torch, deepspeed
+from pathlib import Path
+from mto_ds.config import load_config
+from mto_ds.engine.distributed import init_distributed, shutdown_distributed
+from mto_ds.engine.trainer import fp32_master_encoder
+from mto_ds.models import create_mim_model
+from mto_ds.models.weights import checkpoint_encoder_state
+
+init_distributed()
+out = Path(sys.argv[1])
+for method, name in (("simmim", "zero2_bf16"), ("mae", "zero1_bf16"), ("mae", "zero3_bf16")):
+    cfg = load_config("configs/demo.yaml", [f"model.method={method}", "model.mask_patch_size=null"])
+    ds = json.load(open(f"ds_configs/{name}.json"))
+    ds.update(train_batch_size=2, train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=1)
+    ds["optimizer"]["params"]["lr"] = 1e-3
+    torch.manual_seed(0)
+    model = create_mim_model("vit_tiny_patch16", method, img_size=64)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+                                      config=ds)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[:, ::2] = True
+    for _ in range(3):  # masters move by less than a bf16 step
+        engine.backward(engine(torch.randn(2, 3, 64, 64), mask)["loss"])
+        engine.step()
+    encoder = engine.module.encoder
+    with deepspeed.zero.GatheredParameters(list(encoder.parameters()), enabled=name.startswith("zero3")):
+        copy = fp32_master_encoder(encoder, cfg, torch.device("cpu")).state_dict()
+        working = {k: v.detach().float().clone() for k, v in encoder.state_dict().items()}
+    engine.save_checkpoint(str(out / name), tag="step")
+    (out / name / "step" / "complete.json").write_text("{}")
+    saved = checkpoint_encoder_state(out / name / "step")
+    print("RESULT", json.dumps({
+        "config": name, "dtypes": sorted({str(v.dtype) for v in copy.values()}),
+        "same_keys": sorted(copy) == sorted(saved),
+        "differing_from_checkpoint": [k for k in copy if not torch.equal(copy[k], saved[k])],
+        "differing_from_working_copy": sum(not torch.equal(copy[k], working[k]) for k in copy)}), flush=True)
+shutdown_distributed()
+'''
+
+
+def test_evaluation_during_a_bf16_run_reads_the_fp32_master_weights_as_mto_ds_eval_does(tmp_path):
+    """A bf16 engine holds a bf16 working copy of the encoder; evaluating it ran the residual
+    stream in bf16, while `mto-ds eval` (and the study's final point) reads the checkpoint's fp32
+    masters: one curve, two precisions. The encoder evaluated during pre-training holds exactly
+    the weights `mto-ds eval` reads from the checkpoint of that step, under ZeRO-1/2/3, MAE's
+    frozen pos_embed included."""
+    script = tmp_path / "masters.py"
+    script.write_text(MASTERS_SCRIPT)
+    result = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=REPO, capture_output=True,
+                            text=True, timeout=600, env=cpu_env(PYTHONPATH=str(REPO)))
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = [json.loads(line.split(" ", 1)[1]) for line in result.stdout.splitlines() if line.startswith("RESULT")]
+    assert [r["config"] for r in rows] == ["zero2_bf16", "zero1_bf16", "zero3_bf16"]
+    for row in rows:
+        assert row["dtypes"] == ["torch.float32"] and row["same_keys"], row
+        assert row["differing_from_checkpoint"] == [], row
+        assert row["differing_from_working_copy"] > 0, row  # the masters, not the bf16 copy upcast

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from ..config import Config, ConfigError, mask_ratio, mask_units, realised_mask_ratio, to_yaml
 from ..data import build_pretrain_loader, data_fingerprint, data_path_problem
 from ..data.order import rank_share, steps_per_epoch
-from ..models import create_mim_model, mask_fn_for
+from ..models import create_encoder, create_mim_model, mask_fn_for
 from ..mto.fused_attention import fused_kernel_available
 from ..mto.plan import STATS_WITH_GRADIENTS
 from ..mto.state import MTOState
@@ -470,7 +470,10 @@ class Trainer:
             import deepspeed
             gathered = deepspeed.zero.GatheredParameters(list(encoder.parameters()))
         with gathered:
+            if self.dtype != torch.float32:
+                encoder = fp32_master_encoder(encoder, self.cfg, self.dist.device)
             result = evaluate(encoder, self.cfg, self.dist.device, self.eval_sets)
+        del encoder
         self.engine.module.train()
         self.telemetry.log({"step": self.global_step, "epoch": float(epoch), **result})
 
@@ -490,3 +493,23 @@ class Trainer:
             # the last step's evaluation leaves it for the next start (_evaluation_pending).
             finished = reason == "completed" and step >= total
             write_state(self.run_dir, finished, step, total, reason, first=failure is not None)
+
+
+def fp32_master_encoder(encoder: torch.nn.Module, cfg: Config, device: torch.device) -> torch.nn.Module:
+    """An fp32 encoder holding the optimizer's fp32 master weights of a bf16/fp16 engine's
+    `encoder` (frozen parameters and buffers as the module holds them): what `mto-ds eval` reads
+    from the checkpoint, so an evaluation during pre-training gives the number it gives, and the
+    study's curve one protocol (the bf16 working copy ran the residual stream in bf16). Call on
+    every rank, in the same order (ZeRO gathers the masters); under ZeRO-3 with the encoder's
+    parameters gathered."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    state = {}
+    for name, value in encoder.state_dict(keep_vars=True).items():
+        trained = isinstance(value, torch.nn.Parameter) and value.requires_grad
+        master = safe_get_full_fp32_param(value) if trained else None
+        state[name] = (value if master is None else master).detach().float()
+    copy = create_encoder(cfg.model.arch, img_size=cfg.model.img_size)
+    copy.load_state_dict(state, strict=True)
+    return copy.to(device)
+
