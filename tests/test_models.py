@@ -97,3 +97,21 @@ def test_a_bf16_model_takes_float32_pixels_and_keeps_them_as_its_full_precision_
     rounded = model(images.bfloat16().float(), mask, with_stats=False)["loss_mim"]  # same encoder input
     assert exact.dtype == torch.float32 and torch.isfinite(exact)
     assert exact != rounded  # only the target differs between the two: it was not rounded to bf16
+
+
+@pytest.mark.parametrize("method", ["simmim", "mae"])
+def test_a_0_1_integer_mask_as_simmims_generator_gives_trains_as_the_boolean_one_and_a_float_mask_is_refused(method):
+    """SimMIM's reference MaskGenerator gives 0/1 integers; with MTO on they failed deep inside the
+    attention (masked_fill wants bool)."""
+    torch.manual_seed(0)
+    model = create_mim_model("vit_tiny_patch16", method, img_size=64, mto={"recalibrate": "early"})
+    images = torch.randn(2, 3, 64, 64)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[:, 1::2] = True
+    expected = model(images, mask)
+    for integers in (mask.long(), mask.to(torch.uint8)):
+        got = model(images, integers)
+        assert [got[k].item() for k in ("loss", "loss_mim", "loss_mto")] == \
+            [expected[k].item() for k in ("loss", "loss_mim", "loss_mto")]
+    with pytest.raises(TypeError, match="mask must be bool .* got torch.float32"):
+        model(images, mask.float())

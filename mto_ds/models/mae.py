@@ -69,6 +69,7 @@ class MAE(MIMModel):
         Every sample must mask the same number of patches (the MAE mask generator does); a batch
         whose samples do not fails (visible_count).
         """
+        mask = self.boolean_mask(mask)
         enc = self.encoder
         # The input in the weights' dtype (bf16 under DeepSpeed); `images` stays float32 for the target.
         x = enc.patch_embed(images.to(enc.patch_embed.proj.weight.dtype)) + enc.pos_embed[:, 1:]
@@ -121,6 +122,7 @@ class MAE(MIMModel):
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor, mto_scale: float = 1.0,
                 with_stats: bool = True) -> Dict[str, torch.Tensor]:
+        mask = self.boolean_mask(mask)
         latent = self.forward_encoder(images, mask)
         pred, summaries, num_early = self.forward_decoder(latent, mask, with_stats)
         return self.mim_outputs(self.forward_loss(images, pred, mask), summaries, num_early, mto_scale)

@@ -35,6 +35,14 @@ class MIMModel(nn.Module):
             if isinstance(module, MTOAttention):
                 module.stats_kernel = self.mto.kernel
 
+    @staticmethod
+    def boolean_mask(mask: torch.Tensor) -> torch.Tensor:
+        """The mask as bool (True = masked): 0/1 integers, as SimMIM's reference generator gives
+        them, are taken as such; a floating mask is refused (MTO's attention masks by it)."""
+        if mask.is_floating_point() or mask.is_complex():
+            raise TypeError(f"mask must be bool (True = masked) or 0/1 integers, got {mask.dtype}")
+        return mask if mask.dtype == torch.bool else mask != 0
+
     def block_flags(self, with_stats: bool):
         return block_flags(self.mto, self.num_mim_blocks, with_stats)
 

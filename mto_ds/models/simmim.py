@@ -56,7 +56,7 @@ class SimMIM(MIMModel):
 
     def forward_encoder(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Encoder output tokens [B, 1 + num_patches, D], CLS first."""
-        return self._encode(images, mask, with_stats=False)[0]
+        return self._encode(images, self.boolean_mask(mask), with_stats=False)[0]
 
     def forward_loss(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mean absolute error over the pixels of masked patches (SimMIM's L1)."""
@@ -67,6 +67,7 @@ class SimMIM(MIMModel):
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor, mto_scale: float = 1.0,
                 with_stats: bool = True) -> Dict[str, torch.Tensor]:
+        mask = self.boolean_mask(mask)
         tokens, summaries, num_early = self._encode(images, mask, with_stats)
         pred = self.decoder(tokens[:, 1:])
         return self.mim_outputs(self.forward_loss(images, pred, mask), summaries, num_early, mto_scale)
