@@ -512,4 +512,3 @@ def fp32_master_encoder(encoder: torch.nn.Module, cfg: Config, device: torch.dev
     copy = create_encoder(cfg.model.arch, img_size=cfg.model.img_size)
     copy.load_state_dict(state, strict=True)
     return copy.to(device)
-

@@ -29,8 +29,8 @@ class SimMIM(MIMModel):
         self.num_mim_blocks = len(encoder.blocks)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         # timm's bounds are absolute (+-2: 100 std, so a plain normal of std 0.02); SimMIM's own cuts
-        # at 1 std (std about 0.011). Kept: the
-        # measured study (docs/STUDY.md) started from this initialisation.
+        # at 1 std (std about 0.011). Kept: the measured study (docs/STUDY.md) started from this
+        # initialisation.
         trunc_normal_(self.mask_token, std=0.02)
         # SimMIM's decoder: a 1x1 conv to patch*patch*3 values per token (here a Linear).
         self.decoder = nn.Linear(dim, self.patch_size ** 2 * 3)
