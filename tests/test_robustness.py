@@ -774,8 +774,8 @@ def test_a_run_directory_that_not_every_rank_sees_is_found_before_training(tmp_p
 def test_a_final_evaluation_cut_short_is_done_by_the_next_start_and_only_then_is_the_run_finished(tmp_path):
     """The checkpoint of an epoch's last step is saved before that epoch's evaluation, also where
     checkpoint.every_steps does not fall on it (0 here: only at the end; every step since the
-    last save was lost and trained again). When the evaluation fails (here: its folders hold no
-    images; in practice also a kill or a stop signal), the run must not say finished, and the
+    last save was lost and trained again). When the evaluation fails (here: its images cannot be
+    decoded; in practice also a kill or a stop signal), the run must not say finished, and the
     next start evaluates it first, from that checkpoint (the study's point for that epoch was
     lost for good before), then trains on. A third start adds nothing."""
     from mto_ds.engine.telemetry import evaluation_logged
@@ -784,11 +784,12 @@ def test_a_final_evaluation_cut_short_is_done_by_the_next_start_and_only_then_is
              "eval.num_train=32", "eval.num_val=16", "eval.linear_epochs=2", "run.log_every=1",
              "run.progress_bar=false")
     cmd = [sys.executable, "-m", "mto_ds", "pretrain", "--config", "configs/demo.yaml", f"run.output_dir={run}", *small]
-    for split in ("train", "val"):  # present, so set-up accepts them; empty, so the evaluation fails
-        (tmp_path / "no_eval_images" / split).mkdir(parents=True)
+    for split in ("train", "val"):  # listed, so set-up accepts them; undecodable, so the evaluation fails
+        (tmp_path / "no_eval_images" / split / "cat").mkdir(parents=True)
+        (tmp_path / "no_eval_images" / split / "cat" / "0.JPEG").write_bytes(b"not a JPEG")
     broken = subprocess.run([*cmd, f"eval.path={tmp_path / 'no_eval_images'}"], cwd=REPO, env=cpu_env(),
                             capture_output=True, text=True, timeout=300)
-    assert broken.returncode == 1 and "no_eval_images" in broken.stderr
+    assert broken.returncode == 1 and "none of the 1 images of the evaluation set could be decoded" in broken.stderr
     assert state(run)["finished"] is False and state(run)["step"] == 2
     assert _complete(run, "step_00000002") and not evaluation_logged(run / "metrics.jsonl", 2)
     for _ in range(2):
