@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -126,24 +126,15 @@ def build_eval_sets(cfg) -> Tuple[Dataset, Dataset]:
         val_start = max(data.synthetic_images, ev.num_train)
         return (SyntheticEvalImages(source, range(ev.num_train), size),
                 SyntheticEvalImages(source, range(val_start, val_start + ev.num_val), size))
-    missing = missing_eval_folders(cfg)
+    root = eval_root(cfg)
+    missing = [str(root / split) for split in ("train", "val") if not (root / split).is_dir()]
     if missing:
         raise FileNotFoundError(f"evaluation needs labelled ImageFolder splits under eval.path (or, with "
                                 f"data.source=folder, the parent of data.path); not found: {', '.join(missing)}")
-    root = eval_root(cfg)
     # Subsets drawn with a fixed seed, not run.seed: runs of a study compared on one evaluation set.
     train = FolderEvalImages(root / "train", size, ev.num_train, EVAL_SUBSET_SEED)
     val = FolderEvalImages(root / "val", size, ev.num_val, EVAL_SUBSET_SEED, classes=train.classes)
     return train, val
-
-
-def missing_eval_folders(cfg) -> List[str]:
-    """The labelled train/ and val/ folders `build_eval_sets` would read that do not exist
-    (none for the synthetic set): checked at set-up, before an epoch is trained for nothing."""
-    if cfg.data.source == "synthetic" and not cfg.eval.path:
-        return []
-    root = eval_root(cfg)
-    return [str(root / split) for split in ("train", "val") if not (root / split).is_dir()]
 
 
 def eval_root(cfg) -> Path:
