@@ -14,7 +14,7 @@ import torch.distributed as dist
 from ..config import Config, ConfigError, mask_ratio, mask_units, realised_mask_ratio, to_yaml
 from ..data import build_pretrain_loader, data_fingerprint, data_path_problem
 from ..data.order import rank_share, steps_per_epoch
-from ..models import create_encoder, create_mim_model, mask_fn_for
+from ..models import create_mim_model, mask_fn_for
 from ..mto.fused_attention import fused_kernel_available
 from ..mto.plan import STATS_WITH_GRADIENTS
 from ..mto.state import MTOState
@@ -473,7 +473,6 @@ class Trainer:
             if self.dtype != torch.float32:
                 encoder = fp32_master_encoder(encoder, self.cfg, self.dist.device)
             result = evaluate(encoder, self.cfg, self.dist.device, self.eval_sets)
-        del encoder
         self.engine.module.train()
         self.telemetry.log({"step": self.global_step, "epoch": float(epoch), **result})
 
@@ -504,11 +503,13 @@ def fp32_master_encoder(encoder: torch.nn.Module, cfg: Config, device: torch.dev
     parameters gathered."""
     from deepspeed.utils import safe_get_full_fp32_param
 
+    from ..eval.run import build_encoder  # the encoder `mto-ds eval` builds for the checkpoint
+
     state = {}
     for name, value in encoder.state_dict(keep_vars=True).items():
         trained = isinstance(value, torch.nn.Parameter) and value.requires_grad
         master = safe_get_full_fp32_param(value) if trained else None
         state[name] = (value if master is None else master).detach().float()
-    copy = create_encoder(cfg.model.arch, img_size=cfg.model.img_size)
+    copy = build_encoder(cfg)
     copy.load_state_dict(state, strict=True)
     return copy.to(device)
