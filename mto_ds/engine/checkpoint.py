@@ -37,8 +37,8 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
-from ..models.weights import (MARKER, complete_checkpoints, converted_from, model_differences, read_marker,
-                              universal_conversion_args, universal_dir)
+from ..models.weights import (MARKER, complete_checkpoints, convert_to_universal, converted_from,
+                              model_differences, read_marker, universal_dir)
 from .distributed import agree
 from .faults import Faults
 from .signals import STOP_SIGNALS
@@ -441,10 +441,7 @@ def to_universal(tag_dir: Path, out: Optional[Path] = None) -> Path:
         return out  # converted before, from this very save
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    result = run_module_ignoring_stop_signals("deepspeed.checkpoint.ds_to_universal",
-                                              universal_conversion_args(tag_dir, tmp))
-    if result.returncode != 0:
-        raise RuntimeError(f"ds_to_universal failed on {tag_dir}:\n{result.stderr[-3000:]}")
+    convert_to_universal(tag_dir, tmp, run=run_module_ignoring_stop_signals)
     shutil.copy(tag_dir / MARKER, tmp / MARKER)
     flush_to_storage(tmp)  # the conversion is named finished only once it is on storage
     shutil.rmtree(out, ignore_errors=True)

@@ -91,11 +91,20 @@ def converted_from(out: Path, tag_dir: Path) -> bool:
     return (out / MARKER).is_file() and (out / MARKER).read_bytes() == (tag_dir / MARKER).read_bytes()
 
 
-def universal_conversion_args(tag_dir: Path, out: Path) -> List[str]:
-    """The arguments of `python -m deepspeed.checkpoint.ds_to_universal` converting `tag_dir` into `out`."""
+def run_module(module: str, args: List[str]) -> subprocess.CompletedProcess:
+    """`python -m module args`, its output captured."""
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True)
+
+
+def convert_to_universal(tag_dir: Path, out: Path, run=run_module) -> None:
+    """DeepSpeed's ds_to_universal of `tag_dir` into `out`, in a child process started by `run`
+    (the trainer's ignores the stop signals); a failure raises with the child's stderr."""
     workers = str(max(1, min(4, (os.cpu_count() or 1) // 2)))  # each holds a shard or parameter in memory
-    return ["--input_folder", str(tag_dir), "--output_folder", str(out), "--inject_missing_state",
-            "--num_extract_workers", workers, "--num_merge_workers", workers]
+    result = run("deepspeed.checkpoint.ds_to_universal",
+                 ["--input_folder", str(tag_dir), "--output_folder", str(out), "--inject_missing_state",
+                  "--num_extract_workers", workers, "--num_merge_workers", workers])
+    if result.returncode != 0:
+        raise RuntimeError(f"ds_to_universal failed on {tag_dir}:\n{result.stderr[-3000:]}")
 
 
 def _universal_fp32_state(tag_dir: Path, prefix: str) -> dict:
@@ -111,11 +120,7 @@ def _universal_fp32_state(tag_dir: Path, prefix: str) -> dict:
     if converted_from(universal_dir(tag_dir), tag_dir):
         return read(universal_dir(tag_dir))
     with tempfile.TemporaryDirectory(prefix="mto_ds_universal_") as tmp:
-        result = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-                                 *universal_conversion_args(tag_dir, Path(tmp) / "out")],
-                                capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"ds_to_universal failed on {tag_dir}:\n{result.stderr[-3000:]}")
+        convert_to_universal(tag_dir, Path(tmp) / "out")
         return read(Path(tmp) / "out")
 
 
