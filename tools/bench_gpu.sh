@@ -8,7 +8,7 @@
 #   tools/bench_gpu.sh OUT_DIR compiled   # ViT-L/16 SimMIM, MTO off/on (both kernels), ZeRO-1, batch 128, train.compile
 #   tools/bench_gpu.sh OUT_DIR huge       # ViT-H/14 SimMIM + MTO, ZeRO-3, activation checkpointing, batch 64 and 128
 #   tools/bench_gpu.sh OUT_DIR all        # the four in order
-#   tools/bench_gpu.sh OUT_DIR quick      # about 11 minutes (estimated, not yet run): CUDA tests of both statistics paths,
+#   tools/bench_gpu.sh OUT_DIR quick      # about 12 minutes (estimated, not yet run): CUDA tests of both statistics paths,
 #                                         # bench_attention, ViT-L SimMIM + MAE ZeRO-1 with MTO off, on
 #                                         # (fused kernel) and on (sdpa statistics) beside the plain timm
 #                                         # and plain MAE baselines, profiled; the same
