@@ -157,7 +157,8 @@ def test_zero1_and_zero3_runs_resumed_on_another_world_size_log_the_losses_of_th
     On CPU an uninterrupted run of either stage logs the same losses as the ZeRO-2 reference, so
     that is the yardstick. Guards the repair of DeepSpeed's ZeRO-3 universal loader (shared Adam
     step counter, weight decay copied to every parameter group), without which the losses drift
-    by ~1e-3 within a few steps."""
+    by ~1e-3 within a few steps. The ZeRO-3 steps on 2 ranks also stand for test_train.py's
+    check that SimMIM's blocks, each one ZeRO-3 leaf, compute MTO inside their gathered call."""
     run_dir = tmp_path / "run"
     _stopped_on_2_resumed_on_1(run_dir, f"deepspeed.config=ds_configs/cpu_zero{stage}.json", stop_after=4)
     assert state(run_dir) == {"finished": True, "step": STEPS, "total_steps": STEPS, "reason": "completed"}

@@ -73,16 +73,17 @@ def test_zero3_with_each_block_one_leaf_logs_the_losses_of_zero2(tmp_path):
     """Under ZeRO-3 each transformer block is one DeepSpeed leaf (its weights gathered around the
     block's own call, engine/builder.py), so the MTO path must run inside that call: a weight
     used outside it would be an empty partition. Same data, same seed: ZeRO-3 gives ZeRO-2's
-    losses, MTO terms included, for SimMIM and for MAE's decoder blocks."""
-    for method in ("simmim", "mae"):
-        losses = {}
-        for name in ("cpu_zero2.json", "cpu_zero3.json"):
-            run = tmp_path / f"{method}_{name}"
-            pretrain(run, f"deepspeed.config=ds_configs/{name}", f"model.method={method}", "train.steps=4",
-                     "run.log_every=1", "checkpoint.every_steps=0", "mto.warmup_steps=0", nproc=2)
-            losses[name] = [(r["loss_mim"], r["loss_mto"]) for r in read_metrics(run)]
-        assert len(losses["cpu_zero3.json"]) == 4 and all(mto > 0 for _, mto in losses["cpu_zero3.json"]), method
-        assert losses["cpu_zero3.json"] == [pytest.approx(pair, rel=1e-4) for pair in losses["cpu_zero2.json"]], method
+    losses, MTO terms included, here for MAE's decoder blocks. SimMIM's encoder blocks are held
+    to the same by test_resume.py's ZeRO-3 case, whose 2-rank steps log the ZeRO-2 reference's
+    losses (MTO on from step 1), so they are not run a second time here."""
+    losses = {}
+    for name in ("cpu_zero2.json", "cpu_zero3.json"):
+        run = tmp_path / name
+        pretrain(run, f"deepspeed.config=ds_configs/{name}", "model.method=mae", "train.steps=4",
+                 "run.log_every=1", "checkpoint.every_steps=0", "mto.warmup_steps=0", nproc=2)
+        losses[name] = [(r["loss_mim"], r["loss_mto"]) for r in read_metrics(run)]
+    assert len(losses["cpu_zero3.json"]) == 4 and all(mto > 0 for _, mto in losses["cpu_zero3.json"])
+    assert losses["cpu_zero3.json"] == [pytest.approx(pair, rel=1e-4) for pair in losses["cpu_zero2.json"]]
 
 
 def test_two_rank_zero3_with_mto_and_accumulation(tmp_path):
