@@ -121,7 +121,7 @@ def main(argv=None) -> int:
             return 2
         return 0
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, training=args.command == "pretrain")
     except ConfigError as err:
         print(f"mto-ds: config error: {err}", file=sys.stderr)
         return 2

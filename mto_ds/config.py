@@ -268,9 +268,10 @@ def _yaml_layers(path: Path, chain: tuple = ()) -> list:
     return [*layers, (path, loaded)]
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Config:
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = (), training: bool = True) -> Config:
     """Schema defaults <- YAML file (after its `_base_` files) <- `section.key=value` overrides,
-    then `validate`."""
+    then `validate`. `training=False` (evaluation) leaves out the DeepSpeed JSON, which only
+    pre-training reads: a run trained with a JSON since moved or deleted is still evaluated."""
     cfg = OmegaConf.structured(Config)
     if path is not None:
         given = Path(path)
@@ -291,7 +292,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
         config: Config = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:  # an interpolation that does not resolve, e.g. ${oc.env:X}
         raise ConfigError(_bad_value(err)) from None
-    validate(config)
+    validate(config, training)
     return config
 
 
@@ -315,8 +316,8 @@ def read_deepspeed_json(cfg: "Config") -> dict:
     return ds
 
 
-def validate(cfg: Config) -> None:
-    """Choices and ranges OmegaConf's types cannot express."""
+def validate(cfg: Config, training: bool = True) -> None:
+    """Choices and ranges OmegaConf's types cannot express (the DeepSpeed JSON's only for training)."""
     m, d, t, c, mto = cfg.model, cfg.data, cfg.train, cfg.checkpoint, cfg.mto
     # numpy's generators refuse a negative seed, late (after DeepSpeed's set-up); its legacy seeding
     # (np.random.seed, as numba compiles it for FFCV's quasi_random order) keeps 32 bits.
@@ -387,30 +388,8 @@ def validate(cfg: Config) -> None:
         _check(0 < t.clip_grad < math.inf, "train.clip_grad", "a finite positive number or null", t.clip_grad)
     _check(t.max_nonfinite_steps > 0, "train.max_nonfinite_steps", "a positive integer", t.max_nonfinite_steps)
 
-    _check(Path(cfg.deepspeed.config).suffix == ".json" and resolve_path(cfg.deepspeed.config).is_file(),
-           "deepspeed.config", "an existing DeepSpeed .json file (e.g. ds_configs/cpu_zero2.json)",
-           cfg.deepspeed.config)
-    ds = read_deepspeed_json(cfg)  # parsed now, so a broken file fails before any work
-    # Keys the run fills in itself (engine/builder.py: deepspeed_config): a value of the file's
-    # would be replaced without a word (a clipping of 1.0 from another project's JSON, under MAE's
-    # recipe, trained unclipped), and DeepSpeed would step a scheduler the trainer overrides.
-    owned = {"train_batch_size": "train.global_batch_size", "train_micro_batch_size_per_gpu": "train.micro_batch_size",
-             "gradient_accumulation_steps": "train.global_batch_size / train.micro_batch_size",
-             "gradient_clipping": "train.clip_grad", "scheduler": "train.warmup_epochs and train.min_lr_ratio"}
-    params = (ds.get("optimizer") or {}).get("params") or {}
-    for key, value, ours in [*((k, ds.get(k), owned[k]) for k in owned),
-                             *((f"optimizer.params.{k}", params.get(k), o) for k, o in
-                               (("lr", "train.lr / train.blr"), ("betas", "train.betas"),
-                                ("weight_decay", "train.weight_decay")))]:
-        _check(value in (None, "auto"), "deepspeed.config",
-               f"a file that leaves {key} out (or 'auto'): {ours} sets it", f"{cfg.deepspeed.config} with {key}={value!r}")
-    if t.compile:
-        # DeepSpeed's ZeRO-3 gathers parameters in module hooks that split every compiled block
-        # graph; past torch._dynamo's recompile limit the blocks silently run eager again.
-        stage = int((ds.get("zero_optimization") or {}).get("stage", 0))
-        _check(stage < 3, "train.compile",
-               f"false with ZeRO stage 3 (deepspeed.config={cfg.deepspeed.config}); compile with ZeRO-1/2",
-               t.compile)
+    if training:
+        validate_deepspeed(cfg)
     _check(c.every_steps >= 0, "checkpoint.every_steps", "an integer >= 0", c.every_steps)
     _check(c.keep_last >= 1, "checkpoint.keep_last", "an integer >= 1", c.keep_last)
     _check(bool(c.resume), "checkpoint.resume", "auto, none or a checkpoint directory", c.resume)
@@ -438,6 +417,35 @@ def validate(cfg: Config) -> None:
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate_deepspeed(cfg: Config) -> None:
+    """The DeepSpeed JSON that pre-training reads: there, parsed, and leaving the run's keys to it."""
+    t = cfg.train
+    _check(Path(cfg.deepspeed.config).suffix == ".json" and resolve_path(cfg.deepspeed.config).is_file(),
+           "deepspeed.config", "an existing DeepSpeed .json file (e.g. ds_configs/cpu_zero2.json)",
+           cfg.deepspeed.config)
+    ds = read_deepspeed_json(cfg)  # parsed now, so a broken file fails before any work
+    # Keys the run fills in itself (engine/builder.py: deepspeed_config): a value of the file's
+    # would be replaced without a word (a clipping of 1.0 from another project's JSON, under MAE's
+    # recipe, trained unclipped), and DeepSpeed would step a scheduler the trainer overrides.
+    owned = {"train_batch_size": "train.global_batch_size", "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+             "gradient_accumulation_steps": "train.global_batch_size / train.micro_batch_size",
+             "gradient_clipping": "train.clip_grad", "scheduler": "train.warmup_epochs and train.min_lr_ratio"}
+    params = (ds.get("optimizer") or {}).get("params") or {}
+    for key, value, ours in [*((k, ds.get(k), owned[k]) for k in owned),
+                             *((f"optimizer.params.{k}", params.get(k), o) for k, o in
+                               (("lr", "train.lr / train.blr"), ("betas", "train.betas"),
+                                ("weight_decay", "train.weight_decay")))]:
+        _check(value in (None, "auto"), "deepspeed.config",
+               f"a file that leaves {key} out (or 'auto'): {ours} sets it", f"{cfg.deepspeed.config} with {key}={value!r}")
+    if t.compile:
+        # DeepSpeed's ZeRO-3 gathers parameters in module hooks that split every compiled block
+        # graph; past torch._dynamo's recompile limit the blocks silently run eager again.
+        stage = int((ds.get("zero_optimization") or {}).get("stage", 0))
+        _check(stage < 3, "train.compile",
+               f"false with ZeRO stage 3 (deepspeed.config={cfg.deepspeed.config}); compile with ZeRO-1/2",
+               t.compile)
 
 
 def validate_mto(mto: "MTOConfig") -> None:

@@ -45,6 +45,10 @@ def test_eval_and_export_name_a_missing_checkpoint_or_folder_with_exit_2_not_a_t
     result = _cli("eval", "--config", "configs/demo.yaml", "--checkpoint", str(missing))
     assert result.returncode == 2 and f"checkpoint not found: {missing}" in result.stderr
     assert "Traceback" not in result.stderr
+    # Evaluation never reads the DeepSpeed JSON: one that is gone is not what stops it.
+    gone = tmp_path / "gone.json"
+    result = _cli("eval", "--config", "configs/demo.yaml", f"deepspeed.config={gone}", "--checkpoint", str(missing))
+    assert result.returncode == 2 and f"checkpoint not found: {missing}" in result.stderr, result.stderr
     result = _cli("export", str(missing), str(tmp_path / "encoder.pt"))
     assert result.returncode == 2 and str(missing) in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "encoder.pt").exists()

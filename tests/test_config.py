@@ -282,3 +282,19 @@ def test_a_data_set_under_one_global_batch_is_a_config_error_naming_the_batch():
     with pytest.raises(ConfigError, match="bad value for 'train.global_batch_size': the data set has 10 samples, "
                                           "fewer than one global batch of 32"):
         steps_per_epoch(10, 32)
+
+
+def test_evaluation_loads_a_config_whose_deepspeed_json_is_gone_and_pretraining_refuses_it(tmp_path):
+    """Only pre-training reads the DeepSpeed JSON: a run trained with a file of its own, since
+    moved or deleted, must still be evaluated (`mto-ds eval`, a study's --final-eval), while a
+    pre-training start names the missing file before any work."""
+    ds = tmp_path / "ds.json"
+    ds.write_text((REPO / "ds_configs" / "cpu_zero2.json").read_text())
+    override = [f"deepspeed.config={ds}"]
+    assert load_config(DEMO, override).deepspeed.config == str(ds)
+    ds.unlink()
+    with pytest.raises(ConfigError, match="'deepspeed.config': expected an existing DeepSpeed .json file"):
+        load_config(DEMO, override)
+    assert load_config(DEMO, override, training=False).deepspeed.config == str(ds)
+    with pytest.raises(ConfigError, match="eval.knn_k"):  # the rest is still checked
+        load_config(DEMO, [*override, "eval.knn_k=0"], training=False)

@@ -153,7 +153,7 @@ def final_evaluation(run_dir: Path, finetune_epochs: int = 0, device=None, overr
     if reason:  # its last checkpoint is from part-way through the schedule, not at its budget
         raise RuntimeError(f"{run_dir}: {reason}; not evaluated as if at its budget of {run.budget:g} epochs: "
                            f"{what_to_do(run)}")
-    cfg = load_config(run_dir / "config.yaml", overrides)
+    cfg = load_config(run_dir / "config.yaml", overrides, training=False)
     # Through JSON, as the cached row holds them, so equal settings compare equal.
     settings = json.loads(json.dumps(evaluation_settings(cfg, str(run_dir), finetune_epochs, device)))
     cached = run_dir / FINAL_EVAL
@@ -197,7 +197,7 @@ def check_eval_overrides(overrides: Sequence[str]) -> None:
         raise StudyError(f"--set takes eval.KEY=VALUE or data.num_workers=N (how the runs are evaluated, not what "
                          f"they pre-trained), got {' '.join(bad)}")
     if overrides:
-        load_config(None, overrides)
+        load_config(None, overrides, training=False)
 
 
 def _reusable(row: dict, settings: dict, compare_checkpoint: bool = True) -> bool:
