@@ -147,11 +147,8 @@ mto_step_command() {
                  "$MTO_PYTHON" -u -m mto_ds "$@")
             ;;
         torchrun | deepspeed)
-            # The launchers start one number of ranks on every node: SLURM_TASKS_PER_NODE is
-            # "8(x2)" for that, "4(x2),2" for an allocation of unequal nodes (--ntasks without
-            # --ntasks-per-node), where SLURM_NTASKS / nodes would leave ranks out.
+            # Equal nodes (mto_main checked): SLURM_TASKS_PER_NODE is "8(x2)".
             local layout=${SLURM_TASKS_PER_NODE:-}
-            [[ $layout != *,* ]] || mto_die "MTO_LAUNCHER=$MTO_LAUNCHER starts as many ranks on every node, and this allocation has SLURM_TASKS_PER_NODE=$layout: submit with --ntasks-per-node, or use MTO_LAUNCHER=srun"
             local per_node=${SLURM_NTASKS_PER_NODE:-${layout%%(*}}
             [[ -n $per_node ]] || per_node=$((SLURM_NTASKS / SLURM_JOB_NUM_NODES))
             export MTO_LAUNCHER MTO_PYTHON MTO_RANKS_PER_NODE=$per_node
@@ -236,7 +233,14 @@ mto_main() {
     [[ -z $MTO_DATA_STAGE_DIR || -n $MTO_DATA_PATH ]] ||
         mto_die "MTO_DATA_STAGE_DIR needs MTO_DATA_PATH: the .beton to copy"
     case $MTO_LAUNCHER in
-        srun | torchrun | deepspeed) ;;
+        srun) ;;
+        torchrun | deepspeed)
+            # The launchers start one number of ranks on every node: SLURM_TASKS_PER_NODE is
+            # "8(x2)" for that, "4(x2),2" for an allocation of unequal nodes (--ntasks without
+            # --ntasks-per-node), where SLURM_NTASKS / nodes would leave ranks out. Checked
+            # before the data is staged to every node.
+            [[ ${SLURM_TASKS_PER_NODE:-} != *,* ]] || mto_die "MTO_LAUNCHER=$MTO_LAUNCHER starts as many ranks on every node, and this allocation has SLURM_TASKS_PER_NODE=$SLURM_TASKS_PER_NODE: submit with --ntasks-per-node, or use MTO_LAUNCHER=srun"
+            ;;
         *) mto_die "MTO_LAUNCHER=$MTO_LAUNCHER: expected srun, torchrun or deepspeed" ;;
     esac
     # One rank per GPU. More would share a GPU (the engine maps local rank modulo the GPUs it

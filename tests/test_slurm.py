@@ -530,16 +530,22 @@ def test_a_usr1_during_the_site_set_up_is_kept_and_the_job_requeues(tmp_path):
 def test_the_per_node_launchers_start_each_nodes_ranks_or_refuse_an_unequal_layout(tmp_path, layout, ranks):
     """torchrun/deepspeed start one number of ranks per node. `--ntasks=10` on 3 nodes gives
     SLURM_TASKS_PER_NODE=4(x2),2 and no SLURM_NTASKS_PER_NODE: 10 // 3 = 3 per node ran a world
-    of 9, one sample share short, without a word."""
+    of 9, one sample share short, without a word. The refusal comes before the data is staged
+    to every node (srun stands in here, recording its calls), not after the copy."""
     env = {"SLURM_JOB_NUM_NODES": "2" if ranks else "3", "SLURM_CPUS_ON_NODE": "16", "MTO_LAUNCHER": "torchrun",
            "MTO_ROOT": str(REPO), **layout}
-    out = run_lib('mto_step_command cmd pretrain; echo "ranks $MTO_RANKS_PER_NODE: ${cmd[*]}"', tmp_path, **env)
     if ranks:
+        out = run_lib('mto_step_command cmd pretrain; echo "ranks $MTO_RANKS_PER_NODE: ${cmd[*]}"', tmp_path, **env)
         assert out.returncode == 0 and f"ranks {ranks}: srun" in out.stdout, out.stdout + out.stderr
-    else:
-        assert out.returncode == 2, out.stdout + out.stderr
-        assert "MTO_LAUNCHER=torchrun starts as many ranks on every node, and this allocation has " \
-               "SLURM_TASKS_PER_NODE=4(x2),2: submit with --ntasks-per-node" in out.stdout
+        return
+    beton = tmp_path / "train.beton"
+    beton.write_bytes(b"x")
+    env.update(MTO_CONFIG="configs/demo.yaml", MTO_DATA_PATH=str(beton), MTO_DATA_STAGE_DIR=str(tmp_path / "local"))
+    out = run_lib(f'srun() {{ echo "srun $*" >>{tmp_path / "srun.calls"}; }}; mto_main', tmp_path, **env)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "MTO_LAUNCHER=torchrun starts as many ranks on every node, and this allocation has " \
+           "SLURM_TASKS_PER_NODE=4(x2),2: submit with --ntasks-per-node" in out.stdout
+    assert not (tmp_path / "srun.calls").exists() and "staging" not in out.stdout, out.stdout
 
 
 def test_batch_shell_forwards_usr1_to_the_step_and_returns_its_exit_status(tmp_path):
