@@ -13,7 +13,8 @@ and this start takes over. No flock: it does not work on every shared file syste
 held by a dead node's client may never be released. A claim is taken over at once, without
 watching, when it belongs to an earlier run of this same Slurm job (a requeue, SLURM_RESTART_COUNT
 higher than the claim's: the earlier start is dead) or to a process of this host that no longer
-exists. Two starts in one run of a job (two sruns in one allocation) watch each other like any.
+exists (the same host name and PID namespace). Two starts in one run of a job (two sruns in
+one allocation) watch each other like any.
 """
 from __future__ import annotations
 
@@ -70,7 +71,17 @@ def _gone_at_once(owner: dict, me: dict) -> bool:
     if me["job"] and me["job"].startswith("slurm:") and owner.get("job") == me["job"] and \
             isinstance(owner.get("restart", 0), int) and owner.get("restart", 0) < me["restart"]:
         return True
-    return owner.get("host") == me["host"] and isinstance(owner.get("pid"), int) and _ended(owner["pid"])
+    # The same PID namespace too: containers that share the host's name (host networking) see
+    # another's pids as gone.
+    same_processes = me["pidns"] is not None and (owner.get("host"), owner.get("pidns")) == (me["host"], me["pidns"])
+    return same_processes and isinstance(owner.get("pid"), int) and _ended(owner["pid"])
+
+
+def _pid_namespace() -> Optional[str]:
+    try:
+        return os.readlink("/proc/self/ns/pid")  # "pid:[4026531836]"
+    except OSError:
+        return None
 
 
 def _ended(pid: int) -> bool:
@@ -106,9 +117,21 @@ class RunLock:
         self._thread = threading.Thread(target=self._beat, name="run-dir-heartbeat", daemon=True)
         self._thread.start()
 
+    def _taken_over(self) -> bool:
+        """Another start's claim in the file, or no file (a takeover removes it, then creates its
+        own). A read that fails, or finds the file empty or cut short (this start's own rewrite
+        failed: a full disk empties it), proves nothing: the next beat rewrites it."""
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        return _owner(text).get("token") not in (None, self.owner["token"])
+
     def _beat(self) -> None:
         while not self._stop.wait(self.beat):
-            if _owner(_read(self.path)).get("token") != self.owner["token"]:
+            if self._taken_over():
                 log.error("%s was taken over by another start (this one's heartbeat stalled for %.0f s?): "
                           "this start stops after its step, without saving", self.path, STALE_BEATS * self.beat)
                 self.lost.set()
@@ -133,7 +156,7 @@ def claim(run_dir: Path, job: Optional[str], beat: float = BEAT_SECONDS, restart
     path = Path(run_dir) / LOCK
     if restart is None:
         restart = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
-    me = {"job": job, "restart": restart, "host": socket.gethostname(), "pid": os.getpid(),
+    me = {"job": job, "restart": restart, "host": socket.gethostname(), "pidns": _pid_namespace(), "pid": os.getpid(),
           "started": time.strftime("%Y-%m-%d %H:%M:%S"), "token": os.urandom(8).hex(), "beat": 0}
     for _ in range(3):  # a claim that vanished or was taken over between two looks: look again
         try:
