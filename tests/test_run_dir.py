@@ -110,6 +110,27 @@ def test_resume_warnings_name_a_changed_lr_schedule_only_when_it_changed():
                               "peak LR 0.001 -> 0.002): step 51 runs at LR 0.00179, where the saved schedule had 0.000587.")
 
 
+def test_a_warm_up_as_long_as_the_run_and_an_evaluation_interval_it_never_reaches_are_warned():
+    """MAE's 40 warm-up epochs in a 20-epoch budget were cut to end a step before the run without
+    a word: the LR rose the whole run and never decayed. eval.every_epochs past the run's last
+    epoch evaluated nothing, silently. Both are named with the keys to change."""
+    from mto_ds.config import load_config
+    from mto_ds.engine.builder import schedule_steps, schedule_warnings
+    mae = load_config(REPO / "configs" / "vit_b_mae.yaml", ["train.epochs=20"])
+    assert schedule_steps(mae, 312) == (6240, 6239)
+    (warm_up,) = schedule_warnings(mae, 312)
+    assert warm_up.startswith("train.warmup_epochs=40 (12480 steps) is not shorter than the run (6240 steps): "
+                              "the warm-up is cut to 6239 steps")
+    assert schedule_warnings(load_config(REPO / "configs" / "vit_b_mae.yaml", ["train.epochs=100"]), 312) == []
+    demo = REPO / "configs" / "demo.yaml"
+    (by_steps,) = schedule_warnings(load_config(demo, ["train.steps=4", "train.warmup_steps=4"]), 32)
+    assert by_steps.startswith("train.warmup_steps=4 is not shorter than the run (4 steps)")
+    (evaluation,) = schedule_warnings(load_config(demo, ["train.epochs=5", "eval.every_epochs=10"]), 32)
+    assert evaluation.startswith("eval.every_epochs=10 evaluates at the end of epoch 10, 20, ...; this run ends "
+                                 "after 160 steps (5 complete epochs of 32 steps), so it evaluates nothing")
+    assert schedule_warnings(load_config(demo, ["train.epochs=10", "eval.every_epochs=10"]), 32) == []
+
+
 class _DiskFullEngine:
     """Stands in for DeepSpeed's engine on a disk that fills up: the model file is cut short."""
 

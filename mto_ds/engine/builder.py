@@ -74,12 +74,38 @@ def peak_lr(cfg: Config) -> float:
 
 
 def schedule_steps(cfg: Config, steps_per_epoch: int):
-    """(total optimizer steps, warm-up steps)."""
+    """(total optimizer steps, warm-up steps): the warm-up asked for, cut to end a step before the run."""
+    total, warmup = _asked_schedule(cfg, steps_per_epoch)
+    return total, min(warmup, max(total - 1, 0))
+
+
+def _asked_schedule(cfg: Config, steps_per_epoch: int):
     total = cfg.train.steps if cfg.train.steps is not None else cfg.train.epochs * steps_per_epoch
     warmup = cfg.train.warmup_steps
     if warmup is None:
         warmup = int(round(cfg.train.warmup_epochs * steps_per_epoch))
-    return total, min(warmup, max(total - 1, 0))
+    return total, warmup
+
+
+def schedule_warnings(cfg: Config, steps_per_epoch: int) -> List[str]:
+    """What in the run's schedule does not do what its keys suggest: a warm-up as long as the run
+    (a recipe's 40 epochs in a 20-epoch budget), cut to fit, so the LR climbs to the peak at the
+    last step and never decays; an evaluation interval the run never reaches."""
+    total, asked = _asked_schedule(cfg, steps_per_epoch)
+    _, warmup = schedule_steps(cfg, steps_per_epoch)
+    problems = []
+    if asked > warmup:
+        key = (f"train.warmup_steps={cfg.train.warmup_steps}" if cfg.train.warmup_steps is not None
+               else f"train.warmup_epochs={cfg.train.warmup_epochs:g} ({asked} steps)")
+        problems.append(f"{key} is not shorter than the run ({total} steps): the warm-up is cut to {warmup} "
+                        f"steps, so the LR rises until the last step and never decays (train.min_lr_ratio "
+                        f"has no effect); give a shorter warm-up for this budget")
+    every, epochs = cfg.eval.every_epochs, total // steps_per_epoch
+    if every and epochs < every:
+        problems.append(f"eval.every_epochs={every} evaluates at the end of epoch {every}, {2 * every}, ...; this "
+                        f"run ends after {total} steps ({epochs} complete epochs of {steps_per_epoch} steps), "
+                        f"so it evaluates nothing during pre-training")
+    return problems
 
 
 def learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float, min_ratio: float) -> float:

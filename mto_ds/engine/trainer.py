@@ -19,7 +19,8 @@ from ..mto.fused_attention import fused_kernel_available
 from ..mto.plan import STATS_WITH_GRADIENTS
 from ..mto.state import MTOState
 from .builder import (BatchPlan, deepspeed_config, describe_batch, learning_rate, mark_zero3_leaf_blocks,
-                      param_groups, peak_lr, plan_batch, precision, schedule_steps, zero_stage)
+                      param_groups, peak_lr, plan_batch, precision, schedule_steps, schedule_warnings,
+                      zero_stage)
 from .checkpoint import Checkpointer, job_identity
 from .distributed import DistInfo, agree, check_shared_directory, differing_from_rank_0, init_distributed
 from .faults import Faults, SampleTrace
@@ -170,6 +171,8 @@ class Trainer:
         log.info("%s, %d steps/epoch, %d steps in all, ZeRO-%d, %s",
                  describe_batch(self.batch, cfg.train.micro_batch_size), self.steps_per_epoch, self.total_steps,
                  zero_stage(self.ds_config), precision(self.ds_config))
+        for problem in schedule_warnings(cfg, self.steps_per_epoch) if self.dist.rank == 0 else ():
+            log.warning(problem)
         if cfg.data.source == "synthetic" and cfg.data.path and self.dist.rank == 0:
             # A smoke test of a real config on generated images, or a .beton given without its
             # source (which would train on generated images unseen): said either way.
