@@ -411,8 +411,10 @@ def validate(cfg: Config, training: bool = True) -> None:
     _check(e.pooling in ("mean", "cls"), "eval.pooling", "mean or cls", e.pooling)
     for key in ("batch_size", "linear_epochs", "finetune_batch_size"):
         _check(getattr(e, key) > 0, f"eval.{key}", "a positive integer", getattr(e, key))
-    for key in ("knn_temperature", "linear_lr", "finetune_lr", "finetune_layer_decay"):
+    for key in ("knn_temperature", "linear_lr", "finetune_lr"):
         _check(0 < getattr(e, key) < math.inf, f"eval.{key}", "a positive number", getattr(e, key))
+    # Above 1 the early blocks would learn faster than the head: 7.5 typed for 0.75.
+    _check(0 < e.finetune_layer_decay <= 1, "eval.finetune_layer_decay", "a value in (0, 1]", e.finetune_layer_decay)
 
 
 def _is_int(value) -> bool:
@@ -426,13 +428,28 @@ def validate_deepspeed(cfg: Config) -> None:
            "deepspeed.config", "an existing DeepSpeed .json file (e.g. ds_configs/cpu_zero2.json)",
            cfg.deepspeed.config)
     ds = read_deepspeed_json(cfg)  # parsed now, so a broken file fails before any work
+    name = cfg.deepspeed.config
+    for key in ("optimizer", "zero_optimization"):
+        _check(isinstance(ds.get(key, {}), dict), "deepspeed.config", f"a file whose {key} is an object",
+               f"{name} with {key}={ds.get(key)!r}")
+    optimizer, zero = ds.get("optimizer", {}), ds.get("zero_optimization", {})
+    _check(isinstance(optimizer.get("params", {}), dict), "deepspeed.config",
+           "a file whose optimizer.params is an object", f"{name} with optimizer.params={optimizer.get('params')!r}")
+    # The run fills in AdamW's betas and weight decay (MAE's and SimMIM's optimizer); another
+    # optimizer would take them as its own or refuse them.
+    _check(str(optimizer.get("type", "AdamW")).lower() in ("adam", "adamw"), "deepspeed.config",
+           "a file whose optimizer.type is AdamW (or Adam)", f"{name} with optimizer.type={optimizer.get('type')!r}")
+    _check(_is_int(zero.get("stage", 0)) and zero.get("stage", 0) in (0, 1, 2, 3), "deepspeed.config",
+           "a file whose zero_optimization.stage is 0, 1, 2 or 3", f"{name} with stage={zero.get('stage')!r}")
+    _check(not (t.clip_grad and zero.get("compute_grad_norm") is False), "train.clip_grad",
+           f"null with zero_optimization.compute_grad_norm=false in {name} (clipping needs the norm)", t.clip_grad)
     # Keys the run fills in itself (engine/builder.py: deepspeed_config): a value of the file's
     # would be replaced without a word (a clipping of 1.0 from another project's JSON, under MAE's
     # recipe, trained unclipped), and DeepSpeed would step a scheduler the trainer overrides.
     owned = {"train_batch_size": "train.global_batch_size", "train_micro_batch_size_per_gpu": "train.micro_batch_size",
              "gradient_accumulation_steps": "train.global_batch_size / train.micro_batch_size",
              "gradient_clipping": "train.clip_grad", "scheduler": "train.warmup_epochs and train.min_lr_ratio"}
-    params = (ds.get("optimizer") or {}).get("params") or {}
+    params = optimizer.get("params", {})
     for key, value, ours in [*((k, ds.get(k), owned[k]) for k in owned),
                              *((f"optimizer.params.{k}", params.get(k), o) for k, o in
                                (("lr", "train.lr / train.blr"), ("betas", "train.betas"),
@@ -442,8 +459,7 @@ def validate_deepspeed(cfg: Config) -> None:
     if t.compile:
         # DeepSpeed's ZeRO-3 gathers parameters in module hooks that split every compiled block
         # graph; past torch._dynamo's recompile limit the blocks silently run eager again.
-        stage = int((ds.get("zero_optimization") or {}).get("stage", 0))
-        _check(stage < 3, "train.compile",
+        _check(zero.get("stage", 0) < 3, "train.compile",
                f"false with ZeRO stage 3 (deepspeed.config={cfg.deepspeed.config}); compile with ZeRO-1/2",
                t.compile)
 

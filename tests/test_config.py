@@ -1,5 +1,6 @@
 """Config validation: bad input fails before any work, naming the key."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -149,6 +150,32 @@ def test_a_deepspeed_file_setting_what_the_run_sets_is_refused_naming_the_key(tm
     with pytest.raises(ConfigError, match="bad value for 'deepspeed.config'") as err:
         load_config(DEMO, [f"deepspeed.config={tmp_path / 'theirs.json'}"])
     assert all(part in str(err.value) for part in named), str(err.value)
+
+
+@pytest.mark.parametrize("change, overrides, named", [
+    ({"optimizer": None}, (), "a file whose optimizer is an object"),
+    ({"optimizer": {"type": "AdamW", "params": None}}, (), "a file whose optimizer.params is an object"),
+    ({"zero_optimization": None}, (), "a file whose zero_optimization is an object"),
+    ({"zero_optimization": {"stage": "auto"}}, (), "a file whose zero_optimization.stage is 0, 1, 2 or 3"),
+    ({"optimizer": {"type": "Lamb", "params": {}}}, (), "a file whose optimizer.type is AdamW (or Adam)"),
+    ({"zero_optimization": {"stage": 2, "compute_grad_norm": False}}, ("train.clip_grad=1.0",),
+     "bad value for 'train.clip_grad': expected null with zero_optimization.compute_grad_norm=false"),
+])
+def test_a_deepspeed_file_of_the_wrong_shape_is_refused_before_any_work(tmp_path, change, overrides, named):
+    """A null section or a stage of "auto" ended the set-up in an AttributeError or int() traceback;
+    a Lamb optimizer silently took AdamW's betas; clipping without the norm it needs failed inside
+    DeepSpeed's initialize, naming neither key."""
+    ds = {**json.loads((REPO / "ds_configs" / "cpu_zero2.json").read_text()), **change}
+    (tmp_path / "theirs.json").write_text(json.dumps(ds))
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        load_config(DEMO, [f"deepspeed.config={tmp_path / 'theirs.json'}", *overrides])
+    assert load_config(DEMO, [f"deepspeed.config={tmp_path / 'theirs.json'}", *overrides], training=False)
+
+
+def test_a_fine_tune_layer_decay_above_one_is_refused():
+    with pytest.raises(ConfigError, match=re.escape("'eval.finetune_layer_decay': expected a value in (0, 1], got 7.5")):
+        load_config(DEMO, ["eval.finetune_layer_decay=7.5"])
+    assert load_config(DEMO, ["eval.finetune_layer_decay=1.0"]).eval.finetune_layer_decay == 1.0
 
 
 def test_mto_values_given_to_the_python_api_are_checked_as_a_config_is():
