@@ -31,9 +31,14 @@ def test_knn_uses_cosine_similarity_so_feature_scale_does_not_matter():
     train_labels = torch.arange(60) % 3
     train = _one_hot_plus_noise(train_labels, 3, 1.0, seed=2)
     val = _one_hot_plus_noise(torch.arange(30) % 3, 3, 1.0, seed=3)
-    scales = torch.rand(30, 1, generator=torch.Generator().manual_seed(4)) * 100 + 0.01
+    generator = torch.Generator().manual_seed(4)
+    train_scales, val_scales = (torch.rand(n, 1, generator=generator) * 100 + 0.01 for n in (60, 30))
     assert torch.equal(knn_predict(train, train_labels, val, 3, k=10),
-                       knn_predict(train * 7.0, train_labels, val * scales, 3, k=10))
+                       knn_predict(train * train_scales, train_labels, val * val_scales, 3, k=10))
+    # The nearest by angle, not by dot product: a long vector at 45 degrees outvotes a short
+    # one almost on the query under a dot product.
+    bank, labels = torch.tensor([[10.0, 10.0], [1.0, 0.05]]), torch.tensor([1, 0])
+    assert knn_predict(bank, labels, torch.tensor([[1.0, 0.0]]), 2, k=1).tolist() == [0]
 
 
 def test_knn_chunking_does_not_change_predictions():
