@@ -2,7 +2,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import Dataset
 
-from mto_ds.eval.finetune import PooledClassifier, finetune_top1, layer_decay_groups
+from mto_ds.eval.finetune import PooledClassifier, finetune, finetune_top1, layer_decay_groups
 
 
 class BrightChannel(Dataset):
@@ -39,9 +39,11 @@ def test_finetune_learns_a_separable_toy_task_and_leaves_the_encoder_untouched()
 
 
 def test_finetune_is_deterministic_for_a_seed():
-    runs = [finetune_top1(_tiny_vit(), BrightChannel(32, seed=2), BrightChannel(30, seed=3), 3, "cpu",
-                          epochs=1, batch_size=16, lr=1e-3, seed=5) for _ in range(2)]
-    assert runs[0] == runs[1]
+    """The fine-tuned weights, not the accuracy (100 % on this task for any seed)."""
+    first, again, other = (finetune(_tiny_vit(), BrightChannel(32, seed=2), 3, "cpu", epochs=1, batch_size=16,
+                                    lr=1e-3, seed=seed).state_dict() for seed in (5, 5, 6))
+    assert all(torch.equal(first[key], again[key]) for key in first)
+    assert not torch.equal(first["head.weight"], other["head.weight"])  # the seed is what decides it
 
 
 def test_layer_decay_gives_early_blocks_the_smallest_learning_rate():

@@ -31,6 +31,17 @@ def linear_probe_top1(train_features: torch.Tensor, train_labels: torch.Tensor, 
                       weight_decay: float = 1e-4, batch_size: int = 256, seed: int = 0) -> float:
     """Top-1 accuracy in [0, 100] on the validation features of a linear probe."""
     train_x, val_x = standardise(train_features.float(), val_features.float())
+    head = fit_linear_head(train_x, train_labels, num_classes, epochs=epochs, lr=lr, weight_decay=weight_decay,
+                           batch_size=batch_size, seed=seed)
+    with torch.no_grad():
+        predictions = head(val_x).argmax(dim=1)
+    return top1_accuracy(predictions, val_labels)
+
+
+def fit_linear_head(train_x: torch.Tensor, train_labels: torch.Tensor, num_classes: int, *, epochs: int,
+                    lr: float, weight_decay: float, batch_size: int, seed: int) -> nn.Linear:
+    """A linear head trained on (standardised) features: AdamW from zeros, a cosine LR, each
+    epoch a permutation drawn from `seed`."""
     train_y = train_labels.to(train_x.device)
     head = nn.Linear(train_x.shape[1], num_classes).to(train_x.device)
     nn.init.zeros_(head.weight)
@@ -53,6 +64,4 @@ def linear_probe_top1(train_features: torch.Tensor, train_labels: torch.Tensor, 
                 loss.backward()
                 optimizer.step()
                 step += 1
-    with torch.no_grad():
-        predictions = head(val_x).argmax(dim=1)
-    return top1_accuracy(predictions, val_labels)
+    return head
