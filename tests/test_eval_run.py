@@ -14,6 +14,12 @@ COMMON = ["deepspeed.config=ds_configs/cpu_zero2.json", "model.arch=vit_tiny_pat
           "model.mask_patch_size=16", "data.num_workers=0"]
 
 
+def _percentages_of(num_val, result) -> bool:
+    """Each value a percentage of `num_val` validation images: 100 x correct / num_val, not a
+    fraction in [0, 1] nor a count."""
+    return all(0.0 <= v <= 100.0 and abs(v * num_val / 100 - round(v * num_val / 100)) < 1e-6 for v in result.values())
+
+
 def _solid_colour_folder(root):
     """Three classes of flat colours with a little jitter: mean colour separates them exactly.
     Each split also holds an empty and a garbage file named as images, as real data sets do."""
@@ -43,7 +49,7 @@ def test_run_eval_with_a_finetune_completes_on_a_folder_holding_broken_files(tmp
                                       "eval.linear_epochs=5", "eval.finetune_batch_size=5"])
     result = run_eval(cfg, str(tmp_path / "encoder.pt"), finetune_epochs=1, device=torch.device("cpu"))
     assert set(result) == {"knn_top1", "linear_top1", "finetune_top1"}
-    assert all(0.0 <= v <= 100.0 for v in result.values())
+    assert _percentages_of(12, result)  # the 12 decodable validation images of 3 classes
 
 
 def test_evaluate_returns_percentages_and_leaves_a_training_encoder_in_train_mode():
@@ -53,7 +59,7 @@ def test_evaluate_returns_percentages_and_leaves_a_training_encoder_in_train_mod
     encoder = create_encoder("vit_tiny_patch16", img_size=32).train()
     result = evaluate(encoder, cfg, torch.device("cpu"))
     assert set(result) == {"knn_top1", "linear_top1"}
-    assert all(0.0 <= v <= 100.0 for v in result.values())
+    assert _percentages_of(16, result)
     assert encoder.training
 
 
@@ -84,7 +90,7 @@ def test_run_eval_on_a_saved_encoder_reports_knn_linear_and_finetune(tmp_path):
                                       "eval.num_train=32", "eval.num_val=16"])
     with pytest.raises(ValueError, match="eval.finetune_batch_size=64 is more than the 32 training images"):
         run_eval(cfg, str(tmp_path / "encoder.pt"), finetune_epochs=1, device=torch.device("cpu"))
-    assert all(0.0 <= v <= 100.0 for v in result.values())
+    assert _percentages_of(16, result)
     json.dumps(result)  # what the CLI and final_eval.json write
 
 
