@@ -72,19 +72,22 @@ MAE = ("model.method=mae", "model.mask_patch_size=null")
 
 
 @pytest.mark.parametrize("case", ["simmim_zero2", "mae_zero1", "mae_bf16_optimizer"])
-def test_exported_encoder_loads_into_timm_without_missing_keys(tmp_path, case):
+def test_exported_encoder_loads_into_timm_without_missing_keys(tmp_path, case, request):
     """Every parameter reaches the file, the frozen ones included: under ZeRO-1 DeepSpeed's fp32
     merge leaves out MAE's fixed sin-cos pos_embed (it records frozen parameters only when it
     partitions gradients), and the checkpoints of its BF16 optimizer (ZeRO-1 bf16 with fp32
     gradient accumulation) it refuses to merge at all; those weights come from the universal
     format, fp32 masters and not the bf16 working copy."""
-    run = tmp_path / "run"
-    overrides = {"simmim_zero2": (), "mae_zero1": (*MAE, "deepspeed.config=ds_configs/cpu_zero1.json")}.get(case)
-    if case == "mae_bf16_optimizer":
-        ds = json.loads((REPO / "ds_configs" / "zero1_bf16.json").read_text())
-        (tmp_path / "ds.json").write_text(json.dumps({**ds, "data_types": {"grad_accum_dtype": "fp32"}}))
-        overrides = (*MAE, f"deepspeed.config={tmp_path / 'ds.json'}")
-    pretrain(run, "train.steps=2", *overrides)
+    if case == "simmim_zero2":  # the demo's own 2-step run (SimMIM, ZeRO-2), shared with the tests below
+        run = request.getfixturevalue("tiny_run")
+    else:
+        run = tmp_path / "run"
+        overrides = (*MAE, "deepspeed.config=ds_configs/cpu_zero1.json")
+        if case == "mae_bf16_optimizer":
+            ds = json.loads((REPO / "ds_configs" / "zero1_bf16.json").read_text())
+            (tmp_path / "ds.json").write_text(json.dumps({**ds, "data_types": {"grad_accum_dtype": "fp32"}}))
+            overrides = (*MAE, f"deepspeed.config={tmp_path / 'ds.json'}")
+        pretrain(run, "train.steps=2", *overrides)
     out = tmp_path / "encoder.pt"
     result = subprocess.run([sys.executable, "tools/export_encoder.py", str(run), str(out)], cwd=REPO,
                             env=cpu_env(), capture_output=True, text=True, timeout=300)
@@ -179,6 +182,11 @@ def test_a_missing_data_path_or_resume_checkpoint_is_a_config_error_before_the_m
     }
     (tmp_path / "no-images-inside" / "class_a").mkdir(parents=True)
     (tmp_path / "no-images-inside" / "class_a" / "notes.txt").write_text("not an image")
+    # state.json is each start's own: one that fails in set-up must not leave an earlier start's
+    # "signal SIGUSR1" (not finished, checkpointed) for the scheduler to read.
+    (tmp_path / "resume_missing").mkdir()
+    (tmp_path / "resume_missing" / "state.json").write_text(json.dumps(
+        {"finished": False, "step": 6, "total_steps": 12, "reason": "signal SIGUSR1"}))
     script = f"""
 import json, sys
 from mto_ds import cli
@@ -211,8 +219,10 @@ for name, overrides in json.loads(sys.argv[1]).items():
         in errors["resume_missing"]
     assert "config error: bad value for 'data.path': no image files under the class folders of" \
         in errors["folder_without_images"]
-    state = json.loads((tmp_path / "resume_missing" / "state.json").read_text())
-    assert state["reason"].startswith("set-up failed: ConfigError: bad value for 'checkpoint.resume'")
+    assert json.loads((tmp_path / "resume_missing" / "state.json").read_text()) == {
+        "finished": False, "step": None, "total_steps": None,
+        "reason": f"set-up failed: ConfigError: bad value for 'checkpoint.resume': {tmp_path / 'no-run'} holds no "
+                  f"complete checkpoint (a directory with complete.json, or a checkpoints/ folder holding some)"}
 
 
 def test_overrides_on_both_sides_of_config_are_all_applied_in_order():

@@ -332,24 +332,6 @@ def test_a_problem_on_one_rank_reaches_every_rank_with_its_cause_and_rank(tmp_pa
     assert rank1 == [None, "KeyError: 'optimizer_state_dict'", "broken on 1"]
 
 
-def test_a_run_that_fails_in_set_up_says_so_in_state_json(tmp_path):
-    """state.json is each start's own: a start that fails before its first step must not leave
-    an earlier start's "signal SIGUSR1" (not finished, checkpointed) for the scheduler to read."""
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    (run_dir / "state.json").write_text(json.dumps({"finished": False, "step": 6, "total_steps": 12,
-                                                    "reason": "signal SIGUSR1"}))
-    missing = tmp_path / "no_such_checkpoint"
-    result = subprocess.run([sys.executable, "-m", "mto_ds", "pretrain", "--config", "configs/demo.yaml",
-                             f"run.output_dir={run_dir}", f"checkpoint.resume={missing}", "data.synthetic_images=64"],
-                            cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert state(run_dir) == {"finished": False, "step": None, "total_steps": None,
-                              "reason": f"set-up failed: ConfigError: bad value for 'checkpoint.resume': {missing} "
-                                        f"holds no complete checkpoint (a directory with complete.json, or a "
-                                        f"checkpoints/ folder holding some)"}
-
-
 # --- non-finite losses ----------------------------------------------------------------------
 
 def test_nonfinite_losses_skip_their_steps_and_k_in_a_row_stop_the_run(tmp_path):
