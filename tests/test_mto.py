@@ -257,10 +257,12 @@ def test_mto_state_advances_and_round_trips():
     for _ in range(3):
         state.advance()
     state.advance([0.5, float("nan")])      # a NaN (not computed) leaves the running value alone
-    state.advance([0.5, 0.2])
+    state.advance([0.5, 0.2])               # the first values computed are taken as they are
+    state.advance([0.7, 0.4])               # then the running mean, decay 0.9 (docs/MTO.md)
     again = MTOState(warmup_steps=4)
     again.load_state_dict(state.state_dict())
-    assert again.step == 5 and again.loss_scale == 1.0 and again.ema_heterogeneity == [0.5, 0.2]
+    assert again.step == 6 and again.loss_scale == 1.0
+    assert again.ema_heterogeneity == pytest.approx([0.9 * 0.5 + 0.1 * 0.7, 0.9 * 0.2 + 0.1 * 0.4])
 
 
 def test_mto_argument_accepts_none_dict_and_config_and_rejects_unknown_keys():
