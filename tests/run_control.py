@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -135,13 +136,18 @@ class Run:
         return self
 
 
-_REFERENCE = {}
-
-
 def reference_run(tmp_path_factory) -> Path:
-    """The uninterrupted 2-rank run every interrupted one is compared with (made once per session)."""
-    if "dir" not in _REFERENCE:
-        run_dir = tmp_path_factory.mktemp("reference") / "run"
-        Run(run_dir, nproc=2, env={"MTO_DS_TRACE_SAMPLES": "1"}).finish()
-        _REFERENCE["dir"] = run_dir
-    return _REFERENCE["dir"]
+    """The uninterrupted 2-rank run every interrupted one is compared with, read only: made once
+    per session, also across pytest-xdist workers (test_resume.py and test_robustness.py land
+    on either), in the folder above the workers' own, under a lock, as xdist's docs suggest."""
+    from filelock import FileLock  # torch's own dependency
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    run_dir = root / "reference" / "run"
+    with FileLock(str(root / "reference.lock")):
+        if not (run_dir / "state.json").is_file() or not state(run_dir)["finished"]:
+            shutil.rmtree(run_dir.parent, ignore_errors=True)  # an earlier try that failed: uninterrupted, from scratch
+            Run(run_dir, nproc=2, env={"MTO_DS_TRACE_SAMPLES": "1"}).finish()
+    return run_dir
