@@ -424,11 +424,10 @@ def _is_int(value) -> bool:
 def validate_deepspeed(cfg: Config) -> None:
     """The DeepSpeed JSON that pre-training reads: there, parsed, and leaving the run's keys to it."""
     t = cfg.train
-    _check(Path(cfg.deepspeed.config).suffix == ".json" and resolve_path(cfg.deepspeed.config).is_file(),
-           "deepspeed.config", "an existing DeepSpeed .json file (e.g. ds_configs/cpu_zero2.json)",
-           cfg.deepspeed.config)
-    ds = read_deepspeed_json(cfg)  # parsed now, so a broken file fails before any work
     name = cfg.deepspeed.config
+    _check(Path(name).suffix == ".json" and resolve_path(name).is_file(), "deepspeed.config",
+           "an existing DeepSpeed .json file (e.g. ds_configs/cpu_zero2.json)", name)
+    ds = read_deepspeed_json(cfg)  # parsed now, so a broken file fails before any work
     for key in ("optimizer", "zero_optimization"):
         _check(isinstance(ds.get(key, {}), dict), "deepspeed.config", f"a file whose {key} is an object",
                f"{name} with {key}={ds.get(key)!r}")
@@ -455,12 +454,12 @@ def validate_deepspeed(cfg: Config) -> None:
                                (("lr", "train.lr / train.blr"), ("betas", "train.betas"),
                                 ("weight_decay", "train.weight_decay")))]:
         _check(value in (None, "auto"), "deepspeed.config",
-               f"a file that leaves {key} out (or 'auto'): {ours} sets it", f"{cfg.deepspeed.config} with {key}={value!r}")
+               f"a file that leaves {key} out (or 'auto'): {ours} sets it", f"{name} with {key}={value!r}")
     if t.compile:
         # DeepSpeed's ZeRO-3 gathers parameters in module hooks that split every compiled block
         # graph; past torch._dynamo's recompile limit the blocks silently run eager again.
         _check(zero.get("stage", 0) < 3, "train.compile",
-               f"false with ZeRO stage 3 (deepspeed.config={cfg.deepspeed.config}); compile with ZeRO-1/2",
+               f"false with ZeRO stage 3 (deepspeed.config={name}); compile with ZeRO-1/2",
                t.compile)
 
 

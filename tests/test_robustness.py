@@ -693,7 +693,7 @@ def test_pretrain_takes_stop_signals_before_loading_the_config_or_importing_torc
         seen["handlers"] = [signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)]
         raise SystemExit(0)
     monkeypatch.setattr(cli, "_setup_environment", first_slow_import)
-    monkeypatch.setattr("mto_ds.config.load_config", lambda *a: seen.setdefault(
+    monkeypatch.setattr("mto_ds.config.load_config", lambda *a, **kw: seen.setdefault(
         "at_config", [signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)]))
     previous = [signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)]
     try:
