@@ -463,6 +463,24 @@ def validate_deepspeed(cfg: Config) -> None:
                t.compile)
 
 
+def unread_keys(cfg: Config) -> List[str]:
+    """Keys set away from their defaults that this run's method or data source never reads,
+    each with why (a config switched from SimMIM to MAE keeps its mask cell, say): said at start,
+    not refused, so one file can serve both methods."""
+    m, d, defaults = cfg.model, cfg.data, ModelConfig()
+    unread = []
+    if m.method == "mae" and m.mask_patch_size is not None:
+        unread.append(f"model.mask_patch_size={m.mask_patch_size} is SimMIM's mask cell; MAE masks single patches")
+    if m.method == "simmim":
+        for key in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads", "norm_pix_loss"):
+            if getattr(m, key) != getattr(defaults, key):
+                unread.append(f"model.{key}={getattr(m, key)} is MAE's; SimMIM predicts the pixels with one linear "
+                              f"layer, its loss L1 on the masked pixels")
+    if d.source != "ffcv" and d.os_cache != DataConfig().os_cache:
+        unread.append(f"data.os_cache={d.os_cache} is FFCV's; data.source={d.source} does not read it")
+    return [f"{problem}: not read by this run" for problem in unread]
+
+
 def validate_mto(mto: "MTOConfig") -> None:
     """The `mto.*` values; also for the `mto` argument of create_mim_model."""
     # Types too: a dict given to create_mim_model skips OmegaConf's (early_blocks=2.0 broke slicing later).

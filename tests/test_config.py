@@ -325,3 +325,22 @@ def test_evaluation_loads_a_config_whose_deepspeed_json_is_gone_and_pretraining_
     assert load_config(DEMO, override, training=False).deepspeed.config == str(ds)
     with pytest.raises(ConfigError, match="eval.knn_k"):  # the rest is still checked
         load_config(DEMO, [*override, "eval.knn_k=0"], training=False)
+
+
+def test_keys_the_method_or_data_source_never_reads_are_named_when_set():
+    """A config switched from SimMIM to MAE keeps its mask cell, a SimMIM run given MAE's decoder
+    settings, a folder run given FFCV's page-cache switch: accepted (one file can serve both
+    methods) and said at start, each with why, instead of silently doing nothing."""
+    from mto_ds.config import unread_keys
+    assert unread_keys(load_config(DEMO)) == []  # SimMIM with its mask cell
+    assert unread_keys(load_config(DEMO, ["model.method=mae"])) == [
+        "model.mask_patch_size=16 is SimMIM's mask cell; MAE masks single patches: not read by this run"]
+    assert unread_keys(load_config(DEMO, ["model.method=mae", "model.mask_patch_size=null",
+                                          "model.decoder_depth=2"])) == []
+    named = unread_keys(load_config(DEMO, ["model.decoder_depth=2", "model.norm_pix_loss=false",
+                                           "data.os_cache=false"]))
+    assert [problem.split(" ")[0] for problem in named] == [
+        "model.decoder_depth=2", "model.norm_pix_loss=False", "data.os_cache=False"]
+    assert "SimMIM predicts the pixels with one linear layer" in named[0]
+    assert named[2] == "data.os_cache=False is FFCV's; data.source=synthetic does not read it: not read by this run"
+    assert unread_keys(load_config(DEMO, ["data.source=ffcv", "data.path=x.beton", "data.os_cache=false"])) == []

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..config import Config, ConfigError, mask_ratio, mask_units, realised_mask_ratio, to_yaml
+from ..config import Config, ConfigError, mask_ratio, mask_units, realised_mask_ratio, to_yaml, unread_keys
 from ..data import build_pretrain_loader, data_fingerprint, data_path_problem
 from ..data.order import rank_share, steps_per_epoch
 from ..models import create_mim_model, mask_fn_for
@@ -171,8 +171,9 @@ class Trainer:
         log.info("%s, %d steps/epoch, %d steps in all, ZeRO-%d, %s",
                  describe_batch(self.batch, cfg.train.micro_batch_size), self.steps_per_epoch, self.total_steps,
                  zero_stage(self.ds_config), precision(self.ds_config))
-        for problem in schedule_warnings(cfg, self.steps_per_epoch) if self.dist.rank == 0 else ():
-            log.warning(problem)
+        if self.dist.rank == 0:
+            for problem in [*schedule_warnings(cfg, self.steps_per_epoch), *unread_keys(cfg)]:
+                log.warning(problem)
         if cfg.data.source == "synthetic" and cfg.data.path and self.dist.rank == 0:
             # A smoke test of a real config on generated images, or a .beton given without its
             # source (which would train on generated images unseen): said either way.
