@@ -49,7 +49,7 @@ demo: venv system-deps
 # Two pytest workers, each taking whole files (module fixtures, such as the Slurm cluster, stay in
 # one process): run one after the other, the tests kept the 2 cores 55% busy (20.5 min), while
 # they mostly waited on process starts and sleeps; two at a time took 13.6 min (the suite has grown
-# since: 14-17 min on 2026-12-06, the CI budget being 20).
+# since: 12.5-17 min on 2026-12-06, the same tests slower by a third at busy times; the CI budget is 20).
 TEST_WORKERS ?= 2
 test: venv system-deps
 	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
