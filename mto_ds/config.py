@@ -464,21 +464,25 @@ def validate_deepspeed(cfg: Config) -> None:
 
 
 def unread_keys(cfg: Config) -> List[str]:
-    """Keys set away from their defaults that this run's method or data source never reads,
-    each with why (a config switched from SimMIM to MAE keeps its mask cell, say): said at start,
-    not refused, so one file can serve both methods."""
+    """Keys set that this run's method or data source never reads, each with why (a config
+    switched from SimMIM to MAE keeps its mask cell; a .beton given to a synthetic smoke test):
+    said at start, not refused, so one file can serve both methods and both kinds of run."""
     m, d, defaults = cfg.model, cfg.data, ModelConfig()
     unread = []
     if m.method == "mae" and m.mask_patch_size is not None:
-        unread.append(f"model.mask_patch_size={m.mask_patch_size} is SimMIM's mask cell; MAE masks single patches")
+        unread.append(f"model.mask_patch_size={m.mask_patch_size} is not read: MAE masks single patches "
+                      f"(it is SimMIM's mask cell)")
     if m.method == "simmim":
         for key in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads", "norm_pix_loss"):
             if getattr(m, key) != getattr(defaults, key):
-                unread.append(f"model.{key}={getattr(m, key)} is MAE's; SimMIM predicts the pixels with one linear "
-                              f"layer, its loss L1 on the masked pixels")
+                unread.append(f"model.{key}={getattr(m, key)} is not read: it is MAE's; SimMIM predicts the pixels "
+                              f"with one linear layer, its loss L1 on the masked pixels")
+    if d.source == "synthetic" and d.path:
+        unread.append(f"data.path={d.path} is not read: data.source=synthetic trains on {d.synthetic_images} "
+                      f"generated images (set data.source=ffcv for a .beton, folder for an ImageFolder)")
     if d.source != "ffcv" and d.os_cache != DataConfig().os_cache:
-        unread.append(f"data.os_cache={d.os_cache} is FFCV's; data.source={d.source} does not read it")
-    return [f"{problem}: not read by this run" for problem in unread]
+        unread.append(f"data.os_cache={d.os_cache} is not read: it is FFCV's, and data.source={d.source}")
+    return unread
 
 
 def validate_mto(mto: "MTOConfig") -> None:

@@ -329,18 +329,20 @@ def test_evaluation_loads_a_config_whose_deepspeed_json_is_gone_and_pretraining_
 
 def test_keys_the_method_or_data_source_never_reads_are_named_when_set():
     """A config switched from SimMIM to MAE keeps its mask cell, a SimMIM run given MAE's decoder
-    settings, a folder run given FFCV's page-cache switch: accepted (one file can serve both
-    methods) and said at start, each with why, instead of silently doing nothing."""
+    settings, a folder run given FFCV's page-cache switch, a synthetic smoke test given a .beton:
+    accepted (one file can serve both methods) and said at start, each with why, instead of
+    silently doing nothing."""
     from mto_ds.config import unread_keys
     assert unread_keys(load_config(DEMO)) == []  # SimMIM with its mask cell
     assert unread_keys(load_config(DEMO, ["model.method=mae"])) == [
-        "model.mask_patch_size=16 is SimMIM's mask cell; MAE masks single patches: not read by this run"]
+        "model.mask_patch_size=16 is not read: MAE masks single patches (it is SimMIM's mask cell)"]
     assert unread_keys(load_config(DEMO, ["model.method=mae", "model.mask_patch_size=null",
                                           "model.decoder_depth=2"])) == []
     named = unread_keys(load_config(DEMO, ["model.decoder_depth=2", "model.norm_pix_loss=false",
-                                           "data.os_cache=false"]))
+                                           "data.os_cache=false", "data.path=x.beton"]))
     assert [problem.split(" ")[0] for problem in named] == [
-        "model.decoder_depth=2", "model.norm_pix_loss=False", "data.os_cache=False"]
-    assert "SimMIM predicts the pixels with one linear layer" in named[0]
-    assert named[2] == "data.os_cache=False is FFCV's; data.source=synthetic does not read it: not read by this run"
+        "model.decoder_depth=2", "model.norm_pix_loss=False", "data.path=x.beton", "data.os_cache=False"]
+    assert "is not read: it is MAE's; SimMIM predicts the pixels with one linear layer" in named[0]
+    assert named[2].startswith("data.path=x.beton is not read: data.source=synthetic trains on 1024 generated images")
+    assert named[3] == "data.os_cache=False is not read: it is FFCV's, and data.source=synthetic"
     assert unread_keys(load_config(DEMO, ["data.source=ffcv", "data.path=x.beton", "data.os_cache=false"])) == []

@@ -174,12 +174,6 @@ class Trainer:
         if self.dist.rank == 0:
             for problem in [*schedule_warnings(cfg, self.steps_per_epoch), *unread_keys(cfg)]:
                 log.warning(problem)
-        if cfg.data.source == "synthetic" and cfg.data.path and self.dist.rank == 0:
-            # A smoke test of a real config on generated images, or a .beton given without its
-            # source (which would train on generated images unseen): said either way.
-            log.warning("data.path=%s is not read: data.source=synthetic trains on %d generated images (set "
-                        "data.source=ffcv for a .beton, folder for an ImageFolder)", cfg.data.path,
-                        cfg.data.synthetic_images)
 
     # --- checkpoints -------------------------------------------------------------------
     def _find_inputs(self, cfg: Config):
