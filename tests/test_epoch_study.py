@@ -503,8 +503,6 @@ run_dir = pathlib.Path(cfg.run.output_dir)
 run_dir.mkdir(parents=True, exist_ok=True)
 (run_dir / "config.yaml").write_text(to_yaml(cfg))
 log = pathlib.Path(os.environ["FAKE_TRAINER_LOG"])
-with log.open("a") as f:
-    f.write(f"{run_dir.name} started {os.getpid()}\\n")
 
 def stop(signum, frame):
     time.sleep(0.5)  # saving a checkpoint; the study must wait for it
@@ -512,9 +510,12 @@ def stop(signum, frame):
         f.write(f"{run_dir.name} checkpointed on {signal.Signals(signum).name}\\n")
     sys.exit(0)
 
-if os.environ.get("FAKE_TRAINER_WAIT"):
+if os.environ.get("FAKE_TRAINER_WAIT"):  # before "started": a test signals once it reads that
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGUSR1, stop)
+with log.open("a") as f:
+    f.write(f"{run_dir.name} started {os.getpid()}\\n")
+if os.environ.get("FAKE_TRAINER_WAIT"):
     time.sleep(60)
 epochs, every = cfg.train.epochs, cfg.eval.every_epochs
 rows = [{"step": e, "epoch": float(e), "heterogeneity": [0.5]} for e in range(1, epochs + 1)]
