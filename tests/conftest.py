@@ -64,5 +64,7 @@ def pretrain(run_dir: Path, *overrides: str, nproc: int = 1, config: str = "conf
 
 
 def read_metrics(run_dir: Path) -> list:
-    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "loss" in r]
+    """The logged optimizer steps of metrics.jsonl; a line still being written (no newline yet:
+    tests poll the file of a live run) is left out."""
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().split("\n")[:-1]
+    return [row for row in map(json.loads, filter(None, lines)) if "loss" in row]

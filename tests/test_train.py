@@ -135,10 +135,11 @@ def test_images_per_sec_leaves_out_the_time_spent_saving_checkpoints(tmp_path):
              env_extra={"MTO_DS_FAULT_SAVE_STALL": "2:8"})
     rows = read_metrics(run)
     assert [r["step"] for r in rows] == [2, 4, 6]
-    # Steps 3-4 take about as long as steps 5-6 (0.5-2 s a step on one CPU core, the other test
-    # worker's load included): the 8 s stall counted in would make the row of step 4 read 3 to
-    # 9 times slower than that of step 6, where the load alone moves the two rows by up to 2x.
-    assert rows[1]["images_per_sec"] > 0.4 * rows[2]["images_per_sec"], rows
+    # The row of step 4 covers steps 3 and 4 (0.5-2 s a step on one CPU core, the other test
+    # worker's load included): with the 8 s stall counted in it would span more than 8 s. (A
+    # ratio to the row of step 6 was also load-dependent: load alone moved the two by over 2x.)
+    global_batch = 32  # configs/demo.yaml
+    assert 2 * global_batch / rows[1]["images_per_sec"] < 8, rows
 
 
 class _AccumulatingEngine:
