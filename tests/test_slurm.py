@@ -20,6 +20,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import read_metrics
+from run_control import metric_steps
+
 try:
     from . import slurm_cluster as harness
 except ImportError:
@@ -66,15 +69,6 @@ def job_log(job: dict) -> str:
     return path.read_text(errors="replace") if path.is_file() else f"(no job log at {path})"
 
 
-def metrics(run_dir: Path) -> list:
-    """Logged optimizer steps; a line still being written (no newline yet) is left out."""
-    path = run_dir / "metrics.jsonl"
-    lines = path.read_text().split("\n")[:-1] if path.is_file() else []
-    return [row for row in map(json.loads, filter(None, lines)) if "loss" in row]
-
-
-def metric_steps(run_dir: Path) -> list:
-    return [r["step"] for r in metrics(run_dir)]
 
 
 def state(run_dir: Path) -> dict:
@@ -162,14 +156,6 @@ def signal_batch_shell_after_two_steps(slurm_cluster, run_dir: Path, tmp_path: P
     return job
 
 
-def log_seconds(log: str, pattern: str) -> int:
-    """Seconds since midnight of the first log line that matches `pattern` (the batch shell's
-    `[mto_ds slurm DATE HH:MM:SS]` and the ranks' `[HH:MM:SS rankR]` stamps)."""
-    line = next(line for line in log.splitlines() if re.search(pattern, line))
-    hours, minutes, seconds = map(int, re.search(r"\b(\d\d):(\d\d):(\d\d)\b", line).groups())
-    return hours * 3600 + minutes * 60 + seconds
-
-
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_signalled_job_checkpoints_requeues_itself_and_resumes_to_the_exact_step_count(
         slurm_cluster, uninterrupted_job, tmp_path, launcher):
@@ -194,11 +180,9 @@ def test_signalled_job_checkpoints_requeues_itself_and_resumes_to_the_exact_step
     log = job_log(job)
     assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), log
     assert left == {"running.json": False}, log
-    taken = (rf"running.json: taking the run directory over from a start that has ended "
-             rf"\(slurm:{job['JobId']} on {re.escape(socket.gethostname())}, pid {os.getpid()}\)")
-    from mto_ds.engine.run_dir import BEAT_SECONDS, STALE_BEATS
-    waited = (log_seconds(log, taken) - log_seconds(log, rf"job {job['JobId']} restart 1 ")) % 86400
-    assert waited < STALE_BEATS * BEAT_SECONDS, log
+    # at once, by its job id: not after watching the claim for 30 s
+    assert (f"running.json: taking the run directory over from a start that has ended (slurm:{job['JobId']} on "
+            f"{socket.gethostname()}, pid {os.getpid()}: an earlier run of this job, restart 0)") in log, log
     assert not (run_dir / "running.json").exists(), log
     # The first start stopped part-way with a complete checkpoint and requeued itself ...
     stopped = re.search(r"checkpointed at step (\d+) of (\d+) \(signal SIGUSR1\); requeueing as restart 1", log)
@@ -211,8 +195,8 @@ def test_signalled_job_checkpoints_requeues_itself_and_resumes_to_the_exact_step
     # losses as the job that was never interrupted.
     assert state(run_dir) == {"finished": True, "step": STEPS, "total_steps": STEPS, "reason": "completed"}, log
     assert metric_steps(run_dir) == list(range(1, STEPS + 1)), log
-    reference = [r["loss"] for r in metrics(uninterrupted_job[1])]
-    assert [r["loss"] for r in metrics(run_dir)] == pytest.approx(reference, rel=1e-5)
+    reference = [r["loss"] for r in read_metrics(uninterrupted_job[1])]
+    assert [r["loss"] for r in read_metrics(run_dir)] == pytest.approx(reference, rel=1e-5)
     starts = (run_dir / "slurm_jobs.log").read_text().splitlines()
     assert [re.search(r"restart (\d+)", s).group(1) for s in starts] == ["0", "1"]
 
@@ -297,8 +281,8 @@ def test_run_preempted_on_2_nodes_continues_on_1_node_of_another_job_with_the_lo
     # (the same 2 ranks, on 2 nodes instead of 1), within ELASTIC_RTOL after it (1 rank).
     assert state(run_dir) == {"finished": True, "step": STEPS, "total_steps": STEPS, "reason": "completed"}, log
     assert metric_steps(run_dir) == list(range(1, STEPS + 1)), log
-    losses = [r["loss"] for r in metrics(run_dir)]
-    reference = [r["loss"] for r in metrics(uninterrupted_job[1])]
+    losses = [r["loss"] for r in read_metrics(run_dir)]
+    reference = [r["loss"] for r in read_metrics(uninterrupted_job[1])]
     assert losses[:stop] == pytest.approx(reference[:stop], rel=1e-5)
     assert losses == pytest.approx(reference, rel=ELASTIC_RTOL)
     assert not (run_dir / "running.json").exists(), log
@@ -495,7 +479,7 @@ def test_an_array_element_requeues_and_signals_itself_not_the_whole_array(tmp_pa
     assert out.returncode == 0 and (tmp_path / "scontrol.calls").read_text() == "scontrol requeue 1234_7\n", \
         out.stdout + out.stderr
     script = (f"scancel() {{ echo \"scancel $*\" >>{tmp_path / 'scancel.calls'}; }}\n"
-              "(sleep 1; kill -TERM $$) & mto_run_step sleep 2")
+              f"{signal_once_the_step_runs('TERM', tmp_path)} & mto_run_step bash -c \"{step_until_done(tmp_path)}\"")
     out = run_lib(script, tmp_path, **element)
     assert (tmp_path / "scancel.calls").read_text() == "scancel --signal=TERM 1234_7\n", out.stdout + out.stderr
 
@@ -548,10 +532,22 @@ def test_the_per_node_launchers_start_each_nodes_ranks_or_refuse_an_unequal_layo
     assert not (tmp_path / "srun.calls").exists() and "staging" not in out.stdout, out.stdout
 
 
+def signal_once_the_step_runs(name: str, tmp_path: Path) -> str:
+    """A bash command that sends SIG`name` to the batch shell once the step has its handlers
+    (it creates `ready`), then lets a step of step_until_done() end: no fixed sleep that a
+    loaded machine can outlast."""
+    return (f"(while [[ ! -e {tmp_path}/ready ]]; do sleep 0.05; done; kill -{name} $$; sleep 0.5; "
+            f"touch {tmp_path}/done)")
+
+
+def step_until_done(tmp_path: Path, trap: str = "") -> str:
+    return f"{trap}touch {tmp_path}/ready; while [[ ! -e {tmp_path}/done ]]; do sleep 0.05; done; exit 0"
+
+
 def test_batch_shell_forwards_usr1_to_the_step_and_returns_its_exit_status(tmp_path):
     # The step stands in for srun: it exits 7 once it has received USR1.
-    step = "trap 'echo step got USR1; exit 7' USR1; echo started; while :; do sleep 0.1; done"
-    script = (f"(sleep 1; kill -USR1 $$) & mto_run_step bash -c \"{step}\"; echo \"status $?\"")
+    step = step_until_done(tmp_path, trap="trap 'echo step got USR1; exit 7' USR1; ")
+    script = f"{signal_once_the_step_runs('USR1', tmp_path)} & mto_run_step bash -c \"{step}\"; echo \"status $?\""
     out = run_lib(script, tmp_path)
     assert out.stdout.splitlines()[-2:] == ["step got USR1", "status 7"], out.stdout + out.stderr
     assert "batch shell got SIGUSR1: forwarding it to the training step" in out.stdout
@@ -559,9 +555,9 @@ def test_batch_shell_forwards_usr1_to_the_step_and_returns_its_exit_status(tmp_p
 
 def test_batch_shell_passes_term_through_slurm_not_to_srun_which_would_kill_the_ranks(tmp_path):
     # The step stands in for srun; a TERM sent to it would print "step got TERM".
-    step = "trap 'echo step got TERM; exit 9' TERM; echo started; sleep 2; exit 0"
+    step = step_until_done(tmp_path, trap="trap 'echo step got TERM; exit 9' TERM; ")
     script = (f"scancel() {{ echo \"scancel $*\" >>{tmp_path / 'scancel.calls'}; }}\n"
-              f"(sleep 1; kill -TERM $$) & mto_run_step bash -c \"{step}\"; echo \"status $?\"")
+              f"{signal_once_the_step_runs('TERM', tmp_path)} & mto_run_step bash -c \"{step}\"; echo \"status $?\"")
     out = run_lib(script, tmp_path)
     assert "step got TERM" not in out.stdout and out.stdout.splitlines()[-1] == "status 0", out.stdout + out.stderr
     assert (tmp_path / "scancel.calls").read_text() == "scancel --signal=TERM 42\n"
@@ -570,7 +566,7 @@ def test_batch_shell_passes_term_through_slurm_not_to_srun_which_would_kill_the_
 def test_signal_that_came_just_before_the_step_started_is_forwarded_once_it_runs(tmp_path):
     step = "trap 'echo step got USR1; exit 7' USR1; while :; do sleep 0.1; done"
     script = f'MTO_SIGNALS=" USR1"; MTO_NSIG=1; mto_run_step bash -c "{step}"; echo "status $?"'
-    out = run_lib(script, tmp_path, MTO_PENDING_SIGNAL_DELAY="1")
+    out = run_lib(script, tmp_path, MTO_PENDING_SIGNAL_DELAY="3")  # time for bash to start, even on a loaded machine
     assert out.stdout.splitlines()[-2:] == ["step got USR1", "status 7"], out.stdout + out.stderr
 
 

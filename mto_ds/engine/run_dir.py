@@ -64,17 +64,19 @@ def _holder(owner: dict) -> str:
     return f"{owner.get('job') or 'no scheduler job'} on {owner.get('host', '?')}, pid {owner.get('pid', '?')}"
 
 
-def _gone_at_once(owner: dict, me: dict) -> bool:
-    """Whether the claim is known dead without watching it: an earlier run's of this Slurm job (a
-    requeued job runs again under its id only after its earlier run ended) or a process of this
-    host that is gone."""
+def _gone_at_once(owner: dict, me: dict) -> Optional[str]:
+    """Why the claim is known dead without watching it, or None: an earlier run of this Slurm job
+    (a requeued job runs again under its id only after its earlier run ended) or a process of
+    this host that is gone."""
     if me["job"] and me["job"].startswith("slurm:") and owner.get("job") == me["job"] and \
             isinstance(owner.get("restart", 0), int) and owner.get("restart", 0) < me["restart"]:
-        return True
+        return f"an earlier run of this job, restart {owner.get('restart', 0)}"
     # The same PID namespace too: containers that share the host's name (host networking) see
     # another's pids as gone.
     same_processes = me["pidns"] is not None and (owner.get("host"), owner.get("pidns")) == (me["host"], me["pidns"])
-    return same_processes and isinstance(owner.get("pid"), int) and _ended(owner["pid"])
+    if same_processes and isinstance(owner.get("pid"), int) and _ended(owner["pid"]):
+        return "its process is gone"
+    return None
 
 
 def _pid_namespace() -> Optional[str]:
@@ -166,7 +168,8 @@ def claim(run_dir: Path, job: Optional[str], beat: float = BEAT_SECONDS, restart
             if text is None:
                 continue
             owner = _owner(text)
-            rewritten = None if _gone_at_once(owner, me) else _heartbeat(path, text, beat)
+            ended = _gone_at_once(owner, me)
+            rewritten = None if ended else _heartbeat(path, text, beat)
             if rewritten is not None:
                 # The first read may have caught the owner's rewrite half done (an empty file).
                 owner = _owner(rewritten) or owner or _owner(_read(path))
@@ -175,7 +178,8 @@ def claim(run_dir: Path, job: Optional[str], beat: float = BEAT_SECONDS, restart
                     f"{owner.get('started', '?')}; its {LOCK} is alive): two starts on one run directory overwrite "
                     f"each other's checkpoints and metrics. Stop that one first, or give this one another "
                     f"run.output_dir")
-            log.warning("%s: taking the run directory over from a start that has ended (%s)", path, _holder(owner))
+            log.warning("%s: taking the run directory over from a start that has ended (%s: %s)", path, _holder(owner),
+                        ended or f"unchanged for {STALE_BEATS * beat:.0f} s")
             path.unlink(missing_ok=True)
             continue
         with os.fdopen(fd, "w") as f:
