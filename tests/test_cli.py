@@ -124,7 +124,7 @@ def test_every_python_tool_runs_from_a_checkout_without_installing():
     assert failed == {}
 
 
-def test_a_config_error_exits_2_with_the_process_group_destroyed_even_when_terminated_while_exiting():
+def test_a_config_error_exits_2_with_the_process_group_destroyed_even_when_terminated_while_exiting(tmp_path):
     # Left to the interpreter's exit, gloo's teardown sometimes aborts ("terminate called without
     # an active exception"): the rank exits 134 instead of 2, and a Slurm job can then not tell a
     # config error (never requeued: a duplicate start on a live run directory) from a crash.
@@ -146,16 +146,21 @@ class Refused:
         dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
         raise ConfigError("run.output_dir=x is in use by another start")
 
+MARKER = "{tmp_path / 'term-sent'}"
+
 class SlowToDelete:  # a module global, deleted late in Python's exit, as torch's state is
-    def __del__(self):
-        time.sleep(1.5)
+    def __del__(self):  # until the TERM was sent (however late bash started), and a little after
+        deadline = time.monotonic() + 60
+        while not os.path.exists(MARKER) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
 
 trainer.Trainer = Refused
 code = cli.main(["pretrain", "--config", "configs/demo.yaml"])
 print("exit", code, "group left up", dist.is_initialized(), flush=True)
 slow = SlowToDelete()
 # srun's TERM to a rank still exiting, here in the middle of its exit:
-subprocess.Popen(["bash", "-c", f"sleep 0.7; kill -TERM {{os.getpid()}}"])
+subprocess.Popen(["bash", "-c", f"sleep 0.7; touch {{MARKER}}; kill -TERM {{os.getpid()}}"])
 sys.exit(code)
 """
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=cpu_env(), capture_output=True,
@@ -163,6 +168,7 @@ sys.exit(code)
     assert "config error: run.output_dir=x is in use by another start" in result.stderr
     assert result.stdout.strip().splitlines()[-1] == "exit 2 group left up False"
     assert result.returncode == 2, result.stderr[-3000:]  # not 143: the TERM is ignored
+    assert (tmp_path / "term-sent").exists()  # the TERM came while the process was exiting
 
 
 def test_a_missing_data_path_or_resume_checkpoint_is_a_config_error_before_the_model_is_built(tmp_path):
