@@ -12,13 +12,23 @@ collectives moving (n-1)/n of the data, A micro-batches of accumulation:
   ZeRO-1: reduce-scatter of gradients + all-gather of parameters at the step     ~ 2 Psi
   ZeRO-2: reduce-scatter of gradients every micro-batch + all-gather at the step  ~ (A + 1) Psi
   ZeRO-3: all-gather in forward and backward + reduce-scatter, every micro-batch  ~ 3 A Psi
+(ZeRO-3's is an upper bound: DeepSpeed keeps a gathered parameter for its backward when it is
+used again within stage3_max_reuse_distance elements, which saves that all-gather.)
+
 Whether this hides behind compute depends on `overlap_comm`. The shipped ds_configs/zero1_bf16.json
 and zero2_bf16.json leave it off (ZeRO-1: DeepSpeed's default): the gradients are reduced after
-the backward, so the plan adds the communication to the compute. zero3_bf16.json turns it on:
-the plan takes the longer of the two, an optimistic bound. Even with overlap_comm on, ZeRO-1/2's
-all-gather of the updated parameters follows the optimizer step, before the next forward, and
-is added; only the gradient reduction can hide behind the backward. --overlap-comm on|off plans
-for a config that differs from the shipped one; the other case is printed beside it.
+the backward, so the plan adds the communication to the compute. zero3_bf16.json turns it on.
+With it on, DeepSpeed reduces the gradients in buckets of reduce_bucket_size elements, each
+launched once the backward has filled it; the last bucket is reduced after the backward. The
+plan takes the gradients as arriving evenly over the backward (two thirds of a micro-batch's
+compute) and adds what of the reduction is left when the backward ends: with the shipped
+5e8-element buckets, all of a ViT-L's (304M parameters fill no bucket before the end). ZeRO-1
+reduces at the last micro-batch of a step, ZeRO-2/3 at every micro-batch. ZeRO-3's all-gathers
+are prefetched during the forward and backward: they cost only what exceeds the compute.
+ZeRO-1/2's all-gather of the updated parameters follows the optimizer step, before the next
+forward, and is always added. A step also takes at least the link's time for all its traffic.
+--overlap-comm on|off plans for a config that differs from the shipped one; the other case is
+printed beside it.
 """
 from __future__ import annotations
 
@@ -42,11 +52,24 @@ def count_params(arch: str, method: str) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)  # what ZeRO partitions
 
 
-def shipped_overlap_comm(zero: int) -> bool:
-    """overlap_comm of the shipped bf16 config of this ZeRO stage; where the file leaves it out,
-    DeepSpeed's default (on for ZeRO-3 only)."""
-    ds = json.loads((DS_CONFIGS / f"zero{zero}_bf16.json").read_text())
-    return bool(ds["zero_optimization"].get("overlap_comm", zero == 3))
+def shipped_zero_settings(zero: int) -> tuple:
+    """(overlap_comm, reduce_bucket_size) of the shipped bf16 config of this ZeRO stage; where
+    the file leaves one out, DeepSpeed's default (overlap_comm on for ZeRO-3 only; 5e8)."""
+    ds = json.loads((DS_CONFIGS / f"zero{zero}_bf16.json").read_text())["zero_optimization"]
+    return bool(ds.get("overlap_comm", zero == 3)), int(ds.get("reduce_bucket_size", 5e8))
+
+
+def reduction_left_after_backward(reduce_s: float, params: int, bucket: int, backward_s: float) -> float:
+    """Seconds of one gradient reduction (`reduce_s` for all `params`) still running when the
+    backward ends (`backward_s`): each full bucket of `bucket` elements is launched once the
+    backward has produced it (gradients taken to arrive evenly) and after the bucket before it;
+    the last one, filled by the backward's last gradient, at its end."""
+    full = (params - 1) // bucket
+    link_free, filled = 0.0, 0
+    for size in [bucket] * full + [params - full * bucket]:
+        filled += size
+        link_free = max(link_free, backward_s * filled / params) + reduce_s * size / params
+    return link_free - backward_s
 
 
 def comm_bytes_per_step(params: int, zero: int, accumulation: int, gpus: int, bytes_per_elem: int = 2) -> float:
@@ -56,8 +79,9 @@ def comm_bytes_per_step(params: int, zero: int, accumulation: int, gpus: int, by
 
 
 def plan(params: int, epochs: float, dataset: int, gpus: int, rate_per_gpu: float, global_batch: int,
-         micro_batch: int, zero: int, link_gbps: float, overlap_comm=None) -> dict:
-    """The plan's figures; overlap_comm None: as the shipped config of the stage has it."""
+         micro_batch: int, zero: int, link_gbps: float, overlap_comm=None, reduce_bucket_size=None) -> dict:
+    """The plan's figures; overlap_comm and reduce_bucket_size None: as the shipped config of the
+    stage has them."""
     # The trainer's own rule (a ConfigError names more GPUs than images in a global batch).
     from mto_ds.data.order import steps_per_epoch
     from mto_ds.engine.builder import plan_batch
@@ -69,15 +93,24 @@ def plan(params: int, epochs: float, dataset: int, gpus: int, rate_per_gpu: floa
     comm = comm_bytes_per_step(params, zero, accumulation, gpus)
     bytes_per_s = link_gbps * 1e9 / 8
     comm_s = comm / bytes_per_s
-    # ZeRO-1/2 all-gather the updated parameters after the optimizer step: never overlapped.
-    after_step_s = (comm_bytes_per_step(params, 1, 1, gpus) / 2 if zero < 3 else 0.0) / bytes_per_s
-    overlapped_h = steps * (max(compute_s, comm_s - after_step_s) + after_step_s) / 3600
+    shipped_overlap, shipped_bucket = shipped_zero_settings(zero)
+    overlap_comm = shipped_overlap if overlap_comm is None else overlap_comm
+    bucket = reduce_bucket_size or shipped_bucket
+    # One pass of Psi over the ring: a reduce-scatter of the gradients, or an all-gather.
+    one_pass_s = comm_bytes_per_step(params, 1, 1, gpus) / 2 / bytes_per_s
+    reductions = 1 if zero == 1 else accumulation
+    left_s = reductions * reduction_left_after_backward(one_pass_s, params, bucket, 2 / 3 * compute_s / accumulation)
+    if zero < 3:  # the all-gather of the updated parameters follows the optimizer step
+        overlapped_s = max(compute_s + left_s, comm_s - one_pass_s) + one_pass_s
+    else:  # the prefetched all-gathers of the forward and backward
+        overlapped_s = max(max(compute_s, comm_s - reductions * one_pass_s) + left_s, comm_s)
+    overlapped_h = steps * overlapped_s / 3600
     serial_h = steps * (compute_s + comm_s) / 3600
-    overlap_comm = shipped_overlap_comm(zero) if overlap_comm is None else overlap_comm
     wall_h = overlapped_h if overlap_comm else serial_h
     return {"params": params, "accumulation": accumulation, "micro_batch": batch.micro_batch_size, "steps": steps,
             "compute_s_per_step": compute_s, "comm_gb_per_step": comm / 1e9, "comm_s_per_step": comm_s,
-            "comm_to_compute": comm_s / compute_s, "overlap_comm": overlap_comm, "wall_hours": wall_h,
+            "comm_to_compute": comm_s / compute_s, "overlap_comm": overlap_comm, "reduce_bucket_size": bucket,
+            "wall_hours": wall_h,
             "wall_hours_other": serial_h if overlap_comm else overlapped_h, "gpu_hours": wall_h * gpus}
 
 
@@ -108,12 +141,16 @@ def main(argv=None) -> int:
     p.add_argument("--overlap-comm", choices=["on", "off"],
                    help="DeepSpeed's zero_optimization.overlap_comm (default: as ds_configs/zero{1,2,3}_bf16.json "
                         "have it: off for ZeRO-1/2, on for ZeRO-3)")
+    p.add_argument("--reduce-bucket-size", type=positive(float),
+                   help="DeepSpeed's zero_optimization.reduce_bucket_size in elements (default: as the shipped "
+                        "config of the stage has it, 5e8): with overlap_comm on, only full buckets are reduced "
+                        "during the backward")
     args = p.parse_args(argv)
     overlap = None if args.overlap_comm is None else args.overlap_comm == "on"
     try:
         r = plan(count_params(args.arch, args.method), args.epochs, args.dataset_size, args.gpus,
                  args.images_per_sec_per_gpu, args.global_batch, args.micro_batch, args.zero, args.link_gbps,
-                 overlap)
+                 overlap, args.reduce_bucket_size and int(args.reduce_bucket_size))
     except (ConfigError, ValueError) as err:  # fewer images per step than GPUs, a data set under one batch
         p.error(str(err))
     print(f"{args.arch} {args.method}: {r['params'] / 1e6:.0f}M trainable parameters, {args.epochs:g} epochs of "
@@ -129,7 +166,8 @@ def main(argv=None) -> int:
     source = "as shipped" if args.overlap_comm is None else "--overlap-comm"
     other = "off" if r["overlap_comm"] else "on"
     print(f"  wall time              {r['wall_hours']:.1f} h with overlap_comm {'on' if r['overlap_comm'] else 'off'} "
-          f"({source}); {r['wall_hours_other']:.1f} h with it {other}")
+          f"({source}); {r['wall_hours_other']:.1f} h with it {other} (reduce buckets of {r['reduce_bucket_size']:.3g} "
+          f"elements)")
     print(f"  GPU-hours              {r['gpu_hours']:.0f}")
     return 0
 
