@@ -160,6 +160,17 @@ def test_a_jpeg_cut_soon_after_its_headers_is_skipped_naming_how_much_is_grey_fi
     (tmp_path / "most.JPEG").write_bytes(data[:len(data) * 3 // 4])
     pixels, notes = read_rgb(tmp_path / "most.JPEG")
     assert notes == ["truncated"] and 0.1 < (pixels == 128).all(axis=2).mean() < 0.5
+    # CMYK (as Photoshop saves it, Adobe-inverted): the fill reads 127 per channel and 64 in RGB,
+    # where the share was measured, so a file of almost nothing but fill was kept.
+    buffer = io.BytesIO()
+    Image.fromarray(noise).convert("CMYK").save(buffer, format="JPEG", quality=90)
+    cmyk = buffer.getvalue()
+    (tmp_path / "cmyk_headers.JPEG").write_bytes(cmyk[:cmyk.index(b"\xff\xda") + 200])
+    with pytest.raises(UndecodableImage, match=r"truncated: [89]\d% of the image is the decoder's grey fill"):
+        read_rgb(tmp_path / "cmyk_headers.JPEG")
+    (tmp_path / "cmyk_most.JPEG").write_bytes(cmyk[:len(cmyk) * 3 // 4])
+    pixels, notes = read_rgb(tmp_path / "cmyk_most.JPEG")
+    assert notes == ["truncated", "cmyk"] and 0.1 < (pixels == 64).all(axis=2).mean() < 0.5
 
 
 def test_a_multi_picture_jpeg_from_a_phone_is_read_as_a_jpeg_at_reduced_scale(tmp_path):

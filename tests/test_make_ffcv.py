@@ -261,3 +261,27 @@ def test_an_image_more_elongated_than_max_side_to_one_is_kept_not_a_hang(tmp_pat
     assert "written     : 2" in result.stdout
     image = Reader(str(out)).metadata["f0"]
     assert list(zip(image["width"].tolist(), image["height"].tolist())) == [(32, 24), (32, 1)]
+
+
+def test_a_side_ffcv_cannot_store_and_files_beside_the_class_folders_are_skipped_by_name(tmp_path):
+    """FFCV stores sides as uint16 (JPEG: at most 65500): a 4 x 70000 PNG kept at --max-side 0
+    made a writer worker raise, and the writer waited for its sample forever. Files directly in
+    SRC, beside the class folders, have no label: they were neither written nor reported."""
+    import subprocess
+    import sys
+
+    (tmp_path / "src" / "c0").mkdir(parents=True)
+    Image.fromarray(_picture(0)).save(tmp_path / "src" / "c0" / "a.JPEG", quality=95)
+    Image.fromarray(np.full((4, 70_000, 3), 120, np.uint8)).save(tmp_path / "src" / "c0" / "strip.png")
+    Image.fromarray(_picture(1)).save(tmp_path / "src" / "stray.JPEG", quality=95)
+    out = tmp_path / "out.beton"
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "make_ffcv.py"), str(tmp_path / "src"), str(out),
+                             "--max-side", "0", "--workers", "1", "--no-progress"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "files found : 3 in 1 classes" in result.stdout and "written     : 1" in result.stdout
+    assert "c0/strip.png: 70000 x 4 pixels: FFCV stores at most 65500 a side (a --max-side resizes it)" in result.stdout
+    assert "stray.JPEG: beside the class folders, in none of them: no label" in result.stdout
+    # At a --max-side it is resized like any other image and kept.
+    report = convert_image_folder(tmp_path / "src", tmp_path / "small.beton", max_side=512, workers=1, progress=False)
+    assert report.written == 2 and [path for path, _ in report.skipped] == ["stray.JPEG"]

@@ -22,6 +22,9 @@ from PIL import Image
 from .imagefolder import UndecodableImage, folder_problem, list_image_folder, open_image, read_rgb
 
 WRITE_MODES = ("jpg", "raw", "smart", "proportion")
+# FFCV stores an image's sides as uint16, and JPEG allows at most 65500 pixels a side: a worker
+# that meets a longer side raises, and the writer waits for its sample forever.
+MAX_STORED_SIDE = 65500
 _MIN_PAGE_SIZE = 8 << 20  # FFCV's default page; a sample must fit in one page
 
 
@@ -143,11 +146,13 @@ def convert_image_folder(source, output, *, max_side: Optional[int] = 512, jpeg_
     workers = workers if workers > 0 else (os.cpu_count() or 1)
     listing = list_image_folder(source)
     report = ConversionReport(str(source), str(output), listing.classes,
-                              files_found=len(listing.files) + len(listing.not_images),
+                              files_found=len(listing.files) + len(listing.not_images) + len(listing.outside_classes),
                               options=dict(max_side=max_side, jpeg_quality=jpeg_quality, write_mode=write_mode,
                                            compress_probability=compress_probability,
                                            smart_threshold=smart_threshold, workers=workers))
     report.skipped += [(listing.relative(p), "not an image file (extension)") for p in listing.not_images]
+    report.skipped += [(listing.relative(p), "beside the class folders, in none of them: no label")
+                       for p in listing.outside_classes]
 
     bar = tqdm(total=len(listing.files), desc="checking", unit="img", disable=not progress)
     if workers > 1 and len(listing.files) > 1:
@@ -166,6 +171,10 @@ def convert_image_folder(source, output, *, max_side: Optional[int] = 512, jpeg_
     kept_files, kept_labels, max_pixels = [], [], 0
     for path, label, (reason, notes, size) in zip(listing.files, listing.labels, results):
         rel = listing.relative(path)
+        scale = min(1.0, max_side / max(size)) if size and max_side else 1.0
+        if reason is None and int(max(size) * scale) > MAX_STORED_SIDE:
+            reason = (f"{size[0]} x {size[1]} pixels: FFCV stores at most {MAX_STORED_SIDE} a side "
+                      f"(a --max-side resizes it)")
         if reason is not None:
             report.skipped.append((rel, reason))
             continue
@@ -173,7 +182,6 @@ def convert_image_folder(source, output, *, max_side: Optional[int] = 512, jpeg_
         kept_labels.append(label)
         for kind in notes:
             report.converted.setdefault(kind, []).append(rel)
-        scale = min(1.0, max_side / max(size)) if max_side else 1.0
         max_pixels = max(max_pixels, (int(size[0] * scale) + 1) * (int(size[1] * scale) + 1))
     report.skipped.sort()
     if not kept_files:

@@ -42,6 +42,7 @@ class ImageFolderListing:
     files: List[Path] = field(default_factory=list)     # sorted by (class, relative path)
     labels: List[int] = field(default_factory=list)     # index into `classes`
     not_images: List[Path] = field(default_factory=list)  # under class folders, without an image extension
+    outside_classes: List[Path] = field(default_factory=list)  # files beside the class folders: no label
 
     def relative(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
@@ -64,6 +65,7 @@ def list_image_folder(root) -> ImageFolderListing:
         raise FileNotFoundError(f"image folder {problem} (expected ROOT/<class>/<image>)")
     classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
     listing = ImageFolderListing(root, classes)
+    listing.outside_classes = sorted(Path(e.path) for e in os.scandir(root) if not e.is_dir() and not e.name.startswith("."))
     for label, name in enumerate(classes):
         found = []
         for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
@@ -149,11 +151,14 @@ def open_image(path, max_side: Optional[int] = None) -> Image.Image:
 
 
 def _decode(path: Path, max_side: Optional[int], allow_truncated: bool):
+    """(RGB uint8 pixels, format, mode, the share of a truncated JPEG's pixels that are fill)."""
     with _truncated_allowed(allow_truncated), open_image(path, max_side) as image:
         fmt, mode = image.format, image.mode
         image.load()
+        # Measured in the decoder's own mode: converted to RGB, an inverted CMYK file's fill is 64.
+        filled = _filled_share(np.asarray(image)) if allow_truncated and fmt in JPEG_FORMATS else 0.0
         if mode in _WIDE_GRAY:
-            return _wide_gray_to_uint8(image), fmt, mode
+            return _wide_gray_to_uint8(image), fmt, mode, filled
         if mode == "RGB":
             rgb = image
         elif _MODE_NOTE.get(mode) == "alpha" or (mode == "P" and "transparency" in image.info):
@@ -162,21 +167,27 @@ def _decode(path: Path, max_side: Optional[int], allow_truncated: bool):
             rgb = Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
         else:
             rgb = image.convert("RGB")
-        return np.asarray(rgb, dtype=np.uint8).copy(), fmt, mode
+        return np.asarray(rgb, dtype=np.uint8).copy(), fmt, mode, filled
 
 
 # A truncated JPEG is kept with the missing part filled (grey) up to this share of its pixels;
 # beyond it, a sample would teach little but grey (one cut after its headers is all grey).
 MAX_FILLED_SHARE = 0.5
-JPEG_FILL = 128  # libjpeg's value for the blocks a truncated file lacks, in every channel
+# libjpeg's value for the blocks a truncated file lacks, in every channel; Pillow shows an Adobe
+# CMYK file's channels inverted, so its fill reads 127.
+JPEG_FILLS = (128, 127)
 
 
-def _filled_share(pixels: np.ndarray) -> float:
-    """The share of a truncated JPEG's pixels that the decoder filled: the run of its fill grey
-    at the end in raster order (blocks are decoded in that order, so the missing part is a tail)."""
-    flat = pixels.reshape(-1, pixels.shape[-1])
-    decoded = np.flatnonzero((flat != JPEG_FILL).any(axis=1))
-    return 1.0 - (decoded[-1] + 1 if decoded.size else 0) / len(flat)
+def _filled_share(values: np.ndarray) -> float:
+    """The share of a truncated JPEG's pixels that the decoder filled: the run of its fill at the
+    end in raster order (blocks are decoded in that order, so the missing part is a tail).
+    `values`: the decoded image in its own mode ([H, W] or [H, W, C])."""
+    flat = values.reshape(values.shape[0] * values.shape[1], -1)
+    for fill in JPEG_FILLS:
+        if (flat[-1] == fill).all():
+            decoded = np.flatnonzero((flat != fill).any(axis=1))
+            return 1.0 - (decoded[-1] + 1 if decoded.size else 0) / len(flat)
+    return 0.0
 
 
 def read_rgb(path, max_side: Optional[int] = None) -> Tuple[np.ndarray, List[str]]:
@@ -193,13 +204,12 @@ def read_rgb(path, max_side: Optional[int] = None) -> Tuple[np.ndarray, List[str
         if path.stat().st_size == 0:
             raise UndecodableImage("empty file")
         try:
-            pixels, fmt, mode = _decode(path, max_side, allow_truncated=False)
+            pixels, fmt, mode, _ = _decode(path, max_side, allow_truncated=False)
         except OSError as err:
             if "truncated" not in str(err).lower():
                 raise
             # Decodable up to where the file ends; the decoder fills the rest (grey for JPEG).
-            pixels, fmt, mode = _decode(path, max_side, allow_truncated=True)
-            missing = _filled_share(pixels) if fmt in JPEG_FORMATS else 0.0
+            pixels, fmt, mode, missing = _decode(path, max_side, allow_truncated=True)
             if missing > MAX_FILLED_SHARE:
                 raise UndecodableImage(f"truncated: {missing:.0%} of the image is the decoder's grey fill, "
                                        f"more than {MAX_FILLED_SHARE:.0%}")
