@@ -305,7 +305,8 @@ def test_fused_attention_backward_counts_four_matmuls_not_the_recomputed_scores(
     (["--gpus", "0"], "--gpus"), (["--images-per-sec-per-gpu", "-5"], "--images-per-sec-per-gpu"),
     (["--link-gbps", "0"], "--link-gbps"), (["--epochs", "0"], "--epochs"), (["--micro-batch", "0"], "--micro-batch"),
     (["--arch", "vit_giant"], "vit_giant"), (["--dataset-size", "100"], "fewer than one global batch"),
-    (["--gpus", "4096"], "smaller than the 4096 data-parallel ranks")])
+    (["--gpus", "4096"], "smaller than the 4096 data-parallel ranks"),
+    (["--reduce-bucket-size", "0.5"], "--reduce-bucket-size counts elements")])
 def test_plan_run_refuses_bad_input_by_name_without_a_traceback_or_a_negative_plan(argv, named, capsys):
     """Zero GPUs or a zero link divided by zero, a negative rate printed negative hours, a data set
     smaller than a batch planned 0 steps, and a batch that does not split raised a traceback."""

@@ -146,6 +146,8 @@ def main(argv=None) -> int:
                         "config of the stage has it, 5e8): with overlap_comm on, only full buckets are reduced "
                         "during the backward")
     args = p.parse_args(argv)
+    if args.reduce_bucket_size is not None and args.reduce_bucket_size < 1:
+        p.error(f"--reduce-bucket-size counts elements: at least 1, got {args.reduce_bucket_size:g}")
     overlap = None if args.overlap_comm is None else args.overlap_comm == "on"
     try:
         r = plan(count_params(args.arch, args.method), args.epochs, args.dataset_size, args.gpus,
