@@ -485,6 +485,21 @@ def unread_keys(cfg: Config) -> List[str]:
     return unread
 
 
+def other_method_defaults(cfg: Config) -> List[str]:
+    """A SimMIM run whose optimizer keys are the schema's defaults, which are MAE's recipe: a
+    hand-written SimMIM config that leaves them out trains with MAE's optimizer (every shipped
+    SimMIM recipe sets them). Said at start, not changed: the defaults stay one set whatever
+    the method, so a run resumes with the settings it started with."""
+    t, defaults = cfg.train, TrainConfig()
+    if cfg.model.method != "simmim" or list(t.betas) != defaults.betas or t.clip_grad != defaults.clip_grad:
+        return []
+    keys = ("train.betas, train.clip_grad and train.blr" if t.lr is None and t.blr == defaults.blr
+            else "train.betas and train.clip_grad")
+    return [f"{keys} are the schema's defaults, MAE's recipe (betas {defaults.betas}, blr {defaults.blr:g}, no "
+            f"clipping), in a SimMIM run; SimMIM's (configs/vit_*_simmim.yaml) is betas [0.9, 0.999], blr 5e-05, "
+            f"clip_grad 5.0: set them unless MAE's optimizer is meant"]
+
+
 def validate_mto(mto: "MTOConfig") -> None:
     """The `mto.*` values; also for the `mto` argument of create_mim_model."""
     # Types too: a dict given to create_mim_model skips OmegaConf's (early_blocks=2.0 broke slicing later).

@@ -327,6 +327,22 @@ def test_evaluation_loads_a_config_whose_deepspeed_json_is_gone_and_pretraining_
         load_config(DEMO, [*override, "eval.knn_k=0"], training=False)
 
 
+def test_a_simmim_run_left_with_maes_optimizer_defaults_is_told_so():
+    """The schema's optimizer defaults are MAE's recipe (betas 0.95, blr 1.5e-4, no clipping): a
+    hand-written SimMIM config that leaves them out trained with MAE's optimizer, unsaid."""
+    from mto_ds.config import other_method_defaults
+    assert other_method_defaults(load_config(DEMO)) == []  # SimMIM with its own blr and clipping
+    (message,) = other_method_defaults(load_config(DEMO, ["train.blr=1.5e-4", "train.clip_grad=null"]))
+    assert message.startswith("train.betas, train.clip_grad and train.blr are the schema's defaults, MAE's recipe "
+                              "(betas [0.9, 0.95], blr 0.00015, no clipping), in a SimMIM run; SimMIM's")
+    (message,) = other_method_defaults(load_config(DEMO, ["train.lr=1e-3", "train.clip_grad=null"]))
+    assert message.startswith("train.betas and train.clip_grad are")  # an absolute LR: blr is not read
+    assert other_method_defaults(load_config(DEMO, ["train.clip_grad=null", "model.method=mae",
+                                                    "model.mask_patch_size=null"])) == []
+    for recipe in sorted((REPO / "configs").glob("*.yaml")):
+        assert other_method_defaults(load_config(recipe)) == [], recipe
+
+
 def test_keys_the_method_or_data_source_never_reads_are_named_when_set():
     """A config switched from SimMIM to MAE keeps its mask cell, a SimMIM run given MAE's decoder
     settings, a folder run given FFCV's page-cache switch, a synthetic smoke test given a .beton:

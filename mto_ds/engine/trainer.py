@@ -11,7 +11,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..config import Config, ConfigError, mask_ratio, mask_units, realised_mask_ratio, to_yaml, unread_keys
+from ..config import (Config, ConfigError, mask_ratio, mask_units, other_method_defaults, realised_mask_ratio, to_yaml,
+                      unread_keys)
 from ..data import build_pretrain_loader, data_fingerprint, data_path_problem
 from ..data.order import rank_share, steps_per_epoch
 from ..models import create_mim_model, mask_fn_for
@@ -172,7 +173,8 @@ class Trainer:
                  describe_batch(self.batch, cfg.train.micro_batch_size), self.steps_per_epoch, self.total_steps,
                  zero_stage(self.ds_config), precision(self.ds_config))
         if self.dist.rank == 0:
-            for problem in [*schedule_warnings(cfg, self.steps_per_epoch), *unread_keys(cfg)]:
+            for problem in [*schedule_warnings(cfg, self.steps_per_epoch), *unread_keys(cfg),
+                            *other_method_defaults(cfg)]:
                 log.warning(problem)
 
     # --- checkpoints -------------------------------------------------------------------
