@@ -11,7 +11,8 @@ from mto_ds.mto.losses import mto_terms, warmup_scale
 from mto_ds.config import MTOConfig
 from mto_ds.mto.plan import block_flags, mto_settings
 from mto_ds.mto.state import MTOState
-from mto_ds.mto.stats import attention_with_row_stats, block_summary, num_early_blocks
+from mto_ds.mto.stats import (attention_with_row_stats, block_summary, normalised_entropy, num_early_blocks,
+                              summary_weights)
 
 LN2, LN3 = math.log(2), math.log(3)
 # Logits of 3 tokens (CLS, visible, masked); q = these rows and k = identity, scale 1.
@@ -103,6 +104,10 @@ def test_losses_match_hand_computed_values():
 
 def test_early_blocks_default_to_a_third_rounded_up_and_warmup_is_linear():
     assert num_early_blocks(12, None) == 4 and num_early_blocks(8, None) == 3 and num_early_blocks(12, 2) == 2
+    # Every depth (round(L / 3) agrees with the ceiling at 2, 3, 6, 8 and 12, not at 4, 7 or 10),
+    # and a number above the depth is capped at it.
+    assert [num_early_blocks(depth, None) for depth in range(1, 13)] == [1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4]
+    assert num_early_blocks(3, 5) == 3
     assert [warmup_scale(s, 4) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
     assert warmup_scale(0, 0) == 1.0
 
@@ -138,8 +143,12 @@ def _model(method, mto, seed=0):
 
 @pytest.mark.parametrize("method", ["simmim", "mae"])
 @pytest.mark.parametrize("recalibrate,expect_unchanged", [("all", True), ("none", False)])
-def test_visible_tokens_ignore_mask_token_in_recalibrated_blocks(method, recalibrate, expect_unchanged):
-    model = _model(method, {"recalibrate": recalibrate}).eval()
+@pytest.mark.parametrize("statistics", ["with", "without"])
+def test_visible_tokens_ignore_mask_token_in_recalibrated_blocks(method, recalibrate, expect_unchanged, statistics):
+    """With the MTO losses on, every block computes statistics (the explicit path); with them all
+    at 0 the blocks run PyTorch's SDPA with the recalibration as a boolean mask: both hide it."""
+    off = {"lambda_spa": 0.0, "lambda_e": 0.0, "lambda_r": 0.0} if statistics == "without" else {}
+    model = _model(method, {"recalibrate": recalibrate, **off}).eval()
     images, mask = _inputs(model, method)
 
     def visible_hidden():
@@ -148,8 +157,12 @@ def test_visible_tokens_ignore_mask_token_in_recalibrated_blocks(method, recalib
             return tokens[:, 1:][~mask], tokens[:, 0]
         # Through MAE's own decoder, which places the mask tokens and marks them for the blocks:
         # its predictions at the visible patches (the decoder's per-token head on its output).
+        # CLS counts as visible: hooked at the decoder's norm, before the head drops it.
+        seen = {}
+        hook = model.decoder_norm.register_forward_hook(lambda module, args, out: seen.update(cls=args[0][:, 0]))
         pred, _, _ = model.forward_decoder(model.forward_encoder(images, mask), mask, False)
-        return (pred[~mask],)
+        hook.remove()
+        return pred[~mask], seen["cls"]
 
     with torch.no_grad():
         before = visible_hidden()
@@ -254,6 +267,12 @@ def test_mto_scale_multiplies_the_weighted_mto_loss():
 
 def test_mto_state_advances_and_round_trips():
     state = MTOState(warmup_steps=4)
+    scales = []
+    for _ in range(5):  # s_t = min(1, (t + 1) / W) at step t, read before the step advances the state
+        scales.append(state.loss_scale)
+        state.advance()
+    assert scales == [0.25, 0.5, 0.75, 1.0, 1.0]
+    state = MTOState(warmup_steps=4)
     for _ in range(3):
         state.advance()
     state.advance([0.5, float("nan")])      # a NaN (not computed) leaves the running value alone
@@ -338,3 +357,70 @@ def test_a_block_with_its_summary_compiles_as_one_graph(mode):
         torch.testing.assert_close(graph[key], eager[key], rtol=1e-5, atol=1e-6, equal_nan=True)
     torch.testing.assert_close(graph_grad, eager_grad, rtol=1e-4, atol=1e-6)
     assert eager["heterogeneity"].requires_grad == (mode != "telemetry")
+
+
+def test_visible_rows_normalise_entropy_by_the_log_of_the_visible_count_cls_included():
+    """n_i (docs/MTO.md, section 2): under recalibration a visible row may attend to the N - |M|
+    visible tokens, CLS among them (here 4 of 5); a masked row to all N. The hand case above has
+    2 visible tokens, where the clamp at 2 hides an off-by-one."""
+    masked = torch.tensor([[False, False, False, False, True]])
+    normed = normalised_entropy(torch.ones(1, 1, 5), masked, recalibrate=True)
+    assert normed.flatten().tolist() == pytest.approx([1 / math.log(4)] * 4 + [1 / math.log(5)], abs=1e-6)
+
+
+@pytest.mark.parametrize("recalibrate", [False, True])
+def test_a_telemetry_block_gives_the_output_and_statistics_of_a_loss_block(recalibrate):
+    """A logging step must train the same function as any other step (its output recalibrated as
+    a loss block's) and log what a loss block computes: the same statistics, without gradients."""
+    from mto_ds.models.vit import _block_forward, mim_block
+    torch.manual_seed(0)
+    block = mim_block(32, 4).eval()
+    x = torch.randn(2, 9, 32) * 3 + 1
+    masked = torch.rand(2, 9) < 0.5
+    masked[:, 0] = False
+    weights = summary_weights(masked)
+    with torch.no_grad():
+        out_telemetry, telemetry = _block_forward(block, x, masked, recalibrate, "telemetry", weights)
+        out_loss, loss = _block_forward(block, x, masked, recalibrate, "loss", weights)
+    torch.testing.assert_close(out_telemetry, out_loss, atol=1e-5, rtol=1e-5)
+    for key in ("heterogeneity", "entropy_masked", "entropy_visible"):
+        torch.testing.assert_close(telemetry[key], loss[key], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["simmim", "mae"])
+def test_the_training_loss_carries_the_mto_gradient(method):
+    """L = L_MIM + s_t (...) (section 4): the step backpropagates `loss`, and MTO's part of its
+    gradient must reach the mask token (a detached loss_mto would train the plain baseline)."""
+    model = _model(method, {"enabled": True, "delta": 1.0})
+    images, mask = _inputs(model, method)
+    out = model(images, mask)
+    (total,) = torch.autograd.grad(out["loss"], model.mask_token, retain_graph=True)
+    (mim,) = torch.autograd.grad(out["loss_mim"], model.mask_token, retain_graph=True)
+    (mto,) = torch.autograd.grad(out["loss_mto"], model.mask_token)
+    assert mto.abs().sum() > 0
+    torch.testing.assert_close(total, mim + mto, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["simmim", "mae"])
+def test_l_r_alone_gives_the_same_loss_on_steps_with_and_without_logging(method):
+    """Off a logging step the late blocks compute their mass only and the early ones nothing:
+    L_r must still read the late blocks' heterogeneities (the first K summaries are the early
+    blocks', absent here), and equal the logging step's loss."""
+    model = _model(method, {"lambda_spa": 0.0, "lambda_e": 0.0, "lambda_r": 1.0, "delta": 1.0}).eval()
+    images, mask = _inputs(model, method)
+    logged, unlogged = model(images, mask, with_stats=True), model(images, mask, with_stats=False)
+    late = logged["heterogeneity"][model.block_flags(False)[0]:]
+    hinge = torch.clamp(late[1:] - late[:-1] + 1.0, min=0).mean()
+    assert torch.isfinite(unlogged["loss"])
+    torch.testing.assert_close(unlogged["loss_r"], hinge, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(unlogged["loss"], logged["loss"], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["simmim", "mae"])
+def test_mto_kernel_reaches_every_attention_module(method):
+    """mto.kernel picks the statistics' implementation in every block, the MAE decoder's too (the
+    SDPA-statistics model test compares against the reference only if it does)."""
+    from mto_ds.mto.attention import MTOAttention
+    for kernel in ("sdpa", "reference"):
+        model = create_mim_model("vit_tiny_patch16", method, img_size=32, mto={"kernel": kernel})
+        assert {m.stats_kernel for m in model.modules() if isinstance(m, MTOAttention)} == {kernel}

@@ -110,6 +110,29 @@ def test_sdpa_entropy_of_a_peaked_row_is_zero_not_negative_and_gradients_stay_fi
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
 
 
+@pytest.mark.parametrize("recalibrate", [False, True])
+def test_sdpa_entropy_gradient_where_the_sentinel_underflows_is_the_references(recalibrate):
+    """Two peaks 1 nat apart, about 120 above the rest, in fp32: the sentinel's probability
+    underflows and the entropy's value is clamped at 0 (section 2b), but its gradient must stay
+    that of -S_i, the reference's (a plain clamp would cut these rows' gradient to 0)."""
+    generator = torch.Generator().manual_seed(8)
+    B, H, N, d = 2, 2, 33, 16
+    q = torch.zeros(B, H, N, d)
+    q[..., 0] = 1.0
+    k, v = (0.01 * torch.randn(B, H, N, d, generator=generator) for _ in range(2))
+    k[:, :, 3, 0], k[:, :, 4, 0] = 120.0, 119.0
+    masked = torch.rand(B, N, generator=generator) < 0.5
+    masked[:, :5] = False
+    grads = []
+    for attention in (sdpa_attention_with_row_stats, attention_with_row_stats):
+        keys = k.clone().requires_grad_()
+        _, stats = attention(q, keys, v, masked, recalibrate, 1.0)
+        (grad,) = torch.autograd.grad(stats["norm_entropy"][:, :, :5].sum(), keys)
+        grads.append(grad)
+    assert grads[1].abs().max() > 0.05
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-3, rtol=1e-3)
+
+
 def test_dispatcher_names_the_kernel_it_cannot_serve_and_sends_dropout_to_the_reference():
     q, k, v = torch.randn(3, 2, 2, 9, 8).unbind(0)
     masked = torch.rand(2, 9) < 0.5
