@@ -219,6 +219,19 @@ def test_of_the_failures_written_to_state_json_the_first_stays(tmp_path, monkeyp
 
 # --- two starts on one run directory ---------------------------------------------------------
 
+def _claim_in(run_dir) -> dict:
+    """running.json as its live holder last wrote it: the heartbeat rewrites the file in place,
+    so a read can catch it empty or cut short (seen once in the suite): read again."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return json.loads((run_dir / LOCK).read_text())
+        except ValueError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def _held_by(run_dir, **owner):
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / LOCK).write_text(json.dumps({"job": None, "host": "elsewhere", "pid": 1, "started": "then",
@@ -229,7 +242,7 @@ def test_a_live_start_keeps_the_run_directory_and_a_dead_ones_claim_is_taken_ove
     beat = 0.5
     watch = 4 * beat  # the holder's heartbeat shares this process: starved for 12 s, not 3, before it looks dead
     first = claim(tmp_path, "slurm:41", beat=beat)
-    held = json.loads((tmp_path / LOCK).read_text())
+    held = _claim_in(tmp_path)
     assert (held["job"], held["host"], held["pid"]) == ("slurm:41", socket.gethostname(), os.getpid())
     with pytest.raises(RunDirectoryInUse, match=f"run.output_dir={tmp_path} is in use by another start "
                                                 f"\\(slurm:41 on {socket.gethostname()}, pid {os.getpid()}"):
@@ -266,7 +279,7 @@ def test_a_live_start_keeps_the_run_directory_and_a_dead_ones_claim_is_taken_ove
     assert time.monotonic() - began >= STALE_BEATS * beat
     assert f"ended (no scheduler job on {here['host']}, pid {dead.pid}: unchanged for {STALE_BEATS * beat:.0f} s)" \
         in caplog.text
-    assert json.loads((tmp_path / LOCK).read_text())["token"] == lock.owner["token"]
+    assert _claim_in(tmp_path)["token"] == lock.owner["token"]
     _held_by(tmp_path)  # taken over by another start while this one lived: not this one's to remove
     lock.release()
     assert json.loads((tmp_path / LOCK).read_text())["token"] == "theirs"
@@ -328,12 +341,12 @@ def test_a_live_start_of_the_same_slurm_job_run_is_watched_not_taken_over(tmp_pa
     beat = 0.5
     watch = 4 * beat  # the holder's heartbeat shares this process: starved for 12 s, not 3, before it looks dead
     first = claim(tmp_path, "slurm:41", beat=beat, restart=2)
-    assert json.loads((tmp_path / LOCK).read_text())["restart"] == 2
+    assert _claim_in(tmp_path)["restart"] == 2
     for restart in (2, 1):  # the same run of the job, and a lower count: watched, refused while it beats
         with pytest.raises(RunDirectoryInUse, match=f"in use by another start \\(slurm:41 on {socket.gethostname()}, "
                                                     f"pid {os.getpid()}"):
             claim(tmp_path, "slurm:41", beat=watch, restart=restart)
-    assert json.loads((tmp_path / LOCK).read_text())["token"] == first.owner["token"]
+    assert _claim_in(tmp_path)["token"] == first.owner["token"]
     first.release()
 
 
