@@ -103,11 +103,18 @@ def _within_max_side(pixels, max_side: Optional[int]):
     then waits for that sample forever. FFCV's resize finds nothing left to do."""
     import cv2
     height, width = pixels.shape[:2]
-    if not max_side or max(height, width) <= max_side:
+    size = _stored_size(width, height, max_side)
+    if size == (width, height):
         return pixels
-    scale = max_side / max(height, width)
-    size = (max(1, int(scale * width)), max(1, int(scale * height)))
     return cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
+
+
+def _stored_size(width: int, height: int, max_side: Optional[int]) -> Tuple[int, int]:
+    """(width, height) as the .beton stores an image: the longer side brought down to `max_side`."""
+    if not max_side or max(height, width) <= max_side:
+        return width, height
+    scale = max_side / max(height, width)
+    return max(1, int(scale * width)), max(1, int(scale * height))
 
 
 def _page_size(max_pixels: int) -> int:
@@ -171,8 +178,8 @@ def convert_image_folder(source, output, *, max_side: Optional[int] = 512, jpeg_
     kept_files, kept_labels, max_pixels = [], [], 0
     for path, label, (reason, notes, size) in zip(listing.files, listing.labels, results):
         rel = listing.relative(path)
-        scale = min(1.0, max_side / max(size)) if size and max_side else 1.0
-        if reason is None and int(max(size) * scale) > MAX_STORED_SIDE:
+        stored = _stored_size(*size, max_side) if size else None
+        if reason is None and max(stored) > MAX_STORED_SIDE:
             reason = (f"{size[0]} x {size[1]} pixels: FFCV stores at most {MAX_STORED_SIDE} a side "
                       f"(a --max-side resizes it)")
         if reason is not None:
@@ -182,7 +189,7 @@ def convert_image_folder(source, output, *, max_side: Optional[int] = 512, jpeg_
         kept_labels.append(label)
         for kind in notes:
             report.converted.setdefault(kind, []).append(rel)
-        max_pixels = max(max_pixels, (int(size[0] * scale) + 1) * (int(size[1] * scale) + 1))
+        max_pixels = max(max_pixels, (stored[0] + 1) * (stored[1] + 1))
     report.skipped.sort()
     if not kept_files:
         raise ValueError(f"no decodable image under {source} ({len(report.skipped)} files skipped)")
