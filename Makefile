@@ -36,15 +36,15 @@ venv: $(STAMP)
 # The embedded default, through the real data path: the project's procedural images written as
 # JPEG files, converted to an FFCV .beton, then a tiny ViT pre-trained with SimMIM + MTO under
 # ZeRO-2 across $(NPROC) CPU processes on gloo. The data steps are skipped when already done.
-# Each demo is a fresh run in $(DEMO_DIR): started over in the same directory, a run keeps the
-# earlier one's checkpoints as .superseded, and repeated demos filled 1.9 GB after 11.
+# Each demo is a fresh run in an emptied $(DEMO_DIR) (clean-demo): started over in the same
+# directory, a run keeps the earlier one's checkpoints as .superseded, and repeated demos filled
+# 1.9 GB after 11.
 DEMO_DATA ?= data_cache/demo
-demo: venv system-deps
+demo: venv system-deps clean-demo
 	$(PY) tools/make_synthetic.py $(DEMO_DATA)/images --images 1024 --classes 10 --size 80 --seed 0
 	$(PY) tools/make_ffcv.py $(DEMO_DATA)/images $(DEMO_DATA)/train.beton --workers $(NPROC)
-	rm -rf $(DEMO_DIR)
 	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) \
-	  -m mto_ds pretrain --config configs/demo.yaml run.output_dir=$(DEMO_DIR) checkpoint.resume=none \
+	  -m mto_ds pretrain --config configs/demo.yaml run.output_dir=$(DEMO_DIR) \
 	  data.source=ffcv data.path=$(DEMO_DATA)/train.beton
 
 # One thread per process: the suite runs many small ranks on 2 cores, where torch's default
