@@ -21,11 +21,8 @@ class MAE(MIMModel):
     def __init__(self, encoder: nn.Module, mto=None, decoder_embed_dim: int = 512, decoder_depth: int = 8,
                  decoder_num_heads: int = 16, norm_pix_loss: bool = True, activation_checkpointing: bool = False,
                  compile_blocks: bool = False):
-        super().__init__(mto, activation_checkpointing, compile_blocks)
-        self.encoder = encoder
+        super().__init__(encoder, mto, activation_checkpointing, compile_blocks)
         dim = encoder.embed_dim
-        self.patch_size = encoder.patch_embed.patch_size[0]
-        self.num_patches = encoder.patch_embed.num_patches
         grid = encoder.patch_embed.grid_size[0]
         self.norm_pix_loss = norm_pix_loss
         # Patches each mask keeps visible, when known before the masks come (mask_fn_for sets it

@@ -1,4 +1,5 @@
-"""What SimMIM and MAE share: MTO settings, and the loss dict built from MIM loss and MTO terms."""
+"""What SimMIM and MAE share: the encoder's patch grid, MTO settings, and the loss dict built from
+MIM loss and MTO terms."""
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Set
@@ -17,8 +18,12 @@ class MIMModel(nn.Module):
 
     num_mim_blocks: int
 
-    def __init__(self, mto, activation_checkpointing: bool = False, compile_blocks: bool = False):
+    def __init__(self, encoder: nn.Module, mto, activation_checkpointing: bool = False,
+                 compile_blocks: bool = False):
         super().__init__()
+        self.encoder = encoder  # a timm VisionTransformer (models/vit.py)
+        self.patch_size = encoder.patch_embed.patch_size[0]
+        self.num_patches = encoder.patch_embed.num_patches
         self.mto = mto_settings(mto)
         self.activation_checkpointing = activation_checkpointing
         self.compile_blocks = compile_blocks  # torch.compile each block (models/vit.py)

@@ -21,11 +21,8 @@ def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
 class SimMIM(MIMModel):
     def __init__(self, encoder: nn.Module, mto=None, activation_checkpointing: bool = False,
                  compile_blocks: bool = False):
-        super().__init__(mto, activation_checkpointing, compile_blocks)
-        self.encoder = encoder
+        super().__init__(encoder, mto, activation_checkpointing, compile_blocks)
         dim = encoder.embed_dim
-        self.patch_size = encoder.patch_embed.patch_size[0]
-        self.num_patches = encoder.patch_embed.num_patches
         self.num_mim_blocks = len(encoder.blocks)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         # timm's bounds are absolute (+-2: 100 std, so a plain normal of std 0.02); SimMIM's own cuts
