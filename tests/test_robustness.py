@@ -10,7 +10,9 @@ import math
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -111,6 +113,8 @@ def test_verify_names_a_missing_or_truncated_file(tmp_path):
     assert verify(tag) is None
     (tag / "a.pt").write_bytes(b"x" * 60)
     assert verify(tag) == "a.pt has 60 bytes, 100 when it was saved"
+    (tag / "a.pt").write_bytes(b"x" * 120)  # written over by another save: not this checkpoint either
+    assert verify(tag) == "a.pt has 120 bytes, 100 when it was saved"
     (tag / "b.pt").unlink()
     (tag / "a.pt").write_bytes(b"x" * 100)
     assert verify(tag) == "b.pt is missing"
@@ -171,6 +175,11 @@ def test_a_save_is_flushed_to_storage_before_complete_json_names_it(tmp_path, mo
     synced.clear()
     Checkpointer(tmp_path / "other", keep_last=2, rank=1, world_size=2, local_rank=1).save(_FilesEngine(), 5, {}, {})
     assert synced == []
+    # The first process of a second node flushes that node's writes, though it is not rank 0.
+    tag = Checkpointer(tmp_path / "node2", keep_last=2, rank=2, world_size=4, local_rank=0).save(
+        _FilesEngine(), 5, {}, {})
+    assert {str(tag / "mp_rank_00_model_states.pt"), str(tag / "zero" / "optim_states.pt")} <= set(synced)
+    assert not (tag / MARKER).exists()  # rank 0 writes the marker
 
     # File systems that refuse fsync on a directory (EINVAL: CIFS, 9p) still save; a file's
     # fsync failing is an error.
@@ -181,6 +190,16 @@ def test_a_save_is_flushed_to_storage_before_complete_json_names_it(tmp_path, mo
     monkeypatch.setattr(os, "fsync", no_directory_fsync)
     tag = Checkpointer(tmp_path / "cifs", keep_last=2, rank=0, world_size=1).save(_FilesEngine(), 7, {}, {})
     assert verify(tag) is None
+
+    # Any other error of a directory's fsync (EIO: the disk failed) is one.
+    def failing_directory(fd):
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", failing_directory)
+    with pytest.raises(OSError, match="Input/output error"):
+        Checkpointer(tmp_path / "dir_eio", keep_last=2, rank=0, world_size=1).save(_FilesEngine(), 8, {}, {})
+    assert not (tmp_path / "dir_eio" / "step_00000008" / MARKER).exists()
 
     def failing_disk(fd):
         raise OSError(errno.EIO, "Input/output error")
@@ -198,6 +217,9 @@ def test_pruning_keeps_the_newest_complete_ones_and_removes_unfinished_saves(tmp
     for name in ("step_00000005", "step_00000002_universal", "step_00000004_universal",
                  "step_00000004_universal.tmp", "step_00000007.damaged"):
         (ckpt / name).mkdir()
+    # What a failed conversion left (a file): the record of a failure rank 0 has since retried past.
+    for name in ("step_00000001_universal.failed", "step_00000004_universal.failed"):
+        (ckpt / name).write_text("No space left on device")
     Checkpointer(ckpt, keep_last=2, rank=0, world_size=2)._prune()
     assert sorted(p.name for p in ckpt.iterdir()) == [
         "step_00000003", "step_00000004", "step_00000004_universal", "step_00000007.damaged"]
@@ -208,6 +230,7 @@ def test_checkpoints_newer_than_the_resume_point_are_set_aside_not_deleted(tmp_p
     for step in (3, 6, 9):
         (ckpt / f"step_{step:08d}").mkdir(parents=True)
         (ckpt / f"step_{step:08d}" / MARKER).write_text(json.dumps({"step": step, "world_size": 1}))
+    (ckpt / "step_00000006_universal").mkdir()  # a conversion of a checkpoint set aside goes with it
     checkpointer = Checkpointer(ckpt, keep_last=1, rank=0, world_size=1)
     checkpointer.set_aside_newer_than(3, damaged=[ckpt / "step_00000009"])
     assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_00000003", "step_00000006.superseded",
@@ -243,6 +266,18 @@ def test_a_checkpoint_set_aside_never_replaces_one_set_aside_before_and_latest_f
     assert checkpointer.candidates("auto") == []
 
 
+def test_a_start_from_scratch_sets_the_earlier_history_aside_so_a_later_auto_resume_cannot_take_it(tmp_path):
+    """checkpoint.resume=none in a run directory that holds checkpoints: no candidates to load, and
+    every earlier checkpoint is set aside; a crash before this start's first save must not resume
+    the history it started over from."""
+    ckpt = tmp_path / "checkpoints"
+    _complete_tags(ckpt, 3, 6)
+    checkpointer = Checkpointer(ckpt, keep_last=3, rank=0, world_size=1)
+    assert checkpointer.load_newest(engine=None, candidates=checkpointer.candidates("none")) == (None, {})
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step_00000003.superseded", "step_00000006.superseded"]
+    assert checkpointer.candidates("auto") == []
+
+
 @pytest.mark.parametrize("resume", ["none", "PATH"])
 def test_an_explicit_resume_applies_once_per_job_and_the_jobs_restarts_continue_from_its_progress(tmp_path, resume):
     """`checkpoint.resume=none` (or a path) in a job's command is there again when Slurm requeues
@@ -268,6 +303,9 @@ def test_an_explicit_resume_applies_once_per_job_and_the_jobs_restarts_continue_
     # history the value replaced: continuing from it went back to that history unseen).
     assert checkpointer.candidates(resume, env=requeued) == applied
     _complete_tags(ckpt, 9, 12)
+    # The job's first start again (its own srun of the same allocation): it applies the value.
+    assert checkpointer.candidates(resume, env=first_start) == applied
+    assert checkpointer.candidates(resume, env={"SLURM_JOB_ID": "41"}) == applied
     # The job's progress first; should it all be damaged, the value, never the older history.
     progress = [ckpt / "step_00000012", ckpt / "step_00000009"]
     assert checkpointer.candidates(resume, env=requeued) == progress + applied
@@ -308,6 +346,99 @@ def test_another_runs_checkpoint_is_converted_into_this_runs_directory(tmp_path,
         checkpointer.load_newest(engine=None, candidates=checkpointer.candidates(str(other / "step_00000004")))
     assert written == [(other / "step_00000004", ckpt / "step_00000004_universal")]
     assert sorted(p.name for p in other.iterdir()) == ["step_00000004"]
+
+
+def _fake_ds_to_universal(tag_dir, out, run=None):
+    """Writes what DeepSpeed's ds_to_universal writes, as it does: `latest_universal` names the
+    folder it wrote (the .tmp one, later renamed)."""
+    (out / "zero").mkdir(parents=True)
+    (out / "zero" / "fp32.pt").write_bytes(b"u" * 5)
+    (out.parent / "latest_universal").write_text(out.name)
+
+
+def test_a_checkpoint_of_another_world_size_loads_from_its_flushed_universal_conversion(tmp_path, monkeypatch):
+    """Saved on 2 ranks, resumed on 1: rank 0 converts it once (a failure left by an earlier try
+    is cleared first), the conversion is on storage before its marker names it finished, and
+    DeepSpeed loads it with load_universal_checkpoint on; a later resume finds it done."""
+    from mto_ds.engine import checkpoint as checkpoint_module
+    from mto_ds.models.weights import converted_from
+    ckpt = tmp_path / "checkpoints"
+    _complete_tags(ckpt, 4, world_size=2)
+    (ckpt / "step_00000004_universal.failed").write_text("No space left on device")
+    monkeypatch.setattr(checkpoint_module, "convert_to_universal", _fake_ds_to_universal)
+    synced, real_fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    loaded = []
+    monkeypatch.setattr(Checkpointer, "_load", staticmethod(lambda engine, source: loaded.append(source) or {"s": 1}))
+    engine = SimpleNamespace(_config=SimpleNamespace(load_universal_checkpoint=False))
+    checkpointer = Checkpointer(ckpt, keep_last=2, rank=0, world_size=1)
+    tag = ckpt / "step_00000004"
+    assert checkpointer.load_newest(engine, checkpointer.candidates("auto")) == (tag, {"s": 1})
+    out = ckpt / "step_00000004_universal"
+    assert loaded == [out] and engine._config.load_universal_checkpoint is True
+    assert converted_from(out, tag) and (ckpt / "latest_universal").read_text() == out.name
+    assert str(ckpt / "step_00000004_universal.tmp" / "zero" / "fp32.pt") in synced  # before the rename
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest_universal", "step_00000004", "step_00000004_universal"]
+    # Converted before, from this very save: not again.
+    monkeypatch.setattr(checkpoint_module, "convert_to_universal", None)
+    assert checkpoint_module.to_universal(tag) == out
+
+
+def test_ranks_waiting_for_a_conversion_stop_waiting_when_rank_0_records_its_failure(tmp_path):
+    """The other ranks poll the run directory for rank 0's conversion rather than wait in a
+    collective; a failure recorded in step_N_universal.failed ends their wait too."""
+    ckpt = tmp_path / "checkpoints"
+    _complete_tags(ckpt, 4, world_size=2)
+    (ckpt / "step_00000004_universal.failed").write_text("No space left on device")
+    waiting = threading.Thread(target=Checkpointer(ckpt, keep_last=2, rank=1, world_size=1)._convert,
+                               args=(ckpt / "step_00000004",), daemon=True)
+    waiting.start()
+    waiting.join(timeout=10)
+    assert not waiting.is_alive()
+
+
+def test_the_optimizer_after_a_load_keeps_the_runs_hyperparameters_and_one_step_count_per_parameter():
+    """ZeRO-3's universal loader copies the first group's hyperparameters to every group and
+    shares one `step` tensor among the parameters (engine/checkpoint.py:_repair_optimizer)."""
+    from mto_ds.engine.checkpoint import _repair_optimizer
+    shared = torch.tensor(3.0)
+    base = SimpleNamespace(state={0: {"step": shared}, 1: {"step": shared}})
+    loaded = SimpleNamespace(param_groups=[{"weight_decay": 0.05, "lr": 1e-3}, {"weight_decay": 0.05, "lr": 1e-3}],
+                             optimizer=base)
+    _repair_optimizer(loaded, [{"weight_decay": 0.05}, {"weight_decay": 0.0}])
+    assert [(g["weight_decay"], g["lr"]) for g in loaded.param_groups] == [(0.05, 1e-3), (0.0, 1e-3)]
+    assert base.state[0]["step"] is not base.state[1]["step"]
+    base.state[0]["step"] += 1  # what torch's Adam does for each parameter
+    assert (base.state[0]["step"].item(), base.state[1]["step"].item()) == (4.0, 3.0)
+
+
+def test_a_write_that_fails_keeps_the_earlier_file_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """checkpoints/latest, complete.json and state.json are written whole or not at all: a full
+    disk mid-write keeps what was there, and no `.tmp` file piles up beside it."""
+    from mto_ds.engine.storage import atomic_write
+    latest = tmp_path / "latest"
+    assert atomic_write(latest, "step_00000003")
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", disk_full)
+    for first_only in (False, True):
+        with pytest.raises(OSError, match="No space left"):
+            atomic_write(latest if not first_only else tmp_path / "state.json", "step_00000006", first_only)
+    assert [(p.name, p.read_text()) for p in tmp_path.iterdir()] == [("latest", "step_00000003")]
+
+
+def test_writers_on_two_nodes_with_the_same_pid_use_different_temporary_files(tmp_path, monkeypatch):
+    """Ranks on several nodes write state.json at once, and containers give processes the same
+    pids: a temporary file named by the pid alone would be written by both."""
+    from mto_ds.engine import storage
+    renamed = []
+    real_replace = os.replace
+    monkeypatch.setattr(storage.os, "replace", lambda src, dst: (renamed.append(Path(src).name), real_replace(src, dst)))
+    for host in ("node1", "node2"):
+        monkeypatch.setattr(storage.socket, "gethostname", lambda host=host: host)
+        storage.atomic_write(tmp_path / "state.json", host)
+    assert len(set(renamed)) == 2 and all(n.startswith("state.json.tmp") for n in renamed)
 
 
 AGREE_ON_PROBLEMS = r"""

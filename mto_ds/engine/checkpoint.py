@@ -47,8 +47,9 @@ from .storage import atomic_write, flush_to_storage
 log = logging.getLogger("mto_ds")
 # Which explicit checkpoint.resume a job applied, so that its restarts do not apply it again.
 RESUME_RECORD = "resume_applied.json"
-# What pruning may delete: a tag, its universal conversion, and a conversion cut short.
-PRUNABLE = re.compile(r"(step_\d{8})(_universal(\.tmp)?)?")
+# What pruning may delete: a tag, its universal conversion, and a conversion cut short or the
+# record of one that failed (group 3: always deleted).
+PRUNABLE = re.compile(r"(step_\d{8})(_universal(\.tmp|\.failed)?)?")
 
 
 class CheckpointWriteError(OSError):
@@ -159,7 +160,10 @@ class Checkpointer:
         for path in self.dir.glob("step_*"):
             match = PRUNABLE.fullmatch(path.name)
             if match and (match.group(1) not in keep or match.group(3)):
-                shutil.rmtree(path, ignore_errors=True)
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
         # A pointer to a conversion just removed would send DeepSpeed's tools to nothing.
         pointer = self.dir / "latest_universal"
         if pointer.is_file() and not (self.dir / pointer.read_text().strip()).is_dir():

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
+import threading
 from pathlib import Path
 
 
@@ -28,13 +30,15 @@ def atomic_write(path: Path, text: str, only_if_absent: bool = False) -> bool:
     """Writes `text` to `path` whole or not at all. With `only_if_absent`, the first of several
     writers wins: returns False, writing nothing, when `path` exists (a hard link, which no
     other writer can replace, where the file system has them)."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    if only_if_absent:
-        try:
+    # Its own temporary name per writer: ranks on several nodes write state.json at once, and
+    # containers give their processes the same pids.
+    tmp = path.with_name(f"{path.name}.tmp.{socket.gethostname()}.{os.getpid()}.{threading.get_ident()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        if only_if_absent:
             try:
                 os.link(tmp, path)
             except FileExistsError:
@@ -43,10 +47,10 @@ def atomic_write(path: Path, text: str, only_if_absent: bool = False) -> bool:
                 if path.exists():
                     return False
                 os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-    else:
-        os.replace(tmp, path)
+        else:
+            os.replace(tmp, path)
+    finally:  # after a link, or a write that failed (a full disk): no temporary file stays behind
+        tmp.unlink(missing_ok=True)
     fsync_directory(path.parent)  # the rename itself
     return True
 
