@@ -443,12 +443,15 @@ def test_writers_on_two_nodes_with_the_same_pid_use_different_temporary_files(tm
 
 AGREE_ON_PROBLEMS = r"""
 import json, os
+import torch
 import torch.distributed as dist
 from mto_ds.engine.distributed import agree
+from mto_ds.engine.step import _all_finite
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 verdicts = [agree(None), agree("KeyError: 'optimizer_state_dict'" if rank == 1 else None),
-            agree(f"broken on {rank}")]
+            agree(f"broken on {rank}"),
+            _all_finite(torch.tensor(float("nan") if rank == 1 else 0.5)), _all_finite(torch.tensor(0.5))]
 with open(os.path.join(os.environ["OUT_DIR"], f"rank{rank}.json"), "w") as f:
     json.dump(verdicts, f)
 dist.destroy_process_group()
@@ -457,10 +460,11 @@ dist.destroy_process_group()
 
 def test_a_problem_on_one_rank_reaches_every_rank_with_its_cause_and_rank(tmp_path):
     """A checkpoint damaged only in rank 1's files: rank 0, which logs the warning, names the
-    cause and the rank, not only that it failed somewhere."""
+    cause and the rank, not only that it failed somewhere. Likewise a loss that is NaN on rank 1
+    only is non-finite on both ranks, so both skip that step (engine/step.py)."""
     rank0, rank1 = _two_gloo_ranks(AGREE_ON_PROBLEMS, tmp_path)
-    assert rank0 == [None, "on rank 1: KeyError: 'optimizer_state_dict'", "broken on 0"]
-    assert rank1 == [None, "KeyError: 'optimizer_state_dict'", "broken on 1"]
+    assert rank0 == [None, "on rank 1: KeyError: 'optimizer_state_dict'", "broken on 0", False, True]
+    assert rank1 == [None, "KeyError: 'optimizer_state_dict'", "broken on 1", False, True]
 
 
 # --- non-finite losses ----------------------------------------------------------------------

@@ -9,6 +9,7 @@ import torch
 import yaml
 
 from mto_ds.config import load_config
+from mto_ds.data.loader import normalize
 from mto_ds.models import create_mim_model
 
 from conftest import REPO, cpu_env, pretrain, read_metrics
@@ -179,7 +180,6 @@ def test_a_micro_batch_short_of_undecodable_images_weighs_each_of_its_samples_as
     samples weighed 4/3 of the others'. Each micro-batch's loss now counts in proportion to its
     samples: every decoded sample of the step weighs 1/(micro-batch x accumulation), and the
     logged loss is the mean over the decoded samples."""
-    from mto_ds.data.loader import normalize
     from mto_ds.engine.step import train_step
     torch.manual_seed(0)
     images = torch.randint(0, 256, (8, 3, 4, 4), dtype=torch.uint8)
@@ -212,6 +212,66 @@ def test_a_micro_batch_short_of_undecodable_images_weighs_each_of_its_samples_as
     engine = _AccumulatingEngine(accumulation=2)
     sums, _, _ = train_step(engine, [micro_batch(0, 4), micro_batch(4, 7)], 1.0, True, samples_per_micro_batch=3.5)
     assert engine.weight.grad.item() == pytest.approx(normalize(images[:7]).mean().item(), rel=1e-5)
+
+
+class _OffsetEngine(_AccumulatingEngine):
+    """Its loss also has a gradient on black images (+ weight): the stand-in forward of a
+    skipped micro-batch would reach the gradients unless train_step weighs it 0."""
+
+    def __init__(self, accumulation, dtype=torch.float32, applied=True):
+        super().__init__(accumulation)
+        self.dtype, self.applied = dtype, applied
+
+    def __call__(self, images, mask, mto_scale, with_stats):
+        out = super().__call__(images, mask, mto_scale, with_stats)
+        out["loss"] = out["loss"] + self.weight
+        return {key: value.to(self.dtype) for key, value in out.items()}
+
+    def was_step_applied(self):
+        return self.applied
+
+
+def test_a_nonfinite_loss_makes_the_step_a_no_op_that_deepspeed_still_counts():
+    """A NaN loss on this rank (fault injection: poison): no backward of it, a stand-in forward
+    and backward weighing 0 in its place (DeepSpeed's accumulation and reduction stay in step with
+    the other ranks), the step's learning rate 0, and every micro-batch stepped."""
+    from mto_ds.engine.step import train_step
+    images = torch.randint(0, 256, (8, 3, 4, 4), dtype=torch.uint8)
+    micro_batches = [{"images": images[i:i + 4], "mask": torch.zeros(4, 1, dtype=torch.bool),
+                      "index": torch.arange(i, i + 4)} for i in (0, 4)]
+    engine = _OffsetEngine(accumulation=2)
+    sums, skipped, overflowed = train_step(engine, micro_batches, 1.0, True, samples_per_micro_batch=4, poison=True)
+    assert skipped and not overflowed and sums["samples"] == 8
+    assert engine.weight.grad.item() == 0.0
+    assert engine.optimizer.param_groups[0]["lr"] == 0.0 and engine.micro == 0
+    # Finite: the same engine's gradient is the mean pixel plus 1, and the LR is left to the trainer.
+    engine = _OffsetEngine(accumulation=2)
+    _, skipped, _ = train_step(engine, micro_batches, 1.0, False, samples_per_micro_batch=4)
+    assert not skipped and engine.optimizer.param_groups[0]["lr"] == 1.0
+    assert engine.weight.grad.item() == pytest.approx(normalize(images).mean().item() + 1, rel=1e-5)
+
+
+def test_the_logged_sums_are_float32_in_a_bf16_run_and_a_step_deepspeed_skipped_is_an_overflow():
+    """bf16 sums over a run's samples would keep 3 significant digits; and a step DeepSpeed did
+    not apply (fp16's loss scaler: non-finite gradients) is reported as an overflow, not as a
+    skipped non-finite loss."""
+    from mto_ds.engine.step import train_step
+    images = torch.randint(0, 256, (4, 3, 4, 4), dtype=torch.uint8)
+    micro_batch = {"images": images, "mask": torch.zeros(4, 1, dtype=torch.bool), "index": torch.arange(4)}
+    engine = _OffsetEngine(accumulation=1, dtype=torch.bfloat16, applied=False)
+    sums, skipped, overflowed = train_step(engine, [micro_batch], 1.0, True, samples_per_micro_batch=4)
+    assert overflowed and not skipped
+    assert {key: value.dtype for key, value in sums.items() if key != "samples"} == {
+        key: torch.float32 for key in sums if key != "samples"}
+
+
+def test_weights_finite_finds_one_nonfinite_element_in_any_parameter():
+    from mto_ds.engine.step import weights_finite
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    assert weights_finite(model, torch.device("cpu"))
+    with torch.no_grad():
+        model[1].bias[0] = float("inf")
+    assert not weights_finite(model, torch.device("cpu"))
 
 
 def test_drop_path_draws_follow_the_micro_batch_so_one_and_two_ranks_log_the_same_losses(tmp_path):
