@@ -212,6 +212,89 @@ def test_crop_box_fallback_is_the_centre_crop_clamped_to_the_ratio_range_as_torc
     assert 0 <= top <= height - h and 0 <= left <= width - w
 
 
+class _ScriptedRng:
+    """Stands in for a numpy Generator: uniform() returns the given draws in turn and records its
+    bounds; integers() returns the given values in turn, else its largest (high - 1)."""
+
+    def __init__(self, uniforms, integers=()):
+        self.uniforms, self.integers_left, self.bounds = list(uniforms), list(integers), []
+
+    def uniform(self, low, high):
+        self.bounds.append((low, high))
+        return self.uniforms.pop(0)
+
+    def integers(self, low, high):
+        return self.integers_left.pop(0) if self.integers_left else high - 1
+
+
+@pytest.mark.parametrize("draws, integers, expected", [
+    ([10.0, 0.0, 0.5, 0.0], (), (55, 155, 245, 245)),  # a miss (10x the area), then a 245 px square
+    ([1.0, np.log(4 / 3)], (), (0, 0, 300, 400)),       # the whole image is a crop of the range
+    ([0.25, np.log(4 / 3)], (), (150, 200, 150, 200)),  # the offset may reach the far edge
+    ([0.25, np.log(4 / 3)], (7, 11), (7, 11, 150, 200)),  # top drawn first, then left
+])
+def test_crop_box_draws_area_then_aspect_and_places_the_crop_anywhere_as_torchvision(draws, integers, expected):
+    """torchvision's RandomResizedCrop.get_params, draw by draw: area share in `scale`, log aspect
+    in log `ratio`, up to 10 tries, w = round(sqrt(area x aspect)), h = round(sqrt(area / aspect)),
+    a crop as large as the image accepted, top in [0, H - h], then left in [0, W - w]."""
+    from mto_ds.data.loader import crop_box
+    rng = _ScriptedRng(draws, integers)
+    assert crop_box(rng, 300, 400, (0.2, 1.0)) == expected
+    assert rng.bounds[:2] == [(0.2, 1.0), (np.log(3 / 4), np.log(4 / 3))]
+    rng = _ScriptedRng([0.25, 0.0])
+    crop_box(rng, 300, 400, (0.08, 0.8))
+    assert rng.bounds[0] == (0.08, 0.8)  # data.crop_scale_max below 1 bounds the area
+
+
+def test_folder_pixels_are_the_crop_resized_bicubic_from_the_image_then_flipped_in_half_the_draws():
+    """The PIL path's pixels: crop_box of the sample's stream 0, PIL's bicubic resize of that box
+    of the image, a left-right flip where the stream's next draw is under 0.5, channels first."""
+    from mto_ds.data.loader import PretrainDataset, crop_box
+    image = np.random.default_rng(1).integers(0, 256, (60, 90, 3), dtype=np.uint8)
+    source = SimpleNamespace(label=lambda i: 0, image=lambda i: image)
+    dataset = PretrainDataset(source, img_size=16, scale=(0.3, 1.0), seed=3, mask_fn=mask_fn)
+    flips = []
+    for index in range(8):
+        rng = sample_rng(3, 2, index, 0)
+        top, left, h, w = crop_box(rng, 60, 90, (0.3, 1.0))
+        expected = Image.fromarray(image).resize((16, 16), Image.BICUBIC, box=(left, top, left + w, top + h))
+        flips.append(rng.uniform() < 0.5)
+        if flips[-1]:
+            expected = expected.transpose(Image.FLIP_LEFT_RIGHT)
+        pixels, mask, got_index, label, decoded = dataset[(2, index)]
+        assert decoded and got_index == index and pixels.dtype == torch.uint8
+        assert torch.equal(pixels, torch.from_numpy(np.asarray(expected).copy()).permute(2, 0, 1)), index
+        assert torch.equal(mask, torch.from_numpy(mask_fn(sample_rng(3, 2, index, 1))))
+    assert set(flips) == {True, False}
+
+
+def test_normalize_takes_imagenet_mean_and_std_per_channel_in_the_dtype_asked():
+    from mto_ds.data.loader import normalize
+    white = torch.full((1, 3, 1, 1), 255, dtype=torch.uint8)
+    expected = [(1 - 0.485) / 0.229, (1 - 0.456) / 0.224, (1 - 0.406) / 0.225]
+    assert normalize(white).flatten().tolist() == pytest.approx(expected, rel=1e-6)
+    assert normalize(white).dtype == torch.float32
+    assert normalize(white, dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_the_sample_order_is_the_epochs_permutation_cut_into_global_batches():
+    """docs: step t of epoch e takes perm[t G : (t + 1) G] of the permutation of (seed, e); rank r of
+    W its r-th share. Seed and epoch are not interchangeable, a crop and a mask draw from streams of
+    their own, and a global batch of one sample per rank is allowed."""
+    from mto_ds.data.order import epoch_permutation, micro_batch_split, rank_share
+    perm = epoch_permutation(100, 5, 2)
+    assert sorted(perm.tolist()) == list(range(100))
+    assert np.array_equal(rank_indices(100, 5, 2, 32, 0, 1), perm[:96])
+    assert np.array_equal(rank_indices(100, 5, 2, 32, 1, 2, start_step=1), np.concatenate([perm[48:64], perm[80:96]]))
+    assert not np.array_equal(epoch_permutation(100, 1, 2), epoch_permutation(100, 2, 1))
+    # Pinned: a run resumed by a later version (of this code, or of numpy's generators) must read
+    # the rest of its epoch in the order it began it, or it reads some samples twice and some never.
+    assert epoch_permutation(10, 0, 0).tolist() == [5, 2, 8, 0, 4, 7, 9, 6, 1, 3]
+    assert epoch_permutation(10, 1, 0).tolist() == [1, 8, 3, 6, 9, 5, 2, 4, 0, 7]
+    assert sample_rng(0, 0, 5, 0).random() != sample_rng(0, 0, 5, 1).random()
+    assert rank_share(4, 4, 3) == (3, 4) and micro_batch_split(4, 4, 1) == (1, 1)
+
+
 def test_folder_source_ranks_are_disjoint_masks_deterministic_and_resume_exact(jpeg_folder):
     loaders = [build_pretrain_loader(folder_cfg(jpeg_folder), method="mae", img_size=32, seed=5,
                                      global_batch_size=8, micro_batch_size=2, rank=r, world_size=2,
@@ -347,6 +430,25 @@ def test_a_worker_error_ends_the_process_instead_of_hanging_at_exit(tmp_path):
                             env=cpu_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, result.stderr[-3000:]
     assert "the mask generator failed in the worker" in result.stderr
+
+
+def test_a_worker_error_shuts_its_workers_down_though_its_traceback_is_kept(tmp_path):
+    """A notebook keeps the last error and its traceback (sys.last_value) and never exits: the
+    traceback's frames held the loader's iterator, whose workers then lived on, memory and all."""
+    import psutil
+
+    def failing_mask(rng):
+        raise ValueError("the mask generator failed in the worker")
+    loader = PretrainLoader(SyntheticImages(8, 2, size=40, seed=0), img_size=32, scale=(0.5, 1.0), seed=0,
+                            global_batch_size=4, micro_batch_size=4, rank=0, world_size=1, mask_fn=failing_mask,
+                            num_workers=1)
+    before = {child.pid for child in psutil.Process().children()}
+    with pytest.raises(ValueError, match="the mask generator failed") as caught:
+        next(loader.micro_batches(0))
+    assert caught.value.__traceback__ is not None  # still held, as a notebook holds it
+    workers = [child for child in psutil.Process().children() if child.pid not in before]
+    _, alive = psutil.wait_procs(workers, timeout=30)
+    assert alive == []
 
 
 EPOCH_LEFT_OPEN_AT_EXIT = r"""
