@@ -164,6 +164,50 @@ def test_gradient_norm_is_skipped_only_where_nothing_reads_it_and_deepspeed_allo
     assert decided(0.0, {"stage": 1}, data_types={"grad_accum_dtype": "fp32"}) is None  # BF16_Optimizer
     assert decided(0.0, {"stage": 2}, bf16={"enabled": False}) is None  # fp32: DeepSpeed's non-finite check reads it
     assert decided(0.0, {"stage": 2}, bf16={"enabled": False}, fp16={"enabled": True}) is False
+    # Only ZeRO-1's BF16_Optimizer refuses it off with float32 accumulation (either spelling).
+    assert decided(0.0, {"stage": 1}, data_types={"grad_accum_dtype": "float32"}) is None
+    assert decided(0.0, {"stage": 2}, data_types={"grad_accum_dtype": "fp32"}) is False
+    assert decided(0.0, {"stage": 2, "zenflow": {"topk_ratio": 0.1}}) is None  # ZenFlow reads it
+    # DeepSpeed's older section name "bfloat16" is bf16 too.
+    bfloat16 = {"gradient_clipping": 0.0, "bfloat16": {"enabled": True}, "zero_optimization": {"stage": 2}}
+    skip_unread_grad_norm(bfloat16)
+    assert bfloat16["zero_optimization"]["compute_grad_norm"] is False
+
+
+def test_the_deepspeed_config_takes_the_runs_batch_plan_learning_rate_and_adamw_settings():
+    """The JSON's batch keys are the plan's (places per step: the global batch rounded up to a
+    whole number of micro-batch places per rank), the LR MAE's linear scaling rule (or train.lr),
+    and AdamW's betas and weight decay the recipe's."""
+    from mto_ds.config import load_config
+    from mto_ds.engine.builder import deepspeed_config, peak_lr, plan_batch
+    cfg = load_config("configs/vit_l_mae.yaml", ["data.source=synthetic"])
+    ds = deepspeed_config(cfg, plan_batch(4096, 64, 64))
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
+        4096, 64, 1)
+    assert ds["optimizer"]["params"] == {"lr": pytest.approx(1.5e-4 * 4096 / 256), "betas": [0.9, 0.95],
+                                         "weight_decay": 0.05, "torch_adam": True, "fused": True}
+    demo = load_config("configs/demo.yaml")
+    ds = deepspeed_config(demo, plan_batch(32, 8, 1))
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
+        32, 8, 4)
+    ds = deepspeed_config(demo, plan_batch(32, 16, 3))  # shares of 11, 11, 10: 33 places
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
+        33, 11, 1)
+    assert peak_lr(demo) == pytest.approx(demo.train.blr * 32 / 256)
+    assert peak_lr(load_config("configs/demo.yaml", ["train.lr=0.01"])) == 0.01
+
+
+def test_under_zero3_each_transformer_block_is_one_leaf_module():
+    from deepspeed.utils import z3_leaf_module
+    from mto_ds.engine.builder import mark_zero3_leaf_blocks
+    from mto_ds.models import create_mim_model
+    from mto_ds.models.vit import MTOBlock
+    model = create_mim_model("vit_tiny_patch16", "simmim", img_size=32)
+    mark_zero3_leaf_blocks(model, {"zero_optimization": {"stage": 2}})
+    blocks = [m for m in model.modules() if isinstance(m, MTOBlock)]
+    assert len(blocks) == 12 and not any(z3_leaf_module(b) for b in blocks)
+    mark_zero3_leaf_blocks(model, {"zero_optimization": {"stage": 3}})
+    assert all(z3_leaf_module(b) for b in blocks)
 
 
 def test_without_clipping_the_unread_norm_is_skipped_and_the_losses_are_unchanged(tmp_path):

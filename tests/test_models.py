@@ -25,6 +25,31 @@ def test_mask_counts_are_the_references(method, img, patch, ratio, masked_patche
         assert int(fn(np.random.default_rng(seed)).sum()) == masked_patches
 
 
+@pytest.mark.parametrize("method, img, ratio, masked_patches", [
+    ("simmim", 160, 0.8, 80),  # ceil(25 x 0.8) = 20 cells (MAE's rule would keep int(4.999...) = 4: 21)
+    ("mae", 160, 0.8, 81),     # 100 - int(100 x (1 - 0.8)) = 100 - int(19.999...) = 81, as MAE's code gives
+])
+def test_mask_counts_follow_the_references_float_arithmetic(method, img, ratio, masked_patches):
+    fn = build_mask_fn(method, img, 16, ratio)
+    assert int(fn(np.random.default_rng(0)).sum()) == masked_patches
+
+
+def test_simmim_masks_whole_cells_and_every_mask_is_drawn_anew():
+    """SimMIM masks cells of 2 x 2 patches (32 px at /16); both methods draw each sample's mask
+    from its own generator."""
+    simmim, mae = build_mask_fn("simmim", 224, 16, 0.6), build_mask_fn("mae", 224, 16, 0.75)
+    for seed in range(5):
+        cells = simmim(np.random.default_rng(seed)).reshape(7, 2, 7, 2)  # [cell row, row in cell, cell col, col]
+        assert (cells == cells[:, :1, :, :1]).all()
+    for fn in (simmim, mae):
+        masks = {fn(np.random.default_rng(seed)).tobytes() for seed in range(4)}
+        assert len(masks) == 4
+    with pytest.raises(ValueError, match="mask patch 24 must be a multiple of the patch 16"):
+        build_mask_fn("simmim", 96, 16, 0.6, mask_patch_size=24)
+    with pytest.raises(ValueError, match="divide the image size 224"):
+        build_mask_fn("simmim", 224, 16, 0.6, mask_patch_size=64)
+
+
 def test_sincos_position_embedding_is_maes_column_half_first():
     dim, grid = 16, 4
     emb = sincos_pos_embed(dim, grid)[0]
@@ -64,6 +89,12 @@ def test_weight_decay_skips_what_the_reference_skips(method, undecayed):
     skipped = {names[id(p)] for p in no_decay["params"] if p.ndim > 1}
     assert skipped == undecayed and no_decay["weight_decay"] == 0.0
     assert "mask_token" in {names[id(p)] for p in decay["params"]}
+    # Norms and biases are never decayed, and a frozen parameter (MAE's sin-cos position
+    # embeddings) is in neither group.
+    assert all(p.ndim > 1 for p in decay["params"]) and decay["weight_decay"] == 0.05
+    grouped = [p for group in (decay, no_decay) for p in group["params"]]
+    assert all(p.requires_grad for p in grouped)
+    assert len(grouped) == sum(p.requires_grad for p in model.parameters())
 
 
 @pytest.mark.parametrize("config, clipping", [("configs/vit_l_mae.yaml", 0.0), ("configs/vit_l_simmim.yaml", 5.0)])
@@ -81,6 +112,7 @@ def test_learning_rate_warms_up_linearly_to_the_peak_then_follows_half_a_cosine_
     cosine = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / 6)) for k in range(6)]
     assert lrs[4:] == pytest.approx(cosine)
     assert learning_rate(10, 10, 4, 1.0, 0.1) == pytest.approx(0.1)  # the floor, after the last step
+    assert learning_rate(13, 10, 4, 1.0, 0.1) == pytest.approx(0.1)  # and it stays there
     assert [learning_rate(t, 3, 0, 2.0, 0.0) for t in range(3)] == pytest.approx([2.0, 1.5, 0.5])  # no warm-up
 
 

@@ -174,7 +174,8 @@ def mark_zero3_leaf_blocks(model: nn.Module, ds: dict) -> None:
 
 
 def precision(ds: dict) -> str:
-    if ds.get("bf16", {}).get("enabled"):
+    # "bfloat16" is DeepSpeed's older spelling of the section, which it still reads.
+    if ds.get("bf16", ds.get("bfloat16", {})).get("enabled"):
         return "bf16"
     if ds.get("fp16", {}).get("enabled"):
         return "fp16"
