@@ -751,6 +751,57 @@ def test_metrics_rows_after_the_resume_point_are_set_aside_not_duplicated(tmp_pa
     assert _json.loads((tmp_path / "metrics.jsonl.superseded").read_text().splitlines()[-1])["knn_top1"] == 10.0
 
 
+def test_a_metrics_row_and_its_tensorboard_scalars_name_each_value_where_users_look_for_it(tmp_path):
+    """metrics.jsonl: a value that is not finite is null (JSON has no NaN), in per-block lists too.
+    TensorBoard: train/<key>, eval/<key> for accuracies (a key with its own section kept as is),
+    mto/<key>/block_NN per block, and no flag (a bool) or null plotted."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from mto_ds.engine.telemetry import Telemetry
+    telemetry = Telemetry(tmp_path, enabled=True, total_steps=10, start_step=0, progress_bar=False)
+    telemetry.log({"step": 1, "loss": 0.5, "loss_scale": float("inf"), "knn_top1": 50.0, "eval/linear_top1": 40.0,
+                   "entropy_masked": [0.5] * 10 + [float("nan")], "grad_norm": None, "skipped": True})
+    telemetry.close()
+    row = json.loads((tmp_path / "metrics.jsonl").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert row["loss_scale"] is None and row["entropy_masked"] == [0.5] * 10 + [None]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == sorted(["eval/knn_top1", "eval/linear_top1", "train/loss"] + [
+        f"mto/entropy_masked/block_{b:02d}" for b in range(10)])
+    assert telemetry.summary(tmp_path, 1.0, tmp_path / "ckpt", 1, 1, "completed").splitlines()[-2] == (
+        f"  checkpoint      {tmp_path / 'ckpt'}")
+    # Ranks other than 0 log nothing and write nothing.
+    quiet = Telemetry(tmp_path / "rank1", enabled=False, total_steps=10, start_step=0, progress_bar=True)
+    quiet.log({"step": 1, "loss": 0.5})
+    quiet.close()
+    assert not (tmp_path / "rank1").exists()
+
+
+def test_the_progress_bar_of_a_resumed_run_counts_from_its_start_step(tmp_path):
+    from mto_ds.engine.telemetry import Telemetry
+    telemetry = Telemetry(tmp_path, enabled=True, total_steps=10, start_step=3, progress_bar=True)
+    assert telemetry.bar.n == 3
+    telemetry.tick(5)
+    assert telemetry.bar.n == 5
+    telemetry.close()
+
+
+def test_rows_set_aside_by_two_resumes_are_all_kept_and_blank_lines_are_no_rows(tmp_path):
+    """metrics.jsonl.superseded gathers what every resume set aside, in order; an empty line is
+    not a damaged row (no warning), and evaluation_logged finds an evaluation row by its step."""
+    from mto_ds.engine.telemetry import Telemetry, evaluation_logged, set_aside_rows_after
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 8)))
+    Telemetry(tmp_path, enabled=True, total_steps=10, start_step=5, progress_bar=False).close()
+    Telemetry(tmp_path, enabled=True, total_steps=10, start_step=3, progress_bar=False).close()
+    superseded = (tmp_path / "metrics.jsonl.superseded").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in superseded] == [6, 7, 4, 5]
+    path.write_text('{"step": 1}\n\n{"step": 5}\n')
+    assert set_aside_rows_after(path, 2) == 0
+    path.write_text('{"step": 2, "loss": 1.0}\n{"step": 4, "knn_top1": 10.0}\n')
+    assert evaluation_logged(path, 4) and not evaluation_logged(path, 2) and not evaluation_logged(path, 3)
+    assert not evaluation_logged(tmp_path / "missing.jsonl", 4)
+
+
 AGREE = r"""
 import json, os, signal
 import torch.distributed as dist
