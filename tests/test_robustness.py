@@ -653,6 +653,19 @@ def test_a_global_batch_the_ranks_do_not_divide_is_kept_in_shares_that_differ_by
 def test_more_ranks_than_samples_in_a_global_batch_is_a_config_error():
     with pytest.raises(ConfigError, match="train.global_batch_size=4 is smaller than the 8 data-parallel ranks"):
         plan_batch(4, 1, 8)
+    assert (plan_batch(4, 1, 4).micro_batch_size, plan_batch(4, 1, 4).accumulation) == (1, 1)  # one each is enough
+
+
+def test_the_start_log_says_how_the_global_batch_splits_and_when_the_micro_batch_asked_does_not_split_a_share():
+    assert describe_batch(plan_batch(32, None, 1), None) == (
+        "global batch 32 = 1 ranks x 32 samples, in 1 micro-batch(es) of at most 32")
+    assert describe_batch(plan_batch(32, 16, 1), 16) == (
+        "global batch 32 = 1 ranks x 32 samples, in 2 micro-batch(es) of at most 16")
+    assert describe_batch(plan_batch(48, 10, 2), 10) == (
+        "global batch 48 = 2 ranks x 24 samples, in 3 micro-batch(es) of at most 8 "
+        "(train.micro_batch_size=10 does not split 24 evenly)")
+    assert describe_batch(plan_batch(32, 16, 3), 16) == (
+        "global batch 32 = 3 ranks x 10-11 samples (the ranks do not divide it), in 1 micro-batch(es) of at most 11")
 
 
 def test_activation_checkpointing_recomputes_blocks_and_leaves_gradients_unchanged():
