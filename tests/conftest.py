@@ -36,6 +36,9 @@ def cpu_env(**extra) -> dict:
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
+    # A script run by path imports mto_ds from this checkout, not from wherever the venv's editable
+    # install points (a second checkout or worktree sharing the venv would test the other's code).
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.update(extra)
     return env
 
