@@ -60,11 +60,51 @@ def test_wrong_type_says_what_was_expected():
     ("data.crop_scale_max=1.5", "data.crop_scale_max"),
     ("eval.num_train=-1", "eval.num_train"),
     ("eval.num_val=0", "eval.num_val"),
+    # Each at the first value past its bound:
+    ("model.drop_path=1.0", "model.drop_path"),
+    ("model.mask_patch_size=8", "model.mask_patch_size"),  # not a multiple of the patch (16)
+    ("data.source=folder", "data.path"),
+    ("data.synthetic_classes=1", "data.synthetic_classes"),
+    ("data.crop_scale_max=0", "data.crop_scale_max"),
+    ("train.steps=0", "train.steps"),
+    ("train.betas=[0.9,1.0]", "train.betas"),
+    ("train.clip_grad=0", "train.clip_grad"),
+    ("train.warmup_epochs=inf", "train.warmup_epochs"),
 ])
 def test_bad_values_fail_naming_the_key(override, key):
     with pytest.raises(ConfigError) as err:
         load_config(DEMO, [override])
-    assert key in str(err.value)
+    assert f"bad value for '{key}'" in str(err.value)
+
+
+def test_values_at_their_bounds_are_accepted():
+    cfg = load_config(DEMO, ["data.num_workers=0", "train.min_lr_ratio=1.0", "mto.early_blocks=0"])
+    assert (cfg.data.num_workers, cfg.train.min_lr_ratio, cfg.mto.early_blocks) == (0, 1.0, 0)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["model.method=mae", "model.mask_patch_size=null", "model.decoder_num_heads=0"], "model.decoder_num_heads"),
+    (["data.source=ffcv", "data.path=train.beton", "eval.at_start=true"], "eval.path"),  # eval reads a .beton too
+])
+def test_bad_values_that_depend_on_other_keys_fail_naming_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=re.escape(f"'{key}'")):
+        load_config(DEMO, overrides)
+
+
+def test_a_folder_holding_train_and_val_is_refused_as_the_training_images(tmp_path):
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    (tmp_path / "val" / "a").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="holds train/ and val/"):
+        load_config(DEMO, ["data.source=folder", f"data.path={tmp_path}"])
+
+
+def test_a_key_that_is_a_whole_section_or_misspelt_in_both_parts_is_named_with_a_hint():
+    with pytest.raises(ConfigError, match="unknown config key 'train'"):
+        load_config(DEMO, ["train=5"])
+    with pytest.raises(ConfigError, match="did you mean train.lr"):
+        load_config(DEMO, ["solver.lrr=0.1"])
+    with pytest.raises(ConfigError, match="train.global_batch_size"):
+        load_config(DEMO, ["train.batchsize=64"])
 
 
 @pytest.mark.parametrize("overrides,key,default", [
@@ -337,6 +377,8 @@ def test_a_simmim_run_left_with_maes_optimizer_defaults_is_told_so():
                               "(betas [0.9, 0.95], blr 0.00015, no clipping), in a SimMIM run; SimMIM's")
     (message,) = other_method_defaults(load_config(DEMO, ["train.lr=1e-3", "train.clip_grad=null"]))
     assert message.startswith("train.betas and train.clip_grad are")  # an absolute LR: blr is not read
+    (message,) = other_method_defaults(load_config(DEMO, ["train.blr=1.5e-4", "train.lr=1e-3", "train.clip_grad=null"]))
+    assert message.startswith("train.betas and train.clip_grad are")  # blr at MAE's value, but unread
     assert other_method_defaults(load_config(DEMO, ["train.clip_grad=null", "model.method=mae",
                                                     "model.mask_patch_size=null"])) == []
     for recipe in sorted((REPO / "configs").glob("*.yaml")):
