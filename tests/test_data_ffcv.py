@@ -199,6 +199,53 @@ def test_each_crop_is_the_seeded_box_of_its_sample_cut_from_the_decoded_image(be
     assert 0 < flipped < 12
 
 
+class _FFCVDraws:
+    """A numpy-Generator stand-in for loader.crop_box that hands out the FFCV decoder's draws of
+    one sample's stream: draws 4k and 4k+1 of attempt k for scale and log-ratio, 4k+2 and 4k+3
+    for top and left."""
+
+    def __init__(self, key):
+        from mto_ds.data.ffcv_crop import uniform
+        self.key, self.uniform_draw, self.uniforms, self.integer_draws = key, uniform, 0, 0
+
+    def uniform(self, low, high):
+        draw, self.uniforms, self.integer_draws = self.uniforms // 2 * 4 + self.uniforms % 2, self.uniforms + 1, 0
+        return self.uniform_draw(self.key, draw, low, high)
+
+    def integers(self, low, high):
+        draw = (self.uniforms - 1) // 2 * 4 + 2 + self.integer_draws
+        self.integer_draws += 1
+        return int(self.uniform_draw(self.key, draw, float(low), float(high)))
+
+
+@pytest.mark.parametrize("scale", [(0.2, 1.0), (0.67, 1.0), (0.08, 0.5)])
+def test_the_ffcv_crop_is_the_folder_paths_crop_rule_draw_for_draw(scale):
+    """The FFCV decoder's crop_box (compiled, hashed draws) and the PIL path's (numpy draws) are one
+    rule: fed the same draws, they give the same box, tries, bounds, rounding and fallback alike,
+    on wide, tall, square and very elongated images."""
+    from mto_ds.data.ffcv_crop import crop_box, sample_key
+    from mto_ds.data.loader import crop_box as folder_crop_box
+    log_ratio = (np.log(3 / 4), np.log(4 / 3))
+    mismatches = []
+    for height, width in [(300, 500), (500, 300), (40, 40), (200, 1000), (1000, 200), (100, 1000), (37, 50)]:
+        for index in range(200):
+            key = np.uint64(sample_key(7, 2, index))
+            ours = tuple(crop_box(key, height, width, *scale, *log_ratio))
+            if ours != folder_crop_box(_FFCVDraws(key), height, width, scale):
+                mismatches.append((height, width, index, ours))
+    assert mismatches == []
+
+
+def test_the_ffcv_flip_is_drawn_apart_from_the_crop():
+    """Half the samples flip, whatever their crop: the flip's draw is not one of the crop's."""
+    from mto_ds.data.ffcv_crop import sample_crop
+    log_ratio = (np.log(3 / 4), np.log(4 / 3))
+    crops = np.array([sample_crop(7, 0, i, 300, 500, 0.2, 1.0, *log_ratio) for i in range(4000)], dtype=float)
+    area, flip = crops[:, 2] * crops[:, 3], crops[:, 4] == 1
+    assert 0.45 < flip.mean() < 0.55
+    assert abs(area[flip].mean() - area[~flip].mean()) / area.mean() < 0.05
+
+
 def test_seeded_crops_follow_torchvision_random_resized_crop():
     """The draws: boxes inside the image with area and aspect in range, spread like
     torchvision's RandomResizedCrop on the same image, half of them mirrored; an image too
@@ -243,6 +290,24 @@ def test_quasi_random_shards_ranks_equally_and_resumes_exactly_on_the_same_world
     resumed = list(loaders[0].micro_batches(0, start_step=1))
     assert np.array_equal(cat(resumed, "index"), plans[0][GLOBAL_BATCH // 2:])
     assert np.array_equal(cat(resumed, "mask"), cat(full, "mask")[GLOBAL_BATCH // 2:])
+
+
+@pytest.mark.parametrize("num_samples", [44, 48, 100])
+@pytest.mark.parametrize("world", [3, 5])
+def test_quasi_random_shards_cover_the_file_once_and_hold_each_readers_share_of_every_step(num_samples, world):
+    """The shards of an epoch split the file (no sample in two, none left out), and the shard a
+    rank reads that epoch holds steps x its share, also where the ranks' shares differ."""
+    from mto_ds.data.ffcv_loader import ShardedQuasiRandomOrder
+    from mto_ds.data.order import rank_share, steps_per_epoch
+    orders = [ShardedQuasiRandomOrder(7, 16, 16, rank, world) for rank in range(world)]
+    for order in orders:
+        order.num_samples = num_samples
+    for epoch in range(world):
+        shards = [order.shard(epoch) for order in orders]
+        assert np.array_equal(np.sort(np.concatenate(shards)), np.arange(num_samples)), epoch
+        for rank, shard in enumerate(shards):
+            start, stop = rank_share(16, world, rank)
+            assert len(shard) >= steps_per_epoch(num_samples, 16) * (stop - start), (epoch, rank)
 
 
 def test_quasi_random_on_ranks_that_do_not_divide_the_global_batch_reads_each_share_from_its_own_shard(beton):
