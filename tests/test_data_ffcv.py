@@ -284,12 +284,21 @@ def test_quasi_random_shards_ranks_equally_and_resumes_exactly_on_the_same_world
     assert set(plans[0]) <= set(range(22)) and set(plans[1]) <= set(range(22, 44))  # contiguous shards
     assert not np.array_equal(plans[0], np.sort(plans[0]))
     assert set(loaders[0].order.plan(1)) <= set(range(22, 44))  # shards rotate between epochs
+    one_rank = make_loader(path, 0, 1, order="quasi_random", os_cache=False).order
+    assert not np.array_equal(one_rank.plan(0), one_rank.plan(1))  # and their order is drawn anew
     full = list(loaders[0].micro_batches(0))
     assert np.array_equal(cat(full, "index"), plans[0])
     assert np.array_equal(cat(full, "label"), labels[plans[0]])
     resumed = list(loaders[0].micro_batches(0, start_step=1))
     assert np.array_equal(cat(resumed, "index"), plans[0][GLOBAL_BATCH // 2:])
     assert np.array_equal(cat(resumed, "mask"), cat(full, "mask")[GLOBAL_BATCH // 2:])
+
+
+def test_an_unknown_ffcv_order_is_refused_before_the_file_is_read(tmp_path):
+    from mto_ds.data.ffcv_loader import FFCVPretrainLoader
+    with pytest.raises(ValueError, match="order must be one of \\('exact', 'quasi_random'\\), got 'random'"):
+        FFCVPretrainLoader(tmp_path / "absent.beton", img_size=IMG, scale=(0.2, 1.0), seed=SEED, global_batch_size=16,
+                           micro_batch_size=4, rank=0, world_size=1, mask_fn=mask_fn, order="random")
 
 
 @pytest.mark.parametrize("num_samples", [44, 48, 100])
