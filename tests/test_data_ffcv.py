@@ -294,6 +294,31 @@ def test_quasi_random_shards_ranks_equally_and_resumes_exactly_on_the_same_world
     assert np.array_equal(cat(resumed, "mask"), cat(full, "mask")[GLOBAL_BATCH // 2:])
 
 
+def test_ffcv_micro_batches_follow_the_batch_plan_and_an_empty_one_is_a_stand_in_of_no_sample(beton):
+    """As the folder path (test_data_folder.py): global batch 8 over 3 ranks in micro-batches of at
+    most 2 gives shares of 2, 3, 3 and rank 0's second micro-batch holds no sample: it comes as one
+    image with an empty index and label (the train step weighs it 0). A micro-batch asked of 3 for
+    shares of 4 is the plan's 2, so that no micro-batch runs into the next step."""
+    from mto_ds.data.loader import sample_mask
+    from mto_ds.data.order import rank_indices
+    path, labels = beton
+    cfg = SimpleNamespace(source="ffcv", path=str(path), num_workers=1, crop_scale_min=None, crop_scale_max=1.0,
+                          order="exact", os_cache=False)
+
+    def loader(global_batch, micro, rank, world):
+        return build_pretrain_loader(cfg, method="simmim", img_size=IMG, seed=SEED, global_batch_size=global_batch,
+                                     micro_batch_size=micro, rank=rank, world_size=world, mask_fn=mask_fn)
+    first_step = list(loader(8, 2, 0, 3).micro_batches(1))[:2]
+    assert [len(b["index"]) for b in first_step] == [2, 0]
+    stand_in = first_step[1]
+    assert stand_in["images"].shape == (1, 3, IMG, IMG) and len(stand_in["label"]) == 0
+    assert torch.equal(stand_in["mask"][0], sample_mask(mask_fn, SEED, 1, 0))
+    split = loader(8, 3, 0, 2)
+    batches = [b["index"].tolist() for b in split.micro_batches(1)]
+    assert split.micro_batch_size == 2 and [len(b) for b in batches] == [2] * 10
+    assert sum(batches, []) == rank_indices(NUM_IMAGES, SEED, 1, 8, 0, 2).tolist()
+
+
 def test_an_unknown_ffcv_order_is_refused_before_the_file_is_read(tmp_path):
     from mto_ds.data.ffcv_loader import FFCVPretrainLoader
     with pytest.raises(ValueError, match="order must be one of \\('exact', 'quasi_random'\\), got 'random'"):
