@@ -168,7 +168,8 @@ def test_the_decoder_gives_the_same_pixels_when_ffcv_runs_its_pipeline_uncompile
     assert np.array_equal(cat(plain, "images"), cat(epoch[0], "images"))
 
 
-def test_each_crop_is_the_seeded_box_of_its_sample_cut_from_the_decoded_image(beton, tmp_path):
+@pytest.mark.parametrize("scale_max", [1.0, 0.5])  # MAE's crop scale (0.2, 1), and data.crop_scale_max=0.5
+def test_each_crop_is_the_seeded_box_of_its_sample_cut_from_the_decoded_image(beton, tmp_path, scale_max):
     """Pixel for pixel, on 2 decoding threads: the image of sample i in epoch e is the crop
     `sample_crop(seed, e, i, ...)` of the stored image, resized as FFCV resizes (OpenCV's
     INTER_AREA) and mirrored when it says so: a function of (seed, epoch, sample) alone, so the
@@ -183,15 +184,15 @@ def test_each_crop_is_the_seeded_box_of_its_sample_cut_from_the_decoded_image(be
     convert_image_folder(folder, tmp_path / "raw.beton", max_side=None, write_mode="raw", workers=1, progress=False)
     source = ImageFolderSource(folder)
     cfg = SimpleNamespace(source="ffcv", path=str(tmp_path / "raw.beton"), num_workers=2, crop_scale_min=None,
-                          crop_scale_max=1.0, order="exact", os_cache=True)
+                          crop_scale_max=scale_max, order="exact", os_cache=True)
     loader = build_pretrain_loader(cfg, method="mae", img_size=IMG, seed=SEED, global_batch_size=12,
                                    micro_batch_size=6, rank=0, world_size=1, mask_fn=mask_fn)
     flipped = 0
     for batch in loader.micro_batches(5):
         for index, image in zip(batch["index"].tolist(), batch["images"]):
             stored = read_rgb(source.files[index])[0]  # what the converter stored
-            top, left, h, w, flip = sample_crop(SEED, 5, index, *stored.shape[:2], 0.2, 1.0,
-                                                np.log(3 / 4), np.log(4 / 3))  # MAE's crop scale
+            top, left, h, w, flip = sample_crop(SEED, 5, index, *stored.shape[:2], 0.2, scale_max,
+                                                np.log(3 / 4), np.log(4 / 3))
             expected = cv2.resize(stored[top:top + h, left:left + w], (IMG, IMG), interpolation=cv2.INTER_AREA)
             expected = expected[:, ::-1] if flip else expected
             assert np.array_equal(image.permute(1, 2, 0).numpy(), expected), index
