@@ -320,6 +320,27 @@ def test_ffcv_micro_batches_follow_the_batch_plan_and_an_empty_one_is_a_stand_in
     assert sum(batches, []) == rank_indices(NUM_IMAGES, SEED, 1, 8, 0, 2).tolist()
 
 
+def test_a_beton_without_labels_is_a_config_error_naming_the_missing_field(tmp_path):
+    from ffcv.fields import RGBImageField
+    from ffcv.writer import DatasetWriter
+    from mto_ds.config import ConfigError
+
+    class Images:
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, index):
+            return (np.full((8, 8, 3), index * 40, dtype=np.uint8),)
+    DatasetWriter(str(tmp_path / "images_only.beton"), {"image": RGBImageField(write_mode="raw")},
+                  num_workers=1).from_indexed_dataset(Images())
+    cfg = SimpleNamespace(source="ffcv", path=str(tmp_path / "images_only.beton"), num_workers=1,
+                          crop_scale_min=None, crop_scale_max=1.0, order="exact", os_cache=False)
+    with pytest.raises(ConfigError, match=r"bad value for 'data.path': .*images_only.beton lacks the field\(s\) "
+                                          r"\['label'\]"):
+        build_pretrain_loader(cfg, method="mae", img_size=IMG, seed=SEED, global_batch_size=4, micro_batch_size=4,
+                              rank=0, world_size=1, mask_fn=mask_fn)
+
+
 def test_an_unknown_ffcv_order_is_refused_before_the_file_is_read(tmp_path):
     from mto_ds.data.ffcv_loader import FFCVPretrainLoader
     with pytest.raises(ValueError, match="order must be one of \\('exact', 'quasi_random'\\), got 'random'"):
