@@ -36,11 +36,11 @@ def beton(tmp_path_factory):
     return root / "train.beton", labels
 
 
-def make_loader(path, rank, world_size, order="exact", os_cache=True):
+def make_loader(path, rank, world_size, order="exact", os_cache=True, global_batch=GLOBAL_BATCH, micro=MICRO):
     cfg = SimpleNamespace(source="ffcv", path=str(path), num_workers=1, crop_scale_min=None,
                           crop_scale_max=1.0, order=order, os_cache=os_cache)
-    return build_pretrain_loader(cfg, method="simmim", img_size=IMG, seed=SEED, global_batch_size=GLOBAL_BATCH,
-                                 micro_batch_size=MICRO, rank=rank, world_size=world_size, mask_fn=mask_fn)
+    return build_pretrain_loader(cfg, method="simmim", img_size=IMG, seed=SEED, global_batch_size=global_batch,
+                                 micro_batch_size=micro, rank=rank, world_size=world_size, mask_fn=mask_fn)
 
 
 @pytest.fixture(scope="module")
@@ -302,19 +302,13 @@ def test_ffcv_micro_batches_follow_the_batch_plan_and_an_empty_one_is_a_stand_in
     shares of 4 is the plan's 2, so that no micro-batch runs into the next step."""
     from mto_ds.data.loader import sample_mask
     from mto_ds.data.order import rank_indices
-    path, labels = beton
-    cfg = SimpleNamespace(source="ffcv", path=str(path), num_workers=1, crop_scale_min=None, crop_scale_max=1.0,
-                          order="exact", os_cache=False)
-
-    def loader(global_batch, micro, rank, world):
-        return build_pretrain_loader(cfg, method="simmim", img_size=IMG, seed=SEED, global_batch_size=global_batch,
-                                     micro_batch_size=micro, rank=rank, world_size=world, mask_fn=mask_fn)
-    first_step = list(loader(8, 2, 0, 3).micro_batches(1))[:2]
+    path, _ = beton
+    first_step = list(make_loader(path, 0, 3, os_cache=False, global_batch=8, micro=2).micro_batches(1))[:2]
     assert [len(b["index"]) for b in first_step] == [2, 0]
     stand_in = first_step[1]
     assert stand_in["images"].shape == (1, 3, IMG, IMG) and len(stand_in["label"]) == 0
     assert torch.equal(stand_in["mask"][0], sample_mask(mask_fn, SEED, 1, 0))
-    split = loader(8, 3, 0, 2)
+    split = make_loader(path, 0, 2, os_cache=False, global_batch=8, micro=3)
     batches = [b["index"].tolist() for b in split.micro_batches(1)]
     assert split.micro_batch_size == 2 and [len(b) for b in batches] == [2] * 10
     assert sum(batches, []) == rank_indices(NUM_IMAGES, SEED, 1, 8, 0, 2).tolist()
