@@ -8,6 +8,7 @@ import errno
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -242,6 +243,31 @@ def _complete_tags(ckpt: Path, *steps: int, world_size: int = 1) -> None:
     for step in steps:
         (ckpt / f"step_{step:08d}").mkdir(parents=True)
         (ckpt / f"step_{step:08d}" / MARKER).write_text(json.dumps({"step": step, "world_size": world_size}))
+
+
+def test_auto_after_a_resume_from_another_run_never_takes_the_history_that_resume_replaced(tmp_path):
+    """checkpoint.resume=PATH of another run's step 5 keeps this run's own step 3 (older, so not
+    set aside): a later job with resume=auto that comes before this run's first save continues from
+    the other run's step 5 (not from its newer step 8, nor from step 3, a history left behind);
+    once this run has saved, from its own checkpoints, with step 5 as the fallback."""
+    ckpt, elsewhere = tmp_path / "run" / "checkpoints", tmp_path / "elsewhere" / "checkpoints"
+    _complete_tags(ckpt, 3)
+    _complete_tags(elsewhere, 5)
+    checkpointer = Checkpointer(ckpt, keep_last=3, rank=0, world_size=1)
+    assert checkpointer.candidates("auto") == [ckpt / "step_00000003"]  # nothing applied yet
+    checkpointer.record_resume(str(elsewhere), step=5, env={})
+    _complete_tags(elsewhere, 8)  # the other run went on
+    assert checkpointer.candidates("auto") == [elsewhere / "step_00000005"]
+    _complete_tags(ckpt, 9, 12)
+    assert checkpointer.candidates("auto") == [ckpt / "step_00000012", ckpt / "step_00000009",
+                                               elsewhere / "step_00000005"]
+    shutil.rmtree(elsewhere)  # the other run deleted: its checkpoint is no fallback any more
+    assert checkpointer.candidates("auto") == [ckpt / "step_00000012", ckpt / "step_00000009"]
+    # A value inside this run's directory, or a start afresh: every own checkpoint is its history.
+    for value, step in ((str(ckpt / "step_00000009"), 9), ("none", 0)):
+        checkpointer.record_resume(value, step=step, env={})
+        assert checkpointer.candidates("auto") == [ckpt / "step_00000012", ckpt / "step_00000009",
+                                                   ckpt / "step_00000003"], value
 
 
 def test_a_checkpoint_set_aside_never_replaces_one_set_aside_before_and_latest_follows_the_resume_point(tmp_path):

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
-from ..models.weights import (MARKER, complete_checkpoints, convert_to_universal, converted_from,
+from ..models.weights import (MARKER, TAG, complete_checkpoints, convert_to_universal, converted_from,
                               model_differences, read_marker, universal_dir)
 from .distributed import agree
 from .faults import Faults
@@ -184,7 +184,7 @@ class Checkpointer:
         if resume == "none":
             return []
         if resume == "auto":
-            return self.complete_tags() if self.dir.is_dir() else []
+            return self._after_applied_elsewhere(self.complete_tags() if self.dir.is_dir() else [])
         path = Path(resume)
         found = self.complete_tags(path) if path.is_dir() else []
         if not found:
@@ -319,7 +319,7 @@ class Checkpointer:
             return
         moved = False
         for tag_dir in self.complete_tags():
-            if int(tag_dir.name[len("step_"):]) <= step:
+            if _step_of(tag_dir) <= step:
                 continue
             reason = "damaged" if tag_dir in damaged else "superseded"
             target = _unused(tag_dir.with_name(f"{tag_dir.name}.{reason}"))
@@ -356,7 +356,31 @@ class Checkpointer:
             return []
         if record.get("resume") != _resume_key(resume) or record.get("job") != job:
             return []
-        return [t for t in self.complete_tags() if int(t.name[len("step_"):]) > int(record.get("step", 0))]
+        return [t for t in self.complete_tags() if _step_of(t) > int(record.get("step", 0))]
+
+    def _after_applied_elsewhere(self, own: List[Path]) -> List[Path]:
+        """resume=auto's candidates, given this run's own complete checkpoints (newest first).
+        Where the last explicit value was another run's checkpoint (step S), this run's own
+        checkpoints up to S are the history that value replaced (the start that applied it set
+        aside only what was newer): auto takes the ones saved since, then the checkpoints of the
+        value up to S (a start killed before its first save continues from where it began),
+        never the older history."""
+        try:
+            record = json.loads(self._resume_record().read_text())
+        except (OSError, ValueError):
+            return own
+        applied = record.get("resume")
+        if applied in (None, "auto", "none") or Path(applied).resolve().is_relative_to(self.dir.resolve()):
+            return own  # started afresh, or from this run's own history: nothing older to leave out
+        step = int(record.get("step", 0))
+        since = [t for t in own if _step_of(t) > step]
+        value = [t for t in self.complete_tags(Path(applied)) if _step_of(t) <= step] \
+            if Path(applied).is_dir() else []
+        if not since and value and self.rank == 0:
+            log.warning("checkpoint.resume=auto: this run started from %s (step %d) and has saved no "
+                        "checkpoint since; it continues from there, not from its own checkpoints of "
+                        "the history before", applied, step)
+        return since + value
 
     def record_resume(self, resume: str, step: int, env=os.environ) -> None:
         """After a start that applied an explicit `checkpoint.resume`: say so for its restarts.
@@ -383,6 +407,11 @@ def job_identity(env=os.environ) -> Optional[str]:
 def is_restart(env=os.environ) -> bool:
     """A requeued Slurm job, or torchrun's elastic agent starting its workers again."""
     return any(int(env.get(name) or 0) > 0 for name in ("SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT"))
+
+
+def _step_of(tag_dir: Path) -> int:
+    """A complete checkpoint's step: from its name (zero-padded step_N), else from its marker."""
+    return int(tag_dir.name[len("step_"):]) if TAG.fullmatch(tag_dir.name) else int(read_marker(tag_dir)["step"])
 
 
 def _resume_key(resume: str) -> str:
