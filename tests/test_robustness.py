@@ -728,9 +728,36 @@ def test_fault_variables_are_parsed_and_rejected_when_malformed():
     assert Faults.from_env({}) == Faults()
     with pytest.raises(ValueError, match="MTO_DS_FAULT_NAN_STEPS"):
         Faults.from_env({"MTO_DS_FAULT_NAN_STEPS": "three"})
+    with pytest.raises(ValueError, match="MTO_DS_FAULT_EXIT_AT_STEP='five': expected an integer"):
+        Faults.from_env({"MTO_DS_FAULT_EXIT_AT_STEP": "five"})
+    # Without MTO_DS_FAULT_NAN_RANK, every rank's loss (or gradient) is poisoned.
+    everywhere = Faults.from_env({"MTO_DS_FAULT_NAN_STEPS": "3", "MTO_DS_FAULT_NAN_GRAD_STEPS": "4"})
+    assert all(everywhere.nan_loss(3, rank) and everywhere.nan_gradient(4, rank) for rank in (0, 1, 5))
+    assert not everywhere.nan_gradient(3, 0) and not everywhere.nan_loss(4, 0)
     for stall in ("x", "6:soon"):
         with pytest.raises(ValueError, match="MTO_DS_FAULT_SAVE_STALL"):
             Faults.from_env({"MTO_DS_FAULT_SAVE_STALL": stall})
+
+
+def test_fault_hooks_act_only_at_their_step_and_rank(tmp_path, monkeypatch, caplog):
+    """The robustness tests' faults say where they act: MTO_DS_FAULT_RAISE_AT_STEP fails one rank
+    (MTO_DS_FAULT_EXIT_RANK) after that step, not every rank nor later steps; a save stalls at
+    its step only; MTO_DS_TRACE_SAMPLES=0 is off."""
+    import logging
+    from mto_ds.engine.faults import InjectedFault, SampleTrace
+    faults = Faults.from_env({"MTO_DS_FAULT_RAISE_AT_STEP": "4", "MTO_DS_FAULT_EXIT_RANK": "0",
+                              "MTO_DS_FAULT_SAVE_STALL": "6:0.01"})
+    for step, rank in ((4, 1), (5, 0), (3, 0)):
+        faults.exit_after(step, rank, tmp_path)  # returns
+    with pytest.raises(InjectedFault, match="fault injection: rank 0 fails after step 4"):
+        faults.exit_after(4, 0, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="mto_ds"):
+        for step in (5, 6, 7, 12):
+            faults.stall_in_save(step, f"step_{step}")
+    assert [r.getMessage() for r in caplog.records] == ["fault injection: stalling 0 s inside the save of step_6"]
+    for value, on in (("0", False), ("", False), ("1", True)):
+        monkeypatch.setenv("MTO_DS_TRACE_SAMPLES", value)
+        assert (SampleTrace(tmp_path / value, rank=0, world_size=1).path is not None) == on, value
 
 
 def test_checkpoint_of_another_zero_stage_is_a_config_error_not_damage(tmp_path):
@@ -848,8 +875,8 @@ from mto_ds.engine.signals import StopRequest
 dist.init_process_group("gloo")
 stop, seen, codes = StopRequest(), [], []
 for step in range(1, 7):
-    if step == 2 and dist.get_rank() == 1:
-        os.kill(os.getpid(), signal.SIGUSR1)  # rank 1 only, during step 2
+    if step == int(os.environ["SIGNAL_STEP"]) and dist.get_rank() == 1:
+        os.kill(os.getpid(), signal.SIGUSR1)  # rank 1 only, during that step
     if step == 4 and dist.get_rank() == 0:
         stop.taken_over = True  # rank 0's run directory lock was lost during step 4
     seen.append(stop.agreed())
@@ -861,27 +888,30 @@ dist.destroy_process_group()  # as mto-ds does (shutdown_distributed)
 """
 
 
-def _two_gloo_ranks(script: str, tmp_path) -> list:
+def _two_gloo_ranks(script: str, tmp_path, **env) -> list:
     """Run `script` as 2 ranks under torchrun; each writes OUT_DIR/rank<R>.json: return both."""
     path = tmp_path / "ranks.py"
     path.write_text(script)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                              "--master_port", str(free_port()), str(path)], cwd=REPO,
-                            env=cpu_env(OUT_DIR=str(tmp_path)), capture_output=True, text=True, timeout=300)
+                            env=cpu_env(OUT_DIR=str(tmp_path), **env), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
 
 
-def test_stop_agreement_reaches_every_rank_one_step_after_the_signal(tmp_path):
+@pytest.mark.parametrize("signal_step", [2, 1])
+def test_stop_agreement_reaches_every_rank_one_step_after_the_signal(tmp_path, signal_step):
     """The per-step all-reduce is read at the next step (no GPU drain), so the ranks agree on a
-    signal that one rank got during step 2 at step 3, all at the same step, naming it. A run
+    signal that one rank got during step 2 at step 3, all at the same step, naming it; one during
+    step 1 (before any agreement was in flight) at step 2, not by that rank alone at step 1. A run
     directory taken over on rank 0 (stop without saving) is agreed the same way, over the signal."""
     import signal
     from mto_ds.engine.signals import TAKEN_OVER
-    for rank, row in enumerate(_two_gloo_ranks(AGREE, tmp_path)):
-        assert row == {"seen": [False, False, True, True, True, True],
-                       "codes": [0, 0, signal.SIGUSR1, signal.SIGUSR1, TAKEN_OVER, TAKEN_OVER],
-                       "signal": "SIGUSR1"}, (rank, row)
+    usr1 = int(signal.SIGUSR1)
+    seen = [step > signal_step for step in range(1, 7)]
+    codes = [usr1 if step > signal_step else 0 for step in range(1, 5)] + [TAKEN_OVER, TAKEN_OVER]
+    for rank, row in enumerate(_two_gloo_ranks(AGREE, tmp_path, SIGNAL_STEP=str(signal_step))):
+        assert row == {"seen": seen, "codes": codes, "signal": "SIGUSR1"}, (rank, row)
 
 
 # --- a stop signal before training starts -----------------------------------------------------
@@ -1034,15 +1064,33 @@ def test_an_unreadable_earlier_config_is_kept_aside_and_the_start_goes_on(tmp_pa
     import logging
     from mto_ds.config import load_config, to_yaml
     from mto_ds.engine.run_dir import write_config
-    (tmp_path / "config.yaml").write_text("train: {blr: 0.5, epochs: [")
     text = to_yaml(load_config(REPO / "configs" / "demo.yaml"))
-    with caplog.at_level(logging.WARNING, logger="mto_ds"):
+    # Bad YAML, and YAML that is no mapping of keys (a list where the sections belong).
+    for name, earlier, why in (("cut", "train: {blr: 0.5, epochs: [", "while parsing"),
+                               ("list", "- train\n- model\n", "a list, not a mapping")):
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        (run_dir / "config.yaml").write_text(earlier)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="mto_ds"):
+            write_config(run_dir, text)
+        assert (run_dir / "config.yaml").read_text() == text
+        (kept,) = [p for p in run_dir.iterdir() if p.name != "config.yaml"]
+        assert kept.read_text() == earlier
+        (message,) = [r.getMessage() for r in caplog.records]
+        assert f"the earlier file is not a readable config: {why}" in message and kept.name in message, message
+
+
+def test_earlier_configs_kept_in_the_same_second_are_all_kept(tmp_path):
+    """config.<time>.yaml is named by the second the earlier file was written: a third start with
+    other settings in that second kept its predecessor under the same name, over the first one."""
+    from mto_ds.config import load_config, to_yaml
+    from mto_ds.engine.run_dir import write_config
+    texts = [to_yaml(load_config(REPO / "configs" / "demo.yaml", [f"train.blr={blr}"])) for blr in (0.1, 0.2, 0.3)]
+    for text in texts:
         write_config(tmp_path, text)
-    assert (tmp_path / "config.yaml").read_text() == text
-    (kept,) = [p for p in tmp_path.iterdir() if p.name != "config.yaml"]
-    assert kept.read_text() == "train: {blr: 0.5, epochs: ["
-    (message,) = [r.getMessage() for r in caplog.records]
-    assert "the earlier file is not a readable config" in message and kept.name in message
+        os.utime(tmp_path / "config.yaml", (1_700_000_000, 1_700_000_000))  # every one in the same second
+    assert sorted(p.read_text() for p in tmp_path.iterdir()) == sorted(texts)
 
 
 def test_a_logged_step_with_a_nonfinite_loss_leaves_the_progress_bar_and_summary_working(tmp_path):

@@ -42,7 +42,7 @@ from ..models.weights import (MARKER, TAG, complete_checkpoints, convert_to_univ
 from .distributed import agree
 from .faults import Faults
 from .signals import STOP_SIGNALS
-from .storage import atomic_write, flush_to_storage
+from .storage import atomic_write, flush_to_storage, unused_path
 
 log = logging.getLogger("mto_ds")
 # Which explicit checkpoint.resume a job applied, so that its restarts do not apply it again.
@@ -322,7 +322,7 @@ class Checkpointer:
             if _step_of(tag_dir) <= step:
                 continue
             reason = "damaged" if tag_dir in damaged else "superseded"
-            target = _unused(tag_dir.with_name(f"{tag_dir.name}.{reason}"))
+            target = unused_path(tag_dir.with_name(f"{tag_dir.name}.{reason}"))
             os.replace(tag_dir, target)
             shutil.rmtree(universal_dir(tag_dir), ignore_errors=True)
             log.warning("set %s aside as %s: the run continues from step %d", tag_dir, target.name, step)
@@ -416,16 +416,6 @@ def _step_of(tag_dir: Path) -> int:
 
 def _resume_key(resume: str) -> str:
     return resume if resume in ("auto", "none") else str(Path(resume).resolve())
-
-
-def _unused(path: Path) -> Path:
-    """`path`, or `path.2`, `path.3`, ... whichever does not exist yet: setting a checkpoint
-    aside never replaces one set aside before."""
-    candidate, n = path, 1
-    while candidate.exists():
-        n += 1
-        candidate = path.with_name(f"{path.name}.{n}")
-    return candidate
 
 
 def _repair_optimizer(optimizer, configured: List[dict]) -> None:

@@ -33,7 +33,7 @@ import yaml
 from ..config import ConfigError, flatten_config
 from ..data.order import micro_batch_starts
 from .builder import learning_rate
-from .storage import atomic_write
+from .storage import atomic_write, unused_path
 
 log = logging.getLogger("mto_ds")
 LOCK = "running.json"
@@ -206,7 +206,8 @@ def write_config(run_dir: Path, text: str) -> None:
                 what = ", ".join(f"{k}: {changed[0].get(k)!r} -> {changed[1].get(k)!r}" for k in keys)
             except (yaml.YAMLError, ValueError) as err:  # edited by hand, or cut short: kept, not fatal
                 what = f"the earlier file is not a readable config: {str(err).splitlines()[0]}"
-            kept = run_dir / time.strftime("config.%Y%m%d-%H%M%S.yaml", time.localtime(path.stat().st_mtime))
+            written = time.strftime("config.%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+            kept = unused_path(run_dir / written, ".yaml")  # a start in the same second: config.<time>.2.yaml
             path.replace(kept)
             log.warning("%s: this start's settings differ from the last start's (%s); the earlier file is "
                         "kept as %s", path, what, kept.name)

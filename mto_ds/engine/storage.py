@@ -69,3 +69,13 @@ def flush_to_storage(directory: Path) -> None:
             fsync(path)
     for path in [directory, *(p for p in paths if p.is_dir())]:
         fsync_directory(path)
+
+
+def unused_path(path: Path, suffix: str = "") -> Path:
+    """`path` + `suffix`, or `path.2` + `suffix`, `path.3` + `suffix`, ... whichever does not
+    exist yet: what is set or kept aside never replaces what was set aside before."""
+    candidate, n = path.with_name(path.name + suffix), 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}.{n}{suffix}")
+    return candidate
