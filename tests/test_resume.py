@@ -227,6 +227,14 @@ def test_resume_warnings_name_each_change_that_breaks_an_exact_continuation():
     grown = dict(plan, num_samples=300, steps_per_epoch=9)
     (message,) = resume_warnings(plan, grown)
     assert "256 samples and 8 steps per epoch, this run has 300 and 9" in message
+    # Another data set as long in steps (250 samples: still 8 steps of 32): the same epoch and
+    # step in it, but not the same samples.
+    (message,) = resume_warnings(dict(plan, global_step=11), dict(plan, num_samples=250))
+    assert message.endswith("256 samples and 8 steps per epoch, this run has 250 and 8 (another data set or "
+                            "global batch): the data position is re-derived from the step, and step 11 was step 3 "
+                            "of epoch 1 and is now step 3 of epoch 1, so the logged epoch and the epoch-end "
+                            "evaluations follow the new count; samples of the current epoch may repeat or be "
+                            "skipped (later epochs are whole)")
     # Another global batch moves the position the step maps to, across whole epochs far into a run.
     imagenet = {"steps_per_epoch": 312, "num_samples": 1281167, "seed": 0, "order": "exact", "global_step": 100000}
     (message,) = resume_warnings(imagenet, dict(imagenet, steps_per_epoch=317))

@@ -20,7 +20,8 @@ import pytest
 
 from mto_ds.config import ConfigError
 from mto_ds.engine.checkpoint import MARKER, Checkpointer, CheckpointWriteError, verify
-from mto_ds.engine.run_dir import LOCK, STALE_BEATS, RunDirectoryInUse, claim
+from mto_ds.engine import run_dir
+from mto_ds.engine.run_dir import LOCK, STALE_BEATS, RunDirectoryInUse, RunLock, claim
 
 from conftest import REPO, cpu_env, pretrain, read_metrics
 from run_control import Run, metric_steps, state
@@ -185,7 +186,6 @@ def test_a_run_stopped_by_a_write_error_in_its_telemetry_still_says_why_in_state
 
 def test_state_json_that_cannot_be_written_is_removed_rather_than_left_from_an_earlier_start(tmp_path, monkeypatch,
                                                                                                caplog):
-    from mto_ds.engine import run_dir
     run_dir.write_state(tmp_path, False, 5, 10, "signal SIGUSR1")
 
     def disk_full(path, text, only_if_absent=False):
@@ -201,7 +201,7 @@ def test_state_json_that_cannot_be_written_is_removed_rather_than_left_from_an_e
 def test_of_the_failures_written_to_state_json_the_first_stays(tmp_path, monkeypatch, caplog, hard_links):
     """Where one rank fails, the others fail after it, of its absence: their reasons must not
     replace the first one's. Without hard links (some shared file systems) the same holds."""
-    from mto_ds.engine import run_dir, storage
+    from mto_ds.engine import storage
     if not hard_links:
         def no_links(src, dst):
             raise OSError(errno.EPERM, "Operation not permitted")
@@ -238,7 +238,7 @@ def _held_by(run_dir, **owner):
                                             "token": "theirs", "beat": 0, **owner}))
 
 
-def test_a_live_start_keeps_the_run_directory_and_a_dead_ones_claim_is_taken_over(tmp_path, caplog):
+def test_a_live_start_keeps_the_run_directory_and_a_dead_ones_claim_is_taken_over(tmp_path, caplog, monkeypatch):
     beat = 0.5
     watch = 4 * beat  # the holder's heartbeat shares this process: starved for 12 s, not 3, before it looks dead
     first = claim(tmp_path, "slurm:41", beat=beat)
@@ -257,6 +257,10 @@ def test_a_live_start_keeps_the_run_directory_and_a_dead_ones_claim_is_taken_ove
     while Path(f"/proc/{zombie.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
         time.sleep(0.01)  # ended, not yet reaped
     here = {"host": socket.gethostname(), "pidns": os.readlink("/proc/self/ns/pid")}
+
+    def not_watched(*args):
+        raise AssertionError("a claim known to have ended was watched for a heartbeat")
+    monkeypatch.setattr(run_dir, "_heartbeat", not_watched)
     for owner, job, ended in [({**here, "pid": dead.pid}, None, f"no scheduler job on {here['host']}, pid {dead.pid}: "
                                                                 "its process is gone"),
                               ({**here, "pid": zombie.pid}, None, f"no scheduler job on {here['host']}, pid {zombie.pid}: "
@@ -269,6 +273,7 @@ def test_a_live_start_keeps_the_run_directory_and_a_dead_ones_claim_is_taken_ove
             claim(tmp_path, job, beat=beat, restart=1).release()
         # taken at once, not after watching (a wall-clock bound failed whenever the worker stalled)
         assert f"taking the run directory over from a start that has ended ({ended})" in caplog.text
+    monkeypatch.undo()
     # A pid that is gone here may live in another PID namespace of a host of the same name (a
     # container on the host's network): watched, as another host's claim is, not taken at once.
     _held_by(tmp_path, host=here["host"], pidns="pid:[1]", pid=dead.pid)
@@ -286,12 +291,56 @@ def test_a_live_start_keeps_the_run_directory_and_a_dead_ones_claim_is_taken_ove
     zombie.wait()
 
 
+def test_a_live_process_of_another_user_is_watched_not_taken_for_gone(tmp_path, monkeypatch, caplog):
+    """os.kill(pid, 0) on another user's live process fails with EPERM: it lives. Its claim is
+    watched for a heartbeat (and taken only once that stopped), as a live process's is."""
+    def another_users(pid, sig):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+    monkeypatch.setattr(run_dir.os, "kill", another_users)
+    _held_by(tmp_path, host=socket.gethostname(), pidns=os.readlink("/proc/self/ns/pid"), pid=4321)
+    beat = 0.05
+    with caplog.at_level(logging.WARNING, logger="mto_ds"):
+        claim(tmp_path, None, beat=beat).release()
+    assert f"pid 4321: unchanged for {STALE_BEATS * beat:.0f} s)" in caplog.text
+    assert "its process is gone" not in caplog.text
+
+
+def test_a_heartbeat_counts_up_and_stops_for_good_once_another_start_took_over(tmp_path):
+    """The claim's `beat` goes up at each beat (how a watcher sees it alive). Once another start's
+    claim is found, this start's heartbeat stops: writing its own claim back would make the other
+    start think it was taken over in turn. A claim that cannot be read proves nothing."""
+    beat = 0.1
+    lock = claim(tmp_path, "slurm:41", beat=beat)
+    deadline = time.monotonic() + 100 * beat
+    while _claim_in(tmp_path)["beat"] < 2:
+        assert time.monotonic() < deadline, _claim_in(tmp_path)
+        time.sleep(beat / 4)
+    deadline = time.monotonic() + 100 * beat
+    while not (_held_by(tmp_path, job="slurm:42") or lock.lost.is_set()):  # a beat in flight may write back once
+        assert time.monotonic() < deadline
+        time.sleep(beat / 4)
+    time.sleep(5 * beat)
+    assert _claim_in(tmp_path)["token"] == "theirs"
+    lock.release()
+    assert _claim_in(tmp_path)["token"] == "theirs"  # not this start's to remove
+
+    # What one look at the file says (the heartbeat's own rewrite is off: one beat an hour).
+    idle = RunLock(tmp_path / "claim", {"token": "mine", "beat": 0}, beat=3600)
+    (tmp_path / "claim").mkdir()  # a read that fails (EISDIR): not a takeover
+    assert not idle._taken_over()
+    (tmp_path / "claim").rmdir()
+    assert idle._taken_over()  # removed: a takeover removes the claim before it makes its own
+    for token, taken in (("mine", False), ("theirs", True)):
+        (tmp_path / "claim").write_text(json.dumps({"token": token}))
+        assert idle._taken_over() == taken, token
+    idle.release()
+
+
 def test_a_heartbeat_that_fails_to_read_or_rewrite_its_own_claim_keeps_the_run_directory(tmp_path, monkeypatch):
     """A rewrite that fails on a full disk leaves running.json empty (opened for writing, then
     ENOSPC), and a read can fail or catch a file cut short: neither is another start's claim. The
     heartbeat took each for a takeover and the run stopped (exit 2, no state.json, not requeued);
     it now rewrites its claim at the next beat and stops only for another start's claim or none."""
-    from mto_ds.engine import run_dir
     beat = 0.2
     lock = claim(tmp_path, "slurm:41", beat=beat)
     path = tmp_path / LOCK
@@ -342,10 +391,12 @@ def test_a_live_start_of_the_same_slurm_job_run_is_watched_not_taken_over(tmp_pa
     watch = 4 * beat  # the holder's heartbeat shares this process: starved for 12 s, not 3, before it looks dead
     first = claim(tmp_path, "slurm:41", beat=beat, restart=2)
     assert _claim_in(tmp_path)["restart"] == 2
-    for restart in (2, 1):  # the same run of the job, and a lower count: watched, refused while it beats
+    # The same run of the job, a lower count, and another job at a higher count (its own requeue
+    # says nothing of this job's run): watched, refused while it beats.
+    for job, restart in (("slurm:41", 2), ("slurm:41", 1), ("slurm:42", 3)):
         with pytest.raises(RunDirectoryInUse, match=f"in use by another start \\(slurm:41 on {socket.gethostname()}, "
                                                     f"pid {os.getpid()}"):
-            claim(tmp_path, "slurm:41", beat=watch, restart=restart)
+            claim(tmp_path, job, beat=watch, restart=restart)
     assert _claim_in(tmp_path)["token"] == first.owner["token"]
     first.release()
 
@@ -394,7 +445,6 @@ def test_a_start_whose_run_directory_was_taken_over_stops_without_saving(tmp_pat
 def test_a_claim_read_while_its_owner_rewrote_it_is_refused_naming_the_owner(tmp_path, monkeypatch):
     """The heartbeat rewrites running.json in place, so a start can read it empty. It must still
     refuse (the file changes: its owner lives) and name the owner from the rewritten file, not "?"."""
-    from mto_ds.engine import run_dir
     beat = 0.5
     first = claim(tmp_path, "slurm:41", beat=beat)
     first._stop.set()  # this test writes the beats: empty first, then the owner's next beat
