@@ -95,3 +95,31 @@ def test_a_batch_with_no_decoded_image_does_not_step_the_optimizer():
     learned = finetune(encoder, BrightChannel(8, seed=0), 3, torch.device("cpu"), epochs=1, batch_size=8, lr=1e-2,
                        warmup_fraction=0.0)
     assert not all(torch.equal(encoder.state_dict()[k], v) for k, v in learned.encoder.state_dict().items())
+
+
+def test_finetune_follows_its_recipe_warm_up_cosine_layer_decay_and_label_smoothing(monkeypatch):
+    """MAE's fine-tune recipe, step by step: a linear warm-up over 10% of the steps, then a cosine
+    to 0, each parameter group at lr x its layer-decay scale, and a label-smoothed loss."""
+    import math
+    import mto_ds.eval.finetune as finetune_module
+    lrs, smoothing = [], []
+    real_step, real_loss = torch.optim.AdamW.step, finetune_module.F.cross_entropy
+
+    def step(self, *args, **kwargs):
+        lrs.append({g["lr_scale"]: g["lr"] for g in self.param_groups})
+        return real_step(self, *args, **kwargs)
+
+    def loss(*args, **kwargs):
+        smoothing.append(kwargs.get("label_smoothing", 0.0))
+        return real_loss(*args, **kwargs)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    monkeypatch.setattr(finetune_module.F, "cross_entropy", loss)
+    finetune(_tiny_vit(), BrightChannel(32, seed=2), 3, "cpu", epochs=5, batch_size=8, lr=1e-3, layer_decay=0.5)
+    total, warmup = 20, 2  # 4 steps per epoch; int(0.1 x 20) of warm-up
+    assert len(lrs) == total and set(smoothing) == {0.1}
+    for s, by_scale in enumerate(lrs):
+        scale = (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup)))
+        assert sorted(by_scale) == [0.125, 0.25, 0.5, 1.0]  # depth 2: embeddings, blocks 0 and 1, head
+        for lr_scale, lr in by_scale.items():
+            assert math.isclose(lr, 1e-3 * scale * lr_scale, rel_tol=1e-9, abs_tol=1e-15), (s, lr_scale)
+

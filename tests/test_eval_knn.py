@@ -70,3 +70,26 @@ def test_knn_small_temperature_does_not_overflow():
     val_labels = torch.arange(20) % 4
     val = _one_hot_plus_noise(val_labels, 4, 0.5, seed=8)
     assert knn_top1(train, train_labels, val, val_labels, 4, k=10, temperature=1e-4) == 100.0
+
+
+def _bank_at(similarities) -> torch.Tensor:
+    """Unit 2-D features whose cosine similarity to the query direction (1, 0) is each value given."""
+    c = torch.tensor(similarities, dtype=torch.float64)
+    return torch.stack([c, (1 - c ** 2).sqrt()], dim=1).float()
+
+
+def test_knn_votes_of_two_classes_at_a_tiny_temperature_keep_their_order():
+    """At T = 0.001 the weights exp(s / T) of neighbours of two classes are all infinite in float32
+    unless each row is scaled by its largest: then the nearest (class 1, s = 1) outweighs three
+    of class 0 at s = 0.95 (1 against 3 exp(-50)); a tie of infinities would give class 0."""
+    bank, labels = _bank_at([0.85, 0.95, 1.0, 0.95, 0.95]), torch.tensor([0, 0, 1, 0, 0])
+    assert knn_predict(bank, labels, torch.tensor([[1.0, 0.0]]), 2, k=5, temperature=0.001).tolist() == [1]
+
+
+def test_knn_temperature_acts_on_the_cosine_whatever_the_query_length():
+    """The query is normalised like the bank: at T = 0.2, three neighbours of class 0 at s = 0.9
+    outvote one of class 1 at s = 1 (3 exp(-0.5) > 1) for a query of length 10 as of length 1;
+    an unnormalised query would act as T = 0.02 (3 exp(-5) < 1) and flip the vote."""
+    bank, labels = _bank_at([1.0, 0.9, 0.9, 0.9]), torch.tensor([1, 0, 0, 0])
+    queries = torch.tensor([[1.0, 0.0], [10.0, 0.0]])
+    assert knn_predict(bank, labels, queries, 2, k=4, temperature=0.2).tolist() == [0, 0]

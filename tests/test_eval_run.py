@@ -94,7 +94,7 @@ def test_run_eval_on_a_saved_encoder_reports_knn_linear_and_finetune(tmp_path):
     json.dumps(result)  # what the CLI and final_eval.json write
 
 
-def test_eval_section_settings_reach_the_probes(monkeypatch):
+def test_eval_section_settings_reach_the_probes(monkeypatch, tmp_path):
     import mto_ds.eval.run as run_module
     seen = {}
     real_extract, real_probe = run_module.extract_features, run_module.linear_probe_top1
@@ -104,16 +104,33 @@ def test_eval_section_settings_reach_the_probes(monkeypatch):
         return real_extract(*args, **kwargs)
 
     def probe(*args, **kwargs):
-        seen["linear"] = (kwargs["epochs"], kwargs["lr"])
+        seen["linear"] = (kwargs["epochs"], kwargs["lr"], kwargs["seed"])
         return real_probe(*args, **kwargs)
+
+    def knn(*args, **kwargs):
+        seen["knn"] = (kwargs["k"], kwargs["temperature"])
+        return 0.0
+
+    def finetune(*args, **kwargs):
+        seen["finetune"] = {key: kwargs[key] for key in ("epochs", "pooling", "batch_size", "lr", "layer_decay", "seed")}
+        return 0.0
     monkeypatch.setattr(run_module, "extract_features", extract)
     monkeypatch.setattr(run_module, "linear_probe_top1", probe)
+    monkeypatch.setattr(run_module, "knn_top1", knn)
+    monkeypatch.setattr(run_module, "finetune_top1", finetune)
     cfg = load_config(None, COMMON + ["data.synthetic_images=32", "data.synthetic_classes=4", "eval.num_train=16",
                                       "eval.num_val=8", "eval.pooling=cls", "eval.batch_size=5",
-                                      "eval.linear_epochs=3", "eval.linear_lr=0.5"])
+                                      "eval.linear_epochs=3", "eval.linear_lr=0.5", "eval.knn_k=7",
+                                      "eval.knn_temperature=0.2", "run.seed=9", "eval.finetune_batch_size=4",
+                                      "eval.finetune_lr=0.003", "eval.finetune_layer_decay=0.6"])
     torch.manual_seed(0)
     evaluate(create_encoder("vit_tiny_patch16", img_size=32), cfg, torch.device("cpu"))
-    assert seen == {"pooling": "cls", "batch_size": 5, "linear": (3, 0.5)}
+    assert seen == {"pooling": "cls", "batch_size": 5, "linear": (3, 0.5, 9), "knn": (7, 0.2)}
+    # `mto-ds eval --finetune-epochs`: the fine-tune's settings come from the same section.
+    torch.save(create_encoder("vit_tiny_patch16", img_size=32).state_dict(), tmp_path / "encoder.pt")
+    run_module.run_eval(cfg, str(tmp_path / "encoder.pt"), finetune_epochs=2, device=torch.device("cpu"))
+    assert seen["finetune"] == {"epochs": 2, "pooling": "cls", "batch_size": 4, "lr": 0.003, "layer_decay": 0.6,
+                                "seed": 9}
 
 
 def test_evaluation_settings_name_the_folders_read_when_synthetic_pretraining_is_evaluated_on_eval_path(tmp_path):
