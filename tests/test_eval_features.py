@@ -65,3 +65,17 @@ def test_extract_features_runs_an_encoder_whose_weights_are_bf16_as_deepspeed_ke
     vit = VisionTransformer(img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2, num_classes=0)
     features, _ = extract_features(vit.to(torch.bfloat16), Numbered(3), "cpu", batch_size=2)
     assert features.dtype == torch.float32 and features.shape == (3, 16) and torch.isfinite(features).all()
+
+
+def test_features_are_taken_in_eval_mode_and_the_encoders_mode_is_given_back():
+    """Stochastic depth and dropout are off while features are taken (the same features twice,
+    which a pre-training encoder with model.drop_path > 0 would not give in train mode), and the
+    encoder comes back in the mode it came in: training or not."""
+    torch.manual_seed(0)
+    encoder = VisionTransformer(img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2, num_classes=0,
+                                drop_path_rate=0.5, proj_drop_rate=0.5)
+    for training in (True, False):
+        encoder.train(training)
+        first, again = (extract_features(encoder, Numbered(6), "cpu", batch_size=4)[0] for _ in range(2))
+        assert torch.equal(first, again)
+        assert encoder.training == training and all(m.training == training for m in encoder.modules())

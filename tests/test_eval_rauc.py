@@ -98,3 +98,13 @@ def test_compare_curves_flags_epochs_reached_at_the_first_evaluation_as_bounds()
 def test_compare_curves_gives_the_paired_final_difference_only_at_equal_final_epochs():
     assert compare_curves([1, 2], [50, 60], [1, 2], [55, 64.5])["mto_minus_baseline_final_top1"] == pytest.approx(4.5)
     assert compare_curves([1, 2, 3], [50, 60, 62], [1, 2], [55, 64.5])["mto_minus_baseline_final_top1"] is None
+
+
+def test_the_baseline_target_is_its_final_accuracy_not_its_best():
+    """A baseline that peaked before its end (70 at epoch 2, 65 at epoch 3): the number MTO must
+    reach is the final 65, which the baseline first reached at 1.75 (between 50 and 70)."""
+    n = compare_curves([1, 2, 3], [50.0, 70.0, 65.0], [1, 2, 3], [60.0, 68.0, 72.0])
+    assert n["baseline_final_top1"] == 65.0
+    assert n["baseline_epochs_to_final"] == pytest.approx(1.75)
+    assert n["mto_epochs_to_baseline"] == pytest.approx(1.625)  # 60 -> 68 crosses 65 at 1 + 5/8
+    assert n["epoch_saving"] == pytest.approx(1 - 1.625 / 1.75)
