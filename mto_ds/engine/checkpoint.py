@@ -14,7 +14,8 @@ Layout under run_dir/checkpoints/:
                                    checkpoint.resume went back to, set aside as well; a second one
                                    of the same step becomes step_00000150.superseded.2, and so on
     resume_applied.json            which explicit checkpoint.resume a job applied, so that its
-                                   restarts continue instead of applying it again
+                                   restarts continue instead of applying it again, and a later
+                                   resume=auto never takes the history it replaced
 A save killed midway leaves a tag without complete.json: resume never picks it, the next save
 of that step replaces it, and the next pruning removes it.
 """
