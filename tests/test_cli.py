@@ -9,7 +9,7 @@ import timm
 import torch
 from PIL import Image
 
-from conftest import REPO, cpu_env, free_port, pretrain
+from conftest import REPO, SMALL_MAE_DECODER_OVERRIDES, cpu_env, free_port, pretrain
 
 
 def _cli(*args):
@@ -68,7 +68,7 @@ def test_the_readmes_deepspeed_launcher_command_trains(tmp_path):
     assert (run / "checkpoints" / "step_00000002" / "complete.json").is_file()
 
 
-MAE = ("model.method=mae", "model.mask_patch_size=null")
+MAE = ("model.method=mae", "model.mask_patch_size=null", *SMALL_MAE_DECODER_OVERRIDES)
 
 
 @pytest.mark.parametrize("case", ["simmim_zero2", "mae_zero1", "mae_bf16_optimizer"])

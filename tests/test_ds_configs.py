@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, cpu_env, free_port, pretrain, read_metrics
+from conftest import (HALF_PRECISION_SMALL, REPO, SMALL_MAE_DECODER_OVERRIDES, cpu_env, free_port, pretrain,
+                      read_metrics)
 
 DS_CHECK = r"""
 import json, os, sys
@@ -127,7 +128,7 @@ def test_bf16_zero2_on_two_ranks_keeps_bf16_weights_and_resumes_exactly(tmp_path
     and a run resumed from its step-3 checkpoint repeats steps 4-6 of the uninterrupted run."""
     full = tmp_path / "full"
     args = ("deepspeed.config=ds_configs/zero2_bf16.json", "train.steps=6", "run.log_every=1",
-            "checkpoint.every_steps=3", "data.synthetic_images=256", "data.num_workers=0")
+            "checkpoint.every_steps=3", "data.synthetic_images=256", "data.num_workers=0", *HALF_PRECISION_SMALL)
     pretrain(full, *args, nproc=2)
     (states,) = (full / "checkpoints" / "step_00000003").glob("mp_rank_00_model_states.pt")
     module = torch.load(states, map_location="cpu", weights_only=False)["module"]
@@ -220,7 +221,8 @@ def test_without_clipping_the_unread_norm_is_skipped_and_the_losses_are_unchange
     rows = {}
     for name, config in (("skipped", "ds_configs/zero1_bf16.json"), ("computed", str(tmp_path / "with_norm.json"))):
         pretrain(tmp_path / name, f"deepspeed.config={config}", "model.method=mae", "train.clip_grad=null",
-                 "train.steps=3", "run.log_every=1", "checkpoint.every_steps=0", nproc=2)
+                 "train.steps=3", "run.log_every=1", "checkpoint.every_steps=0", *HALF_PRECISION_SMALL,
+                 *SMALL_MAE_DECODER_OVERRIDES, nproc=2)
         rows[name] = read_metrics(tmp_path / name)
     assert [r["grad_norm"] for r in rows["skipped"]] == [None, None, None]
     assert all(r["grad_norm"] > 0 for r in rows["computed"])

@@ -11,7 +11,7 @@ from collections import defaultdict
 
 import pytest
 
-from conftest import REPO, pretrain, read_metrics
+from conftest import HALF_PRECISION_SMALL, REPO, pretrain, read_metrics
 from run_control import STEPS, Run, losses_by_step, metric_steps, reference_run, state
 
 TRACE = {"MTO_DS_TRACE_SAMPLES": "1"}
@@ -174,7 +174,7 @@ def test_bf16_zero1_run_resumed_on_another_world_size_logs_the_losses_of_its_uni
     DeepSpeed's ZeRO-1 partitions, no gradient norm without clipping): saved on 2 ranks after
     SIGTERM, resumed on 1 through a universal checkpoint, against the same run uninterrupted.
     On CPU the losses come out equal; ELASTIC_RTOL allows for another summation order."""
-    ds = ("deepspeed.config=ds_configs/zero1_bf16.json", "train.clip_grad=null")
+    ds = ("deepspeed.config=ds_configs/zero1_bf16.json", "train.clip_grad=null", *HALF_PRECISION_SMALL)
     reference_dir, run_dir = tmp_path / "reference", tmp_path / "run"
     Run(reference_dir, *ds, nproc=2).finish()
     _, one = _stopped_on_2_resumed_on_1(run_dir, *ds, stop_after=4)
@@ -198,8 +198,8 @@ def test_fp16_run_resumed_on_another_world_size_keeps_its_dynamic_loss_scale(tmp
     (tmp_path / "fp16.json").write_text(json.dumps(ds))
     config, env = f"deepspeed.config={tmp_path / 'fp16.json'}", {"PYTHONPATH": str(REPO / "tests" / "fp16_on_cpu")}
     reference_dir, run_dir = tmp_path / "reference", tmp_path / "run"
-    Run(reference_dir, config, nproc=2, env=env).finish()
-    stop, one = _stopped_on_2_resumed_on_1(run_dir, config, stop_after=5, env=env)
+    Run(reference_dir, config, *HALF_PRECISION_SMALL, nproc=2, env=env).finish()
+    stop, one = _stopped_on_2_resumed_on_1(run_dir, config, *HALF_PRECISION_SMALL, stop_after=5, env=env)
     assert "ZeRO-2, fp16" in one.output
 
     expected, got = read_metrics(reference_dir), read_metrics(run_dir)

@@ -24,7 +24,7 @@ from mto_ds.engine.checkpoint import MARKER, Checkpointer, file_sizes, verify
 from mto_ds.engine.faults import Faults
 from mto_ds.models import create_mim_model
 
-from conftest import REPO, cpu_env, free_port, pretrain, read_metrics
+from conftest import HALF_PRECISION_SMALL, REPO, cpu_env, free_port, pretrain, read_metrics
 from run_control import STEPS, Run, losses_by_step, metric_steps, reference_run, state, tags
 
 
@@ -531,7 +531,8 @@ def test_fp16_gradients_that_overflow_at_the_minimum_loss_scale_stop_the_run_wit
     ds["fp16"].update(initial_scale_power=2, hysteresis=1, min_loss_scale=1)  # 4 -> 2 -> 1 -> stop
     (tmp_path / "fp16.json").write_text(json.dumps(ds))
     run_dir = tmp_path / "run"
-    run = Run(run_dir, f"deepspeed.config={tmp_path / 'fp16.json'}", "checkpoint.every_steps=1", steps=6,
+    run = Run(run_dir, f"deepspeed.config={tmp_path / 'fp16.json'}", "checkpoint.every_steps=1", *HALF_PRECISION_SMALL,
+              steps=6,
               env={"MTO_DS_FAULT_NAN_GRAD_STEPS": "2,3,4,5,6",
                    "PYTHONPATH": str(REPO / "tests" / "fp16_on_cpu")}).finish(expect=1)
     message = ("fp16: the gradients of step 4 overflowed at the minimum loss scale (fp16.min_loss_scale=1) "
@@ -560,7 +561,8 @@ def test_a_nan_gradient_that_reaches_the_weights_is_never_checkpointed_and_the_r
     ds_config["bf16"] = json.loads((REPO / "ds_configs" / "zero2_bf16.json").read_text())["bf16"]
     (tmp_path / "cpu_zero2_bf16.json").write_text(json.dumps(ds_config))
     run_dir = tmp_path / "run"
-    overrides = ("checkpoint.every_steps=2", f"deepspeed.config={tmp_path / 'cpu_zero2_bf16.json'}")
+    overrides = ("checkpoint.every_steps=2", f"deepspeed.config={tmp_path / 'cpu_zero2_bf16.json'}",
+                 *HALF_PRECISION_SMALL)
     run = Run(run_dir, *overrides, nproc=2,
               env={"MTO_DS_FAULT_NAN_GRAD_STEPS": "3", "MTO_DS_FAULT_NAN_RANK": "1"}).finish(expect=1)
     assert "the weights are not finite at step 4 (a non-finite gradient was applied)" in run.output

@@ -12,7 +12,7 @@ from mto_ds.config import load_config
 from mto_ds.data.loader import normalize
 from mto_ds.models import create_mim_model
 
-from conftest import REPO, cpu_env, pretrain, read_metrics
+from conftest import REPO, SMALL_MAE_DECODER, SMALL_MAE_DECODER_OVERRIDES, cpu_env, pretrain, read_metrics
 
 
 def _tail_mean(rows, key, n):
@@ -81,7 +81,8 @@ def test_zero3_with_each_block_one_leaf_logs_the_losses_of_zero2(tmp_path):
     for name in ("cpu_zero2.json", "cpu_zero3.json"):
         run = tmp_path / name
         pretrain(run, f"deepspeed.config=ds_configs/{name}", "model.method=mae", "train.steps=4",
-                 "run.log_every=1", "checkpoint.every_steps=0", "mto.warmup_steps=0", nproc=2)
+                 "run.log_every=1", "checkpoint.every_steps=0", "mto.warmup_steps=0", *SMALL_MAE_DECODER_OVERRIDES,
+                 nproc=2)
         losses[name] = [(r["loss_mim"], r["loss_mto"]) for r in read_metrics(run)]
     assert len(losses["cpu_zero3.json"]) == 4 and all(mto > 0 for _, mto in losses["cpu_zero3.json"])
     assert losses["cpu_zero3.json"] == [pytest.approx(pair, rel=1e-4) for pair in losses["cpu_zero2.json"]]
@@ -301,14 +302,14 @@ from mto_ds.models import create_mim_model
 from mto_ds.models.weights import checkpoint_encoder_state
 
 init_distributed()
-out = Path(sys.argv[1])
+out, small_decoder = Path(sys.argv[1]), json.loads(sys.argv[2])
 for method, name in (("simmim", "zero2_bf16"), ("mae", "zero1_bf16"), ("mae", "zero3_bf16")):
     cfg = load_config("configs/demo.yaml", [f"model.method={method}", "model.mask_patch_size=null"])
     ds = json.load(open(f"ds_configs/{name}.json"))
     ds.update(train_batch_size=2, train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=1)
     ds["optimizer"]["params"]["lr"] = 1e-3
     torch.manual_seed(0)
-    model = create_mim_model("vit_tiny_patch16", method, img_size=64)
+    model = create_mim_model("vit_tiny_patch16", method, img_size=64, **(small_decoder if method == "mae" else {}))
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                       config=ds)
     mask = torch.zeros(2, 16, dtype=torch.bool)
@@ -340,8 +341,8 @@ def test_evaluation_during_a_bf16_run_reads_the_fp32_master_weights_as_mto_ds_ev
     frozen pos_embed included."""
     script = tmp_path / "masters.py"
     script.write_text(MASTERS_SCRIPT)
-    result = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=REPO, capture_output=True,
-                            text=True, timeout=600, env=cpu_env(PYTHONPATH=str(REPO)))
+    result = subprocess.run([sys.executable, str(script), str(tmp_path), json.dumps(SMALL_MAE_DECODER)], cwd=REPO,
+                            capture_output=True, text=True, timeout=600, env=cpu_env(PYTHONPATH=str(REPO)))
     assert result.returncode == 0, result.stderr[-4000:]
     rows = [json.loads(line.split(" ", 1)[1]) for line in result.stdout.splitlines() if line.startswith("RESULT")]
     assert [r["config"] for r in rows] == ["zero2_bf16", "zero1_bf16", "zero3_bf16"]
