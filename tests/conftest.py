@@ -18,9 +18,9 @@ _START_ENV = dict(os.environ)
 
 # bf16 and fp16 on a CPU without kernels for them (CI's AVX2 EPYC: a bf16 matmul about 40x an
 # fp32 one) cost seconds per demo step. Tests of the half-precision plumbing train the demo model
-# at 32 px (5 tokens, not 17), and MAE with a small decoder: its default one (512 wide, 8 deep)
-# is most of a demo step's work, and no test of the engine depends on its size.
-HALF_PRECISION_SMALL = ("model.img_size=32",)
+# at 32 px (5 tokens, not 17) on global batches of 16, and MAE with a small decoder: its default
+# one (512 wide, 8 deep) is most of a demo step's work, and no test of the engine depends on its size.
+HALF_PRECISION_SMALL = ("model.img_size=32", "train.global_batch_size=16")
 SMALL_MAE_DECODER = {"decoder_embed_dim": 64, "decoder_depth": 2, "decoder_num_heads": 2}
 SMALL_MAE_DECODER_OVERRIDES = tuple(f"model.{key}={value}" for key, value in SMALL_MAE_DECODER.items())
 
