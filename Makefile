@@ -55,7 +55,7 @@ demo: venv system-deps clean-demo
 # since: 12.5-17 min on 2026-12-06, the same tests slower by a third at busy times; the CI budget is 20).
 TEST_WORKERS ?= 2
 test: venv system-deps
-	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
+	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

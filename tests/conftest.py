@@ -24,19 +24,6 @@ HALF_PRECISION_SMALL = ("model.img_size=32", "train.global_batch_size=16")
 SMALL_MAE_DECODER = {"decoder_embed_dim": 64, "decoder_depth": 2, "decoder_num_heads": 2}
 SMALL_MAE_DECODER_OVERRIDES = tuple(f"model.{key}={value}" for key, value in SMALL_MAE_DECODER.items())
 
-# The files that take most of the suite's time, heaviest first (2026-12-07, a 2-core AVX2 host as
-# CI's: 430, 410, 320, 300, 230, 210, 150, 130 and 90 s). `make test` hands whole files to its two
-# workers (--dist loadfile) in collection order (--no-loadscope-reorder; xdist's default order,
-# by test count, started test_resume.py and test_train.py last, one worker busy minutes after
-# the other had finished); heavy files first leave the short ones to even out the end.
-HEAVIEST_FIRST = ("test_robustness.py", "test_resume.py", "test_train.py", "test_slurm.py", "test_cli.py",
-                  "test_perf_tools.py", "test_data_ffcv.py", "test_ds_configs.py", "test_run_dir.py")
-
-
-def pytest_collection_modifyitems(items):
-    position = {name: i for i, name in enumerate(HEAVIEST_FIRST)}
-    items.sort(key=lambda item: position.get(item.path.name, len(position)))  # stable: each file's own order kept
-
 
 @pytest.fixture(autouse=True)
 def _one_thread():
