@@ -53,6 +53,9 @@ demo: venv system-deps clean-demo
 # one process): run one after the other, the tests kept the 2 cores 55% busy (20.5 min), while
 # they mostly waited on process starts and sleeps; two at a time took 13.6 min (the suite has grown
 # since: 12.5-17 min on 2026-12-06, the same tests slower by a third at busy times; the CI budget is 20).
+# On 2026-12-07 the host was an AVX2 EPYC without bf16/fp16 kernels: 36.6 min, 24 min once the
+# half-precision tests were shrunk (tests/conftest.py), the 2 cores busy throughout (41 CPU-minutes):
+# mostly the ~10 s of imports each rank process pays. Handing out the heaviest files first: no change.
 TEST_WORKERS ?= 2
 test: venv system-deps
 	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
