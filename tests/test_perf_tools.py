@@ -346,7 +346,7 @@ def test_plan_run_adds_the_communication_that_cannot_hide_behind_the_backward():
         assert shipped["wall_hours_other"] == overlapped["wall_hours"]  # what the plan prints beside it
         assert overlapped["wall_hours_other"] == shipped["wall_hours"]
         # One bucket, filled by the backward's last gradient: nothing hides.
-        assert plan(zero=zero, overlap_comm=True, **common)["wall_hours"] == pytest.approx(shipped["wall_hours"])
+        assert overlapped["wall_hours"] == pytest.approx(shipped["wall_hours"])
         # Buckets of 1e8: the first two reduce during the backward, the third (a third of the
         # reduction) after it.
         assert plan(zero=zero, overlap_comm=True, reduce_bucket_size=100_000_000, **common)["wall_hours"] == \

@@ -531,8 +531,8 @@ def test_fp16_gradients_that_overflow_at_the_minimum_loss_scale_stop_the_run_wit
     ds["fp16"].update(initial_scale_power=2, hysteresis=1, min_loss_scale=1)  # 4 -> 2 -> 1 -> stop
     (tmp_path / "fp16.json").write_text(json.dumps(ds))
     run_dir = tmp_path / "run"
-    run = Run(run_dir, f"deepspeed.config={tmp_path / 'fp16.json'}", "checkpoint.every_steps=1", *HALF_PRECISION_SMALL,
-              steps=6,
+    run = Run(run_dir, f"deepspeed.config={tmp_path / 'fp16.json'}", "checkpoint.every_steps=1",
+              *HALF_PRECISION_SMALL, steps=6,
               env={"MTO_DS_FAULT_NAN_GRAD_STEPS": "2,3,4,5,6",
                    "PYTHONPATH": str(REPO / "tests" / "fp16_on_cpu")}).finish(expect=1)
     message = ("fp16: the gradients of step 4 overflowed at the minimum loss scale (fp16.min_loss_scale=1) "
