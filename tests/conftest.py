@@ -25,6 +25,13 @@ SMALL_MAE_DECODER = {"decoder_embed_dim": 64, "decoder_depth": 2, "decoder_num_h
 SMALL_MAE_DECODER_OVERRIDES = tuple(f"model.{key}={value}" for key, value in SMALL_MAE_DECODER.items())
 
 
+# No process started with cpu_env compiles anything (train.compile is tested in test_mto.py's
+# process and in test_fused_attention.py's own child), yet each DeepSpeed engine imports DeepSpeed's
+# Muon optimizer, whose torch.compile decorators import inductor: 2-3 s of CPU per rank process,
+# several CPU-minutes over the suite. With dynamo disabled, torch.compile hands back the function.
+NO_COMPILER = {"TORCHDYNAMO_DISABLE": "1"}
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny tensors on a shared 2-core machine: thread hand-offs cost more than they save
@@ -42,6 +49,7 @@ def cpu_env(**extra) -> dict:
     # One build of DeepSpeed's CPU comm op for the whole suite, kept with the venv, not in a
     # per-user cache that other environments rebuild (60-130 s each time).
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    env.update(NO_COMPILER)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     # A script run by path imports mto_ds from this checkout, not from wherever the venv's editable

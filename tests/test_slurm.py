@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import read_metrics
+from conftest import NO_COMPILER, read_metrics
 from run_control import metric_steps
 
 try:
@@ -53,6 +53,7 @@ def cpu_env(run_dir: Path = None, **extra: str) -> dict:
         # DeepSpeed JIT-builds its CPU comm op into a cache keyed by name only; Python
         # environments sharing one cache rebuild it for each other (minutes each).
         "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions")),
+        **NO_COMPILER,
     }
     try:  # the template's MASTER_ADDR is the node's hostname; some CI containers cannot resolve it
         socket.gethostbyname(socket.gethostname().split(".")[0])
