@@ -29,8 +29,8 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q --upgrade pip wheel setuptools
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
-	# DeepSpeed's CPU comm op, which every gloo run loads: built here, once (1-2 min), rather than
-	# by whichever run or test comes first while the others wait on its lock.
+# DeepSpeed's CPU comm op, which every gloo run loads: built here, once (1-2 min), rather than
+# by whichever run or test comes first while the others wait on its lock.
 	DS_ACCELERATOR=cpu $(PY) -c 'from deepspeed.comm.torch import build_shm_op; build_shm_op()'
 	touch $(STAMP)
 
