@@ -147,3 +147,11 @@ def test_a_0_1_integer_mask_as_simmims_generator_gives_trains_as_the_boolean_one
             [expected[k].item() for k in ("loss", "loss_mim", "loss_mto")]
     with pytest.raises(TypeError, match="mask must be bool .* got torch.float32"):
         model(images, mask.float())
+
+
+def test_every_arch_the_config_accepts_has_a_timm_name_and_no_other_does():
+    """The tools offer the config's ARCHS (importing it costs no timm); the encoders and their
+    export name timm's models through TIMM_NAMES: the two must list the same archs."""
+    from mto_ds.config import ARCHS
+    from mto_ds.models import TIMM_NAMES
+    assert sorted(TIMM_NAMES) == sorted(ARCHS)

@@ -393,8 +393,10 @@ def data_wait_share(source, path, method, arch, img, batch, workers, step_sec, s
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    from mto_ds.models import METHODS, TIMM_NAMES
-    p.add_argument("--arch", default="vit_large_patch16", choices=sorted(TIMM_NAMES))
+    # The config's names, not mto_ds.models' (which imports timm, seconds that --help and
+    # --dry-run need not wait for).
+    from mto_ds.config import ARCHS, METHODS
+    p.add_argument("--arch", default="vit_large_patch16", choices=sorted(ARCHS))
     p.add_argument("--method", nargs="+", default=["simmim", "mae"], choices=METHODS)
     p.add_argument("--mto", nargs="+", default=["on", "off"], choices=["on", "off"])
     p.add_argument("--zero", nargs="+", type=int, default=[2], choices=[1, 2, 3])

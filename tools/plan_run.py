@@ -125,10 +125,9 @@ def positive(kind):
 
 
 def main(argv=None) -> int:
-    from mto_ds.config import ConfigError
-    from mto_ds.models import METHODS, TIMM_NAMES
+    from mto_ds.config import ARCHS, METHODS, ConfigError  # not mto_ds.models: it imports timm
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="vit_large_patch16", choices=sorted(TIMM_NAMES))
+    p.add_argument("--arch", default="vit_large_patch16", choices=sorted(ARCHS))
     p.add_argument("--method", default="simmim", choices=METHODS)
     p.add_argument("--epochs", type=positive(float), default=800)
     p.add_argument("--dataset-size", type=positive(int), default=IMAGENET_TRAIN)

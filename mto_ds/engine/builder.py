@@ -9,7 +9,6 @@ from torch import nn
 
 from ..config import Config, ConfigError, read_deepspeed_json
 from ..data.order import micro_batch_split
-from ..models.vit import MTOBlock
 
 
 @dataclass(frozen=True)
@@ -170,6 +169,10 @@ def mark_zero3_leaf_blocks(model: nn.Module, ds: dict) -> None:
     to releasing layers' parameters; docs/BENCHMARKS.md). Call before deepspeed.initialize."""
     if zero_stage(ds) == 3:
         from deepspeed.utils import set_z3_leaf_modules
+
+        # Here, not at the top: the batch and DeepSpeed-config helpers above serve tools (plan_run,
+        # bench_step --dry-run) that need no model, and the models module imports timm (seconds).
+        from ..models.vit import MTOBlock
         set_z3_leaf_modules(model, [MTOBlock])
 
 

@@ -6,9 +6,8 @@ import numpy as np
 from .mae import MAE
 from .masking import build_mask_fn
 from .simmim import SimMIM
+from ..config import METHODS
 from .vit import TIMM_NAMES, create_encoder
-
-METHODS = ("simmim", "mae")
 
 
 def create_mim_model(arch: str, method: str, *, img_size: int = 224, mto=None, drop_path: float = 0.0,
