@@ -13,6 +13,7 @@ from mto_ds.data.loader import normalize
 from mto_ds.models import create_mim_model
 
 from conftest import REPO, SMALL_MAE_DECODER, SMALL_MAE_DECODER_OVERRIDES, cpu_env, pretrain, read_metrics
+from run_control import STEPS, reference_run
 
 
 def _tail_mean(rows, key, n):
@@ -62,12 +63,18 @@ def test_one_process_run_writes_the_run_directory(tmp_path):
     assert rows[-1]["lr"] == pytest.approx(1.25e-4 * 0.5 * (1 + math.cos(math.pi * 4 / 5)))  # min ratio 0
 
 
-def test_two_rank_zero2_loss_decreases_on_demo_data(tmp_path):
-    run = tmp_path / "run"
-    pretrain(run, "train.steps=40", "run.log_every=1", "checkpoint.every_steps=0", nproc=2)
-    rows = read_metrics(run)
-    assert len(rows) == 40
-    assert _tail_mean(rows, "loss_mim", 8) < 0.9 * _head_mean(rows, "loss_mim", 8)
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return reference_run(tmp_path_factory)
+
+
+def test_two_rank_zero2_loss_decreases_on_demo_data(reference):
+    """The demo on 2 ranks under ZeRO-2 learns. The run is run_control's uninterrupted reference,
+    which the resume tests make anyway (12 steps, 8 to an epoch): the masked-patch loss of its
+    last 4 steps is more than 10% below that of its first 4 (0.64 against 0.77 here)."""
+    rows = read_metrics(reference)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert _tail_mean(rows, "loss_mim", 4) < 0.9 * _head_mean(rows, "loss_mim", 4)
 
 
 def test_zero3_with_each_block_one_leaf_logs_the_losses_of_zero2(tmp_path):
