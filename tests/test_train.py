@@ -102,11 +102,11 @@ def test_two_rank_zero3_with_mto_and_accumulation(tmp_path):
     checkpoint of the same step."""
     run = tmp_path / "run"
     evaluation = ("eval.every_epochs=1", "eval.at_start=true", "eval.num_train=64", "eval.num_val=32")
-    pretrain(run, "deepspeed.config=ds_configs/cpu_zero3.json", "train.steps=24", "train.micro_batch_size=8",
-             "run.log_every=1", "mto.warmup_steps=10", "data.synthetic_images=384", *evaluation, nproc=2)
+    pretrain(run, "deepspeed.config=ds_configs/cpu_zero3.json", "train.steps=12", "train.micro_batch_size=8",
+             "run.log_every=1", "mto.warmup_steps=10", "data.synthetic_images=192", *evaluation, nproc=2)
     evals = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "knn_top1" in r]
-    # eval.at_start: the initial encoder at step 0, then 12 steps of 32 per epoch.
-    assert [(r["step"], r["epoch"]) for r in evals] == [(0, 0.0), (12, 1.0), (24, 2.0)]
+    # eval.at_start: the initial encoder at step 0, then 6 steps of 32 per epoch.
+    assert [(r["step"], r["epoch"]) for r in evals] == [(0, 0.0), (6, 1.0), (12, 2.0)]
     assert all(0 <= r[k] <= 100 for r in evals for k in ("knn_top1", "linear_top1"))
     offline = subprocess.run([sys.executable, "-m", "mto_ds", "eval", "--config", str(run / "config.yaml"),
                               "--checkpoint", str(run)], cwd=REPO, env=cpu_env(), capture_output=True,
@@ -119,11 +119,11 @@ def test_two_rank_zero3_with_mto_and_accumulation(tmp_path):
     assert _tail_mean(rows, "loss_mim", 6) < _head_mean(rows, "loss_mim", 6)
     assert [r["mto_scale"] for r in rows[:3]] == [0.1, 0.2, 0.3]  # warm-up counts optimizer steps
     # ZeRO-3 names the file of data-parallel rank 0 zero_pp_rank_0_mp_rank_00_model_states.pt
-    (path,) = (run / "checkpoints" / "step_00000024").glob("*pp_rank_0_mp_rank_00_model_states.pt")
+    (path,) = (run / "checkpoints" / "step_00000012").glob("*pp_rank_0_mp_rank_00_model_states.pt")
     states = torch.load(path, map_location="cpu", weights_only=False)
-    assert states["mto"]["step"] == 24 and states["global_steps"] == 24
+    assert states["mto"]["step"] == 12 and states["global_steps"] == 12
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    trained = get_fp32_state_dict_from_zero_checkpoint(str(run / "checkpoints"), tag="step_00000024")
+    trained = get_fp32_state_dict_from_zero_checkpoint(str(run / "checkpoints"), tag="step_00000012")
     torch.manual_seed(0)
     initial = create_mim_model("vit_tiny_patch16", "simmim", img_size=64, mto={"enabled": True})
     assert trained["mask_token"].shape == initial.mask_token.shape
