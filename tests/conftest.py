@@ -27,8 +27,8 @@ SMALL_MAE_DECODER_OVERRIDES = tuple(f"model.{key}={value}" for key, value in SMA
 
 # No process started with cpu_env compiles anything (train.compile is tested in test_mto.py's
 # process and in test_fused_attention.py's own child), yet each DeepSpeed engine imports DeepSpeed's
-# Muon optimizer, whose torch.compile decorators import inductor: 2-3 s of CPU per rank process,
-# several CPU-minutes over the suite. With dynamo disabled, torch.compile hands back the function.
+# Muon optimizer, whose torch.compile decorators import inductor: up to 2 s of CPU per rank process
+# here, and the suite starts over a hundred. With dynamo disabled, torch.compile hands back the function.
 NO_COMPILER = {"TORCHDYNAMO_DISABLE": "1"}
 
 

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..config import METHODS
 from .mae import MAE
 from .masking import build_mask_fn
 from .simmim import SimMIM
-from ..config import METHODS
 from .vit import TIMM_NAMES, create_encoder
 
 
