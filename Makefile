@@ -59,6 +59,9 @@ demo: venv system-deps clean-demo
 # On 2026-12-07 the host was an AVX2 EPYC without bf16/fp16 kernels: 36.6 min, 24 min once the
 # half-precision tests were shrunk (tests/conftest.py), the 2 cores busy throughout (41 CPU-minutes):
 # mostly the ~10 s of imports each rank process pays. Handing out the heaviest files first: no change.
+# Later that day: 19.9 min (32 CPU-minutes), the comm op built beforehand as `venv` now does,
+# with dynamo off in the ranks the tests start (tests/conftest.py) and fewer, shorter runs. The
+# same unchanged tests took up to 24% longer in one run than in another on this host that day.
 TEST_WORKERS ?= 2
 test: venv system-deps
 	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
