@@ -359,10 +359,10 @@ def test_plan_run_adds_the_communication_that_cannot_hide_behind_the_backward():
         pytest.approx(hours(compute + left + 10 * one_pass))
     assert plan_run.reduction_left_after_backward(1.0, 300, 100, backward_s=3.0) == pytest.approx(1 / 3)
     # ZeRO-2 reduces at every micro-batch: 2 of 16 images per GPU, each leaving its own tail.
-    left = plan_run.reduction_left_after_backward(one_pass, 300_000_000, 100_000_000, backward / 2)
-    assert left > 0
+    tail = plan_run.reduction_left_after_backward(one_pass, 300_000_000, 100_000_000, backward / 2)
+    assert tail > 0
     assert plan(zero=2, overlap_comm=True, reduce_bucket_size=100_000_000, **dict(common, micro_batch=16))[
-        "wall_hours"] == pytest.approx(hours(compute + 2 * left + one_pass))
+        "wall_hours"] == pytest.approx(hours(compute + 2 * tail + one_pass))
     # ZeRO-3: the two all-gathers (23.6 ms) hide behind the compute, the reduction does not.
     zero3 = plan(zero=3, **common)
     assert zero3["overlap_comm"] is True
