@@ -213,43 +213,51 @@ def _table_rows(path):
 def test_bench_gpu_script_checks_every_part_without_a_gpu_before_a_lease_is_spent(tmp_path):
     """BENCH_DRY_RUN=1: each part's kernel tests are collected, bench_attention runs its CPU shape
     and every bench_step command lists its rows with its DeepSpeed config validated, so an
-    argument or config error shows here instead of in a GPU lease."""
+    argument or config error shows here instead of in a GPU lease. `all quick` names the kernel
+    part twice (both include it): it runs once."""
     env = cpu_env(BENCH_DRY_RUN="1", PYTHON=sys.executable)
-    # Both parts at once: each is a row of short processes that mostly wait on their imports.
-    parts = {part: subprocess.Popen(["bash", "tools/bench_gpu.sh", str(tmp_path / part), part], cwd=REPO, env=env,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for part in ("quick", "all")}
-    for part, process in parts.items():
-        stdout, stderr = process.communicate(timeout=600)
-        assert process.returncode == 0, (part, stdout[-3000:], stderr[-3000:])
-    quick, full = tmp_path / "quick", tmp_path / "all"
-    collected = (quick / "kernel_tests.log").read_text()
+    out = tmp_path / "out"
+    result = subprocess.run(["bash", "tools/bench_gpu.sh", str(out), "all", "quick"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    commands = [line.split(":")[0] for line in (out / "commands.txt").read_text().splitlines()]
+    assert commands == [f"== {name}" for name in (
+        "kernel_tests", "attention", "vit_l_quick", "host_floor", "host_floor_noncontiguous", "mae_compute_grad_norm",
+        "mae_contiguous_gradients", "mae_b256", "fp32_grad_accum", "vit_l", "vit_l_compiled", "vit_h_b64", "vit_h_b128")]
+    collected = (out / "kernel_tests.log").read_text()
     assert "test_fused_attention.py::test_cuda_kernel_outputs_statistics_and_gradients_match_reference" in collected
     assert "test_sdpa_stats.py::test_cuda_padded_statistics_run_on_flash_attention" in collected
     assert "test_fused_attention.py::test_kernels_compile_for_sm90" in collected
-    assert "sdpa-stats-padded" in (quick / "attention.md").read_text()
-    assert _table_rows(quick / "vit_l_quick.md") == [
+    assert "sdpa-stats-padded" in (out / "attention.md").read_text()
+    assert _table_rows(out / "vit_l_quick.md") == [
         "baseline timm vit_large_patch16 SDPA, no DS, no MTO",
         "baseline MAE vit_large_patch16 plain PyTorch, no DS, no MTO",
         "simmim ZeRO-1 MTO on", "simmim ZeRO-1 MTO on [sdpa]", "simmim ZeRO-1 MTO off",
         "mae ZeRO-1 MTO on", "mae ZeRO-1 MTO on [sdpa]", "mae ZeRO-1 MTO off"]
-    assert _table_rows(quick / "mae_compute_grad_norm.md") == [
+    assert _table_rows(out / "mae_compute_grad_norm.md") == [
         "mae ZeRO-1 MTO off zero_optimization.compute_grad_norm=true"]
-    assert _table_rows(quick / "mae_contiguous_gradients.md") == [
+    assert _table_rows(out / "mae_contiguous_gradients.md") == [
         "mae ZeRO-1 MTO off zero_optimization.contiguous_gradients=false"]
-    assert "batch 256" in (quick / "mae_b256.md").read_text()
-    assert _table_rows(quick / "fp32_grad_accum.md") == [
+    assert "batch 256" in (out / "mae_b256.md").read_text()
+    assert _table_rows(out / "fp32_grad_accum.md") == [
         f"{method} ZeRO-1 MTO off data_types.grad_accum_dtype=fp32" for method in ("simmim", "mae")]
-    assert _table_rows(quick / "host_floor.md") == [f"{name} width 64" for name in _table_rows(quick / "vit_l_quick.md")]
-    assert _table_rows(quick / "host_floor_noncontiguous.md") == [
+    assert _table_rows(out / "host_floor.md") == [f"{name} width 64" for name in _table_rows(out / "vit_l_quick.md")]
+    assert _table_rows(out / "host_floor_noncontiguous.md") == [
         f"{method} ZeRO-1 MTO off width 64 zero_optimization.contiguous_gradients=false" for method in ("simmim", "mae")]
-    assert len(_table_rows(full / "vit_l.md")) == 2 + 2 * 2 * 2  # two baselines + method x stage x MTO
-    assert _table_rows(full / "vit_l_compiled.md")[0].endswith("compiled")
+    assert len(_table_rows(out / "vit_l.md")) == 2 + 2 * 2 * 2  # two baselines + method x stage x MTO
+    assert _table_rows(out / "vit_l_compiled.md")[0].endswith("compiled")
     for batch in (64, 128):
-        huge = (full / f"vit_h_b{batch}.md").read_text()
+        huge = (out / f"vit_h_b{batch}.md").read_text()
         assert f"zero3_bf16.json, 224 px, batch {batch}, mto.kernel=auto, activation checkpointing" in huge
-    for md in [*quick.glob("*.md"), *full.glob("*.md")]:
+    for md in out.glob("*.md"):
         assert "invalid" not in md.read_text(), md
+
+
+def test_bench_gpu_script_refuses_an_unknown_part_before_running_anything(tmp_path):
+    result = subprocess.run(["bash", "tools/bench_gpu.sh", str(tmp_path / "out"), "quick", "larg"], cwd=REPO,
+                            env=cpu_env(BENCH_DRY_RUN="1", PYTHON="false"), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "unknown part 'larg'" in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def _blocks_macs(tokens, dim, depth):

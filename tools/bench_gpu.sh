@@ -8,6 +8,7 @@
 #   tools/bench_gpu.sh OUT_DIR compiled   # ViT-L/16 SimMIM, MTO off/on (both kernels), ZeRO-1, batch 128, train.compile
 #   tools/bench_gpu.sh OUT_DIR huge       # ViT-H/14 SimMIM + MTO, ZeRO-3, activation checkpointing, batch 64 and 128
 #   tools/bench_gpu.sh OUT_DIR all        # the four in order
+#   tools/bench_gpu.sh OUT_DIR kernel huge  # several parts in one call: each runs once (kernel, quick's rows, large, compiled, huge)
 #   tools/bench_gpu.sh OUT_DIR quick      # about 12 minutes (estimated, not yet run): CUDA tests of both statistics paths,
 #                                         # bench_attention, ViT-L SimMIM + MAE ZeRO-1 with MTO off, on
 #                                         # (fused kernel) and on (sdpa statistics) beside the plain timm
@@ -24,12 +25,22 @@
 # its rows and validates each engine row's DeepSpeed config (`--dry-run`).
 # PYTHON=INTERPRETER picks the Python that runs everything (default: python3 on PATH).
 set -euo pipefail
-out=${1:?usage: tools/bench_gpu.sh OUT_DIR [kernel|large|compiled|huge|all|quick]}
-part=${2:-all}
-case $part in
-    kernel | large | compiled | huge | all | quick) ;;
-    *) echo "bench_gpu.sh: unknown part '$part': expected kernel, large, compiled, huge, all or quick" >&2; exit 2 ;;
-esac
+out=${1:?usage: tools/bench_gpu.sh OUT_DIR [PART...] (PART: kernel, large, compiled, huge, all or quick)}
+parts=("${@:2}")
+((${#parts[@]})) || parts=(all)
+for part in "${parts[@]}"; do
+    case $part in
+        kernel | large | compiled | huge | all | quick) ;;
+        *) echo "bench_gpu.sh: unknown part '$part': expected kernel, large, compiled, huge, all or quick" >&2; exit 2 ;;
+    esac
+done
+wants() {  # wants PART...: whether any of these parts was asked for; each part runs once however often it is named
+    local asked wanted
+    for asked in "${parts[@]}"; do
+        for wanted in "$@"; do [[ $asked == "$wanted" ]] && return 0; done
+    done
+    return 1
+}
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -72,13 +83,13 @@ run() {  # run NAME CMD...: output to NAME.log, the table lines to NAME.md; a fa
     fi
 }
 
-if [[ $part == kernel || $part == all || $part == quick ]]; then
+if wants kernel all quick; then
     # The CUDA cases only: the interpreter cases are CPU work that CI runs anyway.
     run kernel_tests "$py" -m pytest -q -p no:cacheprovider tests/test_fused_attention.py tests/test_sdpa_stats.py \
         -rs -k "cuda or sm90" "${pytest_flags[@]}"
     run attention "$py" tools/bench_attention.py
 fi
-if [[ $part == quick ]]; then
+if wants quick; then
     # The rows that decide mto.kernel's default and show where MAE's step goes (host op tables).
     run vit_l_quick "$py" tools/bench_step.py "${step_flags[@]}" --arch vit_large_patch16 --method simmim mae --mto on off \
         --mto-kernel auto sdpa --zero 1 --batch 128 --steps 10 --data none --profile "$out/profile_quick" \
@@ -111,15 +122,15 @@ if [[ $part == quick ]]; then
         --mto off --zero 1 --batch 128 --steps 10 --data none --no-baseline \
         --ds-set data_types.grad_accum_dtype=fp32 --json "$out/fp32_grad_accum.json"
 fi
-if [[ $part == large || $part == all ]]; then
+if wants large all; then
     run vit_l "$py" tools/bench_step.py "${step_flags[@]}" --arch vit_large_patch16 --method simmim mae --mto on off \
         --zero 1 2 --batch 128 --steps 10 --profile "$out/profile_vit_l" --json "$out/vit_l.json"
 fi
-if [[ $part == compiled || $part == all ]]; then
+if wants compiled all; then
     run vit_l_compiled "$py" tools/bench_step.py "${step_flags[@]}" --arch vit_large_patch16 --method simmim --mto on off \
         --mto-kernel auto sdpa --zero 1 --batch 128 --steps 10 --compile --data none --json "$out/vit_l_compiled.json"
 fi
-if [[ $part == huge || $part == all ]]; then
+if wants huge all; then
     # One process per batch: a ZeRO-3 engine keeps its memory until its process ends. The plain
     # baseline (no activation checkpointing) runs at 64 only: at 128 it may not fit in 80 GB.
     run vit_h_b64 "$py" tools/bench_step.py "${step_flags[@]}" --arch vit_huge_patch14 --method simmim --mto on --zero 3 \
