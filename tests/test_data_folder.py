@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from mto_ds.data import ImageFolderSource, PretrainLoader, SyntheticImages, build_pretrain_loader, write_image_folder
-from mto_ds.data.imagefolder import UndecodableImage, read_rgb
+from mto_ds.data.imagefolder import UndecodableImage, list_image_folder, read_rgb
 from mto_ds.data.order import rank_indices, sample_rng
 
 from conftest import REPO, cpu_env
@@ -58,6 +58,23 @@ def test_folder_labels_follow_sorted_class_names_and_skip_non_image_files(tmp_pa
     assert source.classes == ["apple", "mango", "zebra"]
     assert [(p.parent.name, source.label(i)) for i, p in enumerate(source.files)] == \
         [("apple", 0), ("mango", 1), ("zebra", 2)]
+
+
+def test_folder_listing_recurses_into_class_subfolders_in_sorted_order_and_leaves_hidden_entries_out(tmp_path):
+    """A copy made on macOS holds `._NAME.JPEG` AppleDouble files (not images, yet named like
+    them), a notebook leaves `.ipynb_checkpoints/` inside a class, and a tool its `.cache/` beside
+    the classes: none is a sample or a class. Images in sub-folders of a class are its samples."""
+    def image(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (10, 20, 30)).save(path)
+    for rel in ("b/2.JPEG", "b/sub/1.JPEG", "b/10.JPEG", "a/x.JPEG", "a/.ipynb_checkpoints/x-checkpoint.JPEG",
+                ".cache/c/y.JPEG"):
+        image(tmp_path / rel)
+    (tmp_path / "a" / "._x.JPEG").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    listing = list_image_folder(tmp_path)
+    assert listing.classes == ["a", "b"]
+    assert [listing.relative(p) for p in listing.files] == ["a/x.JPEG", "b/10.JPEG", "b/2.JPEG", "b/sub/1.JPEG"]
+    assert listing.labels == [0, 1, 1, 1] and listing.not_images == [] and listing.outside_classes == []
 
 
 def test_undecodable_image_is_skipped_with_one_warning_naming_it(tmp_path, caplog):
