@@ -5,6 +5,7 @@ import importlib.util
 import logging
 import subprocess
 import sys
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -140,8 +141,49 @@ def test_32_bit_and_float_grayscale_images_are_scaled_by_their_own_range(tmp_pat
     assert Image.open(tmp_path / "ramp.tif").mode == mode and notes == [note]
     assert pixels[0, 0].tolist() == [0, 0, 0] and pixels[-1, -1].tolist() == [255, 255, 255]
     assert abs(pixels.mean() - 127.5) < 0.5
-    flat, notes = read_rgb(tmp_path / "flat.tif")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 0/0 gave NaN, which a cast happened to turn into 0
+        flat, notes = read_rgb(tmp_path / "flat.tif")
     assert notes == [note] and (flat == 0).all()
+
+
+def test_non_finite_values_of_a_float_image_take_the_ends_of_its_finite_range(tmp_path):
+    """NaN and -inf become the darkest finite value, +inf the brightest; the finite values alone
+    set the range, so one inf does not turn the rest of the image black."""
+    values = np.array([[np.nan, -np.inf, np.inf, -2.0], [0.0, 2.0, 1.0, -1.0]], np.float32)
+    Image.fromarray(values).save(tmp_path / "odd.tif")
+    pixels, notes = read_rgb(tmp_path / "odd.tif")
+    assert notes == ["grayscale_float"]
+    assert pixels[..., 0].tolist() == [[0, 0, 255, 0], [128, 255, 191, 64]]
+
+
+def test_transparent_pixels_are_composited_on_white_for_rgba_and_palette_images(tmp_path):
+    """What a viewer shows (and what ImageNet's few transparent PNGs look like), not the colour
+    stored under an alpha of 0, which is often black or noise; a palette PNG marks its transparent
+    entry in its info, not in its mode."""
+    rgba = np.array([[[255, 0, 0, 0], [0, 0, 255, 255], [0, 0, 0, 128]]], np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    palette = Image.fromarray(np.array([[0, 1, 1]], np.uint8), "P")
+    palette.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    palette.save(tmp_path / "palette.png", transparency=0)  # entry 0, red, is transparent
+    pixels, notes = read_rgb(tmp_path / "rgba.png")
+    assert notes == ["alpha"] and pixels[0].tolist() == [[255, 255, 255], [0, 0, 255], [127, 127, 127]]
+    pixels, notes = read_rgb(tmp_path / "palette.png")
+    assert notes == ["alpha"] and pixels[0].tolist() == [[255, 255, 255], [0, 0, 255], [0, 0, 255]]
+    Image.fromarray(np.array([[0, 1]], np.uint8), "P").save(tmp_path / "opaque_palette.png")
+    assert read_rgb(tmp_path / "opaque_palette.png")[1] == ["palette"]
+
+
+def test_the_filled_share_of_a_truncated_jpeg_is_the_run_of_fill_at_its_end_in_raster_order():
+    from mto_ds.data.imagefolder import _filled_share
+    image = np.full((10, 10, 3), 128, np.uint8)
+    image[:7, :5] = 30  # the last decoded pixel: row 6, column 4 (index 64); 35 pixels of fill follow
+    image[2, 8] = 128  # fill-coloured pixels before it are decoded content
+    assert _filled_share(image) == pytest.approx(0.35)
+    assert _filled_share(np.where(image == 128, 127, image)[..., 0]) == pytest.approx(0.35)  # one channel, CMYK's 127
+    assert _filled_share(np.full((4, 4), 128, np.uint8)) == 1.0
+    image[-1, -1] = 129
+    assert _filled_share(image) == 0.0
 
 
 def test_a_jpeg_over_pils_pixel_limit_is_decoded_when_max_side_makes_libjpeg_decode_it_small(tmp_path, monkeypatch):
