@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import os
+import re
 from pathlib import Path
 
 import cv2
@@ -167,6 +168,45 @@ def test_folder_without_any_decodable_image_fails_naming_the_count(tmp_path):
     with pytest.raises(ValueError, match="no decodable image.*1 files skipped"):
         convert_image_folder(tmp_path / "src", tmp_path / "out.beton", workers=1, progress=False)
     assert not (tmp_path / "out.beton").exists() and not (tmp_path / "out.beton.partial").exists()
+
+
+def test_a_raw_image_larger_than_ffcvs_default_page_is_written_whole(tmp_path):
+    """FFCV stores a sample within one page (8 MiB by default) and raises on a larger one: kept at
+    full size (no --max-side) and raw, a 1700 x 1700 image takes 8.7 MB, so the page grows to hold it."""
+    (tmp_path / "src" / "c0").mkdir(parents=True)
+    big = np.random.default_rng(0).integers(0, 256, (1700, 1700, 3), dtype=np.uint8)
+    Image.fromarray(big).save(tmp_path / "src" / "c0" / "big.png")
+    Image.fromarray(big[:16, :16]).save(tmp_path / "src" / "c0" / "small.png")
+    out = tmp_path / "raw.beton"
+    report = convert_image_folder(tmp_path / "src", out, max_side=None, write_mode="raw", workers=1, progress=False)
+    assert report.written == 2
+    reader = Reader(str(out))
+    image = reader.metadata["f0"]
+    assert list(zip(image["width"].tolist(), image["height"].tolist())) == [(1700, 1700), (16, 16)]
+    ptr = int(image["data_ptr"][0])
+    stored = np.fromfile(out, dtype=np.uint8, count=big.size, offset=ptr)
+    assert np.array_equal(stored.reshape(big.shape), big)
+
+
+def test_bad_writer_options_are_refused_by_name_before_any_file_is_read(tmp_path):
+    for options, message in (({"max_side": 0}, "max_side must be positive or None, got 0"),
+                             ({"workers": -1}, "workers must be >= 0 (0: the cores this process may use), got -1")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            convert_image_folder(tmp_path / "missing", tmp_path / "out.beton", progress=False, **options)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs a process allowed on two cores or more")
+def test_workers_0_means_the_cores_this_process_may_use_not_the_machines(odd_folder, tmp_path):
+    """Inside a Slurm step bound to a few cores of a large node, os.cpu_count() is the node's."""
+    root, _ = odd_folder
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(allowed)})
+    try:
+        report = convert_image_folder(root, tmp_path / "one_core.beton", max_side=MAX_SIDE, progress=False)
+    finally:
+        os.sched_setaffinity(0, allowed)
+    assert report.options["workers"] == 1 and report.written == 9
 
 
 def test_a_jpeg_over_pils_pixel_limit_is_kept_at_max_side_and_skipped_without_it(tmp_path, monkeypatch):

@@ -36,7 +36,7 @@ def main(argv=None) -> int:
                              "--compress-probability share (default jpg)")
     parser.add_argument("--compress-probability", type=float, default=0.5)
     parser.add_argument("--smart-threshold", type=int, default=None)
-    parser.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
+    parser.add_argument("--workers", type=int, default=0, help="processes (default 0: the cores this process may use)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     parser.add_argument("--no-progress", action="store_true",
                         help="no bar for the checking pass (FFCV's writer still draws its own)")

@@ -144,13 +144,17 @@ def convert_image_folder(source, output, *, max_side: Optional[int] = 512, jpeg_
         raise ValueError(f"compress_probability must be in [0, 1], got {compress_probability}")
     if smart_threshold is not None and smart_threshold <= 0:
         raise ValueError(f"smart_threshold must be positive or None, got {smart_threshold}")
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0 (0: the cores this process may use), got {workers}")
     problem = folder_problem(Path(source))
     if problem:  # ImageNet's val/ is flat: images, no class folders
         raise ValueError(f"source {problem} (expected one sub-folder per class; sort a flat folder into them first)")
     output = Path(output)
     if output.exists() and not overwrite:
         return None
-    workers = workers if workers > 0 else (os.cpu_count() or 1)
+    # 0: the cores this process may use (its CPU affinity: a Slurm step's cores, not the node's,
+    # which os.cpu_count() gives), as the FFCV loader's data.num_workers=0.
+    workers = workers if workers > 0 else len(os.sched_getaffinity(0))
     listing = list_image_folder(source)
     report = ConversionReport(str(source), str(output), listing.classes,
                               files_found=len(listing.files) + len(listing.not_images) + len(listing.outside_classes),
