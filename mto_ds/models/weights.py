@@ -99,7 +99,9 @@ def run_module(module: str, args: List[str]) -> subprocess.CompletedProcess:
 def convert_to_universal(tag_dir: Path, out: Path, run=run_module) -> None:
     """DeepSpeed's ds_to_universal of `tag_dir` into `out`, in a child process started by `run`
     (the trainer's ignores the stop signals); a failure raises with the child's stderr."""
-    workers = str(max(1, min(4, (os.cpu_count() or 1) // 2)))  # each holds a shard or parameter in memory
+    # Each worker holds a shard or a parameter in memory; half the cores this process may use (a
+    # Slurm step's, not the node's as os.cpu_count() says), at most 4.
+    workers = str(max(1, min(4, len(os.sched_getaffinity(0)) // 2)))
     result = run("deepspeed.checkpoint.ds_to_universal",
                  ["--input_folder", str(tag_dir), "--output_folder", str(out), "--inject_missing_state",
                   "--num_extract_workers", workers, "--num_merge_workers", workers])
