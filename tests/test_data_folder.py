@@ -50,6 +50,38 @@ def test_synthetic_set_written_as_jpeg_folder_keeps_labels_and_pixels(jpeg_folde
         write_image_folder(jpeg_folder, 4, 2, 16)
 
 
+def test_synthetic_class_folders_sort_in_label_order_beyond_ten_classes(tmp_path):
+    """An ImageFolder's labels are its sorted folder names: unpadded, class_10 would sort before
+    class_2 and the folder's labels would not be the set's (the study's 100-class set)."""
+    images = SyntheticImages(60, 12, 8, seed=3)
+    source = ImageFolderSource(write_image_folder(tmp_path / "twelve", 60, num_classes=12, size=8, seed=3))
+    assert source.classes == [f"class_{c:02d}" for c in range(12)]
+    assert [source.label(i) for i in range(60)] == [images.label(int(p.stem)) for p in source.files]
+    assert len(set(source.labels)) > 10  # the classes past class_09 are in use
+
+
+def test_synthetic_labels_depend_on_the_seed_so_another_seed_is_another_draw():
+    labels = {seed: [SyntheticImages(64, 10, 8, seed=seed).label(i) for i in range(64)] for seed in (0, 1)}
+    assert labels[0] != labels[1]
+    assert labels[0] == [SyntheticImages(64, 10, 8, seed=0).label(i) for i in range(64)]
+
+
+def test_a_synthetic_folder_whose_writing_fails_leaves_neither_it_nor_its_partial_copy(tmp_path, monkeypatch):
+    saved = []
+
+    def save_then_fail(image, path, *args, **kwargs):
+        if len(saved) == 3:
+            raise OSError(28, "No space left on device")
+        saved.append(path)
+        image_save(image, path, *args, **kwargs)
+
+    image_save = Image.Image.save
+    monkeypatch.setattr(Image.Image, "save", save_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        write_image_folder(tmp_path / "synth", 8, num_classes=2, size=8)
+    assert len(saved) == 3 and list(tmp_path.iterdir()) == []
+
+
 def test_folder_labels_follow_sorted_class_names_and_skip_non_image_files(tmp_path):
     for name in ("zebra", "apple", "mango"):
         (tmp_path / name).mkdir()
