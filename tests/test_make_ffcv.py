@@ -171,8 +171,9 @@ def test_folder_without_any_decodable_image_fails_naming_the_count(tmp_path):
 
 
 def test_a_raw_image_larger_than_ffcvs_default_page_is_written_whole(tmp_path):
-    """FFCV stores a sample within one page (8 MiB by default) and raises on a larger one: kept at
-    full size (no --max-side) and raw, a 1700 x 1700 image takes 8.7 MB, so the page grows to hold it."""
+    """FFCV's writer stores a sample within one page (8 MiB by default); a larger one raises in a
+    writer worker, and the writer then waited for it (seen here) or failed. Kept at full size (no
+    --max-side) and raw, a 1700 x 1700 image takes 8.7 MB, so the page grows to hold it."""
     (tmp_path / "src" / "c0").mkdir(parents=True)
     big = np.random.default_rng(0).integers(0, 256, (1700, 1700, 3), dtype=np.uint8)
     Image.fromarray(big).save(tmp_path / "src" / "c0" / "big.png")
