@@ -92,6 +92,20 @@ def test_collect_writes_both_plots_and_a_summary_with_the_known_numbers(tmp_path
     assert "Warnings" not in text
 
 
+def test_collect_from_the_command_line_never_imports_torch(tmp_path):
+    """Collecting reads JSON and draws plots: on a login node it must not spend seconds (and a
+    CUDA context's worth of libraries) loading torch. `-X importtime` lists every module imported."""
+    fake_run(tmp_path / "study" / "baseline-ep4-s0", mto=False, knn=BASELINE_KNN)
+    fake_run(tmp_path / "study" / "mto-ep4-s0", mto=True, knn=MTO_KNN)
+    out = tmp_path / "report"
+    result = subprocess.run([sys.executable, "-X", "importtime", str(TOOL), "collect", str(tmp_path / "study"),
+                             "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert "mto_ds.eval.study_report" in imported and (out / "summary.json").is_file()
+    assert not {name for name in imported if name.split(".")[0] in ("torch", "deepspeed", "timm")}
+
+
 def test_runs_are_labelled_from_their_config_not_their_directory_name(tmp_path):
     fake_run(tmp_path / "job_7", mto=True, knn=MTO_KNN)
     fake_run(tmp_path / "job_8", mto=False, knn=BASELINE_KNN)
