@@ -113,15 +113,20 @@ def test_every_python_tool_runs_from_a_checkout_without_installing():
     # `python -S` with only site-packages on the path skips the editable install's .pth, as on a
     # machine where the checkout was never installed: mto_ds is found only through the tool's own
     # path entry for the checkout. export_encoder, epoch_study and plan_run lacked it.
+    # The tools that prepare data, plan or collect need no torch to say how they are used (a
+    # login node answers --help in under a second, not the ~5 s torch takes to import there).
     site_packages = next(p for p in sys.path if p.endswith("site-packages"))
     env = {**cpu_env(), "PYTHONPATH": site_packages}
-    failed = {}
+    failed, loads_torch = {}, set()
     for tool in sorted((REPO / "tools").glob("*.py")):
-        result = subprocess.run([sys.executable, "-S", str(tool), "--help"], cwd=REPO, env=env,
+        result = subprocess.run([sys.executable, "-S", "-X", "importtime", str(tool), "--help"], cwd=REPO, env=env,
                                 capture_output=True, text=True, timeout=300)
         if result.returncode != 0 or "usage:" not in result.stdout:
             failed[tool.name] = result.stderr[-300:]
+        if any(line.rsplit("|", 1)[-1].strip() == "torch" for line in result.stderr.splitlines()):
+            loads_torch.add(tool.name)
     assert failed == {}
+    assert loads_torch == {"bench_attention.py", "bench_step.py"}  # GPU benchmarks, torch at the top
 
 
 def test_a_config_error_exits_2_with_the_process_group_destroyed_even_when_terminated_while_exiting(tmp_path):

@@ -3,20 +3,28 @@
 `data.source` picks the path: `ffcv` (a .beton made by tools/make_ffcv.py; the fast path),
 `folder` (ImageNet-layout folder decoded with PIL in DataLoader workers; the fallback) or
 `synthetic` (embedded, procedural). FFCV is imported only when it is used, so the package
-works on machines without it.
+works on machines without it; torch too (the loader, `normalize`), so that tools/make_synthetic.py,
+tools/make_ffcv.py's --help and the data checks start without loading it.
 """
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Optional
-
-import torch
+from typing import TYPE_CHECKING, Optional
 
 from ..config import CROP_SCALE
 from .imagefolder import ImageFolderSource, UndecodableImage, folder_problem, list_image_folder, read_rgb
-from .loader import PretrainLoader, normalize
 from .synthetic import SyntheticImages, write_image_folder
+
+if TYPE_CHECKING:
+    import torch
+
+
+def __getattr__(name):
+    if name in ("PretrainLoader", "normalize"):
+        from . import loader
+        return getattr(loader, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def beton_problem(path: Path) -> Optional[str]:
@@ -65,6 +73,9 @@ def build_pretrain_loader(data_cfg, *, method: str, img_size: int, seed: int, gl
     `device` matters for FFCV only: on CUDA the uint8 crops are copied there inside FFCV's
     pipeline. None means the current CUDA device when there is one, else the CPU.
     """
+    import torch
+
+    from .loader import PretrainLoader
     scale = (data_cfg.crop_scale_min or CROP_SCALE[method][0], data_cfg.crop_scale_max)
     common = dict(img_size=img_size, scale=scale, seed=seed, global_batch_size=global_batch_size,
                   micro_batch_size=micro_batch_size, rank=rank, world_size=world_size, mask_fn=mask_fn,
