@@ -739,6 +739,12 @@ def test_fault_variables_are_parsed_and_rejected_when_malformed():
     for stall in ("x", "6:soon"):
         with pytest.raises(ValueError, match="MTO_DS_FAULT_SAVE_STALL"):
             Faults.from_env({"MTO_DS_FAULT_SAVE_STALL": stall})
+    data = Faults.from_env({"MTO_DS_FAULT_DATA_STALL": "0.5:1"})
+    assert (data.data_stall_seconds, data.data_stall_rank) == (0.5, 1)
+    assert Faults.from_env({"MTO_DS_FAULT_DATA_STALL": "2"}).data_stall_rank is None  # every rank
+    for stall in ("slow", "1:one"):
+        with pytest.raises(ValueError, match=f"MTO_DS_FAULT_DATA_STALL='{stall}': expected SECONDS or SECONDS:RANK"):
+            Faults.from_env({"MTO_DS_FAULT_DATA_STALL": stall})
 
 
 def test_fault_hooks_act_only_at_their_step_and_rank(tmp_path, monkeypatch, caplog):

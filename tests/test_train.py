@@ -36,6 +36,7 @@ def test_one_process_run_writes_the_run_directory(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for key in ("step", "epoch", "loss", "loss_mim", "loss_mto", "lr", "images_per_sec"):
         assert key in rows[0], key
+    assert all(0 <= r["data_wait"] < 1 for r in rows)  # share of the row's time (see the data-wait test)
     assert all(r["grad_norm"] > 0 for r in rows)  # the demo clips (train.clip_grad=1.0): DeepSpeed's norm
     assert all(r["loss_scale"] is None for r in rows)  # fp32: no loss scaler (fp16's: tests/test_resume.py)
     assert len(rows[0]["heterogeneity"]) == 12  # one value per encoder block of vit_tiny (SimMIM)
@@ -149,6 +150,28 @@ def test_images_per_sec_leaves_out_the_time_spent_saving_checkpoints(tmp_path):
     # ratio to the row of step 6 was also load-dependent: load alone moved the two by over 2x.)
     global_batch = 32  # configs/demo.yaml
     assert 2 * global_batch / rows[1]["images_per_sec"] < 8, rows
+    # Nor is it waiting for data: the row of step 4 waited less than the stall's 8 s by far.
+    assert 2 * global_batch / rows[1]["images_per_sec"] * rows[1]["data_wait"] < 4, rows
+
+
+def test_data_wait_is_the_share_of_a_row_that_the_rank_waiting_longest_spent_waiting_for_data(tmp_path):
+    """Is the loader keeping up? Rank 1's micro-batches come 1.5 s late each (two of them a step:
+    micro-batches of 8), rank 0's on time. In a synchronous step rank 0 then waits for rank 1 in
+    the gradient reduction, not for its own data: a row that kept rank 0's share, or the mean of
+    the two, would show half the wait or none. A row's seconds: global batch x steps / images_per_sec
+    (rank 0's clock; rank 1's share is of its own, a little later: the 10 % below)."""
+    run = tmp_path / "run"
+    result = pretrain(run, "train.steps=3", "run.log_every=1", "checkpoint.every_steps=0", "train.micro_batch_size=8",
+                      nproc=2, env_extra={"MTO_DS_FAULT_DATA_STALL": "1.5:1"})
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for row in rows:
+        seconds = 32 / row["images_per_sec"]
+        assert 0.9 * 2 * 1.5 <= row["data_wait"] * seconds <= seconds, rows
+    # The closing summary: the median row's share and the largest, with its step.
+    median, most = sorted(rows, key=lambda r: r["data_wait"])[1:]
+    assert (f"data wait       {100 * median['data_wait']:.1f}% of the time (median of the rows; "
+            f"{100 * most['data_wait']:.1f}% at most, step {most['step']})") in result.stdout
 
 
 class _AccumulatingEngine:

@@ -19,6 +19,9 @@ metrics.jsonl: step N is the N-th optimizer step.
                                     checkpoint is marked complete: the window a kill -9 tests
     MTO_DS_FAULT_SAVE_STALL_UNTIL=P ... or until the file P exists (a test ends the stall when it
                                     has seen what it waited for, on a machine of any speed)
+    MTO_DS_FAULT_DATA_STALL=S[:R]   each micro-batch reaches rank R (default: every rank) S seconds
+                                    late: a loader that cannot keep up, as metrics.jsonl's
+                                    data_wait reports it
     MTO_DS_TRACE_SAMPLES=1          each rank appends the sample indices of every step to
                                     RUN_DIR/samples/rank<R>.jsonl (a resume sets aside the rows of
                                     the steps it runs again, as metrics.jsonl's)
@@ -72,6 +75,8 @@ class Faults:
     save_stall_step: Optional[int] = None
     save_stall_seconds: float = 3600.0
     save_stall_until: Optional[str] = None
+    data_stall_seconds: float = 0.0
+    data_stall_rank: Optional[int] = None
 
     @classmethod
     def from_env(cls, env=os.environ) -> "Faults":
@@ -84,12 +89,19 @@ class Faults:
         except ValueError:
             raise ValueError(f"MTO_DS_FAULT_SAVE_STALL={stall!r}: expected STEP or STEP:SECONDS") from None
         exit_rank = _int(env, "MTO_DS_FAULT_EXIT_RANK")
+        data_stall = env.get("MTO_DS_FAULT_DATA_STALL", "").strip()
+        data_seconds, _, data_rank = data_stall.partition(":")
+        try:
+            data_seconds, data_rank = float(data_seconds or 0), int(data_rank) if data_rank else None
+        except ValueError:
+            raise ValueError(f"MTO_DS_FAULT_DATA_STALL={data_stall!r}: expected SECONDS or SECONDS:RANK") from None
         return cls(nan_steps=nan_steps, nan_rank=_int(env, "MTO_DS_FAULT_NAN_RANK"), nan_grad_steps=nan_grad_steps,
                    exit_at_step=_int(env, "MTO_DS_FAULT_EXIT_AT_STEP"),
                    raise_at_step=_int(env, "MTO_DS_FAULT_RAISE_AT_STEP"),
                    exit_rank=1 if exit_rank is None else exit_rank,
                    save_stall_step=stall_step, save_stall_seconds=seconds,
-                   save_stall_until=env.get("MTO_DS_FAULT_SAVE_STALL_UNTIL") or None)
+                   save_stall_until=env.get("MTO_DS_FAULT_SAVE_STALL_UNTIL") or None,
+                   data_stall_seconds=data_seconds, data_stall_rank=data_rank)
 
     def nan_loss(self, step: int, rank: int) -> bool:
         return step in self.nan_steps and self.nan_rank in (None, rank)
@@ -109,6 +121,10 @@ class Faults:
         log.error("fault injection: rank %d exits hard after step %d", rank, step)
         logging.shutdown()
         os._exit(EXIT_CODE)
+
+    def stall_in_data(self, rank: int) -> None:
+        if self.data_stall_seconds > 0 and self.data_stall_rank in (None, rank):
+            time.sleep(self.data_stall_seconds)
 
     def stall_in_save(self, step: int, tag: str) -> None:
         if step == self.save_stall_step:

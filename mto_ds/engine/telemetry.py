@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import statistics
 import sys
 from pathlib import Path
 from typing import Dict, Optional
@@ -72,6 +73,7 @@ class Telemetry:
         self.tb_dir = Path(run_dir) / "tensorboard"
         self.first: Optional[dict] = None
         self.last: Optional[dict] = None
+        self.data_waits: list = []  # (data_wait, step) of each logged row, for the summary
         self.writer = None
         self.bar = None
         if enabled:
@@ -125,6 +127,8 @@ class Telemetry:
         if row.get("loss") is not None:  # null: a step skipped for a non-finite loss
             self.first = self.first or row
             self.last = row
+        if row.get("data_wait") is not None:
+            self.data_waits.append((row["data_wait"], step))
         if "loss" in row and self.bar is not None:
             loss = "nan" if row["loss"] is None else f"{row['loss']:.4f}"
             self.bar.set_postfix(loss=loss, ips=f"{row.get('images_per_sec') or 0:.0f}")
@@ -156,9 +160,17 @@ class Telemetry:
             ended,
             f"  loss            {loss}",
             f"  throughput      {images_per_sec:.1f} images/s (mean over the run)",
+            *([self._data_wait_line()] if self.data_waits else []),
             f"  run directory   {run_dir}",
             f"  metrics         {self.metrics_path}",
             f"  checkpoint      {checkpoint if checkpoint else 'none saved'}",
             f"  TensorBoard     tensorboard --logdir {self.tb_dir}",
         ]
         return "\n".join(lines)
+
+    def _data_wait_line(self) -> str:
+        """The median row's data_wait, and the largest: an epoch's first row, which starts the
+        loader, can be most of a short run's mean."""
+        median = statistics.median(wait for wait, _ in self.data_waits)
+        most, at = max(self.data_waits)
+        return f"  data wait       {100 * median:.1f}% of the time (median of the rows; {100 * most:.1f}% at most, step {at})"

@@ -267,21 +267,32 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------
     def _micro_batches(self):
-        """Micro-batches grouped by optimizer step, from the current data position onward."""
+        """Micro-batches grouped by optimizer step, from the current data position onward. The
+        time this rank waits for them (an epoch's loader start included) goes to data_wait."""
         while self.global_step < self.total_steps:
             epoch, step_in_epoch = divmod(self.global_step, self.steps_per_epoch)
             stream = self.loader.micro_batches(epoch, step_in_epoch)
             for _ in range(step_in_epoch, self.steps_per_epoch):
                 if self.global_step >= self.total_steps:
                     return
-                yield [next(stream) for _ in range(self.batch.accumulation)]
+                began = time.time()
+                micro_batches = []
+                for _ in range(self.batch.accumulation):
+                    self.faults.stall_in_data(self.dist.rank)
+                    micro_batches.append(next(stream))
+                self._window_data_wait += time.time() - began
+                yield micro_batches
 
-    def _log_row(self, sums: dict, lr: float, images_per_sec: float) -> dict:
-        """The row of a logged step: each output the mean over the global batch's samples."""
+    def _log_row(self, sums: dict, lr: float, images_per_sec: float, data_wait: float) -> dict:
+        """The row of a logged step: each output the mean over the global batch's samples;
+        `data_wait` this rank's share of the row's time spent waiting for data, of which the row
+        keeps the largest over the ranks (the others wait for that rank in the gradient reduction)."""
         scalars = [k for k in LOGGED if sums[k].ndim == 0]
         packed = torch.cat([sums[k].reshape(-1) for k in LOGGED] + [sums["loss"].new_tensor([sums["samples"]])])
+        most_waited = packed.new_tensor([data_wait])
         if dist.is_initialized() and self.dist.world_size > 1:
             dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+            dist.all_reduce(most_waited, op=dist.ReduceOp.MAX)
         *flat, samples = packed.tolist()  # one device-to-host copy for the row
         if not samples:  # every rank's micro-batches were stand-ins (loader.py: _collate)
             raise ConfigError(f"bad value for 'data.path': no image of step {self.global_step}'s global batch "
@@ -300,13 +311,15 @@ class Trainer:
         loss_scale = float(self.engine.optimizer.cur_scale) if self.engine.fp16_enabled() else None
         return {"step": self.global_step, "epoch": self.global_step / self.steps_per_epoch, **values,
                 "grad_norm": None if grad_norm is None else float(grad_norm), "loss_scale": loss_scale,
-                "lr": lr, "images_per_sec": images_per_sec, "mto_scale": self.mto_state.loss_scale,
+                "lr": lr, "images_per_sec": images_per_sec, "data_wait": most_waited.item(),
+                "mto_scale": self.mto_state.loss_scale,
                 "nonfinite_steps": self.nonfinite_total, "overflow_steps": self.overflow_total}
 
     def train(self) -> dict:
         self.last_saved_step = self.global_step if self.resumed_from else -1
         start_step, start_time = self.global_step, time.time()
-        self._window_start, self._window_steps = time.time(), 0  # throughput between logged rows
+        # Throughput and data wait between logged rows
+        self._window_start, self._window_steps, self._window_data_wait = time.time(), 0, 0.0
         reason, failure = "completed", None
         try:
             if self._evaluation_pending():
@@ -433,10 +446,11 @@ class Trainer:
             self.mto_state.advance()
         else:
             elapsed = max(time.time() - self._window_start, 1e-9)
-            row = self._log_row(sums, lr, self._window_steps * self.batch.global_batch_size / elapsed)
+            row = self._log_row(sums, lr, self._window_steps * self.batch.global_batch_size / elapsed,
+                                self._window_data_wait / elapsed)
             self.mto_state.advance(row["heterogeneity"])
             self.telemetry.log(row)
-            self._window_start, self._window_steps = time.time(), 0
+            self._window_start, self._window_steps, self._window_data_wait = time.time(), 0, 0.0
         self.telemetry.tick(self.global_step)
 
     def _evaluation_pending(self) -> bool:
