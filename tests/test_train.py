@@ -37,6 +37,8 @@ def test_one_process_run_writes_the_run_directory(tmp_path):
     for key in ("step", "epoch", "loss", "loss_mim", "loss_mto", "lr", "images_per_sec"):
         assert key in rows[0], key
     assert all(0 <= r["data_wait"] < 1 for r in rows)  # share of the row's time (see the data-wait test)
+    # CUDA's allocator peaks (test_peak_memory_...): null on CPU, not a made-up 0.
+    assert all(r["max_memory_allocated_gib"] is None and r["max_memory_reserved_gib"] is None for r in rows)
     assert all(r["grad_norm"] > 0 for r in rows)  # the demo clips (train.clip_grad=1.0): DeepSpeed's norm
     assert all(r["loss_scale"] is None for r in rows)  # fp32: no loss scaler (fp16's: tests/test_resume.py)
     assert len(rows[0]["heterogeneity"]) == 12  # one value per encoder block of vit_tiny (SimMIM)
@@ -172,6 +174,17 @@ def test_data_wait_is_the_share_of_a_row_that_the_rank_waiting_longest_spent_wai
     median, most = sorted(rows, key=lambda r: r["data_wait"])[1:]
     assert (f"data wait       {100 * median['data_wait']:.1f}% of the time (median of the rows; "
             f"{100 * most['data_wait']:.1f}% at most, step {most['step']})") in result.stdout
+
+
+def test_peak_memory_is_read_in_gib_from_cudas_allocator_and_reset_for_the_next_row(monkeypatch):
+    from mto_ds.engine.trainer import peak_memory_gib
+    peaks = {"allocated": 3 * 2 ** 30, "reserved": 5 * 2 ** 29}
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: peaks["allocated"])
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device: peaks["reserved"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: peaks.update(allocated=0, reserved=0))
+    assert peak_memory_gib(torch.device("cuda", 0)) == (3.0, 2.5)
+    assert peak_memory_gib(torch.device("cuda", 0)) == (0.0, 0.0)  # the next row's peak starts afresh
+    assert peak_memory_gib(torch.device("cpu")) is None
 
 
 class _AccumulatingEngine:

@@ -6,7 +6,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -286,13 +286,16 @@ class Trainer:
     def _log_row(self, sums: dict, lr: float, images_per_sec: float, data_wait: float) -> dict:
         """The row of a logged step: each output the mean over the global batch's samples;
         `data_wait` this rank's share of the row's time spent waiting for data, of which the row
-        keeps the largest over the ranks (the others wait for that rank in the gradient reduction)."""
+        keeps the largest over the ranks (the others wait for that rank in the gradient reduction),
+        as it does of the ranks' peak memory since the previous row (CUDA only)."""
         scalars = [k for k in LOGGED if sums[k].ndim == 0]
         packed = torch.cat([sums[k].reshape(-1) for k in LOGGED] + [sums["loss"].new_tensor([sums["samples"]])])
-        most_waited = packed.new_tensor([data_wait])
+        memory = peak_memory_gib(self.dist.device)
+        most = packed.new_tensor([data_wait, *(memory or (0.0, 0.0))])
         if dist.is_initialized() and self.dist.world_size > 1:
             dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-            dist.all_reduce(most_waited, op=dist.ReduceOp.MAX)
+            dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        most_waited, allocated, reserved = most.tolist()
         *flat, samples = packed.tolist()  # one device-to-host copy for the row
         if not samples:  # every rank's micro-batches were stand-ins (loader.py: _collate)
             raise ConfigError(f"bad value for 'data.path': no image of step {self.global_step}'s global batch "
@@ -311,8 +314,9 @@ class Trainer:
         loss_scale = float(self.engine.optimizer.cur_scale) if self.engine.fp16_enabled() else None
         return {"step": self.global_step, "epoch": self.global_step / self.steps_per_epoch, **values,
                 "grad_norm": None if grad_norm is None else float(grad_norm), "loss_scale": loss_scale,
-                "lr": lr, "images_per_sec": images_per_sec, "data_wait": most_waited.item(),
-                "mto_scale": self.mto_state.loss_scale,
+                "lr": lr, "images_per_sec": images_per_sec, "data_wait": most_waited,
+                "max_memory_allocated_gib": allocated if memory else None,
+                "max_memory_reserved_gib": reserved if memory else None, "mto_scale": self.mto_state.loss_scale,
                 "nonfinite_steps": self.nonfinite_total, "overflow_steps": self.overflow_total}
 
     def train(self) -> dict:
@@ -506,6 +510,17 @@ class Trainer:
             # the last step's evaluation leaves it for the next start (_evaluation_pending).
             finished = reason == "completed" and step >= total
             write_state(self.run_dir, finished, step, total, reason, first=failure is not None)
+
+
+def peak_memory_gib(device: torch.device) -> Optional[Tuple[float, float]]:
+    """The most memory that torch's CUDA allocator held since the previous call, in GiB: in
+    tensors (`torch.cuda.max_memory_allocated`, MAE's and DINOv2's "max mem") and reserved from
+    the device (what an out-of-memory error counts against); None off CUDA. Resets the peaks."""
+    if device.type != "cuda":
+        return None
+    peaks = torch.cuda.max_memory_allocated(device) / 2 ** 30, torch.cuda.max_memory_reserved(device) / 2 ** 30
+    torch.cuda.reset_peak_memory_stats(device)
+    return peaks
 
 
 def fp32_master_encoder(encoder: torch.nn.Module, cfg: Config, device: torch.device) -> torch.nn.Module:
