@@ -1131,6 +1131,28 @@ def test_the_progress_bar_into_a_file_refreshes_once_a_minute(tmp_path, monkeypa
         telemetry.close()
 
 
+def test_the_closing_summary_gives_the_data_wait_and_the_peak_memory_of_the_rows(tmp_path):
+    """A GPU run's summary says whether the loader kept up (the median row's data_wait: an
+    epoch's first row, which starts the loader, can outweigh the rest of a short run) and how
+    close to the device's memory it came; a CPU run's rows have no memory, nor has its summary."""
+    from mto_ds.engine.telemetry import Telemetry
+    telemetry = Telemetry(tmp_path, enabled=True, total_steps=12, start_step=0, progress_bar=False)
+    for step, wait, allocated, reserved in [(3, 0.8, 20.5, 22.0), (6, 0.02, 25.25, 26.0), (9, 0.01, 25.0, 27.5),
+                                            (12, 0.03, None, None)]:
+        telemetry.log({"step": step, "loss": 0.5, "images_per_sec": 10.0, "data_wait": wait,
+                       "max_memory_allocated_gib": allocated, "max_memory_reserved_gib": reserved})
+    telemetry.close()
+    lines = telemetry.summary(tmp_path, 10.0, None, 12, 12, "completed").splitlines()
+    assert "  data wait       2.5% of the time (median of the rows; 80.0% at most, step 3)" in lines
+    assert "  memory          25.2 GiB in tensors, 27.5 GiB reserved at most (the largest rank's)" in lines
+    cpu = Telemetry(tmp_path / "cpu", enabled=True, total_steps=1, start_step=0, progress_bar=False)
+    cpu.log({"step": 1, "loss": 0.5, "images_per_sec": 10.0, "data_wait": 0.0,
+             "max_memory_allocated_gib": None, "max_memory_reserved_gib": None})
+    cpu.close()
+    assert not [line for line in cpu.summary(tmp_path, 10.0, None, 1, 1, "completed").splitlines()
+                if line.strip().startswith("memory")]
+
+
 def test_the_closing_summary_says_how_the_start_ended_and_how_to_go_on(tmp_path):
     """After a stop signal it used to say 'pre-training finished' while state.json said not; a
     start of a finished run printed only 'No steps logged'."""

@@ -74,6 +74,7 @@ class Telemetry:
         self.first: Optional[dict] = None
         self.last: Optional[dict] = None
         self.data_waits: list = []  # (data_wait, step) of each logged row, for the summary
+        self.peak_memory: Dict[str, float] = {}  # the largest of each memory key over the rows (CUDA)
         self.writer = None
         self.bar = None
         if enabled:
@@ -129,6 +130,9 @@ class Telemetry:
             self.last = row
         if row.get("data_wait") is not None:
             self.data_waits.append((row["data_wait"], step))
+        for key in ("max_memory_allocated_gib", "max_memory_reserved_gib"):
+            if row.get(key) is not None:
+                self.peak_memory[key] = max(self.peak_memory.get(key, 0.0), row[key])
         if "loss" in row and self.bar is not None:
             loss = "nan" if row["loss"] is None else f"{row['loss']:.4f}"
             self.bar.set_postfix(loss=loss, ips=f"{row.get('images_per_sec') or 0:.0f}")
@@ -161,6 +165,9 @@ class Telemetry:
             f"  loss            {loss}",
             f"  throughput      {images_per_sec:.1f} images/s (mean over the run)",
             *([self._data_wait_line()] if self.data_waits else []),
+            *([f"  memory          {self.peak_memory['max_memory_allocated_gib']:.1f} GiB in tensors, "
+               f"{self.peak_memory['max_memory_reserved_gib']:.1f} GiB reserved at most (the largest rank's)"]
+              if self.peak_memory else []),
             f"  run directory   {run_dir}",
             f"  metrics         {self.metrics_path}",
             f"  checkpoint      {checkpoint if checkpoint else 'none saved'}",
