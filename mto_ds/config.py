@@ -34,6 +34,8 @@ class RunConfig:
     seed: int = 0
     log_every: int = 10          # optimizer steps between metrics.jsonl / TensorBoard rows
     progress_bar: bool = True                # tqdm on stderr; into a file (a Slurm log) redrawn once a minute
+    profile_step: Optional[int] = None       # torch.profiler from this optimizer step on, every rank: RUN/profile/
+    profile_steps: int = 3                   # ... over this many steps
 
 
 @dataclass
@@ -324,6 +326,9 @@ def validate(cfg: Config, training: bool = True) -> None:
     _check(0 <= cfg.run.seed < 2 ** 32, "run.seed", "an integer in [0, 2**32)", cfg.run.seed)
     _check(cfg.run.log_every >= 1, "run.log_every", "a positive integer (optimizer steps between rows)",
            cfg.run.log_every)
+    if cfg.run.profile_step is not None:
+        _check(cfg.run.profile_step >= 1, "run.profile_step", "a step number >= 1 or null", cfg.run.profile_step)
+    _check(cfg.run.profile_steps >= 1, "run.profile_steps", "a positive integer", cfg.run.profile_steps)
     _check(m.arch in ARCHS, "model.arch", f"one of {list(ARCHS)}", m.arch)
     _check(m.method in METHODS, "model.method", f"one of {list(METHODS)}", m.method)
     patch = 14 if m.arch.endswith("patch14") else 16

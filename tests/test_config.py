@@ -70,6 +70,8 @@ def test_wrong_type_says_what_was_expected():
     ("train.betas=[0.9,1.0]", "train.betas"),
     ("train.clip_grad=0", "train.clip_grad"),
     ("train.warmup_epochs=inf", "train.warmup_epochs"),
+    ("run.profile_step=0", "run.profile_step"),
+    ("run.profile_steps=0", "run.profile_steps"),
 ])
 def test_bad_values_fail_naming_the_key(override, key):
     with pytest.raises(ConfigError) as err:
@@ -78,8 +80,10 @@ def test_bad_values_fail_naming_the_key(override, key):
 
 
 def test_values_at_their_bounds_are_accepted():
-    cfg = load_config(DEMO, ["data.num_workers=0", "train.min_lr_ratio=1.0", "mto.early_blocks=0"])
+    cfg = load_config(DEMO, ["data.num_workers=0", "train.min_lr_ratio=1.0", "mto.early_blocks=0",
+                             "run.profile_step=1", "run.profile_steps=1"])
     assert (cfg.data.num_workers, cfg.train.min_lr_ratio, cfg.mto.early_blocks) == (0, 1.0, 0)
+    assert (cfg.run.profile_step, cfg.run.profile_steps) == (1, 1)
 
 
 @pytest.mark.parametrize("overrides, key", [

@@ -144,7 +144,7 @@ def test_bench_step_compares_mto_on_with_off_and_each_row_with_the_baseline():
 
 
 def test_kernel_busy_share_counts_overlapping_kernels_once_and_gaps_as_idle():
-    share = _load("bench_step").kernel_busy_share
+    from mto_ds.engine.profiling import kernel_busy_share as share
     # 0-4 and 2-6 overlap (busy 0-6), idle 6-8, busy 8-10: 8 of 10 microseconds.
     assert share([(8, 10), (0, 4), (2, 6)]) == pytest.approx(0.8)
     assert share([(0, 5), (5, 10)]) == pytest.approx(1.0)

@@ -1,6 +1,8 @@
 """Pre-training through DeepSpeed on CPU ranks: the run directory, loss decrease, ZeRO-3, accumulation."""
+import gzip
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -24,9 +26,18 @@ def _head_mean(rows, key, n):
     return sum(r[key] for r in rows[:n]) / n
 
 
+def _trace_steps(trace) -> list:
+    """The `step N` ranges of a profile's Chrome trace (StepProfiler marks each profiled step)."""
+    with gzip.open(trace, "rt") as f:
+        events = json.load(f)["traceEvents"]
+    assert any(e.get("name", "").startswith("aten::") for e in events)  # the step's ops are in it
+    return sorted(int(e["name"].split()[1]) for e in events if re.fullmatch(r"step \d+", e.get("name", "")))
+
+
 def test_one_process_run_writes_the_run_directory(tmp_path):
     run = tmp_path / "run"
-    result = pretrain(run, "train.steps=4", "run.log_every=1", "checkpoint.resume=none")
+    result = pretrain(run, "train.steps=4", "run.log_every=1", "checkpoint.resume=none", "run.profile_step=2",
+                      "run.profile_steps=2")
     assert (run / "config.yaml").is_file()
     saved = yaml.safe_load((run / "config.yaml").read_text())
     # config.yaml is how to continue the run: `--config RUN/config.yaml` with resume=none there
@@ -52,6 +63,11 @@ def test_one_process_run_writes_the_run_directory(tmp_path):
         "finished": True, "step": 4, "total_steps": 4, "reason": "completed"}
     assert "loss" in result.stdout and "tensorboard --logdir" in result.stdout  # closing summary
     assert "resuming at step" not in result.stderr
+    # run.profile_step: steps 2 and 3 under torch.profiler, a trace and an ops table per rank.
+    assert sorted(p.name for p in (run / "profile").iterdir()) == ["rank0_steps2-3.ops.txt",
+                                                                  "rank0_steps2-3.trace.json.gz"]
+    assert _trace_steps(run / "profile" / "rank0_steps2-3.trace.json.gz") == [2, 3]
+    assert "aten::" in (run / "profile" / "rank0_steps2-3.ops.txt").read_text()
 
     # The logged LR is the schedule's for each step: demo peak blr 1e-3 x 32 / 256; its warm-up of
     # half an epoch (16 steps) is cut to 3 in a 4-step run, so the peak is reached at step 3.
@@ -59,8 +75,11 @@ def test_one_process_run_writes_the_run_directory(tmp_path):
 
     # Resumed with another seed and no warm-up: the data position cannot continue exactly, and the
     # log says why; the LR follows the new schedule from the step the run continues at.
-    resumed = pretrain(run, "train.steps=5", "run.log_every=1", "run.seed=1", "train.warmup_epochs=0")
+    # A profile that the run's end cuts short (steps 5-7 asked, 5 run) keeps the steps it ran.
+    resumed = pretrain(run, "train.steps=5", "run.log_every=1", "run.seed=1", "train.warmup_epochs=0",
+                       "run.profile_step=5", "run.profile_steps=3")
     assert "resuming at step 4: run.seed was 0, now 1" in resumed.stderr
+    assert _trace_steps(run / "profile" / "rank0_steps5-5.trace.json.gz") == [5]
     rows = read_metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
     assert rows[-1]["lr"] == pytest.approx(1.25e-4 * 0.5 * (1 + math.cos(math.pi * 4 / 5)))  # min ratio 0

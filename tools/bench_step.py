@@ -29,6 +29,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
+from mto_ds.engine.profiling import write_profile  # noqa: E402
+
 
 def matmul_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
     """Best of 3 windows of back-to-back n^3 matmuls (about 0.15 s each on an H100: long enough
@@ -95,30 +97,9 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name).strip("_")
 
 
-def kernel_busy_share(intervals) -> float:
-    """Share of the span from the first kernel's start to the last one's end during which at
-    least one kernel ran: 1 minus the GPU's idle gaps (host syncs, launch latency)."""
-    if not intervals:
-        return float("nan")
-    intervals = sorted(intervals)
-    busy, (start, end) = 0.0, intervals[0]
-    first = start
-    for s, e in intervals[1:]:
-        if s > end:
-            busy += end - start
-            start, end = s, e
-        else:
-            end = max(end, e)
-    busy += end - start
-    last = max(e for _, e in intervals)
-    return busy / (last - first) if last > first else float("nan")
-
-
 def profile_steps(step, device, steps, trace_path) -> float:
     """Run `steps` steps under torch.profiler, write a Chrome trace (.json.gz) and the top ops
-    by own time (.ops.txt), and return the GPU's busy share over them (nan on CPU). The profiler
-    adds host overhead, so gaps can only look larger."""
-    from torch.autograd import DeviceType
+    by own time (.ops.txt), and return the GPU's busy share over them (nan on CPU)."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     _sync(device)
@@ -126,17 +107,7 @@ def profile_steps(step, device, steps, trace_path) -> float:
         for _ in range(steps):
             step()
         _sync(device)
-    prof.export_chrome_trace(str(trace_path))
-    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    tables = [prof.key_averages().table(sort_by=sort, row_limit=25)]
-    if device.type == "cuda":  # the host's side too: where a launch-bound step spends its time
-        tables.append(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
-    Path(str(trace_path).replace(".trace.json.gz", ".ops.txt")).write_text("\n".join(tables))
-    # Kernels only: user annotations on the GPU timeline (e.g. the optimizer step's range) span
-    # idle gaps too, and torch's own tables leave them out as well.
-    kernels = [(e.time_range.start, e.time_range.end) for e in prof.events()
-               if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
-    return kernel_busy_share(kernels) if device.type == "cuda" else float("nan")
+    return write_profile(prof, device, trace_path)
 
 
 # Ops that launch no device work: views and metadata, allocations, the profiler's own markers.

@@ -180,4 +180,5 @@ class Telemetry:
         loader, can be most of a short run's mean."""
         median = statistics.median(wait for wait, _ in self.data_waits)
         most, at = max(self.data_waits)
-        return f"  data wait       {100 * median:.1f}% of the time (median of the rows; {100 * most:.1f}% at most, step {at})"
+        return (f"  data wait       {100 * median:.1f}% of the time (median of the rows; "
+                f"{100 * most:.1f}% at most, step {at})")

@@ -25,6 +25,7 @@ from .builder import (BatchPlan, deepspeed_config, describe_batch, learning_rate
 from .checkpoint import Checkpointer, job_identity
 from .distributed import DistInfo, agree, check_shared_directory, differing_from_rank_0, init_distributed
 from .faults import Faults, SampleTrace
+from .profiling import StepProfiler
 from .run_dir import RunDirectoryInUse, RunLock, claim, clear_state, resume_warnings, write_config, write_state
 from .signals import TAKEN_OVER, StopRequest
 from .step import (LOGGED, NonFiniteGradientsError, NonFiniteLossError, NonFiniteWeightsError, train_step,
@@ -169,6 +170,8 @@ class Trainer:
         self.trace = SampleTrace(self.run_dir, self.dist.rank, self.dist.world_size, start_step=self.global_step)
         self.telemetry = Telemetry(self.run_dir, self.dist.rank == 0, self.total_steps, self.global_step,
                                    cfg.run.progress_bar, resumed=bool(self.resumed_from))
+        self.profiler = StepProfiler(self.run_dir, self.dist.rank, self.dist.device, cfg.run.profile_step,
+                                     cfg.run.profile_steps)
         log.info("%s, %d steps/epoch, %d steps in all, ZeRO-%d, %s",
                  describe_batch(self.batch, cfg.train.micro_batch_size), self.steps_per_epoch, self.total_steps,
                  zero_stage(self.ds_config), precision(self.ds_config))
@@ -333,7 +336,10 @@ class Trainer:
                 with self._off_the_clock():
                     self._maybe_evaluate()
             for micro_batches in self._micro_batches():
+                self.profiler.begin(self.global_step + 1)
                 self._step(micro_batches)
+                with self._off_the_clock():  # writing a trace is not training
+                    self.profiler.end(self.global_step)
                 if self.run_lock is not None and self.run_lock.lost.is_set():
                     self.stop.taken_over = True  # agreed as a signal is, a step later
                 if self.stop.agreed(self.dist.device):
@@ -363,6 +369,7 @@ class Trainer:
                                else f"error: {self._where(err)}{type(err).__name__}: {err}"), err
             raise
         finally:
+            self.profiler.close()  # a start that stopped inside the profiled steps: the steps it ran
             try:
                 self.telemetry.close()  # fails again after a write error in the telemetry
             finally:
