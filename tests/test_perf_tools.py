@@ -284,6 +284,20 @@ def test_model_flops_per_image_equal_the_hand_count_with_attention_on_cpu(method
     assert model_flops == 2 * (3 * macs - patch_embed)
 
 
+@pytest.mark.parametrize("arch, method, img", [("vit_tiny_patch16", "simmim", 64), ("vit_tiny_patch16", "mae", 64),
+                                               ("vit_small_patch16", "mae", 96), ("vit_small_patch16", "simmim", 96)])
+def test_the_models_own_flop_count_equals_torchs_flop_counter(arch, method, img):
+    """A training run's tflops_per_gpu comes from the model's count (no second model, no counted
+    step at start); bench_step's count is torch's FlopCounterMode over a real step (checked
+    against the hand count above). Other widths, depths, grids and MAE's visible share."""
+    import torch
+    from mto_ds.models import create_mim_model, mask_fn_for
+    model = create_mim_model(arch, method, img_size=img)
+    mask_fn_for(model, method, img)
+    counted = _load("bench_step").model_flops_per_image(arch, method, img, torch.device("cpu"))
+    assert model.flops_per_image() == counted
+
+
 def test_fused_attention_backward_counts_four_matmuls_not_the_recomputed_scores():
     """Flash and memory-efficient attention recompute Q K^T in their backward; torch's own formula
     counts it (5 matmuls), which is recomputation, not model work: ViT-L's count on a GPU came out

@@ -48,6 +48,9 @@ def test_one_process_run_writes_the_run_directory(tmp_path):
     for key in ("step", "epoch", "loss", "loss_mim", "loss_mto", "lr", "images_per_sec"):
         assert key in rows[0], key
     assert all(0 <= r["data_wait"] < 1 for r in rows)  # share of the row's time (see the data-wait test)
+    # Achieved model TFLOP/s per GPU (one process here): the row's rate times the model's FLOPs.
+    flops = create_mim_model("vit_tiny_patch16", "simmim", img_size=64).flops_per_image()
+    assert [r["tflops_per_gpu"] for r in rows] == pytest.approx([r["images_per_sec"] * flops / 1e12 for r in rows])
     # CUDA's allocator peaks (test_peak_memory_...): null on CPU, not a made-up 0.
     assert all(r["max_memory_allocated_gib"] is None and r["max_memory_reserved_gib"] is None for r in rows)
     assert all(r["grad_norm"] > 0 for r in rows)  # the demo clips (train.clip_grad=1.0): DeepSpeed's norm
@@ -189,6 +192,9 @@ def test_data_wait_is_the_share_of_a_row_that_the_rank_waiting_longest_spent_wai
     for row in rows:
         seconds = 32 / row["images_per_sec"]
         assert 0.9 * 2 * 1.5 <= row["data_wait"] * seconds <= seconds, rows
+    # The rate is both ranks' together; TFLOP/s are per GPU.
+    flops = create_mim_model("vit_tiny_patch16", "simmim", img_size=64).flops_per_image()
+    assert [r["tflops_per_gpu"] for r in rows] == pytest.approx([r["images_per_sec"] * flops / 2 / 1e12 for r in rows])
     # The closing summary: the median row's share and the largest, with its step.
     median, most = sorted(rows, key=lambda r: r["data_wait"])[1:]
     assert (f"data wait       {100 * median['data_wait']:.1f}% of the time (median of the rows; "

@@ -133,6 +133,7 @@ class Trainer:
                                  decoder_embed_dim=m.decoder_embed_dim, decoder_depth=m.decoder_depth,
                                  decoder_num_heads=m.decoder_num_heads, norm_pix_loss=m.norm_pix_loss)
         mask_fn = mask_fn_for(model, m.method, m.img_size, m.mask_ratio, m.mask_patch_size)
+        self.flops_per_image = model.flops_per_image()  # MFU's model FLOPs, from the layer shapes
         asked, realised = mask_ratio(m), realised_mask_ratio(m)
         if abs(realised - asked) > 0.05 and self.dist.rank == 0:
             log.warning("model.mask_ratio=%g masks %.3g of the patches: masks are whole %s, %d of them per "
@@ -317,7 +318,9 @@ class Trainer:
         loss_scale = float(self.engine.optimizer.cur_scale) if self.engine.fp16_enabled() else None
         return {"step": self.global_step, "epoch": self.global_step / self.steps_per_epoch, **values,
                 "grad_norm": None if grad_norm is None else float(grad_norm), "loss_scale": loss_scale,
-                "lr": lr, "images_per_sec": images_per_sec, "data_wait": most_waited,
+                "lr": lr, "images_per_sec": images_per_sec,
+                "tflops_per_gpu": images_per_sec * self.flops_per_image / self.dist.world_size / 1e12,
+                "data_wait": most_waited,
                 "max_memory_allocated_gib": allocated if memory else None,
                 "max_memory_reserved_gib": reserved if memory else None, "mto_scale": self.mto_state.loss_scale,
                 "nonfinite_steps": self.nonfinite_total, "overflow_steps": self.overflow_total}

@@ -2,7 +2,7 @@
 MIM loss and MTO terms."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Set
+from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
@@ -11,6 +11,16 @@ from ..mto.attention import MTOAttention
 from ..mto.losses import mto_terms, weighted_mto_loss
 from ..mto.plan import block_flags, mto_settings
 from .vit import block_telemetry
+
+
+def blocks_macs(blocks: nn.ModuleList, tokens: int) -> int:
+    """Multiply-adds of ViT blocks over `tokens` tokens: each Linear's (q, k, v, the projection,
+    the MLP) and attention's two matmuls (2 tokens^2 width)."""
+    total = 0
+    for block in blocks:
+        linear = sum(m.in_features * m.out_features for m in block.modules() if isinstance(m, nn.Linear))
+        total += tokens * linear + 2 * tokens ** 2 * block.norm1.normalized_shape[0]
+    return total
 
 
 class MIMModel(nn.Module):
@@ -47,6 +57,18 @@ class MIMModel(nn.Module):
         if mask.is_floating_point() or mask.is_complex():
             raise TypeError(f"mask must be bool (True = masked) or 0/1 integers, got {mask.dtype}")
         return mask if mask.dtype == torch.bool else mask != 0
+
+    def flops_per_image(self) -> float:
+        """FLOPs of one image's forward and backward, MFU's "model FLOPs": a multiply-add is 2,
+        the backward twice the forward, less the patch embedding's gradient with respect to the
+        images, which nothing needs. Neither MTO's statistics nor activation checkpointing's
+        recomputation count (tests/test_perf_tools.py checks it against torch's FLOP counter)."""
+        forward, patch_embed = self.forward_macs()
+        return 2.0 * (3 * forward - patch_embed)
+
+    def forward_macs(self) -> Tuple[int, int]:
+        """(multiply-adds of one image's forward, those of its patch embedding)."""
+        raise NotImplementedError
 
     def block_flags(self, with_stats: bool):
         return block_flags(self.mto, self.num_mim_blocks, with_stats)
