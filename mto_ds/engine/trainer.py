@@ -299,8 +299,9 @@ class Trainer:
         if dist.is_initialized() and self.dist.world_size > 1:
             dist.all_reduce(packed, op=dist.ReduceOp.SUM)
             dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        # Two small device-to-host copies for the row (a logged step only)
         most_waited, allocated, reserved = most.tolist()
-        *flat, samples = packed.tolist()  # one device-to-host copy for the row
+        *flat, samples = packed.tolist()
         if not samples:  # every rank's micro-batches were stand-ins (loader.py: _collate)
             raise ConfigError(f"bad value for 'data.path': no image of step {self.global_step}'s global batch "
                               f"could be decoded (each named in a warning): is {self.cfg.data.path} damaged or "
@@ -372,7 +373,8 @@ class Trainer:
                                else f"error: {self._where(err)}{type(err).__name__}: {err}"), err
             raise
         finally:
-            self.profiler.close()  # a start that stopped inside the profiled steps: the steps it ran
+            if self.stop.agreed_code != TAKEN_OVER:  # the run directory is the other start's now
+                self.profiler.close()  # a start that stopped inside the profiled steps: the steps it ran
             try:
                 self.telemetry.close()  # fails again after a write error in the telemetry
             finally:
