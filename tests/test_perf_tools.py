@@ -260,6 +260,20 @@ def test_bench_gpu_script_refuses_an_unknown_part_before_running_anything(tmp_pa
     assert not (tmp_path / "out").exists()
 
 
+def test_bench_gpu_trainer_part_checks_its_pretrain_config_without_a_gpu(tmp_path):
+    """`trainer` (not in `all`) starts mto-ds pretrain itself on the GPU; its dry run loads that
+    command's config as the trainer would, so a key the schema lost fails here, not in a lease."""
+    out = tmp_path / "out"
+    result = subprocess.run(["bash", "tools/bench_gpu.sh", str(out), "trainer"], cwd=REPO,
+                            env=cpu_env(BENCH_DRY_RUN="1", PYTHON=sys.executable), capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [line.split(":")[0] for line in (out / "commands.txt").read_text().splitlines()] == ["== trainer"]
+    (row,) = (out / "trainer.md").read_text().splitlines()
+    assert row.startswith("| trainer | config valid: would run mto_ds pretrain --config configs/vit_b_simmim.yaml")
+    assert "run.profile_step=16" in row
+
+
 def _blocks_macs(tokens, dim, depth):
     """Multiply-adds of `depth` ViT blocks (MLP ratio 4) over `tokens` tokens: q, k, v, the
     projection and the MLP (12 dim^2 a token), and attention's two matmuls (2 tokens^2 dim)."""

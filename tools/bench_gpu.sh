@@ -16,6 +16,10 @@
 #                                         # rows' host floor (width 64); MAE with DeepSpeed's host-side
 #                                         # options changed, and at batch 256; SimMIM + MAE with
 #                                         # fp32 gradient accumulation
+#   tools/bench_gpu.sh OUT_DIR trainer    # a check, not in `all`: `mto-ds pretrain` itself on the GPU, ViT-B/16
+#                                         # SimMIM + MTO, 24 steps on the synthetic images, steps 16-18
+#                                         # profiled; its rows (images/s, TFLOP/s, data wait, memory peaks)
+#                                         # in trainer.md, its CUDA trace in trainer_run/profile/
 #
 # BENCH_TIMEOUT=SECONDS bounds each process (default: none), so a slow one cannot take the
 # next ones' time: SIGTERM then, and SIGKILL BENCH_KILL_AFTER seconds later (default 30) if it
@@ -25,13 +29,14 @@
 # its rows and validates each engine row's DeepSpeed config (`--dry-run`).
 # PYTHON=INTERPRETER picks the Python that runs everything (default: python3 on PATH).
 set -euo pipefail
-out=${1:?usage: tools/bench_gpu.sh OUT_DIR [PART...] (PART: kernel, large, compiled, huge, all or quick)}
+out=${1:?usage: tools/bench_gpu.sh OUT_DIR [PART...] (PART: kernel, large, compiled, huge, all, quick or trainer)}
 parts=("${@:2}")
 ((${#parts[@]})) || parts=(all)
 for part in "${parts[@]}"; do
     case $part in
-        kernel | large | compiled | huge | all | quick) ;;
-        *) echo "bench_gpu.sh: unknown part '$part': expected kernel, large, compiled, huge, all or quick" >&2; exit 2 ;;
+        kernel | large | compiled | huge | all | quick | trainer) ;;
+        *) echo "bench_gpu.sh: unknown part '$part': expected kernel, large, compiled, huge, all, quick or trainer" >&2
+           exit 2 ;;
     esac
 done
 wants() {  # wants PART...: whether any of these parts was asked for; each part runs once however often it is named
@@ -138,6 +143,30 @@ if wants huge all; then
     run vit_h_b128 "$py" tools/bench_step.py "${step_flags[@]}" --arch vit_huge_patch14 --method simmim --mto on --zero 3 \
         --batch 128 --activation-checkpointing --steps 10 --warmup 3 --data none --no-baseline \
         --json "$out/vit_h_b128.json"
+fi
+if wants trainer; then
+    # The trainer's own CUDA paths (memory peaks, the profiler's CUDA trace, tflops_per_gpu) on a
+    # short real start; the dry run checks its config.
+    trainer_args=(--config configs/vit_b_simmim.yaml "run.output_dir=$out/trainer_run" run.progress_bar=false
+                  run.log_every=4 run.profile_step=16 run.profile_steps=3 data.source=synthetic
+                  data.synthetic_images=4096 data.num_workers=8 train.global_batch_size=64 train.steps=24
+                  train.warmup_steps=4 checkpoint.every_steps=0 checkpoint.resume=none)
+    if [[ $dry_run == 1 ]]; then
+        run trainer "$py" -c 'import sys; from mto_ds.config import load_config; load_config(sys.argv[2], sys.argv[3:]); print("| trainer | config valid: would run mto_ds pretrain", " ".join(sys.argv[1:]), "|")' \
+            "${trainer_args[@]}"
+    else
+        run trainer_start "$py" -m mto_ds pretrain "${trainer_args[@]}"
+        run trainer "$py" - "$out/trainer_run/metrics.jsonl" <<'EOF'
+import json, sys
+print("| step | images/s | TFLOP/s per GPU | data wait | GiB allocated / reserved |")
+print("|---|---|---|---|---|")
+for row in map(json.loads, open(sys.argv[1])):
+    if "loss" in row:
+        memory = (row["max_memory_allocated_gib"], row["max_memory_reserved_gib"])
+        print(f"| {row['step']} | {row['images_per_sec']:.1f} | {row['tflops_per_gpu']:.1f} | "
+              f"{100 * row['data_wait']:.1f}% | {' / '.join(f'{m:.1f}' for m in memory) if None not in memory else 'n/a'} |")
+EOF
+    fi
 fi
 if ((${#failed[@]})); then
     echo "bench_gpu.sh: exited with a non-zero status: ${failed[*]} (see $out/commands.txt and the .log files)" >&2
