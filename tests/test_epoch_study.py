@@ -101,7 +101,8 @@ def test_collect_from_the_command_line_never_imports_torch(tmp_path):
     result = subprocess.run([sys.executable, "-X", "importtime", str(TOOL), "collect", str(tmp_path / "study"),
                              "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()
+                if line.startswith("import time:")}
     assert "mto_ds.eval.study_report" in imported and (out / "summary.json").is_file()
     assert not {name for name in imported if name.split(".")[0] in ("torch", "deepspeed", "timm")}
 

@@ -187,7 +187,8 @@ DROP_PATH_RUN = ("train.steps=3", "run.log_every=1", "checkpoint.every_steps=0",
 @pytest.fixture(scope="module")
 def two_ranks_late_loader(tmp_path_factory):
     run = tmp_path_factory.mktemp("two_ranks") / "run"
-    result = pretrain(run, "model.drop_path=0.3", *DROP_PATH_RUN, nproc=2, env_extra={"MTO_DS_FAULT_DATA_STALL": "1.5:1"})
+    result = pretrain(run, "model.drop_path=0.3", *DROP_PATH_RUN, nproc=2,
+                      env_extra={"MTO_DS_FAULT_DATA_STALL": "1.5:1"})
     return run, result
 
 
