@@ -214,16 +214,21 @@ def test_bench_gpu_script_checks_every_part_without_a_gpu_before_a_lease_is_spen
     """BENCH_DRY_RUN=1: each part's kernel tests are collected, bench_attention runs its CPU shape
     and every bench_step command lists its rows with its DeepSpeed config validated, so an
     argument or config error shows here instead of in a GPU lease. `all quick` names the kernel
-    part twice (both include it): it runs once."""
+    part twice (both include it): it runs once. `trainer` (not in `all`) starts mto-ds pretrain
+    itself on the GPU: its dry run loads that command's config as the trainer would."""
     env = cpu_env(BENCH_DRY_RUN="1", PYTHON=sys.executable)
     out = tmp_path / "out"
-    result = subprocess.run(["bash", "tools/bench_gpu.sh", str(out), "all", "quick"], cwd=REPO, env=env,
+    result = subprocess.run(["bash", "tools/bench_gpu.sh", str(out), "all", "quick", "trainer"], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     commands = [line.split(":")[0] for line in (out / "commands.txt").read_text().splitlines()]
     assert commands == [f"== {name}" for name in (
         "kernel_tests", "attention", "vit_l_quick", "host_floor", "host_floor_noncontiguous", "mae_compute_grad_norm",
-        "mae_contiguous_gradients", "mae_b256", "fp32_grad_accum", "vit_l", "vit_l_compiled", "vit_h_b64", "vit_h_b128")]
+        "mae_contiguous_gradients", "mae_b256", "fp32_grad_accum", "vit_l", "vit_l_compiled", "vit_h_b64", "vit_h_b128",
+        "trainer")]
+    (trainer,) = (out / "trainer.md").read_text().splitlines()
+    assert trainer.startswith("| trainer | config valid: would run mto_ds pretrain --config configs/vit_b_simmim.yaml")
+    assert "run.profile_step=16" in trainer
     collected = (out / "kernel_tests.log").read_text()
     assert "test_fused_attention.py::test_cuda_kernel_outputs_statistics_and_gradients_match_reference" in collected
     assert "test_sdpa_stats.py::test_cuda_padded_statistics_run_on_flash_attention" in collected
@@ -258,20 +263,6 @@ def test_bench_gpu_script_refuses_an_unknown_part_before_running_anything(tmp_pa
                             env=cpu_env(BENCH_DRY_RUN="1", PYTHON="false"), capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "unknown part 'larg'" in result.stderr, result.stderr
     assert not (tmp_path / "out").exists()
-
-
-def test_bench_gpu_trainer_part_checks_its_pretrain_config_without_a_gpu(tmp_path):
-    """`trainer` (not in `all`) starts mto-ds pretrain itself on the GPU; its dry run loads that
-    command's config as the trainer would, so a key the schema lost fails here, not in a lease."""
-    out = tmp_path / "out"
-    result = subprocess.run(["bash", "tools/bench_gpu.sh", str(out), "trainer"], cwd=REPO,
-                            env=cpu_env(BENCH_DRY_RUN="1", PYTHON=sys.executable), capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert [line.split(":")[0] for line in (out / "commands.txt").read_text().splitlines()] == ["== trainer"]
-    (row,) = (out / "trainer.md").read_text().splitlines()
-    assert row.startswith("| trainer | config valid: would run mto_ds pretrain --config configs/vit_b_simmim.yaml")
-    assert "run.profile_step=16" in row
 
 
 def _blocks_macs(tokens, dim, depth):
