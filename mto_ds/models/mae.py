@@ -60,17 +60,16 @@ class MAE(MIMModel):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
-    def forward_macs(self):
-        """Every patch embedded, CLS and the visible ones through the encoder (`num_visible`, which
-        mask_fn_for sets), CLS and all patches through the decoder, each to its pixels."""
+    def macs_after_patch_embed(self) -> int:
+        """CLS and the visible patches through the encoder (`num_visible`, which mask_fn_for sets),
+        CLS and all patches through the decoder, each to its pixels."""
         if self.num_visible is None:
             raise ValueError("MAE's FLOPs depend on the visible patches: set num_visible (mask_fn_for does)")
         embed, visible, tokens = self.decoder_embed, self.num_visible + 1, self.num_patches + 1
-        patch_embed = self.num_patches * 3 * self.patch_size ** 2 * self.encoder.embed_dim
         encoder = blocks_macs(self.encoder.blocks, visible) + visible * embed.in_features * embed.out_features
         decoder = blocks_macs(self.decoder_blocks, tokens) + tokens * self.decoder_pred.in_features * \
             self.decoder_pred.out_features
-        return patch_embed + encoder + decoder, patch_embed
+        return encoder + decoder
 
     def forward_encoder(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Encoder tokens of the visible patches [B, 1 + num_visible, D], CLS first.

@@ -2,7 +2,7 @@
 MIM loss and MTO terms."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, List, Optional, Set
 
 import torch
 from torch import nn
@@ -63,11 +63,11 @@ class MIMModel(nn.Module):
         the backward twice the forward, less the patch embedding's gradient with respect to the
         images, which nothing needs. Neither MTO's statistics nor activation checkpointing's
         recomputation count (tests/test_perf_tools.py checks it against torch's FLOP counter)."""
-        forward, patch_embed = self.forward_macs()
-        return 2.0 * (3 * forward - patch_embed)
+        patch_embed = self.num_patches * 3 * self.patch_size ** 2 * self.encoder.embed_dim
+        return 2.0 * (3 * (patch_embed + self.macs_after_patch_embed()) - patch_embed)
 
-    def forward_macs(self) -> Tuple[int, int]:
-        """(multiply-adds of one image's forward, those of its patch embedding)."""
+    def macs_after_patch_embed(self) -> int:
+        """Multiply-adds of one image's forward after its patch embedding."""
         raise NotImplementedError
 
     def block_flags(self, with_stats: bool):

@@ -37,11 +37,10 @@ class SimMIM(MIMModel):
         # SimMIM's ViT: pos_embed and cls_token (its mask token is decayed, as there).
         return {"encoder.pos_embed", "encoder.cls_token"}
 
-    def forward_macs(self):
+    def macs_after_patch_embed(self) -> int:
         """Every patch and CLS through the encoder, a Linear from each patch's token to its pixels."""
-        patch_embed = self.num_patches * 3 * self.patch_size ** 2 * self.encoder.embed_dim
         decoder = self.num_patches * self.decoder.in_features * self.decoder.out_features
-        return patch_embed + blocks_macs(self.encoder.blocks, self.num_patches + 1) + decoder, patch_embed
+        return blocks_macs(self.encoder.blocks, self.num_patches + 1) + decoder
 
     def _encode(self, images: torch.Tensor, mask: torch.Tensor, with_stats: bool):
         enc = self.encoder
