@@ -180,15 +180,21 @@ def test_a_missing_data_path_or_resume_checkpoint_is_a_config_error_before_the_m
     """data.path and checkpoint.resume name files a start reads: missing, they are config errors
     (exit 2, which a Slurm job never requeues), named, without a traceback, and found before the
     model is built (a ViT-H takes a while): the model builder here raises if it is reached.
-    Class folders without an image show only when the loader lists them, after the model."""
+    Class folders without an image show only when the loader lists them, after the model.
+    So does a key of the DeepSpeed file that DeepSpeed does not know: found by DeepSpeed's own
+    validation before the model, where deepspeed.initialize raised it after, with exit 1."""
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes.txt").write_text("not images")
+    misspelt = json.loads((REPO / "ds_configs" / "cpu_zero2.json").read_text())
+    misspelt["zero_optimization"]["overlap_com"] = True
+    (tmp_path / "misspelt.json").write_text(json.dumps(misspelt))
     cases = {
         "folder_missing": ["data.source=folder", f"data.path={tmp_path / 'no-images'}"],
         "folder_is_a_file": ["data.source=folder", f"data.path={tmp_path / 'notes.txt'}"],
         "folder_without_classes": ["data.source=folder", f"data.path={tmp_path / 'empty'}"],
         "ffcv_missing": ["data.source=ffcv", f"data.path={tmp_path / 'train.beton'}"],
         "resume_missing": [f"checkpoint.resume={tmp_path / 'no-run'}"],
+        "deepspeed_key_misspelt": [f"deepspeed.config={tmp_path / 'misspelt.json'}"],
         "folder_without_images": ["data.source=folder", f"data.path={tmp_path / 'no-images-inside'}"],
     }
     (tmp_path / "no-images-inside" / "class_a").mkdir(parents=True)
@@ -230,6 +236,9 @@ for name, overrides in json.loads(sys.argv[1]).items():
         in errors["resume_missing"]
     assert "config error: bad value for 'data.path': no image files under the class folders of" \
         in errors["folder_without_images"]
+    assert (f"config error: bad value for 'deepspeed.config': DeepSpeed refuses {tmp_path / 'misspelt.json'}: "
+            "ValidationError: 1 validation error for DeepSpeedZeroConfig overlap_com Extra inputs are not permitted"
+            in errors["deepspeed_key_misspelt"])
     assert json.loads((tmp_path / "resume_missing" / "state.json").read_text()) == {
         "finished": False, "step": None, "total_steps": None,
         "reason": f"set-up failed: ConfigError: bad value for 'checkpoint.resume': {tmp_path / 'no-run'} holds no "
@@ -359,3 +368,4 @@ def test_a_value_of_the_wrong_type_is_named_without_omegaconfs_internals():
     result = _cli("pretrain", "--config", "configs/demo.yaml", "train.steps=abc")
     assert _one_line_error(result) == ("mto-ds: config error: override 'train.steps=abc': bad value for "
                                        "'train.steps': Value 'abc' of type 'str' could not be converted to Integer\n")
+

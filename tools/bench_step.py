@@ -553,7 +553,8 @@ def dry_run(args) -> int:
     config built as there (bf16) and put through DeepSpeed's validation, which rejects an unknown
     key in a section (a misspelt --ds-set). 0 when every row is valid, else 2."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # validation only: no device is touched
-    from deepspeed.runtime.config import DeepSpeedConfig
+    from mto_ds.config import ConfigError
+    from mto_ds.engine.builder import check_deepspeed_config
     invalid = 0
     for name, kind, what in planned_rows(args):
         if kind == "refused":
@@ -564,13 +565,14 @@ def dry_run(args) -> int:
         else:
             method, zero, mto, kernel = what
             try:
-                DeepSpeedConfig(engine_ds_config(method, zero, args.batch, True, args.ds_set))
+                check_deepspeed_config(engine_ds_config(method, zero, args.batch, True, args.ds_set),
+                                       f"zero{zero}_bf16.json")
                 detail = (f"would run: ds_configs/zero{zero}_bf16.json{''.join(f' {a}' for a in args.ds_set)}, "
                           f"{args.img} px, batch {args.batch}" + (f", mto.kernel={kernel}" if mto else "")
                           + (", activation checkpointing" if args.activation_checkpointing else ""))
-            except Exception as err:  # noqa: BLE001 - each row says what is wrong with it
+            except ConfigError as err:  # each row says what is wrong with it
                 invalid += 1
-                detail = f"invalid: {type(err).__name__}: {' '.join(str(err).split())[:300]}"
+                detail = f"invalid: {str(err)[:300]}"
         print(f"| {name} | {detail} |", flush=True)
     return 2 if invalid else 0
 

@@ -140,6 +140,27 @@ def deepspeed_config(cfg: Config, batch: BatchPlan) -> dict:
     return ds
 
 
+def check_deepspeed_config(ds: dict, name: str) -> None:
+    """DeepSpeed's own validation of the dict the engine is to get, whose sections refuse a key they
+    do not know (`overlap_com` for `overlap_comm` in a file of the user's): run before the model is
+    built, so the error is a config error (exit status 2, which a Slurm job does not requeue). Left
+    to deepspeed.initialize it came after the model and the data were set up, as a traceback with
+    exit status 1: a crash to Slurm, restarted until its restart limit."""
+    import torch.distributed as dist
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    # DeepSpeed holds the batch to micro-batch x accumulation x the world size it sees, which is 1
+    # where no process group is up (a dry run planning for many ranks).
+    ranks = dist.get_world_size() if dist.is_initialized() else 1
+    view = {**ds, "train_batch_size": ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * ranks}
+    try:
+        DeepSpeedConfig(view)
+    except Exception as err:  # noqa: BLE001 - pydantic's, DeepSpeed's and plain assertions alike
+        detail = " ".join(str(err).split()).split(" For further information visit")[0]
+        raise ConfigError(f"bad value for 'deepspeed.config': DeepSpeed refuses {name}: "
+                          f"{type(err).__name__}: {detail}") from None
+
+
 def skip_unread_grad_norm(ds: dict) -> None:
     """Turn off the gradient norm of DeepSpeed's ZeRO-1/2 optimizer when nothing reads it: bf16 or
     fp16, no clipping, and the JSON does not ask for it (`zero_optimization.compute_grad_norm`).

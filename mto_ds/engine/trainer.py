@@ -19,9 +19,9 @@ from ..models import create_mim_model, mask_fn_for
 from ..mto.fused_attention import fused_kernel_available
 from ..mto.plan import STATS_WITH_GRADIENTS
 from ..mto.state import MTOState
-from .builder import (BatchPlan, deepspeed_config, describe_batch, learning_rate, mark_zero3_leaf_blocks,
-                      param_groups, peak_lr, plan_batch, precision, schedule_steps, schedule_warnings,
-                      zero_stage)
+from .builder import (BatchPlan, check_deepspeed_config, deepspeed_config, describe_batch, learning_rate,
+                      mark_zero3_leaf_blocks, param_groups, peak_lr, plan_batch, precision, schedule_steps,
+                      schedule_warnings, zero_stage)
 from .checkpoint import Checkpointer, job_identity
 from .distributed import DistInfo, agree, check_shared_directory, differing_from_rank_0, init_distributed
 from .faults import Faults, SampleTrace
@@ -117,6 +117,7 @@ class Trainer:
                               f"sees (shared storage, not a node-local disk): {problem}")
         self.batch = plan_batch(cfg.train.global_batch_size, cfg.train.micro_batch_size, self.dist.world_size)
         self.ds_config = deepspeed_config(cfg, self.batch)
+        check_deepspeed_config(self.ds_config, cfg.deepspeed.config)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep_last,
                                          self.dist.rank, self.dist.world_size, self.faults,
                                          zero_stage(self.ds_config), local_rank=self.dist.local_rank,
