@@ -62,6 +62,13 @@ def _count(text: str) -> int:
     return value
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: expected an integer >= 1")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mto-ds", description="MIM pre-training with Masked Token Optimization")
     # DeepSpeed's launcher runs `python -m mto_ds --local_rank=N <command> ...` (the rank is also in
@@ -71,6 +78,11 @@ def _parser() -> argparse.ArgumentParser:
     pre = sub.add_parser("pretrain", help="pre-train a ViT with SimMIM/MAE (+MTO) under DeepSpeed")
     pre.add_argument("--config", required=True, action=_Once, help="run YAML (configs/*.yaml)")
     pre.add_argument("--local_rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    pre.add_argument("--dry-run", action="store_true",
+                     help="check what a start would do (config, batch split, DeepSpeed file, data, resume) and "
+                          "print it, starting nothing: before a job is queued")
+    pre.add_argument("--world-size", type=_positive, default=None, metavar="N",
+                     help="with --dry-run: the number of ranks to plan for (default 1)")
     pre.add_argument("overrides", nargs="*", help="section.key=value overrides")
     ev = sub.add_parser("eval", help="k-NN / linear probe / fine-tune of a checkpoint's encoder")
     ev.add_argument("--config", required=True, action=_Once, help="the run YAML the encoder was pre-trained with")
@@ -97,9 +109,32 @@ def _parse(argv) -> argparse.Namespace:
     return args
 
 
+def _dry_run(args) -> int:
+    from .config import ConfigError, load_config
+    world_size = args.world_size or 1
+    try:
+        cfg = load_config(args.config, args.overrides, training=True)
+        _setup_environment()
+        from .engine.dry_run import dry_run
+        lines = dry_run(cfg, world_size)
+    except ConfigError as err:
+        print(f"mto-ds: config error: {err}", file=sys.stderr)
+        return 2
+    print(f"mto-ds pretrain --dry-run: {args.config} on {world_size} rank{'s' if world_size > 1 else ''}; "
+          "nothing was started")
+    for line in lines:
+        print(f"  {line}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = _parse(argv)
     stop = None
+    if args.command == "pretrain" and args.world_size is not None and not args.dry_run:
+        print("mto-ds: --world-size goes with --dry-run: a start takes its ranks from its launcher", file=sys.stderr)
+        return 2
+    if args.command == "pretrain" and args.dry_run:
+        return _dry_run(args)
     if args.command == "pretrain":
         # First, before the imports that take seconds: a scheduler's SIGTERM/SIGUSR1 in that
         # window would otherwise kill the rank (default action) or be lost.

@@ -369,3 +369,116 @@ def test_a_value_of_the_wrong_type_is_named_without_omegaconfs_internals():
     assert _one_line_error(result) == ("mto-ds: config error: override 'train.steps=abc': bad value for "
                                        "'train.steps': Value 'abc' of type 'str' could not be converted to Integer\n")
 
+
+DRY_RUN_SCRIPT = """
+import json, sys
+import torch
+import torch.distributed as dist
+from mto_ds import cli
+from mto_ds.engine import trainer
+
+built = trainer.create_mim_model
+devices = []
+
+def recorded(*args, **kwargs):
+    devices.append(str(torch.get_default_device()))
+    return built(*args, **kwargs)
+
+trainer.create_mim_model = recorded
+for name, argv in json.loads(sys.argv[1]).items():
+    code = cli.main(["pretrain", "--config", "configs/demo.yaml", "--dry-run", *argv])
+    print("case", name, code, devices.pop() if devices else None, dist.is_initialized(), flush=True)
+    print("end", name, file=sys.stderr, flush=True)
+"""
+
+
+def _by_case(output: str, closing: str) -> dict:
+    """case name -> the lines a case printed before the line `closing + name ...` ended it."""
+    cases, lines = {}, []
+    for line in output.splitlines():
+        if line.startswith(closing):
+            cases[line.split()[1]] = "\n".join(lines)
+            lines = []
+        else:
+            lines.append(line)
+    return cases
+
+
+def test_dry_run_reports_what_a_start_on_n_ranks_would_do_without_starting_or_writing_anything(tiny_run, tmp_path):
+    """`pretrain --dry-run --world-size N`, for a job not yet queued: the batch split over N ranks,
+    the data counted as the loader counts it, the schedule, the model's size (built on the meta
+    device: no weights), the DeepSpeed file through DeepSpeed's validation, and the checkpoint a
+    start would resume from, with what a start would refuse refused (exit 2): all without a
+    process group and without writing. Checkpoints are tiny_run's (1 rank, ZeRO-2, step 2), named
+    by checkpoint.resume, or linked into a folder beside a newer one whose file is missing."""
+    from mto_ds.data import write_image_folder
+    from mto_ds.models import create_mim_model, mask_fn_for
+    images = write_image_folder(tmp_path / "images", 70, 4, size=48)
+    saved = tiny_run / "checkpoints" / "step_00000002"
+    linked = tmp_path / "linked"
+    (linked / "step_00000002").mkdir(parents=True)
+    for path in saved.iterdir():
+        (linked / "step_00000002" / path.name).symlink_to(path)
+    newer = json.loads((saved / "complete.json").read_text())
+    newer["step"] = 3
+    (linked / "step_00000003").mkdir()
+    (linked / "step_00000003" / "complete.json").write_text(json.dumps(newer))
+    (tmp_path / "held").mkdir()
+    (tmp_path / "held" / "running.json").write_text(json.dumps(
+        {"job": "slurm:4242", "host": "gpu-node-7", "pid": 99, "started": "2026-12-07 09:00:00"}))
+    folder = ["data.source=folder", f"data.path={images}"]
+    cases = {
+        "three_ranks_folder": ["--world-size", "3", f"run.output_dir={tmp_path / 'new'}", *folder],
+        "resume_on_three": ["--world-size", "3", f"run.output_dir={tmp_path / 'r'}", f"checkpoint.resume={saved}"],
+        "damaged_newest_skipped": [f"run.output_dir={tmp_path / 'd'}", f"checkpoint.resume={linked}"],
+        "held": [f"run.output_dir={tmp_path / 'held'}"],
+        "other_zero_stage": [f"run.output_dir={tmp_path / 'z'}", f"checkpoint.resume={saved}",
+                             "deepspeed.config=ds_configs/cpu_zero3.json"],
+        "more_ranks_than_samples": ["--world-size", "33", f"run.output_dir={tmp_path / 'w'}"],
+    }
+    before = sorted(p.relative_to(tiny_run) for p in tiny_run.rglob("*"))
+    result = subprocess.run([sys.executable, "-c", DRY_RUN_SCRIPT, json.dumps(cases)], cwd=REPO, env=cpu_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    outcomes = [line.split()[1:] for line in result.stdout.splitlines() if line.startswith("case ")]
+    assert outcomes == [[name, "2" if name in ("other_zero_stage", "more_ranks_than_samples") else "0",
+                         "meta" if name not in ("other_zero_stage", "more_ranks_than_samples") else "None", "False"]
+                        for name in cases], result.stdout
+    reports, errors = _by_case(result.stdout, "case "), _by_case(result.stderr, "end ")
+
+    report = reports["three_ranks_folder"]
+    assert "mto-ds pretrain --dry-run: configs/demo.yaml on 3 ranks; nothing was started" in report
+    model = create_mim_model("vit_tiny_patch16", "simmim", img_size=64, mto={"enabled": True})
+    mask_fn_for(model, "simmim", 64)
+    params = sum(p.numel() for p in model.parameters())
+    assert (f"  model: vit_tiny_patch16 simmim, 64 px: {params / 1e6:.1f} M parameters, "
+            f"{model.flops_per_image() / 1e9:.1f} GFLOPs per image") in report
+    assert f"  data: folder {images}, 70 images" in report.splitlines()
+    assert "  batch: global batch 32 = 3 ranks x 10-11 samples (the ranks do not divide it), in 1 micro-batch(es)" \
+        in report
+    # 70 images: 2 steps of 32 an epoch; the demo's 3 epochs and half an epoch of warm-up.
+    assert "  schedule: 2 steps per epoch, 6 steps (3 epochs), warm-up 1 steps, peak lr 0.000125" in report.splitlines()
+    assert "  deepspeed: ds_configs/cpu_zero2.json, ZeRO-2, fp32: accepted by DeepSpeed's validation" in report
+    assert f"  run directory: {tmp_path / 'new'}: starts at step 0" in report.splitlines()
+    assert not (tmp_path / "new").exists()
+
+    assert (f"  run directory: {tmp_path / 'r'}: resumes from {saved} at step 2 of 96; saved on 1 rank, it is "
+            f"converted to DeepSpeed's universal format for 3 first") in reports["resume_on_three"]
+    assert (f"  run directory: {tmp_path / 'd'}: resumes from {linked / 'step_00000002'} at step 2 of 96; "
+            f"skipped as damaged: step_00000003 (") in reports["damaged_newest_skipped"]
+    assert ("  run directory: running.json names slurm:4242 on gpu-node-7, pid 99, started 2026-12-07 09:00:00; "
+            "while that start lives, a start now stops (exit status 2)") in reports["held"]
+    assert (f"config error: checkpoint {saved} was saved with ZeRO-2, this run uses ZeRO-3"
+            in errors["other_zero_stage"])
+    assert ("config error: train.global_batch_size=32 is smaller than the 33 data-parallel ranks"
+            in errors["more_ranks_than_samples"])
+    assert sorted(p.relative_to(tiny_run) for p in tiny_run.rglob("*")) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["held", "images", "linked"]
+    assert sorted(p.name for p in (tmp_path / "held").iterdir()) == ["running.json"]
+
+
+def test_world_size_without_dry_run_is_refused_a_start_takes_its_ranks_from_its_launcher(capsys):
+    from mto_ds import cli
+    assert cli.main(["pretrain", "--config", "configs/demo.yaml", "--world-size", "4"]) == 2
+    assert "--world-size goes with --dry-run" in capsys.readouterr().err

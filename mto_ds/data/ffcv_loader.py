@@ -111,7 +111,7 @@ class ShardedQuasiRandomOrder(_PlannedOrder):
         return by_step[self.start_step:].reshape(-1)
 
 
-def _open_beton(path: Path) -> Reader:
+def open_beton(path: Path) -> Reader:
     """FFCV's Reader on `path`, or a ConfigError that says what is wrong with the file. FFCV
     writes the allocation table (where each sample's data is) last, so a cut-short copy lacks it,
     or its end: FFCV's reader fails on the first with numpy's bare 'negative dimensions are not
@@ -156,7 +156,7 @@ class FFCVPretrainLoader:
         problem = beton_problem(path)
         if problem:
             raise FileNotFoundError(f"data.path={problem} (make a .beton with tools/make_ffcv.py)")
-        fields = _open_beton(path).field_names
+        fields = open_beton(path).field_names
         missing = {"image", "label"} - set(fields)
         if missing:
             raise ConfigError(f"bad value for 'data.path': {path} lacks the field(s) {sorted(missing)}; it has "

@@ -219,14 +219,8 @@ class Checkpointer:
 
     def _try_load(self, engine, tag_dir: Path) -> Tuple[Optional[dict], Optional[str]]:
         problem = agree(verify(tag_dir))
-        saved_stage = read_marker(tag_dir).get("zero_stage") if problem is None else None
-        if None not in (saved_stage, self.zero_stage) and saved_stage != self.zero_stage:
-            # A configuration mistake, not damage: every rank reads the same marker and stops here.
-            raise ConfigError(f"checkpoint {tag_dir} was saved with ZeRO-{saved_stage}, this run uses "
-                              f"ZeRO-{self.zero_stage} (deepspeed.config); DeepSpeed loads a checkpoint "
-                              f"only into the stage it was saved with (the universal format does not "
-                              f"bridge stages either); resume with a ZeRO-{saved_stage} config")
-        self._check_model(tag_dir if problem is None else None)
+        if problem is None:
+            self.refuse_other_settings(tag_dir)
         universal = problem is None and read_marker(tag_dir)["world_size"] != self.world_size
         if universal:  # saved on another world size: DeepSpeed's universal format re-partitions it
             if self.rank == 0:
@@ -249,11 +243,23 @@ class Checkpointer:
         client, problem = _attempt(self._load, engine, source)
         return client, agree(problem)
 
-    def _check_model(self, tag_dir: Optional[Path]) -> None:
+    def refuse_other_settings(self, tag_dir: Path) -> None:
+        """A ConfigError where the complete checkpoint `tag_dir` was saved with another ZeRO stage or
+        another model than this run's: a configuration mistake, not damage (every rank reads the same
+        marker and stops), which no older checkpoint of the run would fix."""
+        saved_stage = read_marker(tag_dir).get("zero_stage")
+        if None not in (saved_stage, self.zero_stage) and saved_stage != self.zero_stage:
+            raise ConfigError(f"checkpoint {tag_dir} was saved with ZeRO-{saved_stage}, this run uses "
+                              f"ZeRO-{self.zero_stage} (deepspeed.config); DeepSpeed loads a checkpoint "
+                              f"only into the stage it was saved with (the universal format does not "
+                              f"bridge stages either); resume with a ZeRO-{saved_stage} config")
+        self._check_model(tag_dir)
+
+    def _check_model(self, tag_dir: Path) -> None:
         """A checkpoint of another model (arch, method, image size) cannot load: DeepSpeed's error
         would call every checkpoint damaged. Only keys both record are compared (MAE's decoder keys
         against a SimMIM checkpoint would only repeat the method)."""
-        saved = read_marker(tag_dir).get("model") if tag_dir is not None else None
+        saved = read_marker(tag_dir).get("model")
         if saved is None or self.model is None:
             return  # saved before checkpoints named their model: DeepSpeed's load decides
         changed = [f"{k}={saved[k]} there, {self.model[k]} here" for k in model_differences(saved, self.model)]

@@ -64,6 +64,19 @@ def _holder(owner: dict) -> str:
     return f"{owner.get('job') or 'no scheduler job'} on {owner.get('host', '?')}, pid {owner.get('pid', '?')}"
 
 
+def describe_holder(path: Path) -> Optional[str]:
+    """The start that claims a run directory by `path` (its running.json), in words, or None when
+    none does. A look at the file only: whether that start still lives takes watching it."""
+    text = _read(path)
+    if text is None:
+        return None
+    return _claimed_by(_owner(text))
+
+
+def _claimed_by(owner: dict) -> str:
+    return f"{_holder(owner)}, started {owner.get('started', '?')}"
+
+
 def _gone_at_once(owner: dict, me: dict) -> Optional[str]:
     """Why the claim is known dead without watching it, or None: an earlier run of this Slurm job
     (a requeued job runs again under its id only after its earlier run ended) or a process of
@@ -174,10 +187,9 @@ def claim(run_dir: Path, job: Optional[str], beat: float = BEAT_SECONDS, restart
                 # The first read may have caught the owner's rewrite half done (an empty file).
                 owner = _owner(rewritten) or owner or _owner(_read(path))
                 raise RunDirectoryInUse(
-                    f"run.output_dir={run_dir} is in use by another start ({_holder(owner)}, started "
-                    f"{owner.get('started', '?')}; its {LOCK} is alive): two starts on one run directory overwrite "
-                    f"each other's checkpoints and metrics. Stop that one first, or give this one another "
-                    f"run.output_dir")
+                    f"run.output_dir={run_dir} is in use by another start ({_claimed_by(owner)}; its {LOCK} is "
+                    f"alive): two starts on one run directory overwrite each other's checkpoints and metrics. "
+                    f"Stop that one first, or give this one another run.output_dir")
             log.warning("%s: taking the run directory over from a start that has ended (%s: %s)", path, _holder(owner),
                         ended or f"unchanged for {STALE_BEATS * beat:.0f} s")
             path.unlink(missing_ok=True)

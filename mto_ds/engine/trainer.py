@@ -38,6 +38,53 @@ AGREED_ERRORS = (ConfigError, NonFiniteLossError)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def model_keys(m) -> dict:
+    """The settings of `model` (the config section) that decide the shapes of the weights, saved in
+    complete.json: a resume with others is refused by name instead of failing in DeepSpeed's load."""
+    keys = {"model.arch": m.arch, "model.method": m.method, "model.img_size": m.img_size}
+    if m.method == "mae":
+        keys.update({"model.decoder_embed_dim": m.decoder_embed_dim, "model.decoder_depth": m.decoder_depth})
+    return keys
+
+
+def build_model(cfg: Config):
+    """(The run's MIM model, the mask generator of its patch grid), on the current default device."""
+    m = cfg.model
+    model = create_mim_model(m.arch, m.method, img_size=m.img_size, mto=cfg.mto, drop_path=m.drop_path,
+                             activation_checkpointing=cfg.train.activation_checkpointing,
+                             compile_blocks=cfg.train.compile,
+                             decoder_embed_dim=m.decoder_embed_dim, decoder_depth=m.decoder_depth,
+                             decoder_num_heads=m.decoder_num_heads, norm_pix_loss=m.norm_pix_loss)
+    return model, mask_fn_for(model, m.method, m.img_size, m.mask_ratio, m.mask_patch_size)
+
+
+def find_inputs(cfg: Config, checkpointer: Checkpointer):
+    """(The checkpoints to resume from, the evaluation's images or None, why checkpoint.resume,
+    data.path or the evaluation folders cannot be read or None when all can): looked up before
+    the model is built, not at the first evaluation, an epoch of training later."""
+    try:
+        candidates = checkpointer.candidates(cfg.checkpoint.resume)
+    except ConfigError as err:
+        return [], None, str(err)
+    problem = data_path_problem(cfg.data)
+    if problem:
+        return candidates, None, f"bad value for 'data.path': {problem}"
+    asked = "eval.every_epochs" if cfg.eval.every_epochs else "eval.at_start" if cfg.eval.at_start else None
+    if not asked:
+        return candidates, None, None
+    from ..eval.datasets import build_eval_sets  # eval is imported only where it is used
+    # Built (listed, subsets drawn) once: what cannot be read fails here, not at the first
+    # evaluation epochs later (a flat val/, a class train/ lacks), and no evaluation walks
+    # ImageNet's folders again.
+    try:
+        return candidates, build_eval_sets(cfg), None
+    except (FileNotFoundError, ValueError) as err:
+        off = "eval.every_epochs=0" if asked == "eval.every_epochs" else "eval.at_start=false"
+        return candidates, None, (f"bad value for '{asked}': evaluating during pre-training reads labelled "
+                                  f"train/ and val/ ImageFolders: {err} (set eval.path to the root of "
+                                  f"train/ and val/, or {off})")
+
+
 class Trainer:
     cfg: Config
     dist: DistInfo
@@ -121,19 +168,14 @@ class Trainer:
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep_last,
                                          self.dist.rank, self.dist.world_size, self.faults,
                                          zero_stage(self.ds_config), local_rank=self.dist.local_rank,
-                                         model=self._model_keys())
-        candidates, problem = self._find_inputs(cfg)
+                                         model=model_keys(cfg.model))
+        candidates, self.eval_sets, problem = find_inputs(cfg, self.checkpointer)
         problem = agree(problem)  # one rank's missing file (node-local data) stops every rank
         if problem:
             raise ConfigError(problem)
         torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
         m = cfg.model
-        model = create_mim_model(m.arch, m.method, img_size=m.img_size, mto=cfg.mto, drop_path=m.drop_path,
-                                 activation_checkpointing=cfg.train.activation_checkpointing,
-                                 compile_blocks=cfg.train.compile,
-                                 decoder_embed_dim=m.decoder_embed_dim, decoder_depth=m.decoder_depth,
-                                 decoder_num_heads=m.decoder_num_heads, norm_pix_loss=m.norm_pix_loss)
-        mask_fn = mask_fn_for(model, m.method, m.img_size, m.mask_ratio, m.mask_patch_size)
+        model, mask_fn = build_model(cfg)
         self.flops_per_image = model.flops_per_image()  # MFU's model FLOPs, from the layer shapes
         asked, realised = mask_ratio(m), realised_mask_ratio(m)
         if abs(realised - asked) > 0.05 and self.dist.rank == 0:
@@ -183,43 +225,6 @@ class Trainer:
                 log.warning(problem)
 
     # --- checkpoints -------------------------------------------------------------------
-    def _find_inputs(self, cfg: Config):
-        """The checkpoints to resume from, and why checkpoint.resume, data.path or the evaluation
-        folders cannot be read (None when all can): looked up on every rank before the model is
-        built, not at the first evaluation, an epoch of training later. Sets `eval_sets`, the
-        evaluation's images, when pre-training evaluates."""
-        try:
-            candidates = self.checkpointer.candidates(cfg.checkpoint.resume)
-        except ConfigError as err:
-            return [], str(err)
-        problem = data_path_problem(cfg.data)
-        if problem:
-            return candidates, f"bad value for 'data.path': {problem}"
-        asked = "eval.every_epochs" if cfg.eval.every_epochs else "eval.at_start" if cfg.eval.at_start else None
-        self.eval_sets = None
-        if asked:
-            from ..eval.datasets import build_eval_sets  # eval is imported only where it is used
-            # Built (listed, subsets drawn) once: what cannot be read fails here, not at the first
-            # evaluation epochs later (a flat val/, a class train/ lacks), and no evaluation walks
-            # ImageNet's folders again.
-            try:
-                self.eval_sets = build_eval_sets(cfg)
-            except (FileNotFoundError, ValueError) as err:
-                off = "eval.every_epochs=0" if asked == "eval.every_epochs" else "eval.at_start=false"
-                return candidates, (f"bad value for '{asked}': evaluating during pre-training reads labelled "
-                                    f"train/ and val/ ImageFolders: {err} (set eval.path to the root of "
-                                    f"train/ and val/, or {off})")
-        return candidates, None
-
-    def _model_keys(self) -> dict:
-        """The settings that decide the shapes of the weights, saved in complete.json: a resume
-        with others is refused by name instead of failing in DeepSpeed's load."""
-        m = self.cfg.model
-        keys = {"model.arch": m.arch, "model.method": m.method, "model.img_size": m.img_size}
-        if m.method == "mae":
-            keys.update({"model.decoder_embed_dim": m.decoder_embed_dim, "model.decoder_depth": m.decoder_depth})
-        return keys
-
     def _data_plan(self) -> dict:
         """What the data position (epoch, step in epoch) is a function of, saved with it; whether
         the loss depends on the micro-batch size (MTO's L_r); and the LR schedule's inputs."""
@@ -265,7 +270,7 @@ class Trainer:
                 f"the weights are not finite at step {self.global_step} (a non-finite gradient was "
                 f"applied); {self._stopping_without_saving()}")
         meta = {"zero_stage": zero_stage(self.ds_config), "epoch": self.global_step / self.steps_per_epoch,
-                "model": self._model_keys()}
+                "model": model_keys(self.cfg.model)}
         path = self.checkpointer.save(self.engine, self.global_step, self._client_state(), meta)
         self.last_saved_step = self.global_step
         return path

@@ -1,0 +1,93 @@
+"""`mto-ds pretrain --dry-run`: what a start of a configuration would do on N ranks, checked
+before the job is queued (on a login node, say). Nothing starts: no process group, no device, no
+weights (the model is built on torch's meta device: shapes only), nothing written.
+
+It runs the checks a start makes before its first step, with the same code: the config, the
+global batch split over N ranks, the DeepSpeed file (DeepSpeed's own validation), data.path
+(counted as the loader counts it) and the evaluation folders, and the checkpoint a start would
+resume from (its files there at their saved sizes, of this run's ZeRO stage and model). What it
+cannot tell: whether that checkpoint's contents load, and what the nodes' GPUs and network do
+(tools/plan_run.py estimates the time from a measured rate).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List
+
+import torch
+
+from ..config import Config, ConfigError, other_method_defaults, unread_keys
+from ..data import count_samples
+from ..data.order import steps_per_epoch
+from ..models.weights import read_marker
+from .builder import (check_deepspeed_config, deepspeed_config, describe_batch, peak_lr, plan_batch, precision,
+                      schedule_steps, schedule_warnings, zero_stage)
+from .checkpoint import Checkpointer, verify
+from .run_dir import LOCK, describe_holder
+from .trainer import build_model, find_inputs, model_keys
+
+
+def dry_run(cfg: Config, world_size: int) -> List[str]:
+    """The report's lines, `name: what a start would do`; a ConfigError for what a start refuses."""
+    batch = plan_batch(cfg.train.global_batch_size, cfg.train.micro_batch_size, world_size)
+    ds = deepspeed_config(cfg, batch)
+    check_deepspeed_config(ds, cfg.deepspeed.config)
+    run_dir = Path(cfg.run.output_dir)
+    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep_last, 0, world_size,
+                                zero_stage=zero_stage(ds), model=model_keys(cfg.model))
+    candidates, _, problem = find_inputs(cfg, checkpointer)
+    if problem:
+        raise ConfigError(problem)
+    num_samples = count_samples(cfg.data)
+    per_epoch = steps_per_epoch(num_samples, batch.global_batch_size)
+    total, warmup = schedule_steps(cfg, per_epoch)
+    resume = _resume_plan(checkpointer, candidates, world_size, total)
+    with torch.device("meta"):
+        model, _ = build_model(cfg)
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    m, mto = cfg.model, cfg.mto
+    where = "" if cfg.data.source == "synthetic" else f" {cfg.data.path}"
+    lines = [
+        f"model: {m.arch} {m.method}, {m.img_size} px: {params / 1e6:.1f} M parameters, "
+        f"{model.flops_per_image() / 1e9:.1f} GFLOPs per image (forward and backward, as tflops_per_gpu counts)",
+        f"MTO: {f'on, recalibrate {mto.recalibrate}' if mto.enabled else 'off'}",
+        f"data: {cfg.data.source}{where}, {num_samples} images",
+        f"batch: {describe_batch(batch, cfg.train.micro_batch_size)}",
+        f"schedule: {per_epoch} steps per epoch, {total} steps ({total / per_epoch:.4g} epochs), warm-up "
+        f"{warmup} steps, peak lr {peak_lr(cfg):.4g}",
+        f"deepspeed: {cfg.deepspeed.config}, ZeRO-{zero_stage(ds)}, {precision(ds)}: accepted by DeepSpeed's validation",
+        f"run directory: {run_dir}: {resume}",
+    ]
+    holder = describe_holder(run_dir / LOCK)
+    if holder:
+        lines.append(f"run directory: {LOCK} names {holder}; while that start lives, a start now stops "
+                     "(exit status 2) without touching the run")
+    lines += [f"warning: {text}" for text in [*schedule_warnings(cfg, per_epoch), *unread_keys(cfg),
+                                                *other_method_defaults(cfg)]]
+    return lines
+
+
+def _resume_plan(checkpointer: Checkpointer, candidates: List[Path], world_size: int, total: int) -> str:
+    """Where a start would begin: the newest checkpoint whose files are all there at their saved
+    sizes (a start falls back past the others as this does), refused as a start refuses it."""
+    damaged = []
+    for tag_dir in candidates:
+        problem = verify(tag_dir)
+        if problem:
+            damaged.append(f"{tag_dir.name} ({problem})")
+            continue
+        checkpointer.refuse_other_settings(tag_dir)
+        marker = read_marker(tag_dir)
+        step, saved_on = int(marker["step"]), int(marker["world_size"])
+        plan = f"resumes from {tag_dir} at step {step} of {total}"
+        if step >= total:
+            plan = f"at step {step} of {total} in {tag_dir}: nothing left to train"
+        if saved_on != world_size:
+            plan += (f"; saved on {saved_on} rank{'s' if saved_on != 1 else ''}, it is converted to DeepSpeed's "
+                     f"universal format for {world_size} first")
+        break
+    else:
+        plan = "starts at step 0" + (" (no complete checkpoint)" if damaged else "")
+    if damaged:
+        plan += f"; skipped as damaged: {', '.join(damaged)}"
+    return plan
