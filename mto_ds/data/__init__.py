@@ -113,6 +113,6 @@ def build_pretrain_loader(data_cfg, *, method: str, img_size: int, seed: int, gl
     return PretrainLoader(source, **common)
 
 
-__all__ = ["build_pretrain_loader", "count_samples", "data_fingerprint", "data_path_problem", "normalize", "SyntheticImages",
-           "PretrainLoader", "ImageFolderSource", "write_image_folder", "list_image_folder", "read_rgb",
-           "UndecodableImage", "CROP_SCALE"]
+__all__ = ["build_pretrain_loader", "count_samples", "data_fingerprint", "data_path_problem", "normalize",
+           "SyntheticImages", "PretrainLoader", "ImageFolderSource", "write_image_folder", "list_image_folder",
+           "read_rgb", "UndecodableImage", "CROP_SCALE"]

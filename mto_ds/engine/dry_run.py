@@ -55,7 +55,8 @@ def dry_run(cfg: Config, world_size: int) -> List[str]:
         f"batch: {describe_batch(batch, cfg.train.micro_batch_size)}",
         f"schedule: {per_epoch} steps per epoch, {total} steps ({total / per_epoch:.4g} epochs), warm-up "
         f"{warmup} steps, peak lr {peak_lr(cfg):.4g}",
-        f"deepspeed: {cfg.deepspeed.config}, ZeRO-{zero_stage(ds)}, {precision(ds)}: accepted by DeepSpeed's validation",
+        f"deepspeed: {cfg.deepspeed.config}, ZeRO-{zero_stage(ds)}, {precision(ds)}: "
+        "accepted by DeepSpeed's validation",
         f"run directory: {run_dir}: {resume}",
     ]
     holder = describe_holder(run_dir / LOCK)
