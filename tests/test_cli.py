@@ -423,6 +423,8 @@ def test_dry_run_reports_what_a_start_on_n_ranks_would_do_without_starting_or_wr
     newer["step"] = 3
     (linked / "step_00000003").mkdir()
     (linked / "step_00000003" / "complete.json").write_text(json.dumps(newer))
+    (tmp_path / "only_damaged" / "step_00000003").mkdir(parents=True)
+    (tmp_path / "only_damaged" / "step_00000003" / "complete.json").write_text(json.dumps(newer))
     (tmp_path / "held").mkdir()
     (tmp_path / "held" / "running.json").write_text(json.dumps(
         {"job": "slurm:4242", "host": "gpu-node-7", "pid": 99, "started": "2026-12-07 09:00:00"}))
@@ -432,6 +434,8 @@ def test_dry_run_reports_what_a_start_on_n_ranks_would_do_without_starting_or_wr
         "resume_on_three": ["--world-size", "3", f"run.output_dir={tmp_path / 'r'}", f"checkpoint.resume={saved}"],
         "damaged_newest_skipped": [f"run.output_dir={tmp_path / 'd'}", f"checkpoint.resume={linked}"],
         "held": [f"run.output_dir={tmp_path / 'held'}"],
+        "every_checkpoint_damaged": [f"run.output_dir={tmp_path / 'a'}",
+                                     f"checkpoint.resume={tmp_path / 'only_damaged'}"],
         "other_zero_stage": [f"run.output_dir={tmp_path / 'z'}", f"checkpoint.resume={saved}",
                              "deepspeed.config=ds_configs/cpu_zero3.json"],
         "more_ranks_than_samples": ["--world-size", "33", f"run.output_dir={tmp_path / 'w'}"],
@@ -442,8 +446,8 @@ def test_dry_run_reports_what_a_start_on_n_ranks_would_do_without_starting_or_wr
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     outcomes = [line.split()[1:] for line in result.stdout.splitlines() if line.startswith("case ")]
-    assert outcomes == [[name, "2" if name in ("other_zero_stage", "more_ranks_than_samples") else "0",
-                         "meta" if name not in ("other_zero_stage", "more_ranks_than_samples") else "None", "False"]
+    refused = ("every_checkpoint_damaged", "other_zero_stage", "more_ranks_than_samples")
+    assert outcomes == [[name, "2" if name in refused else "0", "None" if name in refused else "meta", "False"]
                         for name in cases], result.stdout
     reports, errors = _by_case(result.stdout, "case "), _by_case(result.stderr, "end ")
 
@@ -469,12 +473,15 @@ def test_dry_run_reports_what_a_start_on_n_ranks_would_do_without_starting_or_wr
             f"skipped as damaged: step_00000003 (") in reports["damaged_newest_skipped"]
     assert ("  run directory: running.json names slurm:4242 on gpu-node-7, pid 99, started 2026-12-07 09:00:00; "
             "while that start lives, a start now stops (exit status 2)") in reports["held"]
+    # A start stops where no complete checkpoint loads: it never begins such a run afresh.
+    assert (f"config error: none of the 1 complete checkpoints under {tmp_path / 'only_damaged'} has its files at "
+            "their saved sizes (step_00000003 (") in errors["every_checkpoint_damaged"]
     assert (f"config error: checkpoint {saved} was saved with ZeRO-2, this run uses ZeRO-3"
             in errors["other_zero_stage"])
     assert ("config error: train.global_batch_size=32 is smaller than the 33 data-parallel ranks"
             in errors["more_ranks_than_samples"])
     assert sorted(p.relative_to(tiny_run) for p in tiny_run.rglob("*")) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["held", "images", "linked"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["held", "images", "linked", "only_damaged"]
     assert sorted(p.name for p in (tmp_path / "held").iterdir()) == ["running.json"]
 
 

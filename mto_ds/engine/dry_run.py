@@ -88,7 +88,11 @@ def _resume_plan(checkpointer: Checkpointer, candidates: List[Path], world_size:
                      f"universal format for {world_size} first")
         break
     else:
-        plan = "starts at step 0" + (" (no complete checkpoint)" if damaged else "")
+        if damaged:  # a start stops here (Checkpointer.load_newest): it never starts such a run afresh
+            raise ConfigError(f"none of the {len(damaged)} complete checkpoints under {candidates[0].parent} has "
+                              f"its files at their saved sizes ({', '.join(damaged)}): a start would stop; copy "
+                              f"them again, or choose with checkpoint.resume=PATH (none: start afresh)")
+        plan = "starts at step 0"
     if damaged:
         plan += f"; skipped as damaged: {', '.join(damaged)}"
     return plan
