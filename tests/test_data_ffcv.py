@@ -522,3 +522,23 @@ def test_too_many_decoding_threads_end_pretrain_as_a_config_error_exit_2(beton, 
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"mto-ds: config error: data.num_workers={limit + 1}: " in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_count_samples_counts_each_source_as_its_loader_does_and_names_a_truncated_beton(beton, tmp_path):
+    """`pretrain --dry-run` counts the data without building a loader: a .beton from its header (its
+    table checked, as the loader checks it), a folder by listing it, the synthetic set from its key."""
+    from mto_ds.config import ConfigError
+    from mto_ds.data import count_samples
+    path, labels = beton
+    assert count_samples(SimpleNamespace(source="ffcv", path=str(path))) == make_loader(path, 0, 1).num_samples \
+        == len(labels) == NUM_IMAGES
+    folder = write_image_folder(tmp_path / "jpeg", 7, num_classes=2, size=32)
+    assert count_samples(SimpleNamespace(source="folder", path=str(folder))) == 7
+    assert count_samples(SimpleNamespace(source="synthetic", synthetic_images=5)) == 5
+    (tmp_path / "no_images" / "class_a").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="bad value for 'data.path': no image files under the class folders"):
+        count_samples(SimpleNamespace(source="folder", path=str(tmp_path / "no_images")))
+    cut = tmp_path / "cut.beton"
+    cut.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ConfigError, match=f"data.path={cut} \\(1000 bytes\\) is truncated or not an FFCV file"):
+        count_samples(SimpleNamespace(source="ffcv", path=str(cut)))
