@@ -62,6 +62,9 @@ demo: venv system-deps clean-demo
 # Later that day: 19.9 min (32 CPU-minutes), the comm op built beforehand as `venv` now does,
 # with dynamo off in the ranks the tests start (tests/conftest.py) and fewer, shorter runs. The
 # same unchanged tests took up to 24% longer in one run than in another on this host that day.
+# 2026-12-07 (709 tests): 21.3-22.5 min with two workers, 21.6 with three (the CPU is the limit:
+# 2150-2210 CPU-s, about half of it in ~110 `mto-ds pretrain` processes of ~10.5 CPU-s each, of
+# which ~6.7 s are imports: torch, timm, and torch._dynamo that torchvision imports for timm).
 TEST_WORKERS ?= 2
 test: venv system-deps
 	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
