@@ -215,7 +215,8 @@ def test_bench_gpu_script_checks_every_part_without_a_gpu_before_a_lease_is_spen
     and every bench_step command lists its rows with its DeepSpeed config validated, so an
     argument or config error shows here instead of in a GPU lease. `all quick` names the kernel
     part twice (both include it): it runs once. `trainer` (not in `all`) starts mto-ds pretrain
-    itself on the GPU: its dry run loads that command's config as the trainer would."""
+    itself on the GPU: its dry run is that command's `--dry-run` (the start's own checks: the
+    DeepSpeed file, the batch, the model built on the meta device), which must pass."""
     env = cpu_env(BENCH_DRY_RUN="1", PYTHON=sys.executable)
     out = tmp_path / "out"
     result = subprocess.run(["bash", "tools/bench_gpu.sh", str(out), "all", "quick", "trainer"], cwd=REPO, env=env,
@@ -229,6 +230,8 @@ def test_bench_gpu_script_checks_every_part_without_a_gpu_before_a_lease_is_spen
     (trainer,) = (out / "trainer.md").read_text().splitlines()
     assert trainer.startswith("| trainer | config valid: would run mto_ds pretrain --config configs/vit_b_simmim.yaml")
     assert "run.profile_step=16" in trainer
+    assert "  deepspeed: ds_configs/zero1_bf16.json, ZeRO-1, bf16: accepted by DeepSpeed's validation" in \
+        (out / "trainer.log").read_text().splitlines()
     collected = (out / "kernel_tests.log").read_text()
     assert "test_fused_attention.py::test_cuda_kernel_outputs_statistics_and_gradients_match_reference" in collected
     assert "test_sdpa_stats.py::test_cuda_padded_statistics_run_on_flash_attention" in collected

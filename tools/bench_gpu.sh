@@ -146,14 +146,14 @@ if wants huge all; then
 fi
 if wants trainer; then
     # The trainer's own CUDA paths (memory peaks, the profiler's CUDA trace, tflops_per_gpu) on a
-    # short real start; the dry run checks its config.
+    # short real start; the dry run makes the start's own checks (`pretrain --dry-run`).
     trainer_args=(--config configs/vit_b_simmim.yaml "run.output_dir=$out/trainer_run" run.progress_bar=false
                   run.log_every=4 run.profile_step=16 run.profile_steps=3 data.source=synthetic
                   data.synthetic_images=4096 data.num_workers=8 train.global_batch_size=64 train.steps=24
                   train.warmup_steps=4 checkpoint.every_steps=0 checkpoint.resume=none)
     if [[ $dry_run == 1 ]]; then
-        run trainer "$py" -c 'import sys; from mto_ds.config import load_config; load_config(sys.argv[2], sys.argv[3:]); print("| trainer | config valid: would run mto_ds pretrain", " ".join(sys.argv[1:]), "|")' \
-            "${trainer_args[@]}"
+        run trainer bash -c '"$0" -m mto_ds pretrain "$@" --dry-run && echo "| trainer | config valid: would run mto_ds pretrain $* |"' \
+            "$py" "${trainer_args[@]}"
     else
         run trainer_start "$py" -m mto_ds pretrain "${trainer_args[@]}"
         run trainer "$py" - "$out/trainer_run/metrics.jsonl" <<'EOF'
