@@ -129,8 +129,9 @@ class Checkpointer:
                 flush_to_storage(path)
         _barrier()  # and every node has it on storage: only now may complete.json name it
         if self.rank == 0:
-            marker = {"step": step, "world_size": self.world_size, "time": time.time(), **meta,
-                      "files": file_sizes(path)}
+            # The stage and the model a resume is refused without (refuse_other_settings).
+            marker = {"step": step, "world_size": self.world_size, "zero_stage": self.zero_stage,
+                      "model": self.model, "time": time.time(), **meta, "files": file_sizes(path)}
             with self._writing(path):
                 atomic_write(path / MARKER, json.dumps(marker, indent=1))
             atomic_write(self.dir / "latest", path.name)

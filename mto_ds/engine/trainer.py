@@ -269,8 +269,7 @@ class Trainer:
             raise NonFiniteWeightsError(
                 f"the weights are not finite at step {self.global_step} (a non-finite gradient was "
                 f"applied); {self._stopping_without_saving()}")
-        meta = {"zero_stage": zero_stage(self.ds_config), "epoch": self.global_step / self.steps_per_epoch,
-                "model": model_keys(self.cfg.model)}
+        meta = {"epoch": self.global_step / self.steps_per_epoch}
         path = self.checkpointer.save(self.engine, self.global_step, self._client_state(), meta)
         self.last_saved_step = self.global_step
         return path
