@@ -110,11 +110,13 @@ def test_zero3_with_each_block_one_leaf_logs_the_losses_of_zero2(tmp_path):
     to the same by test_resume.py's ZeRO-3 case, whose 2-rank steps log the ZeRO-2 reference's
     losses (MTO on from step 1), so they are not run a second time here."""
     losses = {}
-    for name in ("cpu_zero2.json", "cpu_zero3.json"):
+    # ZeRO-2 on one rank (two micro-batches of 16 where two ranks take one each: the same losses,
+    # as the resume tests show across world sizes), ZeRO-3 on two, where its partitions are.
+    for name, nproc in (("cpu_zero2.json", 1), ("cpu_zero3.json", 2)):
         run = tmp_path / name
         pretrain(run, f"deepspeed.config=ds_configs/{name}", "model.method=mae", "train.steps=4",
-                 "run.log_every=1", "checkpoint.every_steps=0", "mto.warmup_steps=0", *SMALL_MAE_DECODER_OVERRIDES,
-                 nproc=2)
+                 "run.log_every=1", "checkpoint.every_steps=0", "mto.warmup_steps=0", "train.micro_batch_size=16",
+                 *SMALL_MAE_DECODER_OVERRIDES, nproc=nproc)
         losses[name] = [(r["loss_mim"], r["loss_mto"]) for r in read_metrics(run)]
     assert len(losses["cpu_zero3.json"]) == 4 and all(mto > 0 for _, mto in losses["cpu_zero3.json"])
     assert losses["cpu_zero3.json"] == [pytest.approx(pair, rel=1e-4) for pair in losses["cpu_zero2.json"]]
