@@ -407,7 +407,9 @@ def test_a_second_start_on_a_running_run_directory_stops_before_touching_it(tmp_
     with FileNotFoundError in its next save). It now stops at once, naming the first, and the
     first runs on undisturbed."""
     run = tmp_path / "run"
-    first = Run(run, steps=200)
+    # Each micro-batch 1 s late: the first start only has to stay alive while the second starts,
+    # sleeping rather than training flat out on the cores that start needs.
+    first = Run(run, steps=200, env={"MTO_DS_FAULT_DATA_STALL": "1"})
     first.wait_for_step(2)
     config = (run / "config.yaml").read_text()
     second = pretrain(run, "train.steps=200", "train.blr=0.5", check=False)
@@ -427,7 +429,8 @@ def test_a_start_whose_run_directory_was_taken_over_stops_without_saving(tmp_pat
     one directory. It now stops within a beat and a step, exit 2, saving nothing and leaving
     state.json and running.json to the start that holds the directory."""
     run = tmp_path / "run"
-    first = Run(run, "checkpoint.every_steps=0", steps=400)  # saves only at the end or on a stop
+    first = Run(run, "checkpoint.every_steps=0", steps=400,  # saves only at the end or on a stop
+                env={"MTO_DS_FAULT_DATA_STALL": "0.5"})  # alive, not busy, until it notices
     first.wait_for_step(2)
     theirs = {"job": "slurm:42", "host": "elsewhere", "pid": 1, "started": "now", "token": "theirs", "beat": 0}
     # What a start that took the directory over writes; again if a beat in flight (between its
