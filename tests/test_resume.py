@@ -110,7 +110,7 @@ def test_elastic_resume_2_to_1_to_3_ranks_sees_each_sample_once_with_the_same_lo
     assert "was saved on 2 ranks, this run has 1: loading it as a universal checkpoint" in one.output
     three = Run(run_dir, nproc=3, env=TRACE).finish()
     assert f"resumed from {run_dir}/checkpoints/step_{second_stop:08d} at step {second_stop}" in three.output
-    assert "was saved on 1 ranks, this run has 3: loading it as a universal checkpoint" in three.output
+    assert "was saved on 1 rank, this run has 3: loading it as a universal checkpoint" in three.output
     assert "global batch 32 = 3 ranks x 10-11 samples (the ranks do not divide it)" in three.output
     assert state(run_dir) == {"finished": True, "step": STEPS, "total_steps": STEPS, "reason": "completed"}
     assert metric_steps(run_dir) == list(range(1, STEPS + 1))
@@ -275,7 +275,7 @@ def test_a_run_with_mto_l_r_resumed_with_another_micro_batch_size_is_warned_its_
     run = tmp_path / "run"
     pretrain(run, "train.steps=2", "data.synthetic_images=64")  # the demo: MTO on, 8 late blocks
     result = pretrain(run, "train.steps=3", "data.synthetic_images=64", "train.micro_batch_size=16")
-    assert "the micro-batches were 32 samples on 1 ranks, now 16 on 1, and group the global batch's samples " \
+    assert "the micro-batches were 32 samples on 1 rank, now 16 on 1, and group the global batch's samples " \
            "otherwise: MTO's L_r is a hinge" in result.stderr
     # Without L_r (lambda_r=0, or MTO off) the trainer saves that the micro-batch size does not
     # matter, and resume_warnings (tested above) then says nothing of it.

@@ -139,7 +139,7 @@ def test_a_failed_conversion_stops_the_run_instead_of_setting_a_complete_checkpo
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(checkpoint_module, "to_universal", no_space)
     checkpointer = Checkpointer(ckpt, keep_last=2, rank=0, world_size=1)
-    with pytest.raises(RuntimeError, match="converting the complete checkpoint .*step_00000006 for 1 ranks "
+    with pytest.raises(RuntimeError, match="converting the complete checkpoint .*step_00000006 for 1 rank "
                                            "failed .*No space left on device"):
         checkpointer.load_newest(engine=None, candidates=checkpointer.candidates("auto"))
     assert sorted(p.name for p in ckpt.iterdir()) == ["step_00000003", "step_00000006", "step_00000006_universal.failed"]
@@ -686,9 +686,9 @@ def test_more_ranks_than_samples_in_a_global_batch_is_a_config_error():
 
 def test_the_start_log_says_how_the_global_batch_splits_and_when_the_micro_batch_asked_does_not_split_a_share():
     assert describe_batch(plan_batch(32, None, 1), None) == (
-        "global batch 32 = 1 ranks x 32 samples, in 1 micro-batch(es) of at most 32")
+        "global batch 32 = 1 rank x 32 samples, in 1 micro-batch(es) of at most 32")
     assert describe_batch(plan_batch(32, 16, 1), 16) == (
-        "global batch 32 = 1 ranks x 32 samples, in 2 micro-batch(es) of at most 16")
+        "global batch 32 = 1 rank x 32 samples, in 2 micro-batch(es) of at most 16")
     assert describe_batch(plan_batch(48, 10, 2), 10) == (
         "global batch 48 = 2 ranks x 24 samples, in 3 micro-batch(es) of at most 8 "
         "(train.micro_batch_size=10 does not split 24 evenly)")

@@ -275,7 +275,7 @@ def test_run_preempted_on_2_nodes_continues_on_1_node_of_another_job_with_the_lo
                                   "zero_pp_rank_1_mp_rank_00_optim_states.pt"], stopped_log
     assert f"checkpoint {saved} was saved on 2 ranks, this run has 1: loading it as a universal checkpoint" in log
     assert f"resumed from {saved} at step {stop}" in log
-    assert "L_r is a hinge" not in log and "global batch 32 = 1 ranks x 32 samples, in 2 micro-batch(es) of " \
+    assert "L_r is a hinge" not in log and "global batch 32 = 1 rank x 32 samples, in 2 micro-batch(es) of " \
         "at most 16" in log, log
     assert zero_shards(run_dir / "checkpoints" / f"step_{STEPS:08d}") == ["zero_pp_rank_0_mp_rank_00_optim_states.pt"]
     # Every step once, and the losses of the job that was never stopped: the same up to the stop

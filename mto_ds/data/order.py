@@ -23,6 +23,11 @@ from ..config import ConfigError
 PAD = -1  # a place of a rank's step that holds no sample
 
 
+def ranks(count: int) -> str:
+    """'1 rank', '2 ranks': a world size in the logs' words."""
+    return f"{count} rank{'' if count == 1 else 's'}"
+
+
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch, 31337]).permutation(num_samples)
 

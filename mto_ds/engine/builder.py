@@ -8,7 +8,7 @@ from typing import Dict, List
 from torch import nn
 
 from ..config import Config, ConfigError, read_deepspeed_json
-from ..data.order import micro_batch_split
+from ..data.order import micro_batch_split, ranks
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ def describe_batch(batch: BatchPlan, asked_micro_batch_size) -> str:
     """How the global batch splits over the ranks, for the start's log."""
     low, high = batch.global_batch_size // batch.world_size, -(-batch.global_batch_size // batch.world_size)
     shares = f"{high} samples" if low == high else f"{low}-{high} samples (the ranks do not divide it)"
-    text = (f"global batch {batch.global_batch_size} = {batch.world_size} ranks x {shares}, in "
+    text = (f"global batch {batch.global_batch_size} = {ranks(batch.world_size)} x {shares}, in "
             f"{batch.accumulation} micro-batch(es) of at most {batch.micro_batch_size}")
     if asked_micro_batch_size and batch.micro_batch_size < min(asked_micro_batch_size, high):
         text += f" (train.micro_batch_size={asked_micro_batch_size} does not split {high} evenly)"

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
+from ..data.order import ranks
 from ..models.weights import (MARKER, TAG, complete_checkpoints, convert_to_universal, converted_from,
                               model_differences, read_marker, universal_dir)
 from .distributed import agree
@@ -225,14 +226,14 @@ class Checkpointer:
         universal = problem is None and read_marker(tag_dir)["world_size"] != self.world_size
         if universal:  # saved on another world size: DeepSpeed's universal format re-partitions it
             if self.rank == 0:
-                log.info("checkpoint %s was saved on %d ranks, this run has %d: loading it as a universal "
+                log.info("checkpoint %s was saved on %s, this run has %d: loading it as a universal "
                          "checkpoint (converted once with ds_to_universal)", tag_dir,
-                         read_marker(tag_dir)["world_size"], self.world_size)
+                         ranks(read_marker(tag_dir)["world_size"]), self.world_size)
             converted = self._convert(tag_dir)
             if converted is not None:
                 # The checkpoint is complete (verified above); falling back to an older one would
                 # lose its steps and set a good checkpoint aside for a failure of the conversion.
-                raise RuntimeError(f"converting the complete checkpoint {tag_dir} for {self.world_size} ranks "
+                raise RuntimeError(f"converting the complete checkpoint {tag_dir} for {ranks(self.world_size)} "
                                    f"failed ({converted}); fix the cause (disk space, memory) and start "
                                    f"again, or pick an older checkpoint with checkpoint.resume=PATH")
         if problem is not None:

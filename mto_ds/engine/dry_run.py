@@ -18,7 +18,7 @@ import torch
 
 from ..config import Config, ConfigError, other_method_defaults, unread_keys
 from ..data import count_samples
-from ..data.order import steps_per_epoch
+from ..data.order import ranks, steps_per_epoch
 from ..models.weights import read_marker
 from .builder import (check_deepspeed_config, deepspeed_config, describe_batch, peak_lr, plan_batch, precision,
                       schedule_steps, schedule_warnings, zero_stage)
@@ -84,7 +84,7 @@ def _resume_plan(checkpointer: Checkpointer, candidates: List[Path], world_size:
         if step >= total:
             plan = f"at step {step} of {total} in {tag_dir}: nothing left to train"
         if saved_on != world_size:
-            plan += (f"; saved on {saved_on} rank{'s' if saved_on != 1 else ''}, it is converted to DeepSpeed's "
+            plan += (f"; saved on {ranks(saved_on)}, it is converted to DeepSpeed's "
                      f"universal format for {world_size} first")
         break
     else:

@@ -31,7 +31,7 @@ from typing import Optional
 import yaml
 
 from ..config import ConfigError, flatten_config
-from ..data.order import micro_batch_starts
+from ..data.order import micro_batch_starts, ranks
 from .builder import learning_rate
 from .storage import atomic_write, unused_path
 
@@ -302,11 +302,11 @@ def resume_warnings(saved: dict, now: dict) -> list:
         messages.append(f"run.seed was {saved['seed']}, now {now['seed']}: the sample order and masks "
                         f"change, and {repeat}")
     if now.get("hinge_on_micro_batch") and _micro_batches_differ(saved, now):
-        messages.append(f"the micro-batches were {saved['micro_batch_size']} samples on {saved['world_size']} "
-                        f"ranks, now {now['micro_batch_size']} on {now['world_size']}, and group the global "
+        messages.append(f"the micro-batches were {saved['micro_batch_size']} samples on "
+                        f"{ranks(saved['world_size'])}, now {now['micro_batch_size']} on {now['world_size']}, and group the global "
                         f"batch's samples otherwise: MTO's L_r is a hinge on each micro-batch's "
-                        f"heterogeneity, so the objective differs from the saved run's ({saved['world_size']} "
-                        f"ranks with train.micro_batch_size={saved['micro_batch_size']} continue it exactly; "
+                        f"heterogeneity, so the objective differs from the saved run's "
+                        f"({ranks(saved['world_size'])} with train.micro_batch_size={saved['micro_batch_size']} continue it exactly; "
                         f"docs/MTO.md, section 4)")
     if changed("schedule"):
         names = {"total_steps": "total steps", "warmup_steps": "warm-up steps", "peak_lr": "peak LR",
@@ -321,7 +321,7 @@ def resume_warnings(saved: dict, now: dict) -> list:
                         f"are functions of the total steps: a run extended after it ended goes back up "
                         f"from its final LR (docs/ROBUSTNESS.md, extending a run)")
     if now["order"] == "quasi_random" and (changed("world_size") or changed("micro_batch_size")):
-        messages.append(f"data.order=quasi_random was saved on {saved['world_size']} ranks x micro-batch "
+        messages.append(f"data.order=quasi_random was saved on {ranks(saved['world_size'])} x micro-batch "
                         f"{saved['micro_batch_size']}, this run has {now['world_size']} x "
                         f"{now['micro_batch_size']}: its shards and order differ, so {repeat} "
                         "(data.order=exact continues exactly on any world size)")
