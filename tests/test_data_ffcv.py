@@ -459,8 +459,8 @@ def loader_in_one_core_process(beton):
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs a machine with 2 cores or more")
     prelude = "import torch\nos.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\ntorch.set_num_threads(2)\n"
-    return _build_loader_in_fresh_process(beton, prelude, num_workers=0,
-                                          report="'WORKERS', loader.loader.num_workers, 'THREADS', torch.get_num_threads()")
+    report = "'WORKERS', loader.loader.num_workers, 'THREADS', torch.get_num_threads()"
+    return _build_loader_in_fresh_process(beton, prelude, num_workers=0, report=report)
 
 
 def test_building_an_ffcv_loader_keeps_the_callers_torch_thread_count(loader_in_one_core_process):

@@ -303,11 +303,11 @@ def resume_warnings(saved: dict, now: dict) -> list:
                         f"change, and {repeat}")
     if now.get("hinge_on_micro_batch") and _micro_batches_differ(saved, now):
         messages.append(f"the micro-batches were {saved['micro_batch_size']} samples on "
-                        f"{ranks(saved['world_size'])}, now {now['micro_batch_size']} on {now['world_size']}, and group the global "
-                        f"batch's samples otherwise: MTO's L_r is a hinge on each micro-batch's "
-                        f"heterogeneity, so the objective differs from the saved run's "
-                        f"({ranks(saved['world_size'])} with train.micro_batch_size={saved['micro_batch_size']} continue it exactly; "
-                        f"docs/MTO.md, section 4)")
+                        f"{ranks(saved['world_size'])}, now {now['micro_batch_size']} on {now['world_size']}, "
+                        f"and group the global batch's samples otherwise: MTO's L_r is a hinge on each "
+                        f"micro-batch's heterogeneity, so the objective differs from the saved run's "
+                        f"({ranks(saved['world_size'])} with train.micro_batch_size={saved['micro_batch_size']} "
+                        f"continue it exactly; docs/MTO.md, section 4)")
     if changed("schedule"):
         names = {"total_steps": "total steps", "warmup_steps": "warm-up steps", "peak_lr": "peak LR",
                  "min_lr_ratio": "train.min_lr_ratio"}
