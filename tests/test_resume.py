@@ -152,6 +152,20 @@ def _stopped_on_2_resumed_on_1(run_dir, *overrides, stop_after, env=None):
     return stop, one
 
 
+def _killed_after_save_resumed_on_1(reference_dir, run_dir, step, *overrides, env=None):
+    """A copy of the uninterrupted 2-rank run in `reference_dir` as a job killed after its save of
+    `step` leaves it (the later checkpoints removed), finished on 1 rank through a universal
+    checkpoint. Returns the 1-rank Run."""
+    shutil.copytree(reference_dir, run_dir)
+    for later in (run_dir / "checkpoints").glob("step_*"):
+        if int(later.name.removeprefix("step_")) > step:
+            shutil.rmtree(later)
+    one = Run(run_dir, *overrides, nproc=1, env=env).finish()
+    assert f"resumed from {run_dir}/checkpoints/step_{step:08d} at step {step}" in one.output
+    assert "was saved on 2 ranks, this run has 1: loading it as a universal checkpoint" in one.output
+    return one
+
+
 def test_zero3_run_resumed_on_another_world_size_logs_the_losses_of_the_uninterrupted_run(reference, tmp_path):
     """ZeRO-3 (what the ViT-H configs use) saved on 2 ranks after SIGTERM to both, resumed on 1
     through a universal checkpoint (ZeRO-2, the reference's stage, is covered above; ZeRO-1 by the
@@ -171,13 +185,13 @@ def test_zero3_run_resumed_on_another_world_size_logs_the_losses_of_the_uninterr
 
 def test_bf16_zero1_run_resumed_on_another_world_size_logs_the_losses_of_its_uninterrupted_run(tmp_path):
     """The file the ViT-B/L recipes ship (bf16 weights, fp32 master copy and Adam moments in
-    DeepSpeed's ZeRO-1 partitions, no gradient norm without clipping): saved on 2 ranks after
-    SIGTERM, resumed on 1 through a universal checkpoint, against the same run uninterrupted.
-    On CPU the losses come out equal; ELASTIC_RTOL allows for another summation order."""
+    DeepSpeed's ZeRO-1 partitions, no gradient norm without clipping): the uninterrupted run on
+    2 ranks, and a copy of it killed after its step-6 save resumed on 1 through a universal
+    checkpoint. On CPU the losses come out equal; ELASTIC_RTOL allows for another summation order."""
     ds = ("deepspeed.config=ds_configs/zero1_bf16.json", "train.clip_grad=null", *HALF_PRECISION_SMALL)
     reference_dir, run_dir = tmp_path / "reference", tmp_path / "run"
     Run(reference_dir, *ds, nproc=2).finish()
-    _, one = _stopped_on_2_resumed_on_1(run_dir, *ds, stop_after=4)
+    one = _killed_after_save_resumed_on_1(reference_dir, run_dir, 6, *ds)
     assert "ZeRO-1, bf16" in one.output
     assert metric_steps(run_dir) == list(range(1, STEPS + 1))
     losses, expected = losses_by_step(run_dir), losses_by_step(reference_dir)
@@ -188,10 +202,10 @@ def test_bf16_zero1_run_resumed_on_another_world_size_logs_the_losses_of_its_uni
 def test_fp16_run_resumed_on_another_world_size_keeps_its_dynamic_loss_scale(tmp_path):
     """fp16's loss scaler is state too: its scale, and how many steps since it last changed.
     The scale starts at 2^24 and halves at each overflow (hysteresis 1) until the gradients are
-    finite, then doubles every 3 clean steps. Stopped on 2 ranks once it has settled well below
-    2^24 and resumed on 1 through a universal checkpoint, the run must log the uninterrupted
-    run's scale, overflow count and losses at every step: a scaler restarted at 2^24 would
-    overflow again and skip steps the uninterrupted run took. fp16 on this CPU:
+    finite, then doubles every 3 clean steps. Killed after its step-6 save on 2 ranks, once it
+    has settled well below 2^24, and resumed on 1 through a universal checkpoint, the run must log
+    the uninterrupted run's scale, overflow count and losses at every step: a scaler restarted at
+    2^24 would overflow again and skip steps the uninterrupted run took. fp16 on this CPU:
     tests/fp16_on_cpu/sitecustomize.py."""
     ds = json.loads((REPO / "ds_configs" / "zero2_fp16.json").read_text())
     ds["fp16"].update(initial_scale_power=24, hysteresis=1, loss_scale_window=3)
@@ -199,7 +213,8 @@ def test_fp16_run_resumed_on_another_world_size_keeps_its_dynamic_loss_scale(tmp
     config, env = f"deepspeed.config={tmp_path / 'fp16.json'}", {"PYTHONPATH": str(REPO / "tests" / "fp16_on_cpu")}
     reference_dir, run_dir = tmp_path / "reference", tmp_path / "run"
     Run(reference_dir, config, *HALF_PRECISION_SMALL, nproc=2, env=env).finish()
-    stop, one = _stopped_on_2_resumed_on_1(run_dir, config, *HALF_PRECISION_SMALL, stop_after=5, env=env)
+    stop = 6
+    one = _killed_after_save_resumed_on_1(reference_dir, run_dir, stop, config, *HALF_PRECISION_SMALL, env=env)
     assert "ZeRO-2, fp16" in one.output
 
     expected, got = read_metrics(reference_dir), read_metrics(run_dir)
