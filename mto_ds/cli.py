@@ -143,7 +143,10 @@ def main(argv=None) -> int:
     from .config import ConfigError, load_config
 
     if args.command == "export":
-        problem = unwritable_output(args.out)
+        # Before torch's seconds of imports, as is the output's check: a mistyped path is named at once.
+        problem = unwritable_output(args.out) or (
+            None if Path(args.run_dir).exists() else
+            f"{args.run_dir} does not exist (export reads a run directory or a checkpoint directory)")
         if problem:
             print(f"mto-ds: {problem}", file=sys.stderr)
             return 2
@@ -159,6 +162,9 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides, training=args.command == "pretrain")
     except ConfigError as err:
         print(f"mto-ds: config error: {err}", file=sys.stderr)
+        return 2
+    if args.command == "eval" and not Path(args.checkpoint).exists():  # at once, not after the imports
+        print(f"mto-ds: checkpoint not found: {args.checkpoint}", file=sys.stderr)
         return 2
     _setup_environment()
     if args.command == "pretrain":

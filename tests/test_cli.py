@@ -13,7 +13,9 @@ from conftest import HALF_PRECISION_SMALL, REPO, SMALL_MAE_DECODER_OVERRIDES, cp
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "mto_ds", *args], cwd=REPO, env=cpu_env(),
+    """`python [-X OPTION] -m mto_ds ARGS`: interpreter options come first."""
+    options = list(args[:2]) if args[:1] == ("-X",) else []
+    return subprocess.run([sys.executable, *options, "-m", "mto_ds", *args[len(options):]], cwd=REPO, env=cpu_env(),
                           capture_output=True, text=True, timeout=300)
 
 
@@ -40,17 +42,24 @@ def test_fused_mto_kernel_without_a_gpu_is_a_config_error_naming_the_key(tmp_pat
         assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def _imports_torch(result) -> bool:
+    """Whether a process run with `-X importtime` imported torch (its lines are in stderr)."""
+    return any(line.rsplit("|", 1)[-1].strip() == "torch" for line in result.stderr.splitlines())
+
+
 def test_eval_and_export_name_a_missing_checkpoint_or_folder_with_exit_2_not_a_traceback(tmp_path):
+    """Named at once: before torch's seconds of imports (on a login node, or each rank of a job)."""
     missing = tmp_path / "no-run"
-    result = _cli("eval", "--config", "configs/demo.yaml", "--checkpoint", str(missing))
+    result = _cli("-X", "importtime", "eval", "--config", "configs/demo.yaml", "--checkpoint", str(missing))
     assert result.returncode == 2 and f"checkpoint not found: {missing}" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr and not _imports_torch(result)
     # Evaluation never reads the DeepSpeed JSON: one that is gone is not what stops it.
     gone = tmp_path / "gone.json"
     result = _cli("eval", "--config", "configs/demo.yaml", f"deepspeed.config={gone}", "--checkpoint", str(missing))
     assert result.returncode == 2 and f"checkpoint not found: {missing}" in result.stderr, result.stderr
-    result = _cli("export", str(missing), str(tmp_path / "encoder.pt"))
-    assert result.returncode == 2 and str(missing) in result.stderr and "Traceback" not in result.stderr
+    result = _cli("-X", "importtime", "export", str(missing), str(tmp_path / "encoder.pt"))
+    assert result.returncode == 2 and f"{missing} does not exist (export reads a run directory" in result.stderr
+    assert "Traceback" not in result.stderr and not _imports_torch(result)
     assert not (tmp_path / "encoder.pt").exists()
 
 
@@ -125,7 +134,7 @@ def test_every_python_tool_runs_from_a_checkout_without_installing():
                                 capture_output=True, text=True, timeout=300)
         if result.returncode != 0 or "usage:" not in result.stdout:
             failed[tool.name] = result.stderr[-300:]
-        if any(line.rsplit("|", 1)[-1].strip() == "torch" for line in result.stderr.splitlines()):
+        if _imports_torch(result):
             loads_torch.add(tool.name)
     assert failed == {}
     assert loads_torch == {"bench_attention.py", "bench_step.py"}  # GPU benchmarks, torch at the top

@@ -15,9 +15,7 @@ from ..models.weights import checkpoint_encoder_state, saved_model_settings
 
 
 def export_encoder(run_dir, out) -> str:
-    run_dir = Path(run_dir)
-    if not run_dir.exists():
-        raise FileNotFoundError(f"{run_dir} does not exist (export reads a run directory or a checkpoint directory)")
+    run_dir = Path(run_dir)  # that it exists, the CLI checked before importing torch
     state = checkpoint_encoder_state(run_dir)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
