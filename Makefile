@@ -65,9 +65,10 @@ demo: venv system-deps clean-demo
 # 2026-12-07 (709 tests): 21.3-22.5 min with two workers, 21.6 with three (the CPU is the limit:
 # 2150-2210 CPU-s, about half of it in ~110 `mto-ds pretrain` processes of ~10.5 CPU-s each, of
 # which ~6.7 s are imports: torch, timm, and torch._dynamo that torchvision imports for timm).
-# 2026-12-07, later: 19.9 min (709 tests, 1953 CPU-s counted, 2182 before) once runs that only
-# repeated another test's coverage were dropped or moved to one rank, and the resumes of the bf16
-# and fp16 files start from a copy of their uninterrupted run instead of a second stopped one.
+# 2026-12-07, later: 19.9 and 20.5 min (709 tests, 1953-2003 CPU-s counted, 2182 before) once runs
+# that only repeated another test's coverage were dropped or moved to one rank, and the resumes of
+# the bf16 and fp16 files start from a copy of their uninterrupted run instead of a second stopped
+# one; 18.3 min (1802 CPU-s) once eval and export name a missing path before importing torch.
 TEST_WORKERS ?= 2
 test: venv system-deps
 	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
