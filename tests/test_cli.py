@@ -12,10 +12,9 @@ from PIL import Image
 from conftest import HALF_PRECISION_SMALL, REPO, SMALL_MAE_DECODER_OVERRIDES, cpu_env, free_port, pretrain
 
 
-def _cli(*args):
-    """`python [-X OPTION] -m mto_ds ARGS`: interpreter options come first."""
-    options = list(args[:2]) if args[:1] == ("-X",) else []
-    return subprocess.run([sys.executable, *options, "-m", "mto_ds", *args[len(options):]], cwd=REPO, env=cpu_env(),
+def _cli(*args, python_options=()):
+    """`python PYTHON_OPTIONS -m mto_ds ARGS`."""
+    return subprocess.run([sys.executable, *python_options, "-m", "mto_ds", *args], cwd=REPO, env=cpu_env(),
                           capture_output=True, text=True, timeout=300)
 
 
@@ -50,14 +49,15 @@ def _imports_torch(result) -> bool:
 def test_eval_and_export_name_a_missing_checkpoint_or_folder_with_exit_2_not_a_traceback(tmp_path):
     """Named at once: before torch's seconds of imports (on a login node, or each rank of a job)."""
     missing = tmp_path / "no-run"
-    result = _cli("-X", "importtime", "eval", "--config", "configs/demo.yaml", "--checkpoint", str(missing))
+    result = _cli("eval", "--config", "configs/demo.yaml", "--checkpoint", str(missing),
+                  python_options=("-X", "importtime"))
     assert result.returncode == 2 and f"checkpoint not found: {missing}" in result.stderr
     assert "Traceback" not in result.stderr and not _imports_torch(result)
     # Evaluation never reads the DeepSpeed JSON: one that is gone is not what stops it.
     gone = tmp_path / "gone.json"
     result = _cli("eval", "--config", "configs/demo.yaml", f"deepspeed.config={gone}", "--checkpoint", str(missing))
     assert result.returncode == 2 and f"checkpoint not found: {missing}" in result.stderr, result.stderr
-    result = _cli("-X", "importtime", "export", str(missing), str(tmp_path / "encoder.pt"))
+    result = _cli("export", str(missing), str(tmp_path / "encoder.pt"), python_options=("-X", "importtime"))
     assert result.returncode == 2 and f"{missing} does not exist (export reads a run directory" in result.stderr
     assert "Traceback" not in result.stderr and not _imports_torch(result)
     assert not (tmp_path / "encoder.pt").exists()

@@ -84,8 +84,8 @@ def _resume_plan(checkpointer: Checkpointer, candidates: List[Path], world_size:
         if step >= total:
             plan = f"at step {step} of {total} in {tag_dir}: nothing left to train"
         if saved_on != world_size:
-            plan += (f"; saved on {ranks(saved_on)}, it is converted to DeepSpeed's "
-                     f"universal format for {world_size} first")
+            plan += (f"; saved on {ranks(saved_on)}, it is converted to DeepSpeed's universal format for "
+                     f"{world_size} first")
         break
     else:
         if damaged:  # a start stops here (Checkpointer.load_newest): it never starts such a run afresh
