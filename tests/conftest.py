@@ -82,6 +82,16 @@ def pretrain(run_dir: Path, *overrides: str, nproc: int = 1, config: str = "conf
     return result
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A run of the demo config (vit_tiny_patch16 at 64 px, SimMIM + MTO, ZeRO-2) after 2 steps, with
+    one complete checkpoint: read, never written, by the tests of the CLI and of reconstruct (one
+    run per pytest worker that runs them)."""
+    run = tmp_path_factory.mktemp("tiny") / "run"
+    pretrain(run, "train.steps=2", "data.synthetic_images=64")
+    return run
+
+
 def read_metrics(run_dir: Path) -> list:
     """The logged optimizer steps of metrics.jsonl; a line still being written (no newline yet:
     tests poll the file of a live run) is left out."""

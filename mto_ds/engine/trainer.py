@@ -15,7 +15,7 @@ from ..config import (Config, ConfigError, mask_ratio, mask_units, other_method_
                       unread_keys)
 from ..data import build_pretrain_loader, data_fingerprint, data_path_problem
 from ..data.order import rank_share, steps_per_epoch
-from ..models import create_mim_model, mask_fn_for
+from ..models import build_mim_model
 from ..mto.fused_attention import fused_kernel_available
 from ..mto.plan import STATS_WITH_GRADIENTS
 from ..mto.state import MTOState
@@ -49,13 +49,8 @@ def model_keys(m) -> dict:
 
 def build_model(cfg: Config):
     """(The run's MIM model, the mask generator of its patch grid), on the current default device."""
-    m = cfg.model
-    model = create_mim_model(m.arch, m.method, img_size=m.img_size, mto=cfg.mto, drop_path=m.drop_path,
-                             activation_checkpointing=cfg.train.activation_checkpointing,
-                             compile_blocks=cfg.train.compile,
-                             decoder_embed_dim=m.decoder_embed_dim, decoder_depth=m.decoder_depth,
-                             decoder_num_heads=m.decoder_num_heads, norm_pix_loss=m.norm_pix_loss)
-    return model, mask_fn_for(model, m.method, m.img_size, m.mask_ratio, m.mask_patch_size)
+    return build_mim_model(cfg, activation_checkpointing=cfg.train.activation_checkpointing,
+                           compile_blocks=cfg.train.compile)
 
 
 def find_inputs(cfg: Config, checkpointer: Checkpointer):

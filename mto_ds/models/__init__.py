@@ -33,6 +33,17 @@ def create_mim_model(arch: str, method: str, *, img_size: int = 224, mto=None, d
                activation_checkpointing=activation_checkpointing, compile_blocks=compile_blocks)
 
 
+def build_mim_model(cfg, *, activation_checkpointing: bool = False, compile_blocks: bool = False):
+    """(The MIM model of `cfg.model` with `cfg.mto`, the mask generator of its patch grid), on the
+    current default device. `cfg` is a mto_ds.config.Config."""
+    m = cfg.model
+    model = create_mim_model(m.arch, m.method, img_size=m.img_size, mto=cfg.mto, drop_path=m.drop_path,
+                             activation_checkpointing=activation_checkpointing, compile_blocks=compile_blocks,
+                             decoder_embed_dim=m.decoder_embed_dim, decoder_depth=m.decoder_depth,
+                             decoder_num_heads=m.decoder_num_heads, norm_pix_loss=m.norm_pix_loss)
+    return model, mask_fn_for(model, m.method, m.img_size, m.mask_ratio, m.mask_patch_size)
+
+
 def mask_fn_for(model, method: str, img_size: int, mask_ratio=None, mask_patch_size=None):
     """The per-sample mask generator that matches `model`'s patch grid. An MAE model also learns
     how many patches these masks keep visible (the same in every mask), so its forward passes
@@ -43,4 +54,4 @@ def mask_fn_for(model, method: str, img_size: int, mask_ratio=None, mask_patch_s
     return fn
 
 
-__all__ = ["create_mim_model", "mask_fn_for", "build_mask_fn", "SimMIM", "MAE", "TIMM_NAMES", "create_encoder"]
+__all__ = ["create_mim_model", "build_mim_model", "mask_fn_for", "build_mask_fn", "SimMIM", "MAE", "TIMM_NAMES", "create_encoder"]

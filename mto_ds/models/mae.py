@@ -119,14 +119,33 @@ class MAE(MIMModel):
         pred = self.decoder_pred(self.decoder_norm(x))[:, 1:]
         return pred, summaries, num_early
 
+    @staticmethod
+    def _patch_mean_std(patches: torch.Tensor):
+        """Each patch's mean and standard deviation (+1e-6 in the variance), norm_pix_loss's scale."""
+        return patches.mean(-1, keepdim=True), (patches.var(-1, keepdim=True) + 1e-6) ** 0.5
+
     def forward_loss(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         target = patchify(images, self.patch_size).float()
         if self.norm_pix_loss:
-            mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
-            target = (target - mean) / (var + 1e-6) ** 0.5
+            mean, std = self._patch_mean_std(target)
+            target = (target - mean) / std
         per_patch = ((pred.float() - target) ** 2).mean(-1)
         m = mask.float()
         return (per_patch * m).sum() / m.sum().clamp(min=1.0)
+
+    def predict(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Every patch's prediction [B, L, patch*patch*3], in `patchify`'s order and the loss's
+        target space: with norm_pix_loss, pixels normalised by their patch's mean and std."""
+        mask = self.boolean_mask(mask)
+        return self.forward_decoder(self.forward_encoder(images, mask), mask, with_stats=False)[0]
+
+    def prediction_pixels(self, images: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """With norm_pix_loss, `pred` back in pixels: each patch's own mean and std, read from
+        `images`, put back (the model predicts a patch's pattern, not its mean colour or contrast)."""
+        if not self.norm_pix_loss:
+            return pred
+        mean, std = self._patch_mean_std(patchify(images, self.patch_size).float())
+        return pred.float() * std + mean
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor, mto_scale: float = 1.0,
                 with_stats: bool = True) -> Dict[str, torch.Tensor]:

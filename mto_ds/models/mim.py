@@ -58,6 +58,15 @@ class MIMModel(nn.Module):
             raise TypeError(f"mask must be bool (True = masked) or 0/1 integers, got {mask.dtype}")
         return mask if mask.dtype == torch.bool else mask != 0
 
+    def predict(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Every patch's prediction [B, L, patch*patch*3] (patchify's order), as the loss reads it."""
+        raise NotImplementedError
+
+    def prediction_pixels(self, images: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """`predict`'s output as (normalised) pixels of the patches: the same where the loss
+        compares pixels directly."""
+        return pred
+
     def flops_per_image(self) -> float:
         """FLOPs of one image's forward and backward, MFU's "model FLOPs": a multiply-add is 2,
         the backward twice the forward, less the patch embedding's gradient with respect to the

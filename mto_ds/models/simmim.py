@@ -18,6 +18,14 @@ def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
     return x.permute(0, 2, 4, 3, 5, 1).reshape(B, (H // patch) * (W // patch), patch * patch * C)
 
 
+def unpatchify(patches: torch.Tensor, patch: int, channels: int = 3) -> torch.Tensor:
+    """The inverse of `patchify`: [B, L, patch*patch*C] of a square grid -> [B, C, H, W]."""
+    B, L, _ = patches.shape
+    grid = int(round(L ** 0.5))
+    x = patches.reshape(B, grid, grid, patch, patch, channels)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(B, channels, grid * patch, grid * patch)
+
+
 class SimMIM(MIMModel):
     def __init__(self, encoder: nn.Module, mto=None, activation_checkpointing: bool = False,
                  compile_blocks: bool = False):
@@ -67,9 +75,16 @@ class SimMIM(MIMModel):
         m = mask.float()
         return (per_patch * m).sum() / m.sum().clamp(min=1.0)
 
+    def _predict(self, images: torch.Tensor, mask: torch.Tensor, with_stats: bool):
+        tokens, summaries, num_early = self._encode(images, mask, with_stats)
+        return self.decoder(tokens[:, 1:]), summaries, num_early
+
+    def predict(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Every patch's predicted pixels [B, L, patch*patch*3], in `patchify`'s order."""
+        return self._predict(images, self.boolean_mask(mask), with_stats=False)[0]
+
     def forward(self, images: torch.Tensor, mask: torch.Tensor, mto_scale: float = 1.0,
                 with_stats: bool = True) -> Dict[str, torch.Tensor]:
         mask = self.boolean_mask(mask)
-        tokens, summaries, num_early = self._encode(images, mask, with_stats)
-        pred = self.decoder(tokens[:, 1:])
+        pred, summaries, num_early = self._predict(images, mask, with_stats)
         return self.mim_outputs(self.forward_loss(images, pred, mask), summaries, num_early, mto_scale)

@@ -57,6 +57,12 @@ def encoder_state(model_state: dict) -> dict:
 def checkpoint_encoder_state(path) -> dict:
     """fp32 encoder weights with timm key names from the newest complete DeepSpeed checkpoint of a
     run directory, a checkpoints directory or a checkpoint directory."""
+    return encoder_state(checkpoint_model_state(path))
+
+
+def checkpoint_model_state(path) -> dict:
+    """The whole MIM model's fp32 weights (encoder, decoder, mask token: its state_dict's names)
+    from the newest complete DeepSpeed checkpoint of a run, checkpoints or checkpoint directory."""
     import torch
     from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, ZERO_STAGE
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -67,18 +73,18 @@ def checkpoint_encoder_state(path) -> dict:
                                                         mmap=True)[OPTIMIZER_STATE_DICT]:
         # DeepSpeed's BF16 optimizer (ZeRO-1 bf16 with fp32 gradient accumulation) records no ZeRO
         # stage: its zero_to_fp32 refuses the layout ("not a zero checkpoint"), ds_to_universal reads it.
-        return encoder_state(_universal_fp32_state(tag_dir, "encoder."))
-
-    # Merges ZeRO-1/2/3 partitions into the fp32 master weights (not the bf16 working copy).
-    full = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        full = _universal_fp32_state(tag_dir)
+    else:
+        # Merges ZeRO-1/2/3 partitions into the fp32 master weights (not the bf16 working copy).
+        full = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     # DeepSpeed 0.19 records frozen parameters (MAE's fixed sin-cos pos_embed) for the merge only
     # when it partitions gradients (ZeRO-2/3): under ZeRO-1 the merge leaves them out, while the
     # model-states file holds every parameter in full (ZeRO-3 there: empty placeholders).
     states = tag_dir / "mp_rank_00_model_states.pt"
     if states.is_file():
         module = torch.load(states, map_location="cpu", weights_only=False, mmap=True)["module"]
-        full.update({k: v for k, v in module.items() if k not in full and v.numel()})
-    return encoder_state(full)
+        full.update({k: v.float() for k, v in module.items() if k not in full and v.numel()})
+    return full
 
 
 def universal_dir(tag_dir: Path) -> Path:
@@ -109,15 +115,15 @@ def convert_to_universal(tag_dir: Path, out: Path, run=run_module) -> None:
         raise RuntimeError(f"ds_to_universal failed on {tag_dir}:\n{result.stderr[-3000:]}")
 
 
-def _universal_fp32_state(tag_dir: Path, prefix: str) -> dict:
-    """The fp32 weights named `prefix`* of a checkpoint, read from its universal conversion: the one
+def _universal_fp32_state(tag_dir: Path) -> dict:
+    """The fp32 weights of a checkpoint, read from its universal conversion: the one
     a resume on another world size left beside it, else one made in a temporary directory
     (TMPDIR), never in the run directory, which the reader may not own."""
     import torch
 
     def read(universal: Path) -> dict:
         return {d.name: torch.load(d / "fp32.pt", map_location="cpu", weights_only=True)["param"]
-                for d in (universal / "zero").iterdir() if d.name.startswith(prefix)}
+                for d in (universal / "zero").iterdir() if (d / "fp32.pt").is_file()}
 
     if converted_from(universal_dir(tag_dir), tag_dir):
         return read(universal_dir(tag_dir))
