@@ -1,4 +1,4 @@
-"""`mto-ds` console script: pretrain, eval, export."""
+"""`mto-ds` console script: pretrain, eval, export, reconstruct."""
 from __future__ import annotations
 
 import argparse
@@ -94,6 +94,20 @@ def _parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="write the encoder as a timm state dict")
     ex.add_argument("run_dir", help="run directory (its newest complete checkpoint) or a checkpoint directory")
     ex.add_argument("out", help="the .pt to write: a timm state dict of the encoder")
+    rc = sub.add_parser("reconstruct", help="a PNG of images, their masks and a checkpoint's reconstructions",
+                        description="One row per image: the image | the masked input | the prediction of every "
+                                    "patch | the prediction in the masked patches, the visible ones pasted back; "
+                                    "prints each image's loss_mim. The run's config.yaml gives the model and the "
+                                    "mask generator.")
+    rc.add_argument("run_dir", help="run directory (its newest complete checkpoint) or a checkpoint directory")
+    rc.add_argument("out", help="the image to write (.png or .jpg)")
+    rc.add_argument("images", nargs="*",
+                    help="image files or folders (their image files, sorted); default: the run's evaluation val "
+                         "split (synthetic runs: held-out synthetic images)")
+    rc.add_argument("--count", type=_positive, default=8, help="at most this many images (default 8)")
+    rc.add_argument("--seed", type=_count, default=0,
+                    help="the masks' seed (default 0): the same images and seed give the same masks at every "
+                         "checkpoint")
     return p
 
 
@@ -124,6 +138,32 @@ def _dry_run(args) -> int:
           "nothing was started")
     for line in lines:
         print(f"  {line}")
+    return 0
+
+
+def _reconstruct(args) -> int:
+    from .config import ConfigError, run_config_file
+    # Before torch's seconds of imports: a mistyped path is named at once.
+    missing = [path for path in (args.run_dir, *args.images) if not Path(path).exists()]
+    problem = (f"{missing[0]} does not exist" if missing else
+               unwritable_output(args.out) or
+               (None if Path(args.out).suffix.lower() in (".png", ".jpg", ".jpeg") else
+                f"{args.out}: name a .png or .jpg to write") or
+               (None if run_config_file(args.run_dir) else
+                f"no config.yaml in {args.run_dir} or the two folders above it: reconstruct reads the run's "
+                "config (model, masks) from its run directory"))
+    if problem:
+        print(f"mto-ds: {problem}", file=sys.stderr)
+        return 2
+    _setup_environment()
+    from .eval.reconstruct import reconstruct_run
+    try:
+        lines = reconstruct_run(Path(args.run_dir), Path(args.out), [Path(p) for p in args.images], args.count,
+                                args.seed)
+    except (FileNotFoundError, ValueError) as err:  # no checkpoint or image, a config that no longer loads
+        print(f"mto-ds: {'config error: ' if isinstance(err, ConfigError) else ''}{err}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
     return 0
 
 
@@ -158,6 +198,8 @@ def main(argv=None) -> int:
             print(f"mto-ds: {err}", file=sys.stderr)
             return 2
         return 0
+    if args.command == "reconstruct":
+        return _reconstruct(args)
     try:
         cfg = load_config(args.config, args.overrides, training=args.command == "pretrain")
     except ConfigError as err:

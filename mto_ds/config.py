@@ -199,6 +199,16 @@ def resolve_path(path: str) -> Path:
     return REPO_ROOT / p
 
 
+def run_config_file(path) -> Optional[Path]:
+    """The config.yaml (the resolved config a run directory keeps) of the run that `path`, a run
+    directory, its checkpoints/ or one checkpoint of it, belongs to; None if none of them has one."""
+    path = Path(path)
+    for folder in (path, path.parent, path.parent.parent):
+        if (folder / "config.yaml").is_file():
+            return folder / "config.yaml"
+    return None
+
+
 def _all_keys(node: Any, prefix: str = "") -> List[str]:
     keys = []
     for name in node.__dataclass_fields__:

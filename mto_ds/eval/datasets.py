@@ -58,6 +58,9 @@ class SyntheticEvalImages(Dataset):
         index = self.indices[item]
         return center_resize(Image.fromarray(self.source.image(index)), self.img_size), self.source.label(index)
 
+    def name(self, item: int) -> str:
+        return f"synthetic image {self.indices[item]} (seed {self.source.seed})"
+
 
 class FolderEvalImages(Dataset):
     """An ImageFolder split (class = sub-folder), optionally a seeded subset of it, center-resized;
@@ -97,6 +100,9 @@ class FolderEvalImages(Dataset):
             return None
         return center_resize(Image.fromarray(pixels), self.img_size), self._label_of[self.source.label(index)]
 
+    def name(self, item: int) -> str:
+        return str(self.source.files[self.positions[item]])
+
 
 def class_balanced_draw(labels: Sequence[int], size: int, seed: int) -> np.ndarray:
     """`size` positions of `labels` drawn in rounds: one image of every class (that has one left)
@@ -115,15 +121,11 @@ def class_balanced_draw(labels: Sequence[int], size: int, seed: int) -> np.ndarr
 
 def build_eval_sets(cfg) -> Tuple[Dataset, Dataset]:
     """(train, val) labelled evaluation sets for `cfg` (a mto_ds.config.Config); both have `num_classes`."""
-    data, ev, size, seed = cfg.data, cfg.eval, cfg.model.img_size, cfg.run.seed
+    ev, size = cfg.eval, cfg.model.img_size
     if ev.num_train <= 0 or ev.num_val <= 0:
         raise ValueError(f"eval.num_train and eval.num_val must be positive, got {ev.num_train}, {ev.num_val}")
-    if data.source == "synthetic" and not ev.path:  # eval.path, when given, is what to evaluate on
-        # Rendered at the pre-training size (data.build_pretrain_loader), so the eval view
-        # has the same pixel statistics as the crops the encoder was trained on.
-        source = SyntheticImages(data.synthetic_images + ev.num_val + ev.num_train, data.synthetic_classes,
-                                 size=size * 5 // 4, seed=seed)
-        val_start = max(data.synthetic_images, ev.num_train)
+    if _synthetic_eval(cfg):
+        source, val_start = _synthetic_eval_source(cfg, ev.num_val)
         return (SyntheticEvalImages(source, range(ev.num_train), size),
                 SyntheticEvalImages(source, range(val_start, val_start + ev.num_val), size))
     root = eval_root(cfg)
@@ -135,6 +137,35 @@ def build_eval_sets(cfg) -> Tuple[Dataset, Dataset]:
     train = FolderEvalImages(root / "train", size, ev.num_train, EVAL_SUBSET_SEED)
     val = FolderEvalImages(root / "val", size, ev.num_val, EVAL_SUBSET_SEED, classes=train.classes)
     return train, val
+
+
+def held_out_images(cfg, count: int) -> Dataset:
+    """`count` images of the evaluation's val split, which pre-training never reads, center-resized
+    like the others: the first synthetic ones, or a class-balanced draw of ROOT/val (items of None
+    for undecodable files, as above). Its train split is neither listed nor needed."""
+    if _synthetic_eval(cfg):
+        source, val_start = _synthetic_eval_source(cfg, count)
+        return SyntheticEvalImages(source, range(val_start, val_start + count), cfg.model.img_size)
+    val = eval_root(cfg) / "val"
+    if not val.is_dir():
+        raise FileNotFoundError(f"no evaluation val split at {val} (eval.path, or with data.source=folder the "
+                                "parent of data.path)")
+    return FolderEvalImages(val, cfg.model.img_size, count, EVAL_SUBSET_SEED)
+
+
+def _synthetic_eval(cfg) -> bool:
+    return cfg.data.source == "synthetic" and not cfg.eval.path  # eval.path, when given, is what to evaluate on
+
+
+def _synthetic_eval_source(cfg, num_val: int) -> Tuple[SyntheticImages, int]:
+    """(The synthetic source of the evaluation's images, where its val samples start): train =
+    samples [0, eval.num_train), val = `num_val` from just past the pre-training set."""
+    data, ev, size = cfg.data, cfg.eval, cfg.model.img_size
+    # Rendered at the pre-training size (data.build_pretrain_loader), so the eval view
+    # has the same pixel statistics as the crops the encoder was trained on.
+    source = SyntheticImages(data.synthetic_images + num_val + ev.num_train, data.synthetic_classes,
+                             size=size * 5 // 4, seed=cfg.run.seed)
+    return source, max(data.synthetic_images, ev.num_train)
 
 
 def eval_root(cfg) -> Path:
