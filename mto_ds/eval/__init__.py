@@ -1,9 +1,9 @@
 """Evaluation of frozen and fine-tuned encoders, and the epoch-efficiency study's curves.
 
 Trainer hook: `evaluate(encoder, cfg, device)`; `mto-ds eval`: `run_eval(cfg, checkpoint,
-finetune_epochs)`; `mto-ds reconstruct`: `mto_ds.eval.reconstruct.reconstruct_run`; study: `mto_ds.eval.study` (reading and assembling runs),
-`mto_ds.eval.study_report` (the report) and `mto_ds.eval.study_runs` (launching them), driven by
-tools/epoch_study.py.
+finetune_epochs)`; `mto-ds reconstruct`: `mto_ds.eval.reconstruct.reconstruct_run`; study:
+`mto_ds.eval.study` (reading and assembling runs), `mto_ds.eval.study_report` (the report) and
+`mto_ds.eval.study_runs` (launching them), driven by tools/epoch_study.py.
 
 The names below are imported on first use: the study's modules need no torch, so
 `tools/epoch_study.py collect` (and every `--help`) starts without loading it.
