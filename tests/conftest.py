@@ -85,8 +85,7 @@ def pretrain(run_dir: Path, *overrides: str, nproc: int = 1, config: str = "conf
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """A run of the demo config (vit_tiny_patch16 at 64 px, SimMIM + MTO, ZeRO-2) after 2 steps, with
-    one complete checkpoint: read, never written, by the tests of the CLI and of reconstruct (one
-    run per pytest worker that runs them)."""
+    one complete checkpoint: read, never written, by the tests that use it."""
     run = tmp_path_factory.mktemp("tiny") / "run"
     pretrain(run, "train.steps=2", "data.synthetic_images=64")
     return run

@@ -1,15 +1,21 @@
-"""The CLI's errors: bad input fails before any work, with the key named; export for timm."""
+"""The CLI's errors: bad input fails before any work, with the key named; export for timm;
+reconstruct on a run's checkpoint."""
 import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import timm
 import torch
 from PIL import Image
 
+from mto_ds.cli import main
 from mto_ds.config import load_config
+from mto_ds.data import normalize
+from mto_ds.eval.datasets import held_out_images
+from mto_ds.eval.reconstruct import masks_for
 from mto_ds.models import build_mim_model
 from mto_ds.models.weights import checkpoint_model_state
 
@@ -501,3 +507,114 @@ def test_world_size_without_dry_run_is_refused_a_start_takes_its_ranks_from_its_
     from mto_ds import cli
     assert cli.main(["pretrain", "--config", "configs/demo.yaml", "--world-size", "4"]) == 2
     assert "--world-size goes with --dry-run" in capsys.readouterr().err
+
+
+# `mto-ds reconstruct` on tiny_run's checkpoint (its pieces: tests/test_reconstruct.py).
+
+def _run_model_losses(run, images, masks):
+    """loss_mim of each image under the run's newest weights, loaded here without the CLI's code."""
+    model, _ = build_mim_model(load_config(run / "config.yaml", training=False))
+    model.load_state_dict(checkpoint_model_state(run), strict=True)
+    with torch.no_grad():
+        return [model.eval()(images[i:i + 1], masks[i:i + 1])["loss_mim"].item() for i in range(len(images))]
+
+
+def _printed_losses(out: str):
+    rows = [line.split() for line in out.splitlines() if line.startswith("  ")]
+    return {" ".join(name): float(loss) for loss, *name in rows}
+
+
+def test_reconstruct_draws_a_runs_checkpoint_on_held_out_images_and_prints_their_losses(tiny_run, tmp_path, capsys):
+    """The demo config's run (SimMIM + MTO, synthetic images): its held-out images are the
+    evaluation's val split, synthetic samples past the pre-training set."""
+    out = tmp_path / "figure.png"
+    assert main(["reconstruct", str(tiny_run), str(out), "--count", "3", "--seed", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {out}: 3 image(s) of 64 px, step_00000002 of {tiny_run} (vit_tiny_patch16 simmim)" in printed
+    assert "columns: image | masked input | prediction | prediction with the visible patches pasted back" in printed
+    with Image.open(out) as figure:
+        assert figure.size == (4 * (64 + 2) + 2, 3 * (64 + 2) + 2)
+    cfg = load_config(tiny_run / "config.yaml", training=False)
+    held_out = held_out_images(cfg, 3)
+    names = [held_out.name(i) for i in range(3)]
+    assert names == [f"synthetic image {1024 + i} (seed 0)" for i in range(3)]  # past eval.num_train's 1024
+    losses = _printed_losses(printed)
+    images = normalize(torch.stack([held_out[i][0] for i in range(3)]))
+    _, mask_fn = build_mim_model(cfg)
+    expected = _run_model_losses(tiny_run, images, masks_for(mask_fn, 3, seed=5))
+    assert [losses[name] for name in names] == pytest.approx(expected, abs=1e-4)
+    assert losses["mean"] == pytest.approx(np.mean(expected), abs=1e-4)
+    # The same seed draws the same figure; another seed other masks.
+    again, other = tmp_path / "again.png", tmp_path / "other.png"
+    assert main(["reconstruct", str(tiny_run / "checkpoints"), str(again), "--count", "3", "--seed", "5"]) == 0
+    assert main(["reconstruct", str(tiny_run), str(other), "--count", "3", "--seed", "6"]) == 0
+    capsys.readouterr()
+    assert again.read_bytes() == out.read_bytes() and other.read_bytes() != out.read_bytes()
+
+
+def test_images_given_are_read_from_files_and_folders_and_an_undecodable_one_is_skipped_and_named(
+        tiny_run, tmp_path, capsys, caplog):
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in ("b.jpg", "sub/c.png", "a.jpeg"):
+        Image.fromarray(rng.integers(0, 256, (80, 100, 3), dtype=np.uint8)).save(folder / name)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    (folder / "notes.txt").write_text("not an image")
+    single = tmp_path / "single.png"
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(single)
+    out = tmp_path / "figure.png"
+    assert main(["reconstruct", str(tiny_run), str(out), str(single), str(folder), "--count", "4"]) == 0
+    losses = _printed_losses(capsys.readouterr().out)
+    # The file first, then the folder's images by path, the broken one left out: four in all.
+    assert list(losses) == [str(single), str(folder / "a.jpeg"), str(folder / "b.jpg"), str(folder / "sub" / "c.png"),
+                            "mean"]
+    assert f"skipping undecodable image {folder / 'broken.jpg'}" in caplog.text
+    with Image.open(out) as figure:
+        assert figure.size == (4 * 66 + 2, 4 * 66 + 2)
+
+
+def test_reconstruct_names_a_bad_path_or_output_before_loading_anything(tiny_run, tmp_path, capsys):
+    checkpoint_copy = tmp_path / "step_copy"
+    checkpoint_copy.mkdir()
+    cases = {
+        (str(tmp_path / "no-run"), str(tmp_path / "a.png")): f"{tmp_path / 'no-run'} does not exist",
+        (str(tiny_run), str(tmp_path / "a.png"), str(tmp_path / "no-image.jpg")):
+            f"{tmp_path / 'no-image.jpg'} does not exist",
+        (str(tiny_run), str(tmp_path / "weights.pt")): f"{tmp_path / 'weights.pt'}: name a .png or .jpg to write",
+        (str(tiny_run), str(tmp_path)): f"cannot write {tmp_path}: it is a directory",
+        (str(checkpoint_copy), str(tmp_path / "a.png")): f"no config.yaml in {checkpoint_copy} or the two folders above",
+    }
+    for args, message in cases.items():
+        assert main(["reconstruct", *args]) == 2, args
+        assert f"mto-ds: {message}" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.png"))
+
+
+def _run_with_config(tiny_run, run, *replacements):
+    """A run directory holding tiny_run's checkpoints and its config.yaml with `replacements` made."""
+    run.mkdir()
+    (run / "checkpoints").symlink_to(tiny_run / "checkpoints")
+    config = (tiny_run / "config.yaml").read_text()
+    for old, new in replacements:
+        assert old in config
+        config = config.replace(old, new, 1)
+    (run / "config.yaml").write_text(config)
+    return run
+
+
+def test_a_run_whose_evaluation_has_no_val_folder_is_told_to_name_images(tiny_run, tmp_path, capsys):
+    """A folder or FFCV run reads held-out images from the evaluation's val/ ImageFolder."""
+    run = _run_with_config(tiny_run, tmp_path / "run", ("source: synthetic", "source: ffcv"),
+                           ("  path: null", f"  path: {tmp_path / 'train.beton'}"))
+    assert main(["reconstruct", str(run), str(tmp_path / "a.png")]) == 2
+    err = capsys.readouterr().err
+    assert "evaluation with data.source=ffcv reads labelled train/ and val/ ImageFolders: set eval.path" in err
+    assert "or name the images to reconstruct after the output file" in err
+
+
+def test_a_run_trained_with_the_fused_gpu_kernel_is_reconstructed_without_a_gpu(tiny_run, tmp_path, capsys):
+    """mto.kernel=fused needs CUDA; the statistics it computes do not change the prediction."""
+    run = _run_with_config(tiny_run, tmp_path / "run", ("kernel: auto", "kernel: fused"))
+    assert main(["reconstruct", str(run), str(tmp_path / "a.png"), "--count", "1"]) == 0
+    assert "synthetic image 1024" in capsys.readouterr().out
