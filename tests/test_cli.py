@@ -119,6 +119,14 @@ def test_exported_encoder_loads_into_timm_without_missing_keys(tmp_path, case, r
     assert not missing.missing_keys and not missing.unexpected_keys
     loaded = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=img_size, checkpoint_path=str(out))
     torch.testing.assert_close(loaded.blocks[0].attn.qkv.weight, state["blocks.0.attn.qkv.weight"])
+    if case == "simmim_zero2":
+        # What timm's train.py does with `--pretrained --pretrained-path OUT --num-classes N` (README's
+        # fine-tuning recipe, MAE's global average pooling): the encoder loaded, a new head of N classes.
+        classifier = timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=10, img_size=img_size,
+                                       global_pool="avg", pretrained_cfg_overlay=dict(file=str(out), num_classes=-1))
+        torch.testing.assert_close(classifier.blocks[-1].mlp.fc2.weight, state["blocks.11.mlp.fc2.weight"])
+        torch.testing.assert_close(classifier.patch_embed.proj.weight, state["patch_embed.proj.weight"])
+        assert classifier.head.out_features == 10
     (states,) = (run / "checkpoints" / "step_00000002").glob("mp_rank_00_model_states.pt")
     module = torch.load(states, map_location="cpu", weights_only=False)["module"]
     if case != "simmim_zero2":  # the frozen sin-cos table the model trained with
