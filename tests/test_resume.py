@@ -7,9 +7,11 @@ the uninterrupted one (`reference`), step by step.
 import json
 import shutil
 import signal
+import subprocess
 from collections import defaultdict
 
 import pytest
+import torch
 
 from conftest import HALF_PRECISION_SMALL, REPO, pretrain, read_metrics
 from run_control import STEPS, Run, losses_by_step, metric_steps, reference_run, state
@@ -37,6 +39,12 @@ def stopped(tmp_path_factory):
     run.signal_ranks(signal.SIGUSR1, ranks=[1])
     run.finish(expect=0)
     return run_dir, state(run_dir)["step"]
+
+
+def _git_commit():
+    """The checkout's commit as git reports it; None outside a git checkout (a source archive)."""
+    result = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return result.stdout.strip() if result.returncode == 0 and (REPO / ".git").exists() else None
 
 
 def _copy(run_dir, tmp_path):
@@ -114,6 +122,16 @@ def test_elastic_resume_2_to_1_to_3_ranks_sees_each_sample_once_with_the_same_lo
     assert "global batch 32 = 3 ranks x 10-11 samples (the ranks do not divide it)" in three.output
     assert state(run_dir) == {"finished": True, "step": STEPS, "total_steps": STEPS, "reason": "completed"}
     assert metric_steps(run_dir) == list(range(1, STEPS + 1))
+    # starts.jsonl: each start's world size, where it began, and with what it ran.
+    starts = [json.loads(line) for line in (run_dir / "starts.jsonl").read_text().splitlines()]
+    assert [(s["world_size"], s["step"]) for s in starts] == [(2, 0), (1, first_stop), (3, second_stop)]
+    assert [s["resumed_from"] for s in starts] == [
+        None, str(run_dir / "checkpoints" / f"step_{first_stop:08d}"), str(run_dir / "checkpoints" / f"step_{second_stop:08d}")]
+    assert [sum(s["hosts"].values()) for s in starts] == [sum(s["devices"].values()) for s in starts] == [2, 1, 3]
+    assert {s["libraries"]["torch"] for s in starts} == {torch.__version__}
+    assert {s["code"]["commit"] for s in starts} == {_git_commit()}
+    assert "pretrain" in starts[2]["command"]
+    assert "mto_ds 0.1.0 (git " in three.output and "3 rank(s) on 1 host: 3 x cpu" in three.output
 
     batches = _global_batches(run_dir)
     assert sorted(batches) == list(range(1, STEPS + 1))

@@ -26,6 +26,7 @@ from .checkpoint import Checkpointer, job_identity
 from .distributed import DistInfo, agree, check_shared_directory, differing_from_rank_0, init_distributed
 from .faults import Faults, SampleTrace
 from .profiling import StepProfiler
+from .provenance import append_start, describe, differing_ranks, gather_environments, start_record
 from .run_dir import RunDirectoryInUse, RunLock, claim, clear_state, resume_warnings, write_config, write_state
 from .signals import TAKEN_OVER, StopRequest
 from .step import (LOGGED, NonFiniteGradientsError, NonFiniteLossError, NonFiniteWeightsError, train_step,
@@ -211,6 +212,7 @@ class Trainer:
                                    cfg.run.progress_bar, resumed=bool(self.resumed_from))
         self.profiler = StepProfiler(self.run_dir, self.dist.rank, self.dist.device, cfg.run.profile_step,
                                      cfg.run.profile_steps)
+        self._record_start()
         log.info("%s, %d steps/epoch, %d steps in all, ZeRO-%d, %s",
                  describe_batch(self.batch, cfg.train.micro_batch_size), self.steps_per_epoch, self.total_steps,
                  zero_stage(self.ds_config), precision(self.ds_config))
@@ -218,6 +220,18 @@ class Trainer:
             for problem in [*schedule_warnings(cfg, self.steps_per_epoch), *unread_keys(cfg),
                             *other_method_defaults(cfg)]:
                 log.warning(problem)
+
+    def _record_start(self) -> None:
+        """RUN/starts.jsonl gets this start's line (engine/provenance.py); ranks that run other code
+        or library versions than rank 0 are named. A collective: every rank calls it."""
+        environments = gather_environments(self.dist.device)
+        if self.dist.rank != 0:
+            return
+        record = start_record(environments, self.global_step, self.resumed_from, job_identity())
+        append_start(self.run_dir, record)
+        log.info("%s", describe(record))
+        for rank in differing_ranks(environments):
+            log.warning("this start's ranks run different code or libraries: %s", rank)
 
     # --- checkpoints -------------------------------------------------------------------
     def _data_plan(self) -> dict:
