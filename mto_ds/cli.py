@@ -141,17 +141,23 @@ def _dry_run(args) -> int:
     return 0
 
 
-def _reconstruct(args) -> int:
-    from .config import ConfigError, run_config_file
-    # Before torch's seconds of imports: a mistyped path is named at once.
+def _reconstruct_problem(args) -> Optional[str]:
+    """What is wrong with reconstruct's paths, or None: asked before torch's seconds of imports."""
+    from .config import run_config_file
     missing = [path for path in (args.run_dir, *args.images) if not Path(path).exists()]
-    problem = (f"{missing[0]} does not exist" if missing else
-               unwritable_output(args.out) or
-               (None if Path(args.out).suffix.lower() in (".png", ".jpg", ".jpeg") else
-                f"{args.out}: name a .png or .jpg to write") or
-               (None if run_config_file(args.run_dir) else
-                f"no config.yaml in {args.run_dir} or the two folders above it: reconstruct reads the run's "
-                "config (model, masks) from its run directory"))
+    if missing:
+        return f"{missing[0]} does not exist"
+    if Path(args.out).suffix.lower() not in (".png", ".jpg", ".jpeg") and not Path(args.out).is_dir():
+        return f"{args.out}: name a .png or .jpg to write"
+    if run_config_file(args.run_dir) is None:
+        return (f"no config.yaml in {args.run_dir} or the two folders above it: reconstruct reads the run's "
+                "config (model, masks) from its run directory")
+    return unwritable_output(args.out)
+
+
+def _reconstruct(args) -> int:
+    from .config import ConfigError
+    problem = _reconstruct_problem(args)
     if problem:
         print(f"mto-ds: {problem}", file=sys.stderr)
         return 2

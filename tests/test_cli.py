@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -619,6 +620,23 @@ def test_a_run_whose_evaluation_has_no_val_folder_is_told_to_name_images(tiny_ru
     err = capsys.readouterr().err
     assert "evaluation with data.source=ffcv reads labelled train/ and val/ ImageFolders: set eval.path" in err
     assert "or name the images to reconstruct after the output file" in err
+
+
+def test_a_folder_runs_held_out_images_are_one_per_class_of_the_evaluation_val_split(tiny_run, tmp_path, capsys):
+    """data.source=folder without eval.path: the val/ beside data.path (IMAGENET/train -> IMAGENET/val),
+    a class-balanced draw: three images, three classes, named by their files."""
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b", "c"):
+        (tmp_path / "imagenet" / "val" / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 256, (72, 90, 3), dtype=np.uint8)).save(
+                tmp_path / "imagenet" / "val" / cls / f"{i}.png")
+    run = _run_with_config(tiny_run, tmp_path / "run", ("source: synthetic", "source: folder"),
+                           ("  path: null", f"  path: {tmp_path / 'imagenet' / 'train'}"))
+    assert main(["reconstruct", str(run), str(tmp_path / "a.png"), "--count", "3"]) == 0
+    names = [name for name in _printed_losses(capsys.readouterr().out) if name != "mean"]
+    assert len(names) == 3 and {Path(name).parent.name for name in names} == {"a", "b", "c"}
+    assert all(Path(name).parent.parent == tmp_path / "imagenet" / "val" for name in names)
 
 
 def test_a_run_trained_with_the_fused_gpu_kernel_is_reconstructed_without_a_gpu(tiny_run, tmp_path, capsys):
