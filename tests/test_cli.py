@@ -592,7 +592,8 @@ def test_reconstruct_names_a_bad_path_or_output_before_loading_anything(tiny_run
             f"{tmp_path / 'no-image.jpg'} does not exist",
         (str(tiny_run), str(tmp_path / "weights.pt")): f"{tmp_path / 'weights.pt'}: name a .png or .jpg to write",
         (str(tiny_run), str(tmp_path)): f"cannot write {tmp_path}: it is a directory",
-        (str(checkpoint_copy), str(tmp_path / "a.png")): f"no config.yaml in {checkpoint_copy} or the two folders above",
+        (str(checkpoint_copy), str(tmp_path / "a.png")):
+            f"no config.yaml in {checkpoint_copy} or the two folders above",
     }
     for args, message in cases.items():
         assert main(["reconstruct", *args]) == 2, args

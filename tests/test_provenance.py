@@ -15,7 +15,8 @@ def test_code_version_is_the_checkouts_commit_and_whether_tracked_files_changed(
     (tmp_path / "train.py").write_text("print('v1')\n")
     _git(tmp_path, "add", "train.py")
     _git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "v1")
-    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
     assert code_version(tmp_path)["commit"] == head and code_version(tmp_path)["dirty"] is False
     (tmp_path / "notes.txt").write_text("untracked: not the code that ran")
     assert code_version(tmp_path)["dirty"] is False

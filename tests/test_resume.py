@@ -126,7 +126,7 @@ def test_elastic_resume_2_to_1_to_3_ranks_sees_each_sample_once_with_the_same_lo
     starts = [json.loads(line) for line in (run_dir / "starts.jsonl").read_text().splitlines()]
     assert [(s["world_size"], s["step"]) for s in starts] == [(2, 0), (1, first_stop), (3, second_stop)]
     assert [s["resumed_from"] for s in starts] == [
-        None, str(run_dir / "checkpoints" / f"step_{first_stop:08d}"), str(run_dir / "checkpoints" / f"step_{second_stop:08d}")]
+        None, *(str(run_dir / "checkpoints" / f"step_{step:08d}") for step in (first_stop, second_stop))]
     assert [sum(s["hosts"].values()) for s in starts] == [sum(s["devices"].values()) for s in starts] == [2, 1, 3]
     assert {s["libraries"]["torch"] for s in starts} == {torch.__version__}
     assert {s["code"]["commit"] for s in starts} == {_git_commit()}

@@ -141,7 +141,8 @@ def reconstruct_run(run: Path, out: Path, image_args: Sequence[Path], count: int
     write_grid(views, out)
     share = masks.float().mean().item()
     loss_name = ("L1 on the normalised pixels" if cfg.model.method == "simmim" else
-                 "MSE on the pixels normalised per patch" if cfg.model.norm_pix_loss else "MSE on the normalised pixels")
+                 "MSE on the pixels normalised per patch" if cfg.model.norm_pix_loss else
+                 "MSE on the normalised pixels")
     lines = [f"wrote {out}: {len(names)} image(s) of {cfg.model.img_size} px, {tag_dir.name} of {run} "
              f"({cfg.model.arch} {cfg.model.method}), masks of seed {seed} ({share:.0%} of the patches masked)",
              f"columns: {' | '.join(COLUMNS)}",

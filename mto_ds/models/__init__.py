@@ -54,4 +54,5 @@ def mask_fn_for(model, method: str, img_size: int, mask_ratio=None, mask_patch_s
     return fn
 
 
-__all__ = ["create_mim_model", "build_mim_model", "mask_fn_for", "build_mask_fn", "SimMIM", "MAE", "TIMM_NAMES", "create_encoder"]
+__all__ = ["create_mim_model", "build_mim_model", "mask_fn_for", "build_mask_fn", "SimMIM", "MAE", "TIMM_NAMES",
+           "create_encoder"]

@@ -61,8 +61,9 @@ def checkpoint_encoder_state(path) -> dict:
 
 
 def checkpoint_model_state(path) -> dict:
-    """The whole MIM model's fp32 weights (encoder, decoder, mask token: its state_dict's names)
-    from the newest complete DeepSpeed checkpoint of a run, checkpoints or checkpoint directory."""
+    """The whole MIM model's weights (encoder, decoder, mask token: its state_dict's names) from the
+    newest complete DeepSpeed checkpoint of a run, checkpoints or checkpoint directory: the trained
+    ones fp32 masters, the frozen ones (MAE's sin-cos tables) as the model held them."""
     import torch
     from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, ZERO_STAGE
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -83,7 +84,7 @@ def checkpoint_model_state(path) -> dict:
     states = tag_dir / "mp_rank_00_model_states.pt"
     if states.is_file():
         module = torch.load(states, map_location="cpu", weights_only=False, mmap=True)["module"]
-        full.update({k: v.float() for k, v in module.items() if k not in full and v.numel()})
+        full.update({k: v for k, v in module.items() if k not in full and v.numel()})
     return full
 
 
