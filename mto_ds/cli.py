@@ -55,6 +55,19 @@ class _Once(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+class _Version(argparse.Action):
+    """--version: the package's version and the git commit of the checkout it runs from, without
+    importing torch (the commit is asked of git only when the option is given)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, help="print the version and git commit, and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .engine.provenance import code_version, describe_code
+        print(describe_code(code_version()).replace("mto_ds", "mto-ds", 1))
+        parser.exit()
+
+
 def _count(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -74,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     # DeepSpeed's launcher runs `python -m mto_ds --local_rank=N <command> ...` (the rank is also in
     # LOCAL_RANK, which is what is read): accepted before the command as well as after it.
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--version", action=_Version)
     sub = p.add_subparsers(dest="command", required=True)
     pre = sub.add_parser("pretrain", help="pre-train a ViT with SimMIM/MAE (+MTO) under DeepSpeed")
     pre.add_argument("--config", required=True, action=_Once, help="run YAML (configs/*.yaml)")

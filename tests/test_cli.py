@@ -57,6 +57,19 @@ def _imports_torch(result) -> bool:
     return any(line.rsplit("|", 1)[-1].strip() == "torch" for line in result.stderr.splitlines())
 
 
+def test_version_names_the_package_and_the_checkouts_commit_without_importing_torch():
+    result = _cli("--version", python_options=("-X", "importtime"))
+    assert result.returncode == 0 and not _imports_torch(result), result.stderr[-2000:]
+    from mto_ds import __version__
+    from mto_ds.engine.provenance import code_version
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if (REPO / ".git").exists() and commit.returncode == 0:
+        dirty = ", uncommitted changes" if code_version()["dirty"] else ""
+        assert result.stdout == f"mto-ds {__version__} (git {commit.stdout.strip()[:10]}{dirty})\n"
+    else:  # a source archive
+        assert result.stdout == f"mto-ds {__version__} (not a git checkout)\n"
+
+
 def test_eval_and_export_name_a_missing_checkpoint_or_folder_with_exit_2_not_a_traceback(tmp_path):
     """Named at once: before torch's seconds of imports (on a login node, or each rank of a job)."""
     missing = tmp_path / "no-run"

@@ -18,13 +18,13 @@ import time
 from collections import Counter
 from importlib import metadata
 from pathlib import Path
-from typing import Dict, List, Optional
-
-import torch
-import torch.distributed as dist
+from typing import TYPE_CHECKING, Dict, List, Optional
 
 from .. import __version__
 from ..config import REPO_ROOT
+
+if TYPE_CHECKING:
+    import torch
 
 STARTS = "starts.jsonl"
 LIBRARIES = ("deepspeed", "timm", "triton", "ffcv", "numpy")
@@ -48,6 +48,7 @@ def code_version(checkout: Path = REPO_ROOT) -> Dict[str, object]:
 def library_versions() -> Dict[str, Optional[str]]:
     """Python, torch (with its CUDA and NCCL) and the libraries a run uses; None for one not
     installed. Read from the installed packages' metadata: nothing is imported for it."""
+    import torch
     versions = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
                 "nccl": None}
     if torch.cuda.is_available() and hasattr(torch.cuda, "nccl"):
@@ -63,12 +64,14 @@ def library_versions() -> Dict[str, Optional[str]]:
 
 def rank_environment(device: torch.device) -> Dict[str, object]:
     """This rank's host, device, code and library versions."""
+    import torch
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     return {"host": socket.gethostname(), "device": name, "code": code_version(), "libraries": library_versions()}
 
 
 def gather_environments(device: torch.device) -> List[Dict[str, object]]:
     """Every rank's `rank_environment`, in rank order (one all-gather; call it on every rank)."""
+    import torch.distributed as dist
     mine = rank_environment(device)
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return [mine]
@@ -103,15 +106,20 @@ def start_record(environments: List[Dict[str, object]], step: int, resumed_from:
             "devices": dict(Counter(env["device"] for env in environments))}
 
 
-def describe(record: Dict[str, object]) -> str:
-    """One log line: the code, the main libraries, the ranks and devices."""
-    code, libraries = record["code"], record["libraries"]
+def describe_code(code: Dict[str, object]) -> str:
+    """'mto_ds 0.1.0 (git 1a2b3c4d5e, uncommitted changes)' for a `code_version`."""
     commit = (f"git {code['commit'][:10]}{', uncommitted changes' if code['dirty'] else ''}" if code["commit"]
               else "not a git checkout")
+    return f"mto_ds {code['version']} ({commit})"
+
+
+def describe(record: Dict[str, object]) -> str:
+    """One log line: the code, the main libraries, the ranks and devices."""
+    libraries = record["libraries"]
     torch_build = ", ".join(f"{key.upper()} {libraries[key]}" for key in ("cuda", "nccl") if libraries.get(key))
     devices = ", ".join(f"{count} x {name}" for name, count in record["devices"].items())
     hosts = len(record["hosts"])
-    return (f"mto_ds {code['version']} ({commit}), torch {libraries['torch']}"
+    return (f"{describe_code(record['code'])}, torch {libraries['torch']}"
             f"{f' ({torch_build})' if torch_build else ''}, deepspeed {libraries['deepspeed']}, "
             f"timm {libraries['timm']}; {record['world_size']} rank(s) on {hosts} host{'s' if hosts > 1 else ''}: "
             f"{devices}")
