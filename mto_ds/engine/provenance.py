@@ -6,6 +6,7 @@ checkout had uncommitted changes, the library versions, the devices and hosts of
 command) and where it began (the step and checkpoint it resumed from), so a change in the loss
 curve can be set against a change of code, cluster or versions. Ranks that run other code or
 library versions than rank 0 (a node with an older environment) are named in a warning.
+`mto-ds --version` prints `describe_code(code_version())`, without importing torch.
 """
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ def code_version(checkout: Path = REPO_ROOT) -> Dict[str, object]:
 
 def library_versions() -> Dict[str, Optional[str]]:
     """Python, torch (with its CUDA and NCCL) and the libraries a run uses; None for one not
-    installed. Read from the installed packages' metadata: nothing is imported for it."""
+    installed. torch is asked itself (a run has imported it); the others are read from their
+    installed packages' metadata, not imported."""
     import torch
     versions = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
                 "nccl": None}
