@@ -70,7 +70,8 @@ demo: venv system-deps clean-demo
 # the bf16 and fp16 files start from a copy of their uninterrupted run instead of a second stopped
 # one; 18.3 min (1802 CPU-s) once eval and export name a missing path before importing torch.
 # 2026-12-07, evening (725 tests): 20.1 and 20.6 min (1965-2008 CPU-s) on a slower host: the tests
-# shared with the 18.3-minute run took 11% longer (2339 s of test time against 2097).
+# shared with the 18.3-minute run took 11% longer (2339 s of test time against 2097); an hour
+# later, 726 tests: 18.7 min (1837 CPU-s).
 TEST_WORKERS ?= 2
 test: venv system-deps
 	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
