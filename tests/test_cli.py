@@ -16,7 +16,7 @@ from mto_ds.cli import main
 from mto_ds.config import load_config
 from mto_ds.data import normalize
 from mto_ds.eval.datasets import held_out_images
-from mto_ds.eval.reconstruct import masks_for
+from mto_ds.data.loader import batch_masks
 from mto_ds.models import build_mim_model
 from mto_ds.models.weights import checkpoint_model_state
 
@@ -563,7 +563,7 @@ def test_reconstruct_draws_a_runs_checkpoint_on_held_out_images_and_prints_their
     losses = _printed_losses(printed)
     images = normalize(torch.stack([held_out[i][0] for i in range(3)]))
     _, mask_fn = build_mim_model(cfg)
-    expected = _run_model_losses(tiny_run, images, masks_for(mask_fn, 3, seed=5))
+    expected = _run_model_losses(tiny_run, images, batch_masks(mask_fn, 5, 0, range(3)))
     assert [losses[name] for name in names] == pytest.approx(expected, abs=1e-4)
     assert losses["mean"] == pytest.approx(np.mean(expected), abs=1e-4)
     # The same seed draws the same figure; another seed other masks.

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mto_ds.data import normalize
-from mto_ds.eval.reconstruct import MASKED_GREY, masks_for, reconstruct
+from mto_ds.data.loader import batch_masks
+from mto_ds.eval.reconstruct import MASKED_GREY, reconstruct
 from mto_ds.models import create_mim_model, mask_fn_for
 from mto_ds.models.simmim import patchify, unpatchify
 
@@ -45,7 +46,7 @@ def test_a_prediction_equal_to_the_losss_target_reconstructs_the_image(method, n
     if method == "mae" and norm_pix_loss:
         target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
     monkeypatch.setattr(model, "predict", lambda images, mask: target)
-    views = reconstruct(model, images, masks_for(mask_fn, 3, seed=0))
+    views = reconstruct(model, images, batch_masks(mask_fn, 0, 0, range(3)))
     torch.testing.assert_close(views["prediction"], views["image"], atol=1e-5, rtol=0)
     torch.testing.assert_close(views["pasted"], views["image"], atol=1e-5, rtol=0)
     assert views["loss"].abs().max() < 1e-6
@@ -57,7 +58,7 @@ def test_the_figure_shows_the_prediction_in_masked_patches_and_the_image_in_visi
     forward computes (MTO's recalibration of the early blocks included)."""
     model, mask_fn = _model(method)
     images = _images()
-    masks = masks_for(mask_fn, 3, seed=0)
+    masks = batch_masks(mask_fn, 0, 0, range(3))
     views = reconstruct(model, images, masks)
     masked = unpatchify(masks.unsqueeze(-1).expand(-1, -1, 16 * 16 * 3).float(), 16).bool()
     assert 0 < masked.float().mean() < 1
@@ -76,8 +77,8 @@ def test_the_figure_shows_the_prediction_in_masked_patches_and_the_image_in_visi
 
 def test_masks_are_drawn_from_the_seed_and_the_images_position():
     mask_fn = _model("mae")[1]  # 12 of 16 patches: 1820 masks (SimMIM's 3 of 4 cells at 64 px: 4)
-    first = masks_for(mask_fn, 4, seed=3)
-    assert torch.equal(masks_for(mask_fn, 4, seed=3), first)
-    assert torch.equal(masks_for(mask_fn, 2, seed=3), first[:2])  # the i-th mask does not depend on the count
-    assert not torch.equal(masks_for(mask_fn, 4, seed=4), first)
+    first = batch_masks(mask_fn, 3, 0, range(4))
+    assert torch.equal(batch_masks(mask_fn, 3, 0, range(4)), first)
+    assert torch.equal(batch_masks(mask_fn, 3, 0, range(2)), first[:2])  # the i-th mask does not depend on the count
+    assert not torch.equal(batch_masks(mask_fn, 4, 0, range(4)), first)
     assert len({mask.numpy().tobytes() for mask in first}) == 4  # each image its own mask

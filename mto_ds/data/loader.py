@@ -185,6 +185,12 @@ def normalize(images: torch.Tensor, device: Optional[torch.device] = None,
     return ((images.float() - mean) / std).to(dtype)
 
 
+def to_unit_pixels(images: torch.Tensor) -> torch.Tensor:
+    """`normalize`'s output back to RGB in [0, 1] (clamped), float32, for pictures."""
+    mean, std = _mean_std(images.device)
+    return ((images.float() * std + mean) / 255).clamp(0.0, 1.0)
+
+
 @lru_cache(maxsize=None)
 def _mean_std(device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
     # Made once per device: a tensor built from a Python list on a GPU is a blocking copy that

@@ -1,8 +1,9 @@
 """A checkpoint's reconstructions, MIM's first sanity check: `mto-ds reconstruct RUN OUT.png [IMAGE ...]`.
 
 Each image is center-resized as the evaluation views it (datasets.center_resize) and masked by the
-run's own mask generator, drawn from (seed, the image's position): the same images and seed give
-the same masks at every checkpoint of a run, so a run's checkpoints can be set side by side. The
+run's own mask generator, drawn from (seed, the image's position) as the loader draws a sample's
+(data.loader.batch_masks): the same images and seed give the same masks at every checkpoint of a
+run, so a run's checkpoints can be set side by side. The
 PNG has a row per image: the image | the masked input (masked patches grey) | the model's
 prediction of every patch | the prediction in the masked patches with the visible ones pasted
 back (MAE's figure). Each image's loss_mim, the loss the run logs, comes with it.
@@ -13,14 +14,13 @@ import logging
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
-import numpy as np
 import torch
 from PIL import Image
 
 from ..config import load_config, run_config_file
 from ..data import normalize
 from ..data.imagefolder import IMAGE_EXTENSIONS, UndecodableImage, read_rgb
-from ..data.loader import IMAGENET_MEAN, IMAGENET_STD
+from ..data.loader import batch_masks, to_unit_pixels
 from ..models import build_mim_model
 from ..models.simmim import patchify, unpatchify
 from ..models.weights import checkpoint_model_state, newest_complete
@@ -30,19 +30,6 @@ log = logging.getLogger("mto_ds")
 
 COLUMNS = ("image", "masked input", "prediction", "prediction with the visible patches pasted back")
 MASKED_GREY = 0.5
-
-
-def masks_for(mask_fn, count: int, seed: int) -> torch.Tensor:
-    """`count` masks [count, L] (True = masked), the i-th drawn from (seed, i)."""
-    return torch.stack([torch.from_numpy(np.asarray(mask_fn(np.random.default_rng([seed, i])), dtype=bool))
-                        for i in range(count)])
-
-
-def to_unit_pixels(images: torch.Tensor) -> torch.Tensor:
-    """Normalised images -> RGB in [0, 1] (the inverse of data.normalize, clamped)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-    return (images.float() * std + mean).clamp(0.0, 1.0)
 
 
 @torch.no_grad()
@@ -135,7 +122,8 @@ def reconstruct_run(run: Path, out: Path, image_args: Sequence[Path], count: int
     model, mask_fn = build_mim_model(cfg)
     model.load_state_dict(checkpoint_model_state(tag_dir), strict=True)
     model.to(device).eval()
-    masks = masks_for(mask_fn, len(names), seed).to(device)
+    # Image i's mask is the one the loader draws for sample i of epoch 0 with run seed `seed`.
+    masks = batch_masks(mask_fn, seed, 0, range(len(names))).to(device)
     views = reconstruct(model, normalize(pixels, device), masks)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     write_grid(views, out)
