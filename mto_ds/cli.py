@@ -64,7 +64,7 @@ class _Version(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         from .engine.provenance import code_version, describe_code
-        print(describe_code(code_version()).replace("mto_ds", "mto-ds", 1))
+        print(f"mto-ds {describe_code(code_version())}")
         parser.exit()
 
 

@@ -109,10 +109,10 @@ def start_record(environments: List[Dict[str, object]], step: int, resumed_from:
 
 
 def describe_code(code: Dict[str, object]) -> str:
-    """'mto_ds 0.1.0 (git 1a2b3c4d5e, uncommitted changes)' for a `code_version`."""
+    """'0.1.0 (git 1a2b3c4d5e, uncommitted changes)' for a `code_version`."""
     commit = (f"git {code['commit'][:10]}{', uncommitted changes' if code['dirty'] else ''}" if code["commit"]
               else "not a git checkout")
-    return f"mto_ds {code['version']} ({commit})"
+    return f"{code['version']} ({commit})"
 
 
 def describe(record: Dict[str, object]) -> str:
@@ -121,7 +121,7 @@ def describe(record: Dict[str, object]) -> str:
     torch_build = ", ".join(f"{key.upper()} {libraries[key]}" for key in ("cuda", "nccl") if libraries.get(key))
     devices = ", ".join(f"{count} x {name}" for name, count in record["devices"].items())
     hosts = len(record["hosts"])
-    return (f"{describe_code(record['code'])}, torch {libraries['torch']}"
+    return (f"mto_ds {describe_code(record['code'])}, torch {libraries['torch']}"
             f"{f' ({torch_build})' if torch_build else ''}, deepspeed {libraries['deepspeed']}, "
             f"timm {libraries['timm']}; {record['world_size']} rank(s) on {hosts} host{'s' if hosts > 1 else ''}: "
             f"{devices}")
