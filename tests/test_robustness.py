@@ -6,6 +6,7 @@ docs/ROBUSTNESS.md).
 """
 import errno
 import json
+import logging
 import math
 import os
 import shutil
@@ -804,6 +805,32 @@ def test_a_metrics_line_cut_short_by_a_crash_is_set_aside_and_does_not_stop_the_
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [
         (1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3)), (4, 0.25), (5, 50.0)]
+
+
+def test_log_lines_while_the_progress_bar_shows_are_lines_of_their_own(tmp_path, monkeypatch):
+    """With the bar on (the demo, a terminal), rank 0's log lines were written into the bar's own
+    line ("... loss=0.5000][12:01 rank0] INFO ..."). Each is now a line of its own, the bar
+    drawn again below it, and once the bar is closed the console handler is the one it was."""
+    import io
+    from mto_ds.engine.telemetry import Telemetry
+    terminal = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    console = logging.StreamHandler(terminal)
+    console.setFormatter(logging.Formatter("LOG %(message)s"))
+    monkeypatch.setattr(logging.getLogger(), "handlers", [console])
+    telemetry = Telemetry(tmp_path, enabled=True, total_steps=10, start_step=0, progress_bar=True)
+    telemetry.tick(3)
+    telemetry.log({"step": 3, "loss": 0.5})
+    logging.getLogger("mto_ds").warning("saved step 3")
+    telemetry.tick(4)
+    telemetry.close()
+    logging.getLogger("mto_ds").warning("after the bar")
+    # What a terminal shows of each line: the text after its last carriage return.
+    shown = [line.rsplit("\r", 1)[-1] for line in terminal.getvalue().split("\n")]
+    assert "LOG saved step 3" in shown
+    assert shown[shown.index("LOG saved step 3") + 1].startswith(" 40%|")
+    assert shown[-2:] == ["LOG after the bar", ""]
+    assert logging.getLogger().handlers == [console]
 
 
 def test_metrics_rows_after_the_resume_point_are_set_aside_not_duplicated(tmp_path):

@@ -6,10 +6,12 @@ import logging
 import math
 import statistics
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Dict, Optional
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 log = logging.getLogger("mto_ds")
 
@@ -77,6 +79,7 @@ class Telemetry:
         self.peak_memory: Dict[str, float] = {}  # the largest of each memory key over the rows (CUDA)
         self.writer = None
         self.bar = None
+        self._while_bar = ExitStack()
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
             # Events of steps after the one this run starts from (logged before a crash, or by a
@@ -92,6 +95,9 @@ class Telemetry:
                 # that is never overwritten: there, one a minute.
                 self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                                 mininterval=0.1 if sys.stderr.isatty() else 60.0)
+                # Log lines written into the bar's line began where the bar ended ("...ips=80,
+                # loss=0.79][12:01 rank0] INFO ..."): through tqdm, each is a line of its own above it.
+                self._while_bar.enter_context(logging_redirect_tqdm())
 
     def _set_aside_rows_after(self, step: int) -> None:
         """Rows logged after the checkpoint this run starts from (a crash between saves) are
@@ -139,6 +145,7 @@ class Telemetry:
 
     def close(self) -> None:
         if self.enabled:
+            self._while_bar.close()
             if self.bar is not None:
                 self.bar.close()
             self.writer.close()
