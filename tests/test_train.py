@@ -194,6 +194,14 @@ def two_ranks_late_loader(tmp_path_factory):
     return run, result
 
 
+def test_a_two_rank_run_prints_no_deprecation_of_the_all_gather_deepspeed_calls(two_ranks_late_loader):
+    """DeepSpeed's ZeRO step calls torch.distributed.all_gather_into_tensor, which torch deprecates
+    since 2.13: every rank of every multi-rank run printed the FutureWarning and its source line."""
+    run, result = two_ranks_late_loader
+    assert "2 ranks x 16 samples" in result.stderr and "ZeRO-2" in result.stderr  # the start's own line
+    assert "all_gather_into_tensor" not in result.stderr
+
+
 def test_data_wait_is_the_share_of_a_row_that_the_rank_waiting_longest_spent_waiting_for_data(two_ranks_late_loader):
     """Is the loader keeping up? Rank 1's micro-batch (one a step) comes 1.5 s late, rank 0's on
     time. In a synchronous step rank 0 then waits for rank 1 in the gradient reduction, not for

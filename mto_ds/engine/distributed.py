@@ -5,6 +5,7 @@ import os
 import re
 import secrets
 import socket
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -80,6 +81,10 @@ def init_distributed() -> DistInfo:
         accelerator.set_device(index)
         device = torch.device(accelerator.device_name(index))
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+    # DeepSpeed's ZeRO step calls torch.distributed.all_gather_into_tensor, which torch deprecates
+    # since 2.13: a FutureWarning from every rank of every run, about nothing a user can change.
+    warnings.filterwarnings("ignore", message="`torch.distributed.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
     return DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank, device)
 
 
