@@ -7,6 +7,7 @@ helpers beside its models.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -70,14 +71,17 @@ def checkpoint_model_state(path) -> dict:
 
     tag_dir = newest_complete(path)
     optimizer_files = sorted(tag_dir.glob("*_optim_states.pt"))
-    if optimizer_files and ZERO_STAGE not in torch.load(optimizer_files[0], map_location="cpu", weights_only=False,
-                                                        mmap=True)[OPTIMIZER_STATE_DICT]:
-        # DeepSpeed's BF16 optimizer (ZeRO-1 bf16 with fp32 gradient accumulation) records no ZeRO
-        # stage: its zero_to_fp32 refuses the layout ("not a zero checkpoint"), ds_to_universal reads it.
-        full = _universal_fp32_state(tag_dir)
-    else:
-        # Merges ZeRO-1/2/3 partitions into the fp32 master weights (not the bf16 working copy).
-        full = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    # DeepSpeed's merge prints its progress: onto stderr, so that the stdout of `mto-ds export` or
+    # `reconstruct` holds their results only (a script reads them).
+    with contextlib.redirect_stdout(sys.stderr):
+        if optimizer_files and ZERO_STAGE not in torch.load(optimizer_files[0], map_location="cpu",
+                                                            weights_only=False, mmap=True)[OPTIMIZER_STATE_DICT]:
+            # DeepSpeed's BF16 optimizer (ZeRO-1 bf16 with fp32 gradient accumulation) records no ZeRO
+            # stage: its zero_to_fp32 refuses the layout ("not a zero checkpoint"), ds_to_universal reads it.
+            full = _universal_fp32_state(tag_dir)
+        else:
+            # Merges ZeRO-1/2/3 partitions into the fp32 master weights (not the bf16 working copy).
+            full = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     # DeepSpeed 0.19 records frozen parameters (MAE's fixed sin-cos pos_embed) for the merge only
     # when it partitions gradients (ZeRO-2/3): under ZeRO-1 the merge leaves them out, while the
     # model-states file holds every parameter in full (ZeRO-3 there: empty placeholders).
