@@ -33,15 +33,12 @@ def _recorded(fn):
 def unwritable_output(out) -> Optional[str]:
     """Why no file can be written at `out` (its missing folders made on the way), or None: asked
     before the work whose result it receives (export, tools/make_ffcv.py), not after it."""
+    from .config import unwritable_folder
     out = Path(out)
     if out.is_dir():
         return f"cannot write {out}: it is a directory (name the file to write)"
-    existing = next((p for p in (out.parent, *out.parent.parents) if p.exists()), out.parent)
-    if not existing.is_dir():
-        return f"cannot write {out}: {existing} is not a directory"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"cannot write {out}: {existing} is not writable"
-    return None
+    problem = unwritable_folder(out.parent)
+    return f"cannot write {out}: {problem}" if problem else None
 
 
 class _Once(argparse.Action):

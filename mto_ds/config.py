@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -308,6 +309,17 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
     return config
 
 
+def unwritable_folder(folder) -> Optional[str]:
+    """Why `folder` cannot be made (with its missing parents) or written in, or None."""
+    folder = Path(folder)
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), folder)
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
 def _check(ok: bool, key: str, expected: str, value: Any) -> None:
     if not ok:
         raise ConfigError(f"bad value for '{key}': expected {expected}, got {value!r}")
@@ -405,6 +417,11 @@ def validate(cfg: Config, training: bool = True) -> None:
 
     if training:
         validate_deepspeed(cfg)
+        # Here, before torch's seconds of imports; the start checks it again where it makes the folder.
+        unusable = unwritable_folder(cfg.run.output_dir)
+        if unusable:
+            raise ConfigError(f"bad value for 'run.output_dir': {cfg.run.output_dir} cannot be made or written as "
+                              f"the run directory ({unusable})")
     _check(c.every_steps >= 0, "checkpoint.every_steps", "an integer >= 0", c.every_steps)
     _check(c.keep_last >= 1, "checkpoint.keep_last", "an integer >= 1", c.keep_last)
     _check(bool(c.resume), "checkpoint.resume", "auto, none or a checkpoint directory", c.resume)

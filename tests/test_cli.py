@@ -57,6 +57,37 @@ def _imports_torch(result) -> bool:
     return any(line.rsplit("|", 1)[-1].strip() == "torch" for line in result.stderr.splitlines())
 
 
+RUN_DIR_TAKEN_AFTER_THE_CONFIG = r"""
+import sys
+from pathlib import Path
+from mto_ds.config import load_config
+from mto_ds.engine.trainer import Trainer
+cfg = load_config("configs/demo.yaml", [f"run.output_dir={sys.argv[1]}", "train.steps=1"])
+Path(sys.argv[1]).write_text("made a file between the config's check and the start")
+Trainer(cfg)
+"""
+
+
+def test_a_run_directory_that_cannot_be_made_is_a_config_error_naming_it(tmp_path):
+    """Named by the config's check, before torch's imports (a start and its dry run), and by the
+    start itself when the path became unusable after that check (then on every rank)."""
+    taken = tmp_path / "afile"
+    taken.write_text("not a directory")
+    for output_dir, dry_run in ((taken, ()), (taken / "sub", ()), (taken / "sub", ("--dry-run",))):
+        result = _cli("pretrain", "--config", "configs/demo.yaml", f"run.output_dir={output_dir}", *dry_run,
+                      python_options=("-X", "importtime"))
+        assert result.returncode == 2, result.stderr[-3000:]
+        message = f"mto-ds: config error: bad value for 'run.output_dir': {output_dir} cannot be made or written"
+        assert message in result.stderr and f"({taken} is not a directory)" in result.stderr
+        assert not _imports_torch(result)
+    assert taken.read_text() == "not a directory"
+    made_late = tmp_path / "made_late"
+    result = subprocess.run([sys.executable, "-c", RUN_DIR_TAKEN_AFTER_THE_CONFIG, str(made_late)], cwd=REPO,
+                            env=cpu_env(), capture_output=True, text=True)
+    assert f"ConfigError: bad value for 'run.output_dir': {made_late} cannot be made or written" in result.stderr
+    assert made_late.read_text().startswith("made a file")
+
+
 def test_version_names_the_package_and_the_checkouts_commit_without_importing_torch():
     result = _cli("--version", python_options=("-X", "importtime"))
     assert result.returncode == 0 and not _imports_torch(result), result.stderr[-2000:]
