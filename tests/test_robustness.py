@@ -25,7 +25,7 @@ from mto_ds.engine.checkpoint import MARKER, Checkpointer, file_sizes, verify
 from mto_ds.engine.faults import Faults
 from mto_ds.models import create_mim_model
 
-from conftest import HALF_PRECISION_SMALL, REPO, cpu_env, free_port, pretrain, read_metrics
+from conftest import HALF_PRECISION_SMALL, REPO, cpu_env, free_port, read_metrics
 from run_control import STEPS, Run, losses_by_step, metric_steps, reference_run, state, tags
 
 

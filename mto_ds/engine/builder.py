@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List
-
-from torch import nn
+from typing import TYPE_CHECKING, Dict, List
 
 from ..config import Config, ConfigError, read_deepspeed_json
 from ..data.order import micro_batch_split, ranks
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @dataclass(frozen=True)
