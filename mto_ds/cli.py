@@ -119,6 +119,13 @@ def _parser() -> argparse.ArgumentParser:
     rc.add_argument("--seed", type=_count, default=0,
                     help="the masks' seed (default 0): the same images and seed give the same masks at every "
                          "checkpoint")
+    st = sub.add_parser("status", help="where runs stand: state, step, speed, time to go, checkpoints",
+                        description="Read from the run directories' files alone (nothing is imported or "
+                                    "written); a running.json is watched for up to 10 s to tell a live start "
+                                    "from a dead one.")
+    st.add_argument("run_dirs", nargs="+", metavar="RUN",
+                    help="run directories, or directories holding them (a sweep, a study, runs/)")
+    st.add_argument("--json", action="store_true", help="one JSON object per run, for scripts")
     return p
 
 
@@ -184,6 +191,18 @@ def _reconstruct(args) -> int:
     return 0
 
 
+def _status(args) -> int:
+    from .engine.status import runs_at, status_report
+    from .eval.study import StudyError
+    try:
+        runs = runs_at(args.run_dirs)
+    except StudyError as err:
+        print(f"mto-ds: {err}", file=sys.stderr)
+        return 2
+    print(status_report(runs, as_json=args.json))
+    return 0
+
+
 def main(argv=None) -> int:
     args = _parse(argv)
     stop = None
@@ -217,6 +236,8 @@ def main(argv=None) -> int:
         return 0
     if args.command == "reconstruct":
         return _reconstruct(args)
+    if args.command == "status":
+        return _status(args)
     try:
         cfg = load_config(args.config, args.overrides, training=args.command == "pretrain")
     except ConfigError as err:

@@ -579,6 +579,17 @@ def _printed_losses(out: str):
     return {" ".join(name): float(loss) for loss, *name in rows}
 
 
+def test_status_reads_a_real_runs_files(tiny_run):
+    """What the trainer writes (starts.jsonl with its schedule, metrics rows, state.json, a
+    complete checkpoint) is what `mto-ds status` reads: test_status.py writes the same by hand."""
+    result = _cli("status", str(tiny_run), "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    [row] = json.loads(result.stdout)
+    assert (row["state"], row["detail"], row["step"], row["total_steps"]) == ("finished", "completed", 2, 2)
+    assert row["checkpoints"] == [2] and row["starts"] == 1 and row["last_start"]["world_size"] == 1
+    assert row["images_per_sec"] > 0 and row["hours_to_go"] is None
+
+
 def test_reconstruct_draws_a_runs_checkpoint_on_held_out_images_and_prints_their_losses(tiny_run, tmp_path, capsys):
     """The demo config's run (SimMIM + MTO, synthetic images): its held-out images are the
     evaluation's val split, synthetic samples past the pre-training set."""

@@ -41,8 +41,10 @@ def test_ranks_with_other_versions_than_rank_0_are_named_with_what_differs():
 
 def test_a_start_record_counts_hosts_and_devices_and_its_log_line_names_them():
     environments = [_environment("node1")] * 8 + [_environment("node2")] * 8
-    record = start_record(environments, step=1200, resumed_from=None, job="slurm:42")
+    schedule = {"total_steps": 500400, "steps_per_epoch": 625, "global_batch_size": 2048}
+    record = start_record(environments, step=1200, resumed_from=None, job="slurm:42", schedule=schedule)
     assert (record["world_size"], record["step"], record["job"]) == (16, 1200, "slurm:42")
+    assert {key: record[key] for key in schedule} == schedule
     assert record["hosts"] == {"node1": 8, "node2": 8} and record["devices"] == {"NVIDIA H100 80GB HBM3": 16}
     assert describe(record) == ("mto_ds 0.1.0 (git abc), torch 2.5.1 (CUDA 12.4, NCCL 2.21.5), deepspeed 0.19.8, "
                                 "timm 1.0.31; 16 rank(s) on 2 hosts: 16 x NVIDIA H100 80GB HBM3")

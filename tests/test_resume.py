@@ -125,6 +125,7 @@ def test_elastic_resume_2_to_1_to_3_ranks_sees_each_sample_once_with_the_same_lo
     # starts.jsonl: each start's world size, where it began, and with what it ran.
     starts = [json.loads(line) for line in (run_dir / "starts.jsonl").read_text().splitlines()]
     assert [(s["world_size"], s["step"]) for s in starts] == [(2, 0), (1, first_stop), (3, second_stop)]
+    assert {(s["total_steps"], s["global_batch_size"]) for s in starts} == {(STEPS, 32)}
     assert [s["resumed_from"] for s in starts] == [
         None, *(str(run_dir / "checkpoints" / f"step_{step:08d}") for step in (first_stop, second_stop))]
     assert [sum(s["hosts"].values()) for s in starts] == [sum(s["devices"].values()) for s in starts] == [2, 1, 3]

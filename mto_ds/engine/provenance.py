@@ -97,12 +97,13 @@ def differing_ranks(environments: List[Dict[str, object]]) -> List[str]:
 
 
 def start_record(environments: List[Dict[str, object]], step: int, resumed_from: Optional[Path],
-                 job: Optional[str]) -> Dict[str, object]:
+                 job: Optional[str], schedule: Dict[str, int]) -> Dict[str, object]:
     """The line of starts.jsonl for a start whose ranks have `environments` (rank 0's code and
-    libraries stand for all: the others that differ are named in differing_ranks)."""
+    libraries stand for all: the others that differ are named in differing_ranks). `schedule`:
+    its total_steps, steps_per_epoch and global_batch_size (what `mto-ds status` counts with)."""
     return {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "step": step,
             "resumed_from": str(resumed_from) if resumed_from else None, "world_size": len(environments),
-            "job": job, "command": sys.argv, "code": environments[0]["code"],
+            **schedule, "job": job, "command": sys.argv, "code": environments[0]["code"],
             "libraries": environments[0]["libraries"],
             "hosts": dict(Counter(env["host"] for env in environments)),
             "devices": dict(Counter(env["device"] for env in environments))}

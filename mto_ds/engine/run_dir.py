@@ -26,7 +26,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import yaml
 
@@ -71,6 +71,14 @@ def describe_holder(path: Path) -> Optional[str]:
     if text is None:
         return None
     return _claimed_by(_owner(text))
+
+
+def seen_from_here(claim_text: str) -> Tuple[str, Optional[str]]:
+    """(The start that a running.json's text names, in words; why that start is known to have
+    ended without watching the file, or None): a process of this host that is gone."""
+    owner = _owner(claim_text)
+    here = {"job": None, "restart": 0, "host": socket.gethostname(), "pidns": _pid_namespace()}
+    return _claimed_by(owner), _gone_at_once(owner, here)
 
 
 def _claimed_by(owner: dict) -> str:

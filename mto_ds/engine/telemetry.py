@@ -24,8 +24,9 @@ def _jsonable(value):
     return value
 
 
-def _row(line: str) -> Optional[dict]:
-    """A metrics.jsonl line as its row, or None when it is not one (a write cut short)."""
+def step_row(line: str) -> Optional[dict]:
+    """A line of metrics.jsonl (or of another JSON-lines file of rows with a step: starts.jsonl)
+    as its row, or None when it is not one (a write cut short)."""
     try:
         row = json.loads(line)
     except ValueError:
@@ -45,7 +46,7 @@ def set_aside_rows_after(path: Path, step: int) -> int:
     for line in path.read_text(errors="replace").splitlines():
         if not line.strip():
             continue
-        row = _row(line)
+        row = step_row(line)
         if row is None:
             unreadable += 1
         (later if row is None or row.get("step", 0) > step else keep).append(line)
@@ -62,7 +63,7 @@ def evaluation_logged(metrics_path: Path, step: int) -> bool:
     """Whether metrics.jsonl holds an evaluation row (k-NN / probe accuracies) for `step`."""
     if not Path(metrics_path).is_file():
         return False
-    rows = map(_row, Path(metrics_path).read_text(errors="replace").splitlines())
+    rows = map(step_row, Path(metrics_path).read_text(errors="replace").splitlines())
     return any(row is not None and row.get("step") == step and any(k.endswith("_top1") for k in row)
                for row in rows)
 

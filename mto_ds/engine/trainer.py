@@ -227,7 +227,9 @@ class Trainer:
         environments = gather_environments(self.dist.device)
         if self.dist.rank != 0:
             return
-        record = start_record(environments, self.global_step, self.resumed_from, job_identity())
+        record = start_record(environments, self.global_step, self.resumed_from, job_identity(),
+                              {"total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
+                               "global_batch_size": self.batch.global_batch_size})
         append_start(self.run_dir, record)
         log.info("%s", describe(record))
         for rank in differing_ranks(environments):
