@@ -54,7 +54,7 @@ def test_a_stopped_run_says_why_where_and_how_long_the_rest_takes_at_its_last_st
     assert status.last_start == {"started": "2026-12-02 10:00:00", "step": 400, "world_size": 8, "job": "slurm:41"}
     lines = describe_status(status)
     assert lines[0] == f"{run}: stopped at step 450 of 1000 (45.0%), epoch 4.50: signal SIGTERM"
-    assert f"550 steps to go: about {status.hours_to_go:.1f} h at that speed" in lines[2]
+    assert lines[2].endswith("550 steps to go: about 2 min at that speed")  # 119 s
     assert "  checkpoints  3 complete: step 450, 400, 300" in lines
     assert "  starts       2; the last at 2026-12-02 10:00:00 from step 400 on 8 ranks (slurm:41)" in lines
 
@@ -89,6 +89,7 @@ def test_a_holder_is_running_while_its_claim_is_rewritten_and_unresponsive_when_
                                          "running.json unchanged for 0.4 s")
     # With the time to go, from the start's schedule in starts.jsonl (no state.json while it runs).
     assert statuses[0].total_steps == 1000 and statuses[0].hours_to_go == pytest.approx(995 * BATCH / 50 / 3600)
+    assert describe_status(statuses[0])[2].endswith("995 steps to go: about 11.3 h at that speed")
 
 
 def test_a_claim_by_a_gone_process_of_this_host_and_a_start_that_left_no_state_end_unsaid(tmp_path):

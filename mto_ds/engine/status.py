@@ -161,11 +161,13 @@ def watch_holders(statuses: List[RunStatus], beat: float = BEAT_SECONDS, beats: 
                               f"takes the run over once it stays so for {STALE_BEATS * beat:g} s)")
 
 
-def _ago(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f} {unit} ago" if unit != "min" else f"{seconds / size:.0f} min ago"
-    return f"{seconds:.0f} s ago"
+def _duration(seconds: float) -> str:
+    """'45 s', '12 min', '3.4 h', '2.5 d'."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h" if seconds < 2 * 86400 else f"{seconds / 86400:.1f} d"
 
 
 def describe_status(status: RunStatus) -> List[str]:
@@ -180,11 +182,11 @@ def describe_status(status: RunStatus) -> List[str]:
     lines = [f"{status.run_dir}: {status.state}{where}" + (f": {status.detail}" if status.detail else "")]
     if status.loss is not None:
         lines.append(f"  loss         {status.loss:.4f} at step {status.step}; metrics.jsonl written "
-                     f"{_ago(status.metrics_age_s)}")
+                     f"{_duration(status.metrics_age_s)} ago")
     if status.images_per_sec:
         speed = f"  speed        {status.images_per_sec:.1f} images/s (the last start's rows)"
         if status.hours_to_go is not None:
-            speed += f"; {status.total_steps - status.step} steps to go: about {status.hours_to_go:.1f} h at that speed"
+            speed += f"; {status.total_steps - status.step} steps to go: about {_duration(status.hours_to_go * 3600)} at that speed"
         lines.append(speed)
     if status.evaluation:
         accuracies = ", ".join(f"{k} {v:.2f}" for k, v in status.evaluation.items() if k != "epoch")
