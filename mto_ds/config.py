@@ -170,6 +170,10 @@ class EvalConfig:
     finetune_batch_size: int = 64            # global, split over the ranks
     finetune_lr: float = 1e-3
     finetune_layer_decay: float = 0.75
+    # Held-out images (the val split's first, as `mto-ds reconstruct` draws them) whose
+    # reconstructions each evaluation during pre-training draws into TensorBoard
+    # (eval/reconstructions), their mean loss_mim logged as loss_mim_held_out; 0: none.
+    reconstructions: int = 8
     # Root of the labelled train/ and val/ ImageFolders to evaluate on, whatever data.source; null:
     # with data.source=folder the parent of data.path (ImageNet's layout), with synthetic held-out
     # synthetic images, with ffcv required.
@@ -440,6 +444,7 @@ def validate(cfg: Config, training: bool = True) -> None:
            "the root of labelled train/ and val/ ImageFolders (evaluation during pre-training on "
            "data.source=ffcv reads its images from there)", e.path)
     _check(e.knn_k > 0, "eval.knn_k", "a positive integer", e.knn_k)
+    _check(e.reconstructions >= 0, "eval.reconstructions", "an integer >= 0", e.reconstructions)
     _check(e.pooling in ("mean", "cls"), "eval.pooling", "mean or cls", e.pooling)
     for key in ("batch_size", "linear_epochs", "finetune_batch_size"):
         _check(getattr(e, key) > 0, f"eval.{key}", "a positive integer", getattr(e, key))

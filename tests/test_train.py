@@ -1,5 +1,6 @@
 """Pre-training through DeepSpeed on CPU ranks: the run directory, loss decrease, ZeRO-3, accumulation."""
 import gzip
+import io
 import json
 import math
 import re
@@ -126,7 +127,8 @@ def test_two_rank_zero3_with_mto_and_accumulation(tmp_path):
     """ZeRO-3 partitions every parameter, the mask token too; it still trains and moves.
     With 2 micro-batches per step, MTO state advances once per optimizer step. Evaluation at
     each epoch's end gathers the partitioned encoder and gives what `mto-ds eval` gives on the
-    checkpoint of the same step."""
+    checkpoint of the same step; its reconstructions of held-out images (the whole model
+    gathered) are what `mto-ds reconstruct` draws from that checkpoint."""
     run = tmp_path / "run"
     evaluation = ("eval.every_epochs=1", "eval.at_start=true", "eval.num_train=64", "eval.num_val=32")
     pretrain(run, "deepspeed.config=ds_configs/cpu_zero3.json", "train.steps=12", "train.micro_batch_size=8",
@@ -159,6 +161,25 @@ def test_two_rank_zero3_with_mto_and_accumulation(tmp_path):
     from mto_ds.eval import evaluate
     at_start = evaluate(initial.encoder, load_config(run / "config.yaml"), torch.device("cpu"))
     assert at_start == pytest.approx({k: evals[0][k] for k in at_start}, abs=1e-6)
+    # eval.reconstructions (8): each evaluation's figure in TensorBoard, their mean loss_mim in its
+    # row, both what `mto-ds reconstruct` gives on the checkpoint of that step (fp32: same weights).
+    import numpy as np
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    figures = events.Images("eval/reconstructions")
+    assert [figure.step for figure in figures] == [0, 6, 12]
+    drawn = subprocess.run([sys.executable, "-m", "mto_ds", "reconstruct", str(run), str(tmp_path / "step12.png")],
+                           cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=600)
+    assert drawn.returncode == 0, drawn.stderr[-3000:]
+    mean = float(drawn.stdout.splitlines()[-1].split()[0])
+    assert [r["loss_mim_held_out"] for r in evals][-1] == pytest.approx(mean, abs=5e-5)
+    assert evals[0]["loss_mim_held_out"] != evals[-1]["loss_mim_held_out"]
+    logged = np.asarray(Image.open(io.BytesIO(figures[-1].encoded_image_string)).convert("RGB"), dtype=int)
+    offline = np.asarray(Image.open(tmp_path / "step12.png").convert("RGB"), dtype=int)
+    assert logged.shape == offline.shape == (8 * 66 + 2, 4 * 66 + 2, 3)  # 8 rows of 4 images of 64 px
+    assert np.abs(logged - offline).max() <= 1  # TensorBoard and PNG round to 8 bits each their way
 
 
 def test_images_per_sec_leaves_out_the_time_spent_saving_checkpoints(tmp_path):

@@ -126,7 +126,7 @@ class Telemetry:
             if key in ("step",) or value is None:
                 continue
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                section = "eval" if key.endswith("_top1") else "train"
+                section = "eval" if key.endswith(("_top1", "_held_out")) else "train"
                 self.writer.add_scalar(f"{section}/{key}" if "/" not in key else key, value, step)
             elif isinstance(value, list):
                 for block, v in enumerate(value):
@@ -143,6 +143,12 @@ class Telemetry:
         if "loss" in row and self.bar is not None:
             loss = "nan" if row["loss"] is None else f"{row['loss']:.4f}"
             self.bar.set_postfix(loss=loss, ips=f"{row.get('images_per_sec') or 0:.0f}")
+
+    def image(self, tag: str, image, step: int) -> None:
+        """An image [3, H, W] in [0, 1] into TensorBoard at `step` (rank 0's telemetry only)."""
+        if self.enabled:
+            self.writer.add_image(tag, image, step)
+            self.writer.flush()
 
     def close(self) -> None:
         if self.enabled:

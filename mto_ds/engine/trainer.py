@@ -172,6 +172,8 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
         m = cfg.model
         model, mask_fn = build_model(cfg)
+        self.mask_fn = mask_fn
+        self.held_out = None  # the images each evaluation reconstructs (eval.reconstructions), read once
         self.flops_per_image = model.flops_per_image()  # MFU's model FLOPs, from the layer shapes
         asked, realised = mask_ratio(m), realised_mask_ratio(m)
         if abs(realised - asked) > 0.05 and self.dist.rank == 0:
@@ -512,15 +514,32 @@ class Trainer:
         from ..eval import evaluate  # eval is optional on the hot path; imported when asked for
         encoder = self.engine.module.encoder
         gathered = contextlib.nullcontext()
-        if zero_stage(self.ds_config) == 3:  # ZeRO-3 holds only shards: gather the full encoder
+        if zero_stage(self.ds_config) == 3:  # ZeRO-3 holds only shards: gather what is evaluated
             import deepspeed
-            gathered = deepspeed.zero.GatheredParameters(list(encoder.parameters()))
+            needed = self.engine.module if self.cfg.eval.reconstructions else encoder
+            gathered = deepspeed.zero.GatheredParameters(list(needed.parameters()))
         with gathered:
             if self.dtype != torch.float32:
                 encoder = fp32_master_encoder(encoder, self.cfg, self.dist.device)
             result = evaluate(encoder, self.cfg, self.dist.device, self.eval_sets)
+            reconstructed = self._reconstruct_held_out()
         self.engine.module.train()
-        self.telemetry.log({"step": self.global_step, "epoch": float(epoch), **result})
+        self.telemetry.log({"step": self.global_step, "epoch": float(epoch), **result, **reconstructed})
+
+    def _reconstruct_held_out(self) -> dict:
+        """eval.reconstructions held-out images through the model as it is (the working copy: bf16
+        in a bf16 run), masked as `mto-ds reconstruct` masks them: the figure into TensorBoard,
+        their mean loss_mim for the evaluation's row. Every rank runs it, as every rank evaluates
+        (under ZeRO-3 inside the caller's gathering of the whole model: SimMIM's mask token is used
+        outside any block's call); rank 0's telemetry writes."""
+        if not self.cfg.eval.reconstructions:
+            return {}
+        from ..eval.reconstruct import grid, load_held_out, reconstruct_held_out
+        if self.held_out is None:
+            self.held_out = load_held_out(self.cfg, self.cfg.eval.reconstructions)[0]
+        views = reconstruct_held_out(self.engine.module.eval(), self.mask_fn, self.held_out, 0, self.dist.device)
+        self.telemetry.image("eval/reconstructions", grid(views), self.global_step)
+        return {"loss_mim_held_out": views["loss"].float().mean().item()}
 
     def _where(self, err: BaseException) -> str:
         """'rank R of W: ' for a failure of this rank's own, which another rank sees only as its

@@ -32,12 +32,20 @@ COLUMNS = ("image", "masked input", "prediction", "prediction with the visible p
 MASKED_GREY = 0.5
 
 
+def reconstruct_held_out(model, mask_fn, pixels: torch.Tensor, seed: int, device) -> Dict[str, torch.Tensor]:
+    """`reconstruct` of uint8 `pixels` [N, 3, H, W], image i masked as the loader masks sample i of
+    epoch 0 with run seed `seed`: the same images and seed give the same masks at every checkpoint
+    (`mto-ds reconstruct`, and each evaluation during pre-training with seed 0)."""
+    masks = batch_masks(mask_fn, seed, 0, range(len(pixels))).to(device)
+    return reconstruct(model, normalize(pixels, device), masks)
+
+
 @torch.no_grad()
 def reconstruct(model, images: torch.Tensor, masks: torch.Tensor) -> Dict[str, torch.Tensor]:
     """`model`'s view of normalised `images` [B, 3, H, W] under `masks` [B, L]: the COLUMNS as RGB
-    in [0, 1] ('image', 'masked', 'prediction', 'pasted', each [B, 3, H, W]) and 'loss' [B], each
-    image's loss_mim. With MAE's norm_pix_loss the prediction is of each patch's normalised
-    pixels; its mean and std are put back from the image (MIMModel.prediction_pixels)."""
+    in [0, 1] ('image', 'masked', 'prediction', 'pasted', each [B, 3, H, W]), 'loss' [B], each
+    image's loss_mim, and 'masks'. With MAE's norm_pix_loss the prediction is of each patch's
+    normalised pixels; its mean and std are put back from the image (MIMModel.prediction_pixels)."""
     patch = model.patch_size
     pred = model.predict(images, masks)
     loss = torch.stack([model.forward_loss(images[i:i + 1], pred[i:i + 1], masks[i:i + 1])
@@ -51,7 +59,7 @@ def reconstruct(model, images: torch.Tensor, masks: torch.Tensor) -> Dict[str, t
             "masked": torch.where(masked_pixels, torch.full_like(image, MASKED_GREY), image),
             "prediction": to_unit_pixels(unpatchify(pixels, patch)),
             "pasted": to_unit_pixels(unpatchify(torch.where(masked, pixels, target), patch)),
-            "loss": loss}
+            "loss": loss, "masks": masks}
 
 
 def image_paths(paths: Sequence[Path]) -> List[Path]:
@@ -97,11 +105,17 @@ def load_held_out(cfg, count: int) -> Tuple[torch.Tensor, List[str]]:
     return torch.stack([image for image, _ in kept]), [name for _, name in kept]
 
 
+def grid(views: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """The figure [3, H, W] in [0, 1]: one row per image, the COLUMNS left to right, 2 white
+    pixels between them."""
+    from torchvision.utils import make_grid
+    rows = torch.stack([views[k].float() for k in ("image", "masked", "prediction", "pasted")], dim=1)
+    return make_grid(rows.flatten(0, 1).cpu(), nrow=len(COLUMNS), padding=2, pad_value=1.0)
+
+
 def write_grid(views: Dict[str, torch.Tensor], out: Path) -> None:
-    """One row per image, the COLUMNS left to right, 2 white pixels between them."""
     from torchvision.utils import save_image
-    rows = torch.stack([views[k] for k in ("image", "masked", "prediction", "pasted")], dim=1)
-    save_image(rows.flatten(0, 1).cpu(), out, nrow=len(COLUMNS), padding=2, pad_value=1.0)
+    save_image(grid(views), out)
 
 
 def reconstruct_run(run: Path, out: Path, image_args: Sequence[Path], count: int, seed: int) -> List[str]:
@@ -122,12 +136,10 @@ def reconstruct_run(run: Path, out: Path, image_args: Sequence[Path], count: int
     model, mask_fn = build_mim_model(cfg)
     model.load_state_dict(checkpoint_model_state(tag_dir), strict=True)
     model.to(device).eval()
-    # Image i's mask is the one the loader draws for sample i of epoch 0 with run seed `seed`.
-    masks = batch_masks(mask_fn, seed, 0, range(len(names))).to(device)
-    views = reconstruct(model, normalize(pixels, device), masks)
+    views = reconstruct_held_out(model, mask_fn, pixels, seed, device)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     write_grid(views, out)
-    share = masks.float().mean().item()
+    share = views["masks"].float().mean().item()
     loss_name = ("L1 on the normalised pixels" if cfg.model.method == "simmim" else
                  "MSE on the pixels normalised per patch" if cfg.model.norm_pix_loss else
                  "MSE on the normalised pixels")
