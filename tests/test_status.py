@@ -60,14 +60,15 @@ def test_a_stopped_run_says_why_where_and_how_long_the_rest_takes_at_its_last_st
 
 
 def test_a_finished_run_has_no_time_to_go_and_shows_its_last_evaluation(tmp_path):
-    evaluation = {"step": 500, "epoch": 5.0, "knn_top1": 41.25, "linear_top1": 48.5}
+    evaluation = {"step": 500, "epoch": 5.0, "knn_top1": 41.25, "linear_top1": 48.5, "loss_mim_held_out": 0.41234}
     run = _write_run(tmp_path / "run", [(s, 100.0) for s in range(100, 1100, 100)], starts=[(0, 2)],
                      state={"finished": True, "step": 1000, "total_steps": 1000, "reason": "completed"},
                      checkpoints=(1000,), evaluation=evaluation)
     status = read_run(run)
     assert (status.state, status.step, status.hours_to_go) == ("finished", 1000, None)
-    assert status.evaluation == {"epoch": 5.0, "knn_top1": 41.25, "linear_top1": 48.5}
-    assert "  evaluation   knn_top1 41.25, linear_top1 48.50 (epoch 5)" in describe_status(status)
+    assert status.evaluation == {"epoch": 5.0, "knn_top1": 41.25, "linear_top1": 48.5, "loss_mim_held_out": 0.41234}
+    assert "  evaluation   knn_top1 41.25, linear_top1 48.5, loss_mim_held_out 0.4123 (epoch 5)" in \
+        describe_status(status)
 
 
 def test_a_holder_is_running_while_its_claim_is_rewritten_and_unresponsive_when_it_is_not(tmp_path):

@@ -39,7 +39,7 @@ class RunStatus:
     checkpoints: List[int] = field(default_factory=list)  # the complete ones' steps, newest first
     starts: int = 0
     last_start: Optional[dict] = None    # started, step, world_size, job
-    evaluation: Dict[str, float] = field(default_factory=dict)  # the last evaluation row's accuracies, epoch
+    evaluation: Dict[str, float] = field(default_factory=dict)  # the last evaluation's accuracies, held-out loss, epoch
 
 
 def is_run_dir(path: Path) -> bool:
@@ -111,7 +111,7 @@ def read_run(run_dir) -> RunStatus:
         status.step = status.checkpoints[0]
     _speed(status, rows, starts)
     if evaluation is not None:
-        status.evaluation = {k: v for k, v in evaluation.items() if k.endswith("_top1") or k == "epoch"}
+        status.evaluation = {k: v for k, v in evaluation.items() if k.endswith(("_top1", "_held_out")) or k == "epoch"}
     return status
 
 
@@ -189,8 +189,8 @@ def describe_status(status: RunStatus) -> List[str]:
             speed += f"; {status.total_steps - status.step} steps to go: about {_duration(status.hours_to_go * 3600)} at that speed"
         lines.append(speed)
     if status.evaluation:
-        accuracies = ", ".join(f"{k} {v:.2f}" for k, v in status.evaluation.items() if k != "epoch")
-        lines.append(f"  evaluation   {accuracies} (epoch {status.evaluation.get('epoch', 0):g})")
+        values = ", ".join(f"{k} {v:.4g}" for k, v in status.evaluation.items() if k != "epoch")
+        lines.append(f"  evaluation   {values} (epoch {status.evaluation.get('epoch', 0):g})")
     newest = ", ".join(map(str, status.checkpoints[:3])) + (", ..." if len(status.checkpoints) > 3 else "")
     lines.append(f"  checkpoints  {len(status.checkpoints)} complete" + (f": step {newest}" if newest else ""))
     if status.last_start:
