@@ -142,8 +142,13 @@ def test_evaluation_settings_name_the_folders_read_when_synthetic_pretraining_is
     images = evaluation_settings(cfg, str(tmp_path / "none.pt"), device=torch.device("cpu"))["images"]
     assert images == {"source": "synthetic", "root": str(tmp_path.resolve()), "subset": "class-balanced"}
     plain = evaluation_settings(load_config(None, ["data.source=synthetic"]), str(tmp_path / "none.pt"),
-                                device=torch.device("cpu"))["images"]
-    assert set(plain) == {"source", "synthetic_images", "synthetic_classes"}
+                                device=torch.device("cpu"))
+    assert set(plain["images"]) == {"source", "synthetic_images", "synthetic_classes"}
+    # What only pre-training's evaluations read is not a setting of run_eval's numbers: a row cached
+    # before eval.reconstructions existed is still of the same settings.
+    drawing = load_config(None, ["data.source=synthetic", "eval.reconstructions=0", "eval.every_epochs=3"])
+    assert evaluation_settings(drawing, str(tmp_path / "none.pt"), device=torch.device("cpu")) == plain
+    assert not {"every_epochs", "at_start", "reconstructions"} & set(plain["eval"])
 
 
 def test_load_encoder_weights_takes_the_encoder_out_of_whole_mim_model_checkpoints(tmp_path):

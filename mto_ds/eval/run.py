@@ -129,7 +129,9 @@ def evaluation_settings(cfg, checkpoint: str, finetune_epochs: int = 0,
     from .datasets import eval_root
 
     section = dataclasses.asdict(cfg.eval)
-    for key in ("every_epochs", "at_start"):  # when pre-training evaluates; run_eval does not read them
+    # When pre-training evaluates, and what else it draws then: run_eval reads none of them (and a
+    # row cached before a key existed must still count).
+    for key in ("every_epochs", "at_start", "reconstructions"):
         section.pop(key)
     data = cfg.data
     if data.source == "synthetic" and not cfg.eval.path:

@@ -33,7 +33,7 @@ FINAL_EVAL = "final_eval.json"
 CONTROLLED_KEYS = ("mto.enabled", "run.output_dir", "run.seed", "train.epochs", "train.steps", "eval.every_epochs")
 # Keys that may differ between a baseline and its MTO partner without making them incomparable.
 INCIDENTAL = ("run.output_dir", "run.progress_bar", "run.log_every", "run.profile_", "data.num_workers", "checkpoint.",
-              "eval.every_epochs", "eval.at_start", "mto.")
+              "eval.every_epochs", "eval.at_start", "eval.reconstructions", "mto.")
 # Keys a run may be resumed with changed without changing what its numbers mean (mto.* does).
 RESUME_INCIDENTAL = tuple(key for key in INCIDENTAL if key != "mto.")
 RESUME = "resume it by running the same command again, then collect again"
