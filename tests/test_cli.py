@@ -155,9 +155,13 @@ def test_exported_encoder_loads_into_timm_without_missing_keys(tmp_path, case, r
             img_size = 32
         pretrain(run, "train.steps=2", *overrides)
     out = tmp_path / "encoder.pt"
-    result = subprocess.run([sys.executable, "tools/export_encoder.py", str(run), str(out)], cwd=REPO,
-                            env=cpu_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    if case == "simmim_zero2":  # the tool as users run it; the others in this process (seconds of imports less)
+        result = subprocess.run([sys.executable, "tools/export_encoder.py", str(run), str(out)], cwd=REPO,
+                                env=cpu_env(), capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+    else:
+        from mto_ds.engine.export import export_encoder
+        export_encoder(run, out)
     state = torch.load(out, weights_only=True)
     model = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=img_size)
     missing = model.load_state_dict(state, strict=True)
