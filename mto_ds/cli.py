@@ -120,9 +120,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="the masks' seed (default 0): the same images and seed give the same masks at every "
                          "checkpoint")
     st = sub.add_parser("status", help="where runs stand: state, step, speed, time to go, checkpoints",
-                        description="Read from the run directories' files alone (nothing is imported or "
-                                    "written); a running.json is watched for up to 10 s to tell a live start "
-                                    "from a dead one.")
+                        description="Read from the run directories' files alone (torch is not imported, "
+                                    "nothing is written); a running.json is watched for up to 10 s to tell a "
+                                    "live start from a dead one.")
     st.add_argument("run_dirs", nargs="+", metavar="RUN",
                     help="run directories, or directories holding them (a sweep, a study, runs/)")
     st.add_argument("--json", action="store_true", help="one JSON object per run, for scripts")
