@@ -519,6 +519,11 @@ def unread_keys(cfg: Config) -> List[str]:
                       f"generated images (set data.source=ffcv for a .beton, folder for an ImageFolder)")
     if d.source != "ffcv" and d.os_cache != DataConfig().os_cache:
         unread.append(f"data.os_cache={d.os_cache} is not read: it is FFCV's, and data.source={d.source}")
+    e = cfg.eval
+    if e.reconstructions != EvalConfig().reconstructions and not (e.every_epochs or e.at_start):
+        unread.append(f"eval.reconstructions={e.reconstructions} is not read: the evaluations during pre-training "
+                      f"draw them, and this run has none (eval.every_epochs=0, eval.at_start=false); "
+                      f"`mto-ds reconstruct` draws them from a checkpoint")
     return unread
 
 

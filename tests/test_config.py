@@ -408,3 +408,9 @@ def test_keys_the_method_or_data_source_never_reads_are_named_when_set():
     assert named[2].startswith("data.path=x.beton is not read: data.source=synthetic trains on 1024 generated images")
     assert named[3] == "data.os_cache=False is not read: it is FFCV's, and data.source=synthetic"
     assert unread_keys(load_config(DEMO, ["data.source=ffcv", "data.path=x.beton", "data.os_cache=false"])) == []
+    # Reconstructions are drawn by the evaluations during pre-training: asked for without one, said.
+    assert unread_keys(load_config(DEMO, ["eval.reconstructions=16"])) == [
+        "eval.reconstructions=16 is not read: the evaluations during pre-training draw them, and this run has "
+        "none (eval.every_epochs=0, eval.at_start=false); `mto-ds reconstruct` draws them from a checkpoint"]
+    assert unread_keys(load_config(DEMO, ["eval.reconstructions=16", "eval.every_epochs=1"])) == []
+    assert unread_keys(load_config(DEMO, ["eval.reconstructions=16", "eval.at_start=true"])) == []
