@@ -86,8 +86,8 @@ def test_a_holder_is_running_while_its_claim_is_rewritten_and_unresponsive_when_
         lock.release()
     assert statuses[0].state == "running" and statuses[0].detail.startswith(f"slurm:77 on {socket.gethostname()}, pid")
     assert statuses[1].state == "unresponsive"
-    assert statuses[1].detail == ("slurm:78 on node-far-away, pid 4242, started 2026-12-07 09:00:00; its "
-                                         "running.json unchanged for 1 s (a start takes the run over once it stays so for 3 s)")
+    assert statuses[1].detail == ("slurm:78 on node-far-away, pid 4242, started 2026-12-07 09:00:00; its running.json "
+                                  "unchanged for 1 s (a start takes the run over once it stays so for 3 s)")
     # With the time to go, from the start's schedule in starts.jsonl (no state.json while it runs).
     assert statuses[0].total_steps == 1000 and statuses[0].hours_to_go == pytest.approx(995 * BATCH / 50 / 3600)
     assert describe_status(statuses[0])[2].endswith("995 steps to go: about 11.3 h at that speed")
