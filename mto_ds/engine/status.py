@@ -186,7 +186,8 @@ def describe_status(status: RunStatus) -> List[str]:
     if status.images_per_sec:
         speed = f"  speed        {status.images_per_sec:.1f} images/s (the last start's rows)"
         if status.hours_to_go is not None:
-            speed += f"; {status.total_steps - status.step} steps to go: about {_duration(status.hours_to_go * 3600)} at that speed"
+            left = _duration(status.hours_to_go * 3600)
+            speed += f"; {status.total_steps - status.step} steps to go: about {left} at that speed"
         lines.append(speed)
     if status.evaluation:
         values = ", ".join(f"{k} {v:.4g}" for k, v in status.evaluation.items() if k != "epoch")
