@@ -72,7 +72,8 @@ demo: venv system-deps clean-demo
 # 2026-12-07, evening (725 tests): 20.1 and 20.6 min (1965-2008 CPU-s) on a slower host: the tests
 # shared with the 18.3-minute run took 11% longer (2339 s of test time against 2097); an hour
 # later, 726 tests: 18.7 min (1837 CPU-s). At night (735 tests): 22.5 min (2180 CPU-s), then 19.3 min
-# (1860 CPU-s) with little changed between: the host's speed moves the suite by minutes.
+# (1860 CPU-s), 21.0 and 23.4 min (2256 CPU-s) with little changed between; in the slowest run the
+# in-process tests of test_mto.py took 40% longer too: the host's speed moves the suite by minutes.
 TEST_WORKERS ?= 2
 test: venv system-deps
 	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
