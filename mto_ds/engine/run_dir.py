@@ -45,9 +45,10 @@ class RunDirectoryInUse(ConfigError):
     """Another live start holds the run directory."""
 
 
-def _read(path: Path) -> Optional[str]:
+def read_or_none(path: Path) -> Optional[str]:
+    """The file's text, or None when it cannot be read (absent, removed meanwhile)."""
     try:
-        return path.read_text()
+        return path.read_text(errors="replace")
     except OSError:
         return None
 
@@ -67,7 +68,7 @@ def _holder(owner: dict) -> str:
 def describe_holder(path: Path) -> Optional[str]:
     """The start that claims a run directory by `path` (its running.json), in words, or None when
     none does. A look at the file only: whether that start still lives takes watching it."""
-    text = _read(path)
+    text = read_or_none(path)
     if text is None:
         return None
     return _claimed_by(_owner(text))
@@ -126,7 +127,7 @@ def _heartbeat(path: Path, text: str, beat: float) -> Optional[str]:
     deadline = time.monotonic() + STALE_BEATS * beat
     while time.monotonic() < deadline:
         time.sleep(min(1.0, beat / 4))
-        now = _read(path)
+        now = read_or_none(path)
         if now != text:
             return now
     return None
@@ -169,7 +170,7 @@ class RunLock:
     def release(self) -> None:
         self._stop.set()
         self._thread.join()
-        if _owner(_read(self.path)).get("token") == self.owner["token"]:
+        if _owner(read_or_none(self.path)).get("token") == self.owner["token"]:
             self.path.unlink(missing_ok=True)
 
 
@@ -185,7 +186,7 @@ def claim(run_dir: Path, job: Optional[str], beat: float = BEAT_SECONDS, restart
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            text = _read(path)
+            text = read_or_none(path)
             if text is None:
                 continue
             owner = _owner(text)
@@ -193,7 +194,7 @@ def claim(run_dir: Path, job: Optional[str], beat: float = BEAT_SECONDS, restart
             rewritten = None if ended else _heartbeat(path, text, beat)
             if rewritten is not None:
                 # The first read may have caught the owner's rewrite half done (an empty file).
-                owner = _owner(rewritten) or owner or _owner(_read(path))
+                owner = _owner(rewritten) or owner or _owner(read_or_none(path))
                 raise RunDirectoryInUse(
                     f"run.output_dir={run_dir} is in use by another start ({_claimed_by(owner)}; its {LOCK} is "
                     f"alive): two starts on one run directory overwrite each other's checkpoints and metrics. "

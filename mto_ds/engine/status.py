@@ -15,10 +15,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from ..eval.study import find_run_dirs
+from ..eval.study import find_run_dirs, read_state
 from ..models.weights import complete_checkpoints
 from .provenance import STARTS
-from .run_dir import BEAT_SECONDS, LOCK, STALE_BEATS, seen_from_here
+from .run_dir import BEAT_SECONDS, LOCK, STALE_BEATS, read_or_none, seen_from_here
 from .telemetry import step_row
 
 RATE_ROWS = 10  # the speed: the median images/s of the current start's last rows
@@ -55,14 +55,6 @@ def runs_at(paths: List[Path]) -> List[Path]:
     return [run for path in map(Path, paths) for run in ([path] if is_run_dir(path) else find_run_dirs([path]))]
 
 
-def _json_file(path: Path) -> Optional[dict]:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):  # absent, or read while it was rewritten
-        return None
-    return value if isinstance(value, dict) else None
-
-
 def _metrics(path: Path):
     """(The last RATE_ROWS * 2 training rows, the last evaluation row or None): the file streamed,
     only those lines parsed (a long run's file holds tens of megabytes of per-block lists)."""
@@ -82,8 +74,8 @@ def read_run(run_dir) -> RunStatus:
     (`watch_holders` finds out whether it lives)."""
     run_dir = Path(run_dir)
     status = RunStatus(str(run_dir), "not started")
-    state = _json_file(run_dir / "state.json")
-    starts = [step_row(line) for line in _lines(run_dir / STARTS)]
+    state = read_state(run_dir)
+    starts = [step_row(line) for line in (read_or_none(run_dir / STARTS) or "").splitlines()]
     starts = [start for start in starts if start is not None]
     rows, evaluation = _metrics(run_dir / "metrics.jsonl")
     status.checkpoints = [int(tag.name.removeprefix("step_")) for tag in complete_checkpoints(run_dir / "checkpoints")]
@@ -95,7 +87,7 @@ def read_run(run_dir) -> RunStatus:
     if rows:
         status.step, status.epoch, status.loss = rows[-1]["step"], rows[-1].get("epoch"), rows[-1]["loss"]
         status.metrics_age_s = max(time.time() - (run_dir / "metrics.jsonl").stat().st_mtime, 0.0)
-    claim = _text(run_dir / LOCK)
+    claim = read_or_none(run_dir / LOCK)
     if claim is not None:
         holder, ended = seen_from_here(claim)
         status.state, status.detail = ("ended unsaid", f"{holder}: {ended}") if ended else ("running", holder)
@@ -113,18 +105,6 @@ def read_run(run_dir) -> RunStatus:
     if evaluation is not None:
         status.evaluation = {k: v for k, v in evaluation.items() if k.endswith(("_top1", "_held_out")) or k == "epoch"}
     return status
-
-
-def _lines(path: Path) -> List[str]:
-    text = _text(path)
-    return text.splitlines() if text else []
-
-
-def _text(path: Path) -> Optional[str]:
-    try:
-        return path.read_text(errors="replace")
-    except OSError:
-        return None
 
 
 def _speed(status: RunStatus, rows: List[dict], starts: List[dict]) -> None:
@@ -145,12 +125,12 @@ def watch_holders(statuses: List[RunStatus], beat: float = BEAT_SECONDS, beats: 
     rewritten lives; one that stays the same makes its run "unresponsive" (a start takes the
     directory over once it stays so for STALE_BEATS beats); one removed meanwhile ended, and its
     run is read again."""
-    watched = {i: _text(Path(s.run_dir) / LOCK) for i, s in enumerate(statuses) if s.state == "running"}
+    watched = {i: read_or_none(Path(s.run_dir) / LOCK) for i, s in enumerate(statuses) if s.state == "running"}
     deadline = time.monotonic() + beats * beat
     while watched and time.monotonic() < deadline:
         time.sleep(min(0.5, beat / 4))
         for i, text in list(watched.items()):
-            now = _text(Path(statuses[i].run_dir) / LOCK)
+            now = read_or_none(Path(statuses[i].run_dir) / LOCK)
             if now is None:
                 statuses[i] = read_run(statuses[i].run_dir)
             if now != text:
