@@ -51,6 +51,9 @@ class ModelConfig:
     decoder_embed_dim: int = 512             # MAE decoder
     decoder_depth: int = 8
     decoder_num_heads: int = 16
+    # Weights to begin with, at step 0 (a resume takes its checkpoint's): a run or checkpoint directory
+    # of ours, or a file (an exported encoder, timm's, facebookresearch/mae's, a MIM model's state_dict).
+    init_from: Optional[str] = None
 
 
 @dataclass

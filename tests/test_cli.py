@@ -17,7 +17,7 @@ from mto_ds.config import load_config
 from mto_ds.data import normalize
 from mto_ds.eval.datasets import held_out_images
 from mto_ds.data.loader import batch_masks
-from mto_ds.models import build_mim_model
+from mto_ds.models import build_mim_model, create_encoder
 from mto_ds.models.weights import checkpoint_model_state
 
 from conftest import HALF_PRECISION_SMALL, REPO, SMALL_MAE_DECODER_OVERRIDES, cpu_env, free_port, pretrain
@@ -506,6 +506,8 @@ def test_dry_run_reports_what_a_start_on_n_ranks_would_do_without_starting_or_wr
     (tmp_path / "held" / "running.json").write_text(json.dumps(
         {"job": "slurm:4242", "host": "gpu-node-7", "pid": 99, "started": "2026-12-07 09:00:00"}))
     folder = ["data.source=folder", f"data.path={images}"]
+    at32 = tmp_path / "at32.pt"
+    torch.save(create_encoder("vit_tiny_patch16", img_size=32).state_dict(), at32)
     cases = {
         "three_ranks_folder": ["--world-size", "3", f"run.output_dir={tmp_path / 'new'}", *folder],
         "resume_on_three": ["--world-size", "3", f"run.output_dir={tmp_path / 'r'}", f"checkpoint.resume={saved}"],
@@ -516,6 +518,14 @@ def test_dry_run_reports_what_a_start_on_n_ranks_would_do_without_starting_or_wr
         "other_zero_stage": [f"run.output_dir={tmp_path / 'z'}", f"checkpoint.resume={saved}",
                              "deepspeed.config=ds_configs/cpu_zero3.json"],
         "more_ranks_than_samples": ["--world-size", "33", f"run.output_dir={tmp_path / 'w'}"],
+        # model.init_from: a run's weights found (merged only by the start), a file's fitted, each refused
+        # when of another encoder; not read by a start that resumes.
+        "init_from_run": [f"run.output_dir={tmp_path / 'i'}", f"model.init_from={tiny_run}"],
+        "init_from_run_at_32px": [f"run.output_dir={tmp_path / 'i'}", f"model.init_from={tiny_run}",
+                                  "model.img_size=32"],
+        "init_from_file_at_32px": [f"run.output_dir={tmp_path / 'i'}", f"model.init_from={at32}"],
+        "init_from_when_resuming": [f"run.output_dir={tmp_path / 'r'}", f"checkpoint.resume={saved}",
+                                    f"model.init_from={at32}"],
     }
     before = sorted(p.relative_to(tiny_run) for p in tiny_run.rglob("*"))
     result = subprocess.run([sys.executable, "-c", DRY_RUN_SCRIPT, json.dumps(cases)], cwd=REPO, env=cpu_env(),
@@ -523,8 +533,9 @@ def test_dry_run_reports_what_a_start_on_n_ranks_would_do_without_starting_or_wr
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     outcomes = [line.split()[1:] for line in result.stdout.splitlines() if line.startswith("case ")]
-    refused = ("every_checkpoint_damaged", "other_zero_stage", "more_ranks_than_samples")
-    assert outcomes == [[name, "2" if name in refused else "0", "None" if name in refused else "meta", "False"]
+    refused_unbuilt = ("every_checkpoint_damaged", "other_zero_stage", "more_ranks_than_samples")
+    refused = (*refused_unbuilt, "init_from_run_at_32px", "init_from_file_at_32px")  # fitted to the meta model
+    assert outcomes == [[name, "2" if name in refused else "0", "None" if name in refused_unbuilt else "meta", "False"]
                         for name in cases], result.stdout
     reports, errors = _by_case(result.stdout, "case "), _by_case(result.stderr, "end ")
 
@@ -557,9 +568,58 @@ def test_dry_run_reports_what_a_start_on_n_ranks_would_do_without_starting_or_wr
             in errors["other_zero_stage"])
     assert ("config error: train.global_batch_size=32 is smaller than the 33 data-parallel ranks"
             in errors["more_ranks_than_samples"])
+    assert (f"  model.init_from: {saved} (step 2): the start merges its weights and takes its encoder's, and its "
+            "decoder and mask token where they fit") in reports["init_from_run"].splitlines()
+    assert (f"config error: bad value for 'model.init_from': {tiny_run} was pre-trained with another encoder "
+            "(model.img_size: 64 there, 32 here)") in errors["init_from_run_at_32px"]
+    assert (f"config error: bad value for 'model.init_from': {at32} does not fit this run's encoder (model.arch, "
+            "model.img_size): 1 of other shapes (encoder.pos_embed [1, 5, 192] there, [1, 17, 192] here)"
+            ) in errors["init_from_file_at_32px"]
+    assert (f"  model.init_from: {at32} is not read: the start resumes from the run's checkpoints"
+            in reports["init_from_when_resuming"].splitlines())
     assert sorted(p.relative_to(tiny_run) for p in tiny_run.rglob("*")) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["held", "images", "linked", "only_damaged"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["at32.pt", "held", "images", "linked", "only_damaged"]
     assert sorted(p.name for p in (tmp_path / "held").iterdir()) == ["running.json"]
+
+
+def _bad_file_stops_every_rank(run, tmp_path, config):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a checkpoint")
+    result = pretrain(run, f"model.init_from={notes}", config, nproc=2, check=False, timeout=300)
+    # torchrun exits 1 for a failed rank; each rank's own exit status is in its summary.
+    assert result.returncode == 1 and result.stderr.count("exitcode  : 2") == 2, result.stderr[-3000:]
+    message = (f"bad value for 'model.init_from': {notes} is not a weights file that torch.load reads with "
+               "weights_only=True (UnpicklingError: Weights only load failed)")
+    assert f"mto-ds: config error: {message}\n" in result.stderr
+    assert f"mto-ds: config error: on rank 0: {message}\n" in result.stderr
+    assert not (run / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_run_begun_from_another_runs_checkpoint_holds_its_weights_on_every_rank(tiny_run, tmp_path, stage):
+    """model.init_from: rank 0 alone reads the weights, and deepspeed.initialize hands them to the
+    other rank: the engine broadcasts rank 0's parameters (without that broadcast the ZeRO-2 case
+    fails: rank 1's own random weights are in its half of the partitioned masters), and ZeRO-3
+    broadcasts each one from rank 0 again as it partitions it. A file that is not weights stops
+    both ranks with exit 2, rank 1 waiting in the agreement, not in a collective rank 0 never reaches."""
+    config = f"deepspeed.config=ds_configs/cpu_zero{stage}.json"
+    run = tmp_path / "run"
+    if stage == 3:
+        _bad_file_stops_every_rank(run, tmp_path, config)
+    # One step at an LR of 1e-30: Adam moves each weight by about 1e-30, below fp32's resolution of any
+    # weight that is not 0, and weight decay multiplies by 1 - 5e-32, i.e. by 1.
+    result = pretrain(run, f"model.init_from={tiny_run}", config, "train.steps=1", "train.lr=1e-30", nproc=2)
+    began, after = checkpoint_model_state(tiny_run), checkpoint_model_state(run)
+    assert sorted(after) == sorted(began)
+    for name, weight in began.items():
+        torch.testing.assert_close(after[name], weight, rtol=1e-6, atol=1e-20, msg=name)
+    encoder = sum(name.startswith("encoder.") for name in began)
+    assert (f"initialised from {tiny_run}: {encoder} encoder weights and the 3 of the decoder and mask token"
+            in result.stdout + result.stderr)
+    marker = json.loads((tiny_run / "checkpoints" / "step_00000002" / "complete.json").read_text())
+    start = json.loads((run / "starts.jsonl").read_text().splitlines()[-1])
+    assert start["initialised_from"] == {"path": str(tiny_run), "tag": "step_00000002", "step": 2,
+                                         "saved": marker["time"]}
 
 
 def test_world_size_without_dry_run_is_refused_a_start_takes_its_ranks_from_its_launcher(capsys):

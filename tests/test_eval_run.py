@@ -149,6 +149,11 @@ def test_evaluation_settings_name_the_folders_read_when_synthetic_pretraining_is
     drawing = load_config(None, ["data.source=synthetic", "eval.reconstructions=0", "eval.every_epochs=3"])
     assert evaluation_settings(drawing, str(tmp_path / "none.pt"), device=torch.device("cpu")) == plain
     assert not {"every_epochs", "at_start", "reconstructions"} & set(plain["eval"])
+    # Nor where pre-training began: the checkpoint's weights are what is evaluated, and every row
+    # cached before model.init_from existed would otherwise be evaluated again.
+    begun = load_config(None, ["data.source=synthetic", f"model.init_from={tmp_path / 'none.pt'}"])
+    assert evaluation_settings(begun, str(tmp_path / "none.pt"), device=torch.device("cpu")) == plain
+    assert "init_from" not in plain["model"]
 
 
 def test_load_encoder_weights_takes_the_encoder_out_of_whole_mim_model_checkpoints(tmp_path):

@@ -88,3 +88,90 @@ def test_encoder_state_keeps_the_encoders_tensors_in_fp32_under_timms_names():
     assert sorted(encoder) == ["blocks.0.attn.qkv.weight", "cls_token"]
     assert all(t.dtype == torch.float32 and t.is_contiguous() for t in encoder.values())
     assert torch.equal(encoder["blocks.0.attn.qkv.weight"], torch.ones(3, 2))
+
+
+def _shapes(state):
+    return {k: v.shape for k, v in state.items()}
+
+
+def test_read_weights_gives_a_facebookresearch_mae_checkpoint_our_mae_models_names(tmp_path):
+    """main_pretrain.py's file holds the encoder's keys without a prefix beside the decoder's (which
+    are ours), `decoder_pos_embed` (a fixed table ours rebuilds, not in its state_dict) and its
+    arguments as an argparse.Namespace: read, it loads into our MAE with strict=True."""
+    import argparse
+    from mto_ds.models import create_mim_model
+    from mto_ds.models.weights import read_weights
+    torch.manual_seed(3)
+    mae = create_mim_model("vit_tiny_patch16", "mae", img_size=32, decoder_embed_dim=64, decoder_depth=1,
+                           decoder_num_heads=2)
+    reference = {k.removeprefix("encoder."): v for k, v in mae.state_dict().items()}
+    reference["decoder_pos_embed"] = torch.zeros(1, 5, 64)
+    torch.save({"model": reference, "args": argparse.Namespace(model="mae_vit_tiny")}, tmp_path / "checkpoint-3.pth")
+    state = read_weights(tmp_path / "checkpoint-3.pth")
+    assert set(state) == set(mae.state_dict())
+    fresh = create_mim_model("vit_tiny_patch16", "mae", img_size=32, decoder_embed_dim=64, decoder_depth=1,
+                             decoder_num_heads=2)
+    fresh.load_state_dict(state, strict=True)
+    assert all(torch.equal(v, mae.state_dict()[k]) for k, v in fresh.state_dict().items())
+    # DDP's module. prefix and a timm classifier's head: stripped and dropped.
+    timm_file = {f"module.{k.removeprefix('encoder.')}": v for k, v in mae.encoder.state_dict().items()}
+    torch.save({"state_dict": {**timm_file, "module.head.weight": torch.zeros(10, 192)}}, tmp_path / "timm.pt")
+    assert set(read_weights(tmp_path / "timm.pt")) == {f"encoder.{k}" for k in mae.encoder.state_dict()}
+    with pytest.raises(FileNotFoundError, match="checkpoint not found: .*gone.pt"):
+        read_weights(tmp_path / "gone.pt")
+    # What is not weights is named as such (mto-ds eval and model.init_from exit 2 with it), in one
+    # line: torch's own message runs to a paragraph that suggests weights_only=False.
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    torch.save([1, 2], tmp_path / "list.pt")
+    torch.save({"model": {"w": torch.zeros(1)}, "epoch": 3}, tmp_path / "ok.pt")
+    for name, said in [("notes.txt", "(UnpicklingError: Weights only load failed)"),
+                       ("empty.pt", "(EOFError: the file ends early)")]:
+        with pytest.raises(ValueError) as err:
+            read_weights(tmp_path / name)
+        assert str(err.value) == f"{tmp_path / name} is not a weights file that torch.load reads with " \
+                                 f"weights_only=True {said}"
+    with pytest.raises(ValueError, match=r"list.pt holds no state_dict \(names -> tensors\), neither at its top nor"):
+        read_weights(tmp_path / "list.pt")
+    assert set(read_weights(tmp_path / "ok.pt")) == {"encoder.w"}
+
+
+def test_init_keys_take_the_whole_encoder_and_the_rest_only_where_all_of_it_fits():
+    """model.init_from: a SimMIM model begun from an MAE's weights takes the encoder and keeps its
+    own fresh decoder and mask token (MAE's mask token is of the decoder's width, its decoder
+    another module); an MAE from an MAE of the same decoder takes everything."""
+    from mto_ds.models import create_mim_model
+    from mto_ds.models.weights import init_keys
+    small = {"decoder_embed_dim": 64, "decoder_depth": 1, "decoder_num_heads": 2}
+    simmim = _shapes(create_mim_model("vit_tiny_patch16", "simmim", img_size=32).state_dict())
+    mae = _shapes(create_mim_model("vit_tiny_patch16", "mae", img_size=32, **small).state_dict())
+    encoder = [k for k in simmim if k.startswith("encoder.")]
+    taken, line = init_keys(simmim, mae, "mae.pt")
+    assert taken == encoder and len(encoder) == 4 + 12 * 12 + 2  # patch embed, cls, pos, 12 blocks, norm
+    mae_only = sorted(k for k in mae if not k.startswith("encoder."))
+    assert line == (f"{len(encoder)} encoder weights; the decoder and mask token start fresh (not in it in these "
+                    f"shapes); not used: {len(mae_only)} ({', '.join(mae_only[:4])}, ...)")
+    taken, line = init_keys(mae, mae, "mae.pt")
+    assert sorted(taken) == sorted(mae) and line == f"{len(encoder)} encoder weights and the {len(mae_only)} " \
+                                                    "of the decoder and mask token"
+    # Another decoder width: the mask token alone would fit nothing, so none of the rest is taken.
+    wider = _shapes(create_mim_model("vit_tiny_patch16", "mae", img_size=32, **{**small, "decoder_embed_dim": 32})
+                    .state_dict())
+    assert init_keys(mae, wider, "wide.pt")[0] == encoder
+
+
+def test_init_keys_name_encoder_weights_missing_or_of_another_shape():
+    from mto_ds.models import create_mim_model
+    from mto_ds.models.weights import init_keys
+    at32 = _shapes(create_mim_model("vit_tiny_patch16", "simmim", img_size=32).state_dict())
+    at64 = _shapes(create_mim_model("vit_tiny_patch16", "simmim", img_size=64).state_dict())
+    with pytest.raises(ValueError) as err:
+        init_keys(at32, at64, "at64.pt")
+    assert str(err.value) == ("at64.pt does not fit this run's encoder (model.arch, model.img_size): 1 of other "
+                              "shapes (encoder.pos_embed [1, 17, 192] there, [1, 5, 192] here)")
+    partial = {k: v for k, v in at32.items() if not k.startswith("encoder.blocks.11.")}
+    with pytest.raises(ValueError) as err:
+        init_keys(at32, partial, "at32.pt")
+    assert str(err.value).endswith(": 12 weights missing (encoder.blocks.11.norm1.weight, "
+                                   "encoder.blocks.11.norm1.bias, encoder.blocks.11.attn.qkv.weight, "
+                                   "encoder.blocks.11.attn.qkv.bias, ...)")

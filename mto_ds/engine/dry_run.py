@@ -19,7 +19,8 @@ import torch
 from ..config import Config, ConfigError, other_method_defaults, unread_keys
 from ..data import count_samples
 from ..data.order import ranks, steps_per_epoch
-from ..models.weights import read_marker
+from ..models.weights import (init_keys, model_differences, newest_complete, read_marker, read_weights,
+                              saved_model_settings)
 from .builder import (check_deepspeed_config, deepspeed_config, describe_batch, peak_lr, plan_batch, precision,
                       schedule_steps, schedule_warnings, zero_stage)
 from .checkpoint import Checkpointer, verify
@@ -59,6 +60,8 @@ def dry_run(cfg: Config, world_size: int) -> List[str]:
         "accepted by DeepSpeed's validation",
         f"run directory: {run_dir}: {resume}",
     ]
+    if m.init_from is not None:
+        lines.append(f"model.init_from: {_init_plan(cfg, model, resumes=bool(candidates))}")
     holder = describe_holder(run_dir / LOCK)
     if holder:
         lines.append(f"run directory: {LOCK} names {holder}; while that start lives, a start now stops "
@@ -66,6 +69,32 @@ def dry_run(cfg: Config, world_size: int) -> List[str]:
     lines += [f"warning: {text}" for text in [*schedule_warnings(cfg, per_epoch), *unread_keys(cfg),
                                                 *other_method_defaults(cfg)]]
     return lines
+
+
+def _init_plan(cfg: Config, model, resumes: bool) -> str:
+    """What a start does with model.init_from: nothing when it resumes; else a file's weights are
+    read and fitted to the model as the start fits them, a run's newest complete checkpoint is
+    found and its model.arch and model.img_size compared (its weights are merged only at the start)."""
+    source = cfg.model.init_from
+    if resumes:
+        return f"{source} is not read: the start resumes from the run's checkpoints"
+    try:
+        if not Path(source).is_dir():
+            state = read_weights(source)
+            _, taken = init_keys({k: v.shape for k, v in model.state_dict().items()},
+                                 {k: v.shape for k, v in state.items()}, source)
+            return f"{source}: {taken}"
+        tag_dir = newest_complete(source)
+        saved = saved_model_settings(source)
+        here = {"model.arch": cfg.model.arch, "model.img_size": cfg.model.img_size}
+        differ = model_differences(saved[1], here) if saved else []
+        if differ:
+            raise ValueError(f"{source} was pre-trained with another encoder ("
+                             + "; ".join(f"{k}: {saved[1][k]} there, {here[k]} here" for k in differ) + ")")
+        return (f"{tag_dir} (step {read_marker(tag_dir).get('step')}): the start merges its weights and takes its "
+                "encoder's, and its decoder and mask token where they fit")
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"bad value for 'model.init_from': {err}") from None
 
 
 def _resume_plan(checkpointer: Checkpointer, candidates: List[Path], world_size: int, total: int) -> str:

@@ -16,6 +16,7 @@ from ..config import (Config, ConfigError, mask_ratio, mask_units, other_method_
 from ..data import build_pretrain_loader, data_fingerprint, data_path_problem
 from ..data.order import rank_share, steps_per_epoch
 from ..models import build_mim_model
+from ..models.weights import init_keys, read_weights, weights_identity
 from ..mto.fused_attention import fused_kernel_available
 from ..mto.plan import STATS_WITH_GRADIENTS
 from ..mto.state import MTOState
@@ -198,6 +199,7 @@ class Trainer:
         self.total_steps, self.warmup_steps = schedule_steps(cfg, self.steps_per_epoch)
         self.peak_lr = peak_lr(cfg)
 
+        self.initialised_from = self._init_weights(model, candidates)
         mark_zero3_leaf_blocks(model, self.ds_config)
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
                                                config=self.ds_config)
@@ -223,6 +225,35 @@ class Trainer:
                             *other_method_defaults(cfg)]:
                 log.warning(problem)
 
+    def _init_weights(self, model, candidates) -> Optional[dict]:
+        """model.init_from, on a start from step 0 (a resume takes its checkpoint's weights, or stops:
+        never starts afresh). Rank 0 alone reads and loads them, so a checkpoint is not merged once
+        per rank: deepspeed.initialize broadcasts rank 0's parameters to the other ranks (and ZeRO-3
+        each one again as it partitions it; test_cli checks both on 2 ranks). Returns which weights."""
+        source = self.cfg.model.init_from
+        if source is None or candidates:
+            if source is not None and self.dist.rank == 0:
+                log.info("model.init_from=%s is not read: this start resumes from the run's checkpoints", source)
+            return None
+        problem, taken = None, None
+        if self.dist.rank == 0:
+            try:
+                state = read_weights(source)
+                own = model.state_dict()
+                keys, taken = init_keys({k: v.shape for k, v in own.items()}, {k: v.shape for k, v in state.items()},
+                                        source)
+                model.load_state_dict({k: state[k] for k in keys}, strict=False)
+            except (FileNotFoundError, ValueError) as err:
+                problem = f"bad value for 'model.init_from': {err}"
+            except Exception as err:  # unforeseen: rank 0 must still reach the agreement, or rank 1 hangs
+                problem = f"model.init_from={source} could not be loaded: {type(err).__name__}: {err}"
+        problem = agree(problem)
+        if problem:
+            raise ConfigError(problem)
+        if self.dist.rank == 0:
+            log.info("initialised from %s: %s", source, taken)
+        return {"path": str(source), **(weights_identity(source) or {})}
+
     def _record_start(self) -> None:
         """RUN/starts.jsonl gets this start's line (engine/provenance.py); ranks that run other code
         or library versions than rank 0 are named. A collective: every rank calls it."""
@@ -232,6 +263,8 @@ class Trainer:
         record = start_record(environments, self.global_step, self.resumed_from, job_identity(),
                               {"total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
                                "global_batch_size": self.batch.global_batch_size})
+        if self.initialised_from:
+            record["initialised_from"] = self.initialised_from
         append_start(self.run_dir, record)
         log.info("%s", describe(record))
         for rank in differing_ranks(environments):

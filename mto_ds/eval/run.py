@@ -6,10 +6,8 @@ numbers are broadcast, so every rank returns the same dict.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
-from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -18,8 +16,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..config import ConfigError
-from ..models.weights import (checkpoint_encoder_state, encoder_state, model_differences, newest_complete,
-                              read_marker, saved_model_settings)
+from ..models.weights import encoder_state, model_differences, read_weights, saved_model_settings, weights_identity
 from .datasets import build_eval_sets
 from .features import extract_features, rank_and_world
 from .finetune import check_batch as check_finetune_batch, finetune_top1
@@ -64,53 +61,10 @@ def build_encoder(cfg) -> nn.Module:
     return create_encoder(cfg.model.arch, img_size=cfg.model.img_size)
 
 
-def _strip_prefix(state: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
-    if state and all(k.startswith(prefix) for k in state):
-        return {k[len(prefix):]: v for k, v in state.items()}
-    return state
-
-
 def load_encoder_state(checkpoint: str) -> Dict[str, torch.Tensor]:
-    """Encoder weights with timm key names from a state-dict file or a run/checkpoint directory.
-
-    A file may hold `encoder.state_dict()`, an exported encoder (tools/export_encoder.py), a
-    timm classifier's weights (the head is dropped), a whole MIM model's state_dict (the
-    `encoder.` keys are read), a facebookresearch/mae checkpoint (its decoder and mask token
-    are dropped), or any of them under 'model'/'state_dict'.
-    """
-    path = Path(checkpoint)
-    if path.is_dir():
-        return checkpoint_encoder_state(path)  # DeepSpeed's ZeRO partitions merged into fp32
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    # facebookresearch/mae's training checkpoints keep their arguments as an argparse.Namespace.
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("model", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    state = _strip_prefix(state, "module.")
-    if any(k.startswith("encoder.") for k in state):  # a whole MIM model of ours: its encoder
-        state = encoder_state(state)
-    # Not the encoder: a classifier's head; MAE's decoder and mask token (facebookresearch/mae
-    # keeps them beside the encoder's keys, without a prefix).
-    return {k: v for k, v in state.items() if not k.startswith(("head.", "decoder_", "mask_token"))}
-
-
-def checkpoint_evaluated(checkpoint: str) -> Optional[Dict[str, object]]:
-    """Which weights `load_encoder_state(checkpoint)` reads: of a run or checkpoint directory, its
-    newest complete checkpoint (tag, step, save time), None when it has none; of a file, its
-    path, size and mtime."""
-    path = Path(checkpoint)
-    if path.is_dir():
-        try:
-            tag_dir = newest_complete(path)
-        except FileNotFoundError:
-            return None
-        marker = read_marker(tag_dir)
-        return {"tag": tag_dir.name, "step": marker.get("step"), "saved": marker.get("time")}
-    stat = path.stat()
-    return {"file": str(path.resolve()), "bytes": stat.st_size, "modified": stat.st_mtime}
+    """Encoder weights with timm key names from a state-dict file or a run/checkpoint directory
+    (what `models/weights.py: read_weights` reads, its decoder and mask token left out)."""
+    return encoder_state(read_weights(checkpoint))
 
 
 # Raised when the way a number is computed changes, so that a study's cached rows computed the old
@@ -139,10 +93,12 @@ def evaluation_settings(cfg, checkpoint: str, finetune_epochs: int = 0,
     else:  # "subset": how build_eval_sets cuts a larger split down; rows cached from the earlier
         # uniform draw (without this key) are evaluated again.
         images = {"root": str(eval_root(cfg).resolve()), "subset": "class-balanced"}
+    # The weights evaluated are the checkpoint's: where the run began (model.init_from) is in them.
+    model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "init_from"}
     return {"protocol": PROTOCOL, "eval": section, "images": {"source": data.source, **images},
-            "model": dataclasses.asdict(cfg.model), "seed": cfg.run.seed, "finetune_epochs": finetune_epochs,
+            "model": model, "seed": cfg.run.seed, "finetune_epochs": finetune_epochs,
             "device": torch.device(device or default_device()).type,
-            "checkpoint": checkpoint_evaluated(checkpoint)}
+            "checkpoint": weights_identity(checkpoint)}
 
 
 # The model.* keys that decide the encoder's shapes: of the trainer's `_model_keys`, the method and

@@ -7,9 +7,11 @@ helpers beside its models.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -53,6 +55,94 @@ def newest_complete(path: Path) -> Path:
 def encoder_state(model_state: dict) -> dict:
     """A MIM model's state dict -> its encoder's, fp32, with timm's key names (no decoder, no mask token)."""
     return {k[len("encoder."):]: v.float().contiguous() for k, v in model_state.items() if k.startswith("encoder.")}
+
+
+# A MIM model's parameters beside its encoder's (ours and facebookresearch/mae's names): SimMIM's
+# `decoder`, MAE's `decoder_*`, both methods' `mask_token`.
+BESIDE_ENCODER = ("decoder", "mask_token")
+
+
+def read_weights(path) -> dict:
+    """Weights under a MIM model's state_dict names (the encoder's under `encoder.`), from a run or
+    checkpoint directory of ours (its newest complete checkpoint: the fp32 masters) or a file:
+    an exported encoder or `encoder.state_dict()`, timm's weights (a classifier's head is
+    dropped), a whole MIM model's state_dict of ours, a facebookresearch/mae checkpoint (its
+    decoder and mask token carry our names; its `decoder_pos_embed`, a fixed table that ours
+    rebuilds, is dropped), or any of them under 'model'/'state_dict' or with DDP's `module.`."""
+    path = Path(path)
+    if path.is_dir():
+        return checkpoint_model_state(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    import torch
+    try:
+        # facebookresearch/mae's training checkpoints keep their arguments as an argparse.Namespace.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        # torch's own messages run to paragraphs, and suggest weights_only=False: its first sentence.
+        text = str(err).strip()
+        said = text.splitlines()[0].split(". ")[0] if text else "the file ends early"
+        raise ValueError(f"{path} is not a weights file that torch.load reads with weights_only=True "
+                         f"({type(err).__name__}: {said})") from None
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not (isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                            for k, v in state.items())):
+        raise ValueError(f"{path} holds no state_dict (names -> tensors), neither at its top nor under "
+                         "'model' or 'state_dict'")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    if any(k.startswith("encoder.") for k in state):  # a whole MIM model of ours
+        return state
+    return {(k if k.startswith(BESIDE_ENCODER) else f"encoder.{k}"): v for k, v in state.items()
+            if not k.startswith(("head.", "decoder_pos_embed"))}
+
+
+def weights_identity(path) -> Optional[Dict[str, object]]:
+    """Which weights `read_weights(path)` reads: of a run or checkpoint directory, its newest
+    complete checkpoint (tag, step, save time), None when it has none; of a file, its path, size
+    and mtime."""
+    path = Path(path)
+    if path.is_dir():
+        try:
+            tag_dir = newest_complete(path)
+        except FileNotFoundError:
+            return None
+        marker = read_marker(tag_dir)
+        return {"tag": tag_dir.name, "step": marker.get("step"), "saved": marker.get("time")}
+    stat = path.stat()
+    return {"file": str(path.resolve()), "bytes": stat.st_size, "modified": stat.st_mtime}
+
+
+def _some(names: List[str], n: int) -> str:
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
+
+
+def init_keys(own: Dict[str, tuple], source: Dict[str, tuple], name: str) -> Tuple[List[str], str]:
+    """Which of a MIM model's weights (`own`: state_dict name -> shape) to take from `source` (the
+    same, of what `read_weights` read from `name`), and a line saying what was taken. Every
+    encoder weight must be there in its shape (else a ValueError naming what is not); the rest
+    (decoder, mask token) is taken only where the source holds all of it in the same shapes (the
+    other method's, or another decoder's, would not fit together with a fresh part), else it
+    keeps its fresh initialisation. Source weights the model lacks are named, not loaded."""
+    encoder = [k for k in own if k.startswith("encoder.")]
+    missing = [k for k in encoder if k not in source]
+    resized = [f"{k} {list(source[k])} there, {list(own[k])} here" for k in encoder
+               if k in source and tuple(source[k]) != tuple(own[k])]
+    problems = ([f"{len(missing)} weights missing ({_some(missing, 4)})"] if missing else []) + \
+        ([f"{len(resized)} of other shapes ({_some(resized, 3)})"] if resized else [])
+    if problems:
+        raise ValueError(f"{name} does not fit this run's encoder (model.arch, model.img_size): {'; '.join(problems)}")
+    rest = [k for k in own if not k.startswith("encoder.")]
+    rest_fits = all(k in source and tuple(source[k]) == tuple(own[k]) for k in rest)
+    taken = encoder + (rest if rest_fits else [])
+    unused = sorted(set(source) - set(taken))
+    return taken, (f"{len(encoder)} encoder weights"
+                   + (f" and the {len(rest)} of the decoder and mask token" if rest_fits
+                      else "; the decoder and mask token start fresh (not in it in these shapes)")
+                   + (f"; not used: {len(unused)} ({_some(unused, 4)})" if unused else ""))
 
 
 def checkpoint_encoder_state(path) -> dict:
