@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import subprocess
 import sys
@@ -628,3 +629,99 @@ def test_make_synthetic_writes_train_and_val_of_the_same_classes_that_evaluation
                              "model.mask_patch_size=16", "eval.num_train=12", "eval.num_val=6"])
     train_set, val_set = build_eval_sets(cfg)
     assert (len(train_set), len(val_set), train_set.classes) == (12, 6, ["class_0", "class_1", "class_2"])
+
+
+# --- tools/make_subset.py: ImageNet-100 and per-class caps, as links ---------------------------
+
+def _make_subset(capsys, *argv):
+    spec = importlib.util.spec_from_file_location("make_subset_cli", REPO / "tools" / "make_subset.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    code = tool.main([str(a) for a in argv])
+    return code, capsys.readouterr()
+
+
+@pytest.fixture(scope="module")
+def imagenet_like(tmp_path_factory):
+    """train/ (60 images: 5 to 13 per class) and val/ (24: 2 to 5 per class) of the same 6 classes."""
+    return write_image_folder(tmp_path_factory.mktemp("subset") / "inet", 60, 6, size=16, val_images=24)
+
+
+def _linked(root):
+    """class -> the files its listing reads, as the source paths they lead to."""
+    listing = list_image_folder(root)
+    return {name: [p.resolve() for p, label in zip(listing.files, listing.labels) if label == index]
+            for index, name in enumerate(listing.classes)}
+
+
+def test_a_subset_links_the_chosen_classes_and_draws_each_ones_images_from_the_seed_and_its_name(
+        imagenet_like, tmp_path, capsys):
+    source = _linked(imagenet_like / "train")
+    assert sum(map(len, source.values())) == 60 and min(map(len, source.values())) > 3
+    code, out = _make_subset(capsys, imagenet_like, tmp_path / "two", "--classes", "class_4,class_1",
+                             "--per-class", 3)
+    assert code == 0, out.err
+    train, val = _linked(tmp_path / "two" / "train"), _linked(tmp_path / "two" / "val")
+    assert list(train) == list(val) == ["class_1", "class_4"]  # labels 0 and 1, in sorted order
+    for name, files in train.items():
+        assert len(files) == 3 and set(files) <= set(source[name]) and files == sorted(files)
+    assert val == {name: _linked(imagenet_like / "val")[name] for name in ("class_1", "class_4")}  # whole
+    assert (tmp_path / "two" / "val" / "class_1").is_symlink()  # a class taken whole: one link
+    record = json.loads((tmp_path / "two" / "subset.json").read_text())
+    val_count = sum(map(len, val.values()))
+    assert record["classes"] == ["class_1", "class_4"] and record["images"] == {"train": 6, "val": val_count}
+    assert (record["per_class"], record["val_per_class"], record["seed"]) == (3, None, 0)
+    assert out.out.startswith(f"{tmp_path / 'two'}: 2 classes, train/ 6 images, val/ {val_count} images (links into ")
+    # The same draw again, and for class_1 whatever else the subset holds; another seed, another draw.
+    assert _make_subset(capsys, imagenet_like, tmp_path / "one", "--classes", "class_1", "--per-class", 3)[0] == 0
+    assert _linked(tmp_path / "one" / "train")["class_1"] == train["class_1"]
+    assert _make_subset(capsys, imagenet_like, tmp_path / "s1", "--classes", "class_1,class_4", "--per-class", 3,
+                        "--seed", 1)[0] == 0
+    assert _linked(tmp_path / "s1" / "train") != train
+    # The images read through the links are the source's pixels.
+    pixels, _ = read_rgb(next(iter((tmp_path / "two" / "train" / "class_1").iterdir())))
+    assert pixels.shape == (16, 16, 3)
+
+
+def test_a_subset_of_k_classes_drawn_from_a_seed_is_the_same_each_time_and_reads_as_the_eval_root(
+        imagenet_like, tmp_path, capsys):
+    from mto_ds.config import load_config
+    from mto_ds.eval.datasets import build_eval_sets
+    for out in ("a", "b"):
+        assert _make_subset(capsys, imagenet_like, tmp_path / out, "--num-classes", 3, "--seed", 5)[0] == 0
+    chosen = json.loads((tmp_path / "a" / "subset.json").read_text())["classes"]
+    assert len(chosen) == 3 and chosen == sorted(chosen)
+    assert chosen == json.loads((tmp_path / "b" / "subset.json").read_text())["classes"]
+    cfg = load_config(None, ["data.source=folder", f"data.path={tmp_path / 'a' / 'train'}", "eval.num_train=30",
+                             "eval.num_val=6", "model.img_size=64"], training=False)
+    train_set, val_set = build_eval_sets(cfg)
+    assert (len(train_set), len(val_set)) == (30, 6)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--classes", "class_1,clas_3"], "1 of the classes asked for are not class folders of the source: clas_3 "
+                                      "(did you mean class_3"),
+    (["--classes", "class_1,class_1"], "names class_1 more than once"),
+    (["--num-classes", "7"], "--num-classes 7: the source has 6 classes"),
+    (["--per-class", "0"], "--per-class must be >= 1, got 0"),
+])
+def test_a_subset_that_cannot_be_made_as_asked_is_named_with_exit_2_and_nothing_written(
+        imagenet_like, tmp_path, capsys, argv, message):
+    code, out = _make_subset(capsys, imagenet_like, tmp_path / "out", *argv)
+    assert code == 2 and message in out.err, out.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_subset_refuses_an_out_folder_in_use_and_a_val_split_without_the_chosen_classes(tmp_path, capsys):
+    source = write_image_folder(tmp_path / "inet", 12, 3, size=16, val_images=3)
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "notes.txt").write_text("kept")
+    code, out = _make_subset(capsys, source, tmp_path / "used", "--num-classes", 2)
+    assert code == 2 and f"{tmp_path / 'used'} exists and is not an empty folder" in out.err
+    assert [p.name for p in (tmp_path / "used").iterdir()] == ["notes.txt"]
+    for path in (source / "val" / "class_2").iterdir():
+        path.unlink()
+    (source / "val" / "class_2").rmdir()
+    code, out = _make_subset(capsys, source, tmp_path / "out", "--classes", "class_0,class_2")
+    assert code == 2 and f"{source / 'val'} lacks 1 of the chosen classes: class_2" in out.err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

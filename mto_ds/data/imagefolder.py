@@ -63,21 +63,32 @@ def list_image_folder(root) -> ImageFolderListing:
     problem = folder_problem(root)
     if problem:
         raise FileNotFoundError(f"image folder {problem} (expected ROOT/<class>/<image>)")
-    classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+    classes = class_folders(root)
     listing = ImageFolderListing(root, classes)
     listing.outside_classes = sorted(Path(e.path) for e in os.scandir(root) if not e.is_dir() and not e.name.startswith("."))
     for label, name in enumerate(classes):
-        found = []
-        for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            found.extend(Path(dirpath) / f for f in filenames if not f.startswith("."))
-        for path in sorted(found):
+        for path in class_files(root / name):
             if path.suffix.lower() in IMAGE_EXTENSIONS:
                 listing.files.append(path)
                 listing.labels.append(label)
             else:
                 listing.not_images.append(path)
     return listing
+
+
+def class_folders(root: Path) -> List[str]:
+    """The class folders' names, sorted: their order is the labels' (torchvision's ImageFolder's)."""
+    return sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+
+
+def class_files(folder: Path) -> List[Path]:
+    """The files below a class folder, recursively, sorted; links followed, names starting with
+    `.` left out (macOS's `._*` side files, `.ipynb_checkpoints`)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found.extend(Path(dirpath) / f for f in filenames if not f.startswith("."))
+    return sorted(found)
 
 
 @contextlib.contextmanager
