@@ -71,6 +71,33 @@ def test_a_finished_run_has_no_time_to_go_and_shows_its_last_evaluation(tmp_path
         describe_status(status)
 
 
+def test_a_run_begun_from_other_weights_names_them_until_a_start_begins_its_weights_afresh(tmp_path):
+    """model.init_from, as starts.jsonl records it: the first start's, kept by the resumes after it;
+    a start that resumed nothing (checkpoint.resume=none) begins the weights anew, from its own."""
+    run = _write_run(tmp_path / "run", [(s, 100.0) for s in range(10, 60, 10)], starts=[(0, 2), (30, 2)],
+                     checkpoints=(30,))
+    first, resumed = map(json.loads, (run / "starts.jsonl").read_text().splitlines())
+    first["initialised_from"] = {"path": "runs/b/checkpoints/step_00040000", "tag": "step_00040000", "step": 40000,
+                                 "saved": 1.0}
+    resumed["resumed_from"] = str(run / "checkpoints" / "step_00000030")
+    afresh = {**first, "step": 0, "initialised_from": {"path": "mae_pretrain_vit_large.pth", "bytes": 1_217_000_000,
+                                                       "modified": 1.0}}
+
+    def status_after(*starts):
+        (run / "starts.jsonl").write_text("".join(json.dumps(start) + "\n" for start in starts))
+        return read_run(run)
+
+    status = status_after(first, resumed)
+    assert status.began_from == first["initialised_from"]
+    assert "  began from   runs/b/checkpoints/step_00040000 (its checkpoint step_00040000, step 40000)" in \
+        describe_status(status)
+    status = status_after(first, resumed, afresh)
+    assert "  began from   mae_pretrain_vit_large.pth (a file of 1217.0 MB)" in describe_status(status)
+    plain = {key: value for key, value in afresh.items() if key != "initialised_from"}
+    status = status_after(first, resumed, plain)
+    assert status.began_from is None and not any("began from" in line for line in describe_status(status))
+
+
 def test_a_holder_is_running_while_its_claim_is_rewritten_and_unresponsive_when_it_is_not(tmp_path):
     rows = [(s, 50.0) for s in range(1, 6)]
     live = _write_run(tmp_path / "live", rows, starts=[(0, 2)])

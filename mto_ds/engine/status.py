@@ -39,6 +39,7 @@ class RunStatus:
     checkpoints: List[int] = field(default_factory=list)  # the complete ones' steps, newest first
     starts: int = 0
     last_start: Optional[dict] = None    # started, step, world_size, job
+    began_from: Optional[dict] = None    # model.init_from of the start that began the run's weights
     evaluation: Dict[str, float] = field(default_factory=dict)  # the last evaluation's accuracies, held-out loss, epoch
 
 
@@ -84,6 +85,9 @@ def read_run(run_dir) -> RunStatus:
         last = starts[-1]
         status.last_start = {key: last.get(key) for key in ("started", "step", "world_size", "job")}
         status.total_steps = last.get("total_steps")
+        # The last start that resumed nothing began the weights the run holds (resume=none starts afresh).
+        fresh = [start for start in starts if not start.get("resumed_from")]
+        status.began_from = fresh[-1].get("initialised_from") if fresh else None
     if rows:
         status.step, status.epoch, status.loss = rows[-1]["step"], rows[-1].get("epoch"), rows[-1]["loss"]
         status.metrics_age_s = max(time.time() - (run_dir / "metrics.jsonl").stat().st_mtime, 0.0)
@@ -172,6 +176,11 @@ def describe_status(status: RunStatus) -> List[str]:
     if status.evaluation:
         values = ", ".join(f"{k} {v:.4g}" for k, v in status.evaluation.items() if k != "epoch")
         lines.append(f"  evaluation   {values} (epoch {status.evaluation.get('epoch', 0):g})")
+    if status.began_from:
+        began = status.began_from
+        what = (f"its checkpoint {began['tag']}, step {began['step']}" if began.get("tag")
+                else f"a file of {began.get('bytes', 0) / 1e6:.1f} MB")
+        lines.append(f"  began from   {began['path']} ({what})")
     newest = ", ".join(map(str, status.checkpoints[:3])) + (", ..." if len(status.checkpoints) > 3 else "")
     lines.append(f"  checkpoints  {len(status.checkpoints)} complete" + (f": step {newest}" if newest else ""))
     if status.last_start:
