@@ -506,8 +506,9 @@ def test_dry_run_reports_what_a_start_on_n_ranks_would_do_without_starting_or_wr
     (tmp_path / "held" / "running.json").write_text(json.dumps(
         {"job": "slurm:4242", "host": "gpu-node-7", "pid": 99, "started": "2026-12-07 09:00:00"}))
     folder = ["data.source=folder", f"data.path={images}"]
-    at32 = tmp_path / "at32.pt"
+    at32, small = tmp_path / "at32.pt", tmp_path / "small.pt"
     torch.save(create_encoder("vit_tiny_patch16", img_size=32).state_dict(), at32)
+    torch.save(create_encoder("vit_small_patch16", img_size=64).state_dict(), small)
     cases = {
         "three_ranks_folder": ["--world-size", "3", f"run.output_dir={tmp_path / 'new'}", *folder],
         "resume_on_three": ["--world-size", "3", f"run.output_dir={tmp_path / 'r'}", f"checkpoint.resume={saved}"],
@@ -524,6 +525,9 @@ def test_dry_run_reports_what_a_start_on_n_ranks_would_do_without_starting_or_wr
         "init_from_run_at_32px": [f"run.output_dir={tmp_path / 'i'}", f"model.init_from={tiny_run}",
                                   "model.img_size=32"],
         "init_from_file_at_32px": [f"run.output_dir={tmp_path / 'i'}", f"model.init_from={at32}"],
+        "init_from_run_of_another_arch": [f"run.output_dir={tmp_path / 'i'}", f"model.init_from={tiny_run}",
+                                          "model.arch=vit_small_patch16"],
+        "init_from_file_of_another_arch": [f"run.output_dir={tmp_path / 'i'}", f"model.init_from={small}"],
         "init_from_when_resuming": [f"run.output_dir={tmp_path / 'r'}", f"checkpoint.resume={saved}",
                                     f"model.init_from={at32}"],
     }
@@ -534,7 +538,7 @@ def test_dry_run_reports_what_a_start_on_n_ranks_would_do_without_starting_or_wr
     assert "Traceback" not in result.stderr
     outcomes = [line.split()[1:] for line in result.stdout.splitlines() if line.startswith("case ")]
     refused_unbuilt = ("every_checkpoint_damaged", "other_zero_stage", "more_ranks_than_samples")
-    refused = (*refused_unbuilt, "init_from_run_at_32px", "init_from_file_at_32px")  # fitted to the meta model
+    refused = (*refused_unbuilt, "init_from_run_of_another_arch", "init_from_file_of_another_arch")  # after a build
     assert outcomes == [[name, "2" if name in refused else "0", "None" if name in refused_unbuilt else "meta", "False"]
                         for name in cases], result.stdout
     reports, errors = _by_case(result.stdout, "case "), _by_case(result.stderr, "end ")
@@ -570,15 +574,24 @@ def test_dry_run_reports_what_a_start_on_n_ranks_would_do_without_starting_or_wr
             in errors["more_ranks_than_samples"])
     assert (f"  model.init_from: {saved} (step 2): the start merges its weights and takes its encoder's, and its "
             "decoder and mask token where they fit") in reports["init_from_run"].splitlines()
+    # Another model.img_size: the start fits the position table to it; another model.arch is refused.
+    assert (f"  model.init_from: {saved} (step 2): the start merges its weights and takes its encoder's, and its "
+            "decoder and mask token where they fit; its encoder.pos_embed, of model.img_size=64, is fitted to 32"
+            ) in reports["init_from_run_at_32px"].splitlines()
+    assert (f"  model.init_from: {at32}: 150 encoder weights; the decoder and mask token start fresh (not in it in "
+            "these shapes); encoder.pos_embed resampled from 2x2 to 4x4 patches (bicubic)"
+            ) in reports["init_from_file_at_32px"].splitlines()
     assert (f"config error: bad value for 'model.init_from': {tiny_run} was pre-trained with another encoder "
-            "(model.img_size: 64 there, 32 here)") in errors["init_from_run_at_32px"]
-    assert (f"config error: bad value for 'model.init_from': {at32} does not fit this run's encoder (model.arch, "
-            "model.img_size): 1 of other shapes (encoder.pos_embed [1, 5, 192] there, [1, 17, 192] here)"
-            ) in errors["init_from_file_at_32px"]
+            "(model.arch: vit_tiny_patch16 there, vit_small_patch16 here)") in errors["init_from_run_of_another_arch"]
+    assert (f"config error: bad value for 'model.init_from': {small} does not fit this run's encoder (model.arch, "
+            "model.img_size): 150 of other shapes (encoder.cls_token [1, 1, 384] there, [1, 1, 192] here, "
+            "encoder.pos_embed [1, 17, 384] there, [1, 17, 192] here, encoder.patch_embed.proj.weight "
+            "[384, 3, 16, 16] there, [192, 3, 16, 16] here, ...)") in errors["init_from_file_of_another_arch"]
     assert (f"  model.init_from: {at32} is not read: the start resumes from the run's checkpoints"
             in reports["init_from_when_resuming"].splitlines())
     assert sorted(p.relative_to(tiny_run) for p in tiny_run.rglob("*")) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["at32.pt", "held", "images", "linked", "only_damaged"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["at32.pt", "held", "images", "linked", "only_damaged",
+                                                          "small.pt"]
     assert sorted(p.name for p in (tmp_path / "held").iterdir()) == ["running.json"]
 
 

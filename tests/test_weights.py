@@ -175,3 +175,33 @@ def test_init_keys_name_encoder_weights_missing_or_of_another_shape():
     assert str(err.value).endswith(": 12 weights missing (encoder.blocks.11.norm1.weight, "
                                    "encoder.blocks.11.norm1.bias, encoder.blocks.11.attn.qkv.weight, "
                                    "encoder.blocks.11.attn.qkv.bias, ...)")
+
+
+def test_a_position_table_of_another_grid_is_resampled_when_learned_and_rebuilt_when_fixed():
+    """model.init_from at another model.img_size: SimMIM's learned pos_embed is resampled bicubic
+    (timm's resample_abs_pos_embed, CLS row kept); MAE's fixed sin-cos one is the model's own for
+    its grid, which resampling would only approximate. Then every encoder weight fits."""
+    from timm.layers import resample_abs_pos_embed
+    from mto_ds.models import create_mim_model
+    from mto_ds.models.weights import fit_pos_embed, init_keys
+    torch.manual_seed(0)
+    at64 = create_mim_model("vit_tiny_patch16", "simmim", img_size=64).state_dict()
+    at32 = create_mim_model("vit_tiny_patch16", "simmim", img_size=32)
+    state = dict(at64)
+    assert fit_pos_embed(state, at32) == "encoder.pos_embed resampled from 4x4 to 2x2 patches (bicubic)"
+    expected = resample_abs_pos_embed(at64["encoder.pos_embed"], [2, 2], [4, 4], num_prefix_tokens=1)
+    assert torch.equal(state["encoder.pos_embed"], expected) and state["encoder.pos_embed"].shape == (1, 5, 192)
+    assert torch.equal(state["encoder.pos_embed"][:, 0], at64["encoder.pos_embed"][:, 0])  # CLS's row as it was
+    taken, _ = init_keys(_shapes(at32.state_dict()), _shapes(state), "at64")
+    assert sorted(taken) == sorted(at32.state_dict())  # SimMIM's decoder and mask token: the same at any size
+    small = {"decoder_embed_dim": 64, "decoder_depth": 1, "decoder_num_heads": 2}
+    mae64 = create_mim_model("vit_tiny_patch16", "mae", img_size=64, **small).state_dict()
+    mae32 = create_mim_model("vit_tiny_patch16", "mae", img_size=32, **small)
+    state = dict(mae64)
+    assert fit_pos_embed(state, mae32) == ("encoder.pos_embed for 4x4 patches replaced by this model's fixed one "
+                                           "for 2x2")
+    assert torch.equal(state["encoder.pos_embed"], mae32.encoder.pos_embed)
+    assert fit_pos_embed(state, mae32) is None  # nothing left to fit
+    # Another width is not a grid to fit: left for init_keys to name.
+    wide = {"encoder.pos_embed": torch.zeros(1, 17, 384)}
+    assert fit_pos_embed(wide, at32) is None and wide["encoder.pos_embed"].shape == (1, 17, 384)

@@ -16,7 +16,7 @@ from ..config import (Config, ConfigError, mask_ratio, mask_units, other_method_
 from ..data import build_pretrain_loader, data_fingerprint, data_path_problem
 from ..data.order import rank_share, steps_per_epoch
 from ..models import build_mim_model
-from ..models.weights import init_keys, read_weights, weights_identity
+from ..models.weights import fit_pos_embed, init_keys, read_weights, weights_identity
 from ..mto.fused_attention import fused_kernel_available
 from ..mto.plan import STATS_WITH_GRADIENTS
 from ..mto.state import MTOState
@@ -239,10 +239,11 @@ class Trainer:
         if self.dist.rank == 0:
             try:
                 state = read_weights(source)
-                own = model.state_dict()
-                keys, taken = init_keys({k: v.shape for k, v in own.items()}, {k: v.shape for k, v in state.items()},
-                                        source)
+                resized = fit_pos_embed(state, model)
+                keys, taken = init_keys({k: v.shape for k, v in model.state_dict().items()},
+                                        {k: v.shape for k, v in state.items()}, source)
                 model.load_state_dict({k: state[k] for k in keys}, strict=False)
+                taken += f"; {resized}" if resized else ""
             except (FileNotFoundError, ValueError) as err:
                 problem = f"bad value for 'model.init_from': {err}"
             except Exception as err:  # unforeseen: rank 0 must still reach the agreement, or rank 1 hangs
@@ -252,7 +253,7 @@ class Trainer:
             raise ConfigError(problem)
         if self.dist.rank == 0:
             log.info("initialised from %s: %s", source, taken)
-        return {"path": str(source), **(weights_identity(source) or {})}
+        return {"path": str(Path(source).resolve()), **(weights_identity(source) or {})}
 
     def _record_start(self) -> None:
         """RUN/starts.jsonl gets this start's line (engine/provenance.py); ranks that run other code

@@ -116,6 +116,28 @@ def weights_identity(path) -> Optional[Dict[str, object]]:
     return {"file": str(path.resolve()), "bytes": stat.st_size, "modified": stat.st_mtime}
 
 
+def fit_pos_embed(state: dict, model) -> Optional[str]:
+    """A source's encoder.pos_embed for another grid of patches (another model.img_size) made to
+    fit `model` (a MIM model), in `state`: a learned table resampled bicubic, as timm resamples one
+    when it loads weights at another size; a fixed one (MAE's sin-cos) replaced by the model's own
+    for its grid, exact where resampling is not. Returns what was done, None where nothing was."""
+    from timm.layers import resample_abs_pos_embed
+
+    key, encoder = "encoder.pos_embed", model.encoder
+    own, theirs = encoder.pos_embed, state.get(key)
+    prefix = encoder.num_prefix_tokens
+    if theirs is None or theirs.shape == own.shape or theirs.ndim != 3 or theirs.shape[-1] != own.shape[-1]:
+        return None  # the same, or not a table of this width: init_keys names what does not fit
+    old, new = (round((n - prefix) ** 0.5) for n in (theirs.shape[1], own.shape[1]))
+    if old * old + prefix != theirs.shape[1]:
+        return None
+    if not own.requires_grad:
+        state[key] = own.detach().clone()
+        return f"encoder.pos_embed for {old}x{old} patches replaced by this model's fixed one for {new}x{new}"
+    state[key] = resample_abs_pos_embed(theirs.float(), [new, new], [old, old], num_prefix_tokens=prefix)
+    return f"encoder.pos_embed resampled from {old}x{old} to {new}x{new} patches (bicubic)"
+
+
 def _some(names: List[str], n: int) -> str:
     return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
 
