@@ -19,8 +19,7 @@ import torch
 from ..config import Config, ConfigError, other_method_defaults, unread_keys
 from ..data import count_samples
 from ..data.order import ranks, steps_per_epoch
-from ..models.weights import (fit_pos_embed, init_keys, model_differences, newest_complete, read_marker,
-                              read_weights, saved_model_settings)
+from ..models.weights import init_state, model_differences, newest_complete, read_marker, saved_model_settings
 from .builder import (check_deepspeed_config, deepspeed_config, describe_batch, peak_lr, plan_batch, precision,
                       schedule_steps, schedule_warnings, zero_stage)
 from .checkpoint import Checkpointer, verify
@@ -80,11 +79,7 @@ def _init_plan(cfg: Config, model, resumes: bool) -> str:
         return f"{source} is not read: the start resumes from the run's checkpoints"
     try:
         if not Path(source).is_dir():
-            state = read_weights(source)
-            resized = fit_pos_embed(state, model)
-            _, taken = init_keys({k: v.shape for k, v in model.state_dict().items()},
-                                 {k: v.shape for k, v in state.items()}, source)
-            return f"{source}: {taken}" + (f"; {resized}" if resized else "")
+            return f"{source}: {init_state(model, source)[1]}"
         tag_dir = newest_complete(source)
         saved = saved_model_settings(source)
         here = {"model.arch": cfg.model.arch}  # another model.img_size: its pos_embed is resampled

@@ -16,7 +16,7 @@ from ..config import (Config, ConfigError, mask_ratio, mask_units, other_method_
 from ..data import build_pretrain_loader, data_fingerprint, data_path_problem
 from ..data.order import rank_share, steps_per_epoch
 from ..models import build_mim_model
-from ..models.weights import fit_pos_embed, init_keys, read_weights, weights_identity
+from ..models.weights import init_state, weights_identity
 from ..mto.fused_attention import fused_kernel_available
 from ..mto.plan import STATS_WITH_GRADIENTS
 from ..mto.state import MTOState
@@ -238,12 +238,8 @@ class Trainer:
         problem, taken = None, None
         if self.dist.rank == 0:
             try:
-                state = read_weights(source)
-                resized = fit_pos_embed(state, model)
-                keys, taken = init_keys({k: v.shape for k, v in model.state_dict().items()},
-                                        {k: v.shape for k, v in state.items()}, source)
-                model.load_state_dict({k: state[k] for k in keys}, strict=False)
-                taken += f"; {resized}" if resized else ""
+                state, taken = init_state(model, source)
+                model.load_state_dict(state, strict=False)
             except (FileNotFoundError, ValueError) as err:
                 problem = f"bad value for 'model.init_from': {err}"
             except Exception as err:  # unforeseen: rank 0 must still reach the agreement, or rank 1 hangs

@@ -167,6 +167,17 @@ def init_keys(own: Dict[str, tuple], source: Dict[str, tuple], name: str) -> Tup
                    + (f"; not used: {len(unused)} ({_some(unused, 4)})" if unused else ""))
 
 
+def init_state(model, source) -> Tuple[dict, str]:
+    """model.init_from: what of `source`'s weights (`read_weights`) a MIM model takes, its position
+    table fitted to the model's grid (`fit_pos_embed`), as `init_keys` decides, with the line that
+    says so. Raises FileNotFoundError or ValueError naming what does not fit."""
+    state = read_weights(source)
+    resized = fit_pos_embed(state, model)
+    keys, line = init_keys({k: v.shape for k, v in model.state_dict().items()},
+                           {k: v.shape for k, v in state.items()}, str(source))
+    return {k: state[k] for k in keys}, line + (f"; {resized}" if resized else "")
+
+
 def checkpoint_encoder_state(path) -> dict:
     """fp32 encoder weights with timm key names from the newest complete DeepSpeed checkpoint of a
     run directory, a checkpoints directory or a checkpoint directory."""
