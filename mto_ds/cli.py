@@ -79,6 +79,10 @@ def _positive(text: str) -> int:
     return value
 
 
+PRINT_CONFIG_HELP = ("print the config resolved (the schema's defaults <- the file and its _base_ files <- the "
+                     "overrides) and checked, as YAML, every key included, and exit: nothing is started")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mto-ds", description="MIM pre-training with Masked Token Optimization")
     # DeepSpeed's launcher runs `python -m mto_ds --local_rank=N <command> ...` (the rank is also in
@@ -94,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
                           "print it, starting nothing: before a job is queued")
     pre.add_argument("--world-size", type=_positive, default=None, metavar="N",
                      help="with --dry-run: the number of ranks to plan for (default 1)")
+    pre.add_argument("--print-config", action="store_true", help=PRINT_CONFIG_HELP)
     pre.add_argument("overrides", nargs="*", help="section.key=value overrides")
     ev = sub.add_parser("eval", help="k-NN / linear probe / fine-tune of a checkpoint's encoder")
     ev.add_argument("--config", required=True, action=_Once, help="the run YAML the encoder was pre-trained with")
@@ -101,6 +106,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="run directory, checkpoint directory or encoder .pt")
     ev.add_argument("--finetune-epochs", type=_count, default=0,
                     help="also fine-tune end to end for this many epochs (default 0: k-NN and linear probe only)")
+    ev.add_argument("--print-config", action="store_true", help=PRINT_CONFIG_HELP)
     ev.add_argument("overrides", nargs="*", help="section.key=value overrides (eval.*, data.*)")
     ex = sub.add_parser("export", help="write the encoder as a timm state dict")
     ex.add_argument("run_dir", help="run directory (its newest complete checkpoint) or a checkpoint directory")
@@ -139,6 +145,18 @@ def _parse(argv) -> argparse.Namespace:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args
+
+
+def _print_config(args) -> int:
+    """The config a start (or an evaluation) would run with, as YAML: `--config` of the output runs the same."""
+    from .config import ConfigError, load_config, to_yaml
+    try:
+        cfg = load_config(args.config, args.overrides, training=args.command == "pretrain")
+    except ConfigError as err:
+        print(f"mto-ds: config error: {err}", file=sys.stderr)
+        return 2
+    print(to_yaml(cfg), end="")
+    return 0
 
 
 def _dry_run(args) -> int:
@@ -209,6 +227,11 @@ def main(argv=None) -> int:
     if args.command == "pretrain" and args.world_size is not None and not args.dry_run:
         print("mto-ds: --world-size goes with --dry-run: a start takes its ranks from its launcher", file=sys.stderr)
         return 2
+    if getattr(args, "print_config", False):
+        if getattr(args, "dry_run", False):
+            print("mto-ds: --print-config and --dry-run: give one", file=sys.stderr)
+            return 2
+        return _print_config(args)
     if args.command == "pretrain" and args.dry_run:
         return _dry_run(args)
     if args.command == "pretrain":

@@ -635,6 +635,34 @@ def test_a_run_begun_from_another_runs_checkpoint_holds_its_weights_on_every_ran
                                          "saved": marker["time"]}
 
 
+def test_print_config_shows_every_key_resolved_and_reads_back_as_the_same_config(tmp_path, capsys):
+    """`--print-config`: what a chain of _base_ files and overrides comes to, every key with its
+    value (the schema's defaults included), checked as a start checks it, without torch; given as
+    --config, the output is the same run."""
+    import yaml
+    from mto_ds.config import VALID_KEYS
+    study = tmp_path / "study.yaml"
+    study.write_text(f"_base_: {REPO / 'configs' / 'demo.yaml'}\ntrain:\n  epochs: 7\n")
+    assert main(["pretrain", "--config", str(study), "mto.lambda_e=0.3", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    resolved = yaml.safe_load(printed)
+    assert (resolved["train"]["epochs"], resolved["mto"]["lambda_e"], resolved["model"]["init_from"]) == (7, 0.3, None)
+    assert resolved["model"]["arch"] == "vit_tiny_patch16"  # from the _base_
+    assert sorted(f"{section}.{key}" for section, keys in resolved.items() for key in keys) == sorted(VALID_KEYS)
+    (tmp_path / "printed.yaml").write_text(printed)
+    assert load_config(tmp_path / "printed.yaml") == load_config(study, ["mto.lambda_e=0.3"])
+    assert main(["eval", "--config", str(study), "--checkpoint", "x", "--print-config", "eval.knn_k=5"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["eval"]["knn_k"] == 5
+    # Checked: a misspelt key fails as it would at a start; with --dry-run it is one or the other.
+    assert main(["pretrain", "--config", str(study), "train.epoch=3", "--print-config"]) == 2
+    assert "unknown config key 'train.epoch'; did you mean train.epochs" in capsys.readouterr().err
+    assert main(["pretrain", "--config", str(study), "--print-config", "--dry-run"]) == 2
+    assert "--print-config and --dry-run: give one" in capsys.readouterr().err
+    result = _cli("pretrain", "--config", str(study), "mto.lambda_e=0.3", "--print-config",
+                  python_options=("-X", "importtime"))
+    assert result.returncode == 0 and result.stdout == printed and not _imports_torch(result)
+
+
 def test_world_size_without_dry_run_is_refused_a_start_takes_its_ranks_from_its_launcher(capsys):
     from mto_ds import cli
     assert cli.main(["pretrain", "--config", "configs/demo.yaml", "--world-size", "4"]) == 2
