@@ -85,9 +85,19 @@ def pretrain(run_dir: Path, *overrides: str, nproc: int = 1, config: str = "conf
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """A run of the demo config (vit_tiny_patch16 at 64 px, SimMIM + MTO, ZeRO-2) after 2 steps, with
-    one complete checkpoint: read, never written, by the tests that use it."""
+    one complete checkpoint: read, never written, by the tests that use it. Trained by README's
+    DeepSpeed launcher command on one rank (`deepspeed --module mto_ds pretrain ...`), whose output
+    is kept beside it in launcher_output.txt for test_cli's check of that command."""
     run = tmp_path_factory.mktemp("tiny") / "run"
-    pretrain(run, "train.steps=2", "data.synthetic_images=64")
+    result = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1",
+                             "--master_port", str(free_port()), "--module", "mto_ds", "pretrain",
+                             "--config", "configs/demo.yaml", f"run.output_dir={run}", "train.steps=2",
+                             "run.progress_bar=false", "data.synthetic_images=64"],
+                            cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    if result.returncode != 0:
+        pytest.fail(f"the deepspeed launcher's run failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
+                    f"{result.stderr[-6000:]}")
+    (run.parent / "launcher_output.txt").write_text(result.stdout + result.stderr)
     return run
 
 

@@ -118,18 +118,13 @@ def test_eval_and_export_name_a_missing_checkpoint_or_folder_with_exit_2_not_a_t
     assert not (tmp_path / "encoder.pt").exists()
 
 
-def test_the_readmes_deepspeed_launcher_command_trains(tmp_path):
+def test_the_readmes_deepspeed_launcher_command_trains(tiny_run):
     """`deepspeed --module mto_ds pretrain ...` runs `python -m mto_ds --local_rank=0 pretrain ...`:
-    the flag comes before the command, which the CLI refused ("unrecognized arguments")."""
-    run = tmp_path / "run"
-    result = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1",
-                             "--master_port", str(free_port()), "--module", "mto_ds", "pretrain",
-                             "--config", "configs/demo.yaml", f"run.output_dir={run}", "train.steps=2",
-                             "run.progress_bar=false", "data.synthetic_images=64"],
-                            cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "--local_rank=0" in result.stdout + result.stderr  # the launcher did pass it
-    assert (run / "checkpoints" / "step_00000002" / "complete.json").is_file()
+    the flag comes before the command, which the CLI refused ("unrecognized arguments"). tiny_run
+    is trained by that command (conftest.py), which must have exited 0."""
+    assert "--local_rank=0" in (tiny_run.parent / "launcher_output.txt").read_text()  # the launcher did pass it
+    assert (tiny_run / "checkpoints" / "step_00000002" / "complete.json").is_file()
+    assert json.loads((tiny_run / "state.json").read_text())["reason"] == "completed"
 
 
 MAE = ("model.method=mae", "model.mask_patch_size=null", *SMALL_MAE_DECODER_OVERRIDES)
