@@ -84,6 +84,7 @@ class TrainConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
     clip_grad: Optional[float] = None         # max gradient norm; null: no clipping (MAE)
     activation_checkpointing: bool = False
+    checkpoint_every: int = 1                # ... of every k-th block of each stack (1: all; 2: half)
     compile: bool = False                    # torch.compile each transformer block
     max_nonfinite_steps: int = 5             # consecutive non-finite losses before stopping
 
@@ -421,6 +422,9 @@ def validate(cfg: Config, training: bool = True) -> None:
     if t.clip_grad is not None:
         _check(0 < t.clip_grad < math.inf, "train.clip_grad", "a finite positive number or null", t.clip_grad)
     _check(t.max_nonfinite_steps > 0, "train.max_nonfinite_steps", "a positive integer", t.max_nonfinite_steps)
+    _check(t.checkpoint_every >= 1, "train.checkpoint_every",
+           "a positive integer (with train.activation_checkpointing: every k-th block recomputes; 1: all)",
+           t.checkpoint_every)
 
     if training:
         validate_deepspeed(cfg)
@@ -522,6 +526,10 @@ def unread_keys(cfg: Config) -> List[str]:
                       f"generated images (set data.source=ffcv for a .beton, folder for an ImageFolder)")
     if d.source != "ffcv" and d.os_cache != DataConfig().os_cache:
         unread.append(f"data.os_cache={d.os_cache} is not read: it is FFCV's, and data.source={d.source}")
+    t = cfg.train
+    if t.checkpoint_every != TrainConfig().checkpoint_every and not t.activation_checkpointing:
+        unread.append(f"train.checkpoint_every={t.checkpoint_every} is not read: it says which blocks "
+                      "train.activation_checkpointing recomputes, and that is false")
     e = cfg.eval
     if e.reconstructions != EvalConfig().reconstructions and not (e.every_epochs or e.at_start):
         unread.append(f"eval.reconstructions={e.reconstructions} is not read: the evaluations during pre-training "

@@ -72,6 +72,7 @@ def test_wrong_type_says_what_was_expected():
     ("train.warmup_epochs=inf", "train.warmup_epochs"),
     ("run.profile_step=0", "run.profile_step"),
     ("run.profile_steps=0", "run.profile_steps"),
+    ("train.checkpoint_every=0", "train.checkpoint_every"),
 ])
 def test_bad_values_fail_naming_the_key(override, key):
     with pytest.raises(ConfigError) as err:
@@ -414,3 +415,8 @@ def test_keys_the_method_or_data_source_never_reads_are_named_when_set():
         "none (eval.every_epochs=0, eval.at_start=false); `mto-ds reconstruct` draws them from a checkpoint"]
     assert unread_keys(load_config(DEMO, ["eval.reconstructions=16", "eval.every_epochs=1"])) == []
     assert unread_keys(load_config(DEMO, ["eval.reconstructions=16", "eval.at_start=true"])) == []
+    # Which blocks activation checkpointing recomputes, in a run that recomputes none.
+    assert unread_keys(load_config(DEMO, ["train.checkpoint_every=2"])) == [
+        "train.checkpoint_every=2 is not read: it says which blocks train.activation_checkpointing recomputes, "
+        "and that is false"]
+    assert unread_keys(load_config(DEMO, ["train.checkpoint_every=2", "train.activation_checkpointing=true"])) == []

@@ -183,7 +183,7 @@ def test_visible_tokens_ignore_mask_token_through_early_blocks_only():
         x = enc.patch_embed(images)
         w = mask.unsqueeze(-1).float()
         x = enc._pos_embed(x * (1 - w) + model.mask_token * w)
-        x, _ = run_blocks(enc.blocks[:depth], x, masked, flags[:depth], False)
+        x, _ = run_blocks(enc.blocks[:depth], x, masked, flags[:depth], 0)
         return x[:, 1:][~mask]
 
     with torch.no_grad():

@@ -226,7 +226,7 @@ def test_bench_gpu_script_checks_every_part_without_a_gpu_before_a_lease_is_spen
     assert commands == [f"== {name}" for name in (
         "kernel_tests", "attention", "vit_l_quick", "host_floor", "host_floor_noncontiguous", "mae_compute_grad_norm",
         "mae_contiguous_gradients", "mae_b256", "fp32_grad_accum", "vit_l", "vit_l_compiled", "vit_h_b64", "vit_h_b128",
-        "trainer")]
+        "vit_h_b64_every2", "trainer")]
     (trainer,) = (out / "trainer.md").read_text().splitlines()
     assert trainer.startswith("| trainer | config valid: would run mto_ds pretrain --config configs/vit_b_simmim.yaml")
     assert "run.profile_step=16" in trainer
@@ -256,7 +256,9 @@ def test_bench_gpu_script_checks_every_part_without_a_gpu_before_a_lease_is_spen
     assert _table_rows(out / "vit_l_compiled.md")[0].endswith("compiled")
     for batch in (64, 128):
         huge = (out / f"vit_h_b{batch}.md").read_text()
-        assert f"zero3_bf16.json, 224 px, batch {batch}, mto.kernel=auto, activation checkpointing" in huge
+        assert f"zero3_bf16.json, 224 px, batch {batch}, mto.kernel=auto, activation checkpointing |" in huge
+    assert ("zero3_bf16.json, 224 px, batch 64, mto.kernel=auto, activation checkpointing of one block in 2 |"
+            in (out / "vit_h_b64_every2.md").read_text())
     for md in out.glob("*.md"):
         assert "invalid" not in md.read_text(), md
 

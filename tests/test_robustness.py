@@ -697,29 +697,38 @@ def test_the_start_log_says_how_the_global_batch_splits_and_when_the_micro_batch
         "global batch 32 = 3 ranks x 10-11 samples (the ranks do not divide it), in 1 micro-batch(es) of at most 11")
 
 
-def test_activation_checkpointing_recomputes_blocks_and_leaves_gradients_unchanged():
+@pytest.mark.parametrize("method", ["simmim", "mae"])
+def test_activation_checkpointing_recomputes_every_kth_block_and_leaves_gradients_unchanged(method):
+    """train.activation_checkpointing with train.checkpoint_every=k: blocks 0, k, 2k, ... of each
+    stack (SimMIM's encoder; MAE's encoder, whose blocks see no mask token, and its decoder) run
+    again in the backward pass, the others once; the gradients are those of no checkpointing."""
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     mask = torch.zeros(2, 16, dtype=torch.bool)
-    mask[:, ::3] = True
-    grads, calls = [], []
-    for checkpointing in (False, True):
+    mask[:, ::4] = True  # MAE: every sample masks the same number
+    small = {"decoder_embed_dim": 32, "decoder_depth": 3, "decoder_num_heads": 2} if method == "mae" else {}
+    grads, calls = {}, {}
+    for every in (None, 1, 2, 5):
         torch.manual_seed(0)
-        model = create_mim_model("vit_tiny_patch16", "simmim", img_size=64, mto={"enabled": True},
-                                 activation_checkpointing=checkpointing)
-        count, attn = [0], model.encoder.blocks[0].attn
-        forward_mto = attn.forward_mto
-
-        def counted(*args, **kwargs):
-            count[0] += 1
-            return forward_mto(*args, **kwargs)
-        attn.forward_mto = counted
+        model = create_mim_model("vit_tiny_patch16", method, img_size=64, mto={"enabled": True},
+                                 activation_checkpointing=every is not None, checkpoint_every=every or 1, **small)
+        stacks = [model.encoder.blocks] + ([model.decoder_blocks] if method == "mae" else [])
+        counts = [[0] * len(stack) for stack in stacks]
+        for stack, count in zip(stacks, counts):
+            for index, block in enumerate(stack):
+                block.register_forward_pre_hook(lambda *_, count=count, index=index: count.__setitem__(
+                    index, count[index] + 1))
         model(images, mask)["loss"].backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-        calls.append(count[0])
-    assert calls == [1, 2]  # with checkpointing, the block runs again in the backward pass
-    assert grads[0].keys() == grads[1].keys()
-    for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
+        grads[every] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        calls[every] = counts
+    assert calls[None] == [[1] * len(stack) for stack in calls[None]]
+    for every in (1, 2, 5):
+        assert calls[every] == [[2 if index % every == 0 else 1 for index in range(len(stack))]
+                                for stack in calls[None]], every
+    assert [len(stack) for stack in calls[None]] == ([12] if method == "simmim" else [12, 3])
+    for every in (1, 2, 5):
+        assert grads[every].keys() == grads[None].keys()
+        for name in grads[None]:
+            torch.testing.assert_close(grads[every][name], grads[None][name], rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_fault_variables_are_parsed_and_rejected_when_malformed():

@@ -143,6 +143,11 @@ if wants huge all; then
     run vit_h_b128 "$py" tools/bench_step.py "${step_flags[@]}" --arch vit_huge_patch14 --method simmim --mto on --zero 3 \
         --batch 128 --activation-checkpointing --steps 10 --warmup 3 --data none --no-baseline \
         --json "$out/vit_h_b128.json"
+    # Half the blocks recomputed (train.checkpoint_every=2): the recomputation's time against the
+    # memory the other half keeps, at the batch the target names.
+    run vit_h_b64_every2 "$py" tools/bench_step.py "${step_flags[@]}" --arch vit_huge_patch14 --method simmim --mto on \
+        --zero 3 --batch 64 --activation-checkpointing 2 --steps 10 --warmup 3 --data none --no-baseline \
+        --json "$out/vit_h_b64_every2.json"
 fi
 if wants trainer; then
     # The trainer's own CUDA paths (memory peaks, the profiler's CUDA trace, tflops_per_gpu) on a

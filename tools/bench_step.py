@@ -302,7 +302,8 @@ def bench_engine(arch, method, mto, zero, img, batch, device, dtype, ckpt, compi
     flops = model_flops_per_image(arch, method, img, device, width) * batch
     base = _allocated(device)
     model = create_mim_model(arch, method, img_size=img, mto={"enabled": mto, "kernel": kernel},
-                             activation_checkpointing=ckpt, compile_blocks=compiled, **narrowed(width))
+                             activation_checkpointing=bool(ckpt), checkpoint_every=ckpt or 1, compile_blocks=compiled,
+                             **narrowed(width))
     ds = engine_ds_config(method, zero, batch, dtype == torch.bfloat16, ds_set)
     mark_zero3_leaf_blocks(model, ds)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.05), config=ds)
@@ -377,7 +378,9 @@ def main():
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--mto-kernel", nargs="+", default=["auto"], choices=["auto", "fused", "sdpa", "reference"],
                    help="mto.kernel of the MTO-on rows, one row each (auto: the fused Triton kernel on CUDA)")
-    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--activation-checkpointing", type=int, nargs="?", const=1, default=0, metavar="K",
+                   help="recompute the blocks in the backward pass (train.activation_checkpointing); with K, "
+                        "every K-th block of each stack only (train.checkpoint_every=K)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each block (train.compile), baseline too; not with ZeRO-3")
     p.add_argument("--profile", metavar="DIR",
@@ -411,8 +414,9 @@ def main():
     for flag, value in (("--img", args.img), ("--batch", args.batch), ("--steps", args.steps)):
         if value < 1:
             p.error(f"{flag} must be a positive integer, got {value}")
-    if args.warmup < 0 or args.workers < 0:
-        p.error(f"--warmup and --workers must be >= 0, got {args.warmup} and {args.workers}")
+    if args.warmup < 0 or args.workers < 0 or args.activation_checkpointing < 0:
+        p.error(f"--warmup, --workers and --activation-checkpointing must be >= 0, got {args.warmup}, "
+                f"{args.workers} and {args.activation_checkpointing}")
     # Before any row (and in --dry-run, the check made before a GPU lease): a file that cannot be
     # written was found after the first row's minutes, and ended the run there.
     from mto_ds.cli import unwritable_output
@@ -569,7 +573,9 @@ def dry_run(args) -> int:
                                        f"zero{zero}_bf16.json")
                 detail = (f"would run: ds_configs/zero{zero}_bf16.json{''.join(f' {a}' for a in args.ds_set)}, "
                           f"{args.img} px, batch {args.batch}" + (f", mto.kernel={kernel}" if mto else "")
-                          + (", activation checkpointing" if args.activation_checkpointing else ""))
+                          + (", activation checkpointing" if args.activation_checkpointing else "")
+                          + (f" of one block in {args.activation_checkpointing}"
+                             if args.activation_checkpointing > 1 else ""))
             except ConfigError as err:  # each row says what is wrong with it
                 invalid += 1
                 detail = f"invalid: {str(err)[:300]}"

@@ -52,6 +52,7 @@ def model_keys(m) -> dict:
 def build_model(cfg: Config):
     """(The run's MIM model, the mask generator of its patch grid), on the current default device."""
     return build_mim_model(cfg, activation_checkpointing=cfg.train.activation_checkpointing,
+                           checkpoint_every=cfg.train.checkpoint_every,
                            compile_blocks=cfg.train.compile)
 
 

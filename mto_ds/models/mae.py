@@ -20,8 +20,8 @@ def visible_first(mask: torch.Tensor) -> torch.Tensor:
 class MAE(MIMModel):
     def __init__(self, encoder: nn.Module, mto=None, decoder_embed_dim: int = 512, decoder_depth: int = 8,
                  decoder_num_heads: int = 16, norm_pix_loss: bool = True, activation_checkpointing: bool = False,
-                 compile_blocks: bool = False):
-        super().__init__(encoder, mto, activation_checkpointing, compile_blocks)
+                 compile_blocks: bool = False, checkpoint_every: int = 1):
+        super().__init__(encoder, mto, activation_checkpointing, compile_blocks, checkpoint_every)
         dim = encoder.embed_dim
         grid = encoder.patch_embed.grid_size[0]
         self.norm_pix_loss = norm_pix_loss
@@ -86,7 +86,7 @@ class MAE(MIMModel):
         x = torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, D))
         cls = (enc.cls_token + enc.pos_embed[:, :1]).expand(B, -1, -1)
         x = enc.norm_pre(torch.cat([cls, x], dim=1))
-        x = run_plain_blocks(enc.blocks, x, self.activation_checkpointing, self.compile_blocks)
+        x = run_plain_blocks(enc.blocks, x, self.checkpoint_every, self.compile_blocks)
         return enc.norm(x)
 
     def visible_count(self, mask: torch.Tensor) -> int:
@@ -114,7 +114,7 @@ class MAE(MIMModel):
         x = torch.cat([x[:, :1], full], dim=1) + self.decoder_pos_embed.to(x.dtype)
         masked = torch.cat([mask.new_zeros(B, 1), mask], dim=1)
         num_early, flags = self.block_flags(with_stats)
-        x, summaries = run_blocks(self.decoder_blocks, x, masked, flags, self.activation_checkpointing,
+        x, summaries = run_blocks(self.decoder_blocks, x, masked, flags, self.checkpoint_every,
                                   self.compile_blocks)
         pred = self.decoder_pred(self.decoder_norm(x))[:, 1:]
         return pred, summaries, num_early

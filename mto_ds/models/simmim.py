@@ -28,8 +28,8 @@ def unpatchify(patches: torch.Tensor, patch: int, channels: int = 3) -> torch.Te
 
 class SimMIM(MIMModel):
     def __init__(self, encoder: nn.Module, mto=None, activation_checkpointing: bool = False,
-                 compile_blocks: bool = False):
-        super().__init__(encoder, mto, activation_checkpointing, compile_blocks)
+                 compile_blocks: bool = False, checkpoint_every: int = 1):
+        super().__init__(encoder, mto, activation_checkpointing, compile_blocks, checkpoint_every)
         dim = encoder.embed_dim
         self.num_mim_blocks = len(encoder.blocks)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -61,7 +61,7 @@ class SimMIM(MIMModel):
         # CLS counts as visible.
         masked = torch.cat([mask.new_zeros(mask.shape[0], 1), mask], dim=1)
         num_early, flags = self.block_flags(with_stats)
-        x, summaries = run_blocks(enc.blocks, x, masked, flags, self.activation_checkpointing, self.compile_blocks)
+        x, summaries = run_blocks(enc.blocks, x, masked, flags, self.checkpoint_every, self.compile_blocks)
         return enc.norm(x), summaries, num_early
 
     def forward_encoder(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

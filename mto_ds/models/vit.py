@@ -88,30 +88,37 @@ def _compiled(block_forward):
     return torch.compile(block_forward)
 
 
-def _run(block_forward, args, activation_checkpointing: bool, compiled: bool):
+def _run(block_forward, args, checkpointed: bool, compiled: bool):
     fn = _compiled(block_forward) if compiled else block_forward
-    if activation_checkpointing and torch.is_grad_enabled():
+    if checkpointed and torch.is_grad_enabled():
         return checkpoint(fn, *args, use_reentrant=False)
     return fn(*args)
 
 
-def run_blocks(blocks, x: torch.Tensor, masked: Optional[torch.Tensor], flags, activation_checkpointing: bool,
+def checkpointed(index: int, checkpoint_every: int) -> bool:
+    """Whether block `index` of a stack is recomputed in the backward pass: every `checkpoint_every`-th
+    block from the first (torchtitan's selective layer checkpointing), none for 0. The others keep
+    their activations: memory traded for the recomputation's time."""
+    return checkpoint_every > 0 and index % checkpoint_every == 0
+
+
+def run_blocks(blocks, x: torch.Tensor, masked: Optional[torch.Tensor], flags, checkpoint_every: int,
                compiled: bool = False):
     """Run blocks that see mask tokens. Returns (x, per-block summaries, None where not computed)."""
     summaries: List[Optional[Dict[str, torch.Tensor]]] = []
     # The summaries' weights depend on the mask alone: once per forward pass, not per block.
     weights = summary_weights(masked) if any(mode != NONE for _, mode in flags) else None
-    for block, (recalibrate, mode) in zip(blocks, flags):
-        x, summary = _run(_block_forward, (block, x, masked, recalibrate, mode, weights), activation_checkpointing,
-                          compiled)
+    for index, (block, (recalibrate, mode)) in enumerate(zip(blocks, flags)):
+        x, summary = _run(_block_forward, (block, x, masked, recalibrate, mode, weights),
+                          checkpointed(index, checkpoint_every), compiled)
         summaries.append(summary)
     return x, summaries
 
 
-def run_plain_blocks(blocks, x: torch.Tensor, activation_checkpointing: bool, compiled: bool = False) -> torch.Tensor:
+def run_plain_blocks(blocks, x: torch.Tensor, checkpoint_every: int, compiled: bool = False) -> torch.Tensor:
     """Blocks that see no mask tokens (the MAE encoder): timm's forward, fused SDPA."""
-    for block in blocks:
-        x = _run(_plain_block_forward, (block, x), activation_checkpointing, compiled)
+    for index, block in enumerate(blocks):
+        x = _run(_plain_block_forward, (block, x), checkpointed(index, checkpoint_every), compiled)
     return x
 
 
