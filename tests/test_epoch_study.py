@@ -235,6 +235,22 @@ def test_a_pair_that_differs_beyond_mto_is_reported(tmp_path):
     assert any("train.blr" in w for w in study.warnings)
 
 
+def test_a_pair_that_differs_only_in_memory_and_speed_switches_is_comparable_where_init_from_is_not(tmp_path):
+    """MTO may need activation checkpointing where the baseline does not: the gradients are the
+    same, so no warning. The weights a run began from (model.init_from) are not incidental."""
+    import yaml
+    fake_run(tmp_path / "b", mto=False, knn=BASELINE_KNN)
+    fake_run(tmp_path / "m", mto=True, knn=MTO_KNN)
+    config = yaml.safe_load((tmp_path / "m" / "config.yaml").read_text())
+    config["train"].update(activation_checkpointing=True, checkpoint_every=2, compile=True)
+    (tmp_path / "m" / "config.yaml").write_text(yaml.safe_dump(config))
+    assert assemble([load_run(tmp_path / "b"), load_run(tmp_path / "m")]).warnings == []
+    config["model"]["init_from"] = "runs/other"
+    (tmp_path / "m" / "config.yaml").write_text(yaml.safe_dump(config))
+    warnings = assemble([load_run(tmp_path / "b"), load_run(tmp_path / "m")]).warnings
+    assert warnings == ["seed 0: baseline and MTO differ beyond MTO: model.init_from: None vs 'runs/other'"]
+
+
 def test_metric_choice_and_eval_prefixed_keys_and_repeated_epochs(tmp_path):
     # A resumed run logs epoch 4 again (the later row replaces the earlier whole); some writers
     # prefix keys with 'eval/'.

@@ -31,9 +31,12 @@ METRICS = ("knn_top1", "linear_top1", "finetune_top1")
 FINAL_EVAL = "final_eval.json"
 # What the study itself sets for each run; extra overrides may not touch these.
 CONTROLLED_KEYS = ("mto.enabled", "run.output_dir", "run.seed", "train.epochs", "train.steps", "eval.every_epochs")
-# Keys that may differ between a baseline and its MTO partner without making them incomparable.
+# Keys that may differ between a baseline and its MTO partner without making them incomparable
+# (the memory and speed switches leave the gradients as they are: MTO may need checkpointing where
+# the baseline does not).
 INCIDENTAL = ("run.output_dir", "run.progress_bar", "run.log_every", "run.profile_", "data.num_workers", "checkpoint.",
-              "eval.every_epochs", "eval.at_start", "eval.reconstructions", "mto.")
+              "eval.every_epochs", "eval.at_start", "eval.reconstructions", "mto.", "train.activation_checkpointing",
+              "train.checkpoint_every", "train.compile")
 # Keys a run may be resumed with changed without changing what its numbers mean (mto.* does).
 RESUME_INCIDENTAL = tuple(key for key in INCIDENTAL if key != "mto.")
 RESUME = "resume it by running the same command again, then collect again"
