@@ -131,6 +131,13 @@ def test_read_weights_gives_a_facebookresearch_mae_checkpoint_our_mae_models_nam
             read_weights(tmp_path / name)
         assert str(err.value) == f"{tmp_path / name} is not a weights file that torch.load reads with " \
                                  f"weights_only=True {said}"
+    # A file of one of our (DeepSpeed's) checkpoints: its directory is what holds the whole weights.
+    tag_dir = tmp_path / "run" / "checkpoints" / "step_00000002"
+    tag_dir.mkdir(parents=True)
+    (tag_dir / "mp_rank_00_model_states.pt").write_bytes(b"not read")
+    with pytest.raises(ValueError, match=f"; name its checkpoint directory, {tag_dir}, whose ZeRO partitions are "
+                                         "merged into the fp32 weights$"):
+        read_weights(tag_dir / "mp_rank_00_model_states.pt")
     with pytest.raises(ValueError, match=r"list.pt holds no state_dict \(names -> tensors\), neither at its top nor"):
         read_weights(tmp_path / "list.pt")
     assert set(read_weights(tmp_path / "ok.pt")) == {"encoder.w"}

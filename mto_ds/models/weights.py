@@ -83,8 +83,11 @@ def read_weights(path) -> dict:
         # torch's own messages run to paragraphs, and suggest weights_only=False: its first sentence.
         text = str(err).strip()
         said = text.splitlines()[0].split(". ")[0] if text else "the file ends early"
+        # A file of a DeepSpeed checkpoint holds partitions or a working copy: its folder is what reads.
+        hint = (f"; name its checkpoint directory, {path.parent}, whose ZeRO partitions are merged into the fp32 "
+                "weights" if path.name.endswith(("_model_states.pt", "_optim_states.pt")) else "")
         raise ValueError(f"{path} is not a weights file that torch.load reads with weights_only=True "
-                         f"({type(err).__name__}: {said})") from None
+                         f"({type(err).__name__}: {said}){hint}") from None
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
