@@ -606,10 +606,11 @@ def _bad_file_stops_every_rank(run, tmp_path, config):
 @pytest.mark.parametrize("stage", [2, 3])
 def test_a_run_begun_from_another_runs_checkpoint_holds_its_weights_on_every_rank(tiny_run, tmp_path, stage):
     """model.init_from: rank 0 alone reads the weights, and deepspeed.initialize hands them to the
-    other rank: the engine broadcasts rank 0's parameters (without that broadcast the ZeRO-2 case
-    fails: rank 1's own random weights are in its half of the partitioned masters), and ZeRO-3
-    broadcasts each one from rank 0 again as it partitions it. A file that is not weights stops
-    both ranks with exit 2, rank 1 waiting in the agreement, not in a collective rank 0 never reaches."""
+    other rank: the engine broadcasts rank 0's parameters (with that broadcast taken out by hand,
+    the ZeRO-2 case failed: rank 1's own random weights were in its half of the partitioned
+    masters), and ZeRO-3 broadcasts each one from rank 0 again as it partitions it. A file that is
+    not weights stops both ranks with exit 2, rank 1 waiting in the agreement, not in a collective
+    rank 0 never reaches."""
     config = f"deepspeed.config=ds_configs/cpu_zero{stage}.json"
     run = tmp_path / "run"
     if stage == 3:
