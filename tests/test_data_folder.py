@@ -725,3 +725,34 @@ def test_a_subset_refuses_an_out_folder_in_use_and_a_val_split_without_the_chose
     code, out = _make_subset(capsys, source, tmp_path / "out", "--classes", "class_0,class_2")
     assert code == 2 and f"{source / 'val'} lacks 1 of the chosen classes: class_2" in out.err
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_a_flat_val_split_is_linked_into_class_folders_by_its_labels_file(tmp_path, capsys):
+    """ImageNet's val/ as distributed is flat, its classes in a file (Kaggle's LOC_val_solution.csv):
+    with --val-labels the subset's val/ is class folders of links, which the evaluation reads."""
+    source = write_image_folder(tmp_path / "inet", 24, 3, size=16, val_images=12)
+    truth = _linked(source / "val")
+    rows = ["ImageId,PredictionString"]
+    for name, files in truth.items():
+        for path in files:
+            path.rename(source / "val" / path.name)
+            rows.append(f"{path.stem},{name} 1 2 30 40 {name} 5 6 7 8")
+        (source / "val" / name).rmdir()
+    (tmp_path / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
+    flat = {name: [source / "val" / p.name for p in files] for name, files in truth.items()}
+    code, out = _make_subset(capsys, source, tmp_path / "all", "--val-labels", tmp_path / "LOC_val_solution.csv")
+    assert code == 0, out.err
+    assert _linked(tmp_path / "all" / "val") == flat  # every class, each image under its label
+    assert _linked(tmp_path / "all" / "train") == _linked(source / "train")
+    code, out = _make_subset(capsys, source, tmp_path / "one", "--classes", "class_2", "--val-per-class", 1,
+                             "--val-labels", tmp_path / "LOC_val_solution.csv")
+    assert code == 0 and _linked(tmp_path / "one" / "val")["class_2"][0] in flat["class_2"]
+    assert json.loads((tmp_path / "one" / "subset.json").read_text())["images"]["val"] == 1
+    # Without the labels, or with a file that leaves an image out: named, nothing written.
+    code, out = _make_subset(capsys, source, tmp_path / "none")
+    assert code == 2 and f"{source / 'val'} has no class folders (ImageNet's val/ as distributed): give" in out.err
+    (tmp_path / "short.txt").write_text("".join(f"{p.name} class_0\n" for p in flat["class_0"]))
+    code, out = _make_subset(capsys, source, tmp_path / "none", "--val-labels", tmp_path / "short.txt")
+    unlabelled = len(flat["class_1"]) + len(flat["class_2"])
+    assert code == 2 and f"--val-labels names no class for {unlabelled} of the 12 images of" in out.err
+    assert not (tmp_path / "none").exists()

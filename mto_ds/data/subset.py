@@ -66,10 +66,47 @@ def draw_images(files: List[Path], per_class: Optional[int], seed: int, name: st
     return sorted(random.Random(f"{seed}:{name}").sample(files, per_class))
 
 
+def read_val_labels(path) -> Dict[str, str]:
+    """Image name (without its extension) -> class folder name, for a flat val/ (ImageNet's as
+    distributed): Kaggle's LOC_val_solution.csv (`ImageId,PredictionString`, the string's first
+    word the class) or lines `FILE CLASS` (whitespace between)."""
+    labels = {}
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#") or line.startswith("ImageId,"):
+            continue
+        fields = line.split(",", 1) if "," in line else line.split(None, 1)
+        if len(fields) != 2 or not fields[1].split():
+            raise ValueError(f"--val-labels {path}, line {number}: expected `IMAGE,CLASS ...` or `IMAGE CLASS`, "
+                             f"got {line[:80]!r}")
+        labels[Path(fields[0].strip()).stem] = fields[1].split()[0]
+    if not labels:
+        raise ValueError(f"--val-labels {path}: no labels in it")
+    return labels
+
+
+def _labelled_images(folder: Path, labels: Optional[Dict[str, str]]) -> Dict[str, List[Path]]:
+    """class -> its images, sorted, of a flat folder whose images `labels` names (each must be named)."""
+    if labels is None:
+        raise ValueError(f"{folder} has no class folders (ImageNet's val/ as distributed): give its labels "
+                         "with --val-labels (LOC_val_solution.csv, or lines `FILE CLASS`)")
+    images = [p for p in class_files(folder) if p.suffix.lower() in IMAGE_EXTENSIONS]
+    unlabelled = [p.name for p in images if p.stem not in labels]
+    if unlabelled:
+        raise ValueError(f"--val-labels names no class for {len(unlabelled)} of the {len(images)} images of {folder} "
+                         f"({', '.join(unlabelled[:3])}{', ...' if len(unlabelled) > 3 else ''})")
+    by_class: Dict[str, List[Path]] = {}
+    for image in images:
+        by_class.setdefault(labels[image.stem], []).append(image)
+    return by_class
+
+
 def make_subset(source, out, classes: Optional[List[str]] = None, num_classes: Optional[int] = None,
-                per_class: Optional[int] = None, val_per_class: Optional[int] = None, seed: int = 0) -> dict:
-    """Links in `out` to a subset of `source` (ImageNet's layout: train/ and, if it has one, val/
-    of class folders), and `out/subset.json` saying what was taken. Returns that record."""
+                per_class: Optional[int] = None, val_per_class: Optional[int] = None, seed: int = 0,
+                val_labels: Optional[Dict[str, str]] = None) -> dict:
+    """Links in `out` to a subset of `source` (ImageNet's layout: train/ of class folders and, if
+    it has one, val/ of class folders or flat with `val_labels`), and `out/subset.json` saying what
+    was taken. Returns that record."""
     source, out = Path(source).resolve(), Path(out)
     splits = [split for split in SPLITS if (source / split).is_dir()]
     problem = folder_problem(source / "train")
@@ -80,9 +117,13 @@ def make_subset(source, out, classes: Optional[List[str]] = None, num_classes: O
     for name, value in (("--per-class", per_class), ("--val-per-class", val_per_class)):
         if value is not None and value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
-    chosen = choose_classes(class_folders(source / splits[0]), classes, num_classes, seed)
+    chosen = choose_classes(class_folders(source / "train"), classes, num_classes, seed)
+    # A split of class folders is read a class at a time; a flat val/ at once, through its labels.
+    flat = {split: _labelled_images(source / split, val_labels) for split in splits[1:]
+            if not class_folders(source / split)}
     for split in splits[1:]:  # the evaluation needs val/ to hold every class of train/
-        missing = sorted(set(chosen) - set(class_folders(source / split)))
+        held = set(flat[split]) if split in flat else set(class_folders(source / split))
+        missing = sorted(set(chosen) - held)
         if missing:
             raise ValueError(f"{source / split} lacks {len(missing)} of the chosen classes: {', '.join(missing[:5])}")
     caps = {"train": per_class, "val": val_per_class}
@@ -92,12 +133,13 @@ def make_subset(source, out, classes: Optional[List[str]] = None, num_classes: O
     for split in splits:
         counts[split] = 0
         for name in chosen:
-            folder, link = source / split / name, partial / split / name
-            images = [p for p in class_files(folder) if p.suffix.lower() in IMAGE_EXTENSIONS]
+            folder, link = (source / split if split in flat else source / split / name), partial / split / name
+            images = flat[split][name] if split in flat else [p for p in class_files(folder)
+                                                              if p.suffix.lower() in IMAGE_EXTENSIONS]
             taken = draw_images(images, caps[split], seed, name)
             counts[split] += len(taken)
             link.parent.mkdir(parents=True, exist_ok=True)
-            if taken is images:
+            if taken is images and split not in flat:
                 link.symlink_to(folder, target_is_directory=True)
                 continue
             for image in taken:
