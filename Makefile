@@ -74,6 +74,8 @@ demo: venv system-deps clean-demo
 # later, 726 tests: 18.7 min (1837 CPU-s). At night (735 tests): 22.5 min (2180 CPU-s), then 19.3 min
 # (1860 CPU-s), 21.0 and 23.4 min (2256 CPU-s) with little changed between; in the slowest run the
 # in-process tests of test_mto.py took 40% longer too: the host's speed moves the suite by minutes.
+# 2026-12-08, a faster host: 13.6 min (735 tests, 21.8 CPU-minutes), then 14.4 min (753 tests, 23.0
+# CPU-minutes) with the day's additions (model.init_from's 2-rank starts, about 50 s of them).
 TEST_WORKERS ?= 2
 test: venv system-deps
 	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
