@@ -111,7 +111,8 @@ def differing_from_rank_0(value: str) -> Optional[str]:
     others = [f"rank {rank}: {other}" for rank, other in enumerate(values) if other != values[0]]
     if not others:
         return None
-    return f"rank 0: {values[0]}; " + "; ".join(others[:3]) + (f"; and {len(others) - 3} more" if len(others) > 3 else "")
+    more = f"; and {len(others) - 3} more" if len(others) > 3 else ""
+    return f"rank 0: {values[0]}; " + "; ".join(others[:3]) + more
 
 
 def check_shared_directory(directory: Path, rank: int, world_size: int, device) -> Optional[str]:

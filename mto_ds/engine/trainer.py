@@ -202,8 +202,8 @@ class Trainer:
 
         self.initialised_from = self._init_weights(model, candidates)
         mark_zero3_leaf_blocks(model, self.ds_config)
-        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
-                                               config=self.ds_config)
+        groups = param_groups(model, cfg.train.weight_decay)
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=self.ds_config)
         self.dtype = DTYPES[precision(self.ds_config)]
         self.mto_state = MTOState(warmup_steps=cfg.mto.warmup_steps)
         self.global_step = 0
