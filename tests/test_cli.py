@@ -525,6 +525,9 @@ def test_dry_run_reports_what_a_start_on_n_ranks_would_do_without_starting_or_wr
         "init_from_file_of_another_arch": [f"run.output_dir={tmp_path / 'i'}", f"model.init_from={small}"],
         "init_from_when_resuming": [f"run.output_dir={tmp_path / 'r'}", f"checkpoint.resume={saved}",
                                     f"model.init_from={at32}"],
+        # Named before the model is built, as data.path is: nothing there, or no checkpoint in it.
+        "init_from_gone": [f"run.output_dir={tmp_path / 'i'}", f"model.init_from={tmp_path / 'gone.pt'}"],
+        "init_from_without_checkpoints": [f"run.output_dir={tmp_path / 'i'}", f"model.init_from={tmp_path / 'held'}"],
     }
     before = sorted(p.relative_to(tiny_run) for p in tiny_run.rglob("*"))
     result = subprocess.run([sys.executable, "-c", DRY_RUN_SCRIPT, json.dumps(cases)], cwd=REPO, env=cpu_env(),
@@ -532,7 +535,8 @@ def test_dry_run_reports_what_a_start_on_n_ranks_would_do_without_starting_or_wr
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     outcomes = [line.split()[1:] for line in result.stdout.splitlines() if line.startswith("case ")]
-    refused_unbuilt = ("every_checkpoint_damaged", "other_zero_stage", "more_ranks_than_samples")
+    refused_unbuilt = ("every_checkpoint_damaged", "other_zero_stage", "more_ranks_than_samples", "init_from_gone",
+                       "init_from_without_checkpoints")
     refused = (*refused_unbuilt, "init_from_run_of_another_arch", "init_from_file_of_another_arch")  # after a build
     assert outcomes == [[name, "2" if name in refused else "0", "None" if name in refused_unbuilt else "meta", "False"]
                         for name in cases], result.stdout
@@ -584,6 +588,10 @@ def test_dry_run_reports_what_a_start_on_n_ranks_would_do_without_starting_or_wr
             "[384, 3, 16, 16] there, [192, 3, 16, 16] here, ...)") in errors["init_from_file_of_another_arch"]
     assert (f"  model.init_from: {at32} is not read: the start resumes from the run's checkpoints"
             in reports["init_from_when_resuming"].splitlines())
+    assert (f"config error: bad value for 'model.init_from': {tmp_path / 'gone.pt'} does not exist (a run or "
+            "checkpoint directory, or a weights file)") in errors["init_from_gone"]
+    assert (f"config error: bad value for 'model.init_from': {tmp_path / 'held'} holds no complete checkpoint"
+            in errors["init_from_without_checkpoints"])
     assert sorted(p.relative_to(tiny_run) for p in tiny_run.rglob("*")) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["at32.pt", "held", "images", "linked", "only_damaged",
                                                           "small.pt"]

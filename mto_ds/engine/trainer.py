@@ -58,8 +58,8 @@ def build_model(cfg: Config):
 
 def find_inputs(cfg: Config, checkpointer: Checkpointer):
     """(The checkpoints to resume from, the evaluation's images or None, why checkpoint.resume,
-    data.path or the evaluation folders cannot be read or None when all can): looked up before
-    the model is built, not at the first evaluation, an epoch of training later."""
+    data.path, model.init_from or the evaluation folders cannot be read or None when all can):
+    looked up before the model is built, not at the first evaluation, an epoch of training later."""
     try:
         candidates = checkpointer.candidates(cfg.checkpoint.resume)
     except ConfigError as err:
@@ -67,6 +67,9 @@ def find_inputs(cfg: Config, checkpointer: Checkpointer):
     problem = data_path_problem(cfg.data)
     if problem:
         return candidates, None, f"bad value for 'data.path': {problem}"
+    problem = None if candidates else init_from_problem(cfg.model.init_from)
+    if problem:  # read only by a start from step 0, after the model is built: looked at now
+        return candidates, None, f"bad value for 'model.init_from': {problem}"
     asked = "eval.every_epochs" if cfg.eval.every_epochs else "eval.at_start" if cfg.eval.at_start else None
     if not asked:
         return candidates, None, None
@@ -81,6 +84,18 @@ def find_inputs(cfg: Config, checkpointer: Checkpointer):
         return candidates, None, (f"bad value for '{asked}': evaluating during pre-training reads labelled "
                                   f"train/ and val/ ImageFolders: {err} (set eval.path to the root of "
                                   f"train/ and val/, or {off})")
+
+
+def init_from_problem(source: Optional[str]) -> Optional[str]:
+    """Why model.init_from names no weights to read, or None: a path that is not there, or a
+    directory without a complete checkpoint (what the weights are is found when they are read)."""
+    if source is None:
+        return None
+    if not Path(source).exists():
+        return f"{source} does not exist (a run or checkpoint directory, or a weights file)"
+    if Path(source).is_dir() and weights_identity(source) is None:
+        return f"{source} holds no complete checkpoint (a run directory, its checkpoints/ or one step_N of it)"
+    return None
 
 
 class Trainer:
