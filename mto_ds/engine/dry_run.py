@@ -19,7 +19,7 @@ import torch
 from ..config import Config, ConfigError, other_method_defaults, unread_keys
 from ..data import count_samples
 from ..data.order import ranks, steps_per_epoch
-from ..models.weights import init_state, model_differences, newest_complete, read_marker, saved_model_settings
+from ..models.weights import init_state, newest_complete, read_marker, saved_model_settings
 from .builder import (check_deepspeed_config, deepspeed_config, describe_batch, peak_lr, plan_batch, precision,
                       schedule_steps, schedule_warnings, zero_stage)
 from .checkpoint import Checkpointer, verify
@@ -71,28 +71,23 @@ def dry_run(cfg: Config, world_size: int) -> List[str]:
 
 
 def _init_plan(cfg: Config, model, resumes: bool) -> str:
-    """What a start does with model.init_from: nothing when it resumes; else a file's weights are
-    read and fitted to the model as the start fits them, a run's newest complete checkpoint is
-    found and its model.arch compared (its weights are merged only at the start)."""
+    """What a start does with model.init_from (find_inputs has refused a path it cannot take):
+    nothing when it resumes; else a file's weights are read and fitted to the model as the start
+    fits them, a run's newest complete checkpoint is named (its weights are merged at the start)."""
     source = cfg.model.init_from
     if resumes:
         return f"{source} is not read: the start resumes from the run's checkpoints"
-    try:
-        if not Path(source).is_dir():
-            return f"{source}: {init_state(model, source)[1]}"
+    if Path(source).is_dir():
         tag_dir = newest_complete(source)
-        saved = saved_model_settings(source)
-        here = {"model.arch": cfg.model.arch}  # another model.img_size: its pos_embed is resampled
-        differ = model_differences(saved[1], here) if saved else []
-        if differ:
-            raise ValueError(f"{source} was pre-trained with another encoder ("
-                             + "; ".join(f"{k}: {saved[1][k]} there, {here[k]} here" for k in differ) + ")")
-        other_size = saved is not None and saved[1].get("model.img_size", cfg.model.img_size) != cfg.model.img_size
+        saved = (saved_model_settings(source) or (None, {}))[1]
+        other_size = saved.get("model.img_size", cfg.model.img_size) != cfg.model.img_size
         return (f"{tag_dir} (step {read_marker(tag_dir).get('step')}): the start merges its weights and takes its "
                 "encoder's, and its decoder and mask token where they fit"
-                + (f"; its encoder.pos_embed, of model.img_size={saved[1]['model.img_size']}, is fitted to "
+                + (f"; its encoder.pos_embed, of model.img_size={saved['model.img_size']}, is fitted to "
                    f"{cfg.model.img_size}" if other_size else ""))
-    except (FileNotFoundError, ValueError) as err:
+    try:
+        return f"{source}: {init_state(model, source)[1]}"
+    except ValueError as err:
         raise ConfigError(f"bad value for 'model.init_from': {err}") from None
 
 

@@ -16,7 +16,7 @@ from ..config import (Config, ConfigError, mask_ratio, mask_units, other_method_
 from ..data import build_pretrain_loader, data_fingerprint, data_path_problem
 from ..data.order import rank_share, steps_per_epoch
 from ..models import build_mim_model
-from ..models.weights import init_state, weights_identity
+from ..models.weights import init_state, model_differences, saved_model_settings, weights_identity
 from ..mto.fused_attention import fused_kernel_available
 from ..mto.plan import STATS_WITH_GRADIENTS
 from ..mto.state import MTOState
@@ -67,7 +67,7 @@ def find_inputs(cfg: Config, checkpointer: Checkpointer):
     problem = data_path_problem(cfg.data)
     if problem:
         return candidates, None, f"bad value for 'data.path': {problem}"
-    problem = None if candidates else init_from_problem(cfg.model.init_from)
+    problem = None if candidates else init_from_problem(cfg.model)
     if problem:  # read only by a start from step 0, after the model is built: looked at now
         return candidates, None, f"bad value for 'model.init_from': {problem}"
     asked = "eval.every_epochs" if cfg.eval.every_epochs else "eval.at_start" if cfg.eval.at_start else None
@@ -86,15 +86,23 @@ def find_inputs(cfg: Config, checkpointer: Checkpointer):
                                   f"train/ and val/, or {off})")
 
 
-def init_from_problem(source: Optional[str]) -> Optional[str]:
-    """Why model.init_from names no weights to read, or None: a path that is not there, or a
-    directory without a complete checkpoint (what the weights are is found when they are read)."""
+def init_from_problem(model) -> Optional[str]:
+    """Why `model.init_from` (of the config section `model`) names no weights this run can take, or
+    None: a path that is not there, a directory without a complete checkpoint, or a run of another
+    model.arch (from its files, before a ViT-H checkpoint is merged for minutes only for its
+    shapes to be refused; another model.img_size is fitted). A file's shapes are checked as it
+    is read."""
+    source = model.init_from
     if source is None:
         return None
     if not Path(source).exists():
         return f"{source} does not exist (a run or checkpoint directory, or a weights file)"
     if Path(source).is_dir() and weights_identity(source) is None:
         return f"{source} holds no complete checkpoint (a run directory, its checkpoints/ or one step_N of it)"
+    saved = saved_model_settings(source)
+    if saved and model_differences(saved[1], {"model.arch": model.arch}):
+        return (f"{source} was pre-trained with another encoder (model.arch: {saved[1]['model.arch']} there, "
+                f"{model.arch} here)")
     return None
 
 
