@@ -139,7 +139,7 @@ def make_subset(source, out, classes: Optional[List[str]] = None, num_classes: O
             taken = draw_images(images, caps[split], seed, name)
             counts[split] += len(taken)
             link.parent.mkdir(parents=True, exist_ok=True)
-            if taken is images and split not in flat:
+            if len(taken) == len(images) and split not in flat:  # the whole class folder: one link
                 link.symlink_to(folder, target_is_directory=True)
                 continue
             for image in taken:
