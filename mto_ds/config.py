@@ -97,8 +97,10 @@ class DeepSpeedSection:
 @dataclass
 class CheckpointConfig:
     every_steps: int = 0                     # 0: only at the end (and on signal, and before an epoch's evaluation)
+    every_minutes: float = 0.0               # also once this much training time passed since the last save; 0: off
     resume: str = "auto"                     # auto | none | a checkpoint directory
     keep_last: int = 3
+    keep_every_epochs: int = 0               # the checkpoint ending every k-th epoch is saved and never pruned; 0: off
 
 
 @dataclass
@@ -435,6 +437,8 @@ def validate(cfg: Config, training: bool = True) -> None:
                               f"the run directory ({unusable})")
     _check(c.every_steps >= 0, "checkpoint.every_steps", "an integer >= 0", c.every_steps)
     _check(c.keep_last >= 1, "checkpoint.keep_last", "an integer >= 1", c.keep_last)
+    _check(c.every_minutes >= 0, "checkpoint.every_minutes", "a number of minutes >= 0", c.every_minutes)
+    _check(c.keep_every_epochs >= 0, "checkpoint.keep_every_epochs", "an integer >= 0", c.keep_every_epochs)
     _check(bool(c.resume), "checkpoint.resume", "auto, none or a checkpoint directory", c.resume)
 
     validate_mto(mto)

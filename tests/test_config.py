@@ -73,6 +73,9 @@ def test_wrong_type_says_what_was_expected():
     ("run.profile_step=0", "run.profile_step"),
     ("run.profile_steps=0", "run.profile_steps"),
     ("train.checkpoint_every=0", "train.checkpoint_every"),
+    ("checkpoint.every_minutes=-0.5", "checkpoint.every_minutes"),
+    ("checkpoint.every_minutes=nan", "checkpoint.every_minutes"),
+    ("checkpoint.keep_every_epochs=-1", "checkpoint.keep_every_epochs"),
 ])
 def test_bad_values_fail_naming_the_key(override, key):
     with pytest.raises(ConfigError) as err:
@@ -82,8 +85,10 @@ def test_bad_values_fail_naming_the_key(override, key):
 
 def test_values_at_their_bounds_are_accepted():
     cfg = load_config(DEMO, ["data.num_workers=0", "train.min_lr_ratio=1.0", "mto.early_blocks=0",
-                             "run.profile_step=1", "run.profile_steps=1"])
+                             "run.profile_step=1", "run.profile_steps=1", "checkpoint.every_minutes=30",
+                             "checkpoint.keep_every_epochs=0"])
     assert (cfg.data.num_workers, cfg.train.min_lr_ratio, cfg.mto.early_blocks) == (0, 1.0, 0)
+    assert (cfg.checkpoint.every_minutes, cfg.checkpoint.keep_every_epochs) == (30, 0)
     assert (cfg.run.profile_step, cfg.run.profile_steps) == (1, 1)
 
 

@@ -227,6 +227,25 @@ def test_pruning_keeps_the_newest_complete_ones_and_removes_unfinished_saves(tmp
         "step_00000003", "step_00000004", "step_00000004_universal", "step_00000007.damaged"]
 
 
+def test_pruning_never_takes_a_checkpoint_kept_for_good_and_status_names_them(tmp_path):
+    """checkpoint.keep_every_epochs marks its saves `kept` in complete.json: an epoch study's
+    checkpoints at epochs 100, 200, 400 outlive keep_last, and a later change of the setting does
+    not delete those already kept. The others are pruned as before."""
+    from mto_ds.engine.status import describe_status, read_run
+    ckpt = tmp_path / "checkpoints"
+    for step in range(1, 8):
+        (ckpt / f"step_{step:08d}").mkdir(parents=True)
+        marker = {"step": step, "world_size": 1, **({"kept": True} if step in (2, 4) else {})}
+        (ckpt / f"step_{step:08d}" / MARKER).write_text(json.dumps(marker))
+    (ckpt / "step_00000002_universal").mkdir()  # a kept checkpoint's conversion goes with it
+    Checkpointer(ckpt, keep_last=2, rank=0, world_size=1)._prune()
+    assert sorted(p.name for p in ckpt.iterdir()) == [
+        "step_00000002", "step_00000002_universal", "step_00000004", "step_00000006", "step_00000007"]
+    status = read_run(tmp_path)
+    assert status.checkpoints == [7, 6, 4, 2] and status.kept == [4, 2]
+    assert "4 complete: step 7, 6, 4, ...; 2 kept for good: step 4, 2" in "\n".join(describe_status(status))
+
+
 def test_checkpoints_newer_than_the_resume_point_are_set_aside_not_deleted(tmp_path):
     ckpt = tmp_path / "checkpoints"
     for step in (3, 6, 9):
@@ -917,17 +936,19 @@ import json, os, signal
 import torch.distributed as dist
 from mto_ds.engine.signals import StopRequest
 dist.init_process_group("gloo")
-stop, seen, codes = StopRequest(), [], []
+stop, seen, codes, asked = StopRequest(), [], [], []
 for step in range(1, 7):
     if step == int(os.environ["SIGNAL_STEP"]) and dist.get_rank() == 1:
         os.kill(os.getpid(), signal.SIGUSR1)  # rank 1 only, during that step
     if step == 4 and dist.get_rank() == 0:
         stop.taken_over = True  # rank 0's run directory lock was lost during step 4
-    seen.append(stop.agreed())
+    # A timed save asked by rank 1's clock alone at step 3, by rank 0's alone at step 5.
+    seen.append(stop.agreed(save_asked_at=step if (step, dist.get_rank()) in ((3, 1), (5, 0)) else 0))
     codes.append(stop.agreed_code)
+    asked.append(stop.agreed_save_asked_at)
 stop.close()  # as the trainer does: no reduction left in flight at exit
 with open(os.path.join(os.environ["OUT_DIR"], f"rank{dist.get_rank()}.json"), "w") as f:
-    json.dump({"seen": seen, "codes": codes, "signal": stop.signal_name}, f)
+    json.dump({"seen": seen, "codes": codes, "asked": asked, "signal": stop.signal_name}, f)
 dist.destroy_process_group()  # as mto-ds does (shutdown_distributed)
 """
 
@@ -948,14 +969,17 @@ def test_stop_agreement_reaches_every_rank_one_step_after_the_signal(tmp_path, s
     """The per-step all-reduce is read at the next step (no GPU drain), so the ranks agree on a
     signal that one rank got during step 2 at step 3, all at the same step, naming it; one during
     step 1 (before any agreement was in flight) at step 2, not by that rank alone at step 1. A run
-    directory taken over on rank 0 (stop without saving) is agreed the same way, over the signal."""
+    directory taken over on rank 0 (stop without saving) is agreed the same way, over the signal.
+    A timed save (checkpoint.every_minutes) that one rank's clock asks for at step s rides the same
+    reduction: every rank reads step s at step s + 1, so all save after the same step."""
     import signal
     from mto_ds.engine.signals import TAKEN_OVER
     usr1 = int(signal.SIGUSR1)
     seen = [step > signal_step for step in range(1, 7)]
     codes = [usr1 if step > signal_step else 0 for step in range(1, 5)] + [TAKEN_OVER, TAKEN_OVER]
+    asked = [0, 0, 0, 3, 0, 5]
     for rank, row in enumerate(_two_gloo_ranks(AGREE, tmp_path, SIGNAL_STEP=str(signal_step))):
-        assert row == {"seen": seen, "codes": codes, "signal": "SIGUSR1"}, (rank, row)
+        assert row == {"seen": seen, "codes": codes, "asked": asked, "signal": "SIGUSR1"}, (rank, row)
 
 
 # --- a stop signal before training starts -----------------------------------------------------
@@ -1224,6 +1248,22 @@ def test_pruning_a_universal_conversion_removes_the_latest_universal_pointer_tha
 
 
 # --- Ctrl-C ----------------------------------------------------------------------------------
+
+def test_timed_saves_and_kept_epochs_save_together_on_every_rank(tmp_path):
+    """checkpoint.every_minutes: a save is due by a rank's clock (here at once: 6 ms); on 2 ranks
+    its request is agreed one step later, so all ranks save after the same step, and a request
+    sent before a save is not honoured again after it: saves at every second step, none lost to a
+    hang. checkpoint.keep_every_epochs=2 saves and keeps the end of epoch 2 (step 6, 3 steps per
+    epoch), marked in its complete.json, the others not."""
+    from mto_ds.models.weights import read_marker
+    run_dir = tmp_path / "run"
+    Run(run_dir, "data.synthetic_images=96", "checkpoint.every_steps=0", "checkpoint.keep_last=10",
+        "checkpoint.every_minutes=0.0001", "checkpoint.keep_every_epochs=2", nproc=2, steps=8).finish()
+    assert tags(run_dir) == ["step_00000002", "step_00000004", "step_00000006", "step_00000008"]
+    assert {tag: read_marker(run_dir / "checkpoints" / tag).get("kept") for tag in tags(run_dir)} == {
+        "step_00000002": None, "step_00000004": None, "step_00000006": True, "step_00000008": None}
+    assert state(run_dir)["finished"] is True
+
 
 def test_a_first_ctrl_c_saves_like_sigterm_and_the_same_command_resumes_there(tmp_path):
     """A terminal sends SIGINT to its whole process group (the rank and its loader worker). It

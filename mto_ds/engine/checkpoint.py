@@ -4,7 +4,8 @@ Layout under run_dir/checkpoints/:
     step_00000120/                 engine.save_checkpoint(tag=...) output of all ranks
     step_00000120/complete.json    written by rank 0 once every rank has written its part and
                                    every node has flushed it to storage (fsync): the step, the
-                                   world size and the size of every file of the save
+                                   world size and the size of every file of the save, and
+                                   `kept` where checkpoint.keep_every_epochs keeps it for good
     step_00000120_universal/       the same, converted by ds_to_universal for another world size
     latest                         DeepSpeed's pointer file, rewritten atomically after complete.json
     latest_universal               the same for the newest universal conversion
@@ -39,7 +40,7 @@ import torch.distributed as dist
 
 from ..config import ConfigError
 from ..data.order import ranks
-from ..models.weights import (MARKER, TAG, complete_checkpoints, convert_to_universal, converted_from,
+from ..models.weights import (MARKER, TAG, complete_checkpoints, convert_to_universal, converted_from, kept_for_good,
                               model_differences, read_marker, universal_dir)
 from .distributed import agree
 from .faults import Faults
@@ -156,10 +157,12 @@ class Checkpointer:
                                        f"{kept}") from err
 
     def _prune(self) -> None:
-        """Keep the newest `keep_last` complete checkpoints; drop older ones and unfinished saves.
+        """Keep the newest `keep_last` complete checkpoints and those saved to be kept
+        (checkpoint.keep_every_epochs: `kept` in complete.json); drop the others and unfinished saves.
 
         Runs on rank 0 after every rank finished the save, so no save is in flight."""
-        keep = {p.name for p in self.complete_tags()[:self.keep_last]}
+        complete = self.complete_tags()
+        keep = {p.name for p in complete[:self.keep_last]} | {p.name for p in complete if kept_for_good(p)}
         for path in self.dir.glob("step_*"):
             match = PRUNABLE.fullmatch(path.name)
             if match and (match.group(1) not in keep or match.group(3)):

@@ -26,8 +26,9 @@ class StopRequest:
         self.signum: Optional[int] = None
         self.taken_over = False  # set by the trainer when its run directory was taken over
         self.agreed_code = 0     # what the last `agreed` found: a signal's number, TAKEN_OVER or 0
+        self.agreed_save_asked_at = 0  # ... and the step a timed save was asked at (0: none)
         self.pid = os.getpid()
-        self._pending: Optional[_ReducedFlag] = None  # last step's agreement, still in flight
+        self._pending: Optional[_ReducedFlags] = None  # last step's agreement, still in flight
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
 
@@ -48,7 +49,7 @@ class StopRequest:
     def signal_name(self) -> Optional[str]:
         return signal.Signals(self.signum).name if self.signum else None
 
-    def agreed(self, device=None) -> bool:
+    def agreed(self, device=None, save_asked_at: int = 0) -> bool:
         """True on every rank once any rank got a stop signal; called once per optimizer step.
 
         With several ranks, one tiny all-reduce per step carries the flag (the signal's number,
@@ -59,18 +60,22 @@ class StopRequest:
         `device` (default CPU) holds the flag: the rank's device, where the backend reduces.
         A rank whose run directory was taken over (`taken_over`) sends TAKEN_OVER instead, which
         the MAX carries over any signal; `agreed_code` holds what was agreed.
+        The same reduction carries the trainer's timed save (checkpoint.every_minutes): a rank
+        whose clock says one is due sends its step as `save_asked_at`, and `agreed_save_asked_at`
+        holds the latest step any rank asked at (0: none), the same on every rank.
         """
         import torch
         import torch.distributed as dist
         local = TAKEN_OVER if self.taken_over else (self.signum or 0)
         if not (dist.is_initialized() and dist.get_world_size() > 1):
-            self.agreed_code = local
+            self.agreed_code, self.agreed_save_asked_at = local, save_asked_at
             return bool(local)
         previous = self._pending
-        self._pending = _ReducedFlag(float(local), device or torch.device("cpu"))
+        self._pending = _ReducedFlags([float(local), float(save_asked_at)], device or torch.device("cpu"))
         if previous is None:
             return False
-        self.agreed_code = int(previous.value())
+        code, asked_at = previous.values()
+        self.agreed_code, self.agreed_save_asked_at = int(code), int(asked_at)
         if self.agreed_code and self.agreed_code != TAKEN_OVER and not self.signum:
             self.signum = self.agreed_code
         return bool(self.agreed_code)
@@ -87,30 +92,33 @@ class StopRequest:
         """Wait for the reduction still in flight (every rank issued it at its last `agreed`), so
         that the process group is not torn down with work pending (shutdown_distributed)."""
         if self._pending is not None:
-            self._pending.value()
+            self._pending.values()
             self._pending = None
 
 
-class _ReducedFlag:
-    """A float all-reduced (MAX) across ranks without waiting: `value()` waits for it."""
+class _ReducedFlags:
+    """A few floats all-reduced (MAX) across ranks without waiting: `values()` waits for them.
+    Steps are exact as floats up to 2**24 (float32), far beyond a run's optimizer steps."""
 
-    def __init__(self, flag: float, device):
+    def __init__(self, flags: list, device):
         import torch
         import torch.distributed as dist
-        # torch.full fills on the device; torch.tensor([flag]) would be a blocking copy (a drain).
-        tensor = torch.full((1,), flag, device=device)
+        # Filled on the device; torch.tensor(flags, device=...) would be a blocking copy (a drain).
+        tensor = torch.empty(len(flags), device=device)
+        for i, flag in enumerate(flags):
+            tensor[i].fill_(flag)
         self.work = dist.all_reduce(tensor, op=dist.ReduceOp.MAX, async_op=True)
-        self.tensor, self.host, self.event = tensor, tensor, None  # held until the value is read
+        self.tensor, self.host, self.event = tensor, tensor, None  # held until the values are read
         if device.type == "cuda":
             self.work.wait()  # on NCCL: the current stream waits for the reduction; the host does not
-            self.host = torch.empty(1, pin_memory=True)
+            self.host = torch.empty(len(flags), pin_memory=True)
             self.host.copy_(tensor, non_blocking=True)
             self.event = torch.cuda.Event()
             self.event.record()
 
-    def value(self) -> float:
+    def values(self) -> list:
         if self.event is not None:
             self.event.synchronize()  # the previous step's copy: long done by the time it is asked
         else:
             self.work.wait()
-        return float(self.host[0])
+        return self.host.tolist()

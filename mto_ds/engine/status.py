@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from ..eval.study import find_run_dirs, read_state
-from ..models.weights import complete_checkpoints
+from ..models.weights import complete_checkpoints, kept_for_good
 from .provenance import STARTS
 from .run_dir import BEAT_SECONDS, LOCK, STALE_BEATS, read_or_none, seen_from_here
 from .telemetry import step_row
@@ -37,6 +37,7 @@ class RunStatus:
     images_per_sec: Optional[float] = None
     hours_to_go: Optional[float] = None  # at images_per_sec, for a run that has not finished
     checkpoints: List[int] = field(default_factory=list)  # the complete ones' steps, newest first
+    kept: List[int] = field(default_factory=list)  # ... those checkpoint.keep_every_epochs keeps for good
     starts: int = 0
     last_start: Optional[dict] = None    # started, step, world_size, job
     began_from: Optional[dict] = None    # model.init_from of the start that began the run's weights
@@ -79,7 +80,9 @@ def read_run(run_dir) -> RunStatus:
     starts = [step_row(line) for line in (read_or_none(run_dir / STARTS) or "").splitlines()]
     starts = [start for start in starts if start is not None]
     rows, evaluation = _metrics(run_dir / "metrics.jsonl")
-    status.checkpoints = [int(tag.name.removeprefix("step_")) for tag in complete_checkpoints(run_dir / "checkpoints")]
+    complete = complete_checkpoints(run_dir / "checkpoints")
+    status.checkpoints = [int(tag.name.removeprefix("step_")) for tag in complete]
+    status.kept = [int(tag.name.removeprefix("step_")) for tag in complete if kept_for_good(tag)]
     status.starts = len(starts)
     if starts:
         last = starts[-1]
@@ -182,7 +185,9 @@ def describe_status(status: RunStatus) -> List[str]:
                 else f"a file of {began.get('bytes', 0) / 1e6:.1f} MB")
         lines.append(f"  began from   {began['path']} ({what})")
     newest = ", ".join(map(str, status.checkpoints[:3])) + (", ..." if len(status.checkpoints) > 3 else "")
-    lines.append(f"  checkpoints  {len(status.checkpoints)} complete" + (f": step {newest}" if newest else ""))
+    shown = status.kept if len(status.kept) <= 5 else status.kept[:2] + ["..."] + status.kept[-2:]
+    kept = f"; {len(status.kept)} kept for good: step {', '.join(map(str, shown))}" if status.kept else ""
+    lines.append(f"  checkpoints  {len(status.checkpoints)} complete" + (f": step {newest}" if newest else "") + kept)
     if status.last_start:
         last = status.last_start
         lines.append(f"  starts       {status.starts}; the last at {last['started']} from step {last['step']} on "

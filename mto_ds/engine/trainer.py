@@ -337,9 +337,23 @@ class Trainer:
                 f"the weights are not finite at step {self.global_step} (a non-finite gradient was "
                 f"applied); {self._stopping_without_saving()}")
         meta = {"epoch": self.global_step / self.steps_per_epoch}
+        if self._ends_kept_epoch():
+            meta["kept"] = True  # checkpoint.keep_every_epochs: pruning never takes it
         path = self.checkpointer.save(self.engine, self.global_step, self._client_state(), meta)
-        self.last_saved_step = self.global_step
+        self.last_saved_step, self.saved_at = self.global_step, time.monotonic()
         return path
+
+    def _ends_kept_epoch(self) -> bool:
+        every = self.cfg.checkpoint.keep_every_epochs
+        epoch, into_epoch = divmod(self.global_step, self.steps_per_epoch)
+        return bool(every) and epoch > 0 and not into_epoch and epoch % every == 0
+
+    def _save_due(self) -> bool:
+        """Whether this step saves: every_steps, an epoch that keep_every_epochs keeps or that
+        eval.every_epochs evaluates, or a timed save that some rank asked for after the last save."""
+        every = self.cfg.checkpoint.every_steps
+        return ((every and self.global_step % every == 0) or self._ends_kept_epoch() or self._evaluation_due()
+                or self.stop.agreed_save_asked_at > max(self.last_saved_step, 0))  # 0: none asked
 
     # --- the loop ------------------------------------------------------------------------
     def _micro_batches(self):
@@ -400,6 +414,7 @@ class Trainer:
 
     def train(self) -> dict:
         self.last_saved_step = self.global_step if self.resumed_from else -1
+        self.saved_at = time.monotonic()  # checkpoint.every_minutes counts from here, then from each save
         start_step, start_time = self.global_step, time.time()
         # Throughput and data wait between logged rows
         self._window_start, self._window_steps, self._window_data_wait = time.time(), 0, 0.0
@@ -418,7 +433,9 @@ class Trainer:
                     self.profiler.end(self.global_step)
                 if self.run_lock is not None and self.run_lock.lost.is_set():
                     self.stop.taken_over = True  # agreed as a signal is, a step later
-                if self.stop.agreed(self.dist.device):
+                minutes = self.cfg.checkpoint.every_minutes
+                timed = minutes and time.monotonic() - self.saved_at >= 60 * minutes
+                if self.stop.agreed(self.dist.device, save_asked_at=self.global_step if timed else 0):
                     if self.stop.agreed_code == TAKEN_OVER:
                         # Saving, state.json, the lock: all the other start's now.
                         raise RunDirectoryInUse(
@@ -427,15 +444,14 @@ class Trainer:
                             "without saving; the other one goes on")
                     reason = f"signal {self.stop.signal_name}"
                     break
-                every = self.cfg.checkpoint.every_steps
                 with self._off_the_clock():
                     # An epoch's evaluation comes after its checkpoint, whatever every_steps is: an
                     # evaluation that fails or is killed is done again from it, not after retraining.
-                    evaluate = self._evaluation_due()
-                    if (every and self.global_step % every == 0) or evaluate:
+                    if self._save_due():
                         self.save()
-                    if evaluate:
+                    if self._evaluation_due():
                         self._maybe_evaluate()
+                        self.saved_at = time.monotonic()  # every_minutes counts training time
             if self.last_saved_step != self.global_step:
                 self.save()
         except BaseException as err:

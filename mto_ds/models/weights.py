@@ -31,6 +31,14 @@ def read_marker(tag_dir: Path) -> dict:
     return json.loads((Path(tag_dir) / MARKER).read_text())
 
 
+def kept_for_good(tag_dir: Path) -> bool:
+    """A checkpoint saved at an epoch that checkpoint.keep_every_epochs keeps: pruning never takes it."""
+    try:
+        return bool(read_marker(tag_dir).get("kept"))
+    except (OSError, ValueError):
+        return False
+
+
 def complete_checkpoints(root: Path) -> List[Path]:
     """The complete checkpoints under a checkpoints directory, newest first; a complete checkpoint
     directory itself is the one."""
