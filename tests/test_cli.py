@@ -18,6 +18,7 @@ from mto_ds.data import normalize
 from mto_ds.eval.datasets import held_out_images
 from mto_ds.data.loader import batch_masks
 from mto_ds.models import build_mim_model, create_encoder
+from mto_ds.engine.checkpoint import file_sizes
 from mto_ds.models.weights import checkpoint_model_state
 
 from conftest import HALF_PRECISION_SMALL, REPO, SMALL_MAE_DECODER_OVERRIDES, cpu_env, free_port, pretrain
@@ -505,7 +506,8 @@ def test_dry_run_reports_what_a_start_on_n_ranks_would_do_without_starting_or_wr
     torch.save(create_encoder("vit_tiny_patch16", img_size=32).state_dict(), at32)
     torch.save(create_encoder("vit_small_patch16", img_size=64).state_dict(), small)
     cases = {
-        "three_ranks_folder": ["--world-size", "3", f"run.output_dir={tmp_path / 'new'}", *folder],
+        "three_ranks_folder": ["--world-size", "3", f"run.output_dir={tmp_path / 'new'}", *folder,
+                               "checkpoint.every_minutes=30", "checkpoint.keep_every_epochs=1"],
         "resume_on_three": ["--world-size", "3", f"run.output_dir={tmp_path / 'r'}", f"checkpoint.resume={saved}"],
         "damaged_newest_skipped": [f"run.output_dir={tmp_path / 'd'}", f"checkpoint.resume={linked}"],
         "held": [f"run.output_dir={tmp_path / 'held'}"],
@@ -557,6 +559,14 @@ def test_dry_run_reports_what_a_start_on_n_ranks_would_do_without_starting_or_wr
     assert "  deepspeed: ds_configs/cpu_zero2.json, ZeRO-2, fp32: accepted by DeepSpeed's validation" in report
     assert f"  run directory: {tmp_path / 'new'}: starts at step 0" in report.splitlines()
     assert not (tmp_path / "new").exists()
+    # The disk a run's checkpoints take, per DeepSpeed's layout; tiny_run's save of this model
+    # (ZeRO-2, fp32: 16 bytes per parameter) is the measure. 3 epochs, each end kept.
+    (line,) = [line for line in report.splitlines() if line.startswith("  checkpoints: ")]
+    assert line.startswith("  checkpoints: every 50 steps, every 30 min, at the end and on a stop signal; the newest "
+                           "2 kept, and the ends of epochs 1, 2, ... for good (3 in this run); about ")
+    saved_bytes = sum(file_sizes(saved).values())
+    assert 16 * params == pytest.approx(saved_bytes, rel=0.02)
+    assert line.endswith(f" GB each (16 bytes per parameter), at most {6 * 16 * params / 1e9:.3g} GB at once")
 
     assert (f"  run directory: {tmp_path / 'r'}: resumes from {saved} at step 2 of 96; saved on 1 rank, it is "
             f"converted to DeepSpeed's universal format for 3 first") in reports["resume_on_three"]
