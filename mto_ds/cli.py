@@ -103,14 +103,15 @@ def _parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="k-NN / linear probe / fine-tune of a checkpoint's encoder")
     ev.add_argument("--config", required=True, action=_Once, help="the run YAML the encoder was pre-trained with")
     ev.add_argument("--checkpoint", required=True, action=_Once,
-                    help="run directory, checkpoint directory or encoder .pt")
+                    help="run directory, checkpoint directory or a weights file (.pt, .pth, .safetensors)")
     ev.add_argument("--finetune-epochs", type=_count, default=0,
                     help="also fine-tune end to end for this many epochs (default 0: k-NN and linear probe only)")
     ev.add_argument("--print-config", action="store_true", help=PRINT_CONFIG_HELP)
     ev.add_argument("overrides", nargs="*", help="section.key=value overrides (eval.*, data.*)")
     ex = sub.add_parser("export", help="write the encoder as a timm state dict")
     ex.add_argument("run_dir", help="run directory (its newest complete checkpoint) or a checkpoint directory")
-    ex.add_argument("out", help="the .pt to write: a timm state dict of the encoder")
+    ex.add_argument("out", help="the file to write: a timm state dict of the encoder (.safetensors: in that "
+                    "format, else torch.save's)")
     rc = sub.add_parser("reconstruct", help="a PNG of images, their masks and a checkpoint's reconstructions",
                         description="One row per image: the image | the masked input | the prediction of every "
                                     "patch | the prediction in the masked patches, the visible ones pasted back; "

@@ -409,6 +409,26 @@ def test_export_of_a_checkpoint_directory_prints_the_timm_call_with_its_img_size
     assert "Reconstructed fp32 state dict" in result.stderr
 
 
+def test_export_to_safetensors_gives_timm_the_same_weights_and_records_the_model(tiny_run, tmp_path):
+    """OUT ending in .safetensors is written in that format (no pickle; timm and Hugging Face read
+    it), the same tensors as the torch.save export, with the run's model settings as metadata;
+    model.init_from and `mto-ds eval` read it back."""
+    from safetensors import safe_open
+    from mto_ds.engine.export import export_encoder
+    from mto_ds.models.weights import read_weights
+    export_encoder(tiny_run, tmp_path / "encoder.pt")
+    said = export_encoder(tiny_run, tmp_path / "encoder.safetensors")
+    assert said.endswith(f"checkpoint_path='{tmp_path / 'encoder.safetensors'}')")
+    reference = torch.load(tmp_path / "encoder.pt", weights_only=True)
+    loaded = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=64,
+                               checkpoint_path=str(tmp_path / "encoder.safetensors"))
+    assert set(loaded.state_dict()) == set(reference)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in reference.items())
+    with safe_open(tmp_path / "encoder.safetensors", "pt") as f:
+        assert f.metadata()["model.arch"] == "vit_tiny_patch16" and f.metadata()["model.img_size"] == "64"
+    assert set(read_weights(tmp_path / "encoder.safetensors")) == {f"encoder.{k}" for k in reference}
+
+
 def test_make_ffcv_refuses_an_output_it_cannot_write_before_reading_the_source(tmp_path):
     """Was an OSError traceback (exit 1) after the checking pass over every image."""
     (tmp_path / "src" / "c0").mkdir(parents=True)

@@ -141,6 +141,17 @@ def test_read_weights_gives_a_facebookresearch_mae_checkpoint_our_mae_models_nam
     with pytest.raises(ValueError, match=r"list.pt holds no state_dict \(names -> tensors\), neither at its top nor"):
         read_weights(tmp_path / "list.pt")
     assert set(read_weights(tmp_path / "ok.pt")) == {"encoder.w"}
+    # safetensors (no pickle): a timm file in that format is read as the .pt one; one that is not
+    # safetensors is named in one line.
+    from safetensors.torch import save_file
+    save_file({k.removeprefix("module."): v.contiguous() for k, v in timm_file.items()}, tmp_path / "timm.safetensors")
+    from_safetensors, from_pt = read_weights(tmp_path / "timm.safetensors"), read_weights(tmp_path / "timm.pt")
+    assert set(from_safetensors) == set(from_pt) and all(torch.equal(v, from_pt[k]) for k, v in from_safetensors.items())
+    (tmp_path / "text.safetensors").write_text("not a safetensors file")
+    with pytest.raises(ValueError) as err:
+        read_weights(tmp_path / "text.safetensors")
+    assert str(err.value) == f"{tmp_path / 'text.safetensors'} is not a safetensors file that safetensors reads " \
+                             "(Error while deserializing header: header too large)"  # its first 8 bytes
 
 
 def test_init_keys_take_the_whole_encoder_and_the_rest_only_where_all_of_it_fits():

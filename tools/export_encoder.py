@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Export a run's encoder for timm: tools/export_encoder.py RUN_DIR OUT.pt"""
+"""Export a run's encoder for timm: tools/export_encoder.py RUN_DIR OUT.pt (or OUT.safetensors)"""
 import sys
 from pathlib import Path
 

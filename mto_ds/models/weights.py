@@ -70,23 +70,13 @@ def encoder_state(model_state: dict) -> dict:
 BESIDE_ENCODER = ("decoder", "mask_token")
 
 
-def read_weights(path) -> dict:
-    """Weights under a MIM model's state_dict names (the encoder's under `encoder.`), from a run or
-    checkpoint directory of ours (its newest complete checkpoint: the fp32 masters) or a file:
-    an exported encoder or `encoder.state_dict()`, timm's weights (a classifier's head is
-    dropped), a whole MIM model's state_dict of ours, a facebookresearch/mae checkpoint (its
-    decoder and mask token carry our names; its `decoder_pos_embed`, a fixed table that ours
-    rebuilds, is dropped), or any of them under 'model'/'state_dict' or with DDP's `module.`."""
-    path = Path(path)
-    if path.is_dir():
-        return checkpoint_model_state(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+def _torch_load_weights(path: Path):
+    """torch.load with weights_only; a file it cannot read is a ValueError in one line."""
     import torch
     try:
         # facebookresearch/mae's training checkpoints keep their arguments as an argparse.Namespace.
         with torch.serialization.safe_globals([argparse.Namespace]):
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
         # torch's own messages run to paragraphs, and suggest weights_only=False: its first sentence.
         text = str(err).strip()
@@ -96,6 +86,31 @@ def read_weights(path) -> dict:
                 "weights" if path.name.endswith(("_model_states.pt", "_optim_states.pt")) else "")
         raise ValueError(f"{path} is not a weights file that torch.load reads with weights_only=True "
                          f"({type(err).__name__}: {said}){hint}") from None
+
+
+def read_weights(path) -> dict:
+    """Weights under a MIM model's state_dict names (the encoder's under `encoder.`), from a run or
+    checkpoint directory of ours (its newest complete checkpoint: the fp32 masters) or a file:
+    an exported encoder or `encoder.state_dict()`, timm's weights (a classifier's head is
+    dropped), a whole MIM model's state_dict of ours, a facebookresearch/mae checkpoint (its
+    decoder and mask token carry our names; its `decoder_pos_embed`, a fixed table that ours
+    rebuilds, is dropped), or any of them under 'model'/'state_dict' or with DDP's `module.`;
+    a `.safetensors` file holds any of them too."""
+    path = Path(path)
+    if path.is_dir():
+        return checkpoint_model_state(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    import torch
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            state = load_file(path)
+        except SafetensorError as err:
+            raise ValueError(f"{path} is not a safetensors file that safetensors reads ({err})") from None
+    else:
+        state = _torch_load_weights(path)
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
