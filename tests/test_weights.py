@@ -146,7 +146,8 @@ def test_read_weights_gives_a_facebookresearch_mae_checkpoint_our_mae_models_nam
     from safetensors.torch import save_file
     save_file({k.removeprefix("module."): v.contiguous() for k, v in timm_file.items()}, tmp_path / "timm.safetensors")
     from_safetensors, from_pt = read_weights(tmp_path / "timm.safetensors"), read_weights(tmp_path / "timm.pt")
-    assert set(from_safetensors) == set(from_pt) and all(torch.equal(v, from_pt[k]) for k, v in from_safetensors.items())
+    assert set(from_safetensors) == set(from_pt)
+    assert all(torch.equal(v, from_pt[k]) for k, v in from_safetensors.items())
     (tmp_path / "text.safetensors").write_text("not a safetensors file")
     with pytest.raises(ValueError) as err:
         read_weights(tmp_path / "text.safetensors")
