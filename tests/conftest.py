@@ -101,6 +101,23 @@ def tiny_run(tmp_path_factory):
     return run
 
 
+def checkpoint_bytes(tag_dir: Path) -> int:
+    """The bytes of a saved checkpoint's files (complete.json left out)."""
+    from mto_ds.engine.checkpoint import file_sizes
+    return sum(file_sizes(tag_dir).values())
+
+
+def checkpoint_space_of(ds_file: str, img_size: int):
+    """checkpoint_space for the demo's model (SimMIM ViT-Ti, MTO on) at img_size under ds_configs/ds_file."""
+    from mto_ds.config import load_config
+    from mto_ds.engine.checkpoint import checkpoint_space
+    from mto_ds.models import create_mim_model
+    model = create_mim_model("vit_tiny_patch16", "simmim", img_size=img_size, mto={"enabled": True})
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    ds = json.loads((REPO / "ds_configs" / ds_file).read_text())
+    return checkpoint_space(load_config(REPO / "configs" / "demo.yaml").checkpoint, ds, params, epochs=0)
+
+
 def read_metrics(run_dir: Path) -> list:
     """The logged optimizer steps of metrics.jsonl; a line still being written (no newline yet:
     tests poll the file of a live run) is left out."""

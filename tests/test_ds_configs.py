@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from conftest import (HALF_PRECISION_SMALL, REPO, SMALL_MAE_DECODER_OVERRIDES, cpu_env, free_port, pretrain,
-                      read_metrics)
+from conftest import (HALF_PRECISION_SMALL, REPO, SMALL_MAE_DECODER_OVERRIDES, checkpoint_bytes, checkpoint_space_of,
+                      cpu_env, free_port, pretrain, read_metrics)
 
 DS_CHECK = r"""
 import json, os, sys
@@ -134,6 +134,10 @@ def test_bf16_zero2_on_two_ranks_keeps_bf16_weights_and_resumes_exactly(tmp_path
     module = torch.load(states, map_location="cpu", weights_only=False)["module"]
     assert module["mask_token"].dtype == torch.bfloat16
     assert {v.dtype for k, v in module.items() if k.endswith("weight")} == {torch.bfloat16}
+    # What --dry-run and the start's disk check count a checkpoint at: bf16 under ZeRO-1/2, 14 bytes
+    # per parameter (the bf16 module, fp32 masters and Adam's moments).
+    assert checkpoint_bytes(full / "checkpoints" / "step_00000003") == pytest.approx(
+        checkpoint_space_of("zero2_bf16.json", img_size=32).each, rel=0.02)
 
     resumed = tmp_path / "resumed"
     shutil.copytree(full, resumed)

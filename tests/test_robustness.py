@@ -246,6 +246,33 @@ def test_pruning_never_takes_a_checkpoint_kept_for_good_and_status_names_them(tm
     assert "4 complete: step 7, 6, 4, ...; 2 kept for good: step 4, 2" in "\n".join(describe_status(status))
 
 
+def test_a_file_system_that_cannot_hold_the_runs_checkpoints_is_warned_about_at_start(tmp_path, monkeypatch):
+    """A save that finds the disk full stops the run hours in: the start (and --dry-run) warns when
+    the free space, plus what the run's own checkpoints already hold, is less than the most its
+    checkpoints take at once (keep_last, the save in flight and those kept for good)."""
+    from collections import namedtuple
+    from mto_ds.config import CheckpointConfig
+    from mto_ds.engine import checkpoint as checkpoint_module
+    from mto_ds.engine.checkpoint import checkpoint_space
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(checkpoint_module.shutil, "disk_usage", lambda path: Usage(10_000, 0, 1_000))
+    bf16 = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 1}}
+    space = checkpoint_space(CheckpointConfig(keep_last=2, keep_every_epochs=4), bf16, params=10, epochs=9)
+    assert (space.bytes_per_param, space.each, space.kept, space.at_once) == (14, 140, 2, 5 * 140)
+    assert space.warning(tmp_path / "not" / "made" / "yet") == []  # 1000 bytes free: enough
+    space = checkpoint_space(CheckpointConfig(keep_last=2, keep_every_epochs=4), bf16, params=20, epochs=9)
+    (warning,) = space.warning(tmp_path / "run")
+    assert warning == (f"run.output_dir={tmp_path / 'run'}: its file system has 1e-06 GB free, less than the "
+                       "1.4e-06 GB its checkpoints take at once (about 2.8e-07 GB each); a save that finds the disk "
+                       "full stops the run (checkpoint.keep_last, checkpoint.keep_every_epochs)")
+    (tmp_path / "run" / "checkpoints" / "step_00000004").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "step_00000004" / "model.pt").write_bytes(b"x" * 400)
+    assert space.warning(tmp_path / "run") == []  # what they hold is room for the next ones
+    zero3 = checkpoint_space(CheckpointConfig(), {"zero_optimization": {"stage": 3}}, params=20, epochs=9)
+    fp32 = checkpoint_space(CheckpointConfig(), {"zero_optimization": {"stage": 2}}, params=20, epochs=9)
+    assert (zero3.bytes_per_param, fp32.bytes_per_param, fp32.kept, fp32.at_once) == (12, 16, 0, 4 * 320)
+
+
 def test_checkpoints_newer_than_the_resume_point_are_set_aside_not_deleted(tmp_path):
     ckpt = tmp_path / "checkpoints"
     for step in (3, 6, 9):

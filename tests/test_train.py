@@ -15,7 +15,8 @@ from mto_ds.config import load_config
 from mto_ds.data.loader import normalize
 from mto_ds.models import create_mim_model
 
-from conftest import REPO, SMALL_MAE_DECODER, SMALL_MAE_DECODER_OVERRIDES, cpu_env, pretrain, read_metrics
+from conftest import (REPO, SMALL_MAE_DECODER, SMALL_MAE_DECODER_OVERRIDES, checkpoint_bytes, checkpoint_space_of, cpu_env,
+                      pretrain, read_metrics)
 from run_control import STEPS, reference_run
 
 
@@ -133,6 +134,10 @@ def test_two_rank_zero3_with_mto_and_accumulation(tmp_path):
     evaluation = ("eval.every_epochs=1", "eval.at_start=true", "eval.num_train=64", "eval.num_val=32")
     pretrain(run, "deepspeed.config=ds_configs/cpu_zero3.json", "train.steps=12", "train.micro_batch_size=8",
              "run.log_every=1", "mto.warmup_steps=10", "data.synthetic_images=192", *evaluation, nproc=2)
+    # What --dry-run and the start's disk check count a checkpoint at: under ZeRO-3, 12 bytes per
+    # parameter (fp32 masters and Adam's moments; the module's weights are their partitions).
+    assert checkpoint_bytes(run / "checkpoints" / "step_00000012") == pytest.approx(
+        checkpoint_space_of("cpu_zero3.json", img_size=64).each, rel=0.02)
     evals = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "knn_top1" in r]
     # eval.at_start: the initial encoder at step 0, then 6 steps of 32 per epoch.
     assert [(r["step"], r["epoch"]) for r in evals] == [(0, 0.0), (6, 1.0), (12, 2.0)]

@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
@@ -90,6 +91,42 @@ def verify(tag_dir: Path) -> Optional[str]:
         if path.stat().st_size != size:
             return f"{name} has {path.stat().st_size} bytes, {size} when it was saved"
     return None
+
+
+@dataclass
+class CheckpointSpace:
+    """The disk a run's checkpoints take, from DeepSpeed's layout of ours."""
+    bytes_per_param: int
+    each: float      # bytes of one checkpoint
+    kept: int        # checkpoints kept for good over the run (checkpoint.keep_every_epochs)
+    at_once: float   # the most bytes at once: keep_last, the save in flight and those kept for good
+
+    def warning(self, run_dir: Path) -> List[str]:
+        """A warning when run_dir's file system cannot hold that (what the run's checkpoints
+        already hold counts as room): a save that finds the disk full stops the run, hours in."""
+        checkpoints = Path(run_dir) / "checkpoints"
+        held = sum(p.stat().st_size for p in checkpoints.rglob("*") if p.is_file()) if checkpoints.is_dir() else 0
+        existing = next(p for p in (Path(run_dir).absolute(), *Path(run_dir).absolute().parents) if p.exists())
+        free = shutil.disk_usage(existing).free
+        if free + held >= self.at_once:
+            return []
+        return [f"run.output_dir={run_dir}: its file system has {free / 1e9:.3g} GB free"
+                + (f" and the run's checkpoints hold {held / 1e9:.3g} GB" if held else "")
+                + f", less than the {self.at_once / 1e9:.3g} GB its checkpoints take at once (about "
+                f"{self.each / 1e9:.3g} GB each); a save that finds the disk full stops the run (checkpoint.keep_last, "
+                "checkpoint.keep_every_epochs)"]
+
+
+def checkpoint_space(c, ds: dict, params: int, epochs: int) -> CheckpointSpace:
+    """A checkpoint of ours holds per trained parameter the fp32 master weights and Adam's two
+    moments in the optimizer files (12 bytes), and outside ZeRO-3 the module's own copy in its
+    precision (2 or 4), as the demo model's saves measure (docs/ROBUSTNESS.md). `c`: the config's
+    checkpoint section; `epochs`: the whole epochs the run trains."""
+    from .builder import precision, zero_stage
+    per_param = 12 if zero_stage(ds) == 3 else 12 + (4 if precision(ds) == "fp32" else 2)
+    kept = epochs // c.keep_every_epochs if c.keep_every_epochs else 0
+    each = float(params * per_param)
+    return CheckpointSpace(per_param, each, kept, (c.keep_last + 1 + kept) * each)
 
 
 def _attempt(fn: Callable, *args) -> Tuple[object, Optional[str]]:

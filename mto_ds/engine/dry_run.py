@@ -22,7 +22,7 @@ from ..data.order import ranks, steps_per_epoch
 from ..models.weights import init_state, newest_complete, read_marker, saved_model_settings
 from .builder import (check_deepspeed_config, deepspeed_config, describe_batch, peak_lr, plan_batch, precision,
                       schedule_steps, schedule_warnings, zero_stage)
-from .checkpoint import Checkpointer, verify
+from .checkpoint import Checkpointer, CheckpointSpace, checkpoint_space, verify
 from .run_dir import LOCK, describe_holder
 from .trainer import build_model, find_inputs, model_keys
 
@@ -45,6 +45,7 @@ def dry_run(cfg: Config, world_size: int) -> List[str]:
     with torch.device("meta"):
         model, _ = build_model(cfg)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    space = checkpoint_space(cfg.checkpoint, ds, params, total // per_epoch)
     m, mto = cfg.model, cfg.mto
     where = "" if cfg.data.source == "synthetic" else f" {cfg.data.path}"
     lines = [
@@ -58,7 +59,7 @@ def dry_run(cfg: Config, world_size: int) -> List[str]:
         f"deepspeed: {cfg.deepspeed.config}, ZeRO-{zero_stage(ds)}, {precision(ds)}: "
         "accepted by DeepSpeed's validation",
         f"run directory: {run_dir}: {resume}",
-        f"checkpoints: {_checkpoint_plan(cfg, ds, params, per_epoch, total)}",
+        f"checkpoints: {_checkpoint_plan(cfg, space)}",
     ]
     if m.init_from is not None:
         lines.append(f"model.init_from: {_init_plan(cfg, model, resumes=bool(candidates))}")
@@ -67,32 +68,20 @@ def dry_run(cfg: Config, world_size: int) -> List[str]:
         lines.append(f"run directory: {LOCK} names {holder}; while that start lives, a start now stops "
                      "(exit status 2) without touching the run")
     lines += [f"warning: {text}" for text in [*schedule_warnings(cfg, per_epoch), *unread_keys(cfg),
-                                                *other_method_defaults(cfg)]]
+                                                *other_method_defaults(cfg), *space.warning(run_dir)]]
     return lines
 
 
-def checkpoint_bytes_per_param(ds: dict) -> int:
-    """What a DeepSpeed checkpoint of ours holds per trained parameter: the fp32 master weights
-    and Adam's two moments in the optimizer files (12 bytes), and outside ZeRO-3 the module's
-    own copy in its precision (2 or 4), as the demo model's saves measure (docs/ROBUSTNESS.md)."""
-    if zero_stage(ds) == 3:
-        return 12  # the module's weights are partitions of the optimizer's
-    return 12 + (4 if precision(ds) == "fp32" else 2)
-
-
-def _checkpoint_plan(cfg: Config, ds: dict, params: int, per_epoch: int, total: int) -> str:
+def _checkpoint_plan(cfg: Config, space: "CheckpointSpace") -> str:
     """When a start saves, what it keeps, and the disk that takes."""
     c = cfg.checkpoint
     when = [f"every {c.every_steps} steps"] * bool(c.every_steps) + [f"every {c.every_minutes:g} min"] * bool(
         c.every_minutes) + ["at the end and on a stop signal"]
-    kept = total // per_epoch // c.keep_every_epochs if c.keep_every_epochs else 0
-    size = params * checkpoint_bytes_per_param(ds) / 1e9
     k = c.keep_every_epochs
     keeps = f"the newest {c.keep_last} kept" + (
-        f", and the ends of epochs {k}, {2 * k}, ... for good ({kept} in this run)" if k else "")
-    return (f"{', '.join(when)}; {keeps}; about {size:.3g} GB each "
-            f"({checkpoint_bytes_per_param(ds)} bytes per parameter), at most {(c.keep_last + 1 + kept) * size:.3g} GB "
-            "at once")
+        f", and the ends of epochs {k}, {2 * k}, ... for good ({space.kept} in this run)" if k else "")
+    return (f"{', '.join(when)}; {keeps}; about {space.each / 1e9:.3g} GB each ({space.bytes_per_param} bytes per "
+            f"parameter), at most {space.at_once / 1e9:.3g} GB at once")
 
 
 def _init_plan(cfg: Config, model, resumes: bool) -> str:

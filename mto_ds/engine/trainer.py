@@ -23,7 +23,7 @@ from ..mto.state import MTOState
 from .builder import (BatchPlan, check_deepspeed_config, deepspeed_config, describe_batch, learning_rate,
                       mark_zero3_leaf_blocks, param_groups, peak_lr, plan_batch, precision, schedule_steps,
                       schedule_warnings, zero_stage)
-from .checkpoint import Checkpointer, job_identity
+from .checkpoint import Checkpointer, checkpoint_space, job_identity
 from .distributed import DistInfo, agree, check_shared_directory, differing_from_rank_0, init_distributed
 from .faults import Faults, SampleTrace
 from .profiling import StepProfiler
@@ -200,6 +200,7 @@ class Trainer:
         self.mask_fn = mask_fn
         self.held_out = None  # the images each evaluation reconstructs (eval.reconstructions), read once
         self.flops_per_image = model.flops_per_image()  # MFU's model FLOPs, from the layer shapes
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before ZeRO-3 partitions them
         asked, realised = mask_ratio(m), realised_mask_ratio(m)
         if abs(realised - asked) > 0.05 and self.dist.rank == 0:
             log.warning("model.mask_ratio=%g masks %.3g of the patches: masks are whole %s, %d of them per "
@@ -245,8 +246,10 @@ class Trainer:
                  describe_batch(self.batch, cfg.train.micro_batch_size), self.steps_per_epoch, self.total_steps,
                  zero_stage(self.ds_config), precision(self.ds_config))
         if self.dist.rank == 0:
+            epochs = self.total_steps // self.steps_per_epoch
+            space = checkpoint_space(cfg.checkpoint, self.ds_config, trainable, epochs)
             for problem in [*schedule_warnings(cfg, self.steps_per_epoch), *unread_keys(cfg),
-                            *other_method_defaults(cfg)]:
+                            *other_method_defaults(cfg), *space.warning(self.run_dir)]:
                 log.warning(problem)
 
     def _init_weights(self, model, candidates) -> Optional[dict]:
