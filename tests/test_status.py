@@ -2,6 +2,7 @@
 the trainer writes them (state.json, starts.jsonl, metrics.jsonl, checkpoints/step_N/complete.json,
 running.json); test_cli.py reads a real run's."""
 import json
+import time
 import os
 import socket
 import subprocess
@@ -46,6 +47,9 @@ def test_a_stopped_run_says_why_where_and_how_long_the_rest_takes_at_its_last_st
     run = _write_run(tmp_path / "run", rows, starts=[(0, 16), (400, 8)],
                      state={"finished": False, "step": 450, "total_steps": 1000, "reason": "signal SIGTERM"},
                      checkpoints=(300, 400, 450), incomplete=(460,))
+    # Saved 25 minutes ago by the saving rank's clock: what a kill now would lose.
+    (run / "checkpoints" / "step_00000450" / "complete.json").write_text(json.dumps({"step": 450,
+                                                                                   "time": time.time() - 1500}))
     status = read_run(run)
     assert (status.state, status.detail, status.step, status.total_steps) == ("stopped", "signal SIGTERM", 450, 1000)
     assert status.checkpoints == [450, 400, 300] and status.epoch == 4.5 and status.loss == 1 / 450
@@ -55,7 +59,7 @@ def test_a_stopped_run_says_why_where_and_how_long_the_rest_takes_at_its_last_st
     lines = describe_status(status)
     assert lines[0] == f"{run}: stopped at step 450 of 1000 (45.0%), epoch 4.50: signal SIGTERM"
     assert lines[2].endswith("550 steps to go: about 2 min at that speed")  # 119 s
-    assert "  checkpoints  3 complete: step 450, 400, 300" in lines
+    assert "  checkpoints  3 complete: step 450, 400, 300 (the newest saved 25 min ago)" in lines
     assert "  starts       2; the last at 2026-12-02 10:00:00 from step 400 on 8 ranks (slurm:41)" in lines
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from ..eval.study import find_run_dirs, read_state
-from ..models.weights import complete_checkpoints, kept_for_good
+from ..models.weights import complete_checkpoints, kept_for_good, read_marker
 from .provenance import STARTS
 from .run_dir import BEAT_SECONDS, LOCK, STALE_BEATS, read_or_none, seen_from_here
 from .telemetry import step_row
@@ -38,6 +38,7 @@ class RunStatus:
     hours_to_go: Optional[float] = None  # at images_per_sec, for a run that has not finished
     checkpoints: List[int] = field(default_factory=list)  # the complete ones' steps, newest first
     kept: List[int] = field(default_factory=list)  # ... those checkpoint.keep_every_epochs keeps for good
+    checkpoint_age_s: Optional[float] = None  # since the newest was saved (its complete.json), by this host's clock
     starts: int = 0
     last_start: Optional[dict] = None    # started, step, world_size, job
     began_from: Optional[dict] = None    # model.init_from of the start that began the run's weights
@@ -83,6 +84,9 @@ def read_run(run_dir) -> RunStatus:
     complete = complete_checkpoints(run_dir / "checkpoints")
     status.checkpoints = [int(tag.name.removeprefix("step_")) for tag in complete]
     status.kept = [int(tag.name.removeprefix("step_")) for tag in complete if kept_for_good(tag)]
+    saved = read_marker(complete[0]).get("time") if complete else None  # by the saving rank 0's clock
+    if saved is not None:  # what a kill now would lose: the training since then
+        status.checkpoint_age_s = max(time.time() - saved, 0.0)
     status.starts = len(starts)
     if starts:
         last = starts[-1]
@@ -187,7 +191,9 @@ def describe_status(status: RunStatus) -> List[str]:
     newest = ", ".join(map(str, status.checkpoints[:3])) + (", ..." if len(status.checkpoints) > 3 else "")
     shown = status.kept if len(status.kept) <= 5 else status.kept[:2] + ["..."] + status.kept[-2:]
     kept = f"; {len(status.kept)} kept for good: step {', '.join(map(str, shown))}" if status.kept else ""
-    lines.append(f"  checkpoints  {len(status.checkpoints)} complete" + (f": step {newest}" if newest else "") + kept)
+    age = f" (the newest saved {_duration(status.checkpoint_age_s)} ago)" if status.checkpoint_age_s is not None else ""
+    lines.append(f"  checkpoints  {len(status.checkpoints)} complete" + (f": step {newest}" if newest else "")
+                 + age + kept)
     if status.last_start:
         last = status.last_start
         lines.append(f"  starts       {status.starts}; the last at {last['started']} from step {last['step']} on "
