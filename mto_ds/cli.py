@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -223,6 +224,16 @@ def _status(args) -> int:
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader went away (`mto-ds status runs/ | head`): end quietly, as a process killed by
+        # SIGPIPE would, and keep the interpreter's final flush from raising it again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+
+
+def _main(argv=None) -> int:
     args = _parse(argv)
     stop = None
     if args.command == "pretrain" and args.world_size is not None and not args.dry_run:

@@ -2,11 +2,11 @@
 the trainer writes them (state.json, starts.jsonl, metrics.jsonl, checkpoints/step_N/complete.json,
 running.json); test_cli.py reads a real run's."""
 import json
-import time
 import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -165,3 +165,8 @@ def test_the_cli_prints_each_run_or_json_without_importing_torch(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "mto_ds", "status", str(tmp_path / "no-run")], cwd=REPO,
                              env=cpu_env(), capture_output=True, text=True)
     assert missing.returncode == 2 and f"mto-ds: {tmp_path / 'no-run'} does not exist" in missing.stderr
+    # Its reader gone (`mto-ds status runs/ | head -1`): exit 141 as by SIGPIPE, no BrokenPipeError traceback.
+    reader_gone = subprocess.Popen([sys.executable, "-m", "mto_ds", "status", str(run)], cwd=REPO, env=cpu_env(),
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    reader_gone.stdout.close()
+    assert (reader_gone.wait(timeout=60), reader_gone.stderr.read()) == (141, "")
