@@ -72,11 +72,15 @@ def dry_run(cfg: Config, world_size: int) -> List[str]:
     return lines
 
 
-def _checkpoint_plan(cfg: Config, space: "CheckpointSpace") -> str:
+def _checkpoint_plan(cfg: Config, space: CheckpointSpace) -> str:
     """When a start saves, what it keeps, and the disk that takes."""
     c = cfg.checkpoint
-    when = [f"every {c.every_steps} steps"] * bool(c.every_steps) + [f"every {c.every_minutes:g} min"] * bool(
-        c.every_minutes) + ["at the end and on a stop signal"]
+    when = []
+    if c.every_steps:
+        when.append(f"every {c.every_steps} steps")
+    if c.every_minutes:
+        when.append(f"every {c.every_minutes:g} min")
+    when.append("at the end and on a stop signal")
     k = c.keep_every_epochs
     keeps = f"the newest {c.keep_last} kept" + (
         f", and the ends of epochs {k}, {2 * k}, ... for good ({space.kept} in this run)" if k else "")

@@ -84,7 +84,10 @@ def read_run(run_dir) -> RunStatus:
     complete = complete_checkpoints(run_dir / "checkpoints")
     status.checkpoints = [int(tag.name.removeprefix("step_")) for tag in complete]
     status.kept = [int(tag.name.removeprefix("step_")) for tag in complete if kept_for_good(tag)]
-    saved = read_marker(complete[0]).get("time") if complete else None  # by the saving rank 0's clock
+    try:
+        saved = read_marker(complete[0]).get("time") if complete else None  # by the saving rank 0's clock
+    except (OSError, ValueError):  # unreadable: a resume would set it aside as damaged
+        saved = None
     if saved is not None:  # what a kill now would lose: the training since then
         status.checkpoint_age_s = max(time.time() - saved, 0.0)
     status.starts = len(starts)
