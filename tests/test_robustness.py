@@ -237,10 +237,12 @@ def test_pruning_never_takes_a_checkpoint_kept_for_good_and_status_names_them(tm
         (ckpt / f"step_{step:08d}").mkdir(parents=True)
         marker = {"step": step, "world_size": 1, **({"kept": True} if step in (2, 4) else {})}
         (ckpt / f"step_{step:08d}" / MARKER).write_text(json.dumps(marker))
-    (ckpt / "step_00000002_universal").mkdir()  # a kept checkpoint's conversion goes with it
+    # A kept one's conversion for another world size: as large as it, made again should a resume go back there.
+    for name in ("step_00000002_universal", "step_00000007_universal"):
+        (ckpt / name).mkdir()
     Checkpointer(ckpt, keep_last=2, rank=0, world_size=1)._prune()
     assert sorted(p.name for p in ckpt.iterdir()) == [
-        "step_00000002", "step_00000002_universal", "step_00000004", "step_00000006", "step_00000007"]
+        "step_00000002", "step_00000004", "step_00000006", "step_00000007", "step_00000007_universal"]
     status = read_run(tmp_path)
     assert status.checkpoints == [7, 6, 4, 2] and status.kept == [4, 2]
     assert "4 complete: step 7, 6, 4, ...; 2 kept for good: step 4, 2" in "\n".join(describe_status(status))

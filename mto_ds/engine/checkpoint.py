@@ -196,13 +196,19 @@ class Checkpointer:
     def _prune(self) -> None:
         """Keep the newest `keep_last` complete checkpoints and those saved to be kept
         (checkpoint.keep_every_epochs: `kept` in complete.json); drop the others and unfinished saves.
+        A kept one's universal conversion goes once it is not among the newest: as large as the
+        checkpoint, and made again from it should a resume on another world size go back there.
 
         Runs on rank 0 after every rank finished the save, so no save is in flight."""
         complete = self.complete_tags()
-        keep = {p.name for p in complete[:self.keep_last]} | {p.name for p in complete if kept_for_good(p)}
+        newest = {p.name for p in complete[:self.keep_last]}
+        kept = {p.name for p in complete if kept_for_good(p)}
         for path in self.dir.glob("step_*"):
             match = PRUNABLE.fullmatch(path.name)
-            if match and (match.group(1) not in keep or match.group(3)):
+            if not match:
+                continue
+            tag, conversion, unfinished = match.groups()
+            if unfinished or not (tag in newest or (tag in kept and not conversion)):
                 if path.is_dir():
                     shutil.rmtree(path, ignore_errors=True)
                 else:
