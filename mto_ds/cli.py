@@ -42,6 +42,19 @@ def unwritable_output(out) -> Optional[str]:
     return f"cannot write {out}: {problem}" if problem else None
 
 
+def unwritable_folder_output(out) -> Optional[str]:
+    """Why `out` cannot become a folder of exported files: a file there, a folder that holds files
+    already (never mixed with another export's), or one that cannot be made or written."""
+    from .config import unwritable_folder
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        return f"cannot write the folder {out}: a file is there"
+    if out.is_dir() and any(out.iterdir()):
+        return f"cannot write the folder {out}: it holds files already (name a new or empty folder)"
+    problem = unwritable_folder(out)
+    return f"cannot write the folder {out}: {problem}" if problem else None
+
+
 class _Once(argparse.Action):
     """An option that may be given once: argparse keeps the last of two, silently."""
 
@@ -112,7 +125,11 @@ def _parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="write the encoder as a timm state dict")
     ex.add_argument("run_dir", help="run directory (its newest complete checkpoint) or a checkpoint directory")
     ex.add_argument("out", help="the file to write: a timm state dict of the encoder (.safetensors: in that "
-                    "format, else torch.save's)")
+                    "format, else torch.save's); with --folder, the folder")
+    ex.add_argument("--folder", action="store_true",
+                    help="write OUT as a timm model folder (config.json, model.safetensors) that "
+                         "timm.create_model('local-dir:OUT') loads with the run's image size, preprocessing and mean "
+                         "pooling, and that the Hugging Face Hub takes as a model repository")
     rc = sub.add_parser("reconstruct", help="a PNG of images, their masks and a checkpoint's reconstructions",
                         description="One row per image: the image | the masked input | the prediction of every "
                                     "patch | the prediction in the masked patches, the visible ones pasted back; "
@@ -255,17 +272,17 @@ def _main(argv=None) -> int:
 
     if args.command == "export":
         # Before torch's seconds of imports, as is the output's check: a mistyped path is named at once.
-        problem = unwritable_output(args.out) or (
+        problem = (unwritable_folder_output(args.out) if args.folder else unwritable_output(args.out)) or (
             None if Path(args.run_dir).exists() else
             f"{args.run_dir} does not exist (export reads a run directory or a checkpoint directory)")
         if problem:
             print(f"mto-ds: {problem}", file=sys.stderr)
             return 2
         _setup_environment()
-        from .engine.export import export_encoder
+        from .engine.export import export_encoder, export_timm_folder
         try:
-            print(export_encoder(args.run_dir, args.out))
-        except FileNotFoundError as err:  # a path given on the command line: its message names it
+            print((export_timm_folder if args.folder else export_encoder)(args.run_dir, args.out))
+        except (FileNotFoundError, ValueError) as err:  # a path given on the command line: its message names it
             print(f"mto-ds: {err}", file=sys.stderr)
             return 2
         return 0

@@ -405,8 +405,47 @@ def test_export_of_a_checkpoint_directory_prints_the_timm_call_with_its_img_size
     assert result.returncode == 0, result.stderr[-3000:]
     [line] = result.stdout.splitlines()  # the result only: DeepSpeed's merge reports on stderr
     assert line.startswith(f"wrote {out} (") and line.endswith(
-        f"load with timm.create_model('vit_tiny_patch16_224', num_classes=0, img_size=64, checkpoint_path='{out}')")
+        f"load with timm.create_model('vit_tiny_patch16_224', num_classes=0, img_size=64, checkpoint_path='{out}', "
+        "pretrained_cfg_overlay=dict(input_size=(3, 64, 64), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), "
+        "crop_pct=0.875))")
     assert "Reconstructed fp32 state dict" in result.stderr
+    # The call as printed: timm's data config is pre-training's (ImageNet's statistics, not the 0.5
+    # of timm's default for this architecture) and evaluation's crop.
+    from timm.data import resolve_data_config
+    printed = eval(line.split("load with ", 1)[1], {"timm": timm})
+    assert resolve_data_config({}, model=printed) == {
+        "input_size": (3, 64, 64), "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225), "crop_pct": 0.875, "crop_mode": "center"}
+
+
+def test_export_as_a_timm_folder_loads_whole_with_the_runs_size_preprocessing_and_pooled_features(tiny_run, tmp_path):
+    """`mto-ds export RUN OUT --folder`: what timm.create_model('local-dir:OUT') (and the Hugging
+    Face Hub, as a model repository) loads without arguments: the run's image size, its
+    preprocessing, and as features the mean of the final norm's patch tokens, which the evaluation
+    reads (eval.pooling=mean). An output that is a file or a folder holding files is refused."""
+    from timm.data import resolve_data_config
+    from mto_ds.eval.features import pool_tokens
+    folder = tmp_path / "hub"
+    result = _cli("export", str(tiny_run), str(folder), "--folder")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == (f"wrote {folder}/ (config.json, model.safetensors); load with timm.create_model("
+                                     f"'local-dir:{folder}'), or upload the folder as a Hugging Face model repository")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    loaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    as_read = {k: tuple(v) if isinstance(v, list) else v for k, v in resolve_data_config({}, model=loaded).items()}
+    assert as_read == {
+        "input_size": (3, 64, 64), "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225), "crop_pct": 0.875, "crop_mode": "center"}
+    _cli("export", str(tiny_run), str(tmp_path / "encoder.pt"))
+    reference = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=64,
+                                  checkpoint_path=str(tmp_path / "encoder.pt")).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), pool_tokens(reference.forward_features(images), "mean", 1))
+    (tmp_path / "a_file").write_text("x")
+    for out, said in [(folder, f"cannot write the folder {folder}: it holds files already"),
+                      (tmp_path / "a_file", f"cannot write the folder {tmp_path / 'a_file'}: a file is there")]:
+        assert said in _one_line_error(_cli("export", str(tiny_run), str(out), "--folder"))
 
 
 def test_export_to_safetensors_gives_timm_the_same_weights_and_records_the_model(tiny_run, tmp_path):
@@ -418,7 +457,7 @@ def test_export_to_safetensors_gives_timm_the_same_weights_and_records_the_model
     from mto_ds.models.weights import read_weights
     export_encoder(tiny_run, tmp_path / "encoder.pt")
     said = export_encoder(tiny_run, tmp_path / "encoder.safetensors")
-    assert said.endswith(f"checkpoint_path='{tmp_path / 'encoder.safetensors'}')")
+    assert f"checkpoint_path='{tmp_path / 'encoder.safetensors'}', " in said
     reference = torch.load(tmp_path / "encoder.pt", weights_only=True)
     loaded = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=64,
                                checkpoint_path=str(tmp_path / "encoder.safetensors"))
