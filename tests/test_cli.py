@@ -564,6 +564,9 @@ def test_dry_run_reports_what_a_start_on_n_ranks_would_do_without_starting_or_wr
     at32, small = tmp_path / "at32.pt", tmp_path / "small.pt"
     torch.save(create_encoder("vit_tiny_patch16", img_size=32).state_dict(), at32)
     torch.save(create_encoder("vit_small_patch16", img_size=64).state_dict(), small)
+    (tmp_path / "hub").mkdir()  # a timm model folder: export --folder's, or a Hub model downloaded
+    (tmp_path / "hub" / "config.json").write_text('{"architecture": "vit_tiny_patch16_224"}')
+    torch.save(create_encoder("vit_tiny_patch16", img_size=64).state_dict(), tmp_path / "hub" / "pytorch_model.bin")
     cases = {
         "three_ranks_folder": ["--world-size", "3", f"run.output_dir={tmp_path / 'new'}", *folder,
                                "checkpoint.every_minutes=30", "checkpoint.keep_every_epochs=1"],
@@ -581,6 +584,7 @@ def test_dry_run_reports_what_a_start_on_n_ranks_would_do_without_starting_or_wr
         "init_from_run_at_32px": [f"run.output_dir={tmp_path / 'i'}", f"model.init_from={tiny_run}",
                                   "model.img_size=32"],
         "init_from_file_at_32px": [f"run.output_dir={tmp_path / 'i'}", f"model.init_from={at32}"],
+        "init_from_timm_folder": [f"run.output_dir={tmp_path / 'i'}", f"model.init_from={tmp_path / 'hub'}"],
         "init_from_run_of_another_arch": [f"run.output_dir={tmp_path / 'i'}", f"model.init_from={tiny_run}",
                                           "model.arch=vit_small_patch16"],
         "init_from_file_of_another_arch": [f"run.output_dir={tmp_path / 'i'}", f"model.init_from={small}"],
@@ -649,6 +653,8 @@ def test_dry_run_reports_what_a_start_on_n_ranks_would_do_without_starting_or_wr
     assert (f"  model.init_from: {at32}: 150 encoder weights; the decoder and mask token start fresh (not in it in "
             "these shapes); encoder.pos_embed resampled from 2x2 to 4x4 patches (bicubic)"
             ) in reports["init_from_file_at_32px"].splitlines()
+    assert (f"  model.init_from: {tmp_path / 'hub'}: 150 encoder weights; the decoder and mask token start fresh "
+            "(not in it in these shapes)") in reports["init_from_timm_folder"].splitlines()
     assert (f"config error: bad value for 'model.init_from': {tiny_run} was pre-trained with another encoder "
             "(model.arch: vit_tiny_patch16 there, vit_small_patch16 here)") in errors["init_from_run_of_another_arch"]
     assert (f"config error: bad value for 'model.init_from': {small} does not fit this run's encoder (model.arch, "
@@ -662,7 +668,7 @@ def test_dry_run_reports_what_a_start_on_n_ranks_would_do_without_starting_or_wr
     assert (f"config error: bad value for 'model.init_from': {tmp_path / 'held'} holds no complete checkpoint"
             in errors["init_from_without_checkpoints"])
     assert sorted(p.relative_to(tiny_run) for p in tiny_run.rglob("*")) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["at32.pt", "held", "images", "linked", "only_damaged",
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["at32.pt", "held", "hub", "images", "linked", "only_damaged",
                                                           "small.pt"]
     assert sorted(p.name for p in (tmp_path / "held").iterdir()) == ["running.json"]
 

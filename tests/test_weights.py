@@ -100,7 +100,7 @@ def test_read_weights_gives_a_facebookresearch_mae_checkpoint_our_mae_models_nam
     arguments as an argparse.Namespace: read, it loads into our MAE with strict=True."""
     import argparse
     from mto_ds.models import create_mim_model
-    from mto_ds.models.weights import read_weights
+    from mto_ds.models.weights import read_weights, weights_identity
     torch.manual_seed(3)
     mae = create_mim_model("vit_tiny_patch16", "mae", img_size=32, decoder_embed_dim=64, decoder_depth=1,
                            decoder_num_heads=2)
@@ -148,6 +148,13 @@ def test_read_weights_gives_a_facebookresearch_mae_checkpoint_our_mae_models_nam
     from_safetensors, from_pt = read_weights(tmp_path / "timm.safetensors"), read_weights(tmp_path / "timm.pt")
     assert set(from_safetensors) == set(from_pt)
     assert all(torch.equal(v, from_pt[k]) for k, v in from_safetensors.items())
+    # A timm model folder (export --folder's, a Hub model downloaded): its weights file beside config.json.
+    (tmp_path / "hub").mkdir()
+    (tmp_path / "hub" / "config.json").write_text('{"architecture": "vit_tiny_patch16_224"}')
+    (tmp_path / "timm.safetensors").rename(tmp_path / "hub" / "model.safetensors")
+    from_folder = read_weights(tmp_path / "hub")
+    assert set(from_folder) == set(from_pt) and all(torch.equal(v, from_pt[k]) for k, v in from_folder.items())
+    assert weights_identity(tmp_path / "hub")["file"] == str((tmp_path / "hub" / "model.safetensors").resolve())
     (tmp_path / "text.safetensors").write_text("not a safetensors file")
     with pytest.raises(ValueError) as err:
         read_weights(tmp_path / "text.safetensors")

@@ -19,7 +19,7 @@ import torch
 from ..config import Config, ConfigError, other_method_defaults, unread_keys
 from ..data import count_samples
 from ..data.order import ranks, steps_per_epoch
-from ..models.weights import init_state, newest_complete, read_marker, saved_model_settings
+from ..models.weights import init_state, model_folder_weights, newest_complete, read_marker, saved_model_settings
 from .builder import (check_deepspeed_config, deepspeed_config, describe_batch, peak_lr, plan_batch, precision,
                       schedule_steps, schedule_warnings, zero_stage)
 from .checkpoint import Checkpointer, CheckpointSpace, checkpoint_space, verify
@@ -95,7 +95,7 @@ def _init_plan(cfg: Config, model, resumes: bool) -> str:
     source = cfg.model.init_from
     if resumes:
         return f"{source} is not read: the start resumes from the run's checkpoints"
-    if Path(source).is_dir():
+    if Path(source).is_dir() and model_folder_weights(source) is None:  # a run or checkpoint directory
         tag_dir = newest_complete(source)
         saved = (saved_model_settings(source) or (None, {}))[1]
         other_size = saved.get("model.img_size", cfg.model.img_size) != cfg.model.img_size

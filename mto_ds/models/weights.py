@@ -88,6 +88,19 @@ def _torch_load_weights(path: Path):
                          f"({type(err).__name__}: {said}){hint}") from None
 
 
+# A timm / Hugging Face model folder's weights beside its config.json, in the order timm looks.
+MODEL_FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+def model_folder_weights(path) -> Optional[Path]:
+    """The weights file of a timm model folder (`mto-ds export --folder`'s, or one of timm's
+    Hugging Face Hub models downloaded), else None."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        return None
+    return next((path / name for name in MODEL_FOLDER_WEIGHTS if (path / name).is_file()), None)
+
+
 def read_weights(path) -> dict:
     """Weights under a MIM model's state_dict names (the encoder's under `encoder.`), from a run or
     checkpoint directory of ours (its newest complete checkpoint: the fp32 masters) or a file:
@@ -95,10 +108,12 @@ def read_weights(path) -> dict:
     dropped), a whole MIM model's state_dict of ours, a facebookresearch/mae checkpoint (its
     decoder and mask token carry our names; its `decoder_pos_embed`, a fixed table that ours
     rebuilds, is dropped), or any of them under 'model'/'state_dict' or with DDP's `module.`;
-    a `.safetensors` file holds any of them too."""
+    a `.safetensors` file holds any of them too, and so does a timm model folder's."""
     path = Path(path)
     if path.is_dir():
-        return checkpoint_model_state(path)
+        if model_folder_weights(path) is None:
+            return checkpoint_model_state(path)
+        path = model_folder_weights(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     import torch
@@ -128,9 +143,9 @@ def read_weights(path) -> dict:
 
 def weights_identity(path) -> Optional[Dict[str, object]]:
     """Which weights `read_weights(path)` reads: of a run or checkpoint directory, its newest
-    complete checkpoint (tag, step, save time), None when it has none; of a file, its path, size
-    and mtime."""
-    path = Path(path)
+    complete checkpoint (tag, step, save time), None when it has none; of a file (a timm model
+    folder's too), its path, size and mtime."""
+    path = model_folder_weights(path) or Path(path)
     if path.is_dir():
         try:
             tag_dir = newest_complete(path)
