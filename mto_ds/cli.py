@@ -117,7 +117,8 @@ def _parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="k-NN / linear probe / fine-tune of a checkpoint's encoder")
     ev.add_argument("--config", required=True, action=_Once, help="the run YAML the encoder was pre-trained with")
     ev.add_argument("--checkpoint", required=True, action=_Once,
-                    help="run directory, checkpoint directory, timm model folder or weights file (.pt, .pth, .safetensors)")
+                    help="run directory, checkpoint directory, timm model folder or weights file "
+                         "(.pt, .pth, .safetensors)")
     ev.add_argument("--finetune-epochs", type=_count, default=0,
                     help="also fine-tune end to end for this many epochs (default 0: k-NN and linear probe only)")
     ev.add_argument("--print-config", action="store_true", help=PRINT_CONFIG_HELP)
