@@ -1231,15 +1231,18 @@ def test_the_closing_summary_gives_the_data_wait_and_the_peak_memory_of_the_rows
         telemetry.log({"step": step, "loss": 0.5, "images_per_sec": 10.0, "data_wait": wait,
                        "max_memory_allocated_gib": allocated, "max_memory_reserved_gib": reserved})
     telemetry.close()
-    lines = telemetry.summary(tmp_path, 10.0, None, 12, 12, "completed").splitlines()
+    lines = telemetry.summary(tmp_path, 10.0, None, 12, 12, "completed", save_seconds=[2.0, 3.0, 30.0],
+                              seconds=700.0).splitlines()
     assert "  data wait       2.5% of the time (median of the rows; 80.0% at most, step 3)" in lines
+    # What the saves took: to set checkpoint.every_minutes by (the median and their share of the start).
+    assert "  saves           3, 3.0 s each (median), 5.0% of this start's time" in lines
     assert "  memory          25.2 GiB in tensors, 27.5 GiB reserved at most (the largest rank's)" in lines
     cpu = Telemetry(tmp_path / "cpu", enabled=True, total_steps=1, start_step=0, progress_bar=False)
     cpu.log({"step": 1, "loss": 0.5, "images_per_sec": 10.0, "data_wait": 0.0,
              "max_memory_allocated_gib": None, "max_memory_reserved_gib": None})
     cpu.close()
     assert not [line for line in cpu.summary(tmp_path, 10.0, None, 1, 1, "completed").splitlines()
-                if line.strip().startswith("memory")]
+                if line.strip().startswith(("memory", "saves"))]  # and a start that saved nothing says nothing
 
 
 def test_the_closing_summary_says_how_the_start_ended_and_how_to_go_on(tmp_path):
@@ -1286,9 +1289,12 @@ def test_timed_saves_and_kept_epochs_save_together_on_every_rank(tmp_path):
     epoch), marked in its complete.json, the others not."""
     from mto_ds.models.weights import read_marker
     run_dir = tmp_path / "run"
-    Run(run_dir, "data.synthetic_images=96", "checkpoint.every_steps=0", "checkpoint.keep_last=10",
-        "checkpoint.every_minutes=0.0001", "checkpoint.keep_every_epochs=2", nproc=2, steps=8).finish()
+    run = Run(run_dir, "data.synthetic_images=96", "checkpoint.every_steps=0", "checkpoint.keep_last=10",
+              "checkpoint.every_minutes=0.0001", "checkpoint.keep_every_epochs=2", nproc=2, steps=8).finish()
     assert tags(run_dir) == ["step_00000002", "step_00000004", "step_00000006", "step_00000008"]
+    # Each save's time is logged and summed up at the end: what every_minutes costs.
+    assert run.output.count(f"saved {run_dir}/checkpoints/step_0000000") == 4
+    assert "  saves           4, " in run.output
     assert {tag: read_marker(run_dir / "checkpoints" / tag).get("kept") for tag in tags(run_dir)} == {
         "step_00000002": None, "step_00000004": None, "step_00000006": True, "step_00000008": None}
     assert state(run_dir)["finished"] is True

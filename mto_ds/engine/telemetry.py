@@ -8,7 +8,7 @@ import statistics
 import sys
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -159,9 +159,10 @@ class Telemetry:
             self.file.close()
 
     def summary(self, run_dir: Path, images_per_sec: float, checkpoint: Optional[Path], step: int,
-                total_steps: int, reason: str) -> str:
+                total_steps: int, reason: str, save_seconds: Sequence[float] = (), seconds: float = 0.0) -> str:
         """The closing lines: how the start ended (finished, or stopped and how to go on), the loss
-        it logged from first to last, and where its outputs are."""
+        it logged from first to last, what its saves took (`save_seconds` each, of its `seconds`),
+        and where its outputs are."""
         if reason == "completed":
             ended = f"mto_ds pre-training finished: step {step} of {total_steps}"
         else:
@@ -178,6 +179,8 @@ class Telemetry:
             ended,
             f"  loss            {loss}",
             f"  throughput      {images_per_sec:.1f} images/s (mean over the run)",
+            *([f"  saves           {len(save_seconds)}, {statistics.median(save_seconds):.1f} s each (median), "
+               f"{100 * sum(save_seconds) / max(seconds, 1e-9):.1f}% of this start's time"] if save_seconds else []),
             *([self._data_wait_line()] if self.data_waits else []),
             *([f"  memory          {self.peak_memory['max_memory_allocated_gib']:.1f} GiB in tensors, "
                f"{self.peak_memory['max_memory_reserved_gib']:.1f} GiB reserved at most (the largest rank's)"]

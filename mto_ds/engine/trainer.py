@@ -234,6 +234,7 @@ class Trainer:
         self.nonfinite_total = 0     # optimizer steps skipped for a non-finite loss, in all
         self.nonfinite_streak = 0    # ... in a row up to now
         self.overflow_total = 0      # fp16 steps DeepSpeed's loss scaler skipped
+        self.save_seconds = []       # each save's wall time, for the closing summary
         self.resumed_from = self._resume(candidates)
         self.checkpointer.record_resume(cfg.checkpoint.resume, self.global_step)
         self.trace = SampleTrace(self.run_dir, self.dist.rank, self.dist.world_size, start_step=self.global_step)
@@ -342,8 +343,12 @@ class Trainer:
         meta = {"epoch": self.global_step / self.steps_per_epoch}
         if self._ends_kept_epoch():
             meta["kept"] = True  # checkpoint.keep_every_epochs: pruning never takes it
+        began = time.monotonic()
         path = self.checkpointer.save(self.engine, self.global_step, self._client_state(), meta)
         self.last_saved_step, self.saved_at = self.global_step, time.monotonic()
+        self.save_seconds.append(self.saved_at - began)
+        if self.dist.rank == 0:  # what a save costs, to set checkpoint.every_minutes by
+            log.info("saved %s in %.1f s", path, self.save_seconds[-1])
         return path
 
     def _ends_kept_epoch(self) -> bool:
@@ -478,7 +483,7 @@ class Trainer:
         if self.dist.rank == 0:
             newest = self.checkpointer.complete_tags()[:1]
             print(self.telemetry.summary(self.run_dir, ips, newest[0] if newest else None, self.global_step,
-                                         self.total_steps, reason), flush=True)
+                                         self.total_steps, reason, self.save_seconds, elapsed), flush=True)
         return {"step": self.global_step, "reason": reason, "images_per_sec": ips}
 
     def _step(self, micro_batches) -> None:
