@@ -104,9 +104,11 @@ class _ReducedFlags:
         import torch
         import torch.distributed as dist
         # Filled on the device; torch.tensor(flags, device=...) would be a blocking copy (a drain).
-        tensor = torch.empty(len(flags), device=device)
-        for i, flag in enumerate(flags):
-            tensor[i].fill_(flag)
+        # One fill where all are equal (no signal, no timed save: nearly every step), else one each.
+        tensor = torch.full((len(flags),), flags[0], device=device)
+        for i, flag in enumerate(flags[1:], start=1):
+            if flag != flags[0]:
+                tensor[i].fill_(flag)
         self.work = dist.all_reduce(tensor, op=dist.ReduceOp.MAX, async_op=True)
         self.tensor, self.host, self.event = tensor, tensor, None  # held until the values are read
         if device.type == "cuda":
