@@ -351,6 +351,31 @@ def test_plan_run_refuses_bad_input_by_name_without_a_traceback_or_a_negative_pl
 
 
 
+def test_plan_run_takes_what_a_runs_config_says_and_flags_over_it(capsys, tmp_path):
+    """--config: the arch, method, epochs, batch sizes and ZeRO settings of a run's YAML (here the
+    ViT-L recipe: 800 epochs, 2048 in micro-batches of 128, ZeRO-1 without overlap_comm) plan what
+    the same values as flags plan; a flag wins over the config; a config that does not load is
+    named (exit 2)."""
+    main = _load("plan_run").main
+    rate = ["--gpus", "16", "--images-per-sec-per-gpu", "702.7", "--link-gbps", "400"]
+    assert main(["--config", "configs/vit_l_simmim.yaml", *rate]) == 0
+    by_config = capsys.readouterr().out.splitlines()
+    assert main(["--arch", "vit_large_patch16", "--method", "simmim", "--epochs", "800", "--global-batch", "2048",
+                 "--micro-batch", "128", "--zero", "1", *rate]) == 0
+    by_flags = capsys.readouterr().out.splitlines()
+    assert by_config[:4] == by_flags[:4] and by_config[-1] == by_flags[-1] == "  GPU-hours              455"
+    assert "28.5 h with overlap_comm off (as configs/vit_l_simmim.yaml's deepspeed.config has it)" in by_config[4]
+    assert main(["--config", "configs/vit_l_simmim.yaml", "--epochs", "400", "--zero", "3", *rate]) == 0
+    overridden = capsys.readouterr().out.splitlines()
+    assert "400 epochs" in overridden[0] and overridden[3].startswith("  ZeRO-3 traffic per step")
+    assert "with overlap_comm on (as shipped)" in overridden[4]  # ZeRO-3's shipped file, not the config's ZeRO-1
+    (tmp_path / "bad.yaml").write_text("train:\n  epoch: 10\n")
+    with pytest.raises(SystemExit) as refused:
+        main(["--config", str(tmp_path / "bad.yaml"), *rate])
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and f"--config {tmp_path / 'bad.yaml'}: " in err and "train.epoch" in err
+
+
 def test_plan_run_adds_the_communication_that_cannot_hide_behind_the_backward():
     """ds_configs/zero{1,2}_bf16.json do not overlap communication with compute (overlap_comm off;
     DeepSpeed's default for ZeRO-1), so the plan adds it to the step; ZeRO-3's does. With

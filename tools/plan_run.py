@@ -3,6 +3,7 @@
 
     python tools/plan_run.py --arch vit_large_patch16 --method simmim --epochs 800 --gpus 32 \\
         --images-per-sec-per-gpu 450 --global-batch 2048 --micro-batch 64 --zero 1 --link-gbps 400
+    python tools/plan_run.py --config configs/vit_l_simmim.yaml --gpus 32 --images-per-sec-per-gpu 450
 
 --images-per-sec-per-gpu is a measured rate (tools/bench_step.py on your GPU). --link-gbps is
 the inter-node bandwidth per GPU in Gbit/s (e.g. one 400 Gb/s InfiniBand NIC per GPU).
@@ -52,11 +53,32 @@ def count_params(arch: str, method: str) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)  # what ZeRO partitions
 
 
+def zero_settings(ds: dict) -> tuple:
+    """(ZeRO stage, overlap_comm, reduce_bucket_size) of a DeepSpeed config; where it leaves one
+    out, DeepSpeed's default (overlap_comm on for ZeRO-3 only; 5e8)."""
+    zero = ds.get("zero_optimization", {})
+    stage = int(zero.get("stage", 0))
+    return stage, bool(zero.get("overlap_comm", stage == 3)), int(zero.get("reduce_bucket_size", 5e8))
+
+
 def shipped_zero_settings(zero: int) -> tuple:
-    """(overlap_comm, reduce_bucket_size) of the shipped bf16 config of this ZeRO stage; where
-    the file leaves one out, DeepSpeed's default (overlap_comm on for ZeRO-3 only; 5e8)."""
-    ds = json.loads((DS_CONFIGS / f"zero{zero}_bf16.json").read_text())["zero_optimization"]
-    return bool(ds.get("overlap_comm", zero == 3)), int(ds.get("reduce_bucket_size", 5e8))
+    """(overlap_comm, reduce_bucket_size) of the shipped bf16 config of this ZeRO stage."""
+    return zero_settings(json.loads((DS_CONFIGS / f"zero{zero}_bf16.json").read_text()))[1:]
+
+
+def from_config(path: str, dataset: int) -> dict:
+    """What a run's YAML says of the plan's inputs: model.arch and model.method, train.epochs (or
+    train.steps, as epochs of `dataset` images), the global and micro-batch, and the ZeRO stage,
+    overlap_comm and reduce bucket of its deepspeed.config."""
+    from mto_ds.config import load_config, read_deepspeed_json
+    from mto_ds.data.order import steps_per_epoch
+    cfg = load_config(path)
+    t = cfg.train
+    epochs = t.epochs if t.steps is None else t.steps / steps_per_epoch(dataset, t.global_batch_size)
+    zero, overlap, bucket = zero_settings(read_deepspeed_json(cfg))
+    return {"arch": cfg.model.arch, "method": cfg.model.method, "epochs": epochs,
+            "global_batch": t.global_batch_size, "micro_batch": t.micro_batch_size, "zero": zero,
+            "overlap_comm": overlap, "reduce_bucket_size": bucket}
 
 
 def reduction_left_after_backward(reduce_s: float, params: int, bucket: int, backward_s: float) -> float:
@@ -127,15 +149,18 @@ def positive(kind):
 def main(argv=None) -> int:
     from mto_ds.config import ARCHS, METHODS, ConfigError  # not mto_ds.models: it imports timm
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="vit_large_patch16", choices=sorted(ARCHS))
-    p.add_argument("--method", default="simmim", choices=METHODS)
-    p.add_argument("--epochs", type=positive(float), default=800)
+    p.add_argument("--config", help="a run's YAML: model.arch and model.method, train.epochs (or steps), the global "
+                   "and micro-batch, and the ZeRO stage, overlap_comm and reduce bucket of its deepspeed.config, "
+                   "for those of the options below that are not given")
+    p.add_argument("--arch", choices=sorted(ARCHS), help="default vit_large_patch16")
+    p.add_argument("--method", choices=METHODS, help="default simmim")
+    p.add_argument("--epochs", type=positive(float), help="default 800")
     p.add_argument("--dataset-size", type=positive(int), default=IMAGENET_TRAIN)
     p.add_argument("--gpus", type=positive(int), default=64)
     p.add_argument("--images-per-sec-per-gpu", type=positive(float), required=True)
-    p.add_argument("--global-batch", type=positive(int), default=2048)
-    p.add_argument("--micro-batch", type=positive(int), default=64)
-    p.add_argument("--zero", type=int, choices=[1, 2, 3], default=2)
+    p.add_argument("--global-batch", type=positive(int), help="default 2048")
+    p.add_argument("--micro-batch", type=positive(int), help="default 64 (a config's null: the GPU's share)")
+    p.add_argument("--zero", type=int, choices=[1, 2, 3], help="default 2")
     p.add_argument("--link-gbps", type=positive(float), default=400.0)
     p.add_argument("--overlap-comm", choices=["on", "off"],
                    help="DeepSpeed's zero_optimization.overlap_comm (default: as ds_configs/zero{1,2,3}_bf16.json "
@@ -149,6 +174,21 @@ def main(argv=None) -> int:
         p.error(f"--reduce-bucket-size counts elements: at least 1, got {args.reduce_bucket_size:g}")
     overlap = None if args.overlap_comm is None else args.overlap_comm == "on"
     try:
+        given = from_config(args.config, args.dataset_size) if args.config else {}
+    except ConfigError as err:
+        p.error(f"--config {args.config}: {err}")
+    if given.get("zero") not in (None, 1, 2, 3):
+        p.error(f"--config {args.config}: its deepspeed.config has ZeRO stage {given['zero']}; plan_run plans 1, 2 or 3")
+    defaults = {"arch": "vit_large_patch16", "method": "simmim", "epochs": 800.0, "global_batch": 2048,
+                "micro_batch": 64, "zero": 2}
+    for key, default in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, given.get(key, default))
+    # The config's own DeepSpeed settings, unless a flag says otherwise (or another stage is asked).
+    if given and args.zero == given["zero"]:
+        overlap = given["overlap_comm"] if overlap is None else overlap
+        args.reduce_bucket_size = args.reduce_bucket_size or given["reduce_bucket_size"]
+    try:
         r = plan(count_params(args.arch, args.method), args.epochs, args.dataset_size, args.gpus,
                  args.images_per_sec_per_gpu, args.global_batch, args.micro_batch, args.zero, args.link_gbps,
                  overlap, args.reduce_bucket_size and int(args.reduce_bucket_size))
@@ -158,13 +198,14 @@ def main(argv=None) -> int:
           f"{args.dataset_size} images on {args.gpus} GPUs")
     print(f"  optimizer steps        {r['steps']} (global batch {args.global_batch}: micro-batch {r['micro_batch']} "
           f"per GPU, accumulation {r['accumulation']})")
-    if r["micro_batch"] != args.micro_batch:
+    if args.micro_batch is not None and r["micro_batch"] != args.micro_batch:
         print(f"  note: {args.global_batch} images over {args.gpus} GPUs run in micro-batches of at most "
               f"{r['micro_batch']}, not {args.micro_batch}: measure the rate at that micro-batch")
     print(f"  compute per step       {r['compute_s_per_step'] * 1e3:.0f} ms at {args.images_per_sec_per_gpu:g} images/s/GPU")
     print(f"  ZeRO-{args.zero} traffic per step {r['comm_gb_per_step']:.2f} GB per GPU -> "
           f"{r['comm_s_per_step'] * 1e3:.0f} ms at {args.link_gbps:g} Gb/s ({100 * r['comm_to_compute']:.0f}% of compute)")
-    source = "as shipped" if args.overlap_comm is None else "--overlap-comm"
+    source = ("--overlap-comm" if args.overlap_comm is not None else
+              f"as {args.config}'s deepspeed.config has it" if given and args.zero == given["zero"] else "as shipped")
     other = "off" if r["overlap_comm"] else "on"
     print(f"  wall time              {r['wall_hours']:.1f} h with overlap_comm {'on' if r['overlap_comm'] else 'off'} "
           f"({source}); {r['wall_hours_other']:.1f} h with it {other} (reduce buckets of {r['reduce_bucket_size']:.3g} "
