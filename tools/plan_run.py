@@ -72,7 +72,7 @@ def from_config(path: str, dataset: int) -> dict:
     overlap_comm and reduce bucket of its deepspeed.config."""
     from mto_ds.config import load_config, read_deepspeed_json
     from mto_ds.data.order import steps_per_epoch
-    cfg = load_config(path)
+    cfg = load_config(path, training=False)  # its run.output_dir need not be writable from here
     t = cfg.train
     epochs = t.epochs if t.steps is None else t.steps / steps_per_epoch(dataset, t.global_batch_size)
     zero, overlap, bucket = zero_settings(read_deepspeed_json(cfg))
