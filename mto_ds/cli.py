@@ -332,7 +332,10 @@ def _main(argv=None) -> int:
         shutdown_distributed()
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(result))
+        # Which weights (a checkpoint's tag and step, or a file's size and time): a loop over a
+        # run's kept checkpoints gives a curve.
+        from .models.weights import weights_identity
+        print(json.dumps({**result, "weights": weights_identity(args.checkpoint)}))
     shutdown_distributed()
     return 0
 

@@ -147,6 +147,7 @@ def test_two_rank_zero3_with_mto_and_accumulation(tmp_path):
                              text=True, timeout=600)
     assert offline.returncode == 0, offline.stderr[-3000:]
     result = json.loads(offline.stdout.strip().splitlines()[-1])
+    assert (result["weights"]["tag"], result["weights"]["step"]) == ("step_00000012", 12)  # which it evaluated
     assert result["knn_top1"] == pytest.approx(evals[-1]["knn_top1"], abs=1e-6)
     assert result["linear_top1"] == pytest.approx(evals[-1]["linear_top1"], abs=1e-6)
     rows = read_metrics(run)
