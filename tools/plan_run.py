@@ -175,10 +175,11 @@ def main(argv=None) -> int:
     overlap = None if args.overlap_comm is None else args.overlap_comm == "on"
     try:
         given = from_config(args.config, args.dataset_size) if args.config else {}
-    except ConfigError as err:
+    except (ConfigError, ValueError) as err:  # ValueError: train.steps of a data set under one batch
         p.error(f"--config {args.config}: {err}")
     if given.get("zero") not in (None, 1, 2, 3):
-        p.error(f"--config {args.config}: its deepspeed.config has ZeRO stage {given['zero']}; plan_run plans 1, 2 or 3")
+        p.error(f"--config {args.config}: its deepspeed.config has ZeRO stage {given['zero']}; "
+                "plan_run plans 1, 2 or 3")
     defaults = {"arch": "vit_large_patch16", "method": "simmim", "epochs": 800.0, "global_batch": 2048,
                 "micro_batch": 64, "zero": 2}
     for key, default in defaults.items():
