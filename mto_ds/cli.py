@@ -31,6 +31,13 @@ def _recorded(fn):
     return record(fn)
 
 
+def _error(line: str) -> None:
+    """A line on stderr in one write: print's two (the text, then the newline) let the ranks of a
+    job that fail together interleave their lines on the launcher's shared stderr."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def unwritable_output(out) -> Optional[str]:
     """Why no file can be written at `out` (its missing folders made on the way), or None: asked
     before the work whose result it receives (export, tools/make_ffcv.py), not after it."""
@@ -173,7 +180,7 @@ def _print_config(args) -> int:
     try:
         cfg = load_config(args.config, args.overrides, training=args.command == "pretrain")
     except ConfigError as err:
-        print(f"mto-ds: config error: {err}", file=sys.stderr)
+        _error(f"mto-ds: config error: {err}")
         return 2
     print(to_yaml(cfg), end="")
     return 0
@@ -188,7 +195,7 @@ def _dry_run(args) -> int:
         from .engine.dry_run import dry_run
         lines = dry_run(cfg, world_size)
     except ConfigError as err:
-        print(f"mto-ds: config error: {err}", file=sys.stderr)
+        _error(f"mto-ds: config error: {err}")
         return 2
     print(f"mto-ds pretrain --dry-run: {args.config} on {world_size} rank{'s' if world_size > 1 else ''}; "
           "nothing was started")
@@ -215,7 +222,7 @@ def _reconstruct(args) -> int:
     from .config import ConfigError
     problem = _reconstruct_problem(args)
     if problem:
-        print(f"mto-ds: {problem}", file=sys.stderr)
+        _error(f"mto-ds: {problem}")
         return 2
     _setup_environment()
     from .eval.reconstruct import reconstruct_run
@@ -223,7 +230,7 @@ def _reconstruct(args) -> int:
         lines = reconstruct_run(Path(args.run_dir), Path(args.out), [Path(p) for p in args.images], args.count,
                                 args.seed)
     except (FileNotFoundError, ValueError) as err:  # no checkpoint or image, a config that no longer loads
-        print(f"mto-ds: {'config error: ' if isinstance(err, ConfigError) else ''}{err}", file=sys.stderr)
+        _error(f"mto-ds: {'config error: ' if isinstance(err, ConfigError) else ''}{err}")
         return 2
     print("\n".join(lines))
     return 0
@@ -235,7 +242,7 @@ def _status(args) -> int:
     try:
         runs = runs_at(args.run_dirs)
     except StudyError as err:
-        print(f"mto-ds: {err}", file=sys.stderr)
+        _error(f"mto-ds: {err}")
         return 2
     print(status_report(runs, as_json=args.json))
     return 0
@@ -255,11 +262,11 @@ def _main(argv=None) -> int:
     args = _parse(argv)
     stop = None
     if args.command == "pretrain" and args.world_size is not None and not args.dry_run:
-        print("mto-ds: --world-size goes with --dry-run: a start takes its ranks from its launcher", file=sys.stderr)
+        _error("mto-ds: --world-size goes with --dry-run: a start takes its ranks from its launcher")
         return 2
     if getattr(args, "print_config", False):
         if getattr(args, "dry_run", False):
-            print("mto-ds: --print-config and --dry-run: give one", file=sys.stderr)
+            _error("mto-ds: --print-config and --dry-run: give one")
             return 2
         return _print_config(args)
     if args.command == "pretrain" and args.dry_run:
@@ -277,14 +284,14 @@ def _main(argv=None) -> int:
             None if Path(args.run_dir).exists() else
             f"{args.run_dir} does not exist (export reads a run directory or a checkpoint directory)")
         if problem:
-            print(f"mto-ds: {problem}", file=sys.stderr)
+            _error(f"mto-ds: {problem}")
             return 2
         _setup_environment()
         from .engine.export import export_encoder, export_timm_folder
         try:
             print((export_timm_folder if args.folder else export_encoder)(args.run_dir, args.out))
         except (FileNotFoundError, ValueError) as err:  # a path given on the command line: its message names it
-            print(f"mto-ds: {err}", file=sys.stderr)
+            _error(f"mto-ds: {err}")
             return 2
         return 0
     if args.command == "reconstruct":
@@ -294,10 +301,10 @@ def _main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides, training=args.command == "pretrain")
     except ConfigError as err:
-        print(f"mto-ds: config error: {err}", file=sys.stderr)
+        _error(f"mto-ds: config error: {err}")
         return 2
     if args.command == "eval" and not Path(args.checkpoint).exists():  # at once, not after the imports
-        print(f"mto-ds: checkpoint not found: {args.checkpoint}", file=sys.stderr)
+        _error(f"mto-ds: checkpoint not found: {args.checkpoint}")
         return 2
     _setup_environment()
     if args.command == "pretrain":
@@ -308,10 +315,10 @@ def _main(argv=None) -> int:
             _recorded(lambda: Trainer(cfg, stop).train())()
             code = 0
         except ConfigError as err:
-            print(f"mto-ds: config error: {err}", file=sys.stderr)
+            _error(f"mto-ds: config error: {err}")
             code = 2
         except NonFiniteLossError as err:
-            print(f"mto-ds: {err}", file=sys.stderr)
+            _error(f"mto-ds: {err}")
             code = 1
         # Also after these errors, which every rank raises together: a process group left to the
         # interpreter's exit can abort the rank, and exit 134 would hide a config error's 2.
@@ -328,7 +335,7 @@ def _main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as err:
         # --checkpoint or the evaluation folders missing, weights of another model than the
         # config's, settings that cannot be evaluated: each message names its cause.
-        print(f"mto-ds: {'config error: ' if isinstance(err, ConfigError) else ''}{err}", file=sys.stderr)
+        _error(f"mto-ds: {'config error: ' if isinstance(err, ConfigError) else ''}{err}")
         shutdown_distributed()
         return 2
     if int(os.environ.get("RANK", "0")) == 0:

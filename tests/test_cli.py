@@ -673,6 +673,22 @@ def test_dry_run_reports_what_a_start_on_n_ranks_would_do_without_starting_or_wr
     assert sorted(p.name for p in (tmp_path / "held").iterdir()) == ["running.json"]
 
 
+def test_an_error_line_is_one_write_so_ranks_that_fail_together_do_not_interleave(monkeypatch):
+    """print() writes the text and then the newline: two ranks failing at once on the launcher's
+    shared stderr made 'A' 'B' '\n' '\n' of their lines (seen in the 2-rank bad-file start)."""
+    import io
+    writes = []
+
+    class Recording(io.StringIO):
+        def write(self, text):
+            writes.append(text)
+            return len(text)
+    monkeypatch.setattr(sys, "stderr", Recording())
+    assert main(["pretrain", "--config", "configs/demo.yaml", "train.epochz=3"]) == 2
+    assert writes == ["mto-ds: config error: override 'train.epochz=3': unknown config key 'train.epochz'; did you "
+                      "mean train.epochs, train.warmup_epochs, train.steps?\n"]
+
+
 def _bad_file_stops_every_rank(run, tmp_path, config):
     notes = tmp_path / "notes.txt"
     notes.write_text("not a checkpoint")
