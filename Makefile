@@ -76,6 +76,7 @@ demo: venv system-deps clean-demo
 # in-process tests of test_mto.py took 40% longer too: the host's speed moves the suite by minutes.
 # 2026-12-08, a faster host: 13.6 min (735 tests, 21.8 CPU-minutes), then 14.4 min (753 tests, 23.0
 # CPU-minutes) with the day's additions (model.init_from's 2-rank starts, about 50 s of them).
+# Later on 2026-12-08: 12.7 min (764 tests, 20.5 CPU-minutes).
 TEST_WORKERS ?= 2
 test: venv system-deps
 	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
