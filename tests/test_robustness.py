@@ -267,6 +267,9 @@ def test_a_file_system_that_cannot_hold_the_runs_checkpoints_is_warned_about_at_
     assert warning == (f"run.output_dir={tmp_path / 'run'}: its file system has 1e-06 GB free, less than the "
                        "1.4e-06 GB its checkpoints take at once (about 2.8e-07 GB each); a save that finds the disk "
                        "full stops the run (checkpoint.keep_last, checkpoint.keep_every_epochs)")
+    (tmp_path / "run" / "checkpoints" / "step_00000004.superseded").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "step_00000004.superseded" / "model.pt").write_bytes(b"x" * 400)
+    assert len(space.warning(tmp_path / "run")) == 1  # set aside for good: no room
     (tmp_path / "run" / "checkpoints" / "step_00000004").mkdir(parents=True)
     (tmp_path / "run" / "checkpoints" / "step_00000004" / "model.pt").write_bytes(b"x" * 400)
     assert space.warning(tmp_path / "run") == []  # what they hold is room for the next ones

@@ -103,9 +103,11 @@ class CheckpointSpace:
 
     def warning(self, run_dir: Path) -> List[str]:
         """A warning when run_dir's file system cannot hold that (what the run's checkpoints
-        already hold counts as room): a save that finds the disk full stops the run, hours in."""
+        already hold counts as room; what was set aside, `.damaged` or `.superseded`, stays and does
+        not): a save that finds the disk full stops the run, hours in."""
         checkpoints = Path(run_dir) / "checkpoints"
-        held = sum(p.stat().st_size for p in checkpoints.rglob("*") if p.is_file()) if checkpoints.is_dir() else 0
+        saves = [p for p in checkpoints.glob("step_*") if PRUNABLE.fullmatch(p.name)] if checkpoints.is_dir() else []
+        held = sum(f.stat().st_size for save in saves for f in [save, *save.rglob("*")] if f.is_file())
         existing = next(p for p in (Path(run_dir).absolute(), *Path(run_dir).absolute().parents) if p.exists())
         free = shutil.disk_usage(existing).free
         if free + held >= self.at_once:
