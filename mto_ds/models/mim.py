@@ -35,7 +35,6 @@ class MIMModel(nn.Module):
         self.patch_size = encoder.patch_embed.patch_size[0]
         self.num_patches = encoder.patch_embed.num_patches
         self.mto = mto_settings(mto)
-        self.activation_checkpointing = activation_checkpointing
         # Which blocks recompute in the backward pass (models/vit.py: checkpointed): 0 none, 1 all.
         self.checkpoint_every = checkpoint_every if activation_checkpointing else 0
         self.compile_blocks = compile_blocks  # torch.compile each block (models/vit.py)
