@@ -43,6 +43,7 @@ from ..config import ConfigError
 from ..data.order import ranks
 from ..models.weights import (MARKER, TAG, complete_checkpoints, convert_to_universal, converted_from, kept_for_good,
                               model_differences, read_marker, universal_dir)
+from .builder import precision, zero_stage
 from .distributed import agree
 from .faults import Faults
 from .signals import STOP_SIGNALS
@@ -123,8 +124,7 @@ def checkpoint_space(c, ds: dict, params: int, epochs: int) -> CheckpointSpace:
     """A checkpoint of ours holds per trained parameter the fp32 master weights and Adam's two
     moments in the optimizer files (12 bytes), and outside ZeRO-3 the module's own copy in its
     precision (2 or 4), as the demo model's saves measure (docs/ROBUSTNESS.md). `c`: the config's
-    checkpoint section; `epochs`: the whole epochs the run trains."""
-    from .builder import precision, zero_stage
+    checkpoint section; `params`: the trained parameters; `epochs`: the whole epochs the run trains."""
     per_param = 12 if zero_stage(ds) == 3 else 12 + (4 if precision(ds) == "fp32" else 2)
     kept = epochs // c.keep_every_epochs if c.keep_every_epochs else 0
     each = float(params * per_param)

@@ -200,7 +200,6 @@ class Trainer:
         self.mask_fn = mask_fn
         self.held_out = None  # the images each evaluation reconstructs (eval.reconstructions), read once
         self.flops_per_image = model.flops_per_image()  # MFU's model FLOPs, from the layer shapes
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before ZeRO-3 partitions them
         asked, realised = mask_ratio(m), realised_mask_ratio(m)
         if abs(realised - asked) > 0.05 and self.dist.rank == 0:
             log.warning("model.mask_ratio=%g masks %.3g of the patches: masks are whole %s, %d of them per "
@@ -224,6 +223,8 @@ class Trainer:
         self.total_steps, self.warmup_steps = schedule_steps(cfg, self.steps_per_epoch)
         self.peak_lr = peak_lr(cfg)
 
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before ZeRO-3 partitions them
+        space = checkpoint_space(cfg.checkpoint, self.ds_config, trained, self.total_steps // self.steps_per_epoch)
         self.initialised_from = self._init_weights(model, candidates)
         mark_zero3_leaf_blocks(model, self.ds_config)
         groups = param_groups(model, cfg.train.weight_decay)
@@ -247,8 +248,6 @@ class Trainer:
                  describe_batch(self.batch, cfg.train.micro_batch_size), self.steps_per_epoch, self.total_steps,
                  zero_stage(self.ds_config), precision(self.ds_config))
         if self.dist.rank == 0:
-            epochs = self.total_steps // self.steps_per_epoch
-            space = checkpoint_space(cfg.checkpoint, self.ds_config, trainable, epochs)
             for problem in [*schedule_warnings(cfg, self.steps_per_epoch), *unread_keys(cfg),
                             *other_method_defaults(cfg), *space.warning(self.run_dir)]:
                 log.warning(problem)
