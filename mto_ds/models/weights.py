@@ -109,11 +109,9 @@ def read_weights(path) -> dict:
     decoder and mask token carry our names; its `decoder_pos_embed`, a fixed table that ours
     rebuilds, is dropped), or any of them under 'model'/'state_dict' or with DDP's `module.`;
     a `.safetensors` file holds any of them too, and so does a timm model folder's."""
-    path = Path(path)
+    path = model_folder_weights(path) or Path(path)
     if path.is_dir():
-        if model_folder_weights(path) is None:
-            return checkpoint_model_state(path)
-        path = model_folder_weights(path)
+        return checkpoint_model_state(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     import torch
