@@ -684,7 +684,12 @@ def test_an_error_line_is_one_write_so_ranks_that_fail_together_do_not_interleav
             writes.append(text)
             return len(text)
     monkeypatch.setattr(sys, "stderr", Recording())
-    assert main(["pretrain", "--config", "configs/demo.yaml", "train.epochz=3"]) == 2
+    # eval, not pretrain: pretrain's StopRequest would stay installed in this pytest process, and a
+    # later test's forked pool workers would ignore the SIGTERM of Pool.terminate (a hang seen).
+    import signal
+    handler = signal.getsignal(signal.SIGTERM)
+    assert main(["eval", "--config", "configs/demo.yaml", "--checkpoint", "x", "train.epochz=3"]) == 2
+    assert signal.getsignal(signal.SIGTERM) is handler
     assert writes == ["mto-ds: config error: override 'train.epochz=3': unknown config key 'train.epochz'; did you "
                       "mean train.epochs, train.warmup_epochs, train.steps?\n"]
 
